@@ -14,7 +14,7 @@ from torch import nn
 SEED_LAYERS = ("e1.conv.conv.5", "e4.conv.conv.5", "b.conv.5", "d4.conv.conv.5")
 
 
-class conv_block(nn.Module):  # noqa: N801 - seed name, kept for checkpoint/layer compatibility
+class conv_block(nn.Module):
     """Two 3×3 convolutions, each followed by BatchNorm and an in-place ReLU."""
 
     def __init__(self, in_c: int, out_c: int) -> None:
@@ -32,7 +32,7 @@ class conv_block(nn.Module):  # noqa: N801 - seed name, kept for checkpoint/laye
         return self.conv(x)
 
 
-class encoder_block(nn.Module):  # noqa: N801
+class encoder_block(nn.Module):
     """``conv_block`` then 2×2 max-pooling; returns the skip features and the pooled map."""
 
     def __init__(self, in_c: int, out_c: int) -> None:
@@ -45,7 +45,7 @@ class encoder_block(nn.Module):  # noqa: N801
         return s, self.pool(s)
 
 
-class decoder_block(nn.Module):  # noqa: N801
+class decoder_block(nn.Module):
     """2×2 transposed convolution, concatenation with the skip, then ``conv_block``."""
 
     def __init__(self, in_c: int, out_c: int) -> None:
@@ -79,9 +79,13 @@ class UNet(nn.Module):
     def __init__(self, num_classes: int, base_width: int = 64, in_channels: int = 3) -> None:
         super().__init__()
         if num_classes < 1:
-            raise ValueError(f"Expected `num_classes` to be a positive integer, but got {num_classes}.")
+            raise ValueError(
+                f"Expected `num_classes` to be a positive integer, but got {num_classes}."
+            )
         if base_width < 1:
-            raise ValueError(f"Expected `base_width` to be a positive integer, but got {base_width}.")
+            raise ValueError(
+                f"Expected `base_width` to be a positive integer, but got {base_width}."
+            )
         w = base_width
         self.num_classes = num_classes
         self.base_width = base_width

@@ -1,0 +1,26 @@
+"""Datasets: embedded synthetic plants, seed-format folders, the seed's split, augmentation."""
+
+from segcam_lightning.data.colormap import SEED_COLORMAP, color_to_mask, mask_to_color
+from segcam_lightning.data.datamodule import SegmentationDataModule
+from segcam_lightning.data.folder import FolderSegmentation, pair_files
+from segcam_lightning.data.split import split_indices
+from segcam_lightning.data.synthetic import (
+    SYNTHETIC_CLASS_NAMES,
+    SyntheticSegmentation,
+    write_synthetic_dataset,
+)
+from segcam_lightning.data.transforms import RandomFlip
+
+__all__ = [
+    "SEED_COLORMAP",
+    "SYNTHETIC_CLASS_NAMES",
+    "FolderSegmentation",
+    "RandomFlip",
+    "SegmentationDataModule",
+    "SyntheticSegmentation",
+    "color_to_mask",
+    "mask_to_color",
+    "pair_files",
+    "split_indices",
+    "write_synthetic_dataset",
+]

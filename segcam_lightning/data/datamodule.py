@@ -1,0 +1,151 @@
+"""SegmentationDataModule: the embedded synthetic data or a seed-format folder, one interface."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from segcam_lightning.data.colormap import SEED_COLORMAP
+from segcam_lightning.data.folder import FolderSegmentation, pair_files
+from segcam_lightning.data.split import split_indices
+from segcam_lightning.data.synthetic import SYNTHETIC_CLASS_NAMES, SyntheticSegmentation
+from segcam_lightning.data.transforms import RandomFlip
+
+SYNTHETIC = "synthetic"
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Train/val/test/predict loaders over synthetic data or a folder of images and masks.
+
+    Args:
+        data: ``"synthetic"`` for the embedded generated dataset, or a folder with ``images/``
+            and ``masks/`` (the seed's format, masks coloured by ``colormap``).
+        image_size: square side images and masks are generated at or resized to.
+        batch_size: batch size of every loader.
+        num_workers: DataLoader worker processes.
+        augment: random flips and 90° rotations of training samples (image and mask alike).
+        seed: seed of the synthetic data (train, val and test use separate streams of it).
+        num_train: synthetic training samples.
+        num_val: synthetic validation samples.
+        num_test: synthetic test samples.
+        colormap: one ``[b, g, r]`` per class, in cv2's BGR order, matched exactly against the
+            mask pixels. Default: the seed's ``[[0,0,0],[0,0,128],[0,128,0]]``.
+        class_names: one name per class; default ``class_0..`` (synthetic: soil, narrow_leaf,
+            round_leaf).
+        val_fraction: share of a folder used for validation.
+        test_fraction: share of a folder used for testing.
+        split_seed: seed of the folder split; with the defaults (0.2, 0.2, 42) the split is the
+            seed's own ``train_test_split(random_state=42)`` applied twice.
+        channel_order: ``"rgb"`` or ``"bgr"`` (the seed's models were trained on cv2's BGR).
+        unknown_color_index: class index given to mask colours missing from ``colormap``
+            (e.g. 255 with ``ignore_index: 255`` on the model); default ``None`` raises.
+    """
+
+    def __init__(
+        self,
+        data: str = SYNTHETIC,
+        image_size: int = 128,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        augment: bool = True,
+        seed: int = 0,
+        num_train: int = 256,
+        num_val: int = 64,
+        num_test: int = 64,
+        colormap: Sequence[Sequence[int]] | None = None,
+        class_names: Sequence[str] | None = None,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        split_seed: int = 42,
+        channel_order: str = "rgb",
+        unknown_color_index: int | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(
+                f"Expected `batch_size` to be a positive integer, but got {batch_size}."
+            )
+        self.is_synthetic = data == SYNTHETIC
+        if not self.is_synthetic and not Path(data).is_dir():
+            raise FileNotFoundError(
+                f"Data folder {data!r} does not exist. Pass `--data.data synthetic` for the"
+                " embedded dataset, or a folder with `images/` and `masks/` (write an example with"
+                " `segcam-synthetic --out data/synthetic`)."
+            )
+        self.colormap = [tuple(int(v) for v in c) for c in (colormap or SEED_COLORMAP)]
+        if class_names is None:
+            class_names = (
+                SYNTHETIC_CLASS_NAMES
+                if self.is_synthetic
+                else [f"class_{i}" for i in range(len(self.colormap))]
+            )
+        if len(class_names) != len(self.colormap):
+            raise ValueError(
+                f"Expected one class name per colormap entry ({len(self.colormap)}), but got"
+                f" {len(class_names)}: {list(class_names)}."
+            )
+        if self.is_synthetic and len(self.colormap) != len(SYNTHETIC_CLASS_NAMES):
+            raise ValueError(
+                f"The synthetic data has {len(SYNTHETIC_CLASS_NAMES)} classes, but `colormap` has"
+                f" {len(self.colormap)} entries."
+            )
+        self.class_names = list(class_names)
+        # The model's hparams carry the (linked) class names; the unresolved default here would
+        # make Lightning's hparam merge fail.
+        self.save_hyperparameters(ignore=["class_names"])
+        self.datasets: dict[str, Dataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, background included."""
+        return len(self.colormap)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        hp = self.hparams
+        train_tf = RandomFlip() if hp.augment else None
+        if self.is_synthetic:
+            self.datasets = {
+                "train": SyntheticSegmentation(hp.num_train, hp.image_size, hp.seed, train_tf),
+                "val": SyntheticSegmentation(hp.num_val, hp.image_size, hp.seed + 1),
+                "test": SyntheticSegmentation(hp.num_test, hp.image_size, hp.seed + 2),
+            }
+            return
+        n = len(pair_files(hp.data))
+        splits = split_indices(n, hp.val_fraction, hp.test_fraction, hp.split_seed)
+        for name, indices in zip(("train", "val", "test"), splits, strict=True):
+            self.datasets[name] = FolderSegmentation(
+                hp.data,
+                image_size=hp.image_size,
+                colormap=self.colormap,
+                class_names=self.class_names,
+                indices=indices,
+                transform=train_tf if name == "train" else None,
+                unknown_color_index=hp.unknown_color_index,
+                channel_order=hp.channel_order,
+            )
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
