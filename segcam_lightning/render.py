@@ -1,0 +1,155 @@
+"""Overlays, seed panels and labelled grids of CAMs: uint8 RGB images out, OpenCV inside.
+
+Everything here takes CPU arrays/tensors and returns ``uint8`` arrays ``[H, W, 3]`` in RGB order
+(what TensorBoard and PNG writers expect after ``cv2.cvtColor``). Colour maps are OpenCV's
+(``cv2.COLORMAP_*``); the seed's overlay is ``addWeighted(image, 0.4, JET(cam), 0.6)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from segcam_lightning.data.colormap import mask_to_color
+
+WHITE = (255, 255, 255)
+SEPARATOR = 10  # the seed's white gap between panel tiles, in pixels
+
+
+def to_uint8_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A ``[3, H, W]`` float image in [0, 1] (or ``[H, W, 3]`` uint8) as ``[H, W, 3]`` uint8."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu().numpy()
+    if image.dtype == np.uint8:
+        return np.ascontiguousarray(image)
+    if image.ndim == 3 and image.shape[0] in (1, 3):
+        image = image.transpose(1, 2, 0)
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return np.ascontiguousarray(np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8))
+
+
+def colorize_cam(cam: torch.Tensor | np.ndarray, colormap: int = cv2.COLORMAP_JET) -> np.ndarray:
+    """A map ``[H, W]`` in [0, 1] through an OpenCV colour map, as RGB uint8 ``[H, W, 3]``."""
+    if isinstance(cam, torch.Tensor):
+        cam = cam.detach().float().cpu().numpy()
+    scaled = np.clip(cam * 255.0, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(scaled, colormap), cv2.COLOR_BGR2RGB)
+
+
+def overlay_cam(
+    image: np.ndarray,
+    cam: torch.Tensor | np.ndarray,
+    alpha: float = 0.4,
+    colormap: int = cv2.COLORMAP_JET,
+) -> np.ndarray:
+    """Blend a CAM over an image as the seed did: ``alpha * image + (1 - alpha) * heatmap``.
+
+    Args:
+        image: RGB uint8 ``[H, W, 3]``.
+        cam: map ``[H, W]`` in [0, 1], same size as ``image``.
+        alpha: weight of the image (seed: 0.4).
+        colormap: an OpenCV colour map id (seed: ``cv2.COLORMAP_JET``).
+    """
+    heatmap = colorize_cam(cam, colormap)
+    return cv2.addWeighted(image, alpha, heatmap, 1.0 - alpha, 0)
+
+
+def colorize_mask(mask: torch.Tensor | np.ndarray, colormap: Sequence[Sequence[int]]) -> np.ndarray:
+    """A class-index mask ``[H, W]`` in its dataset's BGR colormap, returned as RGB uint8."""
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    return cv2.cvtColor(mask_to_color(mask, colormap), cv2.COLOR_BGR2RGB)
+
+
+def hstack_with_separators(tiles: Sequence[np.ndarray], gap: int = SEPARATOR) -> np.ndarray:
+    """Tiles of equal height side by side with ``gap`` white pixels between them."""
+    height = tiles[0].shape[0]
+    spacer = np.full((height, gap, 3), 255, dtype=np.uint8)
+    parts: list[np.ndarray] = []
+    for i, tile in enumerate(tiles):
+        if i:
+            parts.append(spacer)
+        parts.append(tile)
+    return np.concatenate(parts, axis=1)
+
+
+def seed_panel(image: np.ndarray, overlay: np.ndarray, binary_mask: np.ndarray) -> np.ndarray:
+    """The seed's panel: image | overlay | binary GT mask (white on black), 10 px white gaps."""
+    gt = np.repeat((binary_mask.astype(bool) * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    return hstack_with_separators([image, overlay, gt])
+
+
+def _title_bar(text: str, width: int, height: int) -> np.ndarray:
+    bar = np.full((height, width, 3), 255, dtype=np.uint8)
+    scale = height / 40.0
+    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    while tw > width - 4 and scale > 0.25:
+        scale *= 0.9
+        (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    origin = (max((width - tw) // 2, 2), (height + th) // 2)
+    cv2.putText(bar, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return bar
+
+
+def cam_grid(
+    images: torch.Tensor,
+    cams: torch.Tensor,
+    class_names: Sequence[str],
+    colormap: Sequence[Sequence[int]],
+    masks: torch.Tensor | None = None,
+    preds: torch.Tensor | None = None,
+    alpha: float = 0.4,
+    cam_colormap: int = cv2.COLORMAP_JET,
+    gap: int = 4,
+) -> np.ndarray:
+    """One labelled grid: a row per image, columns input | ground truth | prediction | one overlay
+    per class, with a title row naming the columns.
+
+    Args:
+        images: ``[B, 3, H, W]`` float in [0, 1], RGB.
+        cams: ``[B, K, H, W]`` in [0, 1], one map per class in ``class_names`` order.
+        class_names: ``K`` names for the overlay columns.
+        colormap: the dataset's BGR colormap (indexed by class id) for masks and predictions.
+        masks: ground truth ``[B, H, W]`` or ``None`` (column left out).
+        preds: predicted classes ``[B, H, W]`` or ``None`` (column left out).
+        alpha: image weight in the overlays.
+        cam_colormap: OpenCV colour map for the CAMs.
+        gap: white pixels between tiles.
+
+    Returns:
+        RGB uint8 ``[rows, cols, 3]``.
+    """
+    if cams.shape[1] != len(class_names):
+        raise ValueError(
+            f"Expected one class name per CAM channel ({cams.shape[1]}), but got"
+            f" {len(class_names)}: {list(class_names)}."
+        )
+    titles = ["input"]
+    if masks is not None:
+        titles.append("ground truth")
+    if preds is not None:
+        titles.append("prediction")
+    titles += [f"CAM {name}" for name in class_names]
+    width = images.shape[-1]
+    title_height = max(16, min(32, width // 6))
+    rows = [hstack_with_separators([_title_bar(t, width, title_height) for t in titles], gap)]
+    for b in range(images.shape[0]):
+        image = to_uint8_image(images[b])
+        tiles = [image]
+        if masks is not None:
+            tiles.append(colorize_mask(masks[b], colormap))
+        if preds is not None:
+            tiles.append(colorize_mask(preds[b], colormap))
+        tiles += [overlay_cam(image, cams[b, k], alpha, cam_colormap) for k in range(cams.shape[1])]
+        rows.append(hstack_with_separators(tiles, gap))
+    spacer = np.full((gap, rows[0].shape[1], 3), 255, dtype=np.uint8)
+    out: list[np.ndarray] = []
+    for i, row in enumerate(rows):
+        if i > 1:
+            out.append(spacer)
+        out.append(row)
+    return np.concatenate(out, axis=0)

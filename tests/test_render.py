@@ -1,0 +1,56 @@
+"""Rendering: the seed's overlay and panel, and the labelled grid."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from segcam_lightning.data.colormap import SEED_COLORMAP
+from segcam_lightning.render import cam_grid, colorize_mask, overlay_cam, seed_panel, to_uint8_image
+
+
+def test_overlay_is_the_seeds_blend():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)
+    cam = rng.random((16, 20)).astype(np.float32)
+    # The seed, in BGR: addWeighted(image, 0.4, applyColorMap(uint8(255 * cam), JET), 0.6, 0).
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    heat = cv2.applyColorMap(np.uint8(255 * cam), cv2.COLORMAP_JET)
+    expected = cv2.cvtColor(cv2.addWeighted(bgr, 0.4, heat, 0.6, 0), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(overlay_cam(rgb, torch.from_numpy(cam)), expected)
+
+
+def test_seed_panel_layout():
+    image = np.zeros((8, 6, 3), np.uint8)
+    mask = np.zeros((8, 6), bool)
+    mask[2:4] = True
+    panel = seed_panel(image, image, mask)
+    assert panel.shape == (8, 6 * 3 + 2 * 10, 3)
+    assert (panel[:, 6:16] == 255).all()  # white separator
+    assert (panel[2:4, -6:] == 255).all() and (panel[:2, -6:] == 0).all()
+
+
+def test_mask_colours_follow_bgr_colormap():
+    rgb = colorize_mask(torch.tensor([[0, 1, 2]]), SEED_COLORMAP)
+    assert rgb[0].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]  # black, red, green
+
+
+def test_to_uint8_image():
+    image = torch.tensor([0.0, 0.5, 1.0]).view(3, 1, 1)
+    assert to_uint8_image(image).tolist() == [[[0, 128, 255]]]
+
+
+def test_grid_has_a_title_row_and_a_row_per_image():
+    images, cams = torch.rand(2, 3, 32, 40), torch.rand(2, 3, 32, 40)
+    masks = torch.randint(0, 3, (2, 32, 40))
+    grid = cam_grid(images, cams, ["a", "b", "c"], SEED_COLORMAP, masks=masks, preds=masks, gap=4)
+    columns = 6  # input, ground truth, prediction, 3 overlays
+    assert grid.shape[1] == columns * 40 + (columns - 1) * 4
+    title = max(16, min(32, 40 // 6))
+    assert grid.shape[0] == title + 2 * 32 + 4
+    assert grid.dtype == np.uint8
+
+
+def test_grid_rejects_mismatched_names():
+    with pytest.raises(ValueError, match="one class name per CAM channel"):
+        cam_grid(torch.rand(1, 3, 8, 8), torch.rand(1, 2, 8, 8), ["a"], SEED_COLORMAP)
