@@ -1,0 +1,335 @@
+"""Time the CAM engine against one forward pass, the seed's loop and a K-pass baseline.
+
+For each U-Net width and layer set (e1, e4, b, d4 and all four together), with B images of
+size² and K classes, everything is measured in one run (median of ``--repeats``) and printed as
+ratios to one plain forward pass (eval mode, ``torch.no_grad``):
+
+- ``engine``: ``CAMEngine(model, layers)(x)`` (Grad-CAM, softmax-mean target, ``grad_mode="auto"``),
+  and ``loop`` / ``batched``: the same with ``grad_mode="loop"`` / ``"batched"``
+  (retain_graph loop vs ``is_grads_batched=True``);
+- ``floor``: one forward without graph plus K ``autograd.grad`` calls w.r.t. the activations,
+  timed alone (the graph built from the earliest layer on, no CAM maths): the floor of any
+  engine that takes one backward pass per class. With the softmax-mean target the engine takes
+  K - 1 (the classes' gradients sum to zero, see ``CAMEngine``), so it can go below it;
+- ``kpass``: pytorch-grad-cam's scheme, per class: forward with graph, ``zero_grad``, full
+  ``backward`` of the batch-summed target (parameter gradients included), CAM maths on CPU;
+- ``seed``: the seed's loop, per image and class: forward, ``zero_grad``, ``backward``, CAM
+  (all layers of a set hooked in the same pass, which is kinder to the seed than it was);
+- ``pgc``: pytorch-grad-cam itself, when importable (skipped otherwise);
+- on CUDA, the peak memory the engine and the K-pass baseline allocate beyond the model.
+
+Goals checked at the end (K=3): at ``d4`` engine ≤ 1.2× forward and ≥ 8× faster than kpass;
+at every layer ≥ 2.5× faster than kpass; all four layers ≤ 1.2× the earliest layer alone.
+
+Usage::
+
+    python benchmarks/bench_engine.py --device cpu --widths 32 64 --batch 8 --size 256
+    python benchmarks/bench_engine.py --quick   # tiny sizes: checks that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcam_lightning.cam import CAMEngine, find_layer
+from segcam_lightning.models import UNet
+
+LAYER_SETS: dict[str, list[str]] = {
+    "e1": ["e1.conv.conv.5"],
+    "e4": ["e4.conv.conv.5"],
+    "b": ["b.conv.5"],
+    "d4": ["d4.conv.conv.5"],
+    "all4": ["e1.conv.conv.5", "e4.conv.conv.5", "b.conv.5", "d4.conv.conv.5"],
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    fn()  # warm-up (allocator, kernels, oneDNN primitives)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+@contextmanager
+def capture(modules: list[nn.Module]):
+    """pytorch-grad-cam's ActivationsAndGradients: forward hooks + tensor hooks for grads."""
+    acts: list[torch.Tensor] = []
+    grads: dict[int, torch.Tensor] = {}
+
+    def hook(index: int):
+        def fn(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
+            acts.append(out.detach())
+            out.register_hook(lambda g: grads.__setitem__(index, g.detach()))
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+    try:
+        yield acts, grads
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def cam_on_cpu(acts: list[torch.Tensor], grads: dict[int, torch.Tensor], size: int) -> list:
+    """pytorch-grad-cam's maths: numpy on CPU, per-image min-max with +1e-7, resize."""
+    out = []
+    for i, a in enumerate(acts):
+        a_np, g_np = a.cpu().float().numpy(), grads[i].cpu().float().numpy()
+        w = g_np.mean(axis=(2, 3))
+        cam = (w[:, :, None, None] * a_np).sum(axis=1)
+        cam = cam.clip(min=0)
+        cam = cam - cam.min(axis=(1, 2), keepdims=True)
+        cam = cam / (1e-7 + cam.max(axis=(1, 2), keepdims=True))
+        # pytorch-grad-cam resizes with cv2; bilinear torch on CPU is the stand-in here.
+        out.append(F.interpolate(torch.from_numpy(cam)[:, None], (size, size), mode="bilinear"))
+    return out
+
+
+def kpass_baseline(model: nn.Module, x: torch.Tensor, modules: list[nn.Module], k: int) -> None:
+    for c in range(k):
+        with capture(modules) as (acts, grads):
+            model.zero_grad()
+            out = model(x)
+            loss = out.softmax(dim=1)[:, c].mean(dim=(1, 2)).sum()
+            loss.backward()
+        cam_on_cpu(acts, grads, x.shape[-1])
+
+
+def seed_loop(model: nn.Module, x: torch.Tensor, modules: list[nn.Module], k: int) -> None:
+    for b in range(x.shape[0]):
+        for c in range(k):
+            with capture(modules) as (acts, grads):
+                model.zero_grad()
+                out = model(x[b : b + 1])
+                F.softmax(out, dim=1)[0, c].mean().backward()
+            for i, a in enumerate(acts):
+                w = grads[i].mean(dim=(2, 3), keepdim=True)
+                cam = F.relu((w * a).sum(dim=1, keepdim=True))
+                cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+                (cam - cam.min()) / (cam.max() - cam.min() + 1e-8)
+
+
+def floor_fn(model: nn.Module, x: torch.Tensor, modules: list[nn.Module], k: int):
+    """Returns a callable timing only the K activation-gradient passes, and the forward."""
+    state: dict[str, object] = {}
+
+    def prepare() -> None:
+        acts: list[torch.Tensor] = []
+
+        def hook(_m: nn.Module, _i: object, out: torch.Tensor) -> torch.Tensor:
+            if not out.requires_grad:
+                torch.set_grad_enabled(True)
+                out = out.detach().requires_grad_(True)
+            acts.append(out)
+            return out
+
+        handles = [m.register_forward_hook(hook) for m in modules]
+        try:
+            with torch.no_grad():
+                logits = model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        with torch.enable_grad():
+            scores = logits.softmax(dim=1).mean(dim=(2, 3)).sum(dim=0).unbind()
+        state.update(acts=acts, scores=scores)
+
+    def backward_only() -> None:
+        for c in range(k):
+            torch.autograd.grad(state["scores"][c], state["acts"], retain_graph=c < k - 1)
+
+    return prepare, backward_only
+
+
+def pytorch_grad_cam_fn(model: nn.Module, x: torch.Tensor, modules: list[nn.Module], k: int):
+    try:
+        from pytorch_grad_cam import GradCAM as PGCGradCAM
+    except ImportError:
+        return None
+
+    class Target:
+        def __init__(self, c: int) -> None:
+            self.c = c
+
+        def __call__(self, out: torch.Tensor) -> torch.Tensor:
+            return out.softmax(dim=0)[self.c].mean()
+
+    def run() -> None:
+        with PGCGradCAM(model=model, target_layers=modules) as cam:
+            for c in range(k):
+                cam(input_tensor=x, targets=[Target(c)] * x.shape[0])
+
+    return run
+
+
+def bench_width(args: argparse.Namespace, width: int, device: torch.device) -> list[dict]:
+    torch.manual_seed(0)
+    model = UNet(num_classes=args.classes, base_width=width).to(device).eval()
+    x = torch.rand(args.batch, 3, args.size, args.size, device=device)
+    k = args.classes
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    t_fwd = median_time(forward, args.repeats, device)
+    mem_fwd = peak_extra_mb(forward, device)
+    rows = []
+    for set_name, layers in LAYER_SETS.items():
+        modules = [find_layer(model, name) for name in layers]
+
+        def kpass(modules: list[nn.Module] = modules) -> None:
+            kpass_baseline(model, x, modules, k)
+
+        def seed(modules: list[nn.Module] = modules) -> None:
+            seed_loop(model, x, modules, k)
+
+        engines = {
+            mode: CAMEngine(model, layers, "gradcam", grad_mode=mode)
+            for mode in ("auto", "loop", "batched")
+        }
+        row: dict[str, object] = {"width": width, "layers": set_name}
+        for mode, engine in engines.items():
+            row[mode] = median_time(lambda e=engine: e(x), args.repeats, device) / t_fwd
+        prepare, backward_only = floor_fn(model, x, modules, k)
+        t_bwd = []
+        for _ in range(args.repeats):
+            prepare()
+            sync(device)
+            start = time.perf_counter()
+            backward_only()
+            sync(device)
+            t_bwd.append(time.perf_counter() - start)
+        row["floor"] = 1.0 + statistics.median(t_bwd) / t_fwd
+        row["kpass"] = median_time(kpass, args.repeats, device) / t_fwd
+        row["seed"] = (
+            median_time(seed, args.seed_repeats, device) / t_fwd
+            if not args.skip_seed
+            else float("nan")
+        )
+        pgc = pytorch_grad_cam_fn(model, x, modules, k)
+        row["pgc"] = (
+            median_time(pgc, args.repeats, device) / t_fwd if pgc is not None else float("nan")
+        )
+        mem_engine = peak_extra_mb(lambda e=engines["auto"]: e(x), device)
+        mem_kpass = peak_extra_mb(kpass, device)
+        row["mem"] = (mem_fwd, mem_engine, mem_kpass)
+        model.zero_grad(set_to_none=True)
+        rows.append(row)
+    return rows
+
+
+def fmt(value: float, width: int) -> str:
+    return f"{'-':>{width}}" if value != value else f"{value:{width}.2f}"  # NaN: not measured
+
+
+def print_table(rows: list[dict], device: torch.device) -> None:
+    head = (
+        f"{'width':>5} {'layers':>6} | {'engine':>6} {'loop':>6} {'batched':>7} {'floor':>6} "
+        f"{'kpass':>6} {'seed':>7} {'pgc':>6} | {'x kpass':>7} {'x seed':>7}"
+    )
+    if device.type == "cuda":
+        head += f" | {'MiB fwd':>8} {'engine':>8} {'kpass':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        line = (
+            f"{r['width']:>5} {r['layers']:>6} | {r['auto']:6.2f} {r['loop']:6.2f} "
+            f"{r['batched']:7.2f} {r['floor']:6.2f} {r['kpass']:6.2f} {fmt(r['seed'], 7)} "
+            f"{fmt(r['pgc'], 6)} | {r['kpass'] / r['auto']:7.2f} {fmt(r['seed'] / r['auto'], 7)}"
+        )
+        if device.type == "cuda":
+            fwd, eng, kp = r["mem"]
+            line += f" | {fwd:8.1f} {eng:8.1f} {kp:8.1f}"
+        print(line)
+    print("(times are ratios to one no-grad forward; 'x kpass'/'x seed' are speed-ups)")
+    if all(r["pgc"] != r["pgc"] for r in rows):
+        print("(pytorch-grad-cam is not installed: its column is skipped)")
+
+
+def check_goals(rows: list[dict]) -> None:
+    print("\nGoals (K=3):")
+    for width in sorted({r["width"] for r in rows}):
+        by = {r["layers"]: r for r in rows if r["width"] == width}
+        d4 = by["d4"]
+        checks = [
+            (f"d4 engine {d4['auto']:.2f}x forward <= 1.2", d4["auto"] <= 1.2),
+            (
+                f"d4 {d4['kpass'] / d4['auto']:.1f}x faster than kpass >= 8",
+                d4["kpass"] / d4["auto"] >= 8,
+            ),
+        ]
+        for name in ("e1", "e4", "b", "d4", "all4"):
+            speed = by[name]["kpass"] / by[name]["auto"]
+            gap = by[name]["auto"] / by[name]["floor"]
+            checks.append(
+                (f"{name} {speed:.2f}x faster than kpass >= 2.5 ({gap:.2f}x floor)", speed >= 2.5)
+            )
+        ratio = by["all4"]["auto"] / by["e1"]["auto"]
+        checks.append((f"all four {ratio:.2f}x the earliest layer alone <= 1.2", ratio <= 1.2))
+        for text, ok in checks:
+            print(f"  width {width:>3}: {'PASS' if ok else 'FAIL'}  {text}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--widths", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--classes", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed-repeats", type=int, default=1, help="the seed loop is slow")
+    parser.add_argument("--skip-seed", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check it runs")
+    args = parser.parse_args()
+    if args.quick:
+        args.widths, args.batch, args.size, args.repeats = [4], 2, 64, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"device={name} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"B={args.batch} size={args.size} K={args.classes} repeats={args.repeats}\n"
+    )
+    rows = [row for width in args.widths for row in bench_width(args, width, device)]
+    print_table(rows, device)
+    check_goals(rows)
+
+
+if __name__ == "__main__":
+    main()

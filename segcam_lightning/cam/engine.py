@@ -1,0 +1,692 @@
+"""The CAM engine: every class of every image from one forward pass, without side effects.
+
+How a call works (see DESIGN.md, "Facts the engine must respect"):
+
+1. Every module goes to eval mode (each module's own flag is restored afterwards), RNG states
+   are forked, compiled code runs eagerly (``torch.compiler.set_stance("force_eager")``) and an
+   outer ``torch.inference_mode()`` is left; the input is cloned so inference tensors can be
+   used.
+2. One forward with forward hooks on the requested layers. The forward starts under
+   ``torch.no_grad()``; the first hooked layer to run turns the graph on and makes its output a
+   leaf, so nothing before the earliest layer is recorded (parameters may all be frozen). Each
+   hook hands a copy of the output downstream, so later in-place ops (the seed's layers *are*
+   ``ReLU(inplace=True)``) cannot change what was captured. Module backward hooks are not used:
+   they fail on in-place ops (pytorch#61519).
+3. The target reduces the logits to scores ``[B, K]``; for each class,
+   ``torch.autograd.grad(scores[:, k].sum(), activations)`` gives every image its own gradient
+   (images are independent in eval mode) for all layers at once. Never ``.backward()``, never
+   ``zero_grad()``: parameters' ``.grad`` are untouched.
+4. CAM maths in float32 (float64 for a float64 model) under ``torch.no_grad()`` with autocast
+   off: weights, weighted sum, ReLU at the layer's resolution, bilinear upsampling to the input
+   size, raw maxima, normalisation. Everything stays on the model's device.
+
+Example:
+    >>> import torch
+    >>> from segcam_lightning.models import UNet
+    >>> net = UNet(num_classes=3, base_width=4)
+    >>> engine = CAMEngine(net, layers=["d4.conv.conv.5"], method="gradcam")
+    >>> result = engine(torch.rand(2, 3, 32, 32))
+    >>> result.cams.shape, result.raw_max.shape
+    (torch.Size([2, 1, 3, 32, 32]), torch.Size([2, 1, 3]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from functools import partial
+from types import TracebackType
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from segcam_lightning.cam import functional as FC
+from segcam_lightning.cam.functional import NORMALIZE_MODES, NormalizeMode
+from segcam_lightning.cam.layers import (
+    eval_mode,
+    find_layer,
+    force_eager,
+    preserve_rng,
+    unwrap_compiled,
+)
+from segcam_lightning.cam.methods import _CAM, Probe, _GradientCAM, get_method
+from segcam_lightning.cam.targets import Target, get_target
+
+__all__ = ["GRAD_MODES", "CAMEngine", "CAMResult", "default_output_adapter"]
+
+GradMode = Literal["auto", "loop", "batched"]
+GRAD_MODES: tuple[str, ...] = ("auto", "loop", "batched")
+
+
+@dataclass(frozen=True)
+class CAMResult:
+    """What one engine call returns; every tensor is detached and on the model's device.
+
+    Attributes:
+        cams: ``[B, L, K, H, W]`` float32 maps at input resolution, in ``[0, 1]`` unless
+            ``normalize="none"``.
+        raw_max: ``[B, L, K]`` maxima of the ReLU'd, upsampled maps before normalisation (the
+            scale ``minmax`` divides away: compare classes with it).
+        logits: the model's logits ``[B, K_all, H, W]`` from the same forward, in the model's
+            dtype.
+        scores: ``[B, K_all]`` float32 target scores of every class.
+        present: ``[B, K]`` bool, false where a region target is empty (its maps are zero).
+        layers: the ``L`` layer names, in the order of ``cams``' second dimension.
+        classes: the ``K`` class indices, in the order of ``cams``' third dimension.
+        guided_backprop: ``[B, K, C_in, H, W]`` float32 guided backpropagation (raw, signed) when
+            the engine is ``guided``, else ``None``.
+    """
+
+    cams: Tensor
+    raw_max: Tensor
+    logits: Tensor
+    scores: Tensor
+    present: Tensor
+    layers: tuple[str, ...]
+    classes: tuple[int, ...]
+    guided_backprop: Tensor | None = None
+
+    @property
+    def guided_cams(self) -> Tensor:
+        """Guided Grad-CAM ``[B, L, K, C_in, H, W]``: guided backpropagation × ``cams``.
+
+        Raises:
+            ValueError: when the engine was not guided.
+        """
+        if self.guided_backprop is None:
+            raise ValueError(
+                "This result has no guided backpropagation: create the engine with "
+                "`method='guided_gradcam'` or `guided=True`."
+            )
+        return FC.guided_gradcam(self.guided_backprop, self.cams)
+
+    def layer(self, name: str) -> Tensor:
+        """The maps ``[B, K, H, W]`` of one layer.
+
+        Raises:
+            KeyError: when ``name`` is not one of ``layers``.
+        """
+        if name not in self.layers:
+            raise KeyError(f"Expected one of the layers {list(self.layers)}, but got {name!r}.")
+        return self.cams[:, self.layers.index(name)]
+
+
+def default_output_adapter(output: Any) -> Tensor:
+    """Logits from a model's output: a tensor as is, a dict's ``"out"`` (or only) value, a
+    tuple's or list's first element.
+
+    Raises:
+        ValueError: for a dict without ``"out"`` and with several keys, or an empty sequence.
+        TypeError: for any other type.
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if "out" in output:
+            return output["out"]
+        if len(output) == 1:
+            return next(iter(output.values()))
+        raise ValueError(
+            f"The model returned a dict with keys {list(output)} and no 'out' key; pass "
+            "`output_adapter=lambda out: out['<logits key>']` to the engine."
+        )
+    if isinstance(output, (tuple, list)):
+        if not output:
+            raise ValueError("The model returned an empty sequence; expected logits [B, K, H, W].")
+        return output[0]
+    raise TypeError(
+        f"The model returned {type(output).__name__}; expected logits [B, K, H, W] as a tensor, "
+        "a dict with an 'out' key or a tuple. Pass `output_adapter=` to extract them."
+    )
+
+
+class CAMEngine:
+    """Class activation maps for every requested class, image and layer from one forward pass.
+
+    Args:
+        model: segmentation network returning logits ``[B, K, H, W]`` (or a dict/tuple, see
+            ``output_adapter``). It is never modified: flags, gradients, statistics and RNG
+            states are the same after a call, and no hook outlives a call.
+        layers: layer name(s) as in ``model.named_modules()`` (or the modules themselves);
+            resolved here, so a typo fails early with suggestions.
+        method: a name in :data:`~segcam_lightning.cam.methods.METHODS` (``"gradcam"``,
+            ``"hirescam"``, ``"xgradcam"``, ``"gradcam++"``, ``"layercam"``, ``"scorecam"``,
+            ``"eigencam"``, ``"guided_gradcam"``), a method instance (e.g.
+            ``ScoreCAM(max_channels=32)``) or a weight function ``f(A, dY/dA) -> [..., C]``.
+        target: a name in :data:`~segcam_lightning.cam.targets.TARGETS` (``"softmax_mean"``,
+            ``"logit_region"``, ``"gt_region"``), a :class:`~segcam_lightning.cam.targets.Target`
+            (``PixelTarget``, ``BoxTarget``) or a callable
+            ``f(logits [B, K, H, W], masks) -> scores [B, K]`` (or ``(scores, present)``).
+        normalize: ``"minmax"`` (each map to ``[0, 1]``), ``"global"`` (one scale per image and
+            layer, shared by the classes) or ``"none"``; see
+            :func:`~segcam_lightning.cam.functional.normalize_cams`. Maps are normalised after
+            upsampling to the input size, as the seed did, so every map peaks at exactly 1.
+        guided: also return guided backpropagation (``result.guided_backprop``) and guided CAMs
+            (``result.guided_cams``); implied by ``method="guided_gradcam"``. Needs a gradient
+            method and one extra backward pass to the input per class.
+        output_adapter: ``f(model_output) -> logits``; default :func:`default_output_adapter`.
+        grad_mode: how per-class gradients are taken: ``"loop"`` (one
+            ``autograd.grad`` per class, ``retain_graph`` between them), ``"batched"`` (one call
+            with ``is_grads_batched=True``) or ``"auto"`` (the loop; see the measurements by
+            :meth:`_use_batched`).
+
+    Raises:
+        TypeError, ValueError: for invalid arguments; messages say what was expected.
+
+    Example:
+        >>> with CAMEngine(net, ["e4.conv.conv.5", "d4.conv.conv.5"], method="layercam") as eng:
+        ...     result = eng(images, classes=[1, 2])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: str | nn.Module | Sequence[str | nn.Module],
+        method: str | _CAM | type[_CAM] | Callable[[Tensor, Tensor], Tensor] = "gradcam",
+        target: str | Target | Callable[..., Any] = "softmax_mean",
+        normalize: NormalizeMode = "minmax",
+        *,
+        guided: bool = False,
+        output_adapter: Callable[[Any], Tensor] | None = None,
+        grad_mode: GradMode = "auto",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}."
+            )
+        self.model = model
+        self.layer_names, self._modules = _resolve_layers(model, layers)
+        self.method = get_method(method)
+        self.target = get_target(target)
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(
+                f"Expected `normalize` to be one of {NORMALIZE_MODES}, but got {normalize!r}."
+            )
+        self.normalize: NormalizeMode = normalize
+        if not isinstance(guided, bool):
+            raise TypeError(f"Expected `guided` to be a bool, but got {type(guided).__name__}.")
+        self.guided = guided or self.method.guided
+        if self.guided and not self.method.needs_gradients:
+            raise ValueError(
+                f"Guided backpropagation needs a gradient method (e.g. 'gradcam'), but `method` "
+                f"is {self.method!r}, which is gradient-free; drop `guided=True`."
+            )
+        if output_adapter is not None and not callable(output_adapter):
+            raise TypeError(
+                "Expected `output_adapter` to be a callable f(model_output) -> logits or None, "
+                f"but got {type(output_adapter).__name__}."
+            )
+        self.output_adapter = output_adapter or default_output_adapter
+        if grad_mode not in GRAD_MODES:
+            raise ValueError(
+                f"Expected `grad_mode` to be one of {GRAD_MODES}, but got {grad_mode!r}."
+            )
+        self.grad_mode: GradMode = grad_mode
+
+    def __enter__(self) -> CAMEngine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        # Nothing to release: hooks only live during a call. Exceptions propagate.
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"CAMEngine(layers={self.layer_names}, method={self.method!r}, "
+            f"target={self.target!r}, normalize={self.normalize!r}, guided={self.guided})"
+        )
+
+    def __call__(
+        self,
+        images: Tensor,
+        classes: int | Sequence[int] | Tensor | None = None,
+        masks: Tensor | None = None,
+    ) -> CAMResult:
+        """Compute the CAMs of a batch.
+
+        Args:
+            images: ``[B, C_in, H, W]`` float batch (moved to the model's device; inference
+                tensors are fine).
+            classes: class indices to explain (``K`` of them, in this order); ``None`` for all.
+            masks: ground truth for ``target="gt_region"``: labels ``[B, H, W]`` or per-class
+                masks ``[B, K_all, H, W]``; passed to callable targets as is.
+
+        Returns:
+            A :class:`CAMResult`.
+        """
+        _check_images(images)
+        wanted = _check_classes(classes)
+        device = _model_device(self.model, images)
+        with ExitStack() as stack:
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(eval_mode(self.model))
+            stack.enter_context(preserve_rng(device))
+            stack.enter_context(force_eager())
+            x = images.to(device).clone()
+            if isinstance(masks, Tensor):
+                masks = masks.to(device).clone()
+            return self._run(x, wanted, masks)
+
+    def _run(self, x: Tensor, wanted: list[int] | None, masks: Tensor | None) -> CAMResult:
+        # Score-CAM's masked forwards run inside the float32 block below: they get the caller's
+        # autocast back, so they see the precision the main forward saw.
+        device_type = x.device.type
+        autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        capture = _Capture(self.layer_names, self._modules, self.method.needs_gradients)
+        guide = _GuidedReLU(unwrap_compiled(self.model)) if self.guided else None
+        with ExitStack() as stack:
+            stack.enter_context(capture.hooks())
+            if guide is not None:
+                x.requires_grad_(True)
+                stack.enter_context(guide.hooks())
+            # Without guided backprop the graph only has to start at the earliest hooked layer:
+            # the capture hook switches grad mode on there (see _Capture._hook).
+            stack.enter_context(torch.enable_grad() if guide is not None else torch.no_grad())
+            output = self.model(x)
+        capture.check_ran()
+        logits = self._adapt(output, x.shape[0])
+        classes = _select_classes(wanted, logits.shape[1], x.device)
+        with torch.set_grad_enabled(self.method.needs_gradients):
+            float_logits = _at_least_float32(logits)
+            scores, present = self.target(float_logits, masks)
+            # One scalar per class: summing over the batch gives each image its own gradient.
+            class_scores = scores[:, classes].sum(dim=0).unbind()
+
+        guided_backprop = None
+        with torch.no_grad(), torch.autocast(device_type, enabled=False):
+            activations = [_at_least_float32(a.detach()) for a in capture.activations]
+            if isinstance(self.method, _GradientCAM):
+                if guide is None and self._derive_one_class(len(classes), scores.shape[1]):
+                    maps = self._gradient_maps_derived(
+                        scores, float_logits, capture, activations, classes
+                    )
+                else:
+                    maps, guided_backprop = self._gradient_maps(
+                        scores, class_scores, capture, activations, classes, x, guide
+                    )
+            else:
+                probe = Probe(
+                    images=x.detach(),
+                    forward=partial(self._forward_logits, autocast=autocast),
+                    score=self.target.scorer(_at_least_float32(logits.detach()), masks),
+                    baseline=scores.detach(),
+                    classes=classes,
+                )
+                maps = [self.method(a, probe) for a in activations]  # type: ignore[operator]
+            size = (x.shape[-2], x.shape[-1])
+            cams = torch.stack([FC.upsample(m, size) for m in maps], dim=1)  # [B, L, K, H, W]
+            present = present[:, classes]
+            cams = cams * present[:, None, :, None, None]
+            raw_max = cams.amax(dim=(-2, -1))
+            cams = FC.normalize_cams(cams, self.normalize)
+        return CAMResult(
+            cams=cams.float(),
+            raw_max=raw_max.float(),
+            logits=logits.detach(),
+            scores=scores.detach().float(),
+            present=present,
+            layers=tuple(self.layer_names),
+            classes=tuple(classes.tolist()),
+            guided_backprop=guided_backprop,
+        )
+
+    def _gradient_maps(
+        self,
+        scores: Tensor,
+        class_scores: Sequence[Tensor],
+        capture: _Capture,
+        activations: list[Tensor],
+        classes: Tensor,
+        x: Tensor,
+        guide: _GuidedReLU | None,
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """Per-layer maps ``[B, K, h, w]`` (and guided backprop) from one set of backward passes."""
+        method: _GradientCAM = self.method  # type: ignore[assignment]
+        outputs = capture.activations
+        if not scores.requires_grad:
+            raise RuntimeError(
+                f"The target scores do not depend on the hooked layers {self.layer_names}: the "
+                "target returned scores without a graph. A target must compute its scores from "
+                "the logits it receives with differentiable operations."
+            )
+        if guide is None and self._use_batched(len(classes)):
+            eye = torch.eye(scores.shape[1], device=scores.device, dtype=scores.dtype)
+            cotangents = eye[classes].unsqueeze(1).expand(-1, scores.shape[0], -1).contiguous()
+            grads = torch.autograd.grad(
+                scores, outputs, cotangents, is_grads_batched=True, allow_unused=True
+            )
+            self._check_connected(grads)
+            # [K, B, h, w] -> [B, K, h, w]
+            maps = [method(a, g.to(a.dtype)) for a, g in zip(activations, grads, strict=True)]
+            return [m.transpose(0, 1) for m in maps], None
+
+        per_layer: list[list[Tensor]] = [[] for _ in outputs]
+        guided: list[Tensor] = []
+        for j, score in enumerate(class_scores):
+            last = j == len(classes) - 1
+            grads = torch.autograd.grad(
+                score, outputs, retain_graph=not last or guide is not None, allow_unused=True
+            )
+            self._check_connected(grads)
+            for maps, a, g in zip(per_layer, activations, grads, strict=True):
+                maps.append(method(a, g.to(a.dtype)))
+            del grads
+            if guide is not None:
+                with guide.guiding():
+                    (grad_x,) = torch.autograd.grad(score, x, retain_graph=not last)
+                guided.append(grad_x.float())
+        maps = [torch.stack(m, dim=1) for m in per_layer]
+        return maps, (torch.stack(guided, dim=1) if guide is not None else None)
+
+    def _derive_one_class(self, num_wanted: int, num_classes: int) -> bool:
+        """Whether to take K - 1 backward passes and derive the last class's gradient.
+
+        Possible when all K classes are wanted and the target's scores sum to a constant per
+        image (the gradients then sum to zero); not with ``grad_mode="batched"``, which takes
+        all classes in one call, nor with guided backprop, whose clamped backward is not linear.
+        """
+        return (
+            self.target.scores_sum_to_constant
+            and self.grad_mode != "batched"
+            and num_wanted == num_classes > 1
+        )
+
+    def _gradient_maps_derived(
+        self,
+        scores: Tensor,
+        logits: Tensor,
+        capture: _Capture,
+        activations: list[Tensor],
+        classes: Tensor,
+    ) -> list[Tensor]:
+        """Per-layer maps ``[B, K, h, w]`` from K - 1 backward passes (all K classes wanted).
+
+        For scores that sum to a constant, ``sum_k dS_k/dA = 0``, so one class's gradient is
+        minus the sum of the others'. Each image leaves out its own class with the largest
+        gradient at the logits (cheap: the backward stops there), which keeps the derived
+        gradient free of cancellation error; pass ``j`` then takes, per image, the gradient of
+        that image's ``j``-th remaining class with a one-hot cotangent on ``scores``.
+        """
+        method: _GradientCAM = self.method  # type: ignore[assignment]
+        outputs = capture.activations
+        num = len(classes)
+        eye = torch.eye(scores.shape[1], device=scores.device, dtype=scores.dtype)
+        upstream = torch.stack(
+            [
+                torch.autograd.grad(scores, logits, eye[c].expand_as(scores), retain_graph=True)[0]
+                .flatten(1)
+                .norm(dim=1)
+                for c in classes.tolist()
+            ],
+            dim=1,
+        )  # [B, K] over positions in `classes`
+        # Positions per image: the K - 1 kept ones in order, then the derived one.
+        order = upstream.argsort(dim=1, stable=True)
+        per_layer: list[list[Tensor]] = [[] for _ in outputs]
+        total: list[Tensor | None] = [None] * len(outputs)
+        for j in range(num - 1):
+            cotangent = torch.zeros_like(scores)
+            cotangent.scatter_(1, classes[order[:, j : j + 1]], 1.0)
+            grads = torch.autograd.grad(
+                scores, outputs, cotangent, retain_graph=j < num - 2, allow_unused=True
+            )
+            self._check_connected(grads)
+            for i, (a, g) in enumerate(zip(activations, grads, strict=True)):
+                g = g.to(a.dtype)
+                per_layer[i].append(method(a, g))
+                total[i] = g if total[i] is None else total[i] + g
+            del grads
+        maps = []
+        for i, a in enumerate(activations):
+            per_layer[i].append(method(a, -total[i]))  # type: ignore[operator]
+            stacked = torch.stack(per_layer[i], dim=1)  # [B, K, h, w] in `order`
+            index = order[:, :, None, None].expand_as(stacked)
+            maps.append(torch.empty_like(stacked).scatter_(1, index, stacked))
+        return maps
+
+    def _use_batched(self, num_classes: int) -> bool:
+        """Whether to take all classes' gradients in one ``is_grads_batched`` call.
+
+        Measured with ``benchmarks/bench_engine.py`` on CPU (1 thread; U-Net width 16, B=4,
+        128², K=3; call time / one no-grad forward, median of 5), ``loop`` vs ``batched``:
+        3.62 vs 3.74 at ``e1``, 2.61 vs 2.73 at ``e4``, 2.40 vs 2.56 at ``b``, 0.97 vs 1.07 at
+        ``d4`` and 3.26 vs 3.68 for all four. vmap over the backward runs the same convolutions
+        with a K-times larger batch, so it saves no work, adds batching overhead, and holds all
+        K gradients at once. ``auto`` therefore loops everywhere; the benchmark prints both so
+        the choice can be re-checked on a GPU, where fewer kernel launches might tip it.
+        """
+        if self.grad_mode == "batched":
+            return num_classes > 1
+        return False
+
+    def _check_connected(self, grads: Sequence[Tensor | None]) -> None:
+        for name, grad in zip(self.layer_names, grads, strict=True):
+            if grad is None:
+                raise RuntimeError(
+                    f"The target scores do not depend on layer {name!r}: its output is not used "
+                    "to compute the logits. Pick a layer on the path to the output (see "
+                    "segcam_lightning.cam.candidate_layers(model, example_input)). On torch < 2.6 "
+                    "a torch.compile'd model also gets here: pass the uncompiled module."
+                )
+
+    def _adapt(self, output: Any, batch_size: int) -> Tensor:
+        logits = self.output_adapter(output)
+        if not isinstance(logits, Tensor) or logits.ndim != 4 or logits.shape[0] != batch_size:
+            got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(
+                f"Expected the model's logits as a tensor [B, K, H, W] with B = {batch_size}, but "
+                f"the output adapter gave {got}. Pass `output_adapter=` to pick them from the "
+                "model's output."
+            )
+        return logits
+
+    def _forward_logits(self, images: Tensor, autocast: tuple[bool, torch.dtype]) -> Tensor:
+        """Float32 logits of a batch, no graph, under the caller's autocast (Score-CAM)."""
+        enabled, dtype = autocast
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=dtype, enabled=enabled):
+            logits = self._adapt(self.model(images), images.shape[0])
+        return _at_least_float32(logits)
+
+
+class _Capture:
+    """Forward hooks that keep each hooked layer's output for the gradients."""
+
+    def __init__(self, names: list[str], modules: list[nn.Module], track_grad: bool) -> None:
+        self.names = names
+        self.modules = modules
+        self.track_grad = track_grad
+        self.activations: list[Tensor] = []
+        self._slots: list[Tensor | None] = [None] * len(names)
+
+    @contextmanager
+    def hooks(self) -> Iterator[_Capture]:
+        handles = []
+        try:
+            for index, module in enumerate(self.modules):
+                handles.append(module.register_forward_hook(partial(self._hook, index)))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, index: int, module: nn.Module, _inputs: Any, output: Any) -> Tensor | None:
+        name = self.names[index]
+        if not isinstance(output, Tensor) or output.ndim != 4:
+            got = list(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise ValueError(
+                f"Layer {name!r} ({type(module).__name__}) returned {got}; a CAM layer must "
+                "return one tensor [B, C, h, w]. Pick another from "
+                "segcam_lightning.cam.candidate_layers(model, example_input)."
+            )
+        if self._slots[index] is not None:
+            raise RuntimeError(
+                f"Layer {name!r} ran more than once in one forward (a module used in several "
+                "places), so its activation is ambiguous. Pick a layer that runs once."
+            )
+        if not self.track_grad:
+            self._slots[index] = output.detach().clone()
+            return None
+        if output.requires_grad:
+            self._slots[index] = output
+        else:
+            # The earliest hooked layer: the forward ran without a graph so far, and nothing
+            # before this point is needed for gradients w.r.t. it. Record from here on.
+            torch.set_grad_enabled(True)
+            self._slots[index] = output.detach().requires_grad_(True)
+        # Downstream gets a copy, so in-place ops after the layer cannot change the kept
+        # activation (nor touch a leaf that requires grad).
+        return self._slots[index].clone()  # type: ignore[union-attr]
+
+    def check_ran(self) -> None:
+        missing = [name for name, slot in zip(self.names, self._slots, strict=True) if slot is None]
+        if missing:
+            raise RuntimeError(
+                f"Layer(s) {missing} did not run during the forward pass, so there is nothing to "
+                "explain. Pick layers the forward uses (see "
+                "segcam_lightning.cam.candidate_layers(model, example_input))."
+            )
+        self.activations = [slot for slot in self._slots if slot is not None]
+
+
+class _GuidedReLU:
+    """Guided backpropagation: ``nn.ReLU`` outputs pass back only positive gradients.
+
+    A forward hook registers a tensor hook on each ReLU output (this works with in-place ReLUs,
+    unlike module backward hooks). The tensor hooks act only inside :meth:`guiding`, so the same
+    graph also serves the ordinary gradients of the CAM; they die with the graph.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+        self.active = False
+
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        handles = []
+        try:
+            for relu in self.relus:
+                handles.append(relu.register_forward_hook(self._hook))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def guiding(self) -> Iterator[None]:
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        if isinstance(output, Tensor) and output.requires_grad:
+            output.register_hook(self._clamp)
+
+    def _clamp(self, grad: Tensor) -> Tensor | None:
+        return grad.clamp(min=0) if self.active else None
+
+
+def _resolve_layers(
+    model: nn.Module, layers: str | nn.Module | Sequence[str | nn.Module]
+) -> tuple[list[str], list[nn.Module]]:
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+    if not isinstance(layers, Sequence) or isinstance(layers, (bytes, bytearray)):
+        raise TypeError(
+            "Expected `layers` to be a layer name or a list of names (e.g. ['d4.conv.conv.5']), "
+            f"but got {type(layers).__name__}."
+        )
+    if len(layers) == 0:
+        raise ValueError(
+            "Expected `layers` to name at least one layer (e.g. ['d4.conv.conv.5']), but got an "
+            "empty list."
+        )
+    names: list[str] = []
+    modules: list[nn.Module] = []
+    by_identity = {id(m): n for n, m in unwrap_compiled(model).named_modules()}
+    for layer in layers:
+        if isinstance(layer, nn.Module):
+            if id(layer) not in by_identity:
+                raise ValueError(
+                    f"The {type(layer).__name__} module passed in `layers` is not in the model."
+                )
+            name = by_identity[id(layer)]
+        else:
+            name = layer
+        module = find_layer(model, name)  # type: ignore[arg-type]
+        names.append(by_identity[id(module)])
+        modules.append(module)
+    if len(set(names)) != len(names):
+        raise ValueError(f"Expected distinct layers, but `layers` repeats some: {names}.")
+    return names, modules
+
+
+def _check_images(images: Any) -> None:
+    if not isinstance(images, Tensor):
+        raise TypeError(
+            f"Expected `images` to be a float tensor [B, C, H, W], but got {type(images).__name__}."
+        )
+    if images.ndim != 4 or not images.is_floating_point():
+        raise ValueError(
+            "Expected `images` to be a float tensor [B, C, H, W], but got shape "
+            f"{list(images.shape)} and dtype {images.dtype}."
+        )
+
+
+def _check_classes(classes: Any) -> list[int] | None:
+    if classes is None:
+        return None
+    if isinstance(classes, Tensor):
+        if classes.ndim > 1 or classes.is_floating_point() or classes.dtype == torch.bool:
+            raise TypeError(
+                "Expected `classes` as integer indices (an int, a list or a 1-D integer tensor), "
+                f"but got a tensor of shape {list(classes.shape)} and dtype {classes.dtype}."
+            )
+        classes = classes.reshape(-1).tolist()
+    elif isinstance(classes, int) and not isinstance(classes, bool):
+        classes = [classes]
+    if not isinstance(classes, Sequence) or any(
+        isinstance(c, bool) or not isinstance(c, int) for c in classes
+    ):
+        raise TypeError(
+            "Expected `classes` as integer indices (an int, a list or a 1-D integer tensor), "
+            f"but got {classes!r}."
+        )
+    classes = list(classes)
+    if not classes:
+        raise ValueError("Expected `classes` to hold at least one class index, but got none.")
+    if len(set(classes)) != len(classes) or min(classes) < 0:
+        raise ValueError(f"Expected distinct non-negative class indices, but got {classes}.")
+    return classes
+
+
+def _select_classes(wanted: list[int] | None, num_classes: int, device: torch.device) -> Tensor:
+    if wanted is None:
+        return torch.arange(num_classes, device=device)
+    if max(wanted) >= num_classes:
+        raise ValueError(
+            f"Expected `classes` in [0, {num_classes}) (the model has {num_classes} output "
+            f"classes), but got {wanted}."
+        )
+    return torch.tensor(wanted, device=device, dtype=torch.long)
+
+
+def _at_least_float32(tensor: Tensor) -> Tensor:
+    """Half-precision tensors (autocast) to float32; float32 and float64 unchanged."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _model_device(model: nn.Module, images: Tensor) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return images.device

@@ -1,0 +1,264 @@
+"""Pure tensor maths of the CAM engine: channel weights, weighted sum, normalisation, upsampling.
+
+Every function here is stateless and needs no graph (callers run it under ``torch.no_grad``),
+works on any device and broadcasts over leading dimensions, so the same code serves one class
+(``[B, C, h, w]``) or all classes at once (``[K, B, C, h, w]``). Shapes below use ``...`` for those
+leading dimensions, ``C`` for channels and ``h, w`` for the hooked layer's spatial size.
+
+Inputs are expected in float32: the engine casts activations and gradients before calling here
+(autocast runs the model in bf16/fp16, the maps must not).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "NORMALIZE_MODES",
+    "eigencam_map",
+    "elementwise_sum",
+    "gradcam_weights",
+    "gradcampp_weights",
+    "guided_gradcam",
+    "hirescam_weights",
+    "layercam_weights",
+    "minmax_scale",
+    "normalize_cams",
+    "safe_divide",
+    "scorecam_weights",
+    "upsample",
+    "weighted_sum",
+    "xgradcam_weights",
+]
+
+NormalizeMode = Literal["minmax", "global", "none"]
+NORMALIZE_MODES: tuple[str, ...] = ("minmax", "global", "none")
+
+#: A range below this fraction of the map's magnitude is float32 rounding noise (~100 ulps):
+#: such a map is treated as constant. Relative, so it does not depend on the map's scale.
+RELATIVE_TOLERANCE = 1e-5
+#: Smallest normal float32: below it a map is zero for all purposes (and division would overflow).
+ABSOLUTE_TOLERANCE = torch.finfo(torch.float32).tiny
+
+
+def safe_divide(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` where ``den != 0``, else ``0`` (no eps, so the result keeps its scale)."""
+    nonzero = den != 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), 0.0)
+
+
+def gradcam_weights(activations: Tensor, gradients: Tensor) -> Tensor:
+    """Grad-CAM channel weights: spatial mean of the gradients.
+
+    Args:
+        activations: ``[..., C, h, w]`` (unused, kept for a uniform signature).
+        gradients: ``[..., C, h, w]`` gradients of the class score w.r.t. the activations.
+
+    Returns:
+        ``[..., C]`` weights ``w_c = mean_ij dY/dA_c(i, j)``.
+    """
+    del activations
+    return gradients.mean(dim=(-2, -1))
+
+
+def hirescam_weights(activations: Tensor, gradients: Tensor) -> Tensor:
+    """HiResCAM element-wise weights: the gradients themselves (no spatial averaging).
+
+    Returns:
+        ``[..., C, h, w]``, so the map is ``sum_c dY/dA_c * A_c``.
+    """
+    del activations
+    return gradients
+
+
+def xgradcam_weights(activations: Tensor, gradients: Tensor) -> Tensor:
+    """XGrad-CAM channel weights: gradients averaged with the normalised activations as weights.
+
+    ``w_c = sum_ij A_c(i, j) dY/dA_c(i, j) / sum_ij A_c(i, j)``; a channel whose activations sum
+    to zero gets weight 0 (its contribution to the map is zero anyway).
+
+    Returns:
+        ``[..., C]``.
+    """
+    num = (activations * gradients).sum(dim=(-2, -1))
+    den = activations.sum(dim=(-2, -1))
+    return safe_divide(num, den)
+
+
+def gradcampp_weights(activations: Tensor, gradients: Tensor) -> Tensor:
+    """Grad-CAM++ channel weights with the closed-form ``alpha`` of the paper (exp score).
+
+    With ``g = dY/dA`` and the higher derivatives of ``exp(Y)`` written through ``g``::
+
+        alpha_c(i, j) = g² / (2 g² + sum_ab A_c(a, b) · g³)        (0 where the denominator is 0)
+        w_c = sum_ij alpha_c(i, j) · relu(g_c(i, j))
+
+    This is the form torchcam and pytorch-grad-cam use, without their ``eps`` in the denominator.
+
+    Returns:
+        ``[..., C]``.
+    """
+    g2 = gradients.pow(2)
+    g3 = g2 * gradients
+    sum_a = activations.sum(dim=(-2, -1), keepdim=True)
+    alpha = safe_divide(g2, 2 * g2 + sum_a * g3)
+    return (alpha * gradients.clamp(min=0)).sum(dim=(-2, -1))
+
+
+def layercam_weights(activations: Tensor, gradients: Tensor) -> Tensor:
+    """LayerCAM element-wise weights: the positive part of the gradients.
+
+    Returns:
+        ``[..., C, h, w]``, so the map is ``sum_c relu(dY/dA_c) * A_c``.
+    """
+    del activations
+    return gradients.clamp(min=0)
+
+
+def weighted_sum(weights: Tensor, activations: Tensor) -> Tensor:
+    """Combine activation channels with one weight per channel.
+
+    Args:
+        weights: ``[..., C]``.
+        activations: ``[..., C, h, w]``; leading dimensions broadcast against ``weights``.
+
+    Returns:
+        ``[..., h, w]`` map ``sum_c weights_c * A_c`` (no ReLU).
+    """
+    # A batched matrix product: no [..., C, h, w] temporary.
+    return torch.einsum("...c,...chw->...hw", weights, activations)
+
+
+def elementwise_sum(weights: Tensor, activations: Tensor) -> Tensor:
+    """Combine activation channels with one weight per element.
+
+    Args:
+        weights: ``[..., C, h, w]``.
+        activations: ``[..., C, h, w]``; leading dimensions broadcast.
+
+    Returns:
+        ``[..., h, w]`` map ``sum_c weights_c ⊙ A_c`` (no ReLU).
+    """
+    return (weights * activations).sum(dim=-3)
+
+
+def scorecam_weights(increase: Tensor, selected: Tensor | None = None) -> Tensor:
+    """Score-CAM channel weights: softmax over channels of each channel's score increase.
+
+    Args:
+        increase: ``[..., C]`` target score of the masked input minus that of the input.
+        selected: optional bool ``[..., C]``; channels not selected get weight 0 and take no part
+            in the softmax.
+
+    Returns:
+        ``[..., C]`` weights summing to 1 over the selected channels.
+    """
+    if selected is None:
+        return increase.softmax(dim=-1)
+    return increase.masked_fill(~selected, float("-inf")).softmax(dim=-1)
+
+
+def minmax_scale(maps: Tensor, spatial_dims: int = 2) -> Tensor:
+    """Scale-invariant min-max normalisation of each map to ``[0, 1]``.
+
+    ``(m - min) / (max - min)`` when ``max - min`` exceeds float32 noise relative to the map's
+    magnitude (and the smallest normal float), else ``0``. A map multiplied by ``1e-6``
+    normalises to the same map; a constant or all-zero map gives zeros, never NaN.
+
+    Args:
+        maps: ``[..., *spatial]`` float tensor.
+        spatial_dims: how many trailing dimensions make one map.
+
+    Returns:
+        Tensor of the same shape, in ``[0, 1]``.
+    """
+    dims = tuple(range(-spatial_dims, 0))
+    lo = maps.amin(dim=dims, keepdim=True)
+    hi = maps.amax(dim=dims, keepdim=True)
+    span = hi - lo
+    magnitude = torch.maximum(hi.abs(), lo.abs())
+    valid = (span > RELATIVE_TOLERANCE * magnitude) & (span > ABSOLUTE_TOLERANCE)
+    scale = torch.where(valid, span, torch.ones_like(span))
+    return torch.where(valid, (maps - lo) / scale, 0.0).clamp_(0.0, 1.0)
+
+
+def normalize_cams(cams: Tensor, mode: NormalizeMode = "minmax") -> Tensor:
+    """Normalise non-negative CAMs ``[B, L, K, H, W]``.
+
+    Modes:
+        ``"minmax"``: every map on its own to ``[0, 1]`` (the seed's choice) via
+            :func:`minmax_scale`.
+        ``"global"``: one scale per image and layer, shared by all its classes: maps are divided
+            by the largest value over the classes, so a weak class looks weak. Layers keep
+            separate scales because their activations have unrelated units. Images whose maps
+            are all below the smallest normal float32 give zeros.
+        ``"none"``: returned as is.
+
+    Returns:
+        Tensor of the same shape and dtype.
+    """
+    if mode == "none":
+        return cams
+    if mode == "minmax":
+        return minmax_scale(cams, spatial_dims=2)
+    if mode == "global":
+        peak = cams.amax(dim=(-3, -2, -1), keepdim=True)
+        valid = peak > ABSOLUTE_TOLERANCE
+        scale = torch.where(valid, peak, torch.ones_like(peak))
+        return torch.where(valid, cams / scale, 0.0).clamp_(0.0, 1.0)
+    raise ValueError(f"Expected `normalize` to be one of {NORMALIZE_MODES}, but got {mode!r}.")
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize (``align_corners=False``) of maps ``[N, C, h, w]`` to ``size``, on device.
+
+    Returns ``maps`` unchanged when it already has that size.
+    """
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+def eigencam_map(activations: Tensor) -> Tensor:
+    """Projection of the activations on their first principal component (Eigen-CAM).
+
+    For each image, the ``h·w × C`` activation matrix is centred over pixels and projected on
+    its first right singular vector. The sign of a singular vector is arbitrary, so it is fixed to
+    make the map correlate positively with the channel-mean activation map.
+
+    Args:
+        activations: ``[B, C, h, w]`` float tensor.
+
+    Returns:
+        ``[B, h, w]`` map (no ReLU).
+    """
+    b, c, h, w = activations.shape
+    x = activations.reshape(b, c, h * w).transpose(1, 2)  # [B, hw, C]
+    x = x - x.mean(dim=1, keepdim=True)
+    # The C × C Gram matrix is tiny next to [hw, C]: its top eigenvector is the first right
+    # singular vector of x, at a fraction of an SVD's cost.
+    gram = x.transpose(1, 2) @ x
+    _, vectors = torch.linalg.eigh(gram)
+    top = vectors[..., -1]  # [B, C]; eigenvalues come in ascending order
+    projection = (x @ top.unsqueeze(-1)).squeeze(-1)  # [B, hw]
+    mean_map = activations.mean(dim=1).reshape(b, h * w)
+    mean_map = mean_map - mean_map.mean(dim=1, keepdim=True)
+    sign = torch.where((projection * mean_map).sum(dim=1, keepdim=True) < 0, -1.0, 1.0)
+    return (projection * sign).reshape(b, h, w)
+
+
+def guided_gradcam(guided_backprop: Tensor, cams: Tensor) -> Tensor:
+    """Guided Grad-CAM: guided backpropagation times the (upsampled) CAM.
+
+    Args:
+        guided_backprop: ``[B, K, C_in, H, W]`` guided gradients w.r.t. the input.
+        cams: ``[B, L, K, H, W]`` maps at input resolution.
+
+    Returns:
+        ``[B, L, K, C_in, H, W]``.
+    """
+    return guided_backprop.unsqueeze(1) * cams.unsqueeze(3)

@@ -1,0 +1,345 @@
+"""CAM methods: one small class each, differing only in how channels are weighed or combined.
+
+Gradient methods subclass :class:`_GradientCAM` and override :meth:`_GradientCAM._get_weights`;
+the base class owns the weighted sum and the ReLU. The engine calls them once per class with the
+layer's activations ``A`` ``[B, C, h, w]`` and the gradients ``dY/dA`` of that class's score.
+Gradient-free methods (:class:`ScoreCAM`, :class:`EigenCAM`) receive a :class:`Probe` instead, to
+re-run the model or to ignore classes altogether.
+
+Notation: ``Y`` is the target score of class ``c`` (see :mod:`segcam_lightning.cam.targets`),
+``A_k`` channel ``k`` of the hooked layer's output, ``g_k = dY/dA_k``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from segcam_lightning.cam import functional as FC
+
+__all__ = [
+    "METHODS",
+    "CustomCAM",
+    "EigenCAM",
+    "GradCAM",
+    "GradCAMpp",
+    "GuidedGradCAM",
+    "HiResCAM",
+    "LayerCAM",
+    "Probe",
+    "ScoreCAM",
+    "XGradCAM",
+    "get_method",
+]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a gradient-free method may use besides the activations.
+
+    Attributes:
+        images: ``[B, C_in, H, W]`` the input batch on the model's device.
+        forward: runs the model (eval mode, no grad, no hooks) on images ``[n, C_in, H, W]`` and
+            returns float32 logits ``[n, K, H, W]``.
+        score: ``(logits [n, K, H, W], source [n]) -> scores [n, K]``, the call's target applied
+            to re-run copies of the images whose batch indices are ``source``.
+        baseline: ``[B, K]`` target scores of the unmodified images.
+        classes: ``[K_sel]`` long tensor, the classes to explain.
+    """
+
+    images: Tensor
+    forward: Callable[[Tensor], Tensor]
+    score: Callable[[Tensor, Tensor], Tensor]
+    baseline: Tensor
+    classes: Tensor
+
+
+class _CAM:
+    """Base of every method.
+
+    Attributes:
+        name: registry name.
+        needs_gradients: gradient methods get ``(activations, gradients)`` per class; the others
+            get ``(activations, probe)`` once.
+        guided: also compute guided backpropagation (see :class:`GuidedGradCAM`).
+    """
+
+    name: ClassVar[str] = "cam"
+    needs_gradients: ClassVar[bool] = True
+    guided: ClassVar[bool] = False
+
+    #: Weights are per element ``[..., C, h, w]`` rather than per channel ``[..., C]``.
+    elementwise: ClassVar[bool] = False
+
+    def _combine(self, weights: Tensor, activations: Tensor) -> Tensor:
+        """``ReLU(sum_k w_k A_k)``: the weighted sum every method shares."""
+        combine = FC.elementwise_sum if self.elementwise else FC.weighted_sum
+        return combine(weights, activations).clamp_(min=0)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class _GradientCAM(_CAM, ABC):
+    """A method whose map is ``ReLU(sum_k w_k A_k)`` with weights from the gradients."""
+
+    @abstractmethod
+    def _get_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        """Weights ``[..., C]`` (per channel) or ``[..., C, h, w]`` (per element)."""
+
+    def __call__(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        """Map of one class.
+
+        Args:
+            activations: ``[B, C, h, w]`` float32.
+            gradients: ``[..., B, C, h, w]`` float32 gradients of the class score(s).
+
+        Returns:
+            ``[..., B, h, w]`` non-negative map at the layer's resolution.
+        """
+        return self._combine(self._get_weights(activations, gradients), activations)
+
+
+class GradCAM(_GradientCAM):
+    r"""Grad-CAM (Selvaraju et al., 2017, https://arxiv.org/abs/1610.02391).
+
+    ``L = ReLU(sum_k w_k A_k)`` with ``w_k = 1/(h·w) sum_ij g_k(i, j)``.
+    """
+
+    name = "gradcam"
+
+    def _get_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        return FC.gradcam_weights(activations, gradients)
+
+
+class HiResCAM(_GradientCAM):
+    r"""HiResCAM (Draelos & Carin, 2020, https://arxiv.org/abs/2011.08891).
+
+    ``L = ReLU(sum_k g_k ⊙ A_k)``: the gradient multiplies the activation element-wise instead of
+    being averaged first, so the map is faithful to what the score depends on.
+    """
+
+    name = "hirescam"
+    elementwise = True
+
+    def _get_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        return FC.hirescam_weights(activations, gradients)
+
+
+class XGradCAM(_GradientCAM):
+    r"""XGrad-CAM (Fu et al., 2020, https://arxiv.org/abs/2008.02312).
+
+    ``w_k = sum_ij g_k(i, j) · A_k(i, j) / sum_ij A_k(i, j)``; ``L = ReLU(sum_k w_k A_k)``.
+    """
+
+    name = "xgradcam"
+
+    def _get_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        return FC.xgradcam_weights(activations, gradients)
+
+
+class GradCAMpp(_GradientCAM):
+    r"""Grad-CAM++ (Chattopadhyay et al., 2018, https://arxiv.org/abs/1710.11063).
+
+    ``w_k = sum_ij alpha_k(i, j) · ReLU(g_k(i, j))`` with the closed form the paper derives for an
+    exponential score, ``alpha = g² / (2 g² + sum_ab A_k(a, b) · g³)`` (0 where the denominator is
+    0), as in torchcam and pytorch-grad-cam; ``L = ReLU(sum_k w_k A_k)`` (the ReLU is theirs, not
+    the paper's; it changes nothing visible after normalisation of a positive map).
+    """
+
+    name = "gradcam++"
+
+    def _get_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        return FC.gradcampp_weights(activations, gradients)
+
+
+class LayerCAM(_GradientCAM):
+    r"""LayerCAM (Jiang et al., 2021, https://doi.org/10.1109/TIP.2021.3089943).
+
+    ``L = ReLU(sum_k ReLU(g_k) ⊙ A_k)``: positive gradients weigh each location, which keeps
+    fine detail at early layers.
+    """
+
+    name = "layercam"
+    elementwise = True
+
+    def _get_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        return FC.layercam_weights(activations, gradients)
+
+
+class GuidedGradCAM(GradCAM):
+    r"""Guided Grad-CAM (Selvaraju et al., 2017, §3.1): guided backpropagation × Grad-CAM.
+
+    Guided backpropagation (Springenberg et al., 2015, https://arxiv.org/abs/1412.6806) is the
+    gradient of the class score w.r.t. the input where every ``nn.ReLU`` passes back only positive
+    gradients at positive inputs: ``R_in = (x > 0) · ReLU(R_out)``. ReLUs called as functions
+    (``F.relu``) cannot be hooked and keep their ordinary backward.
+
+    The maps are Grad-CAM's; the engine adds ``result.guided_backprop`` ``[B, K, C_in, H, W]``
+    (raw, signed gradients) and ``result.guided_cams`` ``[B, L, K, C_in, H, W]`` = guided
+    backpropagation × the normalised upsampled Grad-CAM. Any gradient method gets the same with
+    ``CAMEngine(..., guided=True)``.
+    """
+
+    name = "guided_gradcam"
+    guided = True
+
+
+class CustomCAM(_GradientCAM):
+    """A gradient method from a weight function ``f(activations, gradients) -> weights``.
+
+    Args:
+        weight_fn: maps ``A`` ``[..., C, h, w]`` and ``g`` ``[..., C, h, w]`` to weights
+            ``[..., C]`` (or ``[..., C, h, w]`` with ``elementwise=True``); the map is
+            ``ReLU(sum_k w_k A_k)``.
+        elementwise: whether ``weight_fn`` returns one weight per element.
+    """
+
+    def __init__(
+        self, weight_fn: Callable[[Tensor, Tensor], Tensor], elementwise: bool = False
+    ) -> None:
+        self.weight_fn = weight_fn
+        self.elementwise = elementwise  # type: ignore[misc]
+        self.name = getattr(weight_fn, "__name__", type(weight_fn).__name__)  # type: ignore[misc]
+
+    def _get_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        return self.weight_fn(activations, gradients)
+
+    def __repr__(self) -> str:
+        return f"CustomCAM({self.name})"
+
+
+class ScoreCAM(_CAM):
+    r"""Score-CAM (Wang et al., 2020, https://arxiv.org/abs/1910.01279), gradient-free.
+
+    Each activation channel, min-max normalised and upsampled to the input, masks the input;
+    the channel's weight is the softmax over channels of the target score increase it causes::
+
+        M_k = U(norm(A_k)) ⊙ X,    w_k = softmax_k(Y(M_k) - Y(X)),    L = ReLU(sum_k w_k A_k)
+
+    One masked forward scores every class, so the cost is ``B · min(C, max_channels)`` forwards
+    in chunks of ``batch_size``, whatever the number of classes.
+
+    Differences from the paper, on purpose:
+        - ``Y`` is the engine's segmentation target, not a classifier's softmax probability;
+          region targets keep the region of the original forward for the masked copies.
+        - the baseline is the unmasked input ``X`` (as in torchcam), not a separate image;
+        - channels are normalised at the layer's resolution, then upsampled (torchcam's order);
+        - with ``max_channels``, only that many channels with the largest mean activation per
+          image take part (the others get weight 0), so wide layers stay affordable.
+
+    Args:
+        max_channels: cap on the channels scored per image; ``None`` scores all of them.
+        batch_size: masked images per forward.
+    """
+
+    name = "scorecam"
+    needs_gradients = False
+
+    def __init__(self, max_channels: int | None = 64, batch_size: int = 32) -> None:
+        if max_channels is not None and (
+            isinstance(max_channels, bool) or not isinstance(max_channels, int) or max_channels < 1
+        ):
+            raise ValueError(
+                f"Expected `max_channels` to be a positive int or None, but got {max_channels!r}."
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"Expected `batch_size` to be a positive int, but got {batch_size!r}.")
+        self.max_channels = max_channels
+        self.batch_size = batch_size
+
+    def __call__(self, activations: Tensor, probe: Probe) -> Tensor:
+        """Maps ``[B, K_sel, h, w]`` from activations ``[B, C, h, w]``."""
+        b, c, h, w = activations.shape
+        m = c if self.max_channels is None else min(c, self.max_channels)
+        if m < c:
+            top = activations.mean(dim=(-2, -1)).topk(m, dim=1).indices  # [B, M]
+            selected = activations.gather(1, top[..., None, None].expand(-1, -1, h, w))
+        else:
+            selected = activations
+        masks = FC.minmax_scale(selected).reshape(b * m, 1, h, w)
+        source = torch.arange(b, device=activations.device).repeat_interleave(m)
+        size = tuple(probe.images.shape[-2:])
+        increase = activations.new_empty(b * m, probe.classes.numel())
+        baseline = probe.baseline[:, probe.classes]
+        for start in range(0, b * m, self.batch_size):
+            rows = slice(start, min(start + self.batch_size, b * m))
+            mask = FC.upsample(masks[rows], size).to(probe.images.dtype)
+            logits = probe.forward(probe.images[source[rows]] * mask)
+            scores = probe.score(logits, source[rows])[:, probe.classes]
+            increase[rows] = scores - baseline[source[rows]]
+        weights = FC.scorecam_weights(increase.reshape(b, m, -1).transpose(1, 2))  # [B, K, M]
+        return self._combine(weights, selected.unsqueeze(1))
+
+    def __repr__(self) -> str:
+        return f"ScoreCAM(max_channels={self.max_channels}, batch_size={self.batch_size})"
+
+
+class EigenCAM(_CAM):
+    r"""Eigen-CAM (Muhammad & Yeasin, 2020, https://arxiv.org/abs/2008.00299), gradient-free.
+
+    ``L = ReLU(A_c · v_1)``: the activations, as an ``h·w × C`` matrix centred over pixels, are
+    projected on their first principal direction ``v_1``. The sign of ``v_1`` is fixed so that the
+    map correlates positively with the channel-mean activation. The map does not depend on the
+    class: every selected class gets the same map (absent region targets still give zeros).
+    """
+
+    name = "eigencam"
+    needs_gradients = False
+
+    def __call__(self, activations: Tensor, probe: Probe) -> Tensor:
+        """Maps ``[B, K_sel, h, w]`` (the same for every class) from ``[B, C, h, w]``."""
+        cam = FC.eigencam_map(activations).clamp_(min=0)
+        return cam.unsqueeze(1).expand(-1, probe.classes.numel(), -1, -1).contiguous()
+
+
+#: Methods available by name (``"gradcampp"`` is an alias of ``"gradcam++"``).
+METHODS: dict[str, type[_CAM]] = {
+    "gradcam": GradCAM,
+    "hirescam": HiResCAM,
+    "xgradcam": XGradCAM,
+    "gradcam++": GradCAMpp,
+    "gradcampp": GradCAMpp,
+    "layercam": LayerCAM,
+    "scorecam": ScoreCAM,
+    "eigencam": EigenCAM,
+    "guided_gradcam": GuidedGradCAM,
+}
+
+_LOOKUP = {name.replace("_", ""): cls for name, cls in METHODS.items()}
+
+
+def _lookup_key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch not in "-_ ")
+
+
+def get_method(method: str | _CAM | type[_CAM] | Callable[[Tensor, Tensor], Tensor]) -> _CAM:
+    """Resolve a method given by name, instance, class or weight function.
+
+    Raises:
+        ValueError: for an unknown name (the message lists the known ones).
+        TypeError: for anything else.
+    """
+    if isinstance(method, _CAM):
+        return method
+    if isinstance(method, str):
+        key = _lookup_key(method)
+        if key not in _LOOKUP:
+            raise ValueError(
+                f"Expected `method` to be one of {sorted(METHODS)}, a CAM method instance or a "
+                f"weight function f(activations, gradients) -> weights, but got {method!r}."
+            )
+        return _LOOKUP[key]()
+    if isinstance(method, type) and issubclass(method, _CAM):
+        return method()
+    if callable(method):
+        return CustomCAM(method)
+    raise TypeError(
+        f"Expected `method` to be one of {sorted(METHODS)}, a CAM method instance or a weight "
+        f"function, but got {type(method).__name__}."
+    )

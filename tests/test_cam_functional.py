@@ -1,0 +1,180 @@
+"""The engine's pure maths (segcam_lightning.cam.functional) against naive formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segcam_lightning.cam import functional as FC
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def naive_gradcampp(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Paper eq. 19 with an exponential score, element by element: ``[B, C]``."""
+    b, c, h, w = a.shape
+    out = torch.zeros(b, c, dtype=torch.float64)
+    for bi in range(b):
+        for ci in range(c):
+            s = a[bi, ci].sum().item()
+            total = 0.0
+            for i in range(h):
+                for j in range(w):
+                    gij = g[bi, ci, i, j].item()
+                    den = 2 * gij**2 + s * gij**3
+                    alpha = gij**2 / den if den != 0 else 0.0
+                    total += alpha * max(gij, 0.0)
+            out[bi, ci] = total
+    return out
+
+
+def test_gradcam_weights_are_spatial_mean(gen: torch.Generator) -> None:
+    g = torch.randn(2, 5, 4, 3, generator=gen)
+    torch.testing.assert_close(FC.gradcam_weights(torch.rand_like(g), g), g.mean(dim=(2, 3)))
+
+
+def test_hirescam_and_layercam_weights_are_elementwise(gen: torch.Generator) -> None:
+    g = torch.randn(2, 5, 4, 3, generator=gen)
+    a = torch.rand(2, 5, 4, 3, generator=gen)
+    torch.testing.assert_close(FC.hirescam_weights(a, g), g)
+    torch.testing.assert_close(FC.layercam_weights(a, g), g.clamp(min=0))
+
+
+def test_xgradcam_weights_and_dead_channel(gen: torch.Generator) -> None:
+    a = torch.rand(2, 5, 4, 3, generator=gen)
+    a[0, 1] = 0  # dead channel: weight 0, not NaN
+    g = torch.randn(2, 5, 4, 3, generator=gen)
+    w = FC.xgradcam_weights(a, g)
+    expected = (a * g).sum(dim=(2, 3)) / a.sum(dim=(2, 3))
+    expected[0, 1] = 0
+    torch.testing.assert_close(w, expected)
+
+
+def test_gradcampp_weights_match_paper_closed_form(gen: torch.Generator) -> None:
+    a = torch.rand(2, 3, 4, 4, generator=gen, dtype=torch.float64)
+    g = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64)
+    g[0, 0, :2] = 0  # zero gradients: alpha 0, no NaN
+    torch.testing.assert_close(FC.gradcampp_weights(a, g), naive_gradcampp(a, g))
+
+
+def test_weighted_sum_broadcasts_classes(gen: torch.Generator) -> None:
+    a = torch.rand(2, 5, 4, 3, generator=gen)
+    w = torch.randn(3, 2, 5, generator=gen)  # [K, B, C]
+    out = FC.weighted_sum(w, a)
+    assert out.shape == (3, 2, 4, 3)
+    for k in range(3):
+        for b in range(2):
+            expected = (w[k, b, :, None, None] * a[b]).sum(dim=0)
+            torch.testing.assert_close(out[k, b], expected)
+
+
+def test_elementwise_sum(gen: torch.Generator) -> None:
+    a = torch.rand(2, 5, 4, 3, generator=gen)
+    w = torch.randn(2, 5, 4, 3, generator=gen)
+    torch.testing.assert_close(FC.elementwise_sum(w, a), (w * a).sum(dim=1))
+
+
+def test_scorecam_weights_softmax_over_selected_channels() -> None:
+    increase = torch.tensor([[0.1, 0.3, -0.2, 0.5]])
+    selected = torch.tensor([[True, True, False, True]])
+    w = FC.scorecam_weights(increase, selected)
+    assert w[0, 2] == 0
+    torch.testing.assert_close(w.sum(), torch.tensor(1.0))
+    torch.testing.assert_close(w[0, [0, 1, 3]], increase[0, [0, 1, 3]].softmax(dim=0))
+    torch.testing.assert_close(FC.scorecam_weights(increase), increase.softmax(dim=-1))
+
+
+def test_safe_divide_zero_denominator() -> None:
+    out = FC.safe_divide(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([2.0, 0.0, 0.0]))
+    torch.testing.assert_close(out, torch.tensor([0.5, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("factor", [1e-6, 1e-12, 1e-30, 1e6])
+def test_minmax_is_scale_invariant(gen: torch.Generator, factor: float) -> None:
+    maps = torch.rand(2, 3, 8, 8, generator=gen)
+    torch.testing.assert_close(FC.minmax_scale(maps * factor), FC.minmax_scale(maps))
+
+
+def test_minmax_seed_eps_is_not_scale_invariant(gen: torch.Generator) -> None:
+    """Why the seed's ``(m - min) / (max - min + 1e-8)`` was replaced (DESIGN.md §9)."""
+    maps = torch.rand(8, 8, generator=gen) * 1e-6
+    seed = (maps - maps.min()) / (maps.max() - maps.min() + 1e-8)
+    assert seed.max() < 0.999
+    assert FC.minmax_scale(maps).max() == 1.0
+
+
+def test_minmax_constant_and_zero_maps_give_zeros() -> None:
+    maps = torch.stack(
+        [torch.zeros(4, 4), torch.full((4, 4), 3.7), torch.full((4, 4), 2e-7), torch.eye(4)]
+    )
+    # A constant map after bilinear upsampling may carry a few ulps of rounding noise.
+    noisy = torch.full((1, 4, 4), 3.7)
+    noisy[0, 0, 0] = torch.nextafter(noisy[0, 0, 0], torch.tensor(10.0))
+    out = FC.minmax_scale(torch.cat([maps, noisy]))
+    assert not out.isnan().any()
+    assert (out[:3] == 0).all() and (out[4] == 0).all()
+    torch.testing.assert_close(out[3], torch.eye(4))
+
+
+def test_normalize_global_keeps_class_ratios() -> None:
+    cams = torch.zeros(2, 2, 3, 4, 4)  # [B, L, K, H, W]
+    cams[:, :, 0, 1, 1] = 2.0
+    cams[:, :, 1, 2, 2] = 0.5
+    cams[1, 1] *= 1e-6  # another layer's scale does not leak
+    out = FC.normalize_cams(cams, "global")
+    assert out[:, :, 0].amax() == 1.0
+    torch.testing.assert_close(out[:, :, 1].amax(dim=(-2, -1)), torch.full((2, 2), 0.25))
+    assert (out[:, :, 2] == 0).all()  # all-zero class stays zero, no NaN
+    torch.testing.assert_close(
+        FC.normalize_cams(torch.zeros(1, 1, 2, 3, 3), "global").sum(), torch.tensor(0.0)
+    )
+
+
+def test_normalize_minmax_and_none(gen: torch.Generator) -> None:
+    cams = torch.rand(2, 1, 3, 5, 5, generator=gen) * 1e-6
+    out = FC.normalize_cams(cams, "minmax")
+    torch.testing.assert_close(out.amax(dim=(-2, -1)), torch.ones(2, 1, 3))
+    torch.testing.assert_close(out.amin(dim=(-2, -1)), torch.zeros(2, 1, 3))
+    assert FC.normalize_cams(cams, "none") is cams
+
+
+def test_normalize_rejects_unknown_mode() -> None:
+    with pytest.raises(
+        ValueError, match=r"Expected `normalize` to be one of .*'minmax'.*but got 'max'"
+    ):
+        FC.normalize_cams(torch.zeros(1, 1, 1, 2, 2), "max")  # type: ignore[arg-type]
+
+
+def test_upsample_matches_interpolate_and_skips_same_size(gen: torch.Generator) -> None:
+    maps = torch.rand(2, 3, 4, 4, generator=gen)
+    expected = F.interpolate(maps, size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(FC.upsample(maps, (16, 16)), expected)
+    assert FC.upsample(maps, (4, 4)) is maps
+
+
+def test_eigencam_is_first_principal_component_with_positive_sign(gen: torch.Generator) -> None:
+    a = torch.rand(2, 6, 5, 5, generator=gen, dtype=torch.float64)
+    a[:, :3] += torch.linspace(0, 3, 25, dtype=torch.float64).reshape(5, 5)  # a dominant direction
+    out = FC.eigencam_map(a)
+    for b in range(2):
+        # pytorch-grad-cam's get_2d_projection: centred SVD, projection on the first vector.
+        x = a[b].reshape(6, -1).T
+        x = x - x.mean(dim=0)
+        _, _, vt = torch.linalg.svd(x, full_matrices=True)
+        ref = (x @ vt[0]).reshape(5, 5)
+        sign = torch.sign((out[b] * ref).sum())
+        torch.testing.assert_close(out[b], sign * ref)
+        mean_map = a[b].mean(dim=0)
+        assert ((out[b] - out[b].mean()) * (mean_map - mean_map.mean())).sum() > 0
+
+
+def test_guided_gradcam_product_shape(gen: torch.Generator) -> None:
+    guided = torch.randn(2, 3, 3, 8, 8, generator=gen)  # [B, K, C_in, H, W]
+    cams = torch.rand(2, 4, 3, 8, 8, generator=gen)  # [B, L, K, H, W]
+    out = FC.guided_gradcam(guided, cams)
+    assert out.shape == (2, 4, 3, 3, 8, 8)
+    torch.testing.assert_close(out[1, 2, 0, 1], guided[1, 0, 1] * cams[1, 2, 0])

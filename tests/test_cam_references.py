@@ -1,0 +1,344 @@
+"""The engine against independent references: the seed's naive loop, torchcam and captum.
+
+All comparisons run on the seed-compatible U-Net (width 8, 64², B=2, K=3, BatchNorm statistics
+randomised so it behaves like a trained network) at the seed's four layers, which are in-place
+ReLUs. Raw CAMs are ~1e-6 with the softmax-mean target, so maps are compared after dividing
+both sides by the reference's maximum (the same operation on both sides), with ``atol=1e-5``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcam_lightning.cam import CAMEngine, ScoreCAM
+from segcam_lightning.models import SEED_LAYERS, UNet
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def torchcam_methods():
+    return pytest.importorskip("torchcam.methods")
+
+
+@pytest.fixture(scope="module")
+def captum_attr():
+    return pytest.importorskip("captum.attr")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny convolutions on a shared 2-core machine: OpenMP threads fighting other processes make
+    # them ~50x slower than one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def net() -> UNet:
+    torch.manual_seed(0)
+    model = UNet(num_classes=3, base_width=8)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+class SoftmaxMeanScores(nn.Module):
+    """``[B, K]`` scores = mean softmax probability per class (the engine's ``softmax_mean``).
+
+    torchcam and captum explain ``output[:, class_idx]`` of a classifier; wrapping the network
+    this way makes their class score exactly our target.
+    """
+
+    def __init__(self, net: nn.Module, scale: float = 1.0) -> None:
+        super().__init__()
+        self.net = net
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.net(x).softmax(dim=1).mean(dim=(2, 3))
+
+
+def assert_maps_close(ours: torch.Tensor, ref: torch.Tensor, atol: float = 1e-5) -> None:
+    """Compare maps after dividing both by the reference's maximum (per map)."""
+    assert ours.shape == ref.shape
+    ours, ref = ours.double(), ref.double()
+    for o, r in zip(
+        ours.reshape(-1, *ours.shape[-2:]), ref.reshape(-1, *ref.shape[-2:]), strict=True
+    ):
+        scale = r.abs().max()
+        if scale == 0:
+            assert o.abs().max() == 0
+            continue
+        torch.testing.assert_close(o / scale, r / scale, atol=atol, rtol=0)
+
+
+def upsample(cams: torch.Tensor) -> torch.Tensor:
+    """``[B, h, w]`` -> ``[B, SIZE, SIZE]`` the way the engine does (bilinear, no corners)."""
+    return F.interpolate(cams[:, None], (SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0]
+
+
+def seed_gradcam(model: nn.Module, image: torch.Tensor, layer: str, class_idx: int) -> torch.Tensor:
+    """The seed's loop body for one image and one class, as the seed wrote it (un-normalised).
+
+    Forward hook keeping the activation and a tensor hook for its gradient, ``zero_grad``,
+    score = mean softmax probability, ``backward``, GAP weights, ReLU, bilinear upsampling.
+    The seed then normalises with ``(cam - min) / (max - min + 1e-8)``; that step is left to
+    the caller so the eps (1 % of these ~1e-6 maps) does not hide differences.
+    """
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        store["activation"] = output
+        output.register_hook(lambda grad: store.__setitem__("gradient", grad))
+
+    handle = dict(model.named_modules())[layer].register_forward_hook(hook)
+    try:
+        model.zero_grad()
+        logits = model(image)
+        score = F.softmax(logits, dim=1)[0, class_idx].mean()
+        score.backward()
+    finally:
+        handle.remove()
+    weights = store["gradient"].mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * store["activation"].detach()).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)
+    return cam[0, 0]
+
+
+def seed_maps(model: nn.Module, images: torch.Tensor, layer: str) -> torch.Tensor:
+    """The seed's loop over every image and class: ``[B, K, H, W]``."""
+    model = copy.deepcopy(model)  # the seed's loop writes .grad; keep the fixture clean
+    return torch.stack(
+        [
+            torch.stack([seed_gradcam(model, img[None], layer, k) for k in range(3)])
+            for img in images
+        ]
+    )
+
+
+@pytest.mark.parametrize("layer", SEED_LAYERS)
+def test_gradcam_equals_seed_loop(net: UNet, images: torch.Tensor, layer: str) -> None:
+    """Float64 on both sides, so the comparison sees the algorithm, not float32 rounding.
+
+    (The engine does its maths in float64 for a float64 model.) ``normalize="none"`` maps are
+    compared after dividing both by the seed's maximum, then the min-max output against the
+    seed's min-max without its ``+1e-8`` (which shifts these ~1e-6 maps by ~1 %).
+    """
+    net64, images64 = copy.deepcopy(net).double(), images.double()
+    ref = seed_maps(net64, images64, layer)
+    raw = CAMEngine(net64, [layer], method="gradcam", normalize="none")(images64)
+    assert_maps_close(raw.cams[:, 0], ref.float())
+
+    normalised = CAMEngine(net64, [layer], method="gradcam", normalize="minmax")(images64)
+    lo = ref.amin(dim=(-2, -1), keepdim=True)
+    span = ref.amax(dim=(-2, -1), keepdim=True) - lo
+    expected = torch.where(span > 0, (ref - lo) / span.clamp(min=1e-300), 0.0)  # flat map -> 0
+    torch.testing.assert_close(normalised.cams[:, 0], expected.float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("layer", "atol"),
+    [*((n, 1e-5) for n in SEED_LAYERS[:2]), ("b.conv.5", 2e-4), ("d4.conv.conv.5", 1e-5)],
+)
+def test_gradcam_float32_close_to_seed_loop(
+    net: UNet, images: torch.Tensor, layer: str, atol: float
+) -> None:
+    """The same in float32. At the bottleneck, 128 channels nearly cancel in the weighted sum:
+    measured against a float64 run, the seed's own float32 maps are off by 2.6e-5 of their
+    maximum and ours by 5.2e-5 (1e-6 or less at the other layers), hence 2e-4 there."""
+    ref = seed_maps(net, images, layer)
+    result = CAMEngine(net, [layer], method="gradcam", normalize="none")(images)
+    assert_maps_close(result.cams[:, 0], ref, atol=atol)
+
+
+def test_all_seed_layers_in_one_call_equal_seed_loop(net: UNet, images: torch.Tensor) -> None:
+    net64, images64 = copy.deepcopy(net).double(), images.double()
+    result = CAMEngine(net64, list(SEED_LAYERS), normalize="none")(images64)
+    for li, layer in enumerate(SEED_LAYERS):
+        assert_maps_close(result.cams[:, li], seed_maps(net64, images64, layer).float())
+
+
+def torchcam_maps(
+    extractor_cls: type, net: nn.Module, images: torch.Tensor, layer: str, scale: float = 1.0, **kw
+) -> torch.Tensor:
+    """torchcam's un-normalised maps ``[B, K, h, w]`` for every class on the score wrapper."""
+    wrapper = SoftmaxMeanScores(net, scale).eval()
+    maps = []
+    with extractor_cls(wrapper, f"net.{layer}", **kw) as extractor:
+        for k in range(3):
+            scores = wrapper(images)
+            maps.append(extractor(k, scores, normalized=False)[0].detach())
+    return torch.stack(maps, dim=1)
+
+
+# torchcam applies the ReLU and no upsampling (maps at the layer's resolution): the references
+# are upsampled with the engine's bilinear call before comparing. torchcam's XGradCAM adds
+# eps=1e-8 to sum(A); our weights divide exactly (activations sums here are >> 1e-8).
+# Both run in float64: the comparison is of definitions. In float32 the bottleneck's maps are
+# ill-conditioned (channels nearly cancel in the weighted sum), so two correct float32
+# computations that round differently (here: the engine derives one class's gradient from the
+# others', see CAMEngine) differ by up to ~3e-5 of the map's maximum at `b.conv.5`.
+@pytest.mark.parametrize("layer", SEED_LAYERS)
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [("gradcam", "GradCAM"), ("xgradcam", "XGradCAM"), ("layercam", "LayerCAM")],
+)
+def test_gradient_methods_match_torchcam(
+    net: UNet, images: torch.Tensor, layer: str, ours: str, theirs: str, torchcam_methods: object
+) -> None:
+    net, images = copy.deepcopy(net).double(), images.double()
+    ref = torchcam_maps(getattr(torchcam_methods, theirs), net, images, layer)
+    result = CAMEngine(net, [layer], method=ours, normalize="none")(images)
+    assert_maps_close(result.cams[:, 0], upsample(ref.flatten(0, 1)).unflatten(0, (2, 3)))
+
+
+def pytorch_grad_cam_gradcampp_weights(activations: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """``GradCAMPlusPlus.get_cam_weights`` of pytorch-grad-cam (jacobgil), verbatim maths."""
+    grads_power_2 = grads**2
+    grads_power_3 = grads_power_2 * grads
+    sum_activations = np.sum(activations, axis=(2, 3))
+    eps = 0.000001
+    aij = grads_power_2 / (
+        2 * grads_power_2 + sum_activations[:, :, None, None] * grads_power_3 + eps
+    )
+    aij = np.where(grads != 0, aij, 0)
+    weights = np.maximum(grads, 0) * aij
+    return np.sum(weights, axis=(2, 3))
+
+
+# torchcam 0.5.0's Grad-CAM++ differs from the closed form (paper eq. 19, pytorch-grad-cam) in
+# two ways, so it cannot be compared directly:
+# - `GradCAMpp._get_weights` divides `alpha[mask]` in place, which divides a copy (boolean
+#   indexing copies): its alpha stays g² and its weights are sum g² relu(g);
+# - its denominator (also in SmoothGradCAMpp) is 2g² + sum_ab A(a,b)·g³(a,b), one constant per
+#   channel, where the closed form has 2g²(i,j) + sum_ab A(a,b) · g³(i,j).
+# Both tests below therefore use torchcam for what it agrees on (hooks, gradients, weighted sum):
+# (1) our Grad-CAM++ against pytorch-grad-cam's weight formula applied to torchcam's captured
+#     activations and gradients; (2) the engine running torchcam's formula as a custom method
+#     against torchcam's SmoothGradCAMpp (one sample, noise std 1e-30: a no-op on float32).
+# Scores are scaled by 1e10 on both sides: the closed form is not scale-invariant and both
+# references add an eps (1e-6, 1e-8) that dominates g² (~1e-14 to 1e-8) of the raw softmax
+# mean; at 1e10 the eps changes the maps by ~1e-6.
+GRADCAMPP_SCALE = 1e10
+
+
+def scaled_softmax_mean(logits: torch.Tensor, masks: object) -> torch.Tensor:
+    return GRADCAMPP_SCALE * logits.softmax(dim=1).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("layer", SEED_LAYERS)
+def test_gradcampp_matches_closed_form_on_torchcam_gradients(
+    net: UNet, images: torch.Tensor, layer: str, torchcam_methods: object
+) -> None:
+    wrapper = SoftmaxMeanScores(net, GRADCAMPP_SCALE).eval()
+    maps = []
+    with torchcam_methods.GradCAM(wrapper, f"net.{layer}") as extractor:
+        for k in range(3):
+            extractor._backprop(wrapper(images), k)
+            activations = extractor.hook_a[0].numpy().astype(np.float64)
+            weights = pytorch_grad_cam_gradcampp_weights(
+                activations, extractor.hook_g[0].numpy().astype(np.float64)
+            )
+            cam = np.maximum((weights[:, :, None, None] * activations).sum(axis=1), 0)
+            maps.append(torch.from_numpy(cam).float())
+    ref = torch.stack(maps, dim=1)
+    result = CAMEngine(net, [layer], "gradcam++", scaled_softmax_mean, normalize="none")(images)
+    assert_maps_close(result.cams[:, 0], upsample(ref.flatten(0, 1)).unflatten(0, (2, 3)))
+
+
+@pytest.mark.parametrize("layer", SEED_LAYERS)
+def test_torchcam_gradcampp_variant_matches_torchcam(
+    net: UNet, images: torch.Tensor, layer: str, torchcam_methods: object
+) -> None:
+    def torchcam_alpha_weights(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        g2, g3 = g.pow(2), g.pow(3)
+        alpha = g2 / (2 * g2 + (g3 * a).sum(dim=(-2, -1), keepdim=True) + 1e-8)
+        return (alpha * g.clamp(min=0)).sum(dim=(-2, -1))
+
+    ref = torchcam_maps(
+        torchcam_methods.SmoothGradCAMpp,
+        net,
+        images,
+        layer,
+        GRADCAMPP_SCALE,
+        num_samples=1,
+        std=1e-30,
+    )
+    engine = CAMEngine(net, [layer], torchcam_alpha_weights, scaled_softmax_mean, "none")
+    result = engine(images)
+    assert_maps_close(result.cams[:, 0], upsample(ref.flatten(0, 1)).unflatten(0, (2, 3)))
+
+
+@pytest.mark.parametrize("layer", ["e1.conv.conv.5", "d4.conv.conv.5"])
+def test_scorecam_matches_torchcam(
+    net: UNet, images: torch.Tensor, layer: str, torchcam_methods: object
+) -> None:
+    """Score-CAM with all channels (``max_channels=None``) against torchcam's ScoreCAM.
+
+    Same masks (channels min-max normalised at the layer's resolution, then upsampled), same
+    baseline (the unmasked input) and same softmax over channels. torchcam adds eps=1e-8 to each
+    channel's range; activations here span ~1, so that is below tolerance.
+    """
+    ref = torchcam_maps(torchcam_methods.ScoreCAM, net, images, layer, batch_size=16)
+    method = ScoreCAM(max_channels=None, batch_size=16)
+    result = CAMEngine(net, [layer], method=method, normalize="none")(images)
+    assert_maps_close(result.cams[:, 0], upsample(ref.flatten(0, 1)).unflatten(0, (2, 3)))
+
+
+@pytest.mark.parametrize("layer", SEED_LAYERS)
+def test_gradcam_matches_captum_layer_gradcam(
+    net: UNet, images: torch.Tensor, layer: str, captum_attr: object
+) -> None:
+    wrapper = SoftmaxMeanScores(net).eval()
+    module = dict(net.named_modules())[layer]
+    gradcam = captum_attr.LayerGradCam(wrapper, module)
+    ref = torch.stack(
+        [gradcam.attribute(images, target=k, relu_attributions=True)[:, 0] for k in range(3)],
+        dim=1,
+    ).detach()
+    result = CAMEngine(net, [layer], method="gradcam", normalize="none")(images)
+    assert_maps_close(result.cams[:, 0], upsample(ref.flatten(0, 1)).unflatten(0, (2, 3)))
+
+
+@pytest.mark.filterwarnings("ignore:.*(require gradients|backward hooks on ReLU).*:UserWarning")
+def test_guided_backprop_matches_captum(
+    net: UNet, images: torch.Tensor, captum_attr: object
+) -> None:
+    """Guided backpropagation against captum's ``GuidedBackprop``.
+
+    captum overrides ReLU gradients with module backward hooks, which in-place ReLUs break
+    (pytorch#61519), so captum runs on a copy whose ReLUs are not in-place (same function).
+    """
+    plain = copy.deepcopy(net)
+    for module in plain.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    guided = captum_attr.GuidedBackprop(SoftmaxMeanScores(plain).eval())
+    ref = torch.stack([guided.attribute(images, target=k) for k in range(3)], dim=1).detach()
+    result = CAMEngine(net, ["d4.conv.conv.5"], method="guided_gradcam")(images)
+    assert result.guided_backprop is not None
+    for b in range(2):
+        for k in range(3):
+            scale = ref[b, k].abs().max()
+            torch.testing.assert_close(
+                result.guided_backprop[b, k] / scale, ref[b, k] / scale, atol=1e-5, rtol=0
+            )
