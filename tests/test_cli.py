@@ -74,3 +74,20 @@ def test_train_script_writes_tensorboard_logs_and_checkpoint(tmp_path):
     assert "train/loss" in scalars
     assert len(events.Scalars("val/mIoU")) == 2
     assert (version / "config.yaml").exists()
+
+
+def test_multi_gpu_config_parses():
+    # Instantiated on CPU here; on a cluster the same file runs DDP over every GPU of each node.
+    args = ["--config", str(ROOT / "configs/multi_gpu.yaml"), "--trainer.accelerator=cpu"]
+    cli = build_cli([*args, "--trainer.devices=2", "--trainer.precision=32-true"], run=False)
+    assert type(cli.trainer.strategy).__name__ == "DDPStrategy"
+    assert cli.trainer.num_devices == 2
+    callbacks = [c for c in cli.trainer.callbacks if type(c).__name__ == "GradCAMCallback"]
+    assert callbacks[0].layers == ["d4.conv.conv.5", "b.conv.5", "e4.conv.conv.5"]
+
+
+def test_synthetic_config_enables_the_cam_callback():
+    cli = build_cli(["--config", str(ROOT / "configs/synthetic.yaml")], run=False)
+    (callback,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "GradCAMCallback"]
+    assert callback.layers == ["d4.conv.conv.5", "e4.conv.conv.5"]
+    assert callback.every_n_epochs == 1

@@ -1,0 +1,267 @@
+"""GradCAMCallback in real (tiny) training runs: what it logs, and that it changes nothing."""
+
+import gc
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from segcam_lightning.callback import GradCAMCallback
+from segcam_lightning.data import SegmentationDataModule
+from segcam_lightning.module import SegmentationModule
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("soil", "narrow_leaf", "round_leaf")
+LAYERS = ("d4.conv.conv.5", "e4.conv.conv.5")
+SIZE = 32
+
+
+def make_run(tmp_path, callbacks=(), logger=True, seed=0, **trainer_kwargs):
+    L.seed_everything(seed)
+    data = SegmentationDataModule(image_size=SIZE, batch_size=4, num_train=16, num_val=8)
+    model = SegmentationModule(num_classes=3, base_width=4, class_names=data.class_names)
+    if logger is True:
+        logger = TensorBoardLogger(tmp_path, name="tb")
+    options = dict(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=logger,
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
+    trainer = L.Trainer(**{**options, **trainer_kwargs})
+    return trainer, model, data
+
+
+def read_events(trainer):
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    return events
+
+
+def test_fit_logs_a_grid_per_layer_and_class_at_every_epoch(tmp_path):
+    callback = GradCAMCallback(layers=list(LAYERS), num_probe=3, strict=True)
+    trainer, model, data = make_run(tmp_path, [callback], max_epochs=3)
+    trainer.fit(model, datamodule=data)
+    events = read_events(trainer)
+    steps = [4, 8, 12]  # 4 training batches per epoch, logged at each validation end
+    expected = {f"cam/{layer}/{name}" for layer in LAYERS for name in CLASSES}
+    assert set(events.Tags()["images"]) == expected
+    title = max(16, min(32, SIZE // 6))
+    for tag in expected:
+        images = events.Images(tag)
+        assert [image.step for image in images] == steps
+        decoded = cv2.imdecode(np.frombuffer(images[-1].encoded_image_string, np.uint8), 1)
+        # rows: title + 3 probes with 4 px gaps; columns: input, truth, prediction, overlay.
+        assert decoded.shape == (title + 3 * SIZE + 2 * 4, 4 * SIZE + 3 * 4, 3)
+    for layer in LAYERS:
+        for name in CLASSES:
+            for kind in ("energy_inside", "pointing_game"):
+                values = events.Scalars(f"cam_alignment/{layer}/{name}/{kind}")
+                # Lightning writes epoch-end metrics one step behind `global_step`.
+                assert [v.step for v in values] == [s - 1 for s in steps], (layer, name, kind)
+                assert all(0.0 <= v.value <= 1.0 for v in values)
+
+
+def test_training_is_bitwise_identical_with_and_without_callback(tmp_path):
+    def train(callbacks, folder):
+        trainer, model, data = make_run(tmp_path / folder, callbacks, max_epochs=3)
+        trainer.fit(model, datamodule=data)
+        return model, trainer.optimizers[0]
+
+    plain_model, plain_opt = train([], "plain")
+    callback = GradCAMCallback(layers=list(LAYERS), strict=True)
+    cam_model, cam_opt = train([callback], "cam")
+    assert callback.last_cams is not None
+    plain_state, cam_state = plain_model.state_dict(), cam_model.state_dict()
+    assert plain_state.keys() == cam_state.keys()
+    for key, value in plain_state.items():
+        assert torch.equal(value, cam_state[key]), key
+    plain_opt_state, cam_opt_state = plain_opt.state_dict(), cam_opt.state_dict()
+    assert plain_opt_state["param_groups"] == cam_opt_state["param_groups"]
+    assert plain_opt_state["state"].keys() == cam_opt_state["state"].keys()
+    for index, state in plain_opt_state["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, cam_opt_state["state"][index][key]), (index, key)
+    for param in cam_model.parameters():
+        assert param.grad is None or torch.isfinite(param.grad).all()
+
+
+def test_validate_in_inference_mode_logs_cams(tmp_path):
+    callback = GradCAMCallback(num_probe=2, strict=True)
+    trainer, model, data = make_run(tmp_path, [callback])  # Trainer(inference_mode=True)
+    trainer.validate(model, datamodule=data, verbose=False)
+    events = read_events(trainer)
+    # The default layer is the last one before the output head.
+    assert {f"cam/d4.conv.conv.5/{name}" for name in CLASSES} == set(events.Tags()["images"])
+    assert not callback.probe["images"].is_inference()
+
+
+def test_bf16_mixed_precision(tmp_path):
+    callback = GradCAMCallback(num_probe=2, strict=True)
+    trainer, model, data = make_run(tmp_path, [callback], precision="bf16-mixed", max_epochs=1)
+    trainer.fit(model, datamodule=data)
+    assert callback.last_cams.dtype == torch.float32
+    assert torch.isfinite(callback.last_cams).all()
+    assert len(read_events(trainer).Images(f"cam/d4.conv.conv.5/{CLASSES[1]}")) == 1
+
+
+class UnusedLayer(nn.Module):
+    """A layer that never runs: the CAM step fails on it."""
+
+    def forward(self, x):
+        return x
+
+
+def failing_run(tmp_path, strict):
+    callback = GradCAMCallback(layers=["unused"], strict=strict)
+    trainer, model, data = make_run(tmp_path, [callback])
+    model.unused = UnusedLayer()
+    return trainer, model, data
+
+
+def test_failure_warns_once_and_training_goes_on(tmp_path):
+    trainer, model, data = failing_run(tmp_path, strict=False)
+    with pytest.warns(UserWarning, match="GradCAMCallback failed at step 4") as record:
+        trainer.fit(model, datamodule=data)
+    assert sum("GradCAMCallback failed" in str(w.message) for w in record) == 1
+    assert trainer.global_step == 8
+    assert trainer.state.finished
+
+
+def test_failure_raises_when_strict(tmp_path):
+    trainer, model, data = failing_run(tmp_path, strict=True)
+    with pytest.raises(RuntimeError, match="unused"):
+        trainer.fit(model, datamodule=data)
+
+
+def test_wrong_layer_fails_at_setup_with_suggestions(tmp_path):
+    trainer, model, data = make_run(tmp_path, [GradCAMCallback(layers=["d4.conv.conv.6"])])
+    with pytest.raises(ValueError, match=r"Did you mean: .*'net.d4.conv.conv.5'"):
+        trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 0
+
+
+def test_no_logger_warns(tmp_path):
+    trainer, model, data = make_run(tmp_path, [GradCAMCallback()], logger=False, max_epochs=1)
+    with pytest.warns(UserWarning, match="no logger"):
+        trainer.fit(model, datamodule=data)
+
+
+def test_other_loggers_get_png_files(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    callback = GradCAMCallback(num_probe=2, strict=True)
+    trainer, model, data = make_run(tmp_path, [callback], logger=logger)
+    trainer.fit(model, datamodule=data)
+    files = sorted(Path(logger.log_dir, "cam").rglob("*.png"))
+    expected = [
+        f"step_{step:07d}/d4.conv.conv.5/{name}.png" for step in (4, 8) for name in sorted(CLASSES)
+    ]
+    assert [str(p.relative_to(Path(logger.log_dir, "cam"))) for p in files] == expected
+
+
+def test_resume_keeps_the_probe(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = GradCAMCallback(num_probe=3, strict=True)
+    trainer, model, data = make_run(
+        tmp_path, [first, checkpoint], max_epochs=1, enable_checkpointing=True
+    )
+    trainer.fit(model, datamodule=data)
+    resumed = GradCAMCallback(num_probe=3, strict=True)
+    trainer, model, data = make_run(tmp_path, [resumed], max_epochs=2)
+    data.hparams.seed = 7  # a different validation set: a new draw would give other images
+    trainer.fit(model, datamodule=data, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert torch.equal(resumed.probe["indices"], first.probe["indices"])
+    assert torch.equal(resumed.probe["images"], first.probe["images"])
+    assert torch.equal(resumed.probe["masks"], first.probe["masks"])
+
+
+def test_probe_is_drawn_with_its_own_generator(tmp_path):
+    expected = sorted(torch.randperm(8, generator=torch.Generator().manual_seed(3))[:4].tolist())
+    for seed in (0, 1):  # the global seed does not matter
+        callback = GradCAMCallback(num_probe=4, probe_seed=3, strict=True)
+        trainer, model, data = make_run(tmp_path / str(seed), [callback], seed=seed, max_epochs=1)
+        trainer.fit(model, datamodule=data)
+        assert callback.probe["indices"].tolist() == expected
+
+
+def test_no_leaks_over_many_epochs(tmp_path):
+    callback = GradCAMCallback(num_probe=2, log_alignment=False, strict=True)
+    trainer, model, data = make_run(tmp_path, [callback], max_epochs=1)
+    trainer.fit(model, datamodule=data)
+    counts = []
+    for _ in range(4):
+        callback.log_cams(trainer, model)
+        counts.append(_live_tensors())
+    assert counts[-1] == counts[1], counts
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+    assert all(t.device.type == "cpu" for t in callback.probe.values())
+
+
+def _live_tensors():
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"layers": []}, "non-empty list of layer names"),
+        ({"method": "gradcan"}, "`method` to be one of"),
+        ({"target": "nope"}, "`target` to be one of"),
+        ({"normalize": "max"}, "`normalize` to be one of"),
+        ({"colormap": "rainbowz"}, "`colormap` to be one of"),
+        ({"classes": [-1]}, "non-empty list of class indices"),
+        ({"probe_indices": []}, "non-empty list of validation-set indices"),
+        ({"num_probe": 0}, "`num_probe` to be at least 1"),
+        ({"every_n_epochs": 0}, "`every_n_epochs` to be at least 1"),
+        ({"alpha": 1.5}, "`alpha` in \\[0, 1\\]"),
+    ],
+)
+def test_argument_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradCAMCallback(**kwargs)
+
+
+def test_classes_past_the_model_fail_at_setup(tmp_path):
+    trainer, model, data = make_run(tmp_path, [GradCAMCallback(classes=[5])])
+    with pytest.raises(ValueError, match="reach past the model's 3 classes"):
+        trainer.fit(model, datamodule=data)
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    script = ROOT / "tests" / "ddp_cam_run.py"
+    outputs = {}
+    for devices in (1, 2):
+        out = tmp_path / f"devices{devices}"
+        subprocess.run(
+            [sys.executable, str(script), str(out), str(devices)],
+            check=True,
+            timeout=600,
+            cwd=tmp_path,
+            capture_output=True,
+        )
+        outputs[devices] = torch.load(out / "cams.pt", weights_only=True)
+        events = EventAccumulator(str(out / "tb" / "version_0"), size_guidance={"images": 0})
+        events.Reload()
+        for tag in events.Tags()["images"]:
+            # Written once per logged step: validate() at step 0, then each of the 2 epochs.
+            steps = [image.step for image in events.Images(tag)]
+            assert len(steps) == len(set(steps)) == 3, (devices, tag, steps)
+    one, two = outputs[1], outputs[2]
+    assert torch.equal(one["images"], two["images"])
+    assert torch.allclose(one["cams"], two["cams"], atol=1e-5)
