@@ -207,7 +207,8 @@ def bench_width(args: argparse.Namespace, width: int, device: torch.device) -> l
 
     mem_fwd = peak_extra_mb(forward, device)
     rows = []
-    for set_name, layers in LAYER_SETS.items():
+    for set_name in args.sets:
+        layers = LAYER_SETS[set_name]
         # Re-measured for every row, so a change in machine load between rows cannot skew the
         # ratios of one row against another.
         t_fwd = median_time(forward, args.repeats, device)
@@ -290,6 +291,9 @@ def check_goals(rows: list[dict]) -> None:
     print("\nGoals (K=3):")
     for width in sorted({r["width"] for r in rows}):
         by = {r["layers"]: r for r in rows if r["width"] == width}
+        if set(by) != set(LAYER_SETS):
+            print(f"  width {width:>3}: goals need every layer set (--sets)")
+            continue
         d4 = by["d4"]
         checks = [
             (f"d4 engine {d4['auto']:.2f}x forward <= 1.2", d4["auto"] <= 1.2),
@@ -317,6 +321,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--classes", type=int, default=3)
+    parser.add_argument(
+        "--sets", nargs="+", choices=list(LAYER_SETS), default=list(LAYER_SETS), help="layer sets"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed-repeats", type=int, default=1, help="the seed loop is slow")
     parser.add_argument("--skip-seed", action="store_true")
