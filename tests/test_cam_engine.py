@@ -35,14 +35,7 @@ LAYERS = list(SEED_LAYERS)
 D4 = "d4.conv.conv.5"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny convolutions on a shared 2-core machine: OpenMP threads fighting other processes make
-    # them ~50x slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_net(seed: int = 0) -> UNet:

@@ -32,14 +32,7 @@ def captum_attr():
     return pytest.importorskip("captum.attr")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny convolutions on a shared 2-core machine: OpenMP threads fighting other processes make
-    # them ~50x slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

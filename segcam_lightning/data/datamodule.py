@@ -76,6 +76,11 @@ class SegmentationDataModule(L.LightningDataModule):
                 " `segcam-synthetic --out data/synthetic`)."
             )
         self.colormap = [tuple(int(v) for v in c) for c in (colormap or SEED_COLORMAP)]
+        if self.is_synthetic and len(self.colormap) != len(SYNTHETIC_CLASS_NAMES):
+            raise ValueError(
+                f"The synthetic data has {len(SYNTHETIC_CLASS_NAMES)} classes, but `colormap` has"
+                f" {len(self.colormap)} entries."
+            )
         if class_names is None:
             class_names = (
                 SYNTHETIC_CLASS_NAMES
@@ -86,11 +91,6 @@ class SegmentationDataModule(L.LightningDataModule):
             raise ValueError(
                 f"Expected one class name per colormap entry ({len(self.colormap)}), but got"
                 f" {len(class_names)}: {list(class_names)}."
-            )
-        if self.is_synthetic and len(self.colormap) != len(SYNTHETIC_CLASS_NAMES):
-            raise ValueError(
-                f"The synthetic data has {len(SYNTHETIC_CLASS_NAMES)} classes, but `colormap` has"
-                f" {len(self.colormap)} entries."
             )
         self.class_names = list(class_names)
         # The model's hparams carry the (linked) class names; the unresolved default here would
