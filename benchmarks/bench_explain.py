@@ -44,6 +44,7 @@ from segcam_lightning.audit import (
 )
 from segcam_lightning.data import write_synthetic_dataset
 from segcam_lightning.models import UNet
+from segcam_lightning.render import opencv_threads
 
 
 def sync(device: torch.device) -> None:
@@ -57,7 +58,7 @@ def inference_seconds(plan, settings: AuditSettings) -> float:
     loader = make_loader(plan.dataset, settings, pin=plan.device.type == "cuda")
     sync(plan.device)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), opencv_threads(1):  # the audit's setting, see make_loader
         for batch in loader:
             x = batch["image"].to(plan.device, non_blocking=True).float().div_(255.0)
             preds = model.net(x.flip(1) if model.bgr else x).argmax(dim=1)

@@ -69,6 +69,7 @@ from segcam_lightning.models.unet import SEED_LAYERS
 from segcam_lightning.render import (
     colorize_mask,
     hstack_with_separators,
+    opencv_threads,
     overlay_cam,
     seed_panel,
 )
@@ -775,14 +776,13 @@ def _image_folder_dataset(root: Path, size: tuple[int, int], limit: int | None) 
     return AuditDataset(source, names, [str(p) for p in files], size, has_masks=False)
 
 
-def _init_worker(_worker_id: int) -> None:
-    # Workers only decode and resize: one thread each, so they do not starve the model.
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-
-
 def make_loader(dataset: AuditDataset, settings: AuditSettings, pin: bool) -> DataLoader:
-    """The audit's DataLoader: in order, ``--batch-size``, ``--num-workers``."""
+    """The audit's DataLoader: in order, ``--batch-size``, ``--num-workers``.
+
+    Iterate it inside :func:`~segcam_lightning.render.opencv_threads` ``(1)``: the workers then
+    decode and resize on one OpenCV thread each (PyTorch sets theirs to one) and are forked
+    safely after the render threads have used OpenCV.
+    """
     workers = settings.num_workers
     return DataLoader(
         dataset,
@@ -790,7 +790,6 @@ def make_loader(dataset: AuditDataset, settings: AuditSettings, pin: bool) -> Da
         shuffle=False,
         num_workers=workers,
         pin_memory=pin,
-        worker_init_fn=_init_worker if workers else None,
         prefetch_factor=4 if workers else None,
     )
 
@@ -1389,16 +1388,20 @@ def audit_local(plan: AuditPlan) -> LocalResult:
     """
     writer = _make_writer(plan)
     loader = make_loader(plan.dataset, plan.settings, pin=plan.device.type == "cuda")
-    writer.open()
-    try:
-        with tqdm(
-            total=len(plan.dataset), unit="img", desc="audit", disable=not plan.settings.progress
-        ) as bar:
-            for batch in loader:
-                writer.submit(explain_batch(plan.models, batch, plan.classes, plan.device))
-                bar.update(len(batch["index"]))
-    finally:
-        result = writer.close()
+    with opencv_threads(1):
+        writer.open()
+        try:
+            with tqdm(
+                total=len(plan.dataset),
+                unit="img",
+                desc="audit",
+                disable=not plan.settings.progress,
+            ) as bar:
+                for batch in loader:
+                    writer.submit(explain_batch(plan.models, batch, plan.classes, plan.device))
+                    bar.update(len(batch["index"]))
+        finally:
+            result = writer.close()
     return result
 
 
@@ -1439,7 +1442,8 @@ def _run_distributed(plan: AuditPlan) -> list[LocalResult] | None:
     )
     pin = accelerator != "cpu" and torch.cuda.is_available()
     loader = make_loader(plan.dataset, settings, pin=pin)
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    with opencv_threads(1):  # see make_loader
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
     return callback.gathered if trainer.is_global_zero else None
 
 

@@ -7,7 +7,8 @@ Everything here takes CPU arrays/tensors and returns ``uint8`` arrays ``[H, W, 3
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import cv2
 import numpy as np
@@ -17,6 +18,23 @@ from segcam_lightning.data.colormap import mask_to_color
 
 WHITE = (255, 255, 255)
 SEPARATOR = 10  # the seed's white gap between panel tiles, in pixels
+
+
+@contextmanager
+def opencv_threads(count: int) -> Iterator[None]:
+    """OpenCV's own thread count set to ``count`` for a block, restored afterwards.
+
+    Use ``1`` around a block that renders from several Python threads and forks DataLoader
+    workers: the render threads are the parallelism, and a worker forked while OpenCV's pool
+    holds state from other threads hangs at its first ``cv2.setNumThreads`` call (OpenCV's
+    pthreads backend). Workers inherit the setting, so they need not call it themselves.
+    """
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(count)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 def to_uint8_image(image: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -469,3 +469,32 @@ def test_ddp_on_two_processes_writes_what_one_process_writes(lightning_ckpt, wee
     assert sum(r["processed"] for r in ranks) == 3  # each image explained once
     images = [f for f in files_under(two) if f.endswith((".jpg", ".png"))]
     assert sum(r["files"] for r in ranks) == len(images)  # each file written once
+
+
+# ---------------------------------------------------------------- one process, many audits
+
+
+REPEATED_AUDITS = """
+import sys
+from segcam_lightning.audit import main
+common = ["--checkpoint", sys.argv[1], "--data", sys.argv[2], "--quiet", "--overwrite",
+          "--num-workers", "2", "--render-threads", "2", "--batch-size", "2"]
+for run in range(3):
+    assert main([*common, "--out", f"{sys.argv[3]}/{run}"]) == 0
+print("three audits done")
+"""
+
+
+def test_repeated_audits_with_workers_in_one_process_finish(seed_pth, weeds, tmp_path):
+    # Rendering threads use OpenCV's thread pool; a DataLoader worker forked afterwards must not
+    # touch that pool's state (it hung in cv2.setNumThreads before the fix). A notebook or a
+    # benchmark audits several times in one process.
+    cmd = [sys.executable, "-c", REPEATED_AUDITS, str(seed_pth), str(weeds), str(tmp_path)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a second audit in the same process hung (DataLoader workers after fork)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "three audits done" in done.stdout
+    for run in range(3):
+        assert len(read_rows(tmp_path / str(run))) == NUM_IMAGES * CLASSES

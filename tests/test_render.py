@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from segcam_lightning.data.colormap import SEED_COLORMAP
-from segcam_lightning.render import cam_grid, colorize_mask, overlay_cam, seed_panel, to_uint8_image
+from segcam_lightning.render import (
+    cam_grid,
+    colorize_mask,
+    opencv_threads,
+    overlay_cam,
+    seed_panel,
+    to_uint8_image,
+)
 
 
 def test_overlay_is_the_seeds_blend():
@@ -54,3 +61,11 @@ def test_grid_has_a_title_row_and_a_row_per_image():
 def test_grid_rejects_mismatched_names():
     with pytest.raises(ValueError, match="one class name per CAM channel"):
         cam_grid(torch.rand(1, 3, 8, 8), torch.rand(1, 2, 8, 8), ["a"], SEED_COLORMAP)
+
+
+def test_opencv_threads_is_restored_even_after_an_error():
+    before = cv2.getNumThreads()
+    with pytest.raises(RuntimeError, match="inside"), opencv_threads(1):
+        assert cv2.getNumThreads() == 1
+        raise RuntimeError("inside")
+    assert cv2.getNumThreads() == before
