@@ -3,8 +3,8 @@
 Both loops read the same images through the audit's own DataLoader (same dataset, batch size and
 workers), so **data loading is included in both**:
 
-- ``inference``: the model's forward + ``argmax`` + the predictions copied to the CPU, under
-  ``torch.inference_mode()``;
+- ``inference``: the model's forward + each pixel's class (``predicted_classes``, the argmax the
+  audit uses) + the predictions copied to the CPU, under ``torch.inference_mode()``;
 - ``audit``: :func:`segcam_lightning.audit.audit_local`, i.e. what ``explain.py`` does per image:
   the engine (Grad-CAM at ``d4.conv.conv.5``, softmax-mean target, every class), the metrics,
   and the seed panels (plus report tiles for the first ``--report-images``, default 8) rendered
@@ -42,6 +42,7 @@ from segcam_lightning.audit import (
     make_loader,
     prepare,
 )
+from segcam_lightning.cam import predicted_classes
 from segcam_lightning.data import write_synthetic_dataset
 from segcam_lightning.models import UNet
 from segcam_lightning.render import opencv_threads
@@ -53,7 +54,7 @@ def sync(device: torch.device) -> None:
 
 
 def inference_seconds(plan, settings: AuditSettings) -> float:
-    """Forward + argmax + predictions to the CPU over the audit's DataLoader."""
+    """Forward + per-pixel class + predictions to the CPU over the audit's DataLoader."""
     model = plan.models[0]
     loader = make_loader(plan.dataset, settings, pin=plan.device.type == "cuda")
     sync(plan.device)
@@ -61,7 +62,7 @@ def inference_seconds(plan, settings: AuditSettings) -> float:
     with torch.inference_mode(), opencv_threads(1):  # the audit's setting, see make_loader
         for batch in loader:
             x = batch["image"].to(plan.device, non_blocking=True).float().div_(255.0)
-            preds = model.net(x.flip(1) if model.bgr else x).argmax(dim=1)
+            preds = predicted_classes(model.net(x.flip(1) if model.bgr else x))
             preds.cpu()
     sync(plan.device)
     return time.perf_counter() - start

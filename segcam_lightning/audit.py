@@ -58,7 +58,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 from typing_extensions import override
 
-from segcam_lightning.cam import METHODS, NORMALIZE_MODES, TARGETS, CAMEngine, candidate_layers
+from segcam_lightning.cam import (
+    METHODS,
+    NORMALIZE_MODES,
+    TARGETS,
+    CAMEngine,
+    candidate_layers,
+    predicted_classes,
+)
 from segcam_lightning.cam import find_layer as _find_layer
 from segcam_lightning.checkpoints import CheckpointError, LoadedCheckpoint, load_checkpoint
 from segcam_lightning.data.colormap import SEED_COLORMAP, validate_colormap
@@ -939,7 +946,7 @@ def explain_batch(
         reference = None
         for model in models:
             result = model.engine(x.flip(1) if model.bgr else x, classes=list(classes), masks=masks)
-            preds = result.logits.argmax(dim=1)
+            preds = predicted_classes(result.logits)
             values = alignment_values(result.cams, result.raw_max, preds, masks, classes, reference)
             reference = result.cams if reference is None else reference
             results.append(

@@ -31,7 +31,14 @@ from torch.nn.modules.loss import _Loss
 from torchmetrics import Metric
 from typing_extensions import override
 
-from segcam_lightning.cam import METHODS, NORMALIZE_MODES, TARGETS, CAMEngine, find_layer
+from segcam_lightning.cam import (
+    METHODS,
+    NORMALIZE_MODES,
+    TARGETS,
+    CAMEngine,
+    find_layer,
+    predicted_classes,
+)
 from segcam_lightning.data.colormap import SEED_COLORMAP
 from segcam_lightning.metrics import CAMEnergyInside, PointingGame
 from segcam_lightning.module import split_batch
@@ -203,7 +210,7 @@ class GradCAMCallback(Callback):
         with trainer.precision_plugin.forward_context():
             result = self._engine(local, classes=self.classes, masks=local_masks)
         cams = _gather(trainer, result.cams)[: len(images)].cpu()
-        preds = _gather(trainer, result.logits.argmax(dim=1))[: len(images)].cpu()
+        preds = _gather(trainer, predicted_classes(result.logits))[: len(images)].cpu()
         del result
         self.last_cams = cams
         classes = list(self.classes if self.classes is not None else range(cams.shape[2]))

@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
 
+from segcam_lightning.cam.functional import predicted_classes
 from segcam_lightning.losses import DiceCELoss
 from segcam_lightning.models import build_unet
 
@@ -106,7 +107,7 @@ class SegmentationModule(L.LightningModule):
         logits = self(images)
         loss = self.loss_fn(logits, masks)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
-        metrics.update(logits.argmax(dim=1), masks)
+        metrics.update(predicted_classes(logits), masks)
 
     def on_validation_epoch_start(self) -> None:
         # Reset here, in the current grad mode: states reset under `trainer.validate()`'s

@@ -178,3 +178,11 @@ def test_guided_gradcam_product_shape(gen: torch.Generator) -> None:
     out = FC.guided_gradcam(guided, cams)
     assert out.shape == (2, 4, 3, 3, 8, 8)
     torch.testing.assert_close(out[1, 2, 0, 1], guided[1, 0, 1] * cams[1, 2, 0])
+
+
+def test_predicted_classes_is_argmax_with_ties_to_the_first_class(gen: torch.Generator) -> None:
+    logits = torch.randint(0, 3, (4, 5, 7, 9), generator=gen).float()  # many ties
+    assert (FC.predicted_classes(logits) == logits.argmax(dim=1)).all()
+    assert FC.predicted_classes(logits).dtype == torch.int64
+    logits = torch.randn(2, 3, 8, 8, generator=gen).permute(0, 1, 3, 2)  # not contiguous
+    assert (FC.predicted_classes(logits) == logits.argmax(dim=1)).all()

@@ -24,7 +24,7 @@ Example:
 
 from segcam_lightning.cam import functional
 from segcam_lightning.cam.engine import GRAD_MODES, CAMEngine, CAMResult, default_output_adapter
-from segcam_lightning.cam.functional import NORMALIZE_MODES, normalize_cams
+from segcam_lightning.cam.functional import NORMALIZE_MODES, normalize_cams, predicted_classes
 from segcam_lightning.cam.layers import LayerInfo, candidate_layers, find_layer
 from segcam_lightning.cam.methods import (
     METHODS,
@@ -86,4 +86,5 @@ __all__ = [
     "get_method",
     "get_target",
     "normalize_cams",
+    "predicted_classes",
 ]

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from segcam_lightning.cam.functional import predicted_classes
+
 __all__ = [
     "TARGETS",
     "BoxTarget",
@@ -142,7 +144,7 @@ class LogitRegion(RegionTarget):
     name = "logit_region"
 
     def region(self, logits: Tensor, masks: Tensor | None) -> Tensor:
-        pred = logits.detach().argmax(dim=1)
+        pred = predicted_classes(logits.detach())
         return F.one_hot(pred, logits.shape[1]).permute(0, 3, 1, 2)
 
 
