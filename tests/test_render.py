@@ -8,6 +8,7 @@ import torch
 from segcam_lightning.data.colormap import SEED_COLORMAP
 from segcam_lightning.render import (
     cam_grid,
+    colorize_cam,
     colorize_mask,
     opencv_threads,
     overlay_cam,
@@ -69,3 +70,13 @@ def test_opencv_threads_is_restored_even_after_an_error():
         assert cv2.getNumThreads() == 1
         raise RuntimeError("inside")
     assert cv2.getNumThreads() == before
+
+
+@pytest.mark.parametrize("colormap", [cv2.COLORMAP_JET, cv2.COLORMAP_VIRIDIS, cv2.COLORMAP_TURBO])
+def test_colorize_cam_is_opencvs_colour_map_in_rgb(colormap):
+    cam = np.random.default_rng(0).random((17, 23)).astype(np.float32)
+    cam[0, :3] = (0.0, 1.0, 1.5)  # the ends and a value above 1
+    scaled = np.clip(cam * 255.0, 0, 255).astype(np.uint8)
+    expected = cv2.cvtColor(cv2.applyColorMap(scaled, colormap), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(colorize_cam(cam, colormap), expected)
+    np.testing.assert_array_equal(colorize_cam(torch.from_numpy(cam), colormap), expected)
