@@ -959,7 +959,7 @@ def explain_batch(
     return BatchResult(
         indices=[indices[i] for i in keep],
         names=[batch["name"][i] for i in keep],
-        images=images.permute(0, 2, 3, 1).cpu().numpy(),
+        images=images.permute(0, 2, 3, 1).contiguous().cpu().numpy(),
         masks=masks.cpu().numpy() if masks is not None else None,
         models=results,
         skipped=skipped,
