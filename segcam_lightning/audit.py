@@ -75,10 +75,8 @@ from segcam_lightning.metrics import cam_energy_inside, pointing_game_hits
 from segcam_lightning.models.unet import SEED_LAYERS
 from segcam_lightning.render import (
     colorize_mask,
-    hstack_with_separators,
     opencv_threads,
-    overlay_cam,
-    seed_panel,
+    seed_panels,
 )
 
 __all__ = [
@@ -1017,6 +1015,7 @@ class OutputWriter:
         self.layout = layout
         self.layer_names = list(layer_names)
         self.classes = list(classes)
+        self._class_ids = np.asarray(self.classes).reshape(-1, 1, 1)
         self.class_names = list(class_names)
         self.colormap = [tuple(c) for c in colormap]
         self.report_limit = report_images
@@ -1122,18 +1121,15 @@ class OutputWriter:
                 pred = colorize_mask(model.preds[b], self.colormap)
                 _imwrite(self.layout.prediction_tile(name, m), pred)
                 written += 1
+            regions = mask[None] == self._class_ids if mask is not None else None
             for layer in range(len(self.layer_names)):
+                panels, overlays = seed_panels(image, model.cams[b, layer], regions)
                 for k, class_idx in enumerate(self.classes):
-                    overlay = overlay_cam(image, model.cams[b, layer, k])
-                    if mask is not None:
-                        panel = seed_panel(image, overlay, mask == class_idx)
-                    else:
-                        panel = hstack_with_separators([image, overlay])
-                    _imwrite(self.layout.panel(m, layer, class_idx, name), panel, _JPEG)
+                    _imwrite(self.layout.panel(m, layer, class_idx, name), panels[k], _JPEG)
                     written += 1
                     if in_report:
                         tile = self.layout.overlay_tile(name, m, layer, class_idx)
-                        _imwrite(tile, overlay, _JPEG)
+                        _imwrite(tile, overlays[k], _JPEG)
                         written += 1
         return written
 

@@ -113,6 +113,43 @@ def seed_panel(image: np.ndarray, overlay: np.ndarray, binary_mask: np.ndarray) 
     return hstack_with_separators([image, overlay, gt])
 
 
+def seed_panels(
+    image: np.ndarray,
+    cams: np.ndarray,
+    binary_masks: np.ndarray | None = None,
+    alpha: float = 0.4,
+    colormap: int = cv2.COLORMAP_JET,
+    gap: int = SEPARATOR,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every class's seed panel of one image at once (one OpenCV call per step, not per class).
+
+    Args:
+        image: RGB uint8 ``[H, W, 3]``.
+        cams: ``[N, H, W]`` maps in [0, 1].
+        binary_masks: ``[N, H, W]`` ground-truth regions, or ``None`` (panels are then
+            image | overlay).
+        alpha: weight of the image in the overlays (seed: 0.4).
+        colormap: an OpenCV colour map id.
+        gap: white pixels between tiles.
+
+    Returns:
+        ``(panels [N, H, W_panel, 3], overlays [N, H, W, 3])``, equal to :func:`seed_panel` (or
+        :func:`hstack_with_separators` without masks) and :func:`overlay_cam` per map.
+    """
+    n, h, w = cams.shape
+    scaled = np.clip(cams * 255.0, 0, 255).astype(np.uint8).reshape(n * h, w)
+    heat = cv2.applyColorMap(scaled, _rgb_lut(colormap))
+    tiled = np.ascontiguousarray(np.broadcast_to(image, (n, h, w, 3))).reshape(n * h, w, 3)
+    overlays = cv2.addWeighted(tiled, alpha, heat, 1.0 - alpha, 0).reshape(n, h, w, 3)
+    tiles = 2 if binary_masks is None else 3
+    panels = np.full((n, h, tiles * w + (tiles - 1) * gap, 3), 255, dtype=np.uint8)
+    panels[:, :, :w] = image
+    panels[:, :, w + gap : 2 * w + gap] = overlays
+    if binary_masks is not None:
+        panels[:, :, 2 * (w + gap) :] = (binary_masks.astype(bool) * np.uint8(255))[..., None]
+    return panels, overlays
+
+
 def _title_bar(text: str, width: int, height: int) -> np.ndarray:
     bar = np.full((height, width, 3), 255, dtype=np.uint8)
     scale = height / 40.0

@@ -10,9 +10,11 @@ from segcam_lightning.render import (
     cam_grid,
     colorize_cam,
     colorize_mask,
+    hstack_with_separators,
     opencv_threads,
     overlay_cam,
     seed_panel,
+    seed_panels,
     to_uint8_image,
 )
 
@@ -80,3 +82,21 @@ def test_colorize_cam_is_opencvs_colour_map_in_rgb(colormap):
     expected = cv2.cvtColor(cv2.applyColorMap(scaled, colormap), cv2.COLOR_BGR2RGB)
     np.testing.assert_array_equal(colorize_cam(cam, colormap), expected)
     np.testing.assert_array_equal(colorize_cam(torch.from_numpy(cam), colormap), expected)
+
+
+@pytest.mark.parametrize("with_masks", [True, False])
+def test_seed_panels_equal_one_panel_at_a_time(with_masks):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (12, 9, 3), dtype=np.uint8)
+    cams = rng.random((4, 12, 9)).astype(np.float32)
+    masks = rng.random((4, 12, 9)) > 0.5 if with_masks else None
+    panels, overlays = seed_panels(image, cams, masks)
+    for k in range(4):
+        overlay = overlay_cam(image, cams[k])
+        np.testing.assert_array_equal(overlays[k], overlay)
+        expected = (
+            seed_panel(image, overlay, masks[k])
+            if with_masks
+            else hstack_with_separators([image, overlay])
+        )
+        np.testing.assert_array_equal(panels[k], expected)
