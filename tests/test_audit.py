@@ -498,3 +498,58 @@ def test_repeated_audits_with_workers_in_one_process_finish(seed_pth, weeds, tmp
     assert "three audits done" in done.stdout
     for run in range(3):
         assert len(read_rows(tmp_path / str(run))) == NUM_IMAGES * CLASSES
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_pipelined_writer_writes_what_the_batch_by_batch_writer_writes(
+    seed_pth, weeds, tmp_path, threads
+):
+    # A GPU audit renders a batch while the next is explained (overlap); a CPU audit writes each
+    # batch first. Both must write the same files with the same bytes and count them.
+    from segcam_lightning.audit import (
+        AuditSettings,
+        OutputWriter,
+        explain_batch,
+        make_loader,
+        prepare,
+    )
+
+    def run(out, overlap):
+        settings = AuditSettings(
+            checkpoints=(seed_pth,),
+            data=str(weeds),
+            out=out,
+            layers=("e4.conv.conv.5", "d4.conv.conv.5"),
+            batch_size=3,
+            num_workers=0,
+            report_images=2,
+            progress=False,
+        )
+        plan = prepare(settings)
+        writer = OutputWriter(
+            plan.layout,
+            plan.models[0].engine.layer_names,
+            plan.classes,
+            plan.class_names,
+            plan.colormap,
+            settings.report_images,
+            threads,
+            overlap=overlap,
+        )
+        writer.open()
+        for batch in make_loader(plan.dataset, settings, pin=False):
+            writer.submit(explain_batch(plan.models, batch, plan.classes, plan.device))
+        return writer.close()
+
+    a, b = run(tmp_path / "a", overlap=True), run(tmp_path / "b", overlap=False)
+    assert a.processed == b.processed == NUM_IMAGES
+
+    def comparable(rows):  # NaN (undefined values) compares unequal to itself
+        return [{k: "nan" if v != v else v for k, v in row.items()} for row in rows]
+
+    assert comparable(a.rows) == comparable(b.rows)
+    files = files_under(tmp_path / "a")
+    assert files == files_under(tmp_path / "b") and a.files == b.files == len(files)
+    assert len(files) == NUM_IMAGES * 2 * CLASSES + 2 * (2 + 1 + 2 * CLASSES)
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
