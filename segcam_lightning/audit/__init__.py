@@ -1,0 +1,73 @@
+"""``explain.py`` / ``segcam-explain``: audit checkpoints with the CAM engine over a whole dataset.
+
+The same engine, rendering and metrics as :class:`~segcam_lightning.callback.GradCAMCallback`,
+run post hoc on one or several checkpoints (Lightning ``.ckpt``, the seed's ``.pth``, state
+dicts; loaded safely by :mod:`segcam_lightning.checkpoints`) over a folder of images (with or
+without masks) or the synthetic data.
+
+Outputs under ``--out`` (default ``results``):
+
+- ``gradcam/<class_idx>/<name>.jpg``: the seed's panel (image | overlay | binary ground truth,
+  10 px white gaps; image | overlay without masks) for one layer; ``gradcam/<layer>/<class_idx>/``
+  with several layers; ``<checkpoint>/gradcam/...`` per checkpoint with several checkpoints.
+- ``report.html``: settings, skipped files, a metrics table per class, attention drift between
+  checkpoints, and the first ``--report-images`` images (classes side by side, prediction, ground
+  truth, layers side by side, one row per checkpoint). Its images live in ``report_files/``.
+- ``metrics.csv``: one row per image × class × layer × checkpoint (:data:`CSV_COLUMNS`).
+- ``summary.json``: counts, per checkpoint/layer/class means, skipped files and reasons,
+  settings and timings.
+
+How it runs: a DataLoader (workers read and resize; an unreadable file becomes a "skipped"
+marker, not an error) feeds batches to one engine call per checkpoint on the model's device;
+metrics are computed there; rendering and JPEG writing run in a thread pool (cv2 releases the
+GIL), on a GPU while the next batch is explained, on the CPU between engine calls. With
+``--devices N --strategy ddp`` the same batch function is the ``predict_step`` of a
+LightningModule run by ``Trainer.predict``; a
+``BasePredictionWriter`` writes each rank's images (each image once) and global rank 0 merges
+the ranks' metric rows into ``metrics.csv``, ``summary.json`` and ``report.html``.
+
+Modules: :mod:`~segcam_lightning.audit.cli` (arguments, ``main``, ``--list-layers``),
+:mod:`~segcam_lightning.audit.settings`, :mod:`~segcam_lightning.audit.run` (loading, engines,
+one process or ``Trainer.predict``), :mod:`~segcam_lightning.audit.data`,
+:mod:`~segcam_lightning.audit.batches` (engine calls and alignment values),
+:mod:`~segcam_lightning.audit.writer` (rendering threads), :mod:`~segcam_lightning.audit.paths`
+(nothing escapes ``--out``) and :mod:`~segcam_lightning.audit.report` (CSV, JSON, HTML).
+"""
+
+from segcam_lightning.audit.batches import BatchResult, alignment_values, explain_batch
+from segcam_lightning.audit.cli import build_parser, list_layers, main
+from segcam_lightning.audit.data import AuditDataset, build_dataset, make_loader
+from segcam_lightning.audit.paths import OutputLayout, safe_component, safe_join, unique_components
+from segcam_lightning.audit.report import AuditOutcome, finish
+from segcam_lightning.audit.run import AuditPlan, audit_local, prepare, run_audit
+from segcam_lightning.audit.settings import CSV_COLUMNS, AuditSettings, UnsafePathError, UsageError
+from segcam_lightning.audit.writer import LocalResult, OutputWriter, default_render_threads
+
+__all__ = [
+    "CSV_COLUMNS",
+    "AuditDataset",
+    "AuditOutcome",
+    "AuditPlan",
+    "AuditSettings",
+    "BatchResult",
+    "LocalResult",
+    "OutputLayout",
+    "OutputWriter",
+    "UnsafePathError",
+    "UsageError",
+    "alignment_values",
+    "audit_local",
+    "build_dataset",
+    "build_parser",
+    "default_render_threads",
+    "explain_batch",
+    "finish",
+    "list_layers",
+    "main",
+    "make_loader",
+    "prepare",
+    "run_audit",
+    "safe_component",
+    "safe_join",
+    "unique_components",
+]

@@ -1,0 +1,185 @@
+"""One batch through every checkpoint's engine: CAMs, predictions and alignment values."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segcam_lightning.audit.settings import VALUE_NAMES
+from segcam_lightning.cam import (
+    CAMEngine,
+    predicted_classes,
+)
+from segcam_lightning.checkpoints import LoadedCheckpoint
+from segcam_lightning.metrics import cam_energy_inside, pointing_game_hits
+
+# --------------------------------------------------------------------------- the engine side
+
+
+@dataclass
+class AuditModel:
+    """One checkpoint ready to explain: its engine, folder label and input channel order."""
+
+    label: str
+    loaded: LoadedCheckpoint
+    engine: CAMEngine
+    bgr: bool
+
+    @property
+    def net(self) -> nn.Module:
+        return self.loaded.net
+
+
+def alignment_values(
+    cams: Tensor,
+    raw_max: Tensor,
+    preds: Tensor,
+    masks: Tensor | None,
+    classes: Sequence[int],
+    reference: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Per image, layer and class: how the CAMs and predictions sit on the ground truth.
+
+    Args:
+        cams: ``[B, L, K, H, W]`` maps in [0, 1] (the engine's ``cams``).
+        raw_max: ``[B, L, K]`` maxima before normalisation.
+        preds: ``[B, H, W]`` predicted classes.
+        masks: ``[B, H, W]`` ground truth, or ``None``.
+        classes: the ``K`` class ids of ``cams``' third dimension.
+        reference: another checkpoint's ``cams`` of the same images, or ``None``.
+
+    Returns:
+        ``{name: [B, L, K] float32}`` for each of :data:`VALUE_NAMES`, NaN where undefined:
+        ``gt_present`` (1/0), ``energy_inside`` (share of CAM energy inside the class's GT
+        region) and ``pointing_hit`` (1/0: the CAM's peak lies on the class) where the class is
+        in the ground truth; ``raw_max``; ``pred_area`` and ``gt_area`` (fractions of the
+        image); ``iou`` of the predicted and GT regions where their union is not empty;
+        ``similarity_to_first`` (cosine similarity with ``reference``'s map).
+    """
+    batch, num_layers, num_classes = raw_max.shape
+    shape = (batch, num_layers, num_classes)
+    nan = torch.full(shape, float("nan"), device=cams.device)
+    ids = torch.as_tensor(list(classes), device=preds.device).view(1, -1, 1, 1)
+    predicted = preds.unsqueeze(1) == ids  # [B, K, H, W]
+    per_class = {"pred_area": predicted.float().mean(dim=(-2, -1))}
+    values = {name: nan for name in VALUE_NAMES}
+    values["raw_max"] = raw_max.float()
+    if masks is not None:
+        truth = masks.unsqueeze(1) == ids
+        union = (predicted | truth).sum(dim=(-2, -1)).float()
+        inter = (predicted & truth).sum(dim=(-2, -1)).float()
+        per_class["iou"] = torch.where(union > 0, inter / union.clamp_min(1), float("nan"))
+        per_class["gt_area"] = truth.float().mean(dim=(-2, -1))
+        energy, hits, present = [], [], None
+        for layer in range(num_layers):
+            share, present = cam_energy_inside(cams[:, layer], masks, classes)
+            hit, _ = pointing_game_hits(cams[:, layer], masks, classes)
+            energy.append(torch.where(present, share, float("nan")))
+            hits.append(torch.where(present, hit.float(), float("nan")))
+        values["energy_inside"] = torch.stack(energy, dim=1)
+        values["pointing_hit"] = torch.stack(hits, dim=1)
+        per_class["gt_present"] = present.float()  # type: ignore[union-attr]
+    for name, value in per_class.items():
+        values[name] = value.unsqueeze(1).expand(shape).float()
+    if reference is not None:
+        values["similarity_to_first"] = F.cosine_similarity(
+            cams.flatten(-2).float(), reference.flatten(-2).float(), dim=-1
+        )
+    return values
+
+
+@dataclass
+class ModelBatch:
+    """One checkpoint's results on a batch, on the CPU."""
+
+    cams: np.ndarray  # [B, L, K, H, W] float32 in [0, 1]
+    preds: np.ndarray  # [B, H, W] int64
+    values: dict[str, np.ndarray]  # name -> [B, L, K] float32
+
+
+@dataclass
+class BatchResult:
+    """A batch after every checkpoint's engine call, on the CPU, ready to write."""
+
+    indices: list[int]
+    names: list[str]
+    images: np.ndarray  # [B, H, W, 3] uint8 RGB
+    masks: np.ndarray | None  # [B, H, W] int64
+    models: list[ModelBatch]
+    skipped: list[dict[str, Any]]
+
+    def select(self, keep: Sequence[bool]) -> BatchResult:
+        """The images where ``keep`` is true (skipped entries are filtered by the caller)."""
+        rows = np.flatnonzero(np.asarray(keep, dtype=bool))
+        return BatchResult(
+            indices=[self.indices[i] for i in rows],
+            names=[self.names[i] for i in rows],
+            images=self.images[rows],
+            masks=self.masks[rows] if self.masks is not None else None,
+            models=[
+                ModelBatch(m.cams[rows], m.preds[rows], {k: v[rows] for k, v in m.values.items()})
+                for m in self.models
+            ],
+            skipped=self.skipped,
+        )
+
+
+def explain_batch(
+    models: Sequence[AuditModel],
+    batch: dict[str, Any],
+    classes: Sequence[int],
+    device: torch.device,
+) -> BatchResult:
+    """Run every checkpoint's engine on the readable images of a batch.
+
+    Args:
+        models: the checkpoints, each with its engine (on ``device``).
+        batch: a collated batch of :class:`AuditDataset` samples.
+        classes: the class ids to explain.
+        device: where the models are.
+
+    Returns:
+        A :class:`BatchResult` with the CAMs, predictions and :func:`alignment_values` of each
+        checkpoint, and the batch's skipped items.
+    """
+    ok = torch.as_tensor(batch["ok"], dtype=torch.bool).cpu()
+    indices = [int(i) for i in torch.as_tensor(batch["index"]).tolist()]
+    skipped = [
+        {"index": indices[i], "name": batch["name"][i], "path": batch["path"][i], "reason": r}
+        for i, r in enumerate(batch["reason"])
+        if not ok[i]
+    ]
+    keep = ok.nonzero().flatten().tolist()
+    images = batch["image"][keep]
+    masks = batch["mask"][keep].to(device, non_blocking=True) if "mask" in batch else None
+    results: list[ModelBatch] = []
+    if keep:
+        x = images.to(device, non_blocking=True).float().div_(255.0)
+        reference = None
+        for model in models:
+            result = model.engine(x.flip(1) if model.bgr else x, classes=list(classes), masks=masks)
+            preds = predicted_classes(result.logits)
+            values = alignment_values(result.cams, result.raw_max, preds, masks, classes, reference)
+            reference = result.cams if reference is None else reference
+            results.append(
+                ModelBatch(
+                    cams=result.cams.cpu().numpy(),
+                    preds=preds.cpu().numpy(),
+                    values={k: v.cpu().numpy() for k, v in values.items()},
+                )
+            )
+    return BatchResult(
+        indices=[indices[i] for i in keep],
+        names=[batch["name"][i] for i in keep],
+        images=images.permute(0, 2, 3, 1).contiguous().cpu().numpy(),
+        masks=masks.cpu().numpy() if masks is not None else None,
+        models=results,
+        skipped=skipped,
+    )

@@ -1,0 +1,377 @@
+"""The ``explain.py`` / ``segcam-explain`` command line and ``--list-layers``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed
+
+from segcam_lightning.audit.run import load_models, resolve_size, run_audit
+from segcam_lightning.audit.settings import (
+    DEFAULT_LAYER,
+    PROG,
+    SYNTHETIC_DEFAULT_COUNT,
+    TIP_NAMES,
+    AuditSettings,
+    UsageError,
+)
+from segcam_lightning.cam import (
+    METHODS,
+    NORMALIZE_MODES,
+    TARGETS,
+    candidate_layers,
+)
+from segcam_lightning.data.colormap import validate_colormap
+from segcam_lightning.models.unet import SEED_LAYERS
+
+_EPILOG = """\
+examples:
+  # audit the last checkpoint of a train.py run on a seed-format folder (images/ + masks/)
+  explain.py --checkpoint lightning_logs/version_0/checkpoints/last.ckpt --data data/weeds
+
+  # a checkpoint saved by the original blog script, on its own data, four layers
+  explain.py --checkpoint model.pth --data data/weeds --layers e1.conv.conv.5 e4.conv.conv.5 \\
+      b.conv.5 d4.conv.conv.5
+
+  # compare two epochs (attention drift), on the synthetic test split
+  explain.py --checkpoint epoch5.ckpt --checkpoint epoch50.ckpt --data synthetic --limit 64
+
+  # list the layers a CAM can use (names, types, output shapes; the seed's tips marked)
+  explain.py --checkpoint model.pth --list-layers
+
+  # spread a large audit over 4 GPUs
+  explain.py --checkpoint last.ckpt --data big/ --devices 4 --strategy ddp --batch-size 32
+
+outputs (OUT = --out):
+  OUT/gradcam/<class_idx>/<name>.jpg          the seed's panel: image | overlay | GT mask
+  OUT/gradcam/<layer>/<class_idx>/<name>.jpg  with several --layers
+  OUT/<checkpoint>/gradcam/...                with several --checkpoint
+  OUT/report.html (+ OUT/report_files/)       per-class metrics, drift, images side by side
+  OUT/metrics.csv                             one row per image x class x layer x checkpoint
+  OUT/summary.json                            counts, means, skipped files, settings, timings
+
+exit status: 0 when at least one image was audited, 1 when none could be, 2 for usage errors.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``explain.py`` argument parser (``--help`` shows an example per option)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Audit segmentation checkpoints with per-class Grad-CAM: where does the model look\n"
+            "for each class, on every image of a dataset? Writes the seed's CAM panels, an HTML\n"
+            "report, metrics.csv and summary.json. Checkpoints are loaded with\n"
+            "torch.load(weights_only=True): a file that could run code is refused."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = parser.add_argument_group("what to audit")
+    what.add_argument(
+        "--checkpoint",
+        action="append",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="a Lightning .ckpt, a seed .pth ({'model_state_dict': ...}) or a state dict; "
+        "repeat to compare checkpoints (e.g. --checkpoint e5.ckpt --checkpoint e50.ckpt)",
+    )
+    what.add_argument(
+        "--data",
+        metavar="DIR|synthetic",
+        help="a seed-format folder (DIR/images/*.jpg + DIR/masks/*.png), a folder of images "
+        "without masks (DIR/images/ or DIR itself; no ground-truth metrics), or 'synthetic' "
+        f"(the synthetic test split, --limit images, default {SYNTHETIC_DEFAULT_COUNT}). "
+        "Example: --data data/weeds",
+    )
+    what.add_argument(
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        help="audit only the first N images in file-name order (e.g. --limit 100)",
+    )
+    cam = parser.add_argument_group("CAM")
+    cam.add_argument(
+        "--layers",
+        nargs="+",
+        default=[DEFAULT_LAYER],
+        metavar="NAME",
+        help="layers to explain, seed-style names (default d4.conv.conv.5, the seed's); several "
+        "are shown side by side, e.g. --layers e4.conv.conv.5 d4.conv.conv.5. See --list-layers",
+    )
+    cam.add_argument(
+        "--method",
+        default="gradcam",
+        choices=sorted(METHODS),
+        help="CAM method (default gradcam, the seed's), e.g. --method layercam",
+    )
+    cam.add_argument(
+        "--target",
+        default="softmax_mean",
+        choices=sorted(TARGETS),
+        help="class score the CAM explains (default softmax_mean: mean softmax probability of "
+        "the class over all pixels, the seed's), e.g. --target logit_region",
+    )
+    cam.add_argument(
+        "--normalize",
+        default="minmax",
+        choices=NORMALIZE_MODES,
+        help="map scaling: minmax (each map to [0, 1], the seed's), global (one scale per image "
+        "and layer, so weak classes look weak) or none",
+    )
+    cam.add_argument(
+        "--classes",
+        nargs="+",
+        type=_non_negative_int,
+        metavar="K",
+        help="class indices to explain (default all), e.g. --classes 1 2",
+    )
+    meta = parser.add_argument_group(
+        "for checkpoints that do not carry it (seed .pth, state dicts)"
+    )
+    meta.add_argument(
+        "--num-classes",
+        type=_positive_int,
+        metavar="K",
+        help="expected class count; a checkpoint with another count is an error (--num-classes 3)",
+    )
+    meta.add_argument(
+        "--colormap",
+        type=_colormap_arg,
+        metavar="JSON",
+        help="the masks' colours, one [b, g, r] per class in cv2's BGR order (default the "
+        "checkpoint's, else the seed's), e.g. --colormap '[[0,0,0],[0,0,128],[0,128,0]]'",
+    )
+    meta.add_argument(
+        "--class-names",
+        nargs="+",
+        metavar="NAME",
+        help="one name per class (default the checkpoint's), e.g. --class-names soil crop weed",
+    )
+    meta.add_argument(
+        "--size",
+        type=_positive_int,
+        metavar="PX",
+        help="square input size, a multiple of 16 (default the checkpoint's training size, else "
+        "256 as the seed), e.g. --size 256",
+    )
+    meta.add_argument(
+        "--channel-order",
+        default="auto",
+        choices=("auto", "rgb", "bgr"),
+        help="channel order the model expects (auto: bgr for seed .pth and state dicts, since "
+        "the seed fed cv2's BGR arrays; the training data's for Lightning checkpoints)",
+    )
+    meta.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load checkpoints that need arbitrary unpickling (weights_only=False). Unpickling "
+        "can run code from the file: only for files from a source you trust",
+    )
+    run = parser.add_argument_group("running")
+    run.add_argument(
+        "--batch-size", type=_positive_int, default=8, metavar="B", help="default 8, e.g. 32"
+    )
+    run.add_argument(
+        "--num-workers",
+        type=_non_negative_int,
+        default=2,
+        metavar="N",
+        help="DataLoader worker processes reading images (default 2; 0 reads in the main process)",
+    )
+    run.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the model runs (auto: cuda if available)",
+    )
+    run.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="devices per node for a distributed audit through Lightning (e.g. --devices 4 "
+        "--strategy ddp); each image is processed and written once",
+    )
+    run.add_argument(
+        "--num-nodes", type=_positive_int, default=1, metavar="N", help="nodes (default 1)"
+    )
+    run.add_argument(
+        "--strategy",
+        default="auto",
+        choices=("auto", "ddp"),
+        help="Lightning strategy for --devices > 1 (auto picks ddp)",
+    )
+    run.add_argument(
+        "--render-threads",
+        type=_positive_int,
+        metavar="N",
+        help="threads rendering and writing images beside the model (default: half the CPU "
+        "cores, 2 to 8)",
+    )
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results"),
+        metavar="DIR",
+        help="output folder (default results/, as the seed), e.g. --out audits/epoch50",
+    )
+    output.add_argument(
+        "--report-images",
+        type=_non_negative_int,
+        default=50,
+        metavar="N",
+        help="show the first N images of the dataset in report.html (default 50; metrics and "
+        "panels cover every image)",
+    )
+    output.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out folder (files with the same names are replaced)",
+    )
+    output.add_argument(
+        "--list-layers",
+        action="store_true",
+        help="print the layers a CAM can hook (name, type, output shape; the seed's tips "
+        "e1/e4/b/d4 marked) and exit",
+    )
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = _int_arg(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, but got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int_arg(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, but got {text!r}")
+    return value
+
+
+def _int_arg(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, but got {text!r}") from None
+
+
+def _colormap_arg(text: str) -> tuple[tuple[int, int, int], ...]:
+    try:
+        return validate_colormap(json.loads(text))
+    except (json.JSONDecodeError, TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON list of [b, g, r] triples such as '[[0,0,0],[0,0,128]]', but got "
+            f"{text!r} ({error})"
+        ) from None
+
+
+def settings_from_args(args: argparse.Namespace) -> AuditSettings:
+    """:class:`AuditSettings` from parsed command-line arguments."""
+    return AuditSettings(
+        checkpoints=tuple(args.checkpoint),
+        data=args.data,
+        out=args.out,
+        layers=tuple(args.layers),
+        method=args.method,
+        target=args.target,
+        normalize=args.normalize,
+        classes=tuple(args.classes) if args.classes else None,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        num_classes=args.num_classes,
+        colormap=args.colormap,
+        class_names=tuple(args.class_names) if args.class_names else None,
+        size=args.size,
+        channel_order=args.channel_order,
+        trust_checkpoint=args.trust_checkpoint,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=args.strategy,
+        report_images=args.report_images,
+        render_threads=args.render_threads,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``explain.py``; returns the exit status (0 ok, 1 nothing audited, 2 usage error).
+
+    Example:
+        ``python explain.py --checkpoint last.ckpt --data data/weeds --out results``
+    """
+    parser = build_parser()
+    args = parser.parse_args(None if argv is None else list(argv))
+    settings = settings_from_args(args)
+    try:
+        if args.list_layers:
+            print(list_layers(settings))
+            return 0
+        if settings.data is None:
+            raise UsageError(
+                "--data is required: pass a seed-format folder (DIR/images + DIR/masks), a "
+                "folder of images, or 'synthetic' (e.g. --data data/weeds)."
+            )
+        outcome = run_audit(settings)
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # an unwritable --out, a full disk: not a bug of ours
+        print(f"{PROG}: error: could not write the results: {error}", file=sys.stderr)
+        return 1
+    if outcome is None:  # a non-zero rank of a distributed run: rank 0 reports
+        return 0
+    print(outcome.describe())
+    if outcome.processed == 0:
+        print(
+            f"{PROG}: error: no image could be audited ({outcome.skipped} skipped; reasons in "
+            f"{settings.out / 'summary.json'}).",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- --list-layers
+
+
+def list_layers(settings: AuditSettings) -> str:
+    """The ``--list-layers`` table of every checkpoint: name, type, output shape, seed tips.
+
+    Raises:
+        UsageError: for checkpoints that cannot be loaded.
+    """
+    blocks = []
+    for loaded in load_models(settings):
+        size = resolve_size(settings.size, [loaded])
+        example = torch.zeros(1, loaded.in_channels, *size)
+        infos = candidate_layers(loaded.net, example)
+        width = max(len(i.name) for i in infos)
+        type_width = max(len(i.type) for i in infos)
+        lines = [
+            f"{loaded.path} ({loaded.describe()}); output shapes for a "
+            f"1x{loaded.in_channels}x{size[0]}x{size[1]} input:",
+            f"  {'name':<{width}}  {'type':<{type_width}}  output shape",
+        ]
+        for info in infos:
+            tip = TIP_NAMES.get(info.name)
+            mark = f"  <- seed tip {tip}" if tip else ""
+            shape = list(info.output_shape)
+            lines.append(f"  {info.name:<{width}}  {info.type:<{type_width}}  {shape}{mark}")
+        lines.append(f"Use them as e.g. --layers {' '.join(SEED_LAYERS)}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

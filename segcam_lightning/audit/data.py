@@ -1,0 +1,215 @@
+"""The audit's data: seed-format folders, image folders and the synthetic set; skipped items."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed
+from torch.utils.data import DataLoader, Dataset
+
+from segcam_lightning.audit.paths import unique_components
+from segcam_lightning.audit.settings import (
+    SYNTHETIC,
+    SYNTHETIC_DEFAULT_COUNT,
+    SYNTHETIC_TEST_SEED,
+    AuditSettings,
+    UsageError,
+)
+from segcam_lightning.data.folder import IMAGE_EXTENSIONS, FolderSegmentation
+from segcam_lightning.data.synthetic import SYNTHETIC_CLASS_NAMES, SyntheticSegmentation
+
+# --------------------------------------------------------------------------- data
+
+
+class _ImageReader(FolderSegmentation):
+    """FolderSegmentation's image reading (``read_image``) for folders without masks.
+
+    FolderSegmentation itself requires ``masks/``; this shares its preprocessing exactly
+    (cv2 colour read, bilinear resize, RGB) without pairing.
+    """
+
+    def __init__(self, image_size: tuple[int, int]) -> None:  # no pairing, no mask checks
+        self.image_size = image_size
+        self.channel_order = "rgb"
+
+
+@dataclass(frozen=True)
+class _FolderSource:
+    reader: FolderSegmentation
+    pairs: tuple[tuple[Path, Path | None], ...]
+
+    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        image_path, mask_path = self.pairs[index]
+        image = self.reader.read_image(image_path)
+        mask = self.reader.read_mask(mask_path) if mask_path is not None else None
+        return image, mask
+
+
+@dataclass(frozen=True)
+class _SyntheticSource:
+    dataset: SyntheticSegmentation
+
+    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image, mask = self.dataset.render(index)
+        return image, mask.astype(np.int64)
+
+
+class AuditDataset(Dataset):
+    """Items read one by one; an unreadable item comes back marked as skipped, never raises.
+
+    Each sample: ``"index"``, ``"name"`` (a safe, unique file stem), ``"path"``, ``"ok"``,
+    ``"reason"`` (why it was skipped, else ``""``), ``"image"`` ``[3, H, W]`` uint8 RGB (zeros
+    when skipped) and, with masks, ``"mask"`` ``[H, W]`` int64.
+
+    Args:
+        read: ``read(index) -> (image [H, W, 3] uint8 RGB, mask [H, W] int64 or None)``.
+        names: one name per item.
+        paths: one source description per item (file path, or ``synthetic:<index>``).
+        size: ``(height, width)`` of every image.
+        has_masks: whether items carry ground truth.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[int], tuple[np.ndarray, np.ndarray | None]],
+        names: Sequence[str],
+        paths: Sequence[str],
+        size: tuple[int, int],
+        has_masks: bool,
+    ) -> None:
+        self.read = read
+        self.names = list(names)
+        self.paths = list(paths)
+        self.size = size
+        self.has_masks = has_masks
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        height, width = self.size
+        try:
+            image, mask = self.read(index)
+            reason = ""
+        except Exception as error:  # any unreadable file is skipped, with the reason
+            image, mask = np.zeros((height, width, 3), np.uint8), None
+            reason = f"{type(error).__name__}: {error}"
+        sample = {
+            "index": index,
+            "name": self.names[index],
+            "path": self.paths[index],
+            "ok": not reason,
+            "reason": reason,
+            "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
+        }
+        if self.has_masks:
+            if mask is None:
+                mask = np.zeros((height, width), np.int64)
+            sample["mask"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
+        return sample
+
+
+def build_dataset(
+    data: str,
+    size: tuple[int, int],
+    colormap: Sequence[Sequence[int]],
+    num_classes: int,
+    limit: int | None,
+) -> AuditDataset:
+    """The audit's dataset for ``--data``: synthetic, a seed-format folder or an image folder.
+
+    Raises:
+        UsageError: for a missing folder, no images, unpaired files, or a colormap that does
+            not have one colour per class.
+    """
+    if data == SYNTHETIC:
+        return _synthetic_dataset(size, num_classes, limit)
+    root = Path(data)
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise UsageError(
+            f"--data {root} {what}. Pass a folder with images/ and masks/ (the seed's layout), a "
+            "folder of images, or 'synthetic'; write an example with `segcam-synthetic --out "
+            f"{root}`."
+        )
+    if (root / "masks").is_dir():
+        return _folder_dataset(root, size, colormap, num_classes, limit)
+    return _image_folder_dataset(root, size, limit)
+
+
+def _synthetic_dataset(size: tuple[int, int], num_classes: int, limit: int | None) -> AuditDataset:
+    if size[0] != size[1] or num_classes != len(SYNTHETIC_CLASS_NAMES):
+        raise UsageError(
+            f"The synthetic data has {len(SYNTHETIC_CLASS_NAMES)} classes "
+            f"{list(SYNTHETIC_CLASS_NAMES)} and square images, but the model predicts "
+            f"{num_classes} classes at {size[0]}x{size[1]}. Audit this checkpoint on its own "
+            "data with --data DIR."
+        )
+    dataset = SyntheticSegmentation(limit or SYNTHETIC_DEFAULT_COUNT, size[0], SYNTHETIC_TEST_SEED)
+    names = [dataset.name(i) for i in range(len(dataset))]
+    paths = [f"synthetic:{i}" for i in range(len(dataset))]
+    return AuditDataset(_SyntheticSource(dataset), names, paths, size, has_masks=True)
+
+
+def _folder_dataset(
+    root: Path,
+    size: tuple[int, int],
+    colormap: Sequence[Sequence[int]],
+    num_classes: int,
+    limit: int | None,
+) -> AuditDataset:
+    if len(colormap) != num_classes:
+        raise UsageError(
+            f"The masks' colormap has {len(colormap)} colours {[list(c) for c in colormap]}, but "
+            f"the model predicts {num_classes} classes. Pass the masks' colours, one [b, g, r] "
+            "per class in cv2's BGR order, e.g. --colormap '[[0,0,0],[0,0,128],[0,128,0]]'."
+        )
+    try:
+        reader = FolderSegmentation(root, size, colormap, channel_order="rgb", check=False)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    pairs = reader.pairs[:limit] if limit else reader.pairs
+    names = unique_components([image.stem for image, _ in pairs], fallback="image")
+    paths = [str(image) for image, _ in pairs]
+    source = _FolderSource(reader, tuple(pairs))
+    return AuditDataset(source, names, paths, size, has_masks=True)
+
+
+def _image_folder_dataset(root: Path, size: tuple[int, int], limit: int | None) -> AuditDataset:
+    folder = root / "images" if (root / "images").is_dir() else root
+    files = sorted(
+        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+        key=lambda p: p.name,
+    )
+    if not files:
+        raise UsageError(
+            f"No images found in {folder} (looked for {' '.join(IMAGE_EXTENSIONS)}, any case). "
+            "Pass a folder with images/ (and masks/ for ground-truth metrics) or of images."
+        )
+    files = files[:limit] if limit else files
+    names = unique_components([p.stem for p in files], fallback="image")
+    source = _FolderSource(_ImageReader(size), tuple((p, None) for p in files))
+    return AuditDataset(source, names, [str(p) for p in files], size, has_masks=False)
+
+
+def make_loader(dataset: AuditDataset, settings: AuditSettings, pin: bool) -> DataLoader:
+    """The audit's DataLoader: in order, ``--batch-size``, ``--num-workers``.
+
+    Iterate it inside :func:`~segcam_lightning.render.opencv_threads` ``(1)``: the workers then
+    decode and resize on one OpenCV thread each (PyTorch sets theirs to one) and are forked
+    safely after the render threads have used OpenCV.
+    """
+    workers = settings.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin,
+        prefetch_factor=4 if workers else None,
+    )

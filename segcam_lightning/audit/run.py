@@ -1,0 +1,386 @@
+"""Preparing and running an audit: checkpoints, engines, data; one process or Trainer.predict."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import nn
+from tqdm import tqdm
+from typing_extensions import override
+
+from segcam_lightning.audit.batches import AuditModel, BatchResult, explain_batch
+from segcam_lightning.audit.data import AuditDataset, build_dataset, make_loader
+from segcam_lightning.audit.paths import OutputLayout, unique_components
+from segcam_lightning.audit.report import AuditOutcome, finish
+from segcam_lightning.audit.settings import PROG, SYNTHETIC, AuditSettings, UsageError
+from segcam_lightning.audit.writer import LocalResult, OutputWriter, default_render_threads
+from segcam_lightning.cam import (
+    CAMEngine,
+)
+from segcam_lightning.cam import find_layer as _find_layer
+from segcam_lightning.checkpoints import CheckpointError, LoadedCheckpoint, load_checkpoint
+from segcam_lightning.data.colormap import SEED_COLORMAP
+from segcam_lightning.data.synthetic import SYNTHETIC_CLASS_NAMES
+from segcam_lightning.render import (
+    opencv_threads,
+)
+
+# --------------------------------------------------------------------------- preparing a run
+
+
+@dataclass
+class AuditPlan:
+    """A run with every choice resolved: models, data, classes, colours, layout."""
+
+    settings: AuditSettings
+    models: list[AuditModel]
+    dataset: AuditDataset
+    classes: list[int]
+    class_names: list[str]
+    colormap: list[tuple[int, int, int]]
+    size: tuple[int, int]
+    device: torch.device
+    layout: OutputLayout
+    load_seconds: float
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda if available, else cpu.
+
+    Raises:
+        UsageError: for ``cuda`` on a machine without a CUDA device.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda was requested, but PyTorch sees no CUDA device (CPU-only build, or no "
+            "GPU visible). Use --device cpu, or --device auto to take a GPU when there is one."
+        )
+    return torch.device(name)
+
+
+def load_models(settings: AuditSettings) -> list[LoadedCheckpoint]:
+    """Load every ``--checkpoint`` safely; all must predict the same number of classes.
+
+    Raises:
+        UsageError: for missing, unsafe, unreadable or mismatched checkpoints.
+    """
+    loaded = []
+    for path in settings.checkpoints:
+        try:
+            loaded.append(load_checkpoint(path, settings.num_classes, settings.trust_checkpoint))
+        except (FileNotFoundError, CheckpointError) as error:
+            raise UsageError(str(error)) from None
+    counts = {c.num_classes for c in loaded}
+    if len(counts) > 1:
+        found = ", ".join(f"{c.path} {c.num_classes}" for c in loaded)
+        raise UsageError(
+            f"The checkpoints predict different numbers of classes ({found}); comparing CAMs "
+            "needs the same classes. Audit them in separate runs."
+        )
+    return loaded
+
+
+def prepare(settings: AuditSettings) -> AuditPlan:
+    """Resolve a run: load checkpoints, build engines and the dataset, plan the outputs.
+
+    Nothing is written here.
+
+    Raises:
+        UsageError: for any mistake in the settings or inputs, with what to do about it.
+    """
+    start = time.perf_counter()
+    device = resolve_device(settings.device)
+    loaded = load_models(settings)
+    first = loaded[0]
+    num_classes = first.num_classes
+    classes = _resolve_classes(settings.classes, num_classes)
+    size = resolve_size(settings.size, loaded)
+    labels = unique_components([c.path.stem for c in loaded], fallback="checkpoint")
+    # Distributed: Lightning moves each rank's copy to its own device.
+    model_device = torch.device("cpu") if settings.distributed else device
+    models = [
+        _audit_model(label, c, settings, model_device)
+        for label, c in zip(labels, loaded, strict=True)
+    ]
+    data_colormap = settings.colormap or first.colormap or SEED_COLORMAP
+    dataset = build_dataset(
+        settings.data or SYNTHETIC, size, data_colormap, num_classes, settings.limit
+    )
+    if settings.target == "gt_region" and not dataset.has_masks:
+        raise UsageError(
+            f"--target gt_region explains each class inside its ground-truth region, but "
+            f"{settings.data} has no masks/. Use --target softmax_mean or logit_region."
+        )
+    layout = OutputLayout(settings.out, tuple(labels), tuple(models[0].engine.layer_names))
+    return AuditPlan(
+        settings=settings,
+        models=models,
+        dataset=dataset,
+        classes=classes,
+        class_names=_resolve_class_names(settings, first, num_classes),
+        colormap=_display_colormap(data_colormap, num_classes),
+        size=size,
+        device=device,
+        layout=layout,
+        load_seconds=time.perf_counter() - start,
+    )
+
+
+def _resolve_classes(wanted: Sequence[int] | None, num_classes: int) -> list[int]:
+    if wanted is None:
+        return list(range(num_classes))
+    bad = [k for k in wanted if k >= num_classes]
+    if bad or len(set(wanted)) != len(wanted):
+        raise UsageError(
+            f"--classes {list(wanted)}: expected distinct class indices in 0..{num_classes - 1} "
+            f"(the checkpoint predicts {num_classes} classes), but got "
+            f"{bad if bad else 'repeats'}."
+        )
+    return list(wanted)
+
+
+def resolve_size(size: int | None, loaded: Sequence[LoadedCheckpoint]) -> tuple[int, int]:
+    if size is not None:
+        resolved = (size, size)
+    else:
+        resolved = next((c.image_size for c in loaded if c.image_size), (256, 256))
+    if resolved[0] % 16 or resolved[1] % 16:
+        raise UsageError(
+            f"The U-Net needs image sides divisible by 16 (four 2x2 poolings), but the input "
+            f"size is {resolved[0]}x{resolved[1]}. Pass e.g. "
+            f"--size {max(16, resolved[0] // 16 * 16)}."
+        )
+    return resolved
+
+
+def _resolve_class_names(
+    settings: AuditSettings, first: LoadedCheckpoint, num_classes: int
+) -> list[str]:
+    names = settings.class_names or first.class_names
+    if names is None and settings.data == SYNTHETIC and num_classes == len(SYNTHETIC_CLASS_NAMES):
+        names = SYNTHETIC_CLASS_NAMES
+    if names is None:
+        return [f"class_{k}" for k in range(num_classes)]
+    if len(names) != num_classes:
+        raise UsageError(
+            f"--class-names gives {len(names)} names {list(names)}, but the checkpoint predicts "
+            f"{num_classes} classes; pass one name per class."
+        )
+    return [str(n) for n in names]
+
+
+def _display_colormap(
+    colormap: Sequence[Sequence[int]], num_classes: int
+) -> list[tuple[int, int, int]]:
+    if len(colormap) >= num_classes:
+        return [tuple(int(v) for v in c) for c in colormap]  # type: ignore[misc]
+    hues = np.linspace(0, 179, num_classes, endpoint=False).astype(np.uint8)
+    hsv = np.stack([hues, np.full_like(hues, 200), np.full_like(hues, 255)], -1)[None]
+    palette = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0]
+    return [(0, 0, 0)] + [tuple(int(v) for v in c) for c in palette[1:]]  # type: ignore[misc]
+
+
+def _audit_model(
+    label: str, loaded: LoadedCheckpoint, settings: AuditSettings, device: torch.device
+) -> AuditModel:
+    net = loaded.net.to(device)
+    layers = [_layer_name(net, name, loaded.path) for name in settings.layers]
+    try:
+        engine = CAMEngine(net, layers, settings.method, settings.target, settings.normalize)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    order = settings.channel_order
+    if order == "auto":
+        order = loaded.channel_order or "rgb"
+    return AuditModel(label=label, loaded=loaded, engine=engine, bgr=order == "bgr")
+
+
+def _layer_name(net: nn.Module, name: str, path: Path) -> str:
+    """``name`` as the network calls it (a LightningModule-style ``net.`` prefix is dropped)."""
+    names = {n for n, _ in net.named_modules() if n}
+    if name not in names and name.removeprefix("net.") in names:
+        return name.removeprefix("net.")
+    try:
+        _find_layer(net, name)
+    except ValueError as error:
+        message = str(error).split(" List the layers")[0]
+        raise UsageError(
+            f"--layers: {message} (in {path}). Run `{PROG} --checkpoint {path} --list-layers` "
+            "to see every layer a CAM can use, with its output shape."
+        ) from None
+    return name
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_audit(settings: AuditSettings) -> AuditOutcome | None:
+    """Run a whole audit and write every output.
+
+    Returns:
+        The outcome on global rank 0; ``None`` on the other ranks of a distributed run.
+
+    Raises:
+        UsageError: for mistakes in the settings or inputs (nothing has been written then).
+    """
+    start = time.perf_counter()
+    _check_out(settings)
+    plan = prepare(settings)
+    if settings.distributed:
+        results = _run_distributed(plan)
+        if results is None:
+            return None
+    else:
+        results = [audit_local(plan)]
+    process_seconds = time.perf_counter() - start - plan.load_seconds
+    return finish(plan, results, process_seconds, time.perf_counter() - start)
+
+
+def _check_out(settings: AuditSettings) -> None:
+    out = settings.out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a folder for the results.")
+    if _launched_rank() != 0 or settings.overwrite:
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(
+            f"--out {out} already holds files; old panels would mix with this run's. Choose a "
+            "new or empty folder, or pass --overwrite (files with the same names are replaced)."
+        )
+
+
+def _launched_rank() -> int:
+    """This process's rank as the launcher set it (0 outside distributed runs)."""
+    for variable in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        value = os.environ.get(variable, "0")
+        if value.isdigit() and int(value) != 0:
+            return int(value)
+    return 0
+
+
+def audit_local(plan: AuditPlan) -> LocalResult:
+    """Audit ``plan``'s dataset in this process: batches through the engines, files written.
+
+    Returns once every file is on disk; :func:`finish` then writes the CSV, summary and report.
+    """
+    writer = _make_writer(plan)
+    loader = make_loader(plan.dataset, plan.settings, pin=plan.device.type == "cuda")
+    with opencv_threads(1):
+        writer.open()
+        try:
+            with tqdm(
+                total=len(plan.dataset),
+                unit="img",
+                desc="audit",
+                disable=not plan.settings.progress,
+            ) as bar:
+                for batch in loader:
+                    writer.submit(explain_batch(plan.models, batch, plan.classes, plan.device))
+                    bar.update(len(batch["index"]))
+        finally:
+            result = writer.close()
+    return result
+
+
+def _make_writer(plan: AuditPlan) -> OutputWriter:
+    return OutputWriter(
+        plan.layout,
+        plan.models[0].engine.layer_names,
+        plan.classes,
+        plan.class_names,
+        plan.colormap,
+        plan.settings.report_images,
+        plan.settings.render_threads or default_render_threads(),
+        overlap=plan.device.type != "cpu",
+    )
+
+
+def _run_distributed(plan: AuditPlan) -> list[LocalResult] | None:
+    settings = plan.settings
+    module = _AuditModule(plan.models, plan.classes)
+    callback = _AuditPredictionWriter(_make_writer(plan))
+    accelerator = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[settings.device]
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=settings.devices,
+        num_nodes=settings.num_nodes,
+        strategy=settings.strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=settings.progress,
+        callbacks=[callback],
+        default_root_dir=settings.out,
+    )
+    pin = accelerator != "cpu" and torch.cuda.is_available()
+    loader = make_loader(plan.dataset, settings, pin=pin)
+    with opencv_threads(1):  # see make_loader
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+    return callback.gathered if trainer.is_global_zero else None
+
+
+class _AuditModule(L.LightningModule):
+    """``predict_step`` = :func:`explain_batch` over every checkpoint's network."""
+
+    def __init__(self, models: list[AuditModel], classes: list[int]) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList([m.net for m in models])
+        self.audit_models = models
+        self.classes = classes
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> BatchResult:
+        # The engine leaves predict's inference mode itself (DESIGN.md, fact 3).
+        return explain_batch(self.audit_models, batch, self.classes, self.device)
+
+
+class _AuditPredictionWriter(BasePredictionWriter):
+    """Writes each rank's images; global rank 0 gathers every rank's :class:`LocalResult`."""
+
+    def __init__(self, writer: OutputWriter) -> None:
+        super().__init__(write_interval="batch")
+        self.writer = writer
+        self.gathered: list[LocalResult] | None = None
+
+    @override
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.writer.open(rank=trainer.global_rank)
+
+    @override
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: BatchResult,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        # Lightning's predict sampler gives rank r the indices i with i % world == r; a padding
+        # DistributedSampler would repeat a few of them on other ranks: those are dropped.
+        world, rank = trainer.world_size, trainer.global_rank
+        self.writer.submit(prediction, owns=lambda i: i % world == rank)
+
+    @override
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        local = self.writer.close()
+        if trainer.world_size == 1:
+            self.gathered = [local]
+            return
+        gathered: list[Any] | None = [None] * trainer.world_size if trainer.is_global_zero else None
+        torch.distributed.gather_object(local, gathered, dst=0)
+        self.gathered = gathered

@@ -1,0 +1,90 @@
+"""Settings, constants and errors shared by the audit modules."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+
+from segcam_lightning.models.unet import SEED_LAYERS
+
+#: The command's name in messages: ``segcam-explain`` when run as the console script.
+PROG = "segcam-explain" if Path(sys.argv[0]).name == "segcam-explain" else "explain.py"
+DEFAULT_LAYER = "d4.conv.conv.5"
+SYNTHETIC = "synthetic"
+#: The synthetic data's test split (SegmentationDataModule uses seed + 2 with seed 0).
+SYNTHETIC_TEST_SEED = 2
+SYNTHETIC_DEFAULT_COUNT = 32
+#: Columns of ``metrics.csv``; empty cells mean "not defined" (no ground truth, class absent).
+CSV_COLUMNS = (
+    "checkpoint",
+    "layer",
+    "index",
+    "image",
+    "class",
+    "class_name",
+    "gt_present",
+    "energy_inside",
+    "pointing_hit",
+    "raw_max",
+    "pred_area",
+    "gt_area",
+    "iou",
+    "similarity_to_first",
+)
+#: Per-image values computed by :func:`alignment_values`, each ``[B, L, K]``.
+VALUE_NAMES = CSV_COLUMNS[6:]
+TIP_NAMES = dict(zip(SEED_LAYERS, ("e1", "e4", "b", "d4"), strict=True))
+JPEG_PARAMS = [cv2.IMWRITE_JPEG_QUALITY, 95]  # cv2's default, which the seed used
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs: :func:`main` prints it and exits with 2."""
+
+
+class UnsafePathError(ValueError):
+    """An output path that would land outside the output folder."""
+
+
+# --------------------------------------------------------------------------- settings and CLI
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """Everything an audit run needs; :func:`build_parser` documents each field.
+
+    ``None`` means "take it from the checkpoint" (or the default given in ``--help``).
+    """
+
+    checkpoints: tuple[Path, ...]
+    data: str | None = None
+    out: Path = Path("results")
+    layers: tuple[str, ...] = (DEFAULT_LAYER,)
+    method: str = "gradcam"
+    target: str = "softmax_mean"
+    normalize: str = "minmax"
+    classes: tuple[int, ...] | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    num_workers: int = 2
+    device: str = "auto"
+    num_classes: int | None = None
+    colormap: tuple[tuple[int, int, int], ...] | None = None
+    class_names: tuple[str, ...] | None = None
+    size: int | None = None
+    channel_order: str = "auto"
+    trust_checkpoint: bool = False
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    report_images: int = 50
+    render_threads: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the run goes through Lightning's ``Trainer.predict``."""
+        return self.devices != 1 or self.num_nodes != 1 or self.strategy != "auto"
