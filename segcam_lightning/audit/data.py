@@ -20,34 +20,31 @@ from segcam_lightning.audit.settings import (
     AuditSettings,
     UsageError,
 )
-from segcam_lightning.data.folder import IMAGE_EXTENSIONS, FolderSegmentation
+from segcam_lightning.data.folder import IMAGE_EXTENSIONS, FolderSegmentation, read_image
 from segcam_lightning.data.synthetic import SYNTHETIC_CLASS_NAMES, SyntheticSegmentation
 
 # --------------------------------------------------------------------------- data
 
 
-class _ImageReader(FolderSegmentation):
-    """FolderSegmentation's image reading (``read_image``) for folders without masks.
-
-    FolderSegmentation itself requires ``masks/``; this shares its preprocessing exactly
-    (cv2 colour read, bilinear resize, RGB) without pairing.
-    """
-
-    def __init__(self, image_size: tuple[int, int]) -> None:  # no pairing, no mask checks
-        self.image_size = image_size
-        self.channel_order = "rgb"
-
-
 @dataclass(frozen=True)
 class _FolderSource:
     reader: FolderSegmentation
-    pairs: tuple[tuple[Path, Path | None], ...]
+    pairs: tuple[tuple[Path, Path], ...]
 
-    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path = self.pairs[index]
-        image = self.reader.read_image(image_path)
-        mask = self.reader.read_mask(mask_path) if mask_path is not None else None
-        return image, mask
+        return self.reader.read_image(image_path), self.reader.read_mask(mask_path)
+
+
+@dataclass(frozen=True)
+class _ImageSource:
+    """Images without masks, read exactly as :class:`FolderSegmentation` reads them (RGB)."""
+
+    files: tuple[Path, ...]
+    size: tuple[int, int]
+
+    def __call__(self, index: int) -> tuple[np.ndarray, None]:
+        return read_image(self.files[index], self.size, "rgb"), None
 
 
 @dataclass(frozen=True)
@@ -193,7 +190,7 @@ def _image_folder_dataset(root: Path, size: tuple[int, int], limit: int | None) 
         )
     files = files[:limit] if limit else files
     names = unique_components([p.stem for p in files], fallback="image")
-    source = _FolderSource(_ImageReader(size), tuple((p, None) for p in files))
+    source = _ImageSource(tuple(files), size)
     return AuditDataset(source, names, [str(p) for p in files], size, has_masks=False)
 
 

@@ -195,10 +195,7 @@ class FolderSegmentation(Dataset):
         Returns:
             ``[H, W, 3]`` uint8 in ``channel_order``.
         """
-        image = _imread(path, "image")
-        height, width = self.image_size
-        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
-        return np.ascontiguousarray(image[..., ::-1]) if self.channel_order == "rgb" else image
+        return read_image(path, self.image_size, self.channel_order)
 
     def read_mask(self, path: Path) -> np.ndarray:
         """Read, resize (nearest) and decode one colour mask.
@@ -276,6 +273,26 @@ def _colors(colors: set[tuple[int, int, int]]) -> str:
     shown = sorted(colors)[:5]
     more = f" and {len(colors) - 5} more" if len(colors) > 5 else ""
     return ", ".join(str(c) for c in shown) + more
+
+
+def read_image(path: Path, image_size: tuple[int, int], channel_order: str = "bgr") -> np.ndarray:
+    """One image read and resized as the seed did: cv2 colour read, bilinear resize.
+
+    Args:
+        path: the image file.
+        image_size: ``(height, width)``.
+        channel_order: ``"bgr"`` (cv2's, the seed's) or ``"rgb"``.
+
+    Returns:
+        ``[H, W, 3]`` uint8 in ``channel_order``.
+
+    Raises:
+        ValueError: if cv2 cannot read the file.
+    """
+    image = _imread(path, "image")
+    height, width = image_size
+    image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    return np.ascontiguousarray(image[..., ::-1]) if channel_order == "rgb" else image
 
 
 def _imread(path: Path, what: str) -> np.ndarray:
