@@ -46,24 +46,11 @@ def weeds(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lightning_ckpt(tmp_path_factory):
+def lightning_ckpt(tmp_path_factory, train_script):
     """last.ckpt of a short `train.py fit` run."""
     cwd = tmp_path_factory.mktemp("train")
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "fit",
-        "--config",
-        str(ROOT / "configs/synthetic.yaml"),
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=1",
-        "--trainer.enable_progress_bar=false",
-        f"--data.image_size={SIZE}",
-        "--model.base_width=4",
-    ]
-    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True, timeout=300)
-    return cwd / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    version = train_script(cwd, "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false")
+    return version / "checkpoints" / "last.ckpt"
 
 
 def save_seed_checkpoint(path, net, loss=0.25):

@@ -1,7 +1,5 @@
 """train.py / LightningCLI: both configs parse, and the default run writes logs and checkpoints."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -48,22 +46,8 @@ def test_seed_weeds_config_parses(tmp_path):
     assert scheduler["monitor"] == "val/loss"
 
 
-def test_train_script_writes_tensorboard_logs_and_checkpoint(tmp_path):
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "fit",
-        "--config",
-        str(ROOT / "configs/synthetic.yaml"),
-        "--trainer.max_epochs=2",
-        "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=1",
-        "--trainer.log_every_n_steps=1",
-        "--data.image_size=32",
-        "--model.base_width=4",
-    ]
-    subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, text=True, timeout=300)
-    version = tmp_path / "lightning_logs" / "version_0"
+def test_train_script_writes_tensorboard_logs_and_checkpoint(tmp_path, train_script):
+    version = train_script(tmp_path, "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1")
     checkpoints = sorted(p.name for p in (version / "checkpoints").glob("*.ckpt"))
     assert len(checkpoints) == 2 and checkpoints[0].startswith("best-epoch="), checkpoints
     assert checkpoints[1] == "last.ckpt"
