@@ -39,11 +39,7 @@ def cam_energy_inside(
         whether the class is present in the image's ground truth.
     """
     region = _class_regions(masks, classes, cams)
-    cams = cams.float().clamp_min(0)
-    total = cams.sum(dim=(-2, -1))
-    inside = (cams * region).sum(dim=(-2, -1))
-    share = torch.where(total > 0, inside / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
-    return share, region.any(dim=-1).any(dim=-1)
+    return energy_inside_regions(cams, region), region.flatten(-2).any(dim=-1)
 
 
 def pointing_game_hits(
@@ -62,10 +58,25 @@ def pointing_game_hits(
     if tolerance > 0:
         size = 2 * tolerance + 1
         region = F.max_pool2d(region.float(), size, stride=1, padding=tolerance) > 0
+    return pointing_hits_regions(cams, region), present
+
+
+def energy_inside_regions(cams: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """:func:`cam_energy_inside`'s share for given regions: maps ``[..., H, W]`` (negative values
+    count as 0) and boolean ``regions`` broadcastable to them; returns ``[...]``."""
+    cams = cams.float().clamp_min(0)
+    total = cams.sum(dim=(-2, -1))
+    inside = (cams * regions).sum(dim=(-2, -1))
+    return torch.where(total > 0, inside / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+
+
+def pointing_hits_regions(cams: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """:func:`pointing_game_hits`' hits for given regions: maps ``[..., H, W]`` and boolean
+    ``regions`` broadcastable to them; returns ``[...]`` bool (the first maximum counts)."""
     flat = cams.float().flatten(-2)
-    peak = flat.argmax(dim=-1, keepdim=True)
-    hits = region.flatten(-2).gather(-1, peak).squeeze(-1) & (flat.amax(dim=-1) > 0)
-    return hits, present
+    peak_value, peak = flat.max(dim=-1, keepdim=True)
+    on_region = regions.expand(cams.shape).flatten(-2).gather(-1, peak)
+    return (on_region & (peak_value > 0)).squeeze(-1)
 
 
 class _PerClassMean(Metric):
