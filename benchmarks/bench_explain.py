@@ -12,6 +12,13 @@ workers), so **data loading is included in both**:
   the threads render a batch while the next is explained; on the CPU each batch's files are
   written before the next engine call (PyTorch already uses every core there).
 
+On the CPU a second, paired figure is printed: batch by batch, the same batch is predicted and
+audited (engine, metrics, files) back to back, alternating which goes first, and the ratio is the
+sum of the inference times over the sum of the audit times (data loading excluded from both, which
+can only lower the ratio). Consecutive timings share the machine's state, so on a shared machine
+this is much steadier than whole rounds, whose ratios vary by about +-0.15 on the 2-core VM of
+benchmarks/RESULTS.md.
+
 Checkpoint loading and the end-of-run files (``metrics.csv``, ``summary.json``,
 ``report.html``; once per run, not per image) are timed separately and shown, not in the ratio.
 The model is a seed-format ``.pth`` of a randomly initialised U-Net (speed does not depend on
@@ -40,8 +47,10 @@ from segcam_lightning.audit import (
     AuditSettings,
     audit_local,
     default_render_threads,
+    explain_batch,
     finish,
     make_loader,
+    make_writer,
     prepare,
 )
 from segcam_lightning.cam import predicted_classes
@@ -68,6 +77,37 @@ def inference_seconds(plan, settings: AuditSettings) -> float:
             preds.cpu()
     sync(plan.device)
     return time.perf_counter() - start
+
+
+def paired_seconds(plan, settings: AuditSettings) -> tuple[float, float]:
+    """Per batch, inference then audit (or audit then inference, alternating): summed seconds.
+
+    CPU only: there the writer has written a batch's files when ``submit`` returns.
+    """
+    model = plan.models[0]
+    writer = make_writer(plan)
+    seconds = {"inference": 0.0, "audit": 0.0}
+
+    def inference(batch):
+        with torch.inference_mode():
+            x = batch["image"].float().div_(255.0)
+            predicted_classes(model.net(x.flip(1) if model.bgr else x)).cpu()
+
+    def audit(batch):
+        writer.submit(explain_batch(plan.models, batch, plan.classes, plan.device))
+
+    with opencv_threads(1):
+        writer.open()
+        try:
+            for i, batch in enumerate(make_loader(plan.dataset, settings, pin=False)):
+                steps = (("inference", inference), ("audit", audit))
+                for name, step in steps if i % 2 == 0 else steps[::-1]:
+                    start = time.perf_counter()
+                    step(batch)
+                    seconds[name] += time.perf_counter() - start
+        finally:
+            writer.close()
+    return seconds["inference"], seconds["audit"]
 
 
 def audit_seconds(plan) -> tuple[float, float, object]:
@@ -170,6 +210,15 @@ def main() -> None:
             print(
                 f"{round_:>5} {rates['inference']:>16.1f} {rates['audit']:>12.1f} "
                 f"{ratios[-1]:>6.2f} {files:>6}"
+            )
+        if plan.device.type == "cpu":
+            paired = [paired_seconds(plan, settings) for _ in range(max(1, args.repeats // 2))]
+            inference, audit = (sum(p[i] for p in paired) for i in (0, 1))
+            batches = len(paired) * -(-args.num // args.batch_size)
+            print(
+                f"paired, batch by batch ({batches} batches, loading excluded): inference "
+                f"{1e3 * inference / batches:.1f} ms, audit {1e3 * audit / batches:.1f} ms per "
+                f"batch, ratio {inference / audit:.2f}"
             )
         print(
             f"median ratio audit / inference: {statistics.median(ratios):.2f} (goal >= 0.75; "

@@ -39,7 +39,7 @@ from segcam_lightning.audit.cli import build_parser, list_layers, main
 from segcam_lightning.audit.data import AuditDataset, build_dataset, make_loader
 from segcam_lightning.audit.paths import OutputLayout, safe_component, safe_join, unique_components
 from segcam_lightning.audit.report import AuditOutcome, finish
-from segcam_lightning.audit.run import AuditPlan, audit_local, prepare, run_audit
+from segcam_lightning.audit.run import AuditPlan, audit_local, make_writer, prepare, run_audit
 from segcam_lightning.audit.settings import CSV_COLUMNS, AuditSettings, UnsafePathError, UsageError
 from segcam_lightning.audit.writer import LocalResult, OutputWriter, default_render_threads
 
@@ -65,6 +65,7 @@ __all__ = [
     "list_layers",
     "main",
     "make_loader",
+    "make_writer",
     "prepare",
     "run_audit",
     "safe_component",

@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--render-threads",
         type=_positive_int,
         metavar="N",
-        help="threads rendering and writing images beside the model (default: half the CPU "
-        "cores, 2 to 8)",
+        help="threads rendering and writing images (default: half the CPU cores, 2 to 8); on a "
+        "GPU they work while the next batch is explained, on the CPU between batches",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     output = parser.add_argument_group("output")

@@ -276,7 +276,7 @@ def audit_local(plan: AuditPlan) -> LocalResult:
 
     Returns once every file is on disk; :func:`finish` then writes the CSV, summary and report.
     """
-    writer = _make_writer(plan)
+    writer = make_writer(plan)
     loader = make_loader(plan.dataset, plan.settings, pin=plan.device.type == "cuda")
     with opencv_threads(1):
         writer.open()
@@ -295,7 +295,8 @@ def audit_local(plan: AuditPlan) -> LocalResult:
     return result
 
 
-def _make_writer(plan: AuditPlan) -> OutputWriter:
+def make_writer(plan: AuditPlan) -> OutputWriter:
+    """The run's :class:`OutputWriter`: it renders in a pool and overlaps only on a GPU."""
     return OutputWriter(
         plan.layout,
         plan.models[0].engine.layer_names,
@@ -311,7 +312,7 @@ def _make_writer(plan: AuditPlan) -> OutputWriter:
 def _run_distributed(plan: AuditPlan) -> list[LocalResult] | None:
     settings = plan.settings
     module = _AuditModule(plan.models, plan.classes)
-    callback = _AuditPredictionWriter(_make_writer(plan))
+    callback = _AuditPredictionWriter(make_writer(plan))
     accelerator = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[settings.device]
     trainer = L.Trainer(
         accelerator=accelerator,
