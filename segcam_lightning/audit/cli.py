@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -278,34 +279,11 @@ def _colormap_arg(text: str) -> tuple[tuple[int, int, int], ...]:
 
 
 def settings_from_args(args: argparse.Namespace) -> AuditSettings:
-    """:class:`AuditSettings` from parsed command-line arguments."""
-    return AuditSettings(
-        checkpoints=tuple(args.checkpoint),
-        data=args.data,
-        out=args.out,
-        layers=tuple(args.layers),
-        method=args.method,
-        target=args.target,
-        normalize=args.normalize,
-        classes=tuple(args.classes) if args.classes else None,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=args.device,
-        num_classes=args.num_classes,
-        colormap=args.colormap,
-        class_names=tuple(args.class_names) if args.class_names else None,
-        size=args.size,
-        channel_order=args.channel_order,
-        trust_checkpoint=args.trust_checkpoint,
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        strategy=args.strategy,
-        report_images=args.report_images,
-        render_threads=args.render_threads,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
+    """:class:`AuditSettings` from parsed command-line arguments (one option per field)."""
+    values = {f.name: getattr(args, f.name) for f in fields(AuditSettings) if hasattr(args, f.name)}
+    for name in ("layers", "classes", "class_names"):  # lists from nargs="+" -> tuples
+        values[name] = tuple(values[name]) if values[name] else None
+    return AuditSettings(**values, checkpoints=tuple(args.checkpoint), progress=not args.quiet)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
