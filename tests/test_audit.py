@@ -26,6 +26,7 @@ from segcam_lightning.audit import (
 )
 from segcam_lightning.checkpoints import CheckpointError, UnsafeCheckpointError, load_checkpoint
 from segcam_lightning.data import FolderSegmentation, write_synthetic_dataset
+from segcam_lightning.data.synthetic import main as synthetic_command
 from segcam_lightning.models import UNet, build_unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,10 +40,12 @@ CLASSES = 3
 
 @pytest.fixture(scope="module")
 def weeds(tmp_path_factory):
-    """A seed-format folder (images/*.jpg, masks/*.png in the seed's colormap)."""
-    return write_synthetic_dataset(
-        tmp_path_factory.mktemp("data") / "weeds", num_samples=NUM_IMAGES, image_size=SIZE
-    )
+    """A seed-format folder (images/*.jpg, masks/*.png in the seed's colormap), written by the
+    synthetic-data command (``segcam-synthetic``'s entry point)."""
+    root = tmp_path_factory.mktemp("data") / "weeds"
+    argv = ["--out", str(root), "--num", str(NUM_IMAGES), "--size", str(SIZE)]
+    assert synthetic_command(argv) == 0
+    return root
 
 
 @pytest.fixture(scope="module")
