@@ -207,12 +207,19 @@ def test_seed_checkpoint_is_fed_bgr_and_writes_one_folder_per_layer(seed_pth, we
     assert_report_images_exist(out)
 
 
-def test_real_seed_checkpoint_is_recognised(tmp_path):
-    path = save_seed_checkpoint(tmp_path / "seed.pth", build_unet(3))
+def test_real_seed_checkpoint_is_recognised_and_audited_where_the_seed_writes(weeds, tmp_path):
+    path = save_seed_checkpoint(tmp_path / "seed.pth", build_unet(3))  # the blog's full U-Net
     loaded = load_checkpoint(path)
     assert (loaded.kind, loaded.base_width, loaded.num_classes) == ("seed", 64, 3)
     assert loaded.channel_order == "bgr" and loaded.epoch == 7
     assert not loaded.net.training
+    out = tmp_path / "results"
+    assert audit("--checkpoint", path, "--data", weeds, "--size", SIZE, out=out) == 0
+    written = {p.relative_to(out).as_posix() for p in (out / "gradcam").rglob("*.jpg")}
+    expected = {f"gradcam/{k}/{name}.jpg" for k in range(CLASSES) for name in names(weeds)}
+    assert written == expected  # the seed's results/gradcam/<class_idx>/<name>.jpg, nothing else
+    assert len(read_rows(out)) == NUM_IMAGES * CLASSES
+    assert_report_images_exist(out)
 
 
 def test_bare_state_dict_with_a_prefix_loads(tmp_path):
