@@ -20,8 +20,6 @@ from segcam_lightning.cam import (
 from segcam_lightning.checkpoints import LoadedCheckpoint
 from segcam_lightning.metrics import energy_inside_regions, pointing_hits_regions
 
-# --------------------------------------------------------------------------- the engine side
-
 
 @dataclass
 class AuditModel:

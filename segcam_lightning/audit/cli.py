@@ -324,9 +324,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- --list-layers
-
-
 def list_layers(settings: AuditSettings) -> str:
     """The ``--list-layers`` table of every checkpoint: name, type, output shape, seed tips.
 

@@ -23,8 +23,6 @@ from segcam_lightning.audit.settings import (
 from segcam_lightning.data.folder import IMAGE_EXTENSIONS, FolderSegmentation, read_image
 from segcam_lightning.data.synthetic import SYNTHETIC_CLASS_NAMES, SyntheticSegmentation
 
-# --------------------------------------------------------------------------- data
-
 
 @dataclass(frozen=True)
 class _FolderSource:

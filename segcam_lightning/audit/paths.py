@@ -11,8 +11,6 @@ from pathlib import Path
 
 from segcam_lightning.audit.settings import UnsafePathError
 
-# --------------------------------------------------------------------------- output paths
-
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._=+-]+")
 _MAX_NAME = 120
 

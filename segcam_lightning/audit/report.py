@@ -22,9 +22,6 @@ if TYPE_CHECKING:
     from segcam_lightning.audit.run import AuditPlan
 
 
-# --------------------------------------------------------------------------- finishing
-
-
 @dataclass
 class AuditOutcome:
     """What a finished run reports (global rank 0 only)."""

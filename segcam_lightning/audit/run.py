@@ -36,8 +36,6 @@ from segcam_lightning.render import (
     opencv_threads,
 )
 
-# --------------------------------------------------------------------------- preparing a run
-
 
 @dataclass
 class AuditPlan:

@@ -48,9 +48,6 @@ class UnsafePathError(ValueError):
     """An output path that would land outside the output folder."""
 
 
-# --------------------------------------------------------------------------- settings and CLI
-
-
 @dataclass(frozen=True)
 class AuditSettings:
     """Everything an audit run needs; :func:`build_parser` documents each field.

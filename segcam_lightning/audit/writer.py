@@ -17,12 +17,7 @@ import numpy as np
 from segcam_lightning.audit.batches import BatchResult
 from segcam_lightning.audit.paths import OutputLayout
 from segcam_lightning.audit.settings import JPEG_PARAMS, VALUE_NAMES
-from segcam_lightning.render import (
-    colorize_mask,
-    seed_panels,
-)
-
-# --------------------------------------------------------------------------- writing
+from segcam_lightning.render import colorize_mask, seed_panels
 
 
 @dataclass
@@ -46,7 +41,7 @@ class OutputWriter:
     while the next one is explained; without it (the CPU computes them with every core), the
     batch's files are written before :meth:`submit` returns: render threads running beside
     PyTorch's own threads would stall its parallel kernels (measured: the audit then spent ~9 ms
-    per 128² image on rendering that takes 2.8 ms on one thread; see benchmarks/RESULTS.md).
+    per 128² image on rendering that takes 2.6 ms on one thread; see benchmarks/RESULTS.md).
 
     Args:
         layout: where files go.
