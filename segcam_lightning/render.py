@@ -62,19 +62,29 @@ def _rgb_lut(colormap: int) -> np.ndarray:
     return np.ascontiguousarray(cv2.applyColorMap(ramp, colormap)[:, :, ::-1])
 
 
-def colorize_cam(cam: torch.Tensor | np.ndarray, colormap: int = cv2.COLORMAP_JET) -> np.ndarray:
-    """A map ``[H, W]`` in [0, 1] through an OpenCV colour map, as RGB uint8 ``[H, W, 3]``."""
+def _apply_colormap(scaled: np.ndarray, colormap: int | np.ndarray) -> np.ndarray:
+    """``cv2.applyColorMap`` in RGB; ``colormap``: a built-in id or a ``[256, 1, 3]`` BGR table."""
+    if isinstance(colormap, np.ndarray):
+        return cv2.cvtColor(cv2.applyColorMap(scaled, colormap), cv2.COLOR_BGR2RGB)
+    return cv2.applyColorMap(scaled, _rgb_lut(int(colormap)))
+
+
+def colorize_cam(
+    cam: torch.Tensor | np.ndarray, colormap: int | np.ndarray = cv2.COLORMAP_JET
+) -> np.ndarray:
+    """A map ``[H, W]`` in [0, 1] through an OpenCV colour map (an id such as
+    ``cv2.COLORMAP_JET``, or a ``[256, 1, 3]`` BGR table), as RGB uint8 ``[H, W, 3]``."""
     if isinstance(cam, torch.Tensor):
         cam = cam.detach().float().cpu().numpy()
     scaled = np.clip(cam * 255.0, 0, 255).astype(np.uint8)
-    return cv2.applyColorMap(scaled, _rgb_lut(colormap))
+    return _apply_colormap(scaled, colormap)
 
 
 def overlay_cam(
     image: np.ndarray,
     cam: torch.Tensor | np.ndarray,
     alpha: float = 0.4,
-    colormap: int = cv2.COLORMAP_JET,
+    colormap: int | np.ndarray = cv2.COLORMAP_JET,
 ) -> np.ndarray:
     """Blend a CAM over an image as the seed did: ``alpha * image + (1 - alpha) * heatmap``.
 
@@ -118,7 +128,7 @@ def seed_panels(
     cams: np.ndarray,
     binary_masks: np.ndarray | None = None,
     alpha: float = 0.4,
-    colormap: int = cv2.COLORMAP_JET,
+    colormap: int | np.ndarray = cv2.COLORMAP_JET,
     gap: int = SEPARATOR,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every class's seed panel of one image at once (one OpenCV call per step, not per class).
@@ -138,7 +148,7 @@ def seed_panels(
     """
     n, h, w = cams.shape
     scaled = np.clip(cams * 255.0, 0, 255).astype(np.uint8).reshape(n * h, w)
-    heat = cv2.applyColorMap(scaled, _rgb_lut(colormap))
+    heat = _apply_colormap(scaled, colormap)
     tiled = np.ascontiguousarray(np.broadcast_to(image, (n, h, w, 3))).reshape(n * h, w, 3)
     overlays = cv2.addWeighted(tiled, alpha, heat, 1.0 - alpha, 0).reshape(n, h, w, 3)
     tiles = 2 if binary_masks is None else 3

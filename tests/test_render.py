@@ -100,3 +100,10 @@ def test_seed_panels_equal_one_panel_at_a_time(with_masks):
             else hstack_with_separators([image, overlay])
         )
         np.testing.assert_array_equal(panels[k], expected)
+
+
+def test_colorize_cam_takes_a_bgr_table_as_opencv_does():
+    table = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(256, 1), cv2.COLORMAP_HOT)
+    cam = np.random.default_rng(2).random((9, 7)).astype(np.float32)
+    expected = colorize_cam(cam, cv2.COLORMAP_HOT)
+    np.testing.assert_array_equal(colorize_cam(cam, table), expected)

@@ -34,23 +34,63 @@ one process or ``Trainer.predict``), :mod:`~segcam_lightning.audit.data`,
 (nothing escapes ``--out``) and :mod:`~segcam_lightning.audit.report` (CSV, JSON, HTML).
 """
 
-from segcam_lightning.audit.batches import BatchResult, alignment_values, explain_batch
-from segcam_lightning.audit.cli import build_parser, list_layers, main
+from segcam_lightning.audit.batches import (
+    AuditModel,
+    BatchResult,
+    ModelBatch,
+    alignment_values,
+    explain_batch,
+)
+from segcam_lightning.audit.cli import build_parser, list_layers, main, settings_from_args
 from segcam_lightning.audit.data import AuditDataset, build_dataset, make_loader
 from segcam_lightning.audit.paths import OutputLayout, safe_component, safe_join, unique_components
-from segcam_lightning.audit.report import AuditOutcome, finish
-from segcam_lightning.audit.run import AuditPlan, audit_local, make_writer, prepare, run_audit
-from segcam_lightning.audit.settings import CSV_COLUMNS, AuditSettings, UnsafePathError, UsageError
+from segcam_lightning.audit.report import (
+    AuditOutcome,
+    build_summary,
+    class_means,
+    finish,
+    render_report,
+    write_metrics_csv,
+)
+from segcam_lightning.audit.run import (
+    AuditPlan,
+    audit_local,
+    load_models,
+    make_writer,
+    prepare,
+    resolve_device,
+    run_audit,
+)
+from segcam_lightning.audit.settings import (
+    CSV_COLUMNS,
+    DEFAULT_LAYER,
+    PROG,
+    SYNTHETIC,
+    SYNTHETIC_DEFAULT_COUNT,
+    SYNTHETIC_TEST_SEED,
+    VALUE_NAMES,
+    AuditSettings,
+    UnsafePathError,
+    UsageError,
+)
 from segcam_lightning.audit.writer import LocalResult, OutputWriter, default_render_threads
 
 __all__ = [
     "CSV_COLUMNS",
+    "DEFAULT_LAYER",
+    "PROG",
+    "SYNTHETIC",
+    "SYNTHETIC_DEFAULT_COUNT",
+    "SYNTHETIC_TEST_SEED",
+    "VALUE_NAMES",
     "AuditDataset",
+    "AuditModel",
     "AuditOutcome",
     "AuditPlan",
     "AuditSettings",
     "BatchResult",
     "LocalResult",
+    "ModelBatch",
     "OutputLayout",
     "OutputWriter",
     "UnsafePathError",
@@ -59,16 +99,23 @@ __all__ = [
     "audit_local",
     "build_dataset",
     "build_parser",
+    "build_summary",
+    "class_means",
     "default_render_threads",
     "explain_batch",
     "finish",
     "list_layers",
+    "load_models",
     "main",
     "make_loader",
     "make_writer",
     "prepare",
+    "render_report",
+    "resolve_device",
     "run_audit",
     "safe_component",
     "safe_join",
+    "settings_from_args",
     "unique_components",
+    "write_metrics_csv",
 ]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed
@@ -192,12 +193,21 @@ def _image_folder_dataset(root: Path, size: tuple[int, int], limit: int | None) 
     return AuditDataset(source, names, [str(p) for p in files], size, has_masks=False)
 
 
+def _init_worker(_worker_id: int) -> None:
+    # One OpenCV thread per worker (PyTorch already sets its own to one). A forked worker has
+    # inherited opencv_threads(1) and must not call cv2.setNumThreads (see make_loader); a
+    # spawned one (macOS, forkserver) starts with OpenCV's full pool and may.
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+
+
 def make_loader(dataset: AuditDataset, settings: AuditSettings, pin: bool) -> DataLoader:
     """The audit's DataLoader: in order, ``--batch-size``, ``--num-workers``.
 
-    Iterate it inside :func:`~segcam_lightning.render.opencv_threads` ``(1)``: the workers then
-    decode and resize on one OpenCV thread each (PyTorch sets theirs to one) and are forked
-    safely after the render threads have used OpenCV.
+    Iterate it inside :func:`~segcam_lightning.render.opencv_threads` ``(1)``: forked workers
+    then inherit one OpenCV thread each. A worker forked after the render threads have used
+    OpenCV's pool blocks for ever in ``cv2.setNumThreads`` (OpenCV's pthreads backend; seen
+    with ``os.fork`` alone), so a worker only calls it when it did not inherit 1.
     """
     workers = settings.num_workers
     return DataLoader(
@@ -206,5 +216,6 @@ def make_loader(dataset: AuditDataset, settings: AuditSettings, pin: bool) -> Da
         shuffle=False,
         num_workers=workers,
         pin_memory=pin,
+        worker_init_fn=_init_worker if workers else None,
         prefetch_factor=4 if workers else None,
     )
