@@ -39,6 +39,7 @@ import platform
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,7 +47,6 @@ import torch
 from segcam_lightning.audit import (
     AuditSettings,
     audit_local,
-    default_render_threads,
     explain_batch,
     finish,
     make_loader,
@@ -64,17 +64,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def predict(model, batch, device: torch.device) -> None:
+    """Plain inference of one batch: forward, each pixel's class, predictions to the CPU."""
+    with torch.inference_mode():
+        x = batch["image"].to(device, non_blocking=True).float().div_(255.0)
+        predicted_classes(model.net(x.flip(1) if model.bgr else x)).cpu()
+
+
 def inference_seconds(plan, settings: AuditSettings) -> float:
     """Forward + per-pixel class + predictions to the CPU over the audit's DataLoader."""
     model = plan.models[0]
     loader = make_loader(plan.dataset, settings, pin=plan.device.type == "cuda")
     sync(plan.device)
     start = time.perf_counter()
-    with torch.inference_mode(), opencv_threads(1):  # the audit's setting, see make_loader
+    with opencv_threads(1):  # the audit's setting, see make_loader
         for batch in loader:
-            x = batch["image"].to(plan.device, non_blocking=True).float().div_(255.0)
-            preds = predicted_classes(model.net(x.flip(1) if model.bgr else x))
-            preds.cpu()
+            predict(model, batch, plan.device)
     sync(plan.device)
     return time.perf_counter() - start
 
@@ -88,11 +93,6 @@ def paired_seconds(plan, settings: AuditSettings) -> tuple[float, float]:
     writer = make_writer(plan)
     seconds = {"inference": 0.0, "audit": 0.0}
 
-    def inference(batch):
-        with torch.inference_mode():
-            x = batch["image"].float().div_(255.0)
-            predicted_classes(model.net(x.flip(1) if model.bgr else x)).cpu()
-
     def audit(batch):
         writer.submit(explain_batch(plan.models, batch, plan.classes, plan.device))
 
@@ -100,6 +100,7 @@ def paired_seconds(plan, settings: AuditSettings) -> tuple[float, float]:
         writer.open()
         try:
             for i, batch in enumerate(make_loader(plan.dataset, settings, pin=False)):
+                inference = partial(predict, model, device=plan.device)
                 steps = (("inference", inference), ("audit", audit))
                 for name, step in steps if i % 2 == 0 else steps[::-1]:
                     start = time.perf_counter()
@@ -187,7 +188,7 @@ def main() -> None:
         )
         print(
             f"{args.num} images {args.size}², U-Net width {args.width}, batch {args.batch_size}, "
-            f"{args.num_workers} workers, {args.render_threads or default_render_threads()} render "
+            f"{args.num_workers} workers, {plan.render_threads} render "
             f"threads, report tiles for "
             f"{min(args.report_images, args.num)} images; audit: gradcam at d4.conv.conv.5, "
             f"{len(plan.classes)} classes; data loading included in both"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from segcam_lightning.audit.paths import OutputLayout, safe_join
 from segcam_lightning.audit.settings import CSV_COLUMNS, TIP_NAMES
-from segcam_lightning.audit.writer import LocalResult, default_render_threads
+from segcam_lightning.audit.writer import LocalResult
 
 if TYPE_CHECKING:
     from segcam_lightning.audit.run import AuditPlan
@@ -175,7 +175,7 @@ def build_summary(
         class_names=plan.class_names,
         layers=list(plan.layout.layers),
         device=str(plan.device),
-        render_threads=plan.settings.render_threads or default_render_threads(),
+        render_threads=plan.render_threads,
         has_ground_truth=plan.dataset.has_masks,
     )
     return {

@@ -52,6 +52,11 @@ class AuditPlan:
     layout: OutputLayout
     load_seconds: float
 
+    @property
+    def render_threads(self) -> int:
+        """``--render-threads``, or :func:`default_render_threads` when not given."""
+        return self.settings.render_threads or default_render_threads()
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` → cuda if available, else cpu.
@@ -302,7 +307,7 @@ def make_writer(plan: AuditPlan) -> OutputWriter:
         plan.class_names,
         plan.colormap,
         plan.settings.report_images,
-        plan.settings.render_threads or default_render_threads(),
+        plan.render_threads,
         overlap=plan.device.type != "cpu",
     )
 

@@ -162,6 +162,7 @@ class OutputWriter:
         index, name, image = batch.indices[b], batch.names[b], batch.images[b]
         mask = batch.masks[b] if batch.masks is not None else None
         in_report = index < self.report_limit
+        regions = mask[None] == self._class_ids if mask is not None else None  # [K, H, W]
         written = 0
         if in_report:
             _imwrite(self.layout.input_tile(name), image, JPEG_PARAMS)
@@ -174,7 +175,6 @@ class OutputWriter:
                 pred = colorize_mask(model.preds[b], self.colormap)
                 _imwrite(self.layout.prediction_tile(name, m), pred)
                 written += 1
-            regions = mask[None] == self._class_ids if mask is not None else None
             for layer in range(len(self.layer_names)):
                 panels, overlays = seed_panels(image, model.cams[b, layer], regions)
                 for k, class_idx in enumerate(self.classes):
