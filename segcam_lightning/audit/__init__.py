@@ -43,7 +43,13 @@ from segcam_lightning.audit.batches import (
 )
 from segcam_lightning.audit.cli import build_parser, list_layers, main, settings_from_args
 from segcam_lightning.audit.data import AuditDataset, build_dataset, make_loader
-from segcam_lightning.audit.paths import OutputLayout, safe_component, safe_join, unique_components
+from segcam_lightning.audit.paths import (
+    OutputLayout,
+    UnsafePathError,
+    safe_component,
+    safe_join,
+    unique_components,
+)
 from segcam_lightning.audit.report import (
     AuditOutcome,
     build_summary,
@@ -70,7 +76,6 @@ from segcam_lightning.audit.settings import (
     SYNTHETIC_TEST_SEED,
     VALUE_NAMES,
     AuditSettings,
-    UnsafePathError,
     UsageError,
 )
 from segcam_lightning.audit.writer import LocalResult, OutputWriter, default_render_threads

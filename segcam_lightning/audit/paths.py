@@ -2,71 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import re
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from segcam_lightning.audit.settings import UnsafePathError
+from segcam_lightning.paths import UnsafePathError, safe_component, safe_join, unique_components
 
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._=+-]+")
-_MAX_NAME = 120
-
-
-def safe_component(text: str, fallback: str = "item") -> str:
-    """``text`` as one harmless path component: ``[A-Za-z0-9._=+-]``, not starting with ``.``,
-    ``_`` or ``-``, not empty.
-
-    Example:
-        >>> safe_component("../a b/c"), safe_component(".."), safe_component("best-epoch=03")
-        ('a_b_c', 'item', 'best-epoch=03')
-    """
-    name = _UNSAFE_CHARS.sub("_", text).lstrip("._-")[:_MAX_NAME].rstrip(".")
-    return name or fallback
-
-
-def unique_components(texts: Sequence[str], fallback: str = "item") -> list[str]:
-    """:func:`safe_component` of each text, with ``-2``, ``-3``, ... appended to repeats."""
-    seen: set[str] = set()
-    out = []
-    for text in texts:
-        base = safe_component(text, fallback)
-        name, n = base, 1
-        while name.lower() in seen:  # case-insensitive file systems
-            n += 1
-            name = f"{base}-{n}"
-        seen.add(name.lower())
-        out.append(name)
-    return out
-
-
-def safe_join(root: Path, *parts: str) -> Path:
-    """``root / parts...``, refusing anything that could land outside ``root``.
-
-    Raises:
-        UnsafePathError: for an empty, ``.``/``..``, absolute or separator-holding part, or a
-            joined path outside ``root``.
-    """
-    for part in parts:
-        if (
-            not part
-            or part in (".", "..")
-            or "/" in part
-            or "\\" in part
-            or "\0" in part
-            or os.path.isabs(part)
-        ):
-            raise UnsafePathError(
-                f"Refusing to write {part!r} under {root}: output names must be single path "
-                "components, not '', '.', '..', absolute paths or paths with separators."
-            )
-    path = root.joinpath(*parts)
-    base = os.path.normpath(os.path.abspath(root))
-    if os.path.commonpath([base, os.path.normpath(os.path.abspath(path))]) != base:
-        raise UnsafePathError(f"Refusing to write {path}: it is outside the output folder {root}.")
-    return path
+__all__ = ["OutputLayout", "UnsafePathError", "safe_component", "safe_join", "unique_components"]
 
 
 @dataclass(frozen=True)

@@ -44,10 +44,6 @@ class UsageError(Exception):
     """A mistake in the command line or its inputs: :func:`main` prints it and exits with 2."""
 
 
-class UnsafePathError(ValueError):
-    """An output path that would land outside the output folder."""
-
-
 @dataclass(frozen=True)
 class AuditSettings:
     """Everything an audit run needs; :func:`build_parser` documents each field.
