@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
+from jsonargparse import Namespace
+from jsonargparse.typing import import_object
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from segcam_lightning.data import SegmentationDataModule
@@ -14,6 +19,41 @@ class SegCamCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        """Instantiate as LightningCLI does; a class that rejects its settings is reported in
+        one line (``error: <class>: <its message>``, exit 2) instead of jsonargparse's
+        traceback, in which the message is one of several "Union subtypes" errors."""
+        try:
+            super().instantiate_classes()
+        except (TypeError, ValueError) as error:
+            self.parser.error(self._rejected_settings(error))
+
+    def _rejected_settings(self, error: Exception) -> str:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for class_path, init_args in _class_configs(config):
+            try:
+                import_object(class_path)(**init_args)
+            except (TypeError, ValueError) as own:
+                return f"{class_path}: {own}"
+            except Exception:  # not the culprit, or not instantiable alone
+                continue
+        return str(error).strip().splitlines()[0]
+
+
+def _class_configs(config: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every ``(class_path, init_args)`` pair in a parsed config, depth first."""
+    if isinstance(config, Namespace):
+        class_path = config.get("class_path")
+        if isinstance(class_path, str):
+            init_args = config.get("init_args")
+            args = init_args.as_dict() if isinstance(init_args, Namespace) else {}
+            yield class_path, args
+        for value in vars(config).values():
+            yield from _class_configs(value)
+    elif isinstance(config, (list, tuple)):
+        for value in config:
+            yield from _class_configs(value)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> SegCamCLI:

@@ -12,17 +12,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
 
 from segcam_lightning.cam.functional import predicted_classes
+from segcam_lightning.data.batch import split_batch
 from segcam_lightning.losses import DiceCELoss
 from segcam_lightning.models import build_unet
-
-
-def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images ``[B, C, H, W]`` and masks ``[B, H, W]`` (or ``None``) from a dict or tuple batch."""
-    if isinstance(batch, dict):
-        return batch["image"], batch.get("mask")
-    if isinstance(batch, (tuple, list)):
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    return batch, None
 
 
 class SegmentationModule(L.LightningModule):

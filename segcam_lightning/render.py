@@ -17,7 +17,6 @@ import torch
 
 from segcam_lightning.data.colormap import mask_to_color
 
-WHITE = (255, 255, 255)
 SEPARATOR = 10  # the seed's white gap between panel tiles, in pixels
 
 
@@ -36,6 +35,72 @@ def opencv_threads(count: int) -> Iterator[None]:
         yield
     finally:
         cv2.setNumThreads(before)
+
+
+def display_images(
+    images: torch.Tensor,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    channel_order: str = "rgb",
+) -> torch.Tensor:
+    """Model inputs as the pictures they are: ``[B, C, H, W]`` → RGB ``[B, 3, H, W]`` in [0, 1].
+
+    Undoes the data's normalisation (``x * std + mean``, per channel), puts BGR inputs in RGB
+    order and shows one-channel inputs (a grayscale photo, a CT or MRI slice) as gray. Inputs
+    with more than three channels show their first three.
+
+    Without ``mean``/``std``, images already in [0, 1] are shown as they are; images outside
+    it (normalised by a transform the caller did not name, or in 0..255) are min-max stretched
+    per image, so they show their content rather than clipped noise.
+
+    Args:
+        images: ``[B, C, H, W]`` float.
+        mean: the normalisation's per-channel mean (one value, or ``C``).
+        std: the normalisation's per-channel standard deviation (one value, or ``C``).
+        channel_order: ``"rgb"`` or ``"bgr"``, the inputs' channel order.
+
+    Returns:
+        ``[B, 3, H, W]`` float32 in [0, 1] on the CPU.
+
+    Raises:
+        ValueError: for a ``mean``/``std`` that matches neither 1 nor ``C`` channels, a zero
+            ``std`` or an unknown ``channel_order``.
+    """
+    if channel_order not in ("rgb", "bgr"):
+        raise ValueError(f"Expected `channel_order` 'rgb' or 'bgr', but got {channel_order!r}.")
+    if images.ndim != 4:
+        raise ValueError(f"Expected images [B, C, H, W], but got shape {list(images.shape)}.")
+    x = images.detach().float().cpu()
+    channels = x.shape[1]
+    if mean is not None or std is not None:
+        m = _per_channel("image_mean", 0.0 if mean is None else mean, channels)
+        s = _per_channel("image_std", 1.0 if std is None else std, channels)
+        if (s == 0).any():
+            raise ValueError(f"Expected a non-zero `image_std`, but got {s.tolist()}.")
+        x = x * s.view(1, -1, 1, 1) + m.view(1, -1, 1, 1)
+    elif x.numel() and (x.amin() < -1e-3 or x.amax() > 1 + 1e-3):
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        span = x.amax(dim=(1, 2, 3), keepdim=True) - lo
+        x = torch.where(span > 0, (x - lo) / span.clamp_min(1e-12), 0.0)
+    if channels >= 3:
+        x = x[:, :3]
+        if channel_order == "bgr":
+            x = x.flip(1)
+    else:
+        x = x[:, :1].expand(-1, 3, -1, -1)
+    return x.clamp(0.0, 1.0).contiguous()
+
+
+def _per_channel(name: str, values: float | Sequence[float], channels: int) -> torch.Tensor:
+    tensor = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
+    if tensor.numel() == 1:
+        return tensor.expand(channels)
+    if tensor.numel() != channels:
+        raise ValueError(
+            f"Expected `{name}` with one value or one per input channel ({channels}), but got "
+            f"{tensor.tolist()}."
+        )
+    return tensor
 
 
 def to_uint8_image(image: torch.Tensor | np.ndarray) -> np.ndarray:

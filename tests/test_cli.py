@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch.cli import ReduceLROnPlateau
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -75,3 +76,23 @@ def test_synthetic_config_enables_the_cam_callback():
     (callback,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "GradCAMCallback"]
     assert callback.layers == ["d4.conv.conv.5", "e4.conv.conv.5"]
     assert callback.every_n_epochs == 1
+
+
+def test_settings_a_callback_rejects_are_one_line_and_exit_2(tmp_path, capsys):
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "configs/synthetic.yaml"),
+        "--trainer.callbacks+=segcam_lightning.callback.GradCAMCallback",
+        "--trainer.callbacks.layers=[]",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        "error: segcam_lightning.callback.GradCAMCallback: Expected `layers` to be a non-empty"
+        in err
+    )
+    assert "Traceback" not in err and "Union subtypes" not in err

@@ -1,5 +1,6 @@
 """Datasets: embedded synthetic plants, seed-format folders, the seed's split, augmentation."""
 
+from segcam_lightning.data.batch import BatchAdapter, split_batch
 from segcam_lightning.data.colormap import SEED_COLORMAP, color_to_mask, mask_to_color
 from segcam_lightning.data.datamodule import SegmentationDataModule
 from segcam_lightning.data.folder import FolderSegmentation, pair_files
@@ -14,6 +15,7 @@ from segcam_lightning.data.transforms import RandomFlip
 __all__ = [
     "SEED_COLORMAP",
     "SYNTHETIC_CLASS_NAMES",
+    "BatchAdapter",
     "FolderSegmentation",
     "RandomFlip",
     "SegmentationDataModule",
@@ -21,6 +23,7 @@ __all__ = [
     "color_to_mask",
     "mask_to_color",
     "pair_files",
+    "split_batch",
     "split_indices",
     "write_synthetic_dataset",
 ]
