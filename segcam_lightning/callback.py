@@ -1,7 +1,7 @@
 """GradCAMCallback: watch, epoch by epoch, where the model looks for each class.
 
 At the end of validation (every ``every_n_epochs``) the callback runs the CAM engine on a fixed
-probe batch taken from the validation set, logs one grid per layer and class (input, ground
+probe batch taken from the validation data, logs one grid per layer and class (input, ground
 truth, prediction, CAM overlay, a row per probe image) and alignment scalars, all at
 ``trainer.global_step`` so TensorBoard's step slider shows the attention evolving.
 
@@ -9,13 +9,20 @@ It never changes training: the engine takes gradients with respect to activation
 (parameters' ``.grad`` untouched, no DDP all-reduce armed), puts every module in eval mode for the
 call and restores each flag, forks the RNG, and keeps the probe and all results on the CPU
 between calls.
+
+It works with any LightningModule: the network is the module itself when it defines
+``forward``, else its ``net`` or ``model``; the batches' images and masks are found by a
+:class:`~segcam_lightning.data.BatchAdapter`; the outputs may be multi-class (softmax), binary
+(one channel, sigmoid) or multi-label, at any resolution; normalised inputs are shown as the
+pictures they are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,29 +33,42 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch import Tensor, nn
 from torch.nn.modules.loss import _Loss
+from torch.utils.data import IterableDataset, default_collate
 from torchmetrics import Metric
 from typing_extensions import override
 
 from segcam_lightning.cam import (
-    METHODS,
     NORMALIZE_MODES,
-    TARGETS,
+    OUTPUT_KINDS,
     CAMEngine,
+    candidate_layers,
+    class_regions,
+    default_output_adapter,
     find_layer,
-    predicted_classes,
+    get_method,
+    get_target,
+    predicted_masks,
 )
-from segcam_lightning.data.colormap import SEED_COLORMAP
+from segcam_lightning.cam.layers import eval_mode, preserve_rng
+from segcam_lightning.data.batch import BatchAdapter
 from segcam_lightning.metrics import CAMEnergyInside, PointingGame
-from segcam_lightning.module import split_batch
-from segcam_lightning.render import cam_grid
+from segcam_lightning.paths import safe_component, safe_join
+from segcam_lightning.render import cam_grid, class_palette, display_images
 
 COLORMAPS = {
     name.removeprefix("COLORMAP_").lower(): getattr(cv2, name)
     for name in dir(cv2)
     if name.startswith("COLORMAP_")
 }
+#: Attributes of a LightningModule that hold its network when it defines no ``forward``.
+NETWORK_ATTRIBUTES = ("net", "model", "network")
+#: Colour of ignored ground-truth pixels in the grids (BGR).
+IGNORED_COLOR = (128, 128, 128)
+
+BatchAdapterLike = BatchAdapter | Callable[[Any], tuple[Tensor, Tensor | None]]
 
 
 class GradCAMCallback(Callback):
@@ -60,10 +80,11 @@ class GradCAMCallback(Callback):
             Default: the last layer before the output head.
         method: CAM method name (see ``segcam_lightning.cam.METHODS``).
         target: how a class's score is read from the logits (see
-            ``segcam_lightning.cam.TARGETS``); ``"softmax_mean"`` is the seed's.
-        classes: class indices to show; default all.
-        num_probe: number of probe images drawn from the validation set.
-        probe_indices: explicit validation-set indices instead of a random draw.
+            ``segcam_lightning.cam.TARGETS``); ``"softmax_mean"`` is the seed's (the mean
+            sigmoid for binary and multi-label outputs).
+        classes: output channels to show; default all (a binary model has one, the foreground).
+        num_probe: number of probe images drawn from the validation data.
+        probe_indices: explicit indices of the probe data set instead of a random draw.
         probe_seed: seed of the probe draw (its own generator; the global RNG is not used).
         every_n_epochs: run at the end of every n-th validation epoch.
         alpha: weight of the image in the overlays (the seed's 0.4).
@@ -74,8 +95,30 @@ class GradCAMCallback(Callback):
         log_alignment: log ``cam_alignment/<layer>/<class>/energy_inside`` (share of CAM energy
             inside the class's ground truth) and ``.../pointing_game`` (the CAM's peak lies on
             the class).
-        strict: raise when the CAM step fails; by default the failure is reported once, with
-            its traceback, and training goes on.
+        strict: raise when the CAM step fails during training; by default the failure is
+            reported once, with its traceback, and training goes on. Mistakes in the settings
+            are reported at ``setup()`` either way.
+        output_kind: ``"auto"`` (one output channel: binary, else multi-class),
+            ``"multiclass"`` (softmax), ``"binary"`` (one sigmoid channel, the foreground) or
+            ``"multilabel"`` (independent sigmoids).
+        threshold: probability above which a sigmoid output predicts its class.
+        ignore_index: mask label that belongs to no class (e.g. 255): those pixels are shown
+            gray and left out of the alignment scalars.
+        image_mean: the per-channel mean the data was normalised with (e.g. ImageNet's
+            ``[0.485, 0.456, 0.406]``); default: the datamodule's ``image_mean`` or ``mean``.
+        image_std: the per-channel standard deviation, likewise (``image_std`` or ``std``).
+        channel_order: ``"rgb"`` or ``"bgr"`` inputs; default: the datamodule's
+            ``channel_order`` (hyper)parameter, else ``"rgb"``.
+        to_display: ``f(images [N, C, H, W]) -> [N, 3, H, W]`` RGB in [0, 1], replacing the
+            display built from ``image_mean``, ``image_std`` and ``channel_order``.
+        output_adapter: ``f(model_output) -> logits [B, K, H, W]`` for models returning dicts,
+            tuples or objects (default: a tensor, a dict's ``"out"``, a tuple's first item).
+        batch_adapter: how to read images and masks from a batch: a
+            :class:`~segcam_lightning.data.BatchAdapter` (dict keys, tuple positions, one-hot
+            masks) or ``f(batch) -> (images, masks | None)``. Default: ``BatchAdapter()``.
+        probe_dataloader: a DataLoader (or any iterable of batches) to draw the probe from
+            instead of the validation data.
+        dataloader_idx: which validation dataloader to draw from when there are several.
 
     Example:
         >>> trainer = L.Trainer(callbacks=[GradCAMCallback(layers=["d4.conv.conv.5"])])
@@ -96,6 +139,17 @@ class GradCAMCallback(Callback):
         normalize: str = "minmax",
         log_alignment: bool = True,
         strict: bool = False,
+        output_kind: str = "auto",
+        threshold: float = 0.5,
+        ignore_index: int | None = None,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        channel_order: str | None = None,
+        to_display: Callable[[Tensor], Tensor] | None = None,
+        output_adapter: Callable[[Any], Tensor] | None = None,
+        batch_adapter: BatchAdapterLike | None = None,
+        probe_dataloader: Iterable[Any] | None = None,
+        dataloader_idx: int = 0,
     ) -> None:
         super().__init__()
         if isinstance(layers, str):
@@ -105,18 +159,21 @@ class GradCAMCallback(Callback):
                 f"Expected `layers` to be a non-empty list of layer names, but got {layers!r}."
                 " Leave it unset to use the last layer before the output head."
             )
-        _check_choice("method", method, METHODS)
-        _check_choice("target", target, TARGETS)
+        get_method(method)  # the engine's own checks, with its list of names
+        get_target(target)
         _check_choice("normalize", normalize, NORMALIZE_MODES)
         _check_choice("colormap", colormap.lower(), COLORMAPS)
-        if classes is not None and (
-            not classes or not all(isinstance(c, int) and c >= 0 for c in classes)
-        ):
+        _check_choice("output_kind", output_kind, OUTPUT_KINDS)
+        if channel_order is not None:
+            _check_choice("channel_order", channel_order, ("rgb", "bgr"))
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"Expected `threshold` in (0, 1), but got {threshold}.")
+        if classes is not None and (not classes or not all(_is_index(c) for c in classes)):
             raise ValueError(
                 f"Expected `classes` to be a non-empty list of class indices, but got {classes!r}."
             )
         if probe_indices is not None:
-            if not probe_indices or not all(isinstance(i, int) and i >= 0 for i in probe_indices):
+            if not probe_indices or not all(_is_index(i) for i in probe_indices):
                 raise ValueError(
                     "Expected `probe_indices` to be a non-empty list of validation-set indices,"
                     f" but got {probe_indices!r}."
@@ -130,6 +187,19 @@ class GradCAMCallback(Callback):
             )
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"Expected `alpha` in [0, 1], but got {alpha}.")
+        if not _is_index(dataloader_idx):
+            raise ValueError(
+                f"Expected `dataloader_idx` to be a non-negative int, but got {dataloader_idx!r}."
+            )
+        for name, value in (
+            ("to_display", to_display),
+            ("output_adapter", output_adapter),
+            ("batch_adapter", batch_adapter),
+        ):
+            if value is not None and not callable(value):
+                raise TypeError(
+                    f"Expected `{name}` to be a callable or None, but got {type(value).__name__}."
+                )
         self.layers = list(layers) if layers is not None else None
         self.method = method
         self.target = target
@@ -143,11 +213,28 @@ class GradCAMCallback(Callback):
         self.normalize = normalize
         self.log_alignment = log_alignment
         self.strict = strict
+        self.output_kind = output_kind
+        self.threshold = threshold
+        self.ignore_index = ignore_index
+        self.image_mean = list(image_mean) if image_mean is not None else None
+        self.image_std = list(image_std) if image_std is not None else None
+        self.channel_order = channel_order
+        self.to_display = to_display
+        self.output_adapter = output_adapter
+        self.batch_adapter: BatchAdapterLike = batch_adapter or BatchAdapter()
+        self.probe_dataloader = probe_dataloader
+        self.dataloader_idx = dataloader_idx
+        #: The probe: ``"indices"`` ``[N]``, ``"images"`` ``[N, C, H, W]``, ``"masks"`` (labels
+        #: ``[N, H, W]``, per-class ``[N, K, H, W]`` or absent), all on the CPU.
         self.probe: dict[str, Tensor] | None = None
         #: CAMs ``[N, L, K, H, W]`` of the last logged step, on the CPU (every rank has them).
         self.last_cams: Tensor | None = None
         self._engine: CAMEngine | None = None
         self._layer_labels: list[str] = []
+        self._kind = "multiclass"
+        self._num_outputs = 0
+        self._channels: list[int] = []
+        self._display: Callable[[Tensor], Tensor] = display_images
         self._warned = False
 
     @property
@@ -155,26 +242,99 @@ class GradCAMCallback(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(layers=self.layers, method=self.method, target=self.target)
 
+    # ------------------------------------------------------------------ setup: fail early
+
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        names = self.layers or [_default_layer(pl_module)]
-        modules = [_resolve_layer(pl_module, name) for name in names]
+        if stage not in ("fit", "validate"):
+            return  # the callback only runs at the end of validation
+        network = _network(pl_module)
+        self._display = self._display_fn(trainer)
+        self.probe = self._read_probe(trainer, stage)
+        example = self.probe["images"][:1].to(pl_module.device)
+        logits = _example_logits(network, example, self.output_adapter)
+        names = self.layers or [
+            _default_layer(_inner(pl_module, network), example, logits.shape[1])
+        ]
+        modules = [_resolve_layer(pl_module, network, name) for name in names]
         self._layer_labels = list(names)
-        num_classes = getattr(pl_module.hparams, "num_classes", None)
-        if self.classes is not None and num_classes and max(self.classes) >= num_classes:
-            raise ValueError(
-                f"GradCAMCallback `classes` {self.classes} reach past the model's {num_classes}"
-                f" classes; use indices in 0..{num_classes - 1}."
-            )
         self._engine = CAMEngine(
-            pl_module, modules, self.method, self.target, normalize=self.normalize
+            network,
+            modules,
+            self.method,
+            self.target,
+            normalize=self.normalize,
+            output_kind=self.output_kind,
+            threshold=self.threshold,
+            output_adapter=self.output_adapter,
         )
+        self._check_engine(example, self.probe.get("masks"), logits.shape[1])
         if not trainer.loggers:
             rank_zero_warn(
                 "GradCAMCallback: the Trainer has no logger, so there is nowhere to log CAMs and"
                 " the callback will do nothing. Pass a logger, e.g."
                 " `Trainer(logger=TensorBoardLogger('lightning_logs'))`."
             )
+
+    def _check_engine(self, example: Tensor, masks: Tensor | None, num_outputs: int) -> None:
+        """One engine call on the first probe image: every layer, class and mask checked now."""
+        assert self._engine is not None
+        if self.classes is not None and max(self.classes) >= num_outputs:
+            raise ValueError(
+                f"GradCAMCallback `classes` {self.classes} reach past the model's {num_outputs}"
+                f" output channel(s); use indices in 0..{num_outputs - 1}."
+            )
+        one_class = self.classes[:1] if self.classes is not None else [0]
+        first_mask = masks[:1].to(example.device) if masks is not None else None
+        try:
+            result = self._engine(example, classes=one_class, masks=first_mask)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise type(error)(f"GradCAMCallback could not compute CAMs at setup: {error}") from None
+        self._kind = result.output_kind
+        self._num_outputs = num_outputs
+        self._channels = self.classes if self.classes is not None else list(range(num_outputs))
+        if masks is None:
+            if self.log_alignment:
+                rank_zero_warn(
+                    "GradCAMCallback: the probe batches hold no masks, so the grids show no"
+                    " ground truth and no alignment scalars are logged. Pass"
+                    " `batch_adapter=BatchAdapter(mask_key=...)` if the masks are there."
+                )
+            return
+        try:
+            class_regions(masks[:1], self._channels, self._num_outputs, self._kind)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"GradCAMCallback: the probe's masks {list(masks.shape)} do not fit the model's "
+                f"{num_outputs} {self._kind} output(s): {error}"
+            ) from None
+
+    def _display_fn(self, trainer: L.Trainer) -> Callable[[Tensor], Tensor]:
+        if self.to_display is not None:
+            return self.to_display
+        data = trainer.datamodule
+        mean = self.image_mean if self.image_mean is not None else _data_attribute(data, "mean")
+        std = self.image_std if self.image_std is not None else _data_attribute(data, "std")
+        order = self.channel_order or _data_attribute(data, "channel_order") or "rgb"
+        _check_choice("channel_order", order, ("rgb", "bgr"))
+        return lambda images: display_images(images, mean, std, order)
+
+    def _read_probe(self, trainer: L.Trainer, stage: str) -> dict[str, Tensor]:
+        loader = self.probe_dataloader
+        if loader is None:
+            loader = _validation_loader(trainer, stage, self.dataloader_idx)
+        probe = _load_probe(
+            loader, self.batch_adapter, self.num_probe, self.probe_indices, self.probe_seed
+        )
+        if self.target == "gt_region" and "masks" not in probe:
+            raise ValueError(
+                "GradCAMCallback `target='gt_region'` explains each class inside its ground "
+                "truth, but the probe batches hold no masks. Use target='softmax_mean' or "
+                "'logit_region', or pass `batch_adapter=BatchAdapter(mask_key=...)`."
+            )
+        return probe
+
+    # ------------------------------------------------------------------ each validation end
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -200,42 +360,38 @@ class GradCAMCallback(Callback):
 
     def log_cams(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Compute the probe batch's CAMs on every rank and log them from global rank 0."""
-        if self._engine is None:
+        if self._engine is None or self.probe is None:
             raise RuntimeError("GradCAMCallback.log_cams() called before setup().")
-        probe = self._get_probe(trainer)
-        images, masks = probe["images"], probe["masks"]
+        images, masks = self.probe["images"], self.probe.get("masks")
         shard = _shard(len(images), trainer.world_size, trainer.global_rank)
         local = trainer.precision_plugin.convert_input(images[shard].to(pl_module.device))
-        local_masks = masks[shard].to(pl_module.device)
+        local_masks = masks[shard].to(pl_module.device) if masks is not None else None
         with trainer.precision_plugin.forward_context():
-            result = self._engine(local, classes=self.classes, masks=local_masks)
+            result = self._engine(local, classes=self._channels, masks=local_masks)
+        preds = predicted_masks(result.logits.float(), self._kind, self.threshold)
+        preds = _resize_labels(preds, images.shape[-2:])
         cams = _gather(trainer, result.cams)[: len(images)].cpu()
-        preds = _gather(trainer, predicted_classes(result.logits))[: len(images)].cpu()
+        preds = _gather(trainer, preds)[: len(images)].cpu()
         del result
         self.last_cams = cams
-        classes = list(self.classes if self.classes is not None else range(cams.shape[2]))
-        names = _class_names(trainer, pl_module, classes)
-        if self.log_alignment:
-            self._log_alignment(pl_module, cams, masks, classes, names)
+        names = _class_names(trainer, pl_module, self._channels, self._kind)
+        if self.log_alignment and masks is not None:
+            self._log_alignment(pl_module, cams, masks, names)
         if trainer.is_global_zero:
             self._log_grids(trainer, images, masks, preds, cams, names)
 
     def _log_alignment(
-        self,
-        pl_module: L.LightningModule,
-        cams: Tensor,
-        masks: Tensor,
-        classes: list[int],
-        names: list[str],
+        self, pl_module: L.LightningModule, cams: Tensor, masks: Tensor, names: list[str]
     ) -> None:
         # Every rank holds the gathered CAMs, so every rank computes the same values: no sync.
+        options = {"kind": self._kind, "ignore_index": self.ignore_index, "sync_on_compute": False}
         for i, layer in enumerate(self._layer_labels):
             for kind, metric in (
-                ("energy_inside", CAMEnergyInside(classes, sync_on_compute=False)),
-                ("pointing_game", PointingGame(classes, sync_on_compute=False)),
+                ("energy_inside", CAMEnergyInside(self._channels, **options)),
+                ("pointing_game", PointingGame(self._channels, **options)),
             ):
                 values = metric(cams[:, i], masks)
-                for name, value in zip(names, values.tolist(), strict=True):
+                for name, value in zip(names, values.reshape(-1).tolist(), strict=True):
                     if not math.isnan(value):  # class absent from every probe image
                         pl_module.log(f"cam_alignment/{layer}/{name}/{kind}", value)
 
@@ -243,44 +399,88 @@ class GradCAMCallback(Callback):
         self,
         trainer: L.Trainer,
         images: Tensor,
-        masks: Tensor,
+        masks: Tensor | None,
         preds: Tensor,
         cams: Tensor,
         names: list[str],
     ) -> None:
-        colormap = _colormap(trainer, max(len(names), int(preds.max()) + 1))
+        shown = self._display(images)
+        truth = _display_labels(masks, self._kind) if masks is not None else None
+        predicted = _display_labels(preds, self._kind)
+        num_labels = 2 if self._kind == "binary" else self._num_outputs
+        colormap = [*_colormap(trainer, num_labels)[:num_labels], IGNORED_COLOR]
+        for labels in (truth, predicted):
+            if labels is not None:
+                labels[(labels < 0) | (labels >= num_labels)] = num_labels
         step = trainer.global_step
         for i, layer in enumerate(self._layer_labels):
             for k, name in enumerate(names):
                 grid = cam_grid(
-                    images,
+                    shown,
                     cams[:, i, k : k + 1],
                     [name],
                     colormap,
-                    masks=masks,
-                    preds=preds,
+                    masks=truth,
+                    preds=predicted,
                     alpha=self.alpha,
                     cam_colormap=self.colormap,
                 )
-                _write_image(trainer, f"cam/{layer}/{name}", grid, step)
+                _write_image(trainer, (layer, name), grid, step)
 
-    def _get_probe(self, trainer: L.Trainer) -> dict[str, Tensor]:
-        if self.probe is None:
-            self.probe = _load_probe(
-                _val_dataset(trainer), self.num_probe, self.probe_indices, self.probe_seed
-            )
-        return self.probe
+    # ------------------------------------------------------------------ resume
 
     @override
     def state_dict(self) -> dict[str, Any]:
         if self.probe is None:
             return {}
-        return {key: value.clone() for key, value in self.probe.items()}
+        return {
+            "indices": self.probe["indices"].tolist(),
+            "sha256": _probe_hash(self.probe),
+            "settings": self._probe_settings(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict:
-            self.probe = {key: value.clone() for key, value in state_dict.items()}
+        """Compare the checkpoint's probe with this run's (read at ``setup``); warn on change.
+
+        The probe is defined by this run's settings and read again from the data, so a resumed
+        run shows the same images when nothing changed. Checkpoints store the probe's indices
+        and a content hash, not its tensors.
+        """
+        if not state_dict or self.probe is None:
+            return
+        old_indices = [int(i) for i in state_dict.get("indices", [])]
+        new_indices = self.probe["indices"].tolist()
+        if old_indices != new_indices:
+            old_settings = state_dict.get("settings", {})
+            rank_zero_warn(
+                f"GradCAMCallback: the checkpoint's probe was validation samples {old_indices} "
+                f"(settings {old_settings}); this run's settings {self._probe_settings()} give "
+                f"{new_indices}. This run's probe is used, so the logged series show other "
+                f"images from here on. To keep the checkpoint's, pass "
+                f"`probe_indices={old_indices}`."
+            )
+            return
+        old_hash = state_dict.get("sha256")
+        if old_hash is None and "images" in state_dict:  # checkpoints that stored the tensors
+            old_hash = _probe_hash(state_dict)
+        if old_hash is not None and old_hash != _probe_hash(self.probe):
+            rank_zero_warn(
+                f"GradCAMCallback: validation samples {new_indices} are not the images the "
+                "checkpoint's probe held (their content hash differs: the validation data "
+                "changed). The logged series compare different images from here on."
+            )
+
+    def _probe_settings(self) -> dict[str, Any]:
+        return {
+            "num_probe": self.num_probe,
+            "probe_indices": self.probe_indices,
+            "probe_seed": self.probe_seed,
+            "dataloader_idx": self.dataloader_idx,
+        }
+
+
+# ---------------------------------------------------------------------- helpers
 
 
 def _check_choice(argument: str, value: Any, choices: Any) -> None:
@@ -290,68 +490,223 @@ def _check_choice(argument: str, value: Any, choices: Any) -> None:
         )
 
 
-def _default_layer(pl_module: L.LightningModule) -> str:
-    """The leaf module registered just before the output head, e.g. ``d4.conv.conv.5``.
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-    Looks in the module's network ``net`` when it has one (SegmentationModule), else in the
-    module itself, skipping metrics and losses.
-    """
-    net = getattr(pl_module, "net", None)
-    model = net if isinstance(net, nn.Module) else pl_module
-    skip = [name for name, m in model.named_modules() if isinstance(m, (Metric, _Loss))]
-    leaves = [
+
+def _network(pl_module: L.LightningModule) -> nn.Module:
+    """The module a CAM forward runs: the LightningModule when it defines ``forward``, else its
+    network attribute (``net``, ``model`` or ``network``)."""
+    if type(pl_module).forward is not L.LightningModule.forward:
+        return pl_module
+    for name in NETWORK_ATTRIBUTES:
+        candidate = getattr(pl_module, name, None)
+        if isinstance(candidate, nn.Module):
+            return candidate
+    raise ValueError(
+        f"GradCAMCallback needs to run {type(pl_module).__name__}'s network on images: define "
+        f"`forward(images) -> logits` on it, or keep the network in one of the attributes "
+        f"{list(NETWORK_ATTRIBUTES)}."
+    )
+
+
+def _inner(pl_module: L.LightningModule, network: nn.Module) -> nn.Module:
+    """Where layer names start: the LightningModule's network attribute, if it has one."""
+    for name in NETWORK_ATTRIBUTES:
+        candidate = getattr(pl_module, name, None)
+        if isinstance(candidate, nn.Module):
+            return candidate
+    return network
+
+
+def _example_logits(
+    network: nn.Module, example: Tensor, adapter: Callable[[Any], Tensor] | None
+) -> Tensor:
+    """The network's logits for one probe image (eval mode, no graph, RNG and flags kept)."""
+    with (
+        torch.inference_mode(False),
+        torch.no_grad(),
+        eval_mode(network),
+        preserve_rng(example.device),
+    ):
+        output = network(example.clone())
+    logits = (adapter or default_output_adapter)(output)
+    if not isinstance(logits, Tensor) or logits.ndim != example.ndim:
+        got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(
+            f"GradCAMCallback expected the network's logits as a tensor [B, K, H, W], but got "
+            f"{got}. Pass `output_adapter=` to pick them from the model's output."
+        )
+    return logits
+
+
+def _default_layer(network: nn.Module, example: Tensor, num_outputs: int) -> str:
+    """The last leaf module, in the order the forward runs them, with a ``[B, C, h, w]`` output
+    whose channel count is not the logits' (the layer feeding the output head, e.g. the seed's
+    ``d4.conv.conv.5``). Metrics and losses are skipped."""
+    skip = [name for name, m in network.named_modules() if isinstance(m, (Metric, _Loss))]
+    leaves = {
         name
-        for name, module in model.named_modules()
+        for name, module in network.named_modules()
         if name
         and not list(module.children())
         and not any(name == s or name.startswith(f"{s}.") for s in skip)
-    ]
-    if len(leaves) < 2:
+    }
+    infos = candidate_layers(network, example)
+    usable = [i.name for i in infos if i.name in leaves and i.output_shape[1] != num_outputs]
+    if not usable:
         raise ValueError(
-            f"Could not choose a default layer in {type(pl_module).__name__}: pass"
-            " `GradCAMCallback(layers=[...])`."
+            f"Could not choose a default layer in {type(network).__name__}: pass"
+            " `GradCAMCallback(layers=[...])` (list them with"
+            " `segcam_lightning.cam.candidate_layers(model, example_input)`)."
         )
-    return leaves[-2]
+    return usable[-1]
 
 
-def _resolve_layer(pl_module: L.LightningModule, name: str) -> nn.Module:
-    """The layer called ``name`` in the module, or in its network ``net`` (seed-style names)."""
-    net = getattr(pl_module, "net", None)
-    if isinstance(net, nn.Module) and name in dict(net.named_modules()) and name:
-        return find_layer(net, name)
+def _resolve_layer(pl_module: L.LightningModule, network: nn.Module, name: str) -> nn.Module:
+    """The layer called ``name`` in the network (seed-style names, ``d4.conv.conv.5``), in the
+    LightningModule's ``net``/``model``/``network``, or in the LightningModule itself
+    (``net.d4.conv.conv.5``); an unknown name fails with the LightningModule's close matches."""
+    scopes = [_inner(pl_module, network), network]
+    for scope in scopes:
+        if isinstance(scope, nn.Module) and name and name in dict(scope.named_modules()):
+            return find_layer(scope, name)
     return find_layer(pl_module, name)
 
 
-def _val_dataset(trainer: L.Trainer) -> Any:
-    loaders = trainer.val_dataloaders
-    if isinstance(loaders, (list, tuple)):
-        loaders = loaders[0] if loaders else None
-    if loaders is None and trainer.datamodule is not None:
+def _validation_loader(trainer: L.Trainer, stage: str, index: int) -> Any:
+    """The ``index``-th validation dataloader of this run, as Lightning will get it."""
+    loop = trainer.fit_loop.epoch_loop.val_loop if stage == "fit" else trainer.validate_loop
+    source = getattr(loop, "_data_source", None)
+    loaders: Any = None
+    if source is not None and source.is_defined():
+        loaders = source.dataloader()
+    elif trainer.datamodule is not None:
         loaders = trainer.datamodule.val_dataloader()
-    if loaders is None:
-        raise ValueError("GradCAMCallback needs a validation DataLoader to draw probe images from.")
-    return loaders.dataset
+    if isinstance(loaders, CombinedLoader):
+        loaders = loaders.flattened
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if not isinstance(loaders, (list, tuple)):
+        loaders = [loaders] if loaders is not None else []
+    if not loaders:
+        raise ValueError(
+            "GradCAMCallback needs validation data to draw its probe images from: give the "
+            "Trainer a validation dataloader (datamodule.val_dataloader()), or pass "
+            "`probe_dataloader=`."
+        )
+    if index >= len(loaders):
+        raise ValueError(
+            f"GradCAMCallback `dataloader_idx={index}`, but there are {len(loaders)} validation "
+            f"dataloader(s); use 0..{len(loaders) - 1}."
+        )
+    return loaders[index]
 
 
 def _load_probe(
-    dataset: Any, num_probe: int, indices: Sequence[int] | None, seed: int
+    loader: Any,
+    adapter: BatchAdapterLike,
+    num_probe: int,
+    indices: Sequence[int] | None,
+    seed: int,
 ) -> dict[str, Tensor]:
-    size = len(dataset)
-    if indices is None:
-        generator = torch.Generator().manual_seed(seed)
-        indices = sorted(torch.randperm(size, generator=generator)[:num_probe].tolist())
-    elif max(indices) >= size:
-        raise ValueError(
-            f"`probe_indices` {list(indices)} reach past the validation set of {size} samples."
-        )
+    """Read the probe images (and masks) once, on the CPU.
+
+    A map-style data set is read by index (``indices``, or ``num_probe`` drawn with their own
+    generator); anything else is iterated, and the indices are positions in its stream.
+    """
+    dataset = getattr(loader, "dataset", None)
     # Batches read inside `trainer.validate()` are inference tensors; the probe must outlive it.
-    with torch.inference_mode(False):
-        samples = [split_batch(dataset[i]) for i in indices]
-        images = torch.stack([image.clone() for image, _ in samples]).float().cpu()
-        if any(mask is None for _, mask in samples):
-            raise ValueError("GradCAMCallback needs masks in the validation samples.")
-        masks = torch.stack([torch.as_tensor(mask).clone() for _, mask in samples]).long().cpu()
-    return {"indices": torch.tensor(indices), "images": images, "masks": masks}
+    with torch.inference_mode(False), torch.no_grad():
+        if _is_map_style(dataset):
+            size = len(dataset)
+            if indices is None:
+                generator = torch.Generator().manual_seed(seed)
+                indices = sorted(torch.randperm(size, generator=generator)[:num_probe].tolist())
+            _check_indices(indices, size)
+            collate = getattr(loader, "collate_fn", None) or default_collate
+            pairs = [adapter(collate([dataset[i]])) for i in indices]
+        else:
+            pairs, indices = _read_stream(loader, adapter, num_probe, indices)
+        images = torch.cat([images.detach().clone() for images, _ in pairs]).float().cpu()
+        probe = {"indices": torch.tensor(list(indices)), "images": images}
+        masks = [m for _, m in pairs]
+        if all(m is not None for m in masks):
+            probe["masks"] = torch.cat([torch.as_tensor(m).clone() for m in masks]).cpu()
+    return probe
+
+
+def _is_map_style(dataset: Any) -> bool:
+    return (
+        dataset is not None
+        and not isinstance(dataset, IterableDataset)
+        and hasattr(dataset, "__getitem__")
+        and hasattr(dataset, "__len__")
+    )
+
+
+def _check_indices(indices: Sequence[int], size: int) -> None:
+    bad = [i for i in indices if i >= size]
+    if bad:
+        raise ValueError(
+            f"GradCAMCallback `probe_indices` {bad} reach past the validation set of {size} "
+            f"samples; use indices in 0..{size - 1}, or leave `probe_indices` unset to draw "
+            "`num_probe` of them."
+        )
+
+
+def _read_stream(
+    loader: Iterable[Any], adapter: BatchAdapterLike, num_probe: int, indices: Sequence[int] | None
+) -> tuple[list[tuple[Tensor, Tensor | None]], list[int]]:
+    wanted = list(indices) if indices is not None else list(range(num_probe))
+    needed = max(wanted) + 1
+    images: list[Tensor] = []
+    masks: list[Tensor | None] = []
+    for batch in loader:
+        batch_images, batch_masks = adapter(batch)
+        for b in range(len(batch_images)):
+            images.append(batch_images[b : b + 1])
+            masks.append(batch_masks[b : b + 1] if batch_masks is not None else None)
+        if len(images) >= needed:
+            break
+    if indices is None:
+        wanted = wanted[: len(images)]
+    _check_indices(wanted, len(images))
+    return [(images[i], masks[i]) for i in wanted], wanted
+
+
+def _probe_hash(probe: Mapping[str, Any]) -> str:
+    digest = hashlib.sha256()
+    for key in ("images", "masks"):
+        value = probe.get(key)
+        if isinstance(value, Tensor):
+            digest.update(key.encode())
+            digest.update(str(tuple(value.shape)).encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _resize_labels(preds: Tensor, size: Sequence[int]) -> Tensor:
+    """Predictions at the logits' resolution to the input's (nearest: labels are not blended)."""
+    if tuple(preds.shape[-2:]) == tuple(size):
+        return preds
+    dtype = preds.dtype
+    batched = preds.unsqueeze(1) if preds.ndim == 3 else preds
+    resized = torch.nn.functional.interpolate(batched.float(), size=tuple(size), mode="nearest")
+    resized = resized.squeeze(1) if preds.ndim == 3 else resized
+    return resized.to(dtype)
+
+
+def _display_labels(masks: Tensor, kind: str) -> Tensor:
+    """One label per pixel for the truth and prediction columns: labels as they are; per-class
+    masks by their highest true channel (overlapping multi-label classes show the last)."""
+    if masks.ndim == 3:
+        return masks.long().clone()
+    channels = torch.arange(1, masks.shape[1] + 1, device=masks.device).view(1, -1, 1, 1)
+    labels = (masks.bool() * channels).amax(dim=1) - 1
+    if kind == "binary":
+        return (labels + 1).clamp(0, 1)
+    return labels.clamp_min(0)
 
 
 def _shard(n: int, world_size: int, rank: int) -> Tensor:
@@ -368,38 +723,58 @@ def _gather(trainer: L.Trainer, tensor: Tensor) -> Tensor:
     return gathered.flatten(0, 1)
 
 
-def _class_names(trainer: L.Trainer, pl_module: L.LightningModule, classes: list[int]) -> list[str]:
+def _data_attribute(data: Any, name: str) -> Any:
+    """``data.image_<name>`` / ``data.<name>`` or the same hyperparameter, else ``None``."""
+    if data is None:
+        return None
+    hparams = getattr(data, "hparams", {}) or {}
+    for key in (f"image_{name}", name):
+        value = getattr(data, key, None)
+        if value is None and isinstance(hparams, Mapping):
+            value = hparams.get(key)
+        if value is not None and not callable(value):
+            return value
+    return None
+
+
+def _class_names(
+    trainer: L.Trainer, pl_module: L.LightningModule, channels: list[int], kind: str
+) -> list[str]:
     names = getattr(pl_module, "class_names", None) or getattr(
         trainer.datamodule, "class_names", None
     )
-    if names is None or max(classes) >= len(names):
-        return [f"class_{c}" for c in classes]
-    return [str(names[c]) for c in classes]
+    if kind == "binary":
+        if names is not None and len(names) in (1, 2):
+            return [str(names[-1])]
+        return ["foreground"]
+    if names is None or max(channels) >= len(names):
+        return [f"class_{c}" for c in channels]
+    return [str(names[c]) for c in channels]
 
 
 def _colormap(trainer: L.Trainer, num_classes: int) -> list[tuple[int, int, int]]:
-    colormap = getattr(trainer.datamodule, "colormap", None)
-    if colormap is not None and len(colormap) >= num_classes:
-        return [tuple(c) for c in colormap]
-    if num_classes <= len(SEED_COLORMAP):
-        return list(SEED_COLORMAP)
-    hues = np.linspace(0, 179, num_classes, endpoint=False).astype(np.uint8)
-    hsv = np.stack([hues, np.full_like(hues, 200), np.full_like(hues, 255)], -1)[None]
-    palette = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0]
-    return [(0, 0, 0)] + [tuple(int(v) for v in c) for c in palette[1:]]
+    return class_palette(getattr(trainer.datamodule, "colormap", None), num_classes)
 
 
-def _write_image(trainer: L.Trainer, tag: str, image: np.ndarray, step: int) -> None:
+def _write_image(trainer: L.Trainer, tag: tuple[str, str], image: np.ndarray, step: int) -> None:
     """TensorBoard ``add_image``; other loggers get a PNG in their log dir and ``log_image``."""
+    layer, name = tag
+    key = f"cam/{layer}/{name}"
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
+            logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
             continue
         folder = getattr(logger, "log_dir", None) or logger.save_dir or trainer.default_root_dir
-        folder = Path(folder)
-        path = folder / "cam" / f"step_{step:07d}" / (tag.removeprefix("cam/") + ".png")
+        # Layer and class names come from the user's model and data: one safe component each.
+        path = safe_join(
+            Path(folder),
+            "cam",
+            f"step_{step:07d}",
+            safe_component(layer, "layer"),
+            safe_component(name, "class") + ".png",
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         log_image = getattr(logger, "log_image", None)
         if callable(log_image):
-            log_image(key=tag, images=[image], step=step)
+            log_image(key=key, images=[image], step=step)

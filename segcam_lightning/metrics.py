@@ -1,8 +1,15 @@
-"""How well CAMs sit on the ground truth: torchmetrics ``Metric``s over a functional core.
+"""How well CAMs sit on the ground truth: a functional core and torchmetrics ``Metric``s over it.
 
-Both metrics take CAMs ``[B, K, H, W]`` (one map per class in ``classes``), integer masks
-``[B, H, W]`` and the class ids the ``K`` maps belong to. An image counts for a class only if the
-class is in its ground truth; a class seen in no image computes to NaN ("no evidence"), not 0.
+Every function takes CAMs ``[B, K, H, W]`` (one map per class in ``classes``), ground truth at the
+same resolution and the output channels the ``K`` maps belong to. Ground truth is either integer
+labels ``[B, H, W]`` or per-class masks ``[B, K_out, H, W]`` (one-hot, or multi-hot for
+multi-label models); regions come from :func:`segcam_lightning.cam.class_regions`, so binary
+models (one output channel, foreground label 1) and ignored pixels (a label such as 255 given as
+``ignore_index``) are read the same way everywhere. Ignored pixels take no part: they count
+neither in a map's energy nor as its peak.
+
+An image counts for a class only if the class is in its ground truth; a class seen in no image
+computes to NaN ("no evidence"), not 0.
 """
 
 from __future__ import annotations
@@ -11,107 +18,190 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torchmetrics import Metric
 
+from segcam_lightning.cam.functional import class_regions
 
-def _class_regions(masks: torch.Tensor, classes: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    ids = torch.as_tensor(list(classes), device=masks.device).view(1, -1, 1, 1)
-    if like.ndim != 4 or masks.ndim != 3 or like.shape[0] != masks.shape[0]:
+__all__ = [
+    "CAMEnergyInside",
+    "PointingGame",
+    "cam_energy_inside",
+    "energy_inside_regions",
+    "ground_truth_regions",
+    "pointing_game_hits",
+    "pointing_hits_regions",
+]
+
+
+def ground_truth_regions(
+    masks: Tensor,
+    classes: Sequence[int],
+    kind: str = "multiclass",
+    ignore_index: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The classes' ground-truth regions and the pixels that count.
+
+    Args:
+        masks: labels ``[B, H, W]`` or per-class masks ``[B, K_out, H, W]``.
+        classes: the output channel of each map.
+        kind: the model's output kind (``"multiclass"``, ``"binary"``, ``"multilabel"``).
+        ignore_index: a label value that belongs to no class and is left out (label masks).
+
+    Returns:
+        ``(regions [B, K, H, W] bool, valid [B, 1, H, W] bool or None when every pixel counts)``.
+    """
+    if masks.ndim == 4:
+        num_outputs = masks.shape[1]
+    else:
+        num_outputs = 1 if kind == "binary" else max(int(c) for c in classes) + 1
+    regions = class_regions(masks, list(classes), num_outputs, kind)
+    valid = None
+    if ignore_index is not None and masks.ndim == 3:
+        valid = (masks != ignore_index).unsqueeze(1)
+    return regions, valid
+
+
+def _check_shapes(cams: Tensor, masks: Tensor, classes: Sequence[int]) -> None:
+    if cams.ndim != 4 or masks.ndim not in (3, 4) or cams.shape[0] != masks.shape[0]:
         raise ValueError(
-            f"Expected CAMs [B, K, H, W] and masks [B, H, W], but got {tuple(like.shape)} and"
-            f" {tuple(masks.shape)}."
+            f"Expected CAMs [B, K, H, W] and masks [B, H, W] (or [B, K_out, H, W]), but got "
+            f"{tuple(cams.shape)} and {tuple(masks.shape)}."
         )
-    if like.shape[1] != ids.shape[1] or like.shape[-2:] != masks.shape[-2:]:
+    if cams.shape[1] != len(classes) or cams.shape[-2:] != masks.shape[-2:]:
         raise ValueError(
-            f"Expected {ids.shape[1]} maps (one per class in {list(classes)}) of size"
-            f" {tuple(masks.shape[-2:])}, but got CAMs of shape {tuple(like.shape)}."
+            f"Expected {len(classes)} maps (one per class in {list(classes)}) of size"
+            f" {tuple(masks.shape[-2:])}, but got CAMs of shape {tuple(cams.shape)}."
         )
-    return masks.unsqueeze(1) == ids
 
 
 def cam_energy_inside(
-    cams: torch.Tensor, masks: torch.Tensor, classes: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
+    cams: Tensor,
+    masks: Tensor,
+    classes: Sequence[int],
+    kind: str = "multiclass",
+    ignore_index: int | None = None,
+) -> tuple[Tensor, Tensor]:
     """Share of each map's energy (sum of values) that falls inside its class's GT region.
 
     Returns:
-        ``(share [B, K], valid [B, K])``: share in [0, 1] (0 for an all-zero map); ``valid`` is
-        whether the class is present in the image's ground truth.
+        ``(share [B, K], present [B, K])``: share in [0, 1] (0 for an all-zero map);
+        ``present`` is whether the class is in the image's ground truth.
     """
-    region = _class_regions(masks, classes, cams)
-    return energy_inside_regions(cams, region), region.flatten(-2).any(dim=-1)
+    _check_shapes(cams, masks, classes)
+    regions, valid = ground_truth_regions(masks, classes, kind, ignore_index)
+    return energy_inside_regions(cams, regions, valid), regions.flatten(-2).any(dim=-1)
 
 
 def pointing_game_hits(
-    cams: torch.Tensor, masks: torch.Tensor, classes: Sequence[int], tolerance: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+    cams: Tensor,
+    masks: Tensor,
+    classes: Sequence[int],
+    tolerance: int = 0,
+    kind: str = "multiclass",
+    ignore_index: int | None = None,
+) -> tuple[Tensor, Tensor]:
     """Whether each map's maximum lies on its class (within ``tolerance`` pixels).
 
     Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016. An all-zero map
     points nowhere and misses.
 
     Returns:
-        ``(hits [B, K], valid [B, K])`` as booleans; ``valid`` as in :func:`cam_energy_inside`.
+        ``(hits [B, K], present [B, K])`` as booleans; ``present`` as in
+        :func:`cam_energy_inside`.
     """
-    region = _class_regions(masks, classes, cams)
-    present = region.flatten(-2).any(dim=-1)
+    _check_shapes(cams, masks, classes)
+    regions, valid = ground_truth_regions(masks, classes, kind, ignore_index)
+    present = regions.flatten(-2).any(dim=-1)
     if tolerance > 0:
         size = 2 * tolerance + 1
-        region = F.max_pool2d(region.float(), size, stride=1, padding=tolerance) > 0
-    return pointing_hits_regions(cams, region), present
+        regions = F.max_pool2d(regions.float(), size, stride=1, padding=tolerance) > 0
+    return pointing_hits_regions(cams, regions, valid), present
 
 
-def energy_inside_regions(cams: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-    """:func:`cam_energy_inside`'s share for given regions: maps ``[..., H, W]`` (negative values
-    count as 0) and boolean ``regions`` broadcastable to them; returns ``[...]``."""
+def energy_inside_regions(cams: Tensor, regions: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Share of each map's energy inside a region.
+
+    Args:
+        cams: maps ``[..., H, W]``; negative values count as 0.
+        regions: bool, broadcastable to ``cams``.
+        valid: bool pixels that count (broadcastable), or ``None`` for all.
+
+    Returns:
+        ``[...]`` float32 in [0, 1]; 0 for a map with no energy.
+    """
     cams = cams.float().clamp_min(0)
+    if valid is not None:
+        cams = cams * valid
     total = cams.sum(dim=(-2, -1))
     inside = (cams * regions).sum(dim=(-2, -1))
     return torch.where(total > 0, inside / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
 
 
-def pointing_hits_regions(cams: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-    """:func:`pointing_game_hits`' hits for given regions: maps ``[..., H, W]`` and boolean
-    ``regions`` broadcastable to them; returns ``[...]`` bool (the first maximum counts)."""
-    flat = cams.float().flatten(-2)
+def pointing_hits_regions(cams: Tensor, regions: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Whether each map's peak lies on a region (the first maximum counts).
+
+    Args:
+        cams: maps ``[..., H, W]``.
+        regions: bool, broadcastable to ``cams``.
+        valid: bool pixels that may hold the peak (broadcastable), or ``None`` for all.
+
+    Returns:
+        ``[...]`` bool; ``False`` for a map whose peak is not above 0.
+    """
+    cams = cams.float()
+    if valid is not None:
+        cams = cams.masked_fill(~valid, float("-inf"))
+    flat = cams.flatten(-2)
     peak_value, peak = flat.max(dim=-1, keepdim=True)
     on_region = regions.expand(cams.shape).flatten(-2).gather(-1, peak)
     return (on_region & (peak_value > 0)).squeeze(-1)
 
 
 class _PerClassMean(Metric):
-    """Mean of a per-image, per-class value over the images where the class is present."""
+    """Mean of a per-image, per-class value over the images where the class is present.
+
+    Args:
+        classes: the output channel of each of the ``K`` maps passed to ``update``.
+        kind: the model's output kind; ``"binary"`` reads label 1 as the foreground.
+        ignore_index: a label value left out of the measurement.
+    """
 
     full_state_update = False
     higher_is_better = True
     is_differentiable = False
 
-    def __init__(self, classes: Sequence[int], **kwargs) -> None:
+    def __init__(
+        self,
+        classes: Sequence[int],
+        kind: str = "multiclass",
+        ignore_index: int | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         if len(classes) == 0:
             raise ValueError("Expected at least one class id in `classes`, but got none.")
         self.classes = [int(c) for c in classes]
+        self.kind = kind
+        self.ignore_index = ignore_index
         self.add_state("total", torch.zeros(len(self.classes)), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros(len(self.classes)), dist_reduce_fx="sum")
 
-    def _values(self, cams: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _values(self, cams: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def update(self, cams: torch.Tensor, masks: torch.Tensor) -> None:
-        values, valid = self._values(cams, masks)
-        self.total += (values.float() * valid).sum(dim=0).to(self.total)
-        self.count += valid.sum(dim=0).to(self.count)
+    def update(self, cams: Tensor, masks: Tensor) -> None:
+        values, present = self._values(cams, masks)
+        self.total += (values.float() * present).sum(dim=0).to(self.total)
+        self.count += present.sum(dim=0).to(self.count)
 
-    def compute(self) -> torch.Tensor:
+    def compute(self) -> Tensor:
         """Per-class mean ``[K]``; NaN for a class present in no image."""
         return torch.where(self.count > 0, self.total / self.count.clamp_min(1), float("nan"))
 
 
 class CAMEnergyInside(_PerClassMean):
     """Mean share of CAM energy inside the class's ground-truth region, per class.
-
-    Args:
-        classes: the class id of each of the ``K`` maps passed to ``update``.
 
     Example:
         >>> metric = CAMEnergyInside(classes=[0, 1])
@@ -120,23 +210,33 @@ class CAMEnergyInside(_PerClassMean):
         torch.Size([2])
     """
 
-    def _values(self, cams: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return cam_energy_inside(cams, masks, self.classes)
+    def _values(self, cams: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+        return cam_energy_inside(cams, masks, self.classes, self.kind, self.ignore_index)
 
 
 class PointingGame(_PerClassMean):
     """Pointing-game hit rate per class: the CAM's peak lies on the class's ground truth.
 
     Args:
-        classes: the class id of each of the ``K`` maps passed to ``update``.
+        classes: the output channel of each of the ``K`` maps passed to ``update``.
         tolerance: pixels of slack around the region (the original paper used 15 px at 224²).
+        kind, ignore_index: as for :class:`CAMEnergyInside`.
     """
 
-    def __init__(self, classes: Sequence[int], tolerance: int = 0, **kwargs) -> None:
-        super().__init__(classes, **kwargs)
+    def __init__(
+        self,
+        classes: Sequence[int],
+        tolerance: int = 0,
+        kind: str = "multiclass",
+        ignore_index: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(classes, kind, ignore_index, **kwargs)
         if tolerance < 0:
             raise ValueError(f"Expected `tolerance` >= 0 pixels, but got {tolerance}.")
         self.tolerance = tolerance
 
-    def _values(self, cams: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return pointing_game_hits(cams, masks, self.classes, self.tolerance)
+    def _values(self, cams: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+        return pointing_game_hits(
+            cams, masks, self.classes, self.tolerance, self.kind, self.ignore_index
+        )

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import torch
 
-from segcam_lightning.data.colormap import mask_to_color
+from segcam_lightning.data.colormap import SEED_COLORMAP, mask_to_color
 
 SEPARATOR = 10  # the seed's white gap between panel tiles, in pixels
 
@@ -35,6 +35,21 @@ def opencv_threads(count: int) -> Iterator[None]:
         yield
     finally:
         cv2.setNumThreads(before)
+
+
+def class_palette(
+    colormap: Sequence[Sequence[int]] | None, num_classes: int
+) -> list[tuple[int, int, int]]:
+    """BGR colours for ``num_classes`` classes: the data's ``colormap`` when it has one per
+    class, else the seed's for up to three classes, else black and evenly spaced hues."""
+    if colormap is not None and len(colormap) >= num_classes:
+        return [tuple(int(v) for v in c) for c in colormap]  # type: ignore[misc]
+    if num_classes <= len(SEED_COLORMAP):
+        return [tuple(c) for c in SEED_COLORMAP]  # type: ignore[misc]
+    hues = np.linspace(0, 179, num_classes, endpoint=False).astype(np.uint8)
+    hsv = np.stack([hues, np.full_like(hues, 200), np.full_like(hues, 255)], -1)[None]
+    palette = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0]
+    return [(0, 0, 0)] + [tuple(int(v) for v in c) for c in palette[1:]]  # type: ignore[misc]
 
 
 def display_images(

@@ -120,22 +120,18 @@ def test_bf16_mixed_precision(tmp_path):
     assert len(read_events(trainer).Images(f"cam/d4.conv.conv.5/{CLASSES[1]}")) == 1
 
 
-class UnusedLayer(nn.Module):
-    """A layer that never runs: the CAM step fails on it."""
+def failing_run(tmp_path, strict, monkeypatch):
+    """A run whose CAM step fails at every validation end (after a successful setup)."""
 
-    def forward(self, x):
-        return x
+    def fail(self, trainer, pl_module):
+        raise RuntimeError("the CAM step broke")
 
-
-def failing_run(tmp_path, strict):
-    callback = GradCAMCallback(layers=["unused"], strict=strict)
-    trainer, model, data = make_run(tmp_path, [callback])
-    model.unused = UnusedLayer()
-    return trainer, model, data
+    monkeypatch.setattr(GradCAMCallback, "log_cams", fail)
+    return make_run(tmp_path, [GradCAMCallback(strict=strict)])
 
 
-def test_failure_warns_once_and_training_goes_on(tmp_path):
-    trainer, model, data = failing_run(tmp_path, strict=False)
+def test_failure_warns_once_and_training_goes_on(tmp_path, monkeypatch):
+    trainer, model, data = failing_run(tmp_path, strict=False, monkeypatch=monkeypatch)
     with pytest.warns(UserWarning, match="GradCAMCallback failed at step 4") as record:
         trainer.fit(model, datamodule=data)
     assert sum("GradCAMCallback failed" in str(w.message) for w in record) == 1
@@ -143,10 +139,32 @@ def test_failure_warns_once_and_training_goes_on(tmp_path):
     assert trainer.state.finished
 
 
-def test_failure_raises_when_strict(tmp_path):
-    trainer, model, data = failing_run(tmp_path, strict=True)
-    with pytest.raises(RuntimeError, match="unused"):
+def test_failure_raises_when_strict(tmp_path, monkeypatch):
+    trainer, model, data = failing_run(tmp_path, strict=True, monkeypatch=monkeypatch)
+    with pytest.raises(RuntimeError, match="the CAM step broke"):
         trainer.fit(model, datamodule=data)
+
+
+class UnusedLayer(nn.Module):
+    """A layer that never runs in the forward."""
+
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize(
+    ("layer", "error", "match"),
+    [
+        ("unused", RuntimeError, "at setup: Layer\\(s\\) \\['unused'\\] did not run"),
+        ("net.e1", ValueError, "at setup: Layer 'net.e1' \\(encoder_block\\) returned tuple"),
+    ],
+)
+def test_layers_that_cannot_give_cams_fail_at_setup(tmp_path, layer, error, match):
+    trainer, model, data = make_run(tmp_path, [GradCAMCallback(layers=[layer])])
+    model.unused = UnusedLayer()
+    with pytest.raises(error, match=match):
+        trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 0
 
 
 def test_wrong_layer_fails_at_setup_with_suggestions(tmp_path):
@@ -174,20 +192,49 @@ def test_other_loggers_get_png_files(tmp_path):
     assert [str(p.relative_to(Path(logger.log_dir, "cam"))) for p in files] == expected
 
 
-def test_resume_keeps_the_probe(tmp_path):
+def checkpointed_run(tmp_path, num_probe=3):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    first = GradCAMCallback(num_probe=3, strict=True)
+    first = GradCAMCallback(num_probe=num_probe, strict=True)
     trainer, model, data = make_run(
         tmp_path, [first, checkpoint], max_epochs=1, enable_checkpointing=True
     )
     trainer.fit(model, datamodule=data)
+    return first, tmp_path / "ckpt" / "last.ckpt"
+
+
+def resume(tmp_path, callback, checkpoint, data_seed=0):
+    trainer, model, data = make_run(tmp_path, [callback], max_epochs=2)
+    data.hparams.seed = data_seed
+    trainer.fit(model, datamodule=data, ckpt_path=checkpoint)
+
+
+def test_resume_reads_the_same_probe_and_the_checkpoint_holds_no_tensors(tmp_path, recwarn):
+    first, checkpoint = checkpointed_run(tmp_path)
+    state = torch.load(checkpoint, weights_only=True)["callbacks"][first.state_key]
+    assert set(state) == {"indices", "sha256", "settings"}
+    assert state["indices"] == first.probe["indices"].tolist()
     resumed = GradCAMCallback(num_probe=3, strict=True)
-    trainer, model, data = make_run(tmp_path, [resumed], max_epochs=2)
-    data.hparams.seed = 7  # a different validation set: a new draw would give other images
-    trainer.fit(model, datamodule=data, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
-    assert torch.equal(resumed.probe["indices"], first.probe["indices"])
+    resume(tmp_path, resumed, checkpoint)
     assert torch.equal(resumed.probe["images"], first.probe["images"])
-    assert torch.equal(resumed.probe["masks"], first.probe["masks"])
+    assert not [w for w in recwarn if "GradCAMCallback" in str(w.message)]
+
+
+def test_resume_with_other_probe_settings_says_which_probe_wins(tmp_path):
+    first, checkpoint = checkpointed_run(tmp_path)
+    old = first.probe["indices"].tolist()
+    resumed = GradCAMCallback(num_probe=2, strict=True)
+    message = rf"This run's probe is used.*pass `probe_indices=\[{', '.join(map(str, old))}\]`"
+    with pytest.warns(UserWarning, match=message):
+        resume(tmp_path, resumed, checkpoint)
+    assert len(resumed.probe["indices"]) == 2
+
+
+def test_resume_warns_when_the_probe_images_changed(tmp_path):
+    first, checkpoint = checkpointed_run(tmp_path)
+    resumed = GradCAMCallback(num_probe=3, strict=True)
+    with pytest.warns(UserWarning, match="content hash differs"):
+        resume(tmp_path, resumed, checkpoint, data_seed=7)  # another validation set
+    assert torch.equal(resumed.probe["indices"], first.probe["indices"])
 
 
 def test_probe_is_drawn_with_its_own_generator(tmp_path):
@@ -222,10 +269,15 @@ def _live_tensors():
     [
         ({"layers": []}, "non-empty list of layer names"),
         ({"method": "gradcan"}, "`method` to be one of"),
+        ({"method": "Grad-CAM++"}, None),  # the engine's aliases are accepted
         ({"target": "nope"}, "`target` to be one of"),
         ({"normalize": "max"}, "`normalize` to be one of"),
         ({"colormap": "rainbowz"}, "`colormap` to be one of"),
         ({"classes": [-1]}, "non-empty list of class indices"),
+        ({"output_kind": "softmax"}, "`output_kind` to be one of"),
+        ({"threshold": 1.0}, "`threshold` in \\(0, 1\\)"),
+        ({"channel_order": "hsv"}, "`channel_order` to be one of"),
+        ({"dataloader_idx": -1}, "`dataloader_idx` to be a non-negative int"),
         ({"probe_indices": []}, "non-empty list of validation-set indices"),
         ({"num_probe": 0}, "`num_probe` to be at least 1"),
         ({"every_n_epochs": 0}, "`every_n_epochs` to be at least 1"),
@@ -233,13 +285,16 @@ def _live_tensors():
     ],
 )
 def test_argument_errors(kwargs, match):
+    if match is None:
+        GradCAMCallback(**kwargs)
+        return
     with pytest.raises(ValueError, match=match):
         GradCAMCallback(**kwargs)
 
 
 def test_classes_past_the_model_fail_at_setup(tmp_path):
     trainer, model, data = make_run(tmp_path, [GradCAMCallback(classes=[5])])
-    with pytest.raises(ValueError, match="reach past the model's 3 classes"):
+    with pytest.raises(ValueError, match="reach past the model's 3 output channel"):
         trainer.fit(model, datamodule=data)
 
 

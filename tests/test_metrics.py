@@ -90,3 +90,37 @@ def test_argument_errors():
         CAMEnergyInside([])
     with pytest.raises(ValueError, match="`tolerance` >= 0"):
         PointingGame([1], tolerance=-1)
+
+
+def test_ignored_pixels_count_neither_in_energy_nor_as_the_peak():
+    masks = torch.zeros(1, 8, 8, dtype=torch.long)
+    masks[0, :4] = 1
+    masks[0, 6:] = 255  # e.g. unlabelled borders
+    cams = torch.zeros(1, 1, 8, 8)
+    cams[0, 0, :4] = 1.0
+    cams[0, 0, 6:] = 5.0  # a strong peak on ignored pixels
+    plain_share, _ = cam_energy_inside(cams, masks, [1])
+    share, present = cam_energy_inside(cams, masks, [1], ignore_index=255)
+    hits, _ = pointing_game_hits(cams, masks, [1], ignore_index=255)
+    assert plain_share.item() == pytest.approx(32 / (32 + 80))
+    assert share.item() == 1.0 and hits.item() and present.item()
+    assert not pointing_game_hits(cams, masks, [1])[0].item()
+    energy = CAMEnergyInside([1], ignore_index=255)
+    assert energy(cams, masks).item() == 1.0
+
+
+def test_binary_and_per_class_ground_truth():
+    # Binary: one map, the foreground is label 1.
+    masks = torch.zeros(2, 6, 6, dtype=torch.long)
+    masks[:, 1:3, 1:3] = 1
+    cams = (masks == 1).float().unsqueeze(1)
+    share, present = cam_energy_inside(cams, masks, [0], kind="binary")
+    assert share.tolist() == [[1.0], [1.0]] and present.all()
+    # Multi-hot per-class masks (overlapping classes of a multi-label model).
+    multi = torch.zeros(1, 2, 6, 6, dtype=torch.bool)
+    multi[0, 0, :3] = True
+    multi[0, 1, 2:5] = True
+    maps = multi.float()
+    share, present = cam_energy_inside(maps, multi, [0, 1], kind="multilabel")
+    hits, _ = pointing_game_hits(maps, multi, [0, 1], kind="multilabel")
+    assert share.tolist() == [[1.0, 1.0]] and hits.all() and present.all()
