@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,3 +188,133 @@ def test_predicted_classes_is_argmax_with_ties_to_the_first_class(gen: torch.Gen
     assert FC.predicted_classes(logits).dtype == torch.int64
     logits = torch.randn(2, 3, 8, 8, generator=gen).permute(0, 1, 3, 2)  # not contiguous
     assert (FC.predicted_classes(logits) == logits.argmax(dim=1)).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Output kinds: predictions and regions
+# --------------------------------------------------------------------------------------------
+
+
+def test_resolve_output_kind_and_threshold_logit() -> None:
+    assert FC.resolve_output_kind("auto", 1) == "binary"
+    assert FC.resolve_output_kind("auto", 3) == "multiclass"
+    assert FC.resolve_output_kind("multilabel", 3) == "multilabel"
+    assert FC.resolve_output_kind("multilabel", 1) == "multilabel"
+    assert FC.threshold_logit(0.5) == 0.0
+    assert FC.threshold_logit(0.8) == pytest.approx(math.log(4.0))
+    with pytest.raises(
+        ValueError,
+        match=r"the softmax of one channel is the constant 1.*"
+        r"output_kind='binary'",
+    ):
+        FC.resolve_output_kind("multiclass", 1)
+    with pytest.raises(ValueError, match=r"output_kind='binary' expects one output channel.*has 3"):
+        FC.resolve_output_kind("binary", 3)
+    with pytest.raises(ValueError, match=r"Expected `output_kind` to be one of \('auto', "):
+        FC.resolve_output_kind("sigmoid", 1)
+    for bad in (0.0, 1.0, -0.2, True, "0.5"):
+        with pytest.raises(ValueError, match=r"Expected `threshold` to be a float in \(0, 1\)"):
+            FC.threshold_logit(bad)  # type: ignore[arg-type]
+
+
+def test_predicted_masks_per_kind(gen: torch.Generator) -> None:
+    logits = torch.randn(2, 3, 5, 7, generator=gen)
+    multiclass = FC.predicted_masks(logits, "multiclass")
+    assert multiclass.dtype == torch.int64 and multiclass.shape == (2, 5, 7)
+    assert torch.equal(multiclass, logits.argmax(dim=1))
+    assert torch.equal(FC.predicted_masks(logits, "auto"), multiclass)
+
+    multilabel = FC.predicted_masks(logits, "multilabel", threshold=0.7)
+    assert multilabel.dtype == torch.bool and multilabel.shape == (2, 3, 5, 7)
+    # randn logits are never within float32 rounding of log(0.7 / 0.3) = 0.847...
+    assert torch.equal(multilabel, logits.sigmoid() > 0.7)
+
+    one = torch.tensor([-1.0, 0.0, 1.0, 1.3, 1.5]).view(1, 1, 1, 5)
+    binary = FC.predicted_masks(one, "binary")
+    assert binary.dtype == torch.int64 and binary.shape == (1, 1, 5)
+    assert binary.flatten().tolist() == [0, 0, 1, 1, 1]  # logit > 0: a tie is background
+    assert FC.predicted_masks(one, "auto", 0.8).flatten().tolist() == [0, 0, 0, 0, 1]  # > 1.386
+    with pytest.raises(ValueError, match=r"Expected logits of shape \[B, K, H, W\], but got \[5\]"):
+        FC.predicted_masks(one.flatten(), "binary")
+    with pytest.raises(ValueError, match=r"output_kind='binary' expects one output channel"):
+        FC.predicted_masks(logits, "binary")
+
+
+def labels_with_ignore() -> torch.Tensor:
+    labels = torch.tensor([[0, 1, 2, 255], [1, 1, 0, 2], [2, 255, 1, 0], [0, 0, 0, 1]])
+    return torch.stack([labels, labels.flip(-1)])  # [2, 4, 4]
+
+
+def test_class_regions_from_labels_and_per_class_masks() -> None:
+    labels = labels_with_ignore()
+    regions = FC.class_regions(labels, [2, 0], 3, "multiclass")
+    assert regions.dtype == torch.bool and regions.shape == (2, 2, 4, 4)
+    assert torch.equal(regions[:, 0], labels == 2) and torch.equal(regions[:, 1], labels == 0)
+    everything = FC.class_regions(labels, range(3), 3, "multiclass")
+    assert not everything.any(dim=1)[labels == 255].any()  # the ignore value is in no region
+    assert everything.sum(dim=1)[labels != 255].eq(1).all()
+    one_hot = torch.stack([labels == k for k in range(3)], dim=1)
+    assert torch.equal(FC.class_regions(one_hot, range(3), 3, "multiclass"), everything)
+    assert torch.equal(FC.class_regions(one_hot.long(), [2, 0], 3, "multiclass"), regions)
+    # Multi-label: labels read as multiclass; multi-hot masks may overlap.
+    assert torch.equal(FC.class_regions(labels, range(3), 3, "multilabel"), everything)
+    multi_hot = one_hot.clone()
+    multi_hot[:, 1] |= multi_hot[:, 0]
+    assert torch.equal(FC.class_regions(multi_hot.float(), range(3), 3, "multilabel"), multi_hot)
+
+
+def test_class_regions_binary_is_the_foreground() -> None:
+    labels = labels_with_ignore()
+    labels = torch.where(labels == 2, 1, labels)  # {0, 1, 255}
+    regions = FC.class_regions(labels, (0,), 1, "binary")
+    assert regions.shape == (2, 1, 4, 4)
+    assert torch.equal(regions[:, 0], labels == 1)  # channel 0 explains label 1
+    assert torch.equal(FC.class_regions(labels, (0,), 1, "auto"), regions)
+    per_class = (labels == 1).unsqueeze(1).float()  # [B, 1, H, W] 0/1
+    assert torch.equal(FC.class_regions(per_class, (0,), 1, "binary"), regions)
+
+
+def test_class_regions_resize_nearest_exact() -> None:
+    labels = torch.randint(0, 4, (2, 16, 12), generator=torch.Generator().manual_seed(0))
+    labels[:, 5, :] = 255
+    labels[0, 2, 2], labels[1, 6, 6] = 2**40, -5  # at centres kept below; neither is a class
+    # nearest-exact at 1/4: each output pixel takes the label under its centre, 4 i + 2
+    down = FC.class_regions(labels, range(3), 3, "multiclass", size=(4, 3))
+    assert torch.equal(down, FC.class_regions(labels[:, 2::4, 2::4], range(3), 3, "multiclass"))
+    one_hot = torch.stack([labels == k for k in range(3)], dim=1)
+    assert torch.equal(FC.class_regions(one_hot, range(3), 3, "multiclass", size=(4, 3)), down)
+    # Up: every pixel repeated; the same size or None changes nothing.
+    small = labels[:, 2::4, 2::4]
+    up = FC.class_regions(small, [1], 3, "multilabel", size=(8, 6))
+    expected = (small == 1).repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+    assert torch.equal(up[:, 0], expected)
+    assert torch.equal(
+        FC.class_regions(labels, [1], 3, "multiclass", size=(16, 12)),
+        FC.class_regions(labels, [1], 3, "multiclass"),
+    )
+    binary = FC.class_regions(labels.clamp(max=1), (0,), 1, "binary", size=(4, 3))
+    assert torch.equal(binary[:, 0], labels[:, 2::4, 2::4].clamp(max=1) == 1)
+
+
+def test_class_regions_errors() -> None:
+    labels = labels_with_ignore()
+    with pytest.raises(TypeError, match=r"Expected `masks` to be a torch.Tensor, but got list"):
+        FC.class_regions([[0]], [0], 3, "multiclass")  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError,
+        match=r"label masks \[B, H, W\] to hold integer class indices, but got dtype "
+        r"torch.float32",
+    ):
+        FC.class_regions(labels.float(), [0], 3, "multiclass")
+    with pytest.raises(TypeError, match=r"but got dtype torch.bool"):
+        FC.class_regions(labels == 1, [0], 1, "binary")
+    with pytest.raises(
+        ValueError,
+        match=r"per-class masks \[B, K, H, W\] with K = 3 \(the model's output channels, "
+        r"multiclass\), but got \[2, 2, 4, 4\]",
+    ):
+        FC.class_regions(torch.zeros(2, 2, 4, 4), [0], 3, "multiclass")
+    with pytest.raises(ValueError, match=r"but got \[4, 4\]"):
+        FC.class_regions(labels[0], [0], 3, "multiclass")
+    with pytest.raises(ValueError, match=r"Expected `classes` in \[0, 1\) .* but got \[1\]"):
+        FC.class_regions(labels, [1], 1, "binary")

@@ -10,7 +10,9 @@ Imports torch only. The pieces:
 - targets (``targets.py``): :class:`SoftmaxMean`, :class:`LogitRegion`, :class:`GTRegion`,
   :class:`PixelTarget`, :class:`BoxTarget`, or any callable.
 - :func:`find_layer`, :func:`candidate_layers` (``layers.py``).
-- pure maths in :mod:`segcam_lightning.cam.functional`.
+- pure maths in :mod:`segcam_lightning.cam.functional`, among them :func:`predicted_masks` and
+  :func:`class_regions` (what the model predicts, and ground truth as per-class regions, for
+  each output kind in :data:`OUTPUT_KINDS`).
 
 Example:
     >>> import torch
@@ -24,7 +26,15 @@ Example:
 
 from segcam_lightning.cam import functional
 from segcam_lightning.cam.engine import GRAD_MODES, CAMEngine, CAMResult, default_output_adapter
-from segcam_lightning.cam.functional import NORMALIZE_MODES, normalize_cams, predicted_classes
+from segcam_lightning.cam.functional import (
+    NORMALIZE_MODES,
+    OUTPUT_KINDS,
+    class_regions,
+    normalize_cams,
+    predicted_classes,
+    predicted_masks,
+    resolve_output_kind,
+)
 from segcam_lightning.cam.layers import LayerInfo, candidate_layers, find_layer
 from segcam_lightning.cam.methods import (
     METHODS,
@@ -57,6 +67,7 @@ __all__ = [
     "GRAD_MODES",
     "METHODS",
     "NORMALIZE_MODES",
+    "OUTPUT_KINDS",
     "TARGETS",
     "BoxTarget",
     "CAMEngine",
@@ -80,6 +91,7 @@ __all__ = [
     "TargetOutput",
     "XGradCAM",
     "candidate_layers",
+    "class_regions",
     "default_output_adapter",
     "find_layer",
     "functional",
@@ -87,4 +99,6 @@ __all__ = [
     "get_target",
     "normalize_cams",
     "predicted_classes",
+    "predicted_masks",
+    "resolve_output_kind",
 ]

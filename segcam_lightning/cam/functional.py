@@ -11,6 +11,8 @@ Inputs are expected in float32: the engine casts activations and gradients befor
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -19,6 +21,8 @@ from torch import Tensor
 
 __all__ = [
     "NORMALIZE_MODES",
+    "OUTPUT_KINDS",
+    "class_regions",
     "eigencam_map",
     "elementwise_sum",
     "gradcam_weights",
@@ -29,8 +33,11 @@ __all__ = [
     "minmax_scale",
     "normalize_cams",
     "predicted_classes",
+    "predicted_masks",
+    "resolve_output_kind",
     "safe_divide",
     "scorecam_weights",
+    "threshold_logit",
     "upsample",
     "weighted_sum",
     "xgradcam_weights",
@@ -38,6 +45,13 @@ __all__ = [
 
 NormalizeMode = Literal["minmax", "global", "none"]
 NORMALIZE_MODES: tuple[str, ...] = ("minmax", "global", "none")
+
+OutputKind = Literal["auto", "multiclass", "binary", "multilabel"]
+#: How a model's output channels turn into classes: ``"multiclass"`` (a softmax over K >= 2
+#: channels, one class per pixel), ``"binary"`` (one sigmoid channel, its foreground),
+#: ``"multilabel"`` (K independent sigmoids, classes may overlap) or ``"auto"`` (one channel is
+#: binary, more are multiclass; multi-label cannot be told from the shape).
+OUTPUT_KINDS: tuple[str, ...] = ("auto", "multiclass", "binary", "multilabel")
 
 #: A range below this fraction of the map's magnitude is float32 rounding noise (~100 ulps):
 #: such a map is treated as constant. Relative, so it does not depend on the map's scale.
@@ -54,6 +68,156 @@ def predicted_classes(logits: Tensor) -> Tensor:
     ``[8, 3, 128, 128]`` tensor took 23.5 ms against 2.3 ms for ``max``, one thread.
     """
     return logits.max(dim=1).indices
+
+
+def resolve_output_kind(kind: str, num_outputs: int) -> str:
+    """The output kind to use for a model with ``num_outputs`` channels.
+
+    ``"auto"`` is ``"binary"`` for one channel and ``"multiclass"`` for more; an explicit kind is
+    checked against the channel count.
+
+    Raises:
+        ValueError: for an unknown kind, ``"multiclass"`` with one channel (its softmax is the
+            constant 1, so every gradient is zero) or ``"binary"`` with more than one.
+    """
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"Expected `output_kind` to be one of {OUTPUT_KINDS}, but got {kind!r}.")
+    if kind == "auto":
+        return "binary" if num_outputs == 1 else "multiclass"
+    if kind == "multiclass" and num_outputs == 1:
+        raise ValueError(
+            "output_kind='multiclass' needs at least two output channels, but the model has one: "
+            "the softmax of one channel is the constant 1, so every score has zero gradient and "
+            "every CAM would be blank. For a one-channel sigmoid model pass "
+            "output_kind='binary' (or 'auto')."
+        )
+    if kind == "binary" and num_outputs != 1:
+        raise ValueError(
+            f"output_kind='binary' expects one output channel (the foreground logit), but the "
+            f"model has {num_outputs}. Pass output_kind='multiclass' for a softmax over the "
+            "channels or 'multilabel' for independent sigmoids."
+        )
+    return kind
+
+
+def threshold_logit(threshold: float) -> float:
+    """The logit of a probability threshold, ``log(t / (1 - t))`` (0 for 0.5).
+
+    A pixel is predicted for a sigmoid channel when its probability exceeds ``threshold``, i.e.
+    when its logit exceeds this value.
+
+    Raises:
+        ValueError: unless ``threshold`` is a number in ``(0, 1)``.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise ValueError(f"Expected `threshold` to be a float in (0, 1), but got {threshold!r}.")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"Expected `threshold` to be a float in (0, 1), but got {threshold!r}.")
+    return math.log(threshold / (1.0 - threshold))
+
+
+def predicted_masks(logits: Tensor, kind: str, threshold: float = 0.5) -> Tensor:
+    """What the model predicts at each pixel, for each output kind.
+
+    Args:
+        logits: ``[B, K, H, W]`` at any resolution.
+        kind: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"auto"`` (see
+            :func:`resolve_output_kind`).
+        threshold: probability above which a sigmoid pixel is predicted (binary, multilabel):
+            ``logit > log(t / (1 - t))``, i.e. ``logit > 0`` at 0.5.
+
+    Returns:
+        multiclass: labels ``[B, H, W]`` int64, each pixel's highest-scoring class
+        (:func:`predicted_classes`); binary: labels ``[B, H, W]`` int64 in ``{0, 1}``, 1 where
+        the one channel's logit is above the threshold's (foreground); multilabel: bool
+        ``[B, K, H, W]``, one mask per channel, possibly overlapping.
+
+    Raises:
+        ValueError: for logits that are not ``[B, K, H, W]``, or a kind that does not fit.
+    """
+    if not isinstance(logits, Tensor) or logits.ndim != 4:
+        got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"Expected logits of shape [B, K, H, W], but got {got}.")
+    kind = resolve_output_kind(kind, logits.shape[1])
+    if kind == "multiclass":
+        return predicted_classes(logits)
+    above = logits > threshold_logit(threshold)
+    return above[:, 0].long() if kind == "binary" else above
+
+
+def class_regions(
+    masks: Tensor,
+    classes: Sequence[int] | Tensor,
+    num_outputs: int,
+    kind: str,
+    size: tuple[int, int] | None = None,
+) -> Tensor:
+    """Per-class boolean regions ``[B, len(classes), h, w]`` from ground truth (or predictions).
+
+    Args:
+        masks: integer labels ``[B, H, W]`` or per-class masks ``[B, num_outputs, H, W]`` (bool
+            or 0/1; multi-hot for multilabel; ``[B, 1, H, W]`` for binary). Labels: the region
+            of output channel ``k`` is ``labels == k`` (multiclass, multilabel); for binary the
+            one channel's region is the foreground ``labels == 1``. Any other value (e.g. an
+            ignore index 255) belongs to no class.
+        classes: output channel indices, in ``[0, num_outputs)``; ``(0,)`` for binary.
+        num_outputs: the model's number of output channels ``K``.
+        kind: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"auto"``.
+        size: ``(h, w)`` of the regions; ``None`` keeps the masks' size. A different size is
+            reached by nearest-neighbour resizing, so labels are never blended:
+            ``F.interpolate(mode="nearest-exact")``, where each output pixel takes the mask
+            value under its centre (``"nearest"`` would take each block's top-left pixel and
+            shift regions by half a block). This is how masks at the input's resolution meet
+            logits at a lower one (e.g. ``4 i + 2`` for logits at 1/4).
+
+    Returns:
+        bool ``[B, len(classes), h, w]``.
+
+    Raises:
+        TypeError: for a non-tensor, or label masks that are not integers.
+        ValueError: for masks of another shape, or classes outside ``[0, num_outputs)``.
+    """
+    if not isinstance(masks, Tensor):
+        raise TypeError(f"Expected `masks` to be a torch.Tensor, but got {type(masks).__name__}.")
+    kind = resolve_output_kind(kind, num_outputs)
+    ids = torch.as_tensor(classes, dtype=torch.long).reshape(-1).tolist()
+    if any(not 0 <= k < num_outputs for k in ids):
+        raise ValueError(
+            f"Expected `classes` in [0, {num_outputs}) (the model's {num_outputs} output "
+            f"channel(s)), but got {ids}."
+        )
+    if masks.ndim == 3:
+        if masks.is_floating_point() or masks.is_complex() or masks.dtype == torch.bool:
+            raise TypeError(
+                "Expected label masks [B, H, W] to hold integer class indices, but got dtype "
+                f"{masks.dtype}; pass `masks.long()` or per-class masks [B, K, H, W]."
+            )
+        if kind == "binary":
+            per_class = (masks == 1).unsqueeze(1)[:, ids]
+        else:
+            labels = masks.unsqueeze(1)
+            if size is not None and tuple(size) != tuple(masks.shape[-2:]):
+                # Resize the labels, not K regions. Values outside [0, K) mean "no class": once
+                # clamped to -1 or K, float32 holds every label exactly.
+                labels = _resize_nearest(labels.long().clamp(-1, num_outputs), size).long()
+            wanted = torch.tensor(ids, dtype=torch.long, device=masks.device).view(1, -1, 1, 1)
+            return labels == wanted
+    elif masks.ndim == 4 and masks.shape[1] == num_outputs:
+        per_class = masks[:, ids] != 0
+    else:
+        raise ValueError(
+            "Expected `masks` as integer labels [B, H, W] or per-class masks [B, K, H, W] with "
+            f"K = {num_outputs} (the model's output channels, {kind}), but got "
+            f"{list(masks.shape)}."
+        )
+    if size is not None and tuple(size) != tuple(per_class.shape[-2:]):
+        per_class = _resize_nearest(per_class, size) != 0
+    return per_class
+
+
+def _resize_nearest(masks: Tensor, size: Sequence[int]) -> Tensor:
+    """Nearest-neighbour resize (``nearest-exact``) of ``[B, C, H, W]`` as float32."""
+    return F.interpolate(masks.float(), size=tuple(size), mode="nearest-exact")
 
 
 def safe_divide(num: Tensor, den: Tensor) -> Tensor:
