@@ -9,6 +9,8 @@ both sides by the reference's maximum (the same operation on both sides), with `
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from segcam_lightning.cam import CAMEngine, ScoreCAM
 from segcam_lightning.models import SEED_LAYERS, UNet
 
 SIZE = 64
+M = TypeVar("M", bound=nn.Module)
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +38,9 @@ def captum_attr():
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def net() -> UNet:
-    torch.manual_seed(0)
-    model = UNet(num_classes=3, base_width=8)
+def randomised_batchnorm(model: M) -> M:
+    """``model`` in eval mode with random BatchNorm statistics and affine parameters, so it
+    behaves like a trained network (fresh statistics make eval mode an identity)."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -47,6 +49,12 @@ def net() -> UNet:
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.1, 0.1)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def net() -> UNet:
+    torch.manual_seed(0)
+    return randomised_batchnorm(UNet(num_classes=3, base_width=8))
 
 
 @pytest.fixture(scope="module")
@@ -340,3 +348,162 @@ def test_guided_backprop_matches_captum(
             torch.testing.assert_close(
                 result.guided_backprop[b, k] / scale, ref[b, k] / scale, atol=1e-5, rtol=0
             )
+
+
+# --------------------------------------------------------------------------------------------
+# Sigmoid outputs (binary, multi-label) and logits below the input's resolution
+# --------------------------------------------------------------------------------------------
+#
+# References: a naive loop per image and class written here (forward hook keeping the
+# activation, tensor hook for its gradient, `backward()` of that image's score, weights, ReLU,
+# bilinear upsampling), in float64 on both sides. The engine computes in float64 but returns
+# float32 maps, so the two differ by float32 rounding of the result (measured: at most 5.4e-8
+# of a map's maximum here); the bound is 1e-5 of the maximum, the one every comparison in this
+# file uses (`assert_maps_close`), so "equal" means the same here as above.
+
+#: The per-channel or per-element weights of each method, from ``(A, dY/dA)``: ``[1, C, 1, 1]`` or
+#: ``[1, C, h, w]``, written from the papers' formulas, not from the engine's code.
+NAIVE_WEIGHTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "gradcam": lambda a, g: g.mean(dim=(2, 3), keepdim=True),
+    "hirescam": lambda a, g: g,
+    "layercam": lambda a, g: g.clamp(min=0),
+}
+
+#: ``(logits [1, K, h, w], image index, class) -> score`` of one image and class.
+Score = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+def naive_cams(
+    model: nn.Module, images: torch.Tensor, layer: str, method: str, score: Score
+) -> torch.Tensor:
+    """Un-normalised maps ``[B, K, H, W]``: one forward and one ``backward()`` per image and
+    class on a copy of ``model`` (``backward`` writes ``.grad``)."""
+    model = copy.deepcopy(model)
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        store["activation"] = output
+        output.register_hook(lambda grad: store.__setitem__("gradient", grad))
+
+    maps = []
+    handle = dict(model.named_modules())[layer].register_forward_hook(hook)
+    try:
+        for b, image in enumerate(images):
+            per_class = []
+            num_classes = model(image[None]).shape[1]
+            for k in range(num_classes):
+                model.zero_grad()
+                score(model(image[None]), b, k).backward()
+                activation = store["activation"].detach()
+                weights = NAIVE_WEIGHTS[method](activation, store["gradient"])
+                cam = F.relu((weights * activation).sum(dim=1, keepdim=True))
+                size = image.shape[-2:]
+                per_class.append(F.interpolate(cam, size, mode="bilinear", align_corners=False))
+            maps.append(torch.cat(per_class, dim=1)[0])
+    finally:
+        handle.remove()
+    return torch.stack(maps)
+
+
+def sigmoid_mean(logits: torch.Tensor, _b: int, k: int) -> torch.Tensor:
+    """The engine's ``softmax_mean`` for sigmoid outputs: the channel's mean sigmoid."""
+    return logits[0, k].sigmoid().mean()
+
+
+class QuarterNet(nn.Module):
+    """Logits at 1/4 of the input, as SegFormer's: two stride-2 convolutions, one at 1/4, and a
+    1×1 head, no upsampling."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+            return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.stem = block(3, 8, 2)
+        self.down = block(8, 16, 2)
+        self.body = block(16, 16, 1)
+        self.head = nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.down(self.stem(x))))
+
+
+def assert_equal_naive(
+    result_cams: torch.Tensor,
+    model: nn.Module,
+    images: torch.Tensor,
+    layers: list[str],
+    method: str,
+    score: Score,
+) -> None:
+    """The engine's maps ``[B, L, K, H, W]`` against :func:`naive_cams` at every layer; every
+    class must have a non-zero reference map somewhere, or the comparison would be vacuous."""
+    ref = torch.stack([naive_cams(model, images, layer, method, score) for layer in layers], 1)
+    assert (ref.amax(dim=(-2, -1)) > 0).flatten(0, 1).any(dim=0).all()
+    assert_maps_close(result_cams, ref.float())
+
+
+@pytest.fixture(scope="module")
+def images32() -> torch.Tensor:
+    return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)).double()
+
+
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "layercam"])
+def test_binary_cams_equal_naive_sigmoid_loop(images32: torch.Tensor, method: str) -> None:
+    """A one-channel model (``output_kind="auto"`` -> binary) explains its foreground channel
+    with the mean sigmoid probability."""
+    torch.manual_seed(3)
+    model = randomised_batchnorm(UNet(num_classes=1, base_width=4)).double()
+    layers = list(SEED_LAYERS)
+    result = CAMEngine(model, layers, method=method, normalize="none")(images32)
+    assert result.output_kind == "binary" and result.classes == (0,)
+    assert_equal_naive(result.cams, model, images32, layers, method, sigmoid_mean)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "layercam"])
+def test_multilabel_cams_equal_naive_sigmoid_loop(images32: torch.Tensor, method: str) -> None:
+    torch.manual_seed(4)
+    model = randomised_batchnorm(UNet(num_classes=3, base_width=4)).double()
+    layers = list(SEED_LAYERS)
+    engine = CAMEngine(model, layers, method, output_kind="multilabel", normalize="none")
+    result = engine(images32)
+    assert result.output_kind == "multilabel" and result.classes == (0, 1, 2)
+    assert_equal_naive(result.cams, model, images32, layers, method, sigmoid_mean)
+
+
+def quarter_labels() -> torch.Tensor:
+    """Labels ``[2, 64, 64]`` with edges off the 4-pixel grid and ignored (255) pixels."""
+    labels = torch.zeros(2, 64, 64, dtype=torch.long)
+    labels[0, 5:30, 9:50] = 1
+    labels[0, 37:61, 3:22] = 2
+    labels[1, 14:59, 27:62] = 2
+    labels[:, 40:45, :] = 255
+    return labels
+
+
+@pytest.mark.parametrize("method", ["gradcam", "layercam"])
+def test_low_resolution_gt_region_equals_naive_loop(method: str) -> None:
+    """Logits at 16² for 64² images and label masks at 64²: the region is the labels resized
+    with ``nearest-exact``, i.e. each logit pixel takes the label under its centre: rows and
+    columns 2, 6, 10, ... (``4 i + 2``) of the labels, written here as a slice."""
+    torch.manual_seed(5)
+    model = randomised_batchnorm(QuarterNet(num_classes=3)).double()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(6)).double()
+    labels = quarter_labels()
+    centres = labels[:, 2::4, 2::4]
+    # The slice is torch's nearest-exact, and plain "nearest" (4 i) would differ on these masks.
+    resized = F.interpolate(labels[:, None].double(), (16, 16), mode="nearest-exact")[:, 0]
+    assert torch.equal(resized.long(), centres) and not torch.equal(labels[:, ::4, ::4], centres)
+    region = torch.stack([centres == k for k in range(3)], dim=1).double()
+
+    def region_logit(logits: torch.Tensor, b: int, k: int) -> torch.Tensor:
+        return (logits[0, k] * region[b, k]).sum()
+
+    layers = ["stem.2", "down.2", "body.2"]
+    engine = CAMEngine(model, layers, method, target="gt_region", normalize="none")
+    result = engine(images, masks=labels)
+    assert result.cams.shape == (2, 3, 3, 64, 64) and result.logits.shape == (2, 3, 16, 16)
+    assert result.present.tolist() == [[True, True, True], [True, False, True]]
+    assert_equal_naive(result.cams, model, images, layers, method, region_logit)

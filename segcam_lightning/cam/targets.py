@@ -4,7 +4,7 @@ A classifier's CAM explains one logit. A segmentation model has one logit per cl
 so a target says how to reduce them to one score per class and image:
 
 - :class:`SoftmaxMean` (``"softmax_mean"``): the seed's choice, the mean softmax probability of
-  the class over all pixels.
+  the class over all pixels (for sigmoid outputs, the mean sigmoid probability).
 - :class:`LogitRegion` (``"logit_region"``): Seg-Grad-CAM (Vinogradova et al., 2020,
   https://arxiv.org/abs/2002.11434): the class logit summed over the pixels predicted as that
   class. A class predicted nowhere has an empty region: its map is all zero and flagged absent.
@@ -12,8 +12,21 @@ so a target says how to reduce them to one score per class and image:
 - :class:`PixelTarget`, :class:`BoxTarget`: the class logit at one pixel or summed over a box.
 - any callable ``f(logits, masks) -> scores`` or ``-> (scores, present)``.
 
-Targets receive float32 logits and return :class:`TargetOutput` ``(scores, present)``: ``present``
-``[B, K]`` bool is false where a region is empty.
+Targets receive float32 logits ``[B, K, h, w]`` at the model's output resolution (which may be
+lower than the input's) and return :class:`TargetOutput` ``(scores, present)``: ``present``
+``[B, K]`` bool is false where a region is empty. Built-in targets also receive the engine's
+resolved output kind (see :data:`~segcam_lightning.cam.functional.OUTPUT_KINDS`):
+
+==============  ==========================  ===============================================
+target          ``"multiclass"`` (softmax)  ``"binary"`` / ``"multilabel"`` (sigmoids)
+==============  ==========================  ===============================================
+softmax_mean    mean softmax probability    mean sigmoid probability of the channel
+logit_region    logit over the argmax       logit over ``logit > log(t / (1 - t))``
+gt_region       logit over ``labels == k``  binary: over ``labels == 1``; multilabel: as
+                                            multiclass, or over multi-hot masks
+==============  ==========================  ===============================================
+
+For a binary model the one channel (index 0) explains the foreground (label 1).
 """
 
 from __future__ import annotations
@@ -23,10 +36,9 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from segcam_lightning.cam.functional import predicted_classes
+from segcam_lightning.cam import functional as FC
 
 __all__ = [
     "TARGETS",
@@ -59,19 +71,41 @@ class TargetOutput(NamedTuple):
 
 
 class Target(ABC):
-    """Base of all targets: ``target(logits [B, K, H, W], masks) -> TargetOutput``."""
+    """Base of all targets: ``target(logits [B, K, H, W], masks, kind=, threshold=)``.
+
+    ``kind`` is the engine's resolved output kind (``"multiclass"``, ``"binary"`` or
+    ``"multilabel"``) and ``threshold`` the probability above which a sigmoid pixel is
+    predicted; see :func:`~segcam_lightning.cam.functional.predicted_masks`.
+    """
 
     name: str = "target"
     #: Whether every image's scores over *all* classes sum to a constant (softmax means sum to
-    #: 1). Their gradients then sum to zero, and the engine derives one class's gradient per
-    #: image from the others': K - 1 backward passes instead of K.
+    #: 1, for multiclass outputs only). Their gradients then sum to zero, and the engine derives
+    #: one class's gradient per image from the others': K - 1 backward passes instead of K.
     scores_sum_to_constant: bool = False
+    #: Whether the target reads ground-truth ``masks``; the engine then checks that they are at
+    #: the input's (or the logits') resolution before calling it.
+    needs_masks: bool = False
 
     @abstractmethod
-    def __call__(self, logits: Tensor, masks: Tensor | None = None) -> TargetOutput:
+    def __call__(
+        self,
+        logits: Tensor,
+        masks: Tensor | None = None,
+        *,
+        kind: str = "multiclass",
+        threshold: float = 0.5,
+    ) -> TargetOutput:
         """Reduce logits ``[B, K, H, W]`` to scores ``[B, K]`` (and ``present`` ``[B, K]``)."""
 
-    def scorer(self, logits: Tensor, masks: Tensor | None = None) -> Scorer:
+    def scorer(
+        self,
+        logits: Tensor,
+        masks: Tensor | None = None,
+        *,
+        kind: str = "multiclass",
+        threshold: float = 0.5,
+    ) -> Scorer:
         """Scores for re-run copies of the images (Score-CAM's masked forwards).
 
         Args:
@@ -79,6 +113,7 @@ class Target(ABC):
                 something from them (a region) fixes it here, so masked copies are scored on the
                 same pixels as the original.
             masks: the ground-truth masks given to the call, if any.
+            kind, threshold: as for the call.
 
         Returns:
             A function ``(logits [n, K, H, W], source [n]) -> scores [n, K]`` where ``source``
@@ -87,7 +122,8 @@ class Target(ABC):
         del logits
 
         def score(out: Tensor, source: Tensor) -> Tensor:
-            return self(out, None if masks is None else masks[source]).scores
+            selected = None if masks is None else masks[source]
+            return self(out, selected, kind=kind, threshold=threshold).scores
 
         return score
 
@@ -96,18 +132,29 @@ class Target(ABC):
 
 
 class SoftmaxMean(Target):
-    """The seed's target: mean softmax probability of class ``c`` over all pixels.
+    """The seed's target: mean probability of class ``c`` over all pixels.
 
-    ``score[b, c] = 1/(H·W) · sum_ij softmax(logits[b, :, i, j])_c``. Every class is present.
-    The scores of an image sum to 1 over the classes (``scores_sum_to_constant``).
+    Multiclass: ``score[b, c] = 1/(H·W) · sum_ij softmax(logits[b, :, i, j])_c``; the scores of
+    an image sum to 1 over the classes (``scores_sum_to_constant``). Binary and multilabel
+    (sigmoid outputs): despite the name, the mean *sigmoid* probability of the channel,
+    ``1/(H·W) · sum_ij sigmoid(logits[b, c, i, j])`` (a softmax over one channel is constant).
+    Every class is present.
     """
 
     name = "softmax_mean"
     scores_sum_to_constant = True
 
-    def __call__(self, logits: Tensor, masks: Tensor | None = None) -> TargetOutput:
+    def __call__(
+        self,
+        logits: Tensor,
+        masks: Tensor | None = None,
+        *,
+        kind: str = "multiclass",
+        threshold: float = 0.5,
+    ) -> TargetOutput:
         _check_logits(logits)
-        scores = logits.softmax(dim=1).mean(dim=(-2, -1))
+        probs = logits.softmax(dim=1) if kind == "multiclass" else logits.sigmoid()
+        scores = probs.mean(dim=(-2, -1))
         return TargetOutput(scores, torch.ones_like(scores, dtype=torch.bool))
 
 
@@ -119,18 +166,40 @@ class RegionTarget(Target):
     """
 
     @abstractmethod
-    def region(self, logits: Tensor, masks: Tensor | None) -> Tensor:
+    def region(
+        self,
+        logits: Tensor,
+        masks: Tensor | None,
+        *,
+        kind: str = "multiclass",
+        threshold: float = 0.5,
+    ) -> Tensor:
         """Region weights ``[B, K, H, W]`` (0/1) for the given logits ``[B, K, H, W]``."""
 
-    def __call__(self, logits: Tensor, masks: Tensor | None = None) -> TargetOutput:
+    def __call__(
+        self,
+        logits: Tensor,
+        masks: Tensor | None = None,
+        *,
+        kind: str = "multiclass",
+        threshold: float = 0.5,
+    ) -> TargetOutput:
         _check_logits(logits)
-        region = self.region(logits, masks).to(logits.dtype)
+        region = self.region(logits, masks, kind=kind, threshold=threshold).to(logits.dtype)
         scores = (logits * region).sum(dim=(-2, -1))
         present = region.flatten(2).ne(0).any(dim=-1)
         return TargetOutput(scores, present)
 
-    def scorer(self, logits: Tensor, masks: Tensor | None = None) -> Scorer:
-        region = self.region(logits, masks).to(logits.dtype).detach()
+    def scorer(
+        self,
+        logits: Tensor,
+        masks: Tensor | None = None,
+        *,
+        kind: str = "multiclass",
+        threshold: float = 0.5,
+    ) -> Scorer:
+        region = self.region(logits, masks, kind=kind, threshold=threshold)
+        region = region.to(logits.dtype).detach()
 
         def score(out: Tensor, source: Tensor) -> Tensor:
             return (out * region[source]).sum(dim=(-2, -1))
@@ -139,25 +208,48 @@ class RegionTarget(Target):
 
 
 class LogitRegion(RegionTarget):
-    """Seg-Grad-CAM: class logits summed over the pixels the model predicts as that class."""
+    """Seg-Grad-CAM: class logits summed over the pixels the model predicts as that class.
+
+    The prediction is :func:`~segcam_lightning.cam.functional.predicted_masks`: the argmax for
+    multiclass outputs, ``logit > log(t / (1 - t))`` per channel for binary and multilabel ones.
+    """
 
     name = "logit_region"
 
-    def region(self, logits: Tensor, masks: Tensor | None) -> Tensor:
-        pred = predicted_classes(logits.detach())
-        return F.one_hot(pred, logits.shape[1]).permute(0, 3, 1, 2)
+    def region(
+        self,
+        logits: Tensor,
+        masks: Tensor | None,
+        *,
+        kind: str = "multiclass",
+        threshold: float = 0.5,
+    ) -> Tensor:
+        k = logits.shape[1]
+        predicted = FC.predicted_masks(logits.detach(), kind, threshold)
+        return FC.class_regions(predicted, range(k), k, kind)
 
 
 class GTRegion(RegionTarget):
     """Class logits summed over the ground-truth pixels of that class.
 
-    ``masks`` is either integer labels ``[B, H, W]`` (values outside ``[0, K)``, e.g. an ignore
-    index, belong to no class) or a per-class mask ``[B, K, H, W]`` (bool or 0/1).
+    ``masks`` is either integer labels ``[B, H, W]`` or per-class masks ``[B, K, H, W]`` (bool or
+    0/1, multi-hot for multilabel), at the input's or the logits' resolution; regions come from
+    :func:`~segcam_lightning.cam.functional.class_regions`, nearest-resized to the logits. With
+    labels, channel ``k``'s region is ``labels == k`` (binary: the foreground ``labels == 1``);
+    other values, e.g. an ignore index, belong to no class.
     """
 
     name = "gt_region"
+    needs_masks = True
 
-    def region(self, logits: Tensor, masks: Tensor | None) -> Tensor:
+    def region(
+        self,
+        logits: Tensor,
+        masks: Tensor | None,
+        *,
+        kind: str = "multiclass",
+        threshold: float = 0.5,
+    ) -> Tensor:
         b, k, h, w = logits.shape
         if masks is None:
             raise ValueError(
@@ -165,59 +257,68 @@ class GTRegion(RegionTarget):
                 "`engine(images, masks=masks)` with integer labels [B, H, W] or per-class masks "
                 "[B, K, H, W], but got masks=None."
             )
-        if not isinstance(masks, Tensor):
-            raise TypeError(
-                f"Expected `masks` to be a torch.Tensor, but got {type(masks).__name__}."
+        if isinstance(masks, Tensor) and masks.shape[:1] != (b,):
+            raise ValueError(
+                f"Expected `masks` for a batch of {b} images ([B, H, W] or [B, K, H, W] with "
+                f"B = {b}), but got {list(masks.shape)}."
             )
-        if masks.ndim == 3 and tuple(masks.shape) == (b, h, w):
-            if masks.is_floating_point() or masks.dtype == torch.bool:
-                raise TypeError(
-                    "Expected label masks [B, H, W] to hold integer class indices, but got "
-                    f"dtype {masks.dtype}; pass `masks.long()` or per-class masks [B, K, H, W]."
-                )
-            labels = masks.to(logits.device).long()
-            classes = torch.arange(k, device=logits.device).view(1, k, 1, 1)
-            return labels.unsqueeze(1) == classes
-        if masks.ndim == 4 and tuple(masks.shape) == (b, k, h, w):
-            return masks.to(logits.device) != 0
-        raise ValueError(
-            f"Expected `masks` of shape [B, H, W] = {[b, h, w]} (labels) or [B, K, H, W] = "
-            f"{[b, k, h, w]} (per class) to match the logits, but got {list(masks.shape)}."
-        )
+        return FC.class_regions(masks, range(k), k, kind, size=(h, w)).to(logits.device)
 
 
-class PixelTarget(RegionTarget):
+class _WindowTarget(RegionTarget):
+    """A fixed window of the logits' grid, the same for every image, class and output kind.
+
+    Coordinates are on the logits' grid, which is smaller than the input's for a model that
+    predicts at reduced resolution. Subclasses define :meth:`_window`.
+    """
+
+    @abstractmethod
+    def _window(self, height: int, width: int) -> tuple[slice, slice]:
+        """Rows and columns of the window on an ``height × width`` grid; raises outside it."""
+
+    def region(
+        self,
+        logits: Tensor,
+        masks: Tensor | None,
+        *,
+        kind: str = "multiclass",
+        threshold: float = 0.5,
+    ) -> Tensor:
+        rows, cols = self._window(*logits.shape[-2:])
+        region = torch.zeros_like(logits, dtype=torch.bool)
+        region[..., rows, cols] = True
+        return region
+
+
+class PixelTarget(_WindowTarget):
     """The class logit at one pixel ``(row, col)`` of the logits, for every image.
 
     Args:
-        row: pixel row in ``[0, H)``.
-        col: pixel column in ``[0, W)``.
+        row: pixel row in ``[0, H)`` of the logits.
+        col: pixel column in ``[0, W)`` of the logits.
     """
 
     name = "pixel"
 
     def __init__(self, row: int, col: int) -> None:
-        for arg, value in (("row", row), ("col", col)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Expected `{arg}` to be a non-negative int, but got {value!r}.")
+        _check_coordinates({"row": row, "col": col})
         self.row, self.col = row, col
 
-    def region(self, logits: Tensor, masks: Tensor | None) -> Tensor:
-        h, w = logits.shape[-2:]
-        if self.row >= h or self.col >= w:
+    def _window(self, height: int, width: int) -> tuple[slice, slice]:
+        if self.row >= height or self.col >= width:
             raise ValueError(
-                f"{self!r} lies outside the logits' {h}×{w} grid; pick row < {h} and col < {w}."
+                f"{self!r} lies outside the logits' {height}×{width} grid; pick row < {height} "
+                f"and col < {width}."
             )
-        region = torch.zeros_like(logits, dtype=torch.bool)
-        region[..., self.row, self.col] = True
-        return region
+        return slice(self.row, self.row + 1), slice(self.col, self.col + 1)
 
     def __repr__(self) -> str:
         return f"PixelTarget(row={self.row}, col={self.col})"
 
 
-class BoxTarget(RegionTarget):
-    """The class logit summed over a box ``[top, bottom) × [left, right)``, for every image.
+class BoxTarget(_WindowTarget):
+    """The class logit summed over a box ``[top, bottom) × [left, right)`` of the logits, for
+    every image.
 
     Args:
         top: first row.
@@ -229,10 +330,7 @@ class BoxTarget(RegionTarget):
     name = "box"
 
     def __init__(self, top: int, left: int, bottom: int, right: int) -> None:
-        values = {"top": top, "left": left, "bottom": bottom, "right": right}
-        for arg, value in values.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Expected `{arg}` to be a non-negative int, but got {value!r}.")
+        _check_coordinates({"top": top, "left": left, "bottom": bottom, "right": right})
         if bottom <= top or right <= left:
             raise ValueError(
                 "Expected a non-empty box with top < bottom and left < right (bottom/right "
@@ -240,16 +338,13 @@ class BoxTarget(RegionTarget):
             )
         self.top, self.left, self.bottom, self.right = top, left, bottom, right
 
-    def region(self, logits: Tensor, masks: Tensor | None) -> Tensor:
-        h, w = logits.shape[-2:]
-        if self.bottom > h or self.right > w:
+    def _window(self, height: int, width: int) -> tuple[slice, slice]:
+        if self.bottom > height or self.right > width:
             raise ValueError(
-                f"{self!r} extends outside the logits' {h}×{w} grid; pick bottom <= {h} and "
-                f"right <= {w}."
+                f"{self!r} extends outside the logits' {height}×{width} grid; pick bottom <= "
+                f"{height} and right <= {width}."
             )
-        region = torch.zeros_like(logits, dtype=torch.bool)
-        region[..., self.top : self.bottom, self.left : self.right] = True
-        return region
+        return slice(self.top, self.bottom), slice(self.left, self.right)
 
     def __repr__(self) -> str:
         return (
@@ -258,13 +353,25 @@ class BoxTarget(RegionTarget):
 
 
 class CallableTarget(Target):
-    """Wrap ``f(logits [B, K, H, W], masks | None) -> scores [B, K]`` (or ``(scores, present)``)."""
+    """Wrap ``f(logits [B, K, H, W], masks | None) -> scores [B, K]`` (or ``(scores, present)``).
+
+    ``f`` gets the masks exactly as passed to the engine and not the output kind: it decides
+    itself how to read the logits.
+    """
 
     def __init__(self, fn: Callable[[Tensor, Tensor | None], Any]) -> None:
         self.fn = fn
         self.name = getattr(fn, "__name__", type(fn).__name__)
 
-    def __call__(self, logits: Tensor, masks: Tensor | None = None) -> TargetOutput:
+    def __call__(
+        self,
+        logits: Tensor,
+        masks: Tensor | None = None,
+        *,
+        kind: str = "multiclass",
+        threshold: float = 0.5,
+    ) -> TargetOutput:
+        del kind, threshold
         out = self.fn(logits, masks)
         present = None
         if isinstance(out, tuple) and len(out) == 2:
@@ -323,6 +430,12 @@ def get_target(target: str | Target | Callable[..., Any]) -> Target:
         f"Expected `target` to be a name in {sorted(TARGETS)}, a Target or a callable "
         f"f(logits, masks) -> scores [B, K], but got {type(target).__name__}."
     )
+
+
+def _check_coordinates(values: dict[str, Any]) -> None:
+    for arg, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"Expected `{arg}` to be a non-negative int, but got {value!r}.")
 
 
 def _check_logits(logits: Tensor) -> None:
