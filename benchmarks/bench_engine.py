@@ -21,9 +21,16 @@ ratios to one plain forward pass (eval mode, ``torch.no_grad``):
 Goals checked at the end (K=3): at ``d4`` engine ≤ 1.2× forward and ≥ 8× faster than kpass;
 at every layer ≥ 2.5× faster than kpass; all four layers ≤ 1.2× the earliest layer alone.
 
+``--scaling`` prints how the cost grows instead: for every K in ``--scaling-classes`` and input
+size in ``--scaling-sizes`` (U-Net width ``--widths[0]``, B = ``--batch``), the engine at ``d4``
+and ``e4`` (``auto`` and ``batched``) and the K-pass baseline at ``d4``, as ratios to one
+forward; on CUDA with the peak memory each allocates beyond one forward. Goal: K = 19 at ``d4``
+≤ 1.5× one forward and ≥ 10× faster than the K-pass baseline.
+
 Usage::
 
     python benchmarks/bench_engine.py --device cpu --widths 32 64 --batch 8 --size 256
+    python benchmarks/bench_engine.py --scaling --widths 32 --batch 4
     python benchmarks/bench_engine.py --quick   # tiny sizes: checks that it runs
 """
 
@@ -284,6 +291,108 @@ def paired_all4_over_e1(args: argparse.Namespace, width: int, device: torch.devi
     return ratio
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """``"512"`` or ``"512x1024"`` → ``(height, width)``."""
+    parts = text.lower().split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    try:
+        height, width = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected N or HxW, e.g. 512x1024, got {text!r}"
+        ) from None
+    return height, width
+
+
+def bench_scaling(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Engine and K-pass cost over one forward as the class count and the input grow."""
+    width = args.widths[0]
+    rows = []
+    for size in args.scaling_sizes:
+        for k in args.scaling_classes:
+            torch.manual_seed(0)
+            model = UNet(num_classes=k, base_width=width).to(device).eval()
+            x = torch.rand(args.batch, 3, *size, device=device)
+
+            def forward(model: nn.Module = model, x: torch.Tensor = x) -> None:
+                with torch.no_grad():
+                    model(x)
+
+            mem_fwd = peak_extra_mb(forward, device)
+            t_fwd = median_time(forward, args.repeats, device)
+            row: dict[str, object] = {"size": size, "k": k, "forward_s": t_fwd}
+            for name, layer in (("d4", "d4.conv.conv.5"), ("e4", "e4.conv.conv.5")):
+                for mode in ("auto", "batched"):
+                    engine = CAMEngine(model, [layer], "gradcam", grad_mode=mode)
+                    row[f"{name}_{mode}"] = (
+                        median_time(lambda e=engine, x=x: e(x), args.repeats, device) / t_fwd
+                    )
+            module = [find_layer(model, "d4.conv.conv.5")]
+            # The baseline costs K forward + backward passes: one timed run after the engine's
+            # warm-up is enough where it takes minutes.
+            kpass_repeats = args.repeats if k * size[0] * size[1] <= 8 * 256 * 256 else 1
+            row["kpass"] = (
+                median_time(
+                    lambda m=model, x=x, module=module, k=k: kpass_baseline(m, x, module, k),
+                    kpass_repeats,
+                    device,
+                    warmup=kpass_repeats > 1,
+                )
+                / t_fwd
+            )
+            if device.type == "cuda":
+                engine = CAMEngine(model, ["d4.conv.conv.5"], "gradcam")
+                row["mem"] = (
+                    mem_fwd,
+                    peak_extra_mb(lambda e=engine, x=x: e(x), device),
+                    peak_extra_mb(
+                        lambda m=model, x=x, mod=module, k=k: kpass_baseline(m, x, mod, k), device
+                    ),
+                )
+            model.zero_grad(set_to_none=True)
+            rows.append(row)
+            print(
+                f"  measured {size[0]}x{size[1]} K={k}: forward {t_fwd * 1e3:.0f} ms",
+                flush=True,
+            )
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def print_scaling(rows: list[dict], device: torch.device) -> None:
+    head = (
+        f"{'input':>9} {'K':>3} {'fwd ms':>8} | {'d4':>5} {'d4 bat':>6} {'e4':>5} {'e4 bat':>6} "
+        f"{'kpass':>6} | {'x kpass':>7}"
+    )
+    if device.type == "cuda":
+        head += f" | {'MiB fwd':>8} {'d4':>8} {'kpass':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        h, w = r["size"]
+        line = (
+            f"{f'{h}x{w}':>9} {r['k']:>3} {r['forward_s'] * 1e3:8.0f} | {r['d4_auto']:5.2f} "
+            f"{r['d4_batched']:6.2f} {r['e4_auto']:5.2f} {r['e4_batched']:6.2f} "
+            f"{r['kpass']:6.2f} | {r['kpass'] / r['d4_auto']:7.1f}"
+        )
+        if device.type == "cuda":
+            fwd, eng, kp = r["mem"]
+            line += f" | {fwd:8.1f} {eng:8.1f} {kp:8.1f}"
+        print(line)
+    print("(engine and kpass times are ratios to one no-grad forward of the same batch;")
+    print(" 'bat' = grad_mode='batched'; 'x kpass' = speed-up of the engine at d4)")
+    worst = [r for r in rows if r["k"] == max(r2["k"] for r2 in rows)]
+    for r in worst:
+        h, w = r["size"]
+        ok = r["d4_auto"] <= 1.5 and r["kpass"] / r["d4_auto"] >= 10
+        print(
+            f"  {'PASS' if ok else 'FAIL'}  K={r['k']} {h}x{w}: d4 {r['d4_auto']:.2f}x forward "
+            f"<= 1.5 and {r['kpass'] / r['d4_auto']:.1f}x faster than kpass >= 10"
+        )
+
+
 def fmt(value: float, width: int) -> str:
     return f"{'-':>{width}}" if value != value else f"{value:{width}.2f}"  # NaN: not measured
 
@@ -359,9 +468,21 @@ def main() -> None:
     parser.add_argument(
         "--paired-only", action="store_true", help="only the interleaved all-four / e1 ratio"
     )
+    parser.add_argument(
+        "--scaling", action="store_true", help="cost as K and the input grow (see the docstring)"
+    )
+    parser.add_argument("--scaling-classes", type=int, nargs="+", default=[3, 8, 19])
+    parser.add_argument(
+        "--scaling-sizes",
+        type=parse_size,
+        nargs="+",
+        default=[(256, 256), (512, 512), (512, 1024)],
+        metavar="HxW",
+    )
     args = parser.parse_args()
     if args.quick:
         args.widths, args.batch, args.size, args.repeats = [4], 2, 64, 2
+        args.scaling_sizes, args.scaling_classes = [(64, 64), (64, 128)], [3, 8]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -372,6 +493,11 @@ def main() -> None:
         f"device={name} torch={torch.__version__} threads={torch.get_num_threads()} "
         f"B={args.batch} size={args.size} K={args.classes} repeats={args.repeats}\n"
     )
+    if args.scaling:
+        rows = bench_scaling(args, device)
+        print()
+        print_scaling(rows, device)
+        return
     if args.paired_only:
         for width in args.widths:
             paired_all4_over_e1(args, width, device)
