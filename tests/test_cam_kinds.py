@@ -312,3 +312,45 @@ def test_no_warning_in_normal_use(images: torch.Tensor, num_classes: int, kind: 
         for target in ("softmax_mean", "logit_region", "gt_region"):
             for method in ("gradcam", "layercam"):
                 CAMEngine(net, LAYERS, method, target, output_kind=kind)(images, masks=masks)
+
+
+# --------------------------------------------------------------------------------------------
+# On CUDA
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["gradcam", "layercam", ScoreCAM(max_channels=4)])
+def test_kinds_and_low_resolution_on_cuda_equal_cpu(images: torch.Tensor, method: object) -> None:
+    """Binary, multi-label and 1/4-resolution models with every target on the GPU give the CPU's
+    maps. Float64 on both sides, so the comparison sees the engine, not TF32 convolutions; 1e-5
+    of each map's maximum as in test_cam_references. Then fp16 autocast: finite maps, no
+    blank-map warning (softmax_mean's sigmoid is computed on float32 logits)."""
+    labels = binary_labels(32)
+    labels[:, 20:, :10] = 2
+    cases = [
+        (binary_net(images), LAYERS, "auto"),
+        (make_unet(3), LAYERS, "multilabel"),
+        (quarter_net(), QUARTER_LAYERS, "auto"),
+        (quarter_net(num_classes=1), QUARTER_LAYERS, "binary"),
+    ]
+    for net, layers, kind in cases:
+        for target in ("softmax_mean", "logit_region", "gt_region"):
+            cpu = CAMEngine(net.double(), layers, method, target, "none", output_kind=kind)(
+                images.double(), masks=labels
+            )
+            gpu = CAMEngine(net.cuda(), layers, method, target, "none", output_kind=kind)(
+                images.double().cuda(), masks=labels.cuda()
+            )
+            assert gpu.cams.device.type == "cuda" and gpu.output_kind == cpu.output_kind
+            assert torch.equal(gpu.present.cpu(), cpu.present)
+            scale = cpu.cams.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+            torch.testing.assert_close(gpu.cams.cpu() / scale, cpu.cams / scale, atol=1e-5, rtol=0)
+            net.float()
+            with warnings.catch_warnings(), torch.autocast("cuda", dtype=torch.float16):
+                warnings.filterwarnings("error", "The CAMs of class", RuntimeWarning)
+                half = CAMEngine(net, layers, method, target, output_kind=kind)(
+                    images.cuda(), masks=labels.cuda()
+                )
+            assert half.cams.dtype == torch.float32 and half.cams.isfinite().all()
+            net.cpu()
