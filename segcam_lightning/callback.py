@@ -412,7 +412,7 @@ class GradCAMCallback(Callback):
         for labels in (truth, predicted):
             if labels is not None:
                 labels[(labels < 0) | (labels >= num_labels)] = num_labels
-        step = trainer.global_step
+        step = _log_step(trainer)
         for i, layer in enumerate(self._layer_labels):
             for k, name in enumerate(names):
                 grid = cam_grid(
@@ -714,6 +714,14 @@ def _shard(n: int, world_size: int, rank: int) -> Tensor:
     so every rank runs the same forward (sharded strategies need the lockstep)."""
     per_rank = math.ceil(n / world_size)
     return torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp_max(n - 1)
+
+
+def _log_step(trainer: L.Trainer) -> int:
+    """The step Lightning logs this validation's scalars at, so images and scalars line up in
+    TensorBoard (the count of training batches before this validation's last one; the
+    logger connector reads the same counter)."""
+    stepped = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
+    return int(stepped) if isinstance(stepped, int) else trainer.global_step
 
 
 def _gather(trainer: L.Trainer, tensor: Tensor) -> Tensor:
