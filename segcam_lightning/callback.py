@@ -378,7 +378,7 @@ class GradCAMCallback(Callback):
         if self.log_alignment and masks is not None:
             self._log_alignment(pl_module, cams, masks, names)
         if trainer.is_global_zero:
-            self._log_grids(trainer, images, masks, preds, cams, names)
+            self._log_grids(trainer, pl_module, images, masks, preds, cams, names)
 
     def _log_alignment(
         self, pl_module: L.LightningModule, cams: Tensor, masks: Tensor, names: list[str]
@@ -398,6 +398,7 @@ class GradCAMCallback(Callback):
     def _log_grids(
         self,
         trainer: L.Trainer,
+        pl_module: L.LightningModule,
         images: Tensor,
         masks: Tensor | None,
         preds: Tensor,
@@ -409,12 +410,19 @@ class GradCAMCallback(Callback):
         predicted = _display_labels(preds, self._kind)
         num_labels = 2 if self._kind == "binary" else self._num_outputs
         colormap = [*_colormap(trainer, num_labels)[:num_labels], IGNORED_COLOR]
+        legend = _label_names(trainer, pl_module, num_labels, self._kind)
+        if self.ignore_index is not None:
+            legend.append("ignored")
         for labels in (truth, predicted):
             if labels is not None:
                 labels[(labels < 0) | (labels >= num_labels)] = num_labels
+        absent = ~_regions_of(preds, self._channels, self._kind, self._num_outputs)
+        if masks is not None:
+            absent &= ~_regions_of(masks, self._channels, self._kind, self._num_outputs)
         step = _log_step(trainer)
         for i, layer in enumerate(self._layer_labels):
             for k, name in enumerate(names):
+                notes = [["absent" if gone else ""] for gone in absent[:, k].tolist()]
                 grid = cam_grid(
                     shown,
                     cams[:, i, k : k + 1],
@@ -424,6 +432,8 @@ class GradCAMCallback(Callback):
                     preds=predicted,
                     alpha=self.alpha,
                     cam_colormap=self.colormap,
+                    legend=legend,
+                    notes=notes,
                 )
                 _write_image(trainer, (layer, name), grid, step)
 
@@ -697,6 +707,11 @@ def _resize_labels(preds: Tensor, size: Sequence[int]) -> Tensor:
     return resized.to(dtype)
 
 
+def _regions_of(masks: Tensor, channels: list[int], kind: str, num_outputs: int) -> Tensor:
+    """Whether each image holds each channel's class at all: bool ``[N, K]``."""
+    return class_regions(masks, channels, num_outputs, kind).flatten(2).any(dim=-1)
+
+
 def _display_labels(masks: Tensor, kind: str) -> Tensor:
     """One label per pixel for the truth and prediction columns: labels as they are; per-class
     masks by their highest true channel (overlapping multi-label classes show the last)."""
@@ -758,6 +773,20 @@ def _class_names(
     if names is None or max(channels) >= len(names):
         return [f"class_{c}" for c in channels]
     return [str(names[c]) for c in channels]
+
+
+def _label_names(
+    trainer: L.Trainer, pl_module: L.LightningModule, num_labels: int, kind: str
+) -> list[str]:
+    """A name per mask label for the grids' colour key (binary: background, foreground)."""
+    names = getattr(pl_module, "class_names", None) or getattr(
+        trainer.datamodule, "class_names", None
+    )
+    if names is not None and len(names) >= num_labels:
+        return [str(n) for n in names[:num_labels]]
+    if kind == "binary":
+        return ["background", str(names[-1]) if names else "foreground"]
+    return [f"class_{c}" for c in range(num_labels)]
 
 
 def _colormap(trainer: L.Trainer, num_classes: int) -> list[tuple[int, int, int]]:

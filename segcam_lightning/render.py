@@ -262,20 +262,27 @@ def cam_grid(
     alpha: float = 0.4,
     cam_colormap: int = cv2.COLORMAP_JET,
     gap: int = 4,
+    legend: Sequence[str] | None = None,
+    notes: Sequence[Sequence[str]] | None = None,
 ) -> np.ndarray:
     """One labelled grid: a row per image, columns input | ground truth | prediction | one overlay
-    per class, with a title row naming the columns.
+    per class, a title row naming the columns and a footer with the class colours and the CAM
+    colour bar.
 
     Args:
         images: ``[B, 3, H, W]`` float in [0, 1], RGB.
         cams: ``[B, K, H, W]`` in [0, 1], one map per class in ``class_names`` order.
         class_names: ``K`` names for the overlay columns.
-        colormap: the dataset's BGR colormap (indexed by class id) for masks and predictions.
-        masks: ground truth ``[B, H, W]`` or ``None`` (column left out).
-        preds: predicted classes ``[B, H, W]`` or ``None`` (column left out).
+        colormap: BGR colours (indexed by label) for masks and predictions.
+        masks: ground truth labels ``[B, H, W]`` or ``None`` (column left out).
+        preds: predicted labels ``[B, H, W]`` or ``None`` (column left out).
         alpha: image weight in the overlays.
         cam_colormap: OpenCV colour map for the CAMs.
         gap: white pixels between tiles.
+        legend: a name per label of ``colormap`` for the footer's colour key (``None``: no key).
+        notes: per image, one short text per overlay column written on the tile (e.g.
+            ``"absent"`` where the class is neither in the ground truth nor predicted, whose
+            min-max normalised map shows noise at full range); ``""`` for none.
 
     Returns:
         RGB uint8 ``[rows, cols, 3]``.
@@ -292,8 +299,8 @@ def cam_grid(
         titles.append("prediction")
     titles += [f"CAM {name}" for name in class_names]
     width = images.shape[-1]
-    title_height = max(16, min(32, width // 6))
-    rows = [hstack_with_separators([_title_bar(t, width, title_height) for t in titles], gap)]
+    bar_height = max(16, min(32, width // 6))
+    rows = [hstack_with_separators([_title_bar(t, width, bar_height) for t in titles], gap)]
     for b in range(images.shape[0]):
         image = to_uint8_image(images[b])
         tiles = [image]
@@ -301,12 +308,77 @@ def cam_grid(
             tiles.append(colorize_mask(masks[b], colormap))
         if preds is not None:
             tiles.append(colorize_mask(preds[b], colormap))
-        tiles += [overlay_cam(image, cams[b, k], alpha, cam_colormap) for k in range(cams.shape[1])]
+        for k in range(cams.shape[1]):
+            tile = overlay_cam(image, cams[b, k], alpha, cam_colormap)
+            if notes is not None and notes[b][k]:
+                _note(tile, notes[b][k], bar_height)
+            tiles.append(tile)
         rows.append(hstack_with_separators(tiles, gap))
-    spacer = np.full((gap, rows[0].shape[1], 3), 255, dtype=np.uint8)
+    total_width = rows[0].shape[1]
+    footer = _footer(total_width, width, bar_height, colormap, legend, cam_colormap)
+    spacer = np.full((gap, total_width, 3), 255, dtype=np.uint8)
     out: list[np.ndarray] = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate([*rows, footer]):
         if i > 1:
             out.append(spacer)
         out.append(row)
     return np.concatenate(out, axis=0)
+
+
+def _note(tile: np.ndarray, text: str, height: int) -> None:
+    """Write ``text`` in the tile's top-left corner, white on black, in place."""
+    scale = height / 48.0
+    (tw, th), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    cv2.rectangle(tile, (0, 0), (tw + 4, th + baseline + 3), (0, 0, 0), thickness=-1)
+    cv2.putText(
+        tile, text, (2, th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA
+    )
+
+
+def _footer(
+    total_width: int,
+    tile_width: int,
+    height: int,
+    colormap: Sequence[Sequence[int]],
+    legend: Sequence[str] | None,
+    cam_colormap: int,
+) -> np.ndarray:
+    """The key under a grid: class colours on the left, the CAM colour bar (0 to 1) on the
+    right, under the last overlay column."""
+    footer = np.full((height, total_width, 3), 255, dtype=np.uint8)
+    scale = height / 40.0
+    font, black = cv2.FONT_HERSHEY_SIMPLEX, (0, 0, 0)
+    bar_left = max(total_width - tile_width, 0)
+    x = 2
+    for label, name in enumerate(legend or ()):
+        (tw, th), _ = cv2.getTextSize(str(name), font, scale, 1)
+        size = max(th, 6)
+        if x + size + 3 + tw > bar_left - 4:
+            break  # no room left beside the colour bar
+        b, g, r = (int(v) for v in colormap[label])
+        top = (height - size) // 2
+        cv2.rectangle(footer, (x, top), (x + size, top + size), (r, g, b), thickness=-1)
+        cv2.rectangle(footer, (x, top), (x + size, top + size), (120, 120, 120), thickness=1)
+        cv2.putText(
+            footer,
+            str(name),
+            (x + size + 3, (height + th) // 2),
+            font,
+            scale,
+            black,
+            1,
+            cv2.LINE_AA,
+        )
+        x += size + 3 + tw + 8
+    (zw, th), _ = cv2.getTextSize("0", font, scale, 1)
+    (ow, _), _ = cv2.getTextSize("1", font, scale, 1)
+    bar_width = max(tile_width - zw - ow - 8, 8)
+    ramp = np.linspace(0.0, 1.0, bar_width, dtype=np.float32)[None].repeat(max(height // 2, 4), 0)
+    bar = colorize_cam(ramp, cam_colormap)
+    top = (height - bar.shape[0]) // 2
+    left = bar_left + zw + 4
+    footer[top : top + bar.shape[0], left : left + bar.shape[1]] = bar[:, : total_width - left]
+    baseline = (height + th) // 2
+    cv2.putText(footer, "0", (bar_left + 1, baseline), font, scale, black, 1, cv2.LINE_AA)
+    cv2.putText(footer, "1", (left + bar_width + 3, baseline), font, scale, black, 1, cv2.LINE_AA)
+    return footer

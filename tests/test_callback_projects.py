@@ -193,7 +193,7 @@ def test_normalised_probe_renders_the_same_input_pixels_as_the_raw_one(tmp_path)
         )
         trainer.validate(module, datamodule=PlantsData(normalise=normalise), verbose=False)
         image = grid(read_events(trainer), "cam/d4.conv.conv.5/narrow_leaf")
-        columns.append(image[title_height() :, :SIZE].astype(int))
+        columns.append(image[title_height() : title_height() + 2 * SIZE + 4, :SIZE].astype(int))
     assert columns[0].shape == (2 * SIZE + 4, SIZE, 3)
     assert np.abs(columns[0] - columns[1]).max() <= 1
 
@@ -211,7 +211,7 @@ def test_low_resolution_dict_output_with_ground_truth_target(tmp_path):
     assert callback.last_cams.shape == (2, 1, 3, SIZE, SIZE)  # CAMs at input resolution
     image = grid(read_events(trainer), "cam/features.3/round_leaf")
     # input | truth | prediction | overlay, every tile at input resolution
-    assert image.shape == (title_height() + 2 * SIZE + 4, 4 * SIZE + 3 * 4, 3)
+    assert image.shape == (2 * title_height() + 2 * SIZE + 2 * 4, 4 * SIZE + 3 * 4, 3)
 
 
 def test_multilabel_outputs_with_one_hot_masks(tmp_path):

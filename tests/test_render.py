@@ -57,9 +57,38 @@ def test_grid_has_a_title_row_and_a_row_per_image():
     grid = cam_grid(images, cams, ["a", "b", "c"], SEED_COLORMAP, masks=masks, preds=masks, gap=4)
     columns = 6  # input, ground truth, prediction, 3 overlays
     assert grid.shape[1] == columns * 40 + (columns - 1) * 4
-    title = max(16, min(32, 40 // 6))
-    assert grid.shape[0] == title + 2 * 32 + 4
+    bar = max(16, min(32, 40 // 6))
+    assert grid.shape[0] == bar + 2 * 32 + 4 + 4 + bar  # title, 2 rows, footer
     assert grid.dtype == np.uint8
+
+
+def test_grid_footer_keys_the_class_colours_and_the_cam_colours():
+    images, cams = torch.rand(1, 3, 64, 96), torch.rand(1, 1, 64, 96)
+    masks = torch.zeros(1, 64, 96, dtype=torch.long)
+    plain = cam_grid(images, cams, ["a"], SEED_COLORMAP, masks=masks, preds=masks)
+    keyed = cam_grid(
+        images, cams, ["a"], SEED_COLORMAP, masks=masks, preds=masks, legend=["x", "y", "z"]
+    )
+    bar = max(16, min(32, 96 // 6))
+    footer = keyed[-bar:]
+    # The colour bar runs from JET's blue (0) to its red (1) under the last column.
+    bar_row = footer[bar // 2, 3 * (96 + 4) :]
+    saturation = bar_row.max(axis=-1).astype(int) - bar_row.min(axis=-1)
+    coloured = bar_row[saturation > 60]  # the bar, not the gray digits beside it
+    assert coloured[0, 2] > coloured[0, 0] and coloured[-1, 0] > coloured[-1, 2]
+    # The key draws each label's colour (SEED_COLORMAP[1] is dark red, RGB 128, 0, 0).
+    assert ((footer[:, : 3 * 96] == (128, 0, 0)).all(axis=-1)).any()
+    assert not ((plain[-bar:, : 3 * 96] == (128, 0, 0)).all(axis=-1)).any()
+
+
+def test_grid_notes_mark_tiles():
+    images, cams = torch.zeros(1, 3, 64, 64), torch.zeros(1, 1, 64, 64)
+    marked = cam_grid(images, cams, ["a"], SEED_COLORMAP, notes=[["absent"]])
+    clean = cam_grid(images, cams, ["a"], SEED_COLORMAP, notes=[[""]])
+    bar = max(16, min(32, 64 // 6))
+    tile = (slice(bar, bar + 64), slice(64 + 4, 2 * 64 + 4))
+    assert (marked[tile] != clean[tile]).any()
+    assert (marked[:, :64] == clean[:, :64]).all()
 
 
 def test_grid_rejects_mismatched_names():
