@@ -33,10 +33,7 @@ def fit_seconds(with_callback: bool, max_epochs: int | None, workdir: Path) -> t
         f"--trainer.logger.init_args.save_dir={workdir}",
     ]
     if max_epochs is not None:
-        args += [
-            f"--trainer.max_epochs={max_epochs}",
-            f"--lr_scheduler.init_args.T_max={max_epochs}",
-        ]
+        args.append(f"--trainer.max_epochs={max_epochs}")  # the cosine schedule follows it
     cli = build_cli(args, run=False)
     if not with_callback:
         cli.trainer.callbacks = [

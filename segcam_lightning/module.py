@@ -16,6 +16,9 @@ from segcam_lightning.data.batch import split_batch
 from segcam_lightning.losses import DiceCELoss
 from segcam_lightning.models import build_unet
 
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "plateau", "none")
+
 
 class SegmentationModule(L.LightningModule):
     """Semantic segmentation with Dice + cross-entropy loss and per-class IoU/Dice metrics.
@@ -29,8 +32,13 @@ class SegmentationModule(L.LightningModule):
         base_width: width of the U-Net's first block (64 is the seed's network).
         in_channels: image channels.
         class_names: names used in logged metric keys; default ``class_0..``.
-        lr: learning rate of the default AdamW optimizer (a YAML ``optimizer:`` replaces it).
-        weight_decay: weight decay of the default optimizer.
+        lr: learning rate.
+        weight_decay: weight decay.
+        optimizer: ``"adamw"`` or ``"sgd"`` (with ``momentum``, the seed's).
+        momentum: momentum of SGD.
+        scheduler: ``"cosine"`` (cosine decay over the Trainer's ``max_epochs``, stepped each
+            epoch: it follows ``--trainer.max_epochs``), ``"plateau"`` (×0.1 after 5 epochs
+            without a lower ``val/loss``, the seed's) or ``"none"``.
         dice_weight: weight of the Dice term of the loss.
         ce_weight: weight of the cross-entropy term.
         ignore_index: mask value excluded from loss and metrics (e.g. 255), or ``None``.
@@ -46,6 +54,9 @@ class SegmentationModule(L.LightningModule):
         class_names: Sequence[str] | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
+        scheduler: str = "cosine",
         dice_weight: float = 1.0,
         ce_weight: float = 1.0,
         ignore_index: int | None = None,
@@ -62,6 +73,14 @@ class SegmentationModule(L.LightningModule):
                 f"Expected {num_classes} `class_names`, one per class, but got {len(class_names)}:"
                 f" {list(class_names)}."
             )
+        for argument, value, choices in (
+            ("optimizer", optimizer, OPTIMIZERS),
+            ("scheduler", scheduler, SCHEDULERS),
+        ):
+            if value not in choices:
+                raise ValueError(
+                    f"Expected `{argument}` to be one of {list(choices)}, but got {value!r}."
+                )
         class_names = list(class_names) if class_names is not None else None
         self.save_hyperparameters(ignore=["net"])
         self.class_names = class_names or [f"class_{i}" for i in range(num_classes)]
@@ -135,7 +154,26 @@ class SegmentationModule(L.LightningModule):
             out["name"] = batch["name"]
         return out
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
+    def configure_optimizers(self) -> Any:
+        """The optimizer and schedule chosen by ``optimizer`` and ``scheduler``."""
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+            )
+        else:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "plateau":
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=0.1, patience=5
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss"},
+            }
+        epochs = self.trainer.max_epochs if self._trainer is not None else None
+        if hp.scheduler == "none" or epochs is None or epochs < 1:
+            # An open-ended run (max_epochs -1) has no end for a cosine to reach.
+            return optimizer
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}

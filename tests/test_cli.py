@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.cli import ReduceLROnPlateau
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from segcam_lightning.cli import build_cli
@@ -19,9 +18,13 @@ def test_synthetic_config_parses():
     assert cli.model.hparams.num_classes == 3
     assert cli.model.hparams.class_names == ["soil", "narrow_leaf", "round_leaf"]
     assert cli.model.hparams.base_width == 16
-    optimizers, schedulers = cli.model.configure_optimizers()
-    assert isinstance(optimizers[0], torch.optim.AdamW)
-    assert isinstance(schedulers[0], torch.optim.lr_scheduler.CosineAnnealingLR)
+    cli.model.trainer = cli.trainer
+    configured = cli.model.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.param_groups[0]["lr"] == 0.003
+    assert isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert scheduler.T_max == cli.trainer.max_epochs == 6
 
 
 def test_seed_weeds_config_parses(tmp_path):
@@ -38,12 +41,13 @@ def test_seed_weeds_config_parses(tmp_path):
     assert cli.datamodule.hparams.batch_size == 16
     assert cli.datamodule.hparams.image_size == 256
     assert cli.datamodule.colormap == [(0, 0, 0), (0, 0, 128), (0, 128, 0)]
+    cli.model.trainer = cli.trainer
     configured = cli.model.configure_optimizers()
     optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]
     assert isinstance(optimizer, torch.optim.SGD)
     group = optimizer.param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.01, 0.9, 0.0005)
-    assert isinstance(scheduler["scheduler"], ReduceLROnPlateau)
+    assert isinstance(scheduler["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau)
     assert scheduler["monitor"] == "val/loss"
 
 
@@ -96,3 +100,13 @@ def test_settings_a_callback_rejects_are_one_line_and_exit_2(tmp_path, capsys):
         in err
     )
     assert "Traceback" not in err and "Union subtypes" not in err
+
+
+def test_the_schedule_follows_max_epochs_and_model_lr_is_used(tmp_path, train_script):
+    version = train_script(tmp_path, "--trainer.max_epochs=3", "--model.lr=0.01")
+    events = EventAccumulator(str(version))
+    events.Reload()
+    (tag,) = [t for t in events.Tags()["scalars"] if t.startswith("lr-")]
+    rates = [v.value for v in events.Scalars(tag)]
+    assert len(rates) == 3 and rates[0] == pytest.approx(0.01)
+    assert rates[0] > rates[1] > rates[2] > 0  # cosine over exactly 3 epochs, no restart
