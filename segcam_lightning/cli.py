@@ -9,6 +9,9 @@ from jsonargparse import Namespace
 from jsonargparse.typing import import_object
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+# Imported so that jsonargparse knows the callback by its short name too
+# (`--trainer.callbacks+=GradCAMCallback`, `--trainer.callbacks.help GradCAMCallback`).
+from segcam_lightning.callback import GradCAMCallback  # noqa: F401
 from segcam_lightning.data import SegmentationDataModule
 from segcam_lightning.module import SegmentationModule
 

@@ -110,3 +110,15 @@ def test_the_schedule_follows_max_epochs_and_model_lr_is_used(tmp_path, train_sc
     rates = [v.value for v in events.Scalars(tag)]
     assert len(rates) == 3 and rates[0] == pytest.approx(0.01)
     assert rates[0] > rates[1] > rates[2] > 0  # cosine over exactly 3 epochs, no restart
+
+
+def test_callback_help_by_short_name_and_override_from_the_command_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--trainer.callbacks.help", "GradCAMCallback"])
+    assert exit_info.value.code == 0
+    assert "--trainer.callbacks.method METHOD" in capsys.readouterr().out
+    # The callback is the last one in the config, so `--trainer.callbacks.<arg>` reaches it.
+    args = ["--config", str(ROOT / "configs/synthetic.yaml"), "--trainer.callbacks.method=layercam"]
+    cli = build_cli(args, run=False)
+    (callback,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "GradCAMCallback"]
+    assert callback.method == "layercam"
