@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,14 +63,43 @@ def _class_configs(config: Any) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> SegCamCLI:
-    """Parse ``args`` (default: ``sys.argv``) and, with ``run``, run the chosen subcommand."""
-    return SegCamCLI(
-        SegmentationModule,
-        SegmentationDataModule,
-        seed_everything_default=42,
-        args=args,
-        run=run,
+    """Parse ``args`` (default: ``sys.argv``) and, with ``run``, run the chosen subcommand.
+
+    Given ``args``, the process's own command line (a test runner's, a benchmark's) is not
+    read at all, so LightningCLI has no reason to warn that both were given.
+    """
+    argv = sys.argv
+    if args is not None:
+        sys.argv = argv[:1]
+    try:
+        return SegCamCLI(
+            SegmentationModule,
+            SegmentationDataModule,
+            seed_everything_default=42,
+            args=args,
+            run=run,
+        )
+    finally:
+        sys.argv = argv
+
+
+class _DropTips(logging.Filter):
+    """Drops Lightning's advertisement for its cloud logger from the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip:" not in record.getMessage()
+
+
+def quiet_third_party_notices() -> None:
+    """Silence what the default run would print that neither we nor the user can act on:
+    Lightning 2.6 builds a ``torch.utils._pytree.LeafSpec``, which torch 2.13 deprecates
+    (FutureWarning on every fit), and logs a tip advertising its cloud logger."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
     )
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
 
 
 def main() -> None:
@@ -76,4 +108,5 @@ def main() -> None:
     Example:
         ``python train.py fit --config configs/synthetic.yaml``
     """
+    quiet_third_party_notices()
     build_cli()
