@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from segcam_lightning.data import SegmentationDataModule
 from segcam_lightning.data.colormap import (
     SEED_COLORMAP,
     color_to_mask,
@@ -443,15 +444,29 @@ def test_random_flip_probability_zero_is_identity_and_validates() -> None:
 def test_cli_writes_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     assert main(["--out", str(out), "--num", "3", "--size", "32", "--seed", "5"]) == 0
-    assert "Wrote 3 image/mask pairs (32x32, seed 5)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Wrote 3 image/mask pairs (32x32, test split (held out from training), data seed 5)" in (
+        printed
+    )
     assert sorted(p.name for p in (out / "images").iterdir()) == [
         "0000.jpg",
         "0001.jpg",
         "0002.jpg",
     ]
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["0000.png", "0001.png", "0002.png"]
+    # The held-out stream: SegmentationDataModule(seed=5) tests on seed 7 and trains on seed 5.
     mask = FolderSegmentation(out, image_size=32)[1]["mask"].numpy()
-    np.testing.assert_array_equal(mask, SyntheticSegmentation(3, 32, seed=5).render(1)[1])
+    np.testing.assert_array_equal(mask, SyntheticSegmentation(3, 32, seed=7).render(1)[1])
+    data = SegmentationDataModule(image_size=32, seed=5, num_train=3, num_test=3, augment=False)
+    data.setup("fit")
+    np.testing.assert_array_equal(mask, data.datasets["test"][1]["mask"].numpy())
+    assert not np.array_equal(mask, data.datasets["train"][1]["mask"].numpy())
+    train = tmp_path / "train"
+    assert main(["--out", str(train), "--num", "2", "--size", "32", "--split", "train"]) == 0
+    np.testing.assert_array_equal(
+        FolderSegmentation(train, image_size=32)[0]["mask"].numpy(),
+        SyntheticSegmentation(2, 32, seed=0).render(0)[1],
+    )
     with pytest.raises(SystemExit) as exit_info:
         main(["--out", str(out), "--num", "2", "--size", "32"])
     assert exit_info.value.code == 1

@@ -11,7 +11,11 @@ from torch.utils.data import DataLoader, Dataset
 from segcam_lightning.data.colormap import SEED_COLORMAP
 from segcam_lightning.data.folder import FolderSegmentation, pair_files
 from segcam_lightning.data.split import split_indices
-from segcam_lightning.data.synthetic import SYNTHETIC_CLASS_NAMES, SyntheticSegmentation
+from segcam_lightning.data.synthetic import (
+    SPLIT_OFFSETS,
+    SYNTHETIC_CLASS_NAMES,
+    SyntheticSegmentation,
+)
 from segcam_lightning.data.transforms import RandomFlip
 
 SYNTHETIC = "synthetic"
@@ -110,9 +114,15 @@ class SegmentationDataModule(L.LightningDataModule):
         train_tf = RandomFlip() if hp.augment else None
         if self.is_synthetic:
             self.datasets = {
-                "train": SyntheticSegmentation(hp.num_train, hp.image_size, hp.seed, train_tf),
-                "val": SyntheticSegmentation(hp.num_val, hp.image_size, hp.seed + 1),
-                "test": SyntheticSegmentation(hp.num_test, hp.image_size, hp.seed + 2),
+                "train": SyntheticSegmentation(
+                    hp.num_train, hp.image_size, hp.seed + SPLIT_OFFSETS["train"], train_tf
+                ),
+                "val": SyntheticSegmentation(
+                    hp.num_val, hp.image_size, hp.seed + SPLIT_OFFSETS["val"]
+                ),
+                "test": SyntheticSegmentation(
+                    hp.num_test, hp.image_size, hp.seed + SPLIT_OFFSETS["test"]
+                ),
             }
             return
         n = len(pair_files(hp.data))

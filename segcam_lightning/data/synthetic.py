@@ -34,6 +34,9 @@ from torch.utils.data import Dataset
 from segcam_lightning.data.colormap import SEED_COLORMAP, Colormap, mask_to_color, validate_colormap
 
 SYNTHETIC_CLASS_NAMES = ("soil", "narrow_leaf", "round_leaf")
+#: Offsets added to the data seed for each split: SegmentationDataModule trains on ``seed``,
+#: validates on ``seed + 1`` and tests on ``seed + 2``; ``segcam-synthetic`` writes the same.
+SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}
 NARROW_LEAF, ROUND_LEAF = 1, 2
 
 # Sizes are in pixels at 128² and scale with the image size.
@@ -422,7 +425,11 @@ def _build_parser() -> argparse.ArgumentParser:
             "--seed and --size (masks identical, images up to JPEG loss): look at them, audit\n"
             "a model on them, or copy the layout for your own data."
         ),
-        epilog="example:\n  segcam-synthetic --out data/synthetic --num 60 --size 256 --seed 0",
+        epilog=(
+            "example:\n  segcam-synthetic --out data/synthetic --num 60 --size 256\n\n"
+            "--split test (the default) writes held-out images: the ones train.py never trains\n"
+            "on (it trains on --split train and validates on --split val of the same --seed)."
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
@@ -430,7 +437,15 @@ def _build_parser() -> argparse.ArgumentParser:
         "--num", type=int, default=60, help="number of image/mask pairs (default 60)"
     )
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    parser.add_argument(
+        "--split",
+        choices=list(SPLIT_OFFSETS),
+        default="test",
+        help="which stream of the data: test (default, held out from training), val or train",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="data seed, as train.py's --data.seed (default 0)"
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -451,14 +466,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seed must be non-negative, but got {args.seed}.")
     try:
         root = write_synthetic_dataset(
-            args.out, args.num, args.size, args.seed, overwrite=args.overwrite
+            args.out,
+            args.num,
+            args.size,
+            args.seed + SPLIT_OFFSETS[args.split],
+            overwrite=args.overwrite,
         )
     except OSError as error:  # includes FileExistsError
         parser.exit(1, f"segcam-synthetic: error: {error}\n")
-    names = SyntheticSegmentation(args.num)
+    names = SyntheticSegmentation(args.num, args.size)
     first, last = names.name(0), names.name(args.num - 1)
     size = f"{args.size}x{args.size}"
-    print(f"Wrote {args.num} image/mask pairs ({size}, seed {args.seed}) to {root}")
+    held_out = " (held out from training)" if args.split == "test" else ""
+    print(
+        f"Wrote {args.num} image/mask pairs ({size}, {args.split} split{held_out}, data seed "
+        f"{args.seed}) to {root}"
+    )
     print(f"  images: {root / 'images'}/{first}.jpg .. {last}.jpg (JPEG quality 95)")
     print(f"  masks:  {root / 'masks'}/{first}.png .. {last}.png (colour PNG)")
     classes = ", ".join(
