@@ -1,5 +1,5 @@
 """Safe output names and paths: nothing a data set, checkpoint or class name holds can make a
-file land outside the folder it is written to.
+file land outside the folder it is written to; files appear complete or not at all.
 
 Used wherever a name from outside becomes a path: the audit's panels and report files, the
 callback's PNG files for loggers other than TensorBoard.
@@ -7,13 +7,15 @@ callback's PNG files for loggers other than TensorBoard.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import secrets
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["UnsafePathError", "safe_component", "safe_join", "unique_components"]
+__all__ = ["UnsafePathError", "safe_component", "safe_join", "unique_components", "write_atomic"]
 
 # Letters and digits of any script (``\\w`` is Unicode-aware) and a few harmless marks; the rest
 # (separators, spaces, quotes, control characters, ``:``, ``*``, ...) becomes ``_``.
@@ -41,10 +43,17 @@ def safe_component(text: str, fallback: str = "item") -> str:
     return name or fallback
 
 
-def unique_components(texts: Sequence[str], fallback: str = "item") -> list[str]:
-    """:func:`safe_component` of each text, with ``-2``, ``-3``, ... appended to repeats
-    (compared case-insensitively, for case-insensitive file systems)."""
-    seen: set[str] = set()
+def unique_components(
+    texts: Sequence[str], fallback: str = "item", reserved: Iterable[str] = ()
+) -> list[str]:
+    """:func:`safe_component` of each text, with ``-2``, ``-3``, ... appended to repeats and to
+    ``reserved`` names (compared case-insensitively, for case-insensitive file systems).
+
+    Example:
+        >>> unique_components(["a b", "A_B", "metrics.csv"], reserved=["metrics.csv"])
+        ['a_b', 'A_B-2', 'metrics.csv-2']
+    """
+    seen = {name.casefold() for name in reserved}
     out = []
     for text in texts:
         base = safe_component(text, fallback)
@@ -91,3 +100,31 @@ def safe_join(root: Path | str, *parts: str) -> Path:
             f"{base} (a symbolic link inside it points elsewhere?)."
         )
     return path
+
+
+def write_atomic(path: Path | str, data: bytes | str) -> None:
+    """Write ``data`` (``str`` as UTF-8) to ``path`` so that the file appears complete or not at
+    all: it goes to a temporary file in the same folder, which then replaces ``path``.
+
+    The temporary name starts with ``.`` and holds random letters, so threads writing into one
+    folder never share it, and :func:`safe_component` names (never starting with ``.``) never
+    meet it. A failed write (a full disk, an interrupt) removes it and leaves any old ``path``
+    untouched.
+
+    Raises:
+        OSError: when the folder cannot be written; ``path`` is then unchanged.
+    """
+    path = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    temporary = path.with_name(f".{path.name[:100]}.{secrets.token_hex(4)}.tmp")
+    # 0o666 and the process's umask, as open() gives; tempfile's 0o600 would hide the results
+    # from other users of a shared folder.
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with open(handle, "wb") as stream:
+            stream.write(payload)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
