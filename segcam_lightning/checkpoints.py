@@ -2,23 +2,34 @@
 state dicts.
 
 Every file is read with ``torch.load(..., weights_only=True)``: tensors, containers and plain
-values only, so a checkpoint cannot run code while it loads (DESIGN.md, fact 10). A file that
-needs arbitrary unpickling is refused with an explanation; ``trust=True`` (``--trust-checkpoint``)
-loads it with ``weights_only=False`` after a warning.
+values only, so a checkpoint cannot run code while it loads. A file that needs arbitrary
+unpickling is refused with an explanation; ``trust=True`` (``--trust-checkpoint``) loads it with
+``weights_only=False`` after a warning. Any failure to read or use a file is a
+:class:`CheckpointError` whose message is one line.
+
+Nothing read from a checkpoint decides what is imported or instantiated: the network is always
+the seed-compatible :class:`~segcam_lightning.models.UNet`, built from type-checked integers and
+loaded strictly. A checkpoint controls only its weights and plain values (class count, widths,
+class names, training image size, colormap, channel order). Weights that are NaN or infinite are
+refused.
 
 The three layouts:
 
 - **Lightning** (``python train.py fit`` writes them): ``{"state_dict", "hyper_parameters", ...}``.
-  The :class:`~segcam_lightning.module.SegmentationModule` is rebuilt from its saved
-  hyperparameters with ``load_from_checkpoint``; the data module's saved hyperparameters supply
-  the image size, colormap and channel order it was trained with.
+  The hyperparameters must be the plain values :class:`~segcam_lightning.module.SegmentationModule`
+  saves (integers, strings, numbers; Lightning CLI's ``_instantiator`` marker is compared as text
+  and ignored); anything else, such as a ``net`` entry naming a class, is refused. The U-Net is
+  built from them and the ``net.*`` weights; the data module's saved hyperparameters supply the
+  image size, colormap and channel order it was trained with. With ``trust=True`` the module is
+  rebuilt by Lightning's ``load_from_checkpoint`` instead, which imports what the
+  hyperparameters name.
 - **Seed** (the blog script): ``{"epoch", "model_state_dict", "optimizer_state_dict", "loss"}``.
 - **Bare state dict** (``torch.save(model.state_dict(), path)``).
 
-For the last two, the U-Net's width, input channels and class count are read from tensor shapes
+The U-Net's width, input channels and class count are read from tensor shapes
 (``e1.conv.conv.0.weight`` is ``[w, C_in, 3, 3]``, ``outputs.weight`` is ``[K, w, 1, 1]``) and the
-weights are loaded strictly. The seed trained on cv2's BGR arrays, so these report
-``channel_order="bgr"``.
+weights are loaded strictly. The seed trained on cv2's BGR arrays, so seed files and state dicts
+report ``channel_order="bgr"``.
 
 Example:
     >>> loaded = load_checkpoint("lightning_logs/version_0/checkpoints/last.ckpt")  # doctest: +SKIP
@@ -28,13 +39,16 @@ Example:
 
 from __future__ import annotations
 
+import math
 import pickle
+import pickletools
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -125,8 +139,9 @@ def load_checkpoint(
         path: the checkpoint file.
         num_classes: the class count the caller expects (``--num-classes``); a checkpoint with
             another count is an error. ``None`` takes the checkpoint's.
-        trust: load with ``weights_only=False`` (arbitrary unpickling) after a warning. Only for
-            files from a trusted source.
+        trust: load with ``weights_only=False`` (arbitrary unpickling) after a warning, and
+            rebuild Lightning modules with ``load_from_checkpoint``. Only for files from a
+            trusted source.
         map_location: where tensors are loaded (the network is returned there).
 
     Returns:
@@ -135,9 +150,9 @@ def load_checkpoint(
     Raises:
         FileNotFoundError: when ``path`` does not exist or is not a file.
         UnsafeCheckpointError: when loading would need arbitrary unpickling and not ``trust``.
-        CheckpointError: for files that are not checkpoints, unknown layouts, networks that are
-            not the seed U-Net, and class-count mismatches; the message names what was expected
-            and what was found.
+        CheckpointError: for files that cannot be read, unknown layouts, hyperparameters that are
+            not plain values, networks that are not the seed U-Net, non-finite weights and
+            class-count mismatches; the message names what was expected and what was found.
     """
     path = Path(path)
     if not path.is_file():
@@ -155,6 +170,7 @@ def load_checkpoint(
         epoch = content.get("epoch") if kind == "seed" else None
         loaded = _load_unet_state(path, kind, state, epoch, trust)
     _check_num_classes(loaded, num_classes)
+    _check_finite(path, loaded.net)
     loaded.net.eval()
     return loaded
 
@@ -168,7 +184,11 @@ def _torch_load(path: Path, trust: bool, map_location: str | torch.device) -> An
             stacklevel=3,
         )
     try:
-        return torch.load(path, map_location=map_location, weights_only=not trust)
+        # A corrupt file makes torch warn (e.g. about an unknown pickle protocol) before it
+        # fails; the error names the problem, so warnings are shown only for a file that loads.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            content = torch.load(path, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as error:
         unsafe = _unsafe_globals(path) or re.findall(
             r"Unsupported global: GLOBAL ([\w.]+)", str(error)
@@ -176,8 +196,16 @@ def _torch_load(path: Path, trust: bool, map_location: str | torch.device) -> An
         if unsafe and not trust:
             raise UnsafeCheckpointError(_unsafe_message(path, unsafe)) from None
         raise CheckpointError(_unreadable_message(path, error)) from None
-    except (RuntimeError, ValueError, EOFError, OSError) as error:
+    except Exception as error:  # corrupt files make the unpicklers raise almost any type
         raise CheckpointError(_unreadable_message(path, error)) from None
+    for caught_warning in caught:
+        warnings.warn_explicit(
+            caught_warning.message,
+            caught_warning.category,
+            caught_warning.filename,
+            caught_warning.lineno,
+        )
+    return content
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -192,15 +220,64 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 
 def _unsafe_message(path: Path, unsafe: Sequence[str]) -> str:
+    top = _pickled_top_level(path)
+    if top == "object":
+        holds = "a whole pickled object (torch.save(model)), not a dict of tensors"
+        fix = (
+            "model = torch.load(p, weights_only=False); torch.save(model.state_dict(), 'clean.pth')"
+        )
+    elif top == "dict":
+        holds = "a dict"
+        fix = (
+            "torch.save(torch.load(p, weights_only=False)['model_state_dict'], 'clean.pth') "
+            "(the key that holds the weights)"
+        )
+    else:
+        holds = "pickled objects"
+        fix = (
+            "for a pickled module, torch.save(model.state_dict(), 'clean.pth'); for a dict, "
+            "torch.save(ckpt['model_state_dict'], 'clean.pth')"
+        )
     return (
-        f"Refusing to load {path}: it is a pickle that refers to "
+        f"Refusing to load {path}: it holds {holds}, and its pickle refers to "
         f"{_listing(list(unsafe))}, which torch.load(weights_only=True) does not allow, because "
         "unpickling may call them, i.e. run code from the file. A checkpoint only needs tensors, "
         "containers and plain values. If you trust the file's source, pass --trust-checkpoint "
         "(loads with weights_only=False); better, load it once where you trust it and re-save "
-        "only the weights: torch.save(torch.load(p, weights_only=False)['model_state_dict'], "
-        "'clean.pth')."
+        f"only the weights: {fix}."
     )
+
+
+def _pickled_top_level(path: Path) -> Literal["dict", "object"] | None:
+    """What a ``torch.save`` file's main pickle holds: ``"dict"``, ``"object"`` or ``None``
+    (unknown). Only opcodes are read: nothing is unpickled."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if name is None:
+                    return None
+                with archive.open(name) as stream:
+                    return _first_built(stream)
+        with path.open("rb") as stream:
+            # The legacy format: a magic number, a protocol version and system info, each its
+            # own pickle, then the saved object's.
+            for _ in range(3):
+                for _op in pickletools.genops(stream):
+                    pass
+            return _first_built(stream)
+    except Exception:  # unreadable or not a pickle: the message then names both fixes
+        return None
+
+
+def _first_built(stream: IO[bytes]) -> Literal["dict", "object"] | None:
+    for opcode, arg, _ in pickletools.genops(stream):
+        if opcode.name in ("PROTO", "FRAME"):
+            continue
+        if opcode.name in ("EMPTY_DICT", "DICT") or arg == "collections OrderedDict":
+            return "dict"
+        return "object"
+    return None
 
 
 def _unreadable_message(path: Path, error: BaseException) -> str:
@@ -237,44 +314,200 @@ def _detect_kind(content: Any, path: Path) -> CheckpointKind:
     )
 
 
+# ----------------------------------------------------------------------- Lightning checkpoints
+
+# Lightning CLI's markers in saved hyperparameters: accepted when they hold exactly these texts,
+# which are never imported or called.
+_CLI_MARKERS = {
+    "_instantiator": "lightning.pytorch.cli.instantiate_module",
+    "_class_path": "segcam_lightning.module.SegmentationModule",
+}
+# The hyperparameters the network is built from, with their least values.
+_SIZE_HPARAMS = {"num_classes": 2, "base_width": 1, "in_channels": 1}
+# How jsonargparse (Lightning CLI) names a class to import and instantiate.
+_CLASS_SPEC = "class_path"
+
+
+@dataclass(frozen=True)
+class _UNetHyperparameters:
+    """The plain values a Lightning checkpoint may set; ``None`` where it does not say."""
+
+    num_classes: int | None = None
+    base_width: int | None = None
+    in_channels: int | None = None
+    class_names: tuple[str, ...] | None = None
+
+
 def _load_lightning(
     path: Path, content: Mapping[str, Any], trust: bool, map_location: str | torch.device
 ) -> LoadedCheckpoint:
-    from segcam_lightning.module import SegmentationModule  # Lightning only when needed
+    if trust:
+        from segcam_lightning.module import SegmentationModule  # Lightning only when needed
 
-    hparams = dict(content.get("hyper_parameters") or {})
-    if "num_classes" not in hparams:
-        raise CheckpointError(
-            f"{path} is a Lightning checkpoint without a saved `num_classes` hyperparameter, so "
-            "it was not saved by SegmentationModule (found hyperparameters "
-            f"{_listing(sorted(hparams))}). Save the network's state_dict() and audit that."
-        )
-    try:
-        module = SegmentationModule.load_from_checkpoint(
-            path, map_location=map_location, weights_only=not trust
-        )
-    except (RuntimeError, TypeError, KeyError, ValueError) as error:
-        raise CheckpointError(
-            f"Could not rebuild SegmentationModule from {path} and its saved hyperparameters "
-            f"{_listing(sorted(hparams))}: {_first_line(error)}. If it was trained with a custom "
-            "`net`, save `module.net.state_dict()` and audit that with the matching network."
-        ) from None
-    data = dict(content.get("datamodule_hyper_parameters") or {})
-    names = hparams.get("class_names")
+        net, hparams = _rebuild_module(SegmentationModule, path, content, map_location)
+    else:
+        hparams = _plain_hyperparameters(path, content.get("hyper_parameters"))
+        net = _unet_from_lightning_state(path, content.get("state_dict"), hparams)
+    data = content.get("datamodule_hyper_parameters")
+    data = data if isinstance(data, Mapping) else {}
     return LoadedCheckpoint(
-        net=module.net,
+        net=net,
         path=path,
         kind="lightning",
-        num_classes=int(hparams["num_classes"]),
-        in_channels=int(hparams.get("in_channels", 3)),
-        base_width=_int_or_none(hparams.get("base_width")),
-        class_names=tuple(str(n) for n in names) if names else None,
-        channel_order=str(data.get("channel_order", "rgb")),
+        num_classes=int(net.num_classes),
+        in_channels=int(net.e1.conv.conv[0].in_channels),
+        base_width=int(net.base_width),
+        class_names=hparams.class_names,
+        channel_order=_channel_order_or_none(data.get("channel_order", "rgb")),
         image_size=_size_or_none(data.get("image_size")),
         colormap=_colormap_or_none(data.get("colormap")),
         epoch=_int_or_none(content.get("epoch")),
         trusted=trust,
     )
+
+
+def _plain_hyperparameters(path: Path, hparams: Any) -> _UNetHyperparameters:
+    """Type-check a Lightning checkpoint's saved hyperparameters; nothing in them is imported.
+
+    Raises:
+        CheckpointError: naming every entry that is not one of SegmentationModule's plain values.
+    """
+    if hparams is None:
+        return _UNetHyperparameters()
+    if not isinstance(hparams, Mapping):
+        _refuse_hyperparameters(path, [f"hyper_parameters: {_describe(hparams)}"])
+    problems = []
+    for key, value in hparams.items():
+        problem = _hyperparameter_problem(key, value)
+        if problem:
+            problems.append(f"{key if isinstance(key, str) else repr(key)}: {problem}")
+    names = hparams.get("class_names")
+    num_classes = hparams.get("num_classes")
+    counted = not problems and names is not None and num_classes is not None
+    if counted and len(names) != num_classes:
+        problems.append(f"class_names: {len(names)} names for num_classes={num_classes}")
+    if problems:
+        _refuse_hyperparameters(path, problems)
+    return _UNetHyperparameters(
+        num_classes=num_classes,
+        base_width=hparams.get("base_width"),
+        in_channels=hparams.get("in_channels"),
+        class_names=tuple(names) if names is not None else None,
+    )
+
+
+def _hyperparameter_problem(key: Any, value: Any) -> str:
+    """Why ``key: value`` is not a plain SegmentationModule hyperparameter ('' when it is).
+
+    The sizes and class names must have their types; other entries (learning rate, optimizer
+    name, ...) are not used and only have to be plain data that names no code.
+    """
+    if key in _CLI_MARKERS:
+        return "" if value == _CLI_MARKERS[key] else f"{_describe(value)} (names code to run)"
+    if key in _SIZE_HPARAMS:
+        least = _SIZE_HPARAMS[key]
+        if _is_int(value) and value >= least:
+            return ""
+        return f"{_describe(value)}, expected an integer >= {least}"
+    if key == "class_names":
+        if value is None or (
+            isinstance(value, list | tuple) and all(isinstance(n, str) for n in value)
+        ):
+            return ""
+        return f"{_describe(value)}, expected a list of strings"
+    if key == "net" and value is not None:
+        return f"{_describe(value)}, a custom network this tool cannot rebuild"
+    if not isinstance(key, str) or not _is_plain(value):
+        return f"{_describe(value)}, not plain data"
+    return ""
+
+
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    """Numbers, strings, ``None`` and lists or dicts of them that name no class to import."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if depth > 8:
+        return False
+    if isinstance(value, list | tuple):
+        return all(_is_plain(v, depth + 1) for v in value)
+    if isinstance(value, Mapping):
+        return _CLASS_SPEC not in value and all(
+            isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items()
+        )
+    return False
+
+
+def _refuse_hyperparameters(path: Path, problems: Sequence[str]) -> None:
+    raise CheckpointError(
+        f"Refusing to rebuild the network of {path} from its saved hyperparameters: "
+        f"{_listing(list(problems))}. Only plain values are accepted (num_classes, base_width, "
+        "in_channels integers; class_names strings; other settings as numbers, strings and "
+        "lists), so that nothing in a checkpoint decides what code is imported or run; a `net`, "
+        "a `class_path`, `_class_path` or `_instantiator` entry would. If the file comes from a "
+        "source you trust, pass --trust-checkpoint (Lightning's load_from_checkpoint rebuilds "
+        "it); otherwise save the network's weights where you trust it, "
+        "torch.save(module.net.state_dict(), 'net.pth'), and audit that file."
+    )
+
+
+def _unet_from_lightning_state(path: Path, state: Any, hparams: _UNetHyperparameters) -> UNet:
+    """The U-Net of a Lightning checkpoint's ``net.*`` weights, checked against its
+    hyperparameters."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(
+            f"{path}: expected 'state_dict' to map names to tensors, but found "
+            f"{type(state).__name__}."
+        )
+    weights = {k[4:]: v for k, v in state.items() if isinstance(k, str) and k.startswith("net.")}
+    if not weights:
+        raise CheckpointError(
+            f"{path} is a Lightning checkpoint without network weights (no 'net.*' entries among "
+            f"{_listing([str(k) for k in state])}), so it was not saved by SegmentationModule. "
+            "Save the network's state_dict() and audit that."
+        )
+    width, in_channels, num_classes, _ = infer_unet_shape(weights)
+    found = {"num_classes": num_classes, "base_width": width, "in_channels": in_channels}
+    clashes = [
+        f"{name}={getattr(hparams, name)} but the weights have {value}"
+        for name, value in found.items()
+        if getattr(hparams, name) is not None and getattr(hparams, name) != value
+    ]
+    if clashes:
+        raise CheckpointError(
+            f"{path}: the saved hyperparameters do not match the weights ({'; '.join(clashes)}; "
+            f"read from '{_FIRST_CONV}' and '{_HEAD}'). The file was edited or assembled from "
+            "two runs; audit the checkpoint the training run saved."
+        )
+    return _unet_from_state(path, weights, width, in_channels, num_classes)
+
+
+def _rebuild_module(
+    module_class: type, path: Path, content: Mapping[str, Any], map_location: str | torch.device
+) -> tuple[UNet, _UNetHyperparameters]:
+    """``module_class.load_from_checkpoint``: it imports and instantiates what the saved
+    hyperparameters name, so it is used only for trusted files (``--trust-checkpoint``)."""
+    hparams = content.get("hyper_parameters")
+    hparams = dict(hparams) if isinstance(hparams, Mapping) else {}
+    try:
+        module = module_class.load_from_checkpoint(
+            path, map_location=map_location, weights_only=False
+        )
+    except Exception as error:  # whatever the module's own code raises while rebuilding
+        raise CheckpointError(
+            f"Could not rebuild {module_class.__name__} from {path} and its saved "
+            f"hyperparameters {_listing(sorted(map(str, hparams)))}: {_first_line(error)}. If it "
+            "was trained with a custom `net`, save `module.net.state_dict()` and audit that with "
+            "the matching network."
+        ) from None
+    net = getattr(module, "net", None)
+    if not isinstance(net, UNet):
+        raise CheckpointError(
+            f"{path} rebuilt a {module_class.__name__} whose `net` is "
+            f"{type(net).__name__}, not the seed U-Net this tool audits."
+        )
+    names = hparams.get("class_names")
+    class_names = tuple(str(n) for n in names) if isinstance(names, list | tuple) else None
+    return net, _UNetHyperparameters(class_names=class_names)
 
 
 def infer_unet_shape(state: Mapping[str, Any]) -> tuple[int, int, int, str]:
@@ -318,12 +551,9 @@ def _load_unet_state(
         )
     width, in_channels, num_classes, prefix = infer_unet_shape(state)
     if prefix:
-        state = {k.removeprefix(prefix): v for k, v in state.items()}
-    net = UNet(num_classes=num_classes, base_width=width, in_channels=in_channels)
-    _check_state_matches(path, net, state, width, num_classes)
-    net.load_state_dict(state, strict=True)
+        state = {k.removeprefix(prefix): v for k, v in state.items() if isinstance(k, str)}
     return LoadedCheckpoint(
-        net=net,
+        net=_unet_from_state(path, state, width, in_channels, num_classes),
         path=path,
         kind=kind,
         num_classes=num_classes,
@@ -333,6 +563,16 @@ def _load_unet_state(
         epoch=_int_or_none(epoch),
         trusted=trust,
     )
+
+
+def _unet_from_state(
+    path: Path, state: Mapping[str, Any], width: int, in_channels: int, num_classes: int
+) -> UNet:
+    """A :class:`UNet` of these sizes with ``state`` loaded strictly."""
+    net = UNet(num_classes=num_classes, base_width=width, in_channels=in_channels)
+    _check_state_matches(path, net, state, width, num_classes)
+    net.load_state_dict(state, strict=True)
+    return net
 
 
 def _check_state_matches(
@@ -378,6 +618,23 @@ def _check_num_classes(loaded: LoadedCheckpoint, num_classes: int | None) -> Non
     )
 
 
+def _check_finite(path: Path, net: nn.Module) -> None:
+    """Refuse NaN or infinite weights: every CAM and prediction of such a network is garbage."""
+    tensors = net.state_dict()
+    bad = []
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            count = int(tensor.numel() - torch.isfinite(tensor).sum())
+            if count:
+                bad.append(f"{name} ({count} of {tensor.numel()} values)")
+    if bad:
+        raise CheckpointError(
+            f"{path} holds non-finite weights (NaN or inf) in {len(bad)} of {len(tensors)} "
+            f"tensors: {_listing(bad)}. The training run diverged before this checkpoint was "
+            "saved; audit an earlier checkpoint (e.g. a best-epoch=... .ckpt)."
+        )
+
+
 def _is_conv(tensor: Any, kernel: int) -> bool:
     return (
         isinstance(tensor, Tensor)
@@ -409,21 +666,53 @@ def _first_line(error: BaseException) -> str:
 def _int_or_none(value: Any) -> int | None:
     if isinstance(value, Tensor) and value.numel() == 1:
         value = value.item()
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    return int(value) if _is_number(value) and math.isfinite(value) else None
 
 
 def _size_or_none(value: Any) -> tuple[int, int] | None:
-    if isinstance(value, int) and not isinstance(value, bool):
+    if _is_int(value) and value > 0:
         return (value, value)
-    if isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) for v in value):
+    if isinstance(value, Sequence) and len(value) == 2 and all(_is_int(v) and v > 0 for v in value):
         return (int(value[0]), int(value[1]))
     return None
 
 
 def _colormap_or_none(value: Any) -> tuple[tuple[int, int, int], ...] | None:
-    if not isinstance(value, Sequence) or not value:
+    if not isinstance(value, Sequence) or isinstance(value, str) or not value:
         return None
-    try:
-        return tuple((int(b), int(g), int(r)) for b, g, r in value)
-    except (TypeError, ValueError):
-        return None
+    colours = []
+    for colour in value:
+        if not (
+            isinstance(colour, Sequence)
+            and len(colour) == 3
+            and all(_is_int(c) and 0 <= c <= 255 for c in colour)
+        ):
+            return None
+        colours.append((int(colour[0]), int(colour[1]), int(colour[2])))
+    return tuple(colours)
+
+
+def _channel_order_or_none(value: Any) -> str | None:
+    return value if value in ("rgb", "bgr") else None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _describe(value: Any) -> str:
+    """A short, harmless description of a value read from a file."""
+    if isinstance(value, Mapping):
+        named = value.get("class_path")
+        if isinstance(named, str):
+            return f"a dict naming the class {named[:80]!r}"
+        return f"a dict with keys {_listing([str(k)[:40] for k in value])}"
+    if value is None or isinstance(value, bool | int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value[:80])
+    return f"a {type(value).__name__}"
