@@ -31,6 +31,12 @@ from segcam_lightning.data.colormap import SEED_COLORMAP, Colormap, color_to_mas
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MASK_EXTENSIONS = (".png",)
 _MAX_LISTED = 10
+# How unknown mask colours are fixed, in this class's arguments and train.py's options.
+_TRAIN_COLOR_HINT = (
+    "Pass the masks' colormap, one [b, g, r] per class (`colormap=[[b, g, r], ...]`; "
+    "`--data.colormap` with train.py), or map these pixels to an ignore index with "
+    "`unknown_color_index=255` (`--data.unknown_color_index 255`)."
+)
 
 
 def pair_files(root: str | Path) -> list[tuple[Path, Path]]:
@@ -138,6 +144,9 @@ class FolderSegmentation(Dataset):
         channel_order: ``"rgb"`` (default) or ``"bgr"`` for the image tensor's channels.
         check: scan every mask (and every image's header) once here, so that unreadable files
             and unknown mask colours are reported before training rather than mid-epoch.
+        unknown_color_hint: the sentence that tells the reader of an unknown-colour error what
+            to change, in the caller's own options; by default this class's arguments and
+            train.py's ``--data.*`` options.
 
     Each sample is a dict with ``"image"`` ``[3, H, W]`` float32 in ``[0, 1]``, ``"mask"``
     ``[H, W]`` int64 class indices and ``"name"`` the image's file stem.
@@ -159,6 +168,7 @@ class FolderSegmentation(Dataset):
         unknown_color_index: int | None = None,
         channel_order: str = "rgb",
         check: bool = True,
+        unknown_color_hint: str | None = None,
     ) -> None:
         self.root = Path(root)
         self.image_size = _validate_size(image_size)
@@ -169,6 +179,7 @@ class FolderSegmentation(Dataset):
             raise ValueError(f"Expected `channel_order` 'rgb' or 'bgr', but got {channel_order!r}.")
         self.channel_order = channel_order
         self.unknown_color_index = unknown_color_index
+        self.unknown_color_hint = unknown_color_hint or _TRAIN_COLOR_HINT
         self.transform = transform
         all_pairs = pair_files(self.root)
         self.pairs = _select(all_pairs, indices)
@@ -251,14 +262,12 @@ class FolderSegmentation(Dataset):
         message = (
             f"{len(bad)} of {n_checked} mask(s) contain colours that are not in the colormap "
             f"{[list(c) for c in self.colormap]} (BGR, as cv2 reads them): {details}. "
-            "Pass the masks' colormap, one [b, g, r] per class (`colormap=[[b, g, r], ...]`; "
-            "`--data.colormap` with train.py), or map these pixels to an ignore index with "
-            "`unknown_color_index=255` (`--data.unknown_color_index 255`)."
+            f"{self.unknown_color_hint}"
         )
         if all(b == g == r for b, g, r in all_colors):
             message += (
                 " The unknown colours are all grey: if these are single-channel class-index masks "
-                "(pixel value = class), use `colormap=[[0, 0, 0], [1, 1, 1], [2, 2, 2], ...]`."
+                "(pixel value = class), the colormap is [[0, 0, 0], [1, 1, 1], [2, 2, 2], ...]."
             )
         return message
 
