@@ -13,9 +13,19 @@ Outputs under ``--out`` (default ``results``):
 - ``report.html``: settings, skipped files, a metrics table per class, attention drift between
   checkpoints, and the first ``--report-images`` images (classes side by side, prediction, ground
   truth, layers side by side, one row per checkpoint). Its images live in ``report_files/``.
-- ``metrics.csv``: one row per image × class × layer × checkpoint (:data:`CSV_COLUMNS`).
-- ``summary.json``: counts, per checkpoint/layer/class means, skipped files and reasons,
-  settings and timings.
+- ``metrics.csv``: one row per image × class × layer × checkpoint (:data:`CSV_COLUMNS`), with
+  the image's ``source`` (path relative to ``--data``); text cells never start a formula.
+- ``summary.json``: ``status``, counts, per checkpoint/layer/class means, skipped files and
+  reasons, settings and timings.
+- ``audit-state.json``: only while a run is partial; what ``--resume`` needs.
+
+Every file is written atomically (a temporary name, then a rename): it is complete or absent.
+Everything knowable before the first batch (checkpoints, names, paths, layers, channels, memory)
+is checked before ``--out`` is touched (:mod:`~segcam_lightning.audit.preflight`). SIGINT,
+SIGTERM or a failure midway end the run after the batch in hand with the finished images'
+files written and marked partial (``status``/``partial_reason`` in ``summary.json``,
+``run_status`` in ``metrics.csv``, a banner in ``report.html``); ``--resume`` finishes it
+(:mod:`~segcam_lightning.audit.resume`).
 
 How it runs: a DataLoader (workers read and resize; an unreadable file becomes a "skipped"
 marker, not an error) feeds batches to one engine call per checkpoint on the model's device;
@@ -28,10 +38,12 @@ the ranks' metric rows into ``metrics.csv``, ``summary.json`` and ``report.html`
 
 Modules: :mod:`~segcam_lightning.audit.cli` (arguments, ``main``, ``--list-layers``),
 :mod:`~segcam_lightning.audit.settings`, :mod:`~segcam_lightning.audit.run` (loading, engines,
-one process or ``Trainer.predict``), :mod:`~segcam_lightning.audit.data`,
-:mod:`~segcam_lightning.audit.batches` (engine calls and alignment values),
-:mod:`~segcam_lightning.audit.writer` (rendering threads), :mod:`~segcam_lightning.audit.paths`
-(nothing escapes ``--out``) and :mod:`~segcam_lightning.audit.report` (CSV, JSON, HTML).
+one process or ``Trainer.predict``), :mod:`~segcam_lightning.audit.preflight` (checks before
+writing), :mod:`~segcam_lightning.audit.data`, :mod:`~segcam_lightning.audit.batches` (engine
+calls and alignment values), :mod:`~segcam_lightning.audit.writer` (rendering threads),
+:mod:`~segcam_lightning.audit.paths` (nothing escapes ``--out``; atomic writes),
+:mod:`~segcam_lightning.audit.resume` (stop signals, partial state, ``--resume``) and
+:mod:`~segcam_lightning.audit.report` (CSV, JSON, HTML).
 """
 
 from segcam_lightning.audit.batches import (
@@ -49,7 +61,9 @@ from segcam_lightning.audit.paths import (
     safe_component,
     safe_join,
     unique_components,
+    write_atomic,
 )
+from segcam_lightning.audit.preflight import available_memory, check_before_writing
 from segcam_lightning.audit.report import (
     AuditOutcome,
     build_summary,
@@ -58,6 +72,7 @@ from segcam_lightning.audit.report import (
     render_report,
     write_metrics_csv,
 )
+from segcam_lightning.audit.resume import StopSignals, load_state, save_state
 from segcam_lightning.audit.run import (
     AuditPlan,
     audit_local,
@@ -71,11 +86,15 @@ from segcam_lightning.audit.settings import (
     CSV_COLUMNS,
     DEFAULT_LAYER,
     PROG,
+    RESERVED_NAMES,
+    STATE_FILE,
     SYNTHETIC,
     SYNTHETIC_DEFAULT_COUNT,
     SYNTHETIC_TEST_SEED,
     VALUE_NAMES,
+    AuditError,
     AuditSettings,
+    Stop,
     UsageError,
 )
 from segcam_lightning.audit.writer import LocalResult, OutputWriter, default_render_threads
@@ -84,11 +103,14 @@ __all__ = [
     "CSV_COLUMNS",
     "DEFAULT_LAYER",
     "PROG",
+    "RESERVED_NAMES",
+    "STATE_FILE",
     "SYNTHETIC",
     "SYNTHETIC_DEFAULT_COUNT",
     "SYNTHETIC_TEST_SEED",
     "VALUE_NAMES",
     "AuditDataset",
+    "AuditError",
     "AuditModel",
     "AuditOutcome",
     "AuditPlan",
@@ -98,19 +120,24 @@ __all__ = [
     "ModelBatch",
     "OutputLayout",
     "OutputWriter",
+    "Stop",
+    "StopSignals",
     "UnsafePathError",
     "UsageError",
     "alignment_values",
     "audit_local",
+    "available_memory",
     "build_dataset",
     "build_parser",
     "build_summary",
+    "check_before_writing",
     "class_means",
     "default_render_threads",
     "explain_batch",
     "finish",
     "list_layers",
     "load_models",
+    "load_state",
     "main",
     "make_loader",
     "make_writer",
@@ -120,7 +147,9 @@ __all__ = [
     "run_audit",
     "safe_component",
     "safe_join",
+    "save_state",
     "settings_from_args",
     "unique_components",
+    "write_atomic",
     "write_metrics_csv",
 ]

@@ -20,19 +20,40 @@ from segcam_lightning.cam import (
 from segcam_lightning.checkpoints import LoadedCheckpoint
 from segcam_lightning.metrics import energy_inside_regions, pointing_hits_regions
 
+# cv2.cvtColor(..., COLOR_RGB2GRAY)'s weights of R, G and B.
+_LUMA = (0.299, 0.587, 0.114)
+
 
 @dataclass
 class AuditModel:
-    """One checkpoint ready to explain: its engine, folder label and input channel order."""
+    """One checkpoint ready to explain: its engine, folder label and input channel order.
+
+    ``gray``: the network takes one channel, so it is fed the images' luma (as cv2 converts
+    colour to grey) instead of their three channels.
+    """
 
     label: str
     loaded: LoadedCheckpoint
     engine: CAMEngine
     bgr: bool
+    gray: bool = False
 
     @property
     def net(self) -> nn.Module:
         return self.loaded.net
+
+    @property
+    def input_description(self) -> str:
+        """What the network is fed: ``"RGB"``, ``"BGR"`` or ``"gray"``."""
+        return "gray" if self.gray else "BGR" if self.bgr else "RGB"
+
+    def prepare_input(self, images: Tensor) -> Tensor:
+        """The network's input from RGB images ``[B, 3, H, W]`` in [0, 1]."""
+        if self.gray:
+            luma = torch.tensor(_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+            # Rounded to 8 bits, as a grey image read from disk is.
+            return (images * luma).sum(1, keepdim=True).mul_(255).round_().div_(255)
+        return images.flip(1) if self.bgr else images
 
 
 def alignment_values(
@@ -117,6 +138,7 @@ class BatchResult:
 
     indices: list[int]
     names: list[str]
+    sources: list[str]
     images: np.ndarray  # [B, H, W, 3] uint8 RGB
     masks: np.ndarray | None  # [B, H, W] int64
     models: list[ModelBatch]
@@ -128,6 +150,7 @@ class BatchResult:
         return BatchResult(
             indices=[self.indices[i] for i in rows],
             names=[self.names[i] for i in rows],
+            sources=[self.sources[i] for i in rows],
             images=self.images[rows],
             masks=self.masks[rows] if self.masks is not None else None,
             models=[
@@ -159,7 +182,13 @@ def explain_batch(
     ok = torch.as_tensor(batch["ok"], dtype=torch.bool).cpu()
     indices = [int(i) for i in torch.as_tensor(batch["index"]).tolist()]
     skipped = [
-        {"index": indices[i], "name": batch["name"][i], "path": batch["path"][i], "reason": r}
+        {
+            "index": indices[i],
+            "name": batch["name"][i],
+            "source": batch["source"][i],
+            "path": batch["path"][i],
+            "reason": r,
+        }
         for i, r in enumerate(batch["reason"])
         if not ok[i]
     ]
@@ -171,7 +200,7 @@ def explain_batch(
         x = images.to(device, non_blocking=True).float().div_(255.0)
         reference = None
         for model in models:
-            result = model.engine(x.flip(1) if model.bgr else x, classes=list(classes), masks=masks)
+            result = model.engine(model.prepare_input(x), classes=list(classes), masks=masks)
             preds = predicted_classes(result.logits)
             values = alignment_values(result.cams, result.raw_max, preds, masks, classes, reference)
             reference = result.cams if reference is None else reference
@@ -185,6 +214,7 @@ def explain_batch(
     return BatchResult(
         indices=[indices[i] for i in keep],
         names=[batch["name"][i] for i in keep],
+        sources=[batch["source"][i] for i in keep],
         images=images.permute(0, 2, 3, 1).contiguous().cpu().numpy(),
         masks=masks.cpu().numpy() if masks is not None else None,
         models=results,

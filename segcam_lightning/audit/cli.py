@@ -18,6 +18,7 @@ from segcam_lightning.audit.settings import (
     PROG,
     SYNTHETIC_DEFAULT_COUNT,
     TIP_NAMES,
+    AuditError,
     AuditSettings,
     UsageError,
 )
@@ -56,7 +57,12 @@ outputs (OUT = --out):
   OUT/metrics.csv                             one row per image x class x layer x checkpoint
   OUT/summary.json                            counts, means, skipped files, settings, timings
 
-exit status: 0 when at least one image was audited, 1 when none could be, 2 for usage errors.
+exit status: 0 when at least one image was audited; 1 when none could be, or the run failed
+midway; 2 for usage errors and anything refused before writing (unreadable, unsafe or non-finite
+checkpoints, bad layers, too little memory); 130 on SIGINT (Ctrl-C), 143 on SIGTERM. An
+interrupted or failed run writes its finished images' files marked partial (summary.json
+"status", metrics.csv's run_status column, a banner in report.html) and audit-state.json;
+rerun the same command with --resume to finish it.
 """
 
 
@@ -239,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="write into a non-empty --out folder (files with the same names are replaced)",
     )
     output.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted audit in --out: its finished images are kept, the rest are "
+        "audited, and the final files are those an uninterrupted run writes. Needs the same "
+        "checkpoints, data and CAM settings (batch size, workers and device may change); with "
+        "no interrupted audit in --out it starts afresh",
+    )
+    output.add_argument(
         "--list-layers",
         action="store_true",
         help="print the layers a CAM can hook (name, type, output shape; the seed's tips "
@@ -287,7 +301,9 @@ def settings_from_args(args: argparse.Namespace) -> AuditSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``explain.py``; returns the exit status (0 ok, 1 nothing audited, 2 usage error).
+    """Run ``explain.py``; returns the exit status: 0 ok, 1 nothing audited or a failure midway,
+    2 a usage error or a refusal before writing, 130 on SIGINT and 143 on SIGTERM (partial
+    results written). Errors are one line on stderr.
 
     Example:
         ``python explain.py --checkpoint last.ckpt --data data/weeds --out results``
@@ -308,16 +324,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:  # an unwritable --out, a full disk: not a bug of ours
+    except AuditError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before the run's handlers, or a second Ctrl-C: stop at once
+        print(
+            f"{PROG}: interrupted by SIGINT; files in {settings.out}, if any, are incomplete.",
+            file=sys.stderr,
+        )
+        return 130
+    except OSError as error:  # an unwritable --out: not a bug of ours
         print(f"{PROG}: error: could not write the results: {error}", file=sys.stderr)
         return 1
     if outcome is None:  # a non-zero rank of a distributed run: rank 0 reports
         return 0
     print(outcome.describe())
+    stop = outcome.stopped
+    if stop is not None:
+        done = f"{outcome.processed + outcome.skipped} of {outcome.images} image(s) finished"
+        kept = f"their results are in {settings.out}, marked partial"
+        if stop.signal_name:
+            line = f"{stop.reason}: {done}; {kept}. Finish with the same command and --resume."
+        else:
+            line = (
+                f"error: {stop.reason} ({done}; {kept}). Fix the cause, then finish with the "
+                "same command and --resume."
+            )
+        print(f"{PROG}: {line}", file=sys.stderr)
+        return stop.exit_status
     if outcome.processed == 0:
+        first = next(iter(outcome.skip_reasons), "none")
         print(
-            f"{PROG}: error: no image could be audited ({outcome.skipped} skipped; reasons in "
-            f"{settings.out / 'summary.json'}).",
+            f"{PROG}: error: no image could be audited ({outcome.skipped} skipped; the first: "
+            f"{first}; every reason is in {settings.out / 'summary.json'}).",
             file=sys.stderr,
         )
         return 1

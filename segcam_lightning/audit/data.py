@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from segcam_lightning.audit.paths import unique_components
 from segcam_lightning.audit.settings import (
+    PROG,
     SYNTHETIC,
     SYNTHETIC_DEFAULT_COUNT,
     SYNTHETIC_TEST_SEED,
@@ -23,6 +24,12 @@ from segcam_lightning.audit.settings import (
 )
 from segcam_lightning.data.folder import IMAGE_EXTENSIONS, FolderSegmentation, read_image
 from segcam_lightning.data.synthetic import SYNTHETIC_CLASS_NAMES, SyntheticSegmentation
+
+# The fix for unknown mask colours in explain.py's own options.
+_COLOR_HINT = (
+    f"Pass the masks' colours to {PROG}, one [b, g, r] per class in cv2's BGR order, e.g. "
+    "--colormap '[[0,0,0],[0,0,128],[0,128,0]]'."
+)
 
 
 @dataclass(frozen=True)
@@ -58,9 +65,9 @@ class _SyntheticSource:
 class AuditDataset(Dataset):
     """Items read one by one; an unreadable item comes back marked as skipped, never raises.
 
-    Each sample: ``"index"``, ``"name"`` (a safe, unique file stem), ``"path"``, ``"ok"``,
-    ``"reason"`` (why it was skipped, else ``""``), ``"image"`` ``[3, H, W]`` uint8 RGB (zeros
-    when skipped) and, with masks, ``"mask"`` ``[H, W]`` int64.
+    Each sample: ``"index"``, ``"name"`` (a safe, unique file stem), ``"source"``, ``"path"``,
+    ``"ok"``, ``"reason"`` (why it was skipped, else ``""``), ``"image"`` ``[3, H, W]`` uint8 RGB
+    (zeros when skipped) and, with masks, ``"mask"`` ``[H, W]`` int64.
 
     Args:
         read: ``read(index) -> (image [H, W, 3] uint8 RGB, mask [H, W] int64 or None)``.
@@ -68,6 +75,8 @@ class AuditDataset(Dataset):
         paths: one source description per item (file path, or ``synthetic:<index>``).
         size: ``(height, width)`` of every image.
         has_masks: whether items carry ground truth.
+        sources: one name per item that maps it back to its file whatever its script: the path
+            relative to ``--data`` (or ``synthetic:<index>``); ``paths`` by default.
     """
 
     def __init__(
@@ -77,10 +86,12 @@ class AuditDataset(Dataset):
         paths: Sequence[str],
         size: tuple[int, int],
         has_masks: bool,
+        sources: Sequence[str] | None = None,
     ) -> None:
         self.read = read
         self.names = list(names)
         self.paths = list(paths)
+        self.sources = list(sources) if sources is not None else list(paths)
         self.size = size
         self.has_masks = has_masks
 
@@ -98,6 +109,7 @@ class AuditDataset(Dataset):
         sample = {
             "index": index,
             "name": self.names[index],
+            "source": self.sources[index],
             "path": self.paths[index],
             "ok": not reason,
             "reason": reason,
@@ -133,9 +145,17 @@ def build_dataset(
             "folder of images, or 'synthetic'; write an example with `segcam-synthetic --out "
             f"{root}`."
         )
-    if (root / "masks").is_dir():
-        return _folder_dataset(root, size, colormap, num_classes, limit)
-    return _image_folder_dataset(root, size, limit)
+    try:
+        if (root / "masks").is_dir():
+            return _folder_dataset(root, size, colormap, num_classes, limit)
+        return _image_folder_dataset(root, size, limit)
+    except OSError as error:  # a folder that cannot be listed: an input problem, not a bug
+        folder = error.filename or root
+        raise UsageError(
+            f"Could not read the data folder {folder}: {error.strerror or error}. The audit lists "
+            f"--data's images/ and masks/ before it starts; make them readable (e.g. chmod -R "
+            f"u+rX {root}) or pass another --data."
+        ) from None
 
 
 def _synthetic_dataset(size: tuple[int, int], num_classes: int, limit: int | None) -> AuditDataset:
@@ -166,14 +186,19 @@ def _folder_dataset(
             "per class in cv2's BGR order, e.g. --colormap '[[0,0,0],[0,0,128],[0,128,0]]'."
         )
     try:
-        reader = FolderSegmentation(root, size, colormap, channel_order="rgb", check=False)
+        reader = FolderSegmentation(
+            root,
+            size,
+            colormap,
+            channel_order="rgb",
+            check=False,
+            unknown_color_hint=_COLOR_HINT,
+        )
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
     pairs = reader.pairs[:limit] if limit else reader.pairs
-    names = unique_components([image.stem for image, _ in pairs], fallback="image")
-    paths = [str(image) for image, _ in pairs]
-    source = _FolderSource(reader, tuple(pairs))
-    return AuditDataset(source, names, paths, size, has_masks=True)
+    images = [image for image, _ in pairs]
+    return _files_dataset(_FolderSource(reader, tuple(pairs)), images, root, size, has_masks=True)
 
 
 def _image_folder_dataset(root: Path, size: tuple[int, int], limit: int | None) -> AuditDataset:
@@ -188,9 +213,21 @@ def _image_folder_dataset(root: Path, size: tuple[int, int], limit: int | None) 
             "Pass a folder with images/ (and masks/ for ground-truth metrics) or of images."
         )
     files = files[:limit] if limit else files
+    return _files_dataset(_ImageSource(tuple(files), size), files, root, size, has_masks=False)
+
+
+def _files_dataset(
+    read: Callable[[int], tuple[np.ndarray, np.ndarray | None]],
+    files: Sequence[Path],
+    root: Path,
+    size: tuple[int, int],
+    has_masks: bool,
+) -> AuditDataset:
+    """A dataset of image files under ``root``: safe unique names from their stems, sources
+    relative to ``root`` with ``/`` separators."""
     names = unique_components([p.stem for p in files], fallback="image")
-    source = _ImageSource(tuple(files), size)
-    return AuditDataset(source, names, [str(p) for p in files], size, has_masks=False)
+    sources = [p.relative_to(root).as_posix() for p in files]
+    return AuditDataset(read, names, [str(p) for p in files], size, has_masks, sources)
 
 
 def _init_worker(_worker_id: int) -> None:
@@ -201,7 +238,7 @@ def _init_worker(_worker_id: int) -> None:
         cv2.setNumThreads(1)
 
 
-def make_loader(dataset: AuditDataset, settings: AuditSettings, pin: bool) -> DataLoader:
+def make_loader(dataset: Dataset, settings: AuditSettings, pin: bool) -> DataLoader:
     """The audit's DataLoader: in order, ``--batch-size``, ``--num-workers``.
 
     Iterate it inside :func:`~segcam_lightning.render.opencv_threads` ``(1)``: forked workers

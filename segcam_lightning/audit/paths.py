@@ -7,9 +7,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from segcam_lightning.paths import UnsafePathError, safe_component, safe_join, unique_components
+from segcam_lightning.audit.settings import RESERVED_NAMES
+from segcam_lightning.paths import (
+    UnsafePathError,
+    safe_component,
+    safe_join,
+    unique_components,
+    write_atomic,
+)
 
-__all__ = ["OutputLayout", "UnsafePathError", "safe_component", "safe_join", "unique_components"]
+__all__ = [
+    "OutputLayout",
+    "UnsafePathError",
+    "safe_component",
+    "safe_join",
+    "unique_components",
+    "write_atomic",
+]
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,24 @@ class OutputLayout:
                 for k in classes
             }
         )
+
+    def file(self, name: str) -> Path:
+        """A file directly under the root: ``metrics.csv``, ``summary.json``, ..."""
+        return safe_join(self.root, name)
+
+    def check(self, classes: Sequence[int], report_names: Sequence[str]) -> None:
+        """Check, before anything is written, that every name the run writes under the root
+        resolves inside it (no symbolic link leads elsewhere).
+
+        Raises:
+            UnsafePathError: naming the first path that would land outside the root.
+        """
+        for name in (*RESERVED_NAMES, *self.models):
+            safe_join(self.root, name)
+        self.panel_dirs(classes)
+        for name in report_names:
+            for m in range(len(self.models)):
+                self.prediction_tile(name, m)
 
     def tile(self, name: str, *parts: str) -> Path:
         """A report image: ``report_files/<name>/<parts>``."""

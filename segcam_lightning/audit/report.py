@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import json
 import math
 import time
@@ -14,8 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segcam_lightning.audit.paths import OutputLayout, safe_join
-from segcam_lightning.audit.settings import CSV_COLUMNS, TIP_NAMES
+from segcam_lightning.audit.paths import OutputLayout, write_atomic
+from segcam_lightning.audit.resume import save_state
+from segcam_lightning.audit.settings import CSV_COLUMNS, STATE_FILE, TIP_NAMES, Stop
 from segcam_lightning.audit.writer import LocalResult
 
 if TYPE_CHECKING:
@@ -24,27 +26,50 @@ if TYPE_CHECKING:
 
 @dataclass
 class AuditOutcome:
-    """What a finished run reports (global rank 0 only)."""
+    """What a run reports (global rank 0 only).
+
+    Attributes:
+        stopped: why the run ended before its last image; ``None`` for a complete run.
+        images: the data set's size.
+        skip_reasons: ``"<source>: <reason>"`` of the first skipped images.
+    """
 
     out: Path
     processed: int
     skipped: int
     rows: int
     seconds: float
+    images: int = 0
+    stopped: Stop | None = None
+    skip_reasons: tuple[str, ...] = ()
+
+    @property
+    def status(self) -> str:
+        """``"complete"``, or ``"partial"`` for a run that stopped early."""
+        return "partial" if self.stopped else "complete"
 
     def describe(self) -> str:
         rate = self.processed / self.seconds if self.seconds > 0 else float("nan")
+        partial = " (partial: marked so in every file)" if self.stopped else ""
         return (
             f"Audited {self.processed} image(s) ({self.skipped} skipped) in {self.seconds:.1f} s "
-            f"({rate:.1f} images/s); {self.rows} metric rows. Open {self.out / 'report.html'}."
+            f"({rate:.1f} images/s); {self.rows} metric rows{partial}. Open "
+            f"{self.out / 'report.html'}."
         )
 
 
 def finish(
     plan: AuditPlan, results: Sequence[LocalResult], process_seconds: float, total_seconds: float
 ) -> AuditOutcome:
-    """Merge the processes' results and write ``metrics.csv``, ``summary.json``, ``report.html``."""
+    """Merge the processes' results and write ``metrics.csv``, ``report.html`` and
+    ``summary.json``, each atomically.
+
+    A result that ``stopped`` early makes the run partial: :data:`STATE_FILE` is written first
+    (for ``--resume``) and every file says ``partial``. ``summary.json`` comes last, so a summary
+    that says ``complete`` means every file is in place; a complete run removes the state file.
+    """
     start = time.perf_counter()
+    stopped = next((r.stopped for r in results if r.stopped is not None), None)
     rows = sorted(
         (row for r in results for row in r.rows),
         key=lambda row: (
@@ -56,12 +81,15 @@ def finish(
     )
     skipped = sorted((s for r in results for s in r.skipped), key=lambda s: s["index"])
     processed = sum(r.processed for r in results)
-    missing = _check_complete(plan, rows, skipped)
-    report_images = sorted({item for r in results for item in r.report_images})
+    missing = [] if stopped else _check_complete(plan, rows, skipped)
+    report_images = sorted({tuple(item) for r in results for item in r.report_images})
     means = class_means(rows, plan)
-    out = plan.settings.out
-    out.mkdir(parents=True, exist_ok=True)
-    write_metrics_csv(safe_join(out, "metrics.csv"), rows)
+    layout = plan.layout
+    layout.root.mkdir(parents=True, exist_ok=True)
+    status = "partial" if stopped else "complete"
+    if stopped:
+        save_state(plan, results, process_seconds)
+    write_metrics_csv(layout.file("metrics.csv"), rows, status)
     report_seconds = time.perf_counter() - start
     timings = {
         "load_s": plan.load_seconds,
@@ -73,10 +101,21 @@ def finish(
     summary = build_summary(plan, results, rows, skipped, means, timings)
     if missing:
         summary["missing"] = missing
-    safe_join(out, "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
     html_text = render_report(plan, rows, skipped, means, report_images, summary)
-    safe_join(out, "report.html").write_text(html_text, encoding="utf-8")
-    return AuditOutcome(out, processed, len(skipped), len(rows), total_seconds)
+    write_atomic(layout.file("report.html"), html_text)
+    write_atomic(layout.file("summary.json"), json.dumps(_jsonable(summary), indent=2) + "\n")
+    if not stopped:
+        layout.file(STATE_FILE).unlink(missing_ok=True)
+    return AuditOutcome(
+        layout.root,
+        processed,
+        len(skipped),
+        len(rows),
+        total_seconds,
+        images=len(plan.dataset),
+        stopped=stopped,
+        skip_reasons=tuple(f"{s['source']}: {s['reason']}" for s in skipped[:3]),
+    )
 
 
 def _check_complete(
@@ -96,16 +135,28 @@ def _check_complete(
     return missing
 
 
-def write_metrics_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """One row per image × class × layer × checkpoint; undefined values are empty cells."""
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: _csv_value(key, value) for key, value in row.items()})
+def write_metrics_csv(path: Path, rows: Sequence[dict[str, Any]], status: str = "complete") -> None:
+    """One row per image × class × layer × checkpoint, written atomically; undefined values are
+    empty cells, ``run_status`` is ``status`` on every row.
+
+    Text cells that a spreadsheet would run as a formula (starting with ``= + - @``, a tab or a
+    carriage return) get a leading ``'``, as OWASP advises; numbers are written as numbers.
+    """
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        cells = {key: _csv_value(key, value) for key, value in row.items()}
+        writer.writerow({**cells, "run_status": status})
+    write_atomic(path, buffer.getvalue())
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _csv_value(key: str, value: Any) -> Any:
+    if isinstance(value, str):
+        return "'" + value if value.startswith(_FORMULA_STARTS) else value
     if not isinstance(value, float):
         return value
     if math.isnan(value):
@@ -178,10 +229,18 @@ def build_summary(
         render_threads=plan.render_threads,
         has_ground_truth=plan.dataset.has_masks,
     )
+    stopped = next((r.stopped for r in results if r.stopped is not None), None)
+    processed = sum(r.processed for r in results)
+    status: dict[str, Any] = {"status": "partial" if stopped else "complete"}
+    if stopped:
+        status["partial_reason"] = stopped.reason
+        status["remaining"] = len(plan.dataset) - processed - len(skipped)
+        status["resume"] = f"rerun the same command with --resume to finish it ({STATE_FILE})"
     return {
+        **status,
         "counts": {
             "images": len(plan.dataset),
-            "processed": sum(r.processed for r in results),
+            "processed": processed,
             "skipped": len(skipped),
             "checkpoints": len(plan.models),
             "layers": len(plan.layout.layers),
@@ -198,6 +257,7 @@ def build_summary(
                 "num_classes": m.loaded.num_classes,
                 "base_width": m.loaded.base_width,
                 "channel_order": "bgr" if m.bgr else "rgb",
+                "input": m.input_description,
                 "epoch": m.loaded.epoch,
                 "trusted": m.loaded.trusted,
             }
@@ -258,6 +318,7 @@ border:1px solid #ccc}
 .sw{display:inline-block;width:12px;height:12px;border:1px solid #888;vertical-align:-1px;
 margin:0 3px 0 10px}
 .good{color:#1a7f37}.bad{color:#b3261e}a{color:#0b57d0}
+p.partial{background:#fff4d6;border:1px solid #e0b000;padding:8px 12px;margin:8px 0 12px}
 """
 
 
@@ -282,6 +343,7 @@ def render_report(
     thumb = 128 if tiles <= 8 else max(64, 1024 // tiles)
     body = [
         "<h1>CAM audit</h1>",
+        _partial_banner(summary),
         f"<p class='meta'>{counts['processed']} of {counts['images']} image(s) audited"
         f"{skipped_note} · {_e(plan.settings.method)} at {_e(', '.join(plan.layout.layers))} · "
         f"target {_e(plan.settings.target)} · data: {_e(str(plan.settings.data))} · "
@@ -302,6 +364,19 @@ def render_report(
         f"<style>:root{{--thumb:{thumb}px}}{_CSS}</style></head><body>\n"
         + "\n".join(body)
         + "\n</body></html>\n"
+    )
+
+
+def _partial_banner(summary: dict[str, Any]) -> str:
+    if summary["status"] != "partial":
+        return ""
+    counts = summary["counts"]
+    done = counts["processed"] + counts["skipped"]
+    return (
+        f"<p class='partial'><b>Partial audit</b>: {_e(summary['partial_reason'])}; "
+        f"{done} of {counts['images']} image(s) finished, {summary['remaining']} not yet "
+        "audited. Every table below covers the finished images only. Rerun the same command "
+        "with <code>--resume</code> to finish it.</p>"
     )
 
 
@@ -335,7 +410,7 @@ def _checkpoint_table(plan: AuditPlan) -> str:
     body = "".join(
         f"<tr><td class='l'>{_e(m.label)}</td><td class='l'>{_e(m.loaded.path)}</td>"
         f"<td class='l'>{_e(m.loaded.describe())}</td>"
-        f"<td class='l'>{'BGR' if m.bgr else 'RGB'}</td></tr>"
+        f"<td class='l'>{m.input_description}</td></tr>"
         for m in plan.models
     )
     return f"<h2>Checkpoints</h2><table>{head}{body}</table>"
@@ -346,7 +421,7 @@ def _skipped_section(skipped: Sequence[dict[str, Any]]) -> str:
         return "<h2 id='skipped'>Skipped files</h2><p>None: every image was read.</p>"
     head = "<tr><th>#</th><th class='l'>file</th><th class='l'>reason</th></tr>"
     body = "".join(
-        f"<tr><td>{s['index']}</td><td class='l'>{_e(s['path'])}</td>"
+        f"<tr><td>{s['index']}</td><td class='l'>{_e(s['source'])}</td>"
         f"<td class='l bad'>{_e(s['reason'])}</td></tr>"
         for s in skipped
     )
@@ -485,7 +560,8 @@ def _image_section(
                 figures.append(_figure(src, _caption(layer_name, row, len(layout.layers) > 1)))
             cells.append(f"<td class='cls'>{''.join(figures)}{_class_line(row, truth)}</td>")
         trs.append("<tr>" + "".join(cells) + "</tr>")
-    title = f"<h3>{_e(name)} <small>(#{index})</small></h3>"
+    source = plan.dataset.sources[index]
+    title = f"<h3>{_e(name)} <small>(#{index} · {_e(source)})</small></h3>"
     return f"{title}<table class='img'>{head}{''.join(trs)}</table>"
 
 

@@ -16,14 +16,26 @@ import torch
 import torch.distributed
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import nn
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 from typing_extensions import override
 
 from segcam_lightning.audit.batches import AuditModel, BatchResult, explain_batch
 from segcam_lightning.audit.data import AuditDataset, build_dataset, make_loader
 from segcam_lightning.audit.paths import OutputLayout, unique_components
+from segcam_lightning.audit.preflight import check_before_writing
 from segcam_lightning.audit.report import AuditOutcome, finish
-from segcam_lightning.audit.settings import PROG, SYNTHETIC, AuditSettings, UsageError
+from segcam_lightning.audit.resume import StopSignals, load_state, nothing_to_resume, one_line
+from segcam_lightning.audit.settings import (
+    PROG,
+    RESERVED_NAMES,
+    STATE_FILE,
+    SYNTHETIC,
+    AuditError,
+    AuditSettings,
+    Stop,
+    UsageError,
+)
 from segcam_lightning.audit.writer import LocalResult, OutputWriter, default_render_threads
 from segcam_lightning.cam import (
     CAMEngine,
@@ -97,7 +109,8 @@ def load_models(settings: AuditSettings) -> list[LoadedCheckpoint]:
 
 
 def prepare(settings: AuditSettings) -> AuditPlan:
-    """Resolve a run: load checkpoints, build engines and the dataset, plan the outputs.
+    """Resolve a run: load checkpoints, build engines and the dataset, plan the outputs, and
+    check everything knowable before the first batch (:func:`check_before_writing`).
 
     Nothing is written here.
 
@@ -111,7 +124,9 @@ def prepare(settings: AuditSettings) -> AuditPlan:
     num_classes = first.num_classes
     classes = _resolve_classes(settings.classes, num_classes)
     size = resolve_size(settings.size, loaded)
-    labels = unique_components([c.path.stem for c in loaded], fallback="checkpoint")
+    labels = unique_components(
+        [c.path.stem for c in loaded], fallback="checkpoint", reserved=RESERVED_NAMES
+    )
     # Distributed: Lightning moves each rank's copy to its own device.
     model_device = torch.device("cpu") if settings.distributed else device
     models = [
@@ -128,7 +143,7 @@ def prepare(settings: AuditSettings) -> AuditPlan:
             f"{settings.data} has no masks/. Use --target softmax_mean or logit_region."
         )
     layout = OutputLayout(settings.out, tuple(labels), tuple(models[0].engine.layer_names))
-    return AuditPlan(
+    plan = AuditPlan(
         settings=settings,
         models=models,
         dataset=dataset,
@@ -138,8 +153,11 @@ def prepare(settings: AuditSettings) -> AuditPlan:
         size=size,
         device=device,
         layout=layout,
-        load_seconds=time.perf_counter() - start,
+        load_seconds=0.0,
     )
+    check_before_writing(plan, model_device)
+    plan.load_seconds = time.perf_counter() - start
+    return plan
 
 
 def _resolve_classes(wanted: Sequence[int] | None, num_classes: int) -> list[int]:
@@ -205,10 +223,18 @@ def _audit_model(
         engine = CAMEngine(net, layers, settings.method, settings.target, settings.normalize)
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
+    if loaded.in_channels not in (1, 3):
+        raise UsageError(
+            f"{loaded.path} takes {loaded.in_channels}-channel images, but the audit reads images "
+            "as 3-channel colour (and feeds 1-channel networks their grey conversion). Audit a "
+            "network trained on colour or grey images."
+        )
     order = settings.channel_order
     if order == "auto":
         order = loaded.channel_order or "rgb"
-    return AuditModel(label=label, loaded=loaded, engine=engine, bgr=order == "bgr")
+    return AuditModel(
+        label=label, loaded=loaded, engine=engine, bgr=order == "bgr", gray=loaded.in_channels == 1
+    )
 
 
 def _layer_name(net: nn.Module, name: str, path: Path) -> str:
@@ -233,36 +259,86 @@ def _layer_name(net: nn.Module, name: str, path: Path) -> str:
 def run_audit(settings: AuditSettings) -> AuditOutcome | None:
     """Run a whole audit and write every output.
 
+    Everything knowable before the first batch is checked before ``--out`` is touched. On
+    SIGINT or SIGTERM (:class:`StopSignals`), or a failure mid-run, the images done are written
+    and marked partial; the outcome's ``stopped`` says why. With ``settings.resume``, the images
+    an interrupted run in ``--out`` finished are kept and only the rest are audited.
+
     Returns:
         The outcome on global rank 0; ``None`` on the other ranks of a distributed run.
 
     Raises:
         UsageError: for mistakes in the settings or inputs (nothing has been written then).
+        AuditError: when the results could not be written (the message says what is kept).
     """
     start = time.perf_counter()
     _check_out(settings)
     plan = prepare(settings)
+    previous = load_state(plan) if settings.resume else None
     if settings.distributed:
         results = _run_distributed(plan)
         if results is None:
             return None
-    else:
-        results = [audit_local(plan)]
-    process_seconds = time.perf_counter() - start - plan.load_seconds
-    return finish(plan, results, process_seconds, time.perf_counter() - start)
+        process_seconds = time.perf_counter() - start - plan.load_seconds
+        return finish(plan, results, process_seconds, time.perf_counter() - start)
+    with StopSignals() as signals:
+        result = audit_local(plan, previous[0] if previous else None, signals)
+        process_seconds = time.perf_counter() - start - plan.load_seconds
+        if previous:
+            result = previous[0].merged(result)
+            process_seconds += previous[1]
+        return _finish_or_keep(plan, result, process_seconds, time.perf_counter() - start)
+
+
+def _finish_or_keep(
+    plan: AuditPlan, result: LocalResult, process_seconds: float, total_seconds: float
+) -> AuditOutcome:
+    """:func:`finish`; if the final files cannot be written (a full disk), the run becomes
+    partial and what can be written of it is, the resume state first."""
+    try:
+        return finish(plan, [result], process_seconds, total_seconds)
+    except OSError as error:
+        failure = f"could not write the results in {plan.layout.root}: {one_line(error)}"
+    result.stopped = Stop(failure, 1)
+    try:
+        finish(plan, [result], process_seconds, total_seconds)
+        kept = "the files written are marked partial"
+    except OSError:  # the same cause, most likely; the state file is written first
+        state = plan.layout.file(STATE_FILE)
+        kept = f"{state.name} keeps the finished images" if state.is_file() else "nothing is kept"
+    done = result.processed + len(result.skipped)
+    raise AuditError(
+        f"{failure} ({done} of {len(plan.dataset)} image(s) finished; {kept}). Fix the cause, "
+        "then finish with the same command and --resume."
+    )
 
 
 def _check_out(settings: AuditSettings) -> None:
     out = settings.out
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a folder for the results.")
+    if settings.resume and settings.distributed:
+        raise UsageError(
+            "--resume continues single-process audits; drop --devices/--num-nodes/--strategy to "
+            "finish the run in one process, or start a distributed run afresh with --overwrite."
+        )
     if _launched_rank() != 0 or settings.overwrite:
         return
-    if out.is_dir() and any(out.iterdir()):
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if (out / STATE_FILE).is_file():
+        if settings.resume:
+            return
         raise UsageError(
-            f"--out {out} already holds files; old panels would mix with this run's. Choose a "
-            "new or empty folder, or pass --overwrite (files with the same names are replaced)."
+            f"--out {out} holds an interrupted audit ({STATE_FILE}). Finish it with the same "
+            "command and --resume, or start afresh with --overwrite (or another --out)."
         )
+    if settings.resume:
+        raise UsageError(nothing_to_resume(out))
+    raise UsageError(
+        f"--out {out} already holds files; old panels would mix with this run's. Choose a "
+        "new or empty folder, or pass --overwrite (files with the same names are replaced)."
+    )
 
 
 def _launched_rank() -> int:
@@ -274,18 +350,33 @@ def _launched_rank() -> int:
     return 0
 
 
-def audit_local(plan: AuditPlan) -> LocalResult:
+def audit_local(
+    plan: AuditPlan, previous: LocalResult | None = None, signals: StopSignals | None = None
+) -> LocalResult:
     """Audit ``plan``'s dataset in this process: batches through the engines, files written.
 
     Returns once every file is on disk; :func:`finish` then writes the CSV, summary and report.
+
+    Args:
+        plan: the run.
+        previous: what an interrupted run finished (``--resume``): those images are not redone,
+            and are not in the returned result.
+        signals: the run's :class:`StopSignals`. With them, a signal ends the run after the
+            batch in hand, and a signal or a failure is recorded in the result's ``stopped``
+            instead of raised; without them errors propagate.
     """
     writer = make_writer(plan)
-    loader = make_loader(plan.dataset, plan.settings, pin=plan.device.type == "cuda")
+    dataset: Dataset = plan.dataset
+    if previous is not None:
+        done = previous.finished()
+        dataset = Subset(plan.dataset, [i for i in range(len(plan.dataset)) if i not in done])
+    loader = make_loader(dataset, plan.settings, pin=plan.device.type == "cuda")
+    stopped = None
     with opencv_threads(1):
         writer.open()
         try:
             with tqdm(
-                total=len(plan.dataset),
+                total=len(dataset),
                 unit="img",
                 desc="audit",
                 disable=not plan.settings.progress,
@@ -293,8 +384,19 @@ def audit_local(plan: AuditPlan) -> LocalResult:
                 for batch in loader:
                     writer.submit(explain_batch(plan.models, batch, plan.classes, plan.device))
                     bar.update(len(batch["index"]))
+                    if signals is not None and signals.received is not None:
+                        break
+        except (Exception, KeyboardInterrupt) as error:
+            if signals is None:
+                raise
+            stopped = signals.stop(error)
         finally:
             result = writer.close()
+    if signals is None:
+        if writer.failure is not None:
+            raise writer.failure
+        return result
+    result.stopped = stopped or signals.stop(writer.failure)
     return result
 
 
@@ -382,6 +484,8 @@ class _AuditPredictionWriter(BasePredictionWriter):
     @override
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         local = self.writer.close()
+        if self.writer.failure is not None:
+            raise self.writer.failure
         if trainer.world_size == 1:
             self.gathered = [local]
             return

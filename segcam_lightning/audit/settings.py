@@ -17,14 +17,8 @@ SYNTHETIC = "synthetic"
 #: The synthetic data's test split (SegmentationDataModule uses seed + 2 with seed 0).
 SYNTHETIC_TEST_SEED = 2
 SYNTHETIC_DEFAULT_COUNT = 32
-#: Columns of ``metrics.csv``; empty cells mean "not defined" (no ground truth, class absent).
-CSV_COLUMNS = (
-    "checkpoint",
-    "layer",
-    "index",
-    "image",
-    "class",
-    "class_name",
+#: Per-image values computed by :func:`alignment_values`, each ``[B, L, K]``.
+VALUE_NAMES = (
     "gt_present",
     "energy_inside",
     "pointing_hit",
@@ -34,14 +28,60 @@ CSV_COLUMNS = (
     "iou",
     "similarity_to_first",
 )
-#: Per-image values computed by :func:`alignment_values`, each ``[B, L, K]``.
-VALUE_NAMES = CSV_COLUMNS[6:]
+#: Columns of ``metrics.csv``; empty cells mean "not defined" (no ground truth, class absent).
+#: ``source`` is the image's path relative to ``--data`` (``synthetic:<i>`` for the synthetic
+#: data); ``run_status`` is ``complete``, or ``partial`` on every row of an interrupted run.
+CSV_COLUMNS = (
+    "checkpoint",
+    "layer",
+    "index",
+    "image",
+    "source",
+    "class",
+    "class_name",
+    *VALUE_NAMES,
+    "run_status",
+)
+#: Where an interrupted run keeps what it finished, for ``--resume``; removed once complete.
+STATE_FILE = "audit-state.json"
+#: Names the run writes directly under ``--out``; no checkpoint folder may take one of them,
+#: nor the names a report image's folder holds beside the checkpoint folders.
+RESERVED_NAMES = (
+    "gradcam",
+    "report_files",
+    "metrics.csv",
+    "summary.json",
+    "report.html",
+    STATE_FILE,
+    "input.jpg",
+    "truth.png",
+)
 TIP_NAMES = dict(zip(SEED_LAYERS, ("e1", "e4", "b", "d4"), strict=True))
 JPEG_PARAMS = [cv2.IMWRITE_JPEG_QUALITY, 95]  # cv2's default, which the seed used
 
 
 class UsageError(Exception):
     """A mistake in the command line or its inputs: :func:`main` prints it and exits with 2."""
+
+
+class AuditError(Exception):
+    """A run that failed after it started writing: :func:`main` prints the one-line message,
+    which says what was kept, and exits with 1."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why a run ended before its last image.
+
+    Attributes:
+        reason: one line, e.g. ``"interrupted by SIGINT"`` or the failure's type and message.
+        exit_status: 130 for SIGINT, 143 for SIGTERM, 1 for a failure.
+        signal_name: ``"SIGINT"`` or ``"SIGTERM"``; ``None`` for a failure.
+    """
+
+    reason: str
+    exit_status: int
+    signal_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +115,7 @@ class AuditSettings:
     report_images: int = 50
     render_threads: int | None = None
     overwrite: bool = False
+    resume: bool = False
     progress: bool = True
 
     @property

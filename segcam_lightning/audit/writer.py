@@ -15,14 +15,18 @@ import cv2
 import numpy as np
 
 from segcam_lightning.audit.batches import BatchResult
-from segcam_lightning.audit.paths import OutputLayout
-from segcam_lightning.audit.settings import JPEG_PARAMS, VALUE_NAMES
+from segcam_lightning.audit.paths import OutputLayout, write_atomic
+from segcam_lightning.audit.settings import JPEG_PARAMS, VALUE_NAMES, Stop
 from segcam_lightning.render import colorize_mask, seed_panels
 
 
 @dataclass
 class LocalResult:
-    """What one process audited: metric rows, skipped items, counts (plain data, picklable)."""
+    """What one process audited: metric rows, skipped items, counts (plain data, picklable).
+
+    An image counts (``processed``, its ``rows``) once all its files are written.
+    ``stopped`` says why the run ended before its last image (``None`` when it did not).
+    """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
@@ -31,6 +35,34 @@ class LocalResult:
     files: int = 0
     rank: int = 0
     seconds: float = 0.0
+    stopped: Stop | None = None
+
+    def finished(self) -> set[int]:
+        """Dataset indices done: audited (every file written) or skipped."""
+        return {row["index"] for row in self.rows} | {item["index"] for item in self.skipped}
+
+    def merged(self, later: LocalResult) -> LocalResult:
+        """This result followed by ``later``'s (a resumed run's), with ``later``'s stop."""
+        return LocalResult(
+            rows=self.rows + later.rows,
+            skipped=self.skipped + later.skipped,
+            report_images=self.report_images + later.report_images,
+            processed=self.processed + later.processed,
+            files=self.files + later.files,
+            rank=later.rank,
+            seconds=self.seconds + later.seconds,
+            stopped=later.stopped,
+        )
+
+
+@dataclass
+class _ImageJob:
+    """One image's rendering job and what it adds to the result once its files are written."""
+
+    future: Future[int]
+    index: int
+    rows: list[dict[str, Any]]
+    report_image: tuple[int, str] | None
 
 
 class OutputWriter:
@@ -75,8 +107,10 @@ class OutputWriter:
         self.threads = threads
         self.overlap = overlap
         self.result = LocalResult()
+        #: The first failure of a rendering job (its image is not counted), else ``None``.
+        self.failure: BaseException | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: deque[Future[int]] = deque()
+        self._pending: deque[_ImageJob] = deque()
         self._seen: set[int] = set()
         self._start = 0.0
 
@@ -85,35 +119,41 @@ class OutputWriter:
         for folder in self.layout.panel_dirs(self.classes):
             folder.mkdir(parents=True, exist_ok=True)
         self.result = LocalResult(rank=rank)
+        self.failure = None
         self._seen = set()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="audit-render")
         self._start = time.perf_counter()
 
     def submit(self, batch: BatchResult, owns: Callable[[int], bool] | None = None) -> None:
-        """Queue a batch's files and record its rows; items ``owns`` rejects, or already seen,
-        are dropped (a distributed sampler may hand an image to two ranks)."""
+        """Queue a batch's files; each image's rows are recorded once its files are written.
+        Items ``owns`` rejects, or already seen, are dropped (a distributed sampler may hand an
+        image to two ranks).
+
+        Raises:
+            Exception: the first failure of an earlier rendering job (:attr:`failure`), so a run
+                stops at a full disk instead of rendering on.
+        """
         if self._pool is None:
             raise RuntimeError("OutputWriter.submit() called before open().")
+        self._raise_failure()
         for item in batch.skipped:
             if self._take(item["index"], owns):
                 self.result.skipped.append(item)
         keep = [self._take(i, owns) for i in batch.indices]
         if not all(keep):
             batch = batch.select(keep)
-        if not batch.indices:
-            return
-        self.result.processed += len(batch.indices)
-        self.result.rows.extend(self._rows(batch))
-        self.result.report_images.extend(
-            (i, n) for i, n in zip(batch.indices, batch.names, strict=True) if i < self.report_limit
-        )
-        for b in range(len(batch.indices)):
-            self._queue(self._write_image, batch, b)
+        for b, (index, name) in enumerate(zip(batch.indices, batch.names, strict=True)):
+            self._wait(8 * self.threads - 1)  # a few images per thread in flight: flat memory
+            future = self._pool.submit(self._write_image, batch, b)
+            report = (index, name) if index < self.report_limit else None
+            self._pending.append(_ImageJob(future, index, list(self._rows(batch, b)), report))
         if not self.overlap:
             self._wait(0)
+            self._raise_failure()
 
     def close(self) -> LocalResult:
-        """Wait for every file, stop the pool and return this process's :class:`LocalResult`."""
+        """Wait for every file, stop the pool and return this process's :class:`LocalResult`
+        (the images whose files were all written; a failure is left in :attr:`failure`)."""
         try:
             self._wait(0)
         finally:
@@ -129,33 +169,44 @@ class OutputWriter:
         self._seen.add(index)
         return True
 
-    def _queue(self, fn: Callable[..., int], *args: Any) -> None:
-        # Bounded: a few images per thread in flight, so memory stays flat on any dataset size.
-        self._wait(8 * self.threads - 1)
-        self._pending.append(self._pool.submit(fn, *args))  # type: ignore[union-attr]
-
     def _wait(self, most: int) -> None:
-        """Collect finished jobs until at most ``most`` are pending."""
+        """Collect finished jobs until at most ``most`` are pending: a job's image counts once
+        its files are written; a failed job's image does not, and its error is kept."""
         while len(self._pending) > most:
-            self.result.files += self._pending.popleft().result()
+            job = self._pending.popleft()
+            try:
+                files = job.future.result()
+            except Exception as error:  # kept for the caller: the other images still count
+                self.failure = self.failure or error
+                continue
+            self.result.files += files
+            self.result.processed += 1
+            self.result.rows.extend(job.rows)
+            if job.report_image is not None:
+                self.result.report_images.append(job.report_image)
 
-    def _rows(self, batch: BatchResult) -> Iterable[dict[str, Any]]:
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def _rows(self, batch: BatchResult, b: int) -> Iterable[dict[str, Any]]:
+        """Image ``b``'s rows: one per checkpoint × layer × class."""
+        index, name, source = batch.indices[b], batch.names[b], batch.sources[b]
         for m, model in enumerate(batch.models):
-            label = self.layout.models[m]
-            for b, (index, name) in enumerate(zip(batch.indices, batch.names, strict=True)):
-                for layer, layer_name in enumerate(self.layer_names):
-                    for k, class_idx in enumerate(self.classes):
-                        row = {
-                            "checkpoint": label,
-                            "layer": layer_name,
-                            "index": index,
-                            "image": name,
-                            "class": class_idx,
-                            "class_name": self.class_names[class_idx],
-                        }
-                        for value_name in VALUE_NAMES:
-                            row[value_name] = float(model.values[value_name][b, layer, k])
-                        yield row
+            for layer, layer_name in enumerate(self.layer_names):
+                for k, class_idx in enumerate(self.classes):
+                    row = {
+                        "checkpoint": self.layout.models[m],
+                        "layer": layer_name,
+                        "index": index,
+                        "image": name,
+                        "source": source,
+                        "class": class_idx,
+                        "class_name": self.class_names[class_idx],
+                    }
+                    for value_name in VALUE_NAMES:
+                        row[value_name] = float(model.values[value_name][b, layer, k])
+                    yield row
 
     def _write_image(self, batch: BatchResult, b: int) -> int:
         """Image ``b``'s panels for every checkpoint, layer and class, and its report tiles."""
@@ -194,6 +245,9 @@ def default_render_threads() -> int:
 
 
 def _imwrite(path: Path, rgb: np.ndarray, params: Sequence[int] = ()) -> None:
+    """Encode an RGB image by ``path``'s extension and write it atomically."""
+    ok, encoded = cv2.imencode(path.suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), list(params))
+    if not ok:
+        raise OSError(f"cv2 could not encode {path.name} as {path.suffix} (image {rgb.shape}).")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), list(params)):
-        raise OSError(f"cv2 could not write {path}; check that the folder is writable.")
+    write_atomic(path, encoded.tobytes())

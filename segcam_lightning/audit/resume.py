@@ -1,0 +1,196 @@
+"""Interrupted runs: stop signals, the state a partial run leaves, and ``--resume``.
+
+On SIGINT (Ctrl-C) or SIGTERM, the run finishes the batch in hand and writes its files for the
+images done, marked partial; a second signal stops at once. The finished images' rows, skipped
+items and report entries are saved in :data:`~segcam_lightning.audit.settings.STATE_FILE`
+(full-precision JSON, written atomically) with a fingerprint of everything that decides the
+results. ``--resume`` reads it back, refuses when the fingerprint differs, and audits only the
+rest: the final files are those an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from segcam_lightning.audit.paths import write_atomic
+from segcam_lightning.audit.settings import PROG, STATE_FILE, SYNTHETIC, Stop, UsageError
+from segcam_lightning.audit.writer import LocalResult
+
+if TYPE_CHECKING:
+    from segcam_lightning.audit.run import AuditPlan
+
+_FORMAT = 1
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    """While entered, SIGINT and SIGTERM ask the run to stop after the batch in hand.
+
+    The first signal only sets :attr:`received`; a second one raises ``KeyboardInterrupt`` (stop
+    at once). The previous handlers are restored on exit. Outside the main thread, where Python
+    cannot install handlers, nothing changes.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for number in _STOP_SIGNALS:
+                self._previous[number] = signal.getsignal(number)
+                signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self._previous.items():
+            # None: a handler not installed from Python; the default is the closest.
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def _handle(self, number: int, _frame: FrameType | None) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = number
+
+    def stop(self, error: BaseException | None = None) -> Stop | None:
+        """Why the run stops: the signal received, else ``error`` (a ``KeyboardInterrupt``
+        counts as SIGINT), else ``None``."""
+        number = self.received
+        if number is None and isinstance(error, KeyboardInterrupt):
+            number = signal.SIGINT
+        if number is not None:
+            name = signal.Signals(number).name
+            return Stop(f"interrupted by {name}", 128 + int(number), name)
+        if error is not None:
+            return Stop(one_line(error), 1)
+        return None
+
+
+def one_line(error: BaseException) -> str:
+    """``"Type: first line of the message"``, at most 300 characters."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {first}"[:300].rstrip(": ")
+
+
+def fingerprint(plan: AuditPlan) -> dict[str, Any]:
+    """Everything that decides an audit's results; a resumed run must match it.
+
+    Checkpoints count by content (SHA-256), the data by its real path and file list. Batch
+    size, workers, threads, device and progress may change between the two runs.
+    """
+    settings = plan.settings
+    sources = "\n".join(plan.dataset.sources).encode("utf-8")
+    data = settings.data
+    return {
+        "checkpoints": [{"label": m.label, "sha256": _sha256(m.loaded.path)} for m in plan.models],
+        "data": data if data in (None, SYNTHETIC) else str(Path(data).resolve()),
+        "images": len(plan.dataset),
+        "sources_sha256": hashlib.sha256(sources).hexdigest(),
+        "layers": list(plan.layout.layers),
+        "method": settings.method,
+        "target": settings.target,
+        "normalize": settings.normalize,
+        "classes": list(plan.classes),
+        "class_names": list(plan.class_names),
+        "colormap": [list(c) for c in plan.colormap],
+        "size": list(plan.size),
+        "inputs": [m.input_description for m in plan.models],
+        "report_images": settings.report_images,
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_state(plan: AuditPlan, results: Sequence[LocalResult], process_seconds: float) -> None:
+    """Write :data:`STATE_FILE`: the finished images of a partial run, for ``--resume``."""
+    state = {
+        "format": _FORMAT,
+        "fingerprint": fingerprint(plan),
+        "rows": [row for r in results for row in r.rows],
+        "skipped": [item for r in results for item in r.skipped],
+        "report_images": [list(item) for r in results for item in r.report_images],
+        "processed": sum(r.processed for r in results),
+        "files": sum(r.files for r in results),
+        "process_s": process_seconds,
+    }
+    # NaN (undefined metrics) is kept as JSON's NaN extension: Python reads it back exactly.
+    write_atomic(plan.layout.file(STATE_FILE), json.dumps(state))
+
+
+def load_state(plan: AuditPlan) -> tuple[LocalResult, float] | None:
+    """The finished part of an interrupted run in ``--out`` and its processing seconds;
+    ``None`` when there is none (``--resume`` then starts afresh).
+
+    Raises:
+        UsageError: for an unreadable state, or one whose run had other settings.
+    """
+    path = plan.layout.file(STATE_FILE)
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if state.get("format") != _FORMAT:
+            raise ValueError(f"format {state.get('format')!r}, expected {_FORMAT}")
+        saved = state["fingerprint"]
+        previous = LocalResult(
+            rows=list(state["rows"]),
+            skipped=list(state["skipped"]),
+            report_images=[(int(i), str(n)) for i, n in state["report_images"]],
+            processed=int(state["processed"]),
+            files=int(state["files"]),
+        )
+        seconds = float(state["process_s"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UsageError(
+            f"Cannot resume: {path} is not a readable audit state ({one_line(error)}). Start "
+            "afresh with --overwrite (or another --out)."
+        ) from None
+    current = fingerprint(plan)
+    changed = [
+        f"{key} (was {_short(saved.get(key))}, now {_short(value)})"
+        for key, value in current.items()
+        if saved.get(key) != value
+    ]
+    if changed:
+        raise UsageError(
+            f"Cannot resume the audit in {plan.layout.root}: {'; '.join(changed)}. --resume "
+            "continues a run with the same checkpoints, data and CAM settings, so that the "
+            "finished and the remaining images are comparable. Rerun with the interrupted run's "
+            f"settings (see {path.name}), or start afresh with --overwrite."
+        )
+    return previous, seconds
+
+
+def nothing_to_resume(out: Path) -> str:
+    """Why ``--resume`` cannot continue in a non-empty ``out`` without a state file."""
+    summary = out / "summary.json"
+    try:
+        complete = json.loads(summary.read_text(encoding="utf-8")).get("status") == "complete"
+    except (OSError, ValueError, AttributeError):
+        complete = False
+    if complete:
+        return f"--resume: {out} holds a complete audit ({summary.name}); nothing to resume."
+    return (
+        f"--resume: {out} holds files but no {STATE_FILE}, so it is not an interrupted "
+        f"{PROG} audit. Pass a new or empty --out, or --overwrite to start afresh there."
+    )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
