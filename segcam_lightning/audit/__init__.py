@@ -37,10 +37,11 @@ LightningModule run by ``Trainer.predict``; a
 the ranks' metric rows into ``metrics.csv``, ``summary.json`` and ``report.html``.
 
 Modules: :mod:`~segcam_lightning.audit.cli` (arguments, ``main``, ``--list-layers``),
-:mod:`~segcam_lightning.audit.settings`, :mod:`~segcam_lightning.audit.run` (loading, engines,
-one process or ``Trainer.predict``), :mod:`~segcam_lightning.audit.preflight` (checks before
-writing), :mod:`~segcam_lightning.audit.data`, :mod:`~segcam_lightning.audit.batches` (engine
-calls and alignment values), :mod:`~segcam_lightning.audit.writer` (rendering threads),
+:mod:`~segcam_lightning.audit.settings`, :mod:`~segcam_lightning.audit.plan` (a resolved run),
+:mod:`~segcam_lightning.audit.run` (loading, engines, one process or ``Trainer.predict``),
+:mod:`~segcam_lightning.audit.preflight` (checks before writing),
+:mod:`~segcam_lightning.audit.data`, :mod:`~segcam_lightning.audit.batches` (engine calls and
+alignment values), :mod:`~segcam_lightning.audit.writer` (rendering threads),
 :mod:`~segcam_lightning.audit.paths` (nothing escapes ``--out``; atomic writes),
 :mod:`~segcam_lightning.audit.resume` (stop signals, partial state, ``--resume``) and
 :mod:`~segcam_lightning.audit.report` (CSV, JSON, HTML).
@@ -63,6 +64,7 @@ from segcam_lightning.audit.paths import (
     unique_components,
     write_atomic,
 )
+from segcam_lightning.audit.plan import AuditPlan
 from segcam_lightning.audit.preflight import available_memory, check_before_writing
 from segcam_lightning.audit.report import (
     AuditOutcome,
@@ -74,7 +76,6 @@ from segcam_lightning.audit.report import (
 )
 from segcam_lightning.audit.resume import StopSignals, load_state, save_state
 from segcam_lightning.audit.run import (
-    AuditPlan,
     audit_local,
     load_models,
     make_writer,

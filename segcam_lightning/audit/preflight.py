@@ -28,7 +28,7 @@ from segcam_lightning.audit.paths import UnsafePathError
 from segcam_lightning.audit.settings import PROG, UsageError
 
 if TYPE_CHECKING:
-    from segcam_lightning.audit.run import AuditPlan
+    from segcam_lightning.audit.plan import AuditPlan
 
 # The dry run's image side: small enough to cost milliseconds, a multiple of 16 for the U-Net.
 _DRY_SIDE = 32

@@ -21,7 +21,7 @@ from segcam_lightning.audit.settings import CSV_COLUMNS, STATE_FILE, TIP_NAMES, 
 from segcam_lightning.audit.writer import LocalResult
 
 if TYPE_CHECKING:
-    from segcam_lightning.audit.run import AuditPlan
+    from segcam_lightning.audit.plan import AuditPlan
 
 
 @dataclass

@@ -24,7 +24,7 @@ from segcam_lightning.audit.settings import PROG, STATE_FILE, SYNTHETIC, Stop, U
 from segcam_lightning.audit.writer import LocalResult
 
 if TYPE_CHECKING:
-    from segcam_lightning.audit.run import AuditPlan
+    from segcam_lightning.audit.plan import AuditPlan
 
 _FORMAT = 1
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,9 @@ from tqdm import tqdm
 from typing_extensions import override
 
 from segcam_lightning.audit.batches import AuditModel, BatchResult, explain_batch
-from segcam_lightning.audit.data import AuditDataset, build_dataset, make_loader
+from segcam_lightning.audit.data import build_dataset, make_loader
 from segcam_lightning.audit.paths import OutputLayout, unique_components
+from segcam_lightning.audit.plan import AuditPlan
 from segcam_lightning.audit.preflight import check_before_writing
 from segcam_lightning.audit.report import AuditOutcome, finish
 from segcam_lightning.audit.resume import StopSignals, load_state, nothing_to_resume, one_line
@@ -36,7 +36,7 @@ from segcam_lightning.audit.settings import (
     Stop,
     UsageError,
 )
-from segcam_lightning.audit.writer import LocalResult, OutputWriter, default_render_threads
+from segcam_lightning.audit.writer import LocalResult, OutputWriter
 from segcam_lightning.cam import (
     CAMEngine,
 )
@@ -47,27 +47,6 @@ from segcam_lightning.data.synthetic import SYNTHETIC_CLASS_NAMES
 from segcam_lightning.render import (
     opencv_threads,
 )
-
-
-@dataclass
-class AuditPlan:
-    """A run with every choice resolved: models, data, classes, colours, layout."""
-
-    settings: AuditSettings
-    models: list[AuditModel]
-    dataset: AuditDataset
-    classes: list[int]
-    class_names: list[str]
-    colormap: list[tuple[int, int, int]]
-    size: tuple[int, int]
-    device: torch.device
-    layout: OutputLayout
-    load_seconds: float
-
-    @property
-    def render_threads(self) -> int:
-        """``--render-threads``, or :func:`default_render_threads` when not given."""
-        return self.settings.render_threads or default_render_threads()
 
 
 def resolve_device(name: str) -> torch.device:
