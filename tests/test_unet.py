@@ -92,3 +92,56 @@ def test_base_width_scales_every_block():
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         UNet(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# The 3-D U-Net
+# --------------------------------------------------------------------------------------------
+
+
+def test_3d_unet_keeps_the_names_with_3d_layers():
+    flat, volume = build_unet(3, base_width=4), build_unet(3, base_width=4, in_channels=3, dims=3)
+    assert list(volume.state_dict()) == list(flat.state_dict())
+    for key, value in volume.state_dict().items():
+        expected = flat.state_dict()[key].shape
+        # Convolution kernels gain one spatial dimension; biases and BatchNorm stay as they are.
+        if len(expected) == 4:
+            assert value.shape == (*expected, expected[-1]), key
+        else:
+            assert value.shape == expected, key
+    modules = dict(volume.named_modules())
+    for name in SEED_LAYERS:
+        assert isinstance(modules[name], nn.ReLU) and modules[name].inplace
+    assert isinstance(modules["e1.conv.conv.0"], nn.Conv3d)
+    assert isinstance(modules["e1.conv.conv.1"], nn.BatchNorm3d)
+    assert isinstance(modules["e1.pool"], nn.MaxPool3d)
+    assert isinstance(modules["d4.up"], nn.ConvTranspose3d)
+    assert isinstance(modules["outputs"], nn.Conv3d)
+    assert volume.dims == 3 and flat.dims == 2
+
+
+def test_3d_unet_maps_volumes_to_logits_at_input_resolution():
+    net = UNet(num_classes=4, base_width=2, in_channels=1, dims=3).eval()
+    shapes = {}
+    hooks = [
+        dict(net.named_modules())[name].register_forward_hook(
+            lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape))
+        )
+        for name in SEED_LAYERS
+    ]
+    with torch.no_grad():
+        out = net(torch.rand(2, 1, 16, 32, 48))
+    for hook in hooks:
+        hook.remove()
+    assert out.shape == (2, 4, 16, 32, 48)
+    assert shapes == {
+        "e1.conv.conv.5": (2, 2, 16, 32, 48),
+        "e4.conv.conv.5": (2, 16, 2, 4, 6),
+        "b.conv.5": (2, 32, 1, 2, 3),
+        "d4.conv.conv.5": (2, 2, 16, 32, 48),
+    }
+
+
+def test_invalid_dims():
+    with pytest.raises(ValueError, match=r"Expected `dims` to be 2 \(images .*\) or 3 .*but got 4"):
+        UNet(num_classes=3, dims=4)

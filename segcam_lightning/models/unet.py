@@ -3,9 +3,14 @@
 The structure and attribute names follow the original blog-post U-Net exactly
 (``e1..e4``, ``b``, ``d1..d4``, ``outputs``; every ``conv_block.conv`` is a Sequential whose
 index 5 is the last in-place ReLU). ``base_width`` scales every width; 64 is the seed.
+
+``dims=3`` builds the same network for volumes, with the same module names and the 3-D layers
+(``Conv3d``, ``BatchNorm3d``, ``MaxPool3d``, ``ConvTranspose3d``) in place of the 2-D ones.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -14,17 +19,42 @@ from torch import nn
 SEED_LAYERS = ("e1.conv.conv.5", "e4.conv.conv.5", "b.conv.5", "d4.conv.conv.5")
 
 
-class conv_block(nn.Module):
-    """Two 3×3 convolutions, each followed by BatchNorm and an in-place ReLU."""
+class _Layers(NamedTuple):
+    """The layer types of a 2-D or 3-D network."""
 
-    def __init__(self, in_c: int, out_c: int) -> None:
+    conv: type[nn.Module]
+    norm: type[nn.Module]
+    pool: type[nn.Module]
+    up: type[nn.Module]
+
+
+_LAYERS = {
+    2: _Layers(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ConvTranspose2d),
+    3: _Layers(nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d, nn.ConvTranspose3d),
+}
+
+
+def _layers(dims: int) -> _Layers:
+    if isinstance(dims, bool) or dims not in _LAYERS:
+        raise ValueError(
+            f"Expected `dims` to be 2 (images [B, C, H, W]) or 3 (volumes [B, C, D, H, W]), "
+            f"but got {dims!r}."
+        )
+    return _LAYERS[dims]
+
+
+class conv_block(nn.Module):
+    """Two 3×3 (3×3×3) convolutions, each followed by BatchNorm and an in-place ReLU."""
+
+    def __init__(self, in_c: int, out_c: int, dims: int = 2) -> None:
         super().__init__()
+        layers = _layers(dims)
         self.conv = nn.Sequential(
-            nn.Conv2d(in_c, out_c, kernel_size=3, padding=1),
-            nn.BatchNorm2d(out_c),
+            layers.conv(in_c, out_c, kernel_size=3, padding=1),
+            layers.norm(out_c),
             nn.ReLU(inplace=True),
-            nn.Conv2d(out_c, out_c, kernel_size=3, padding=1),
-            nn.BatchNorm2d(out_c),
+            layers.conv(out_c, out_c, kernel_size=3, padding=1),
+            layers.norm(out_c),
             nn.ReLU(inplace=True),
         )
 
@@ -33,12 +63,13 @@ class conv_block(nn.Module):
 
 
 class encoder_block(nn.Module):
-    """``conv_block`` then 2×2 max-pooling; returns the skip features and the pooled map."""
+    """``conv_block`` then 2×2 (2×2×2) max-pooling; returns the skip features and the pooled
+    map."""
 
-    def __init__(self, in_c: int, out_c: int) -> None:
+    def __init__(self, in_c: int, out_c: int, dims: int = 2) -> None:
         super().__init__()
-        self.conv = conv_block(in_c, out_c)
-        self.pool = nn.MaxPool2d((2, 2))
+        self.conv = conv_block(in_c, out_c, dims)
+        self.pool = _layers(dims).pool((2,) * dims)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.conv(x)
@@ -46,12 +77,12 @@ class encoder_block(nn.Module):
 
 
 class decoder_block(nn.Module):
-    """2×2 transposed convolution, concatenation with the skip, then ``conv_block``."""
+    """2×2 (2×2×2) transposed convolution, concatenation with the skip, then ``conv_block``."""
 
-    def __init__(self, in_c: int, out_c: int) -> None:
+    def __init__(self, in_c: int, out_c: int, dims: int = 2) -> None:
         super().__init__()
-        self.up = nn.ConvTranspose2d(in_c, out_c, kernel_size=2, stride=2, padding=0)
-        self.conv = conv_block(out_c + out_c, out_c)
+        self.up = _layers(dims).up(in_c, out_c, kernel_size=2, stride=2, padding=0)
+        self.conv = conv_block(out_c + out_c, out_c, dims)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.up(x)
@@ -67,16 +98,25 @@ class UNet(nn.Module):
         base_width: width of the first block; the others are 2×, 4×, 8× and 16× it. 64 is the
             seed (31 M parameters); 16 trains on a laptop CPU in minutes.
         in_channels: channels of the input image.
+        dims: 2 for images, 3 for volumes (3-D convolutions, pooling and upsampling; the module
+            names stay the same, so ``"d4.conv.conv.5"`` is the last decoder ReLU either way).
 
     Input ``[B, C, H, W]`` with ``H`` and ``W`` divisible by 16; output logits ``[B, K, H, W]``.
+    With ``dims=3``: input ``[B, C, D, H, W]``, each side divisible by 16; logits
+    ``[B, K, D, H, W]``.
 
     Example:
         >>> net = UNet(num_classes=3, base_width=8)
         >>> net(torch.zeros(2, 3, 64, 64)).shape
         torch.Size([2, 3, 64, 64])
+        >>> volumes = UNet(num_classes=3, base_width=2, in_channels=1, dims=3)
+        >>> volumes(torch.zeros(2, 1, 16, 16, 16)).shape
+        torch.Size([2, 3, 16, 16, 16])
     """
 
-    def __init__(self, num_classes: int, base_width: int = 64, in_channels: int = 3) -> None:
+    def __init__(
+        self, num_classes: int, base_width: int = 64, in_channels: int = 3, dims: int = 2
+    ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(
@@ -86,19 +126,21 @@ class UNet(nn.Module):
             raise ValueError(
                 f"Expected `base_width` to be a positive integer, but got {base_width}."
             )
+        layers = _layers(dims)
         w = base_width
         self.num_classes = num_classes
         self.base_width = base_width
-        self.e1 = encoder_block(in_channels, w)
-        self.e2 = encoder_block(w, 2 * w)
-        self.e3 = encoder_block(2 * w, 4 * w)
-        self.e4 = encoder_block(4 * w, 8 * w)
-        self.b = conv_block(8 * w, 16 * w)
-        self.d1 = decoder_block(16 * w, 8 * w)
-        self.d2 = decoder_block(8 * w, 4 * w)
-        self.d3 = decoder_block(4 * w, 2 * w)
-        self.d4 = decoder_block(2 * w, w)
-        self.outputs = nn.Conv2d(w, num_classes, kernel_size=1, padding=0)
+        self.dims = dims
+        self.e1 = encoder_block(in_channels, w, dims)
+        self.e2 = encoder_block(w, 2 * w, dims)
+        self.e3 = encoder_block(2 * w, 4 * w, dims)
+        self.e4 = encoder_block(4 * w, 8 * w, dims)
+        self.b = conv_block(8 * w, 16 * w, dims)
+        self.d1 = decoder_block(16 * w, 8 * w, dims)
+        self.d2 = decoder_block(8 * w, 4 * w, dims)
+        self.d3 = decoder_block(4 * w, 2 * w, dims)
+        self.d4 = decoder_block(2 * w, w, dims)
+        self.outputs = layers.conv(w, num_classes, kernel_size=1, padding=0)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         s1, p1 = self.e1(inputs)
@@ -113,6 +155,7 @@ class UNet(nn.Module):
         return self.outputs(d4)
 
 
-def build_unet(num_classes: int, base_width: int = 64, in_channels: int = 3) -> UNet:
-    """Build the seed-compatible U-Net (same call as the seed's ``build_unet(num_classes)``)."""
-    return UNet(num_classes=num_classes, base_width=base_width, in_channels=in_channels)
+def build_unet(num_classes: int, base_width: int = 64, in_channels: int = 3, dims: int = 2) -> UNet:
+    """Build the seed-compatible U-Net (same call as the seed's ``build_unet(num_classes)``);
+    ``dims=3`` builds its 3-D counterpart for volumes ``[B, C, D, H, W]``."""
+    return UNet(num_classes=num_classes, base_width=base_width, in_channels=in_channels, dims=dims)
