@@ -1,6 +1,7 @@
 """CAM engine: per-class class activation maps for segmentation, all classes from one forward.
 
-Imports torch only. The pieces:
+Images ``[B, C, H, W]`` and volumes ``[B, C, D, H, W]`` (3-D models) alike: maps are
+``[B, L, K, *spatial]``. Imports torch only. The pieces:
 
 - :class:`CAMEngine` / :class:`CAMResult` (``engine.py``): hooks, one forward, gradients for all
   classes and layers, state restore.

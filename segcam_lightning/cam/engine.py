@@ -24,6 +24,13 @@ How a call works (see DESIGN.md, "Facts the engine must respect"):
    score has exactly zero gradient at every hooked layer (a constant or saturated score) would
    get blank maps: the call warns instead of returning them silently.
 
+Images ``[B, C, H, W]`` and volumes ``[B, C, D, H, W]`` go through the same steps: the engine
+reads which from ``images.ndim``, expects the hooked layers and the logits to have as many
+dimensions as the input (``[B, C, d, h, w]``, ``[B, K, D, H, W]`` for volumes), averages
+weights over all ``d·h·w`` positions, upsamples trilinearly (``align_corners=False``) and
+normalises each map over all its voxels. Shapes below are written for images; a volume has
+``D`` (``d``) before ``H, W`` (``h, w``).
+
 Example:
     >>> import torch
     >>> from segcam_lightning.models import UNet
@@ -76,18 +83,18 @@ class CAMResult:
 
     Attributes:
         cams: ``[B, L, K, H, W]`` float32 maps at input resolution, in ``[0, 1]`` unless
-            ``normalize="none"``.
+            ``normalize="none"``; ``[B, L, K, D, H, W]`` for volumes (``[B, L, K, *spatial]``).
         raw_max: ``[B, L, K]`` maxima of the ReLU'd, upsampled maps before normalisation (the
             scale ``minmax`` divides away: compare classes with it).
-        logits: the model's logits ``[B, K_all, H, W]`` from the same forward, in the model's
-            dtype.
+        logits: the model's logits ``[B, K_all, H, W]`` (``[B, K_all, D, H, W]``) from the same
+            forward, in the model's dtype.
         scores: ``[B, K_all]`` float32 target scores of every class.
         present: ``[B, K]`` bool, false where a region target is empty (its maps are zero).
         layers: the ``L`` layer names, in the order of ``cams``' second dimension.
         classes: the ``K`` output channel indices, in the order of ``cams``' third dimension
             (``(0,)`` for a binary model: the map of its one channel explains the foreground).
-        guided_backprop: ``[B, K, C_in, H, W]`` float32 guided backpropagation (raw, signed) when
-            the engine is ``guided``, else ``None``.
+        guided_backprop: ``[B, K, C_in, *spatial]`` float32 guided backpropagation (raw, signed)
+            when the engine is ``guided``, else ``None``.
         output_kind: the resolved output kind, ``"multiclass"``, ``"binary"`` or
             ``"multilabel"``.
     """
@@ -104,7 +111,7 @@ class CAMResult:
 
     @property
     def guided_cams(self) -> Tensor:
-        """Guided Grad-CAM ``[B, L, K, C_in, H, W]``: guided backpropagation × ``cams``.
+        """Guided Grad-CAM ``[B, L, K, C_in, *spatial]``: guided backpropagation × ``cams``.
 
         Raises:
             ValueError: when the engine was not guided.
@@ -117,7 +124,7 @@ class CAMResult:
         return FC.guided_gradcam(self.guided_backprop, self.cams)
 
     def layer(self, name: str) -> Tensor:
-        """The maps ``[B, K, H, W]`` of one layer.
+        """The maps ``[B, K, *spatial]`` of one layer.
 
         Raises:
             KeyError: when ``name`` is not one of ``layers``.
@@ -162,6 +169,7 @@ class CAMEngine:
     Args:
         model: segmentation network returning logits ``[B, K, h, w]`` at any resolution (or a
             dict/tuple, see ``output_adapter``); the maps are upsampled to the input's ``H, W``.
+            A 3-D network takes volumes ``[B, C, D, H, W]`` and returns ``[B, K, d, h, w]``.
             It is never modified: flags, gradients, statistics and RNG states are the same after
             a call, and no hook outlives a call.
         layers: layer name(s) as in ``model.named_modules()`` (or the modules themselves);
@@ -285,15 +293,16 @@ class CAMEngine:
         """Compute the CAMs of a batch.
 
         Args:
-            images: ``[B, C_in, H, W]`` float batch (moved to the model's device; inference
-                tensors are fine).
+            images: ``[B, C_in, H, W]`` float batch of images, or ``[B, C_in, D, H, W]`` of
+                volumes (moved to the model's device; inference tensors are fine).
             classes: class indices to explain (``K`` of them, in this order); ``None`` for all.
             masks: ground truth for ``target="gt_region"``: labels ``[B, H, W]`` or per-class
-                masks ``[B, K_all, H, W]`` at the input's resolution (nearest-resized to the
-                logits') or the logits'; passed to callable targets as is.
+                masks ``[B, K_all, H, W]`` (volumes: ``[B, D, H, W]``, ``[B, K_all, D, H, W]``)
+                at the input's resolution (nearest-resized to the logits') or the logits';
+                passed to callable targets as is.
 
         Returns:
-            A :class:`CAMResult`.
+            A :class:`CAMResult` with ``cams`` ``[B, L, K, H, W]`` (``[B, L, K, D, H, W]``).
         """
         _check_images(images)
         wanted = _check_classes(classes)
@@ -313,7 +322,7 @@ class CAMEngine:
         # autocast back, so they see the precision the main forward saw.
         device_type = x.device.type
         autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        capture = _Capture(self.layer_names, self._modules, self.method.needs_gradients)
+        capture = _Capture(self.layer_names, self._modules, self.method.needs_gradients, x.ndim)
         guide = _GuidedReLU(unwrap_compiled(self.model)) if self.guided else None
         with ExitStack() as stack:
             stack.enter_context(capture.hooks())
@@ -325,11 +334,12 @@ class CAMEngine:
             stack.enter_context(torch.enable_grad() if guide is not None else torch.no_grad())
             output = self.model(x)
         capture.check_ran()
-        logits = self._adapt(output, x.shape[0])
+        logits = self._adapt(output, x)
         kind = FC.resolve_output_kind(self.output_kind, logits.shape[1])
         classes = _select_classes(wanted, logits.shape[1], x.device)
+        size = tuple(x.shape[2:])  # the input's H, W (D, H, W)
         if self.target.needs_masks:
-            _check_masks(masks, tuple(x.shape[-2:]), logits.shape)
+            _check_masks(masks, size, logits.shape)
         read = {"kind": kind, "threshold": self.threshold}
         with torch.set_grad_enabled(self.method.needs_gradients):
             float_logits = _at_least_float32(logits)
@@ -358,12 +368,11 @@ class CAMEngine:
                     classes=classes,
                 )
                 maps = [self.method(a, probe) for a in activations]  # type: ignore[operator]
-            size = (x.shape[-2], x.shape[-1])
-            cams = torch.stack([FC.upsample(m, size) for m in maps], dim=1)  # [B, L, K, H, W]
+            cams = torch.stack([FC.upsample(m, size) for m in maps], dim=1)  # [B, L, K, *size]
             present = present[:, classes]
-            cams = cams * present[:, None, :, None, None]
-            raw_max = cams.amax(dim=(-2, -1))
-            cams = FC.normalize_cams(cams, self.normalize)
+            cams = cams * present.view(*present.shape[:1], 1, -1, *[1] * len(size))
+            raw_max = cams.flatten(3).amax(dim=-1)
+            cams = FC.normalize_cams(cams, self.normalize, spatial_dims=len(size))
         return CAMResult(
             cams=cams.float(),
             raw_max=raw_max.float(),
@@ -387,7 +396,7 @@ class CAMEngine:
         guide: _GuidedReLU | None,
         flow: _GradientFlow,
     ) -> tuple[list[Tensor], Tensor | None]:
-        """Per-layer maps ``[B, K, h, w]`` (and guided backprop) from one set of backward passes."""
+        """Per-layer maps ``[B, K, *s]`` (and guided backprop) from one set of backward passes."""
         method: _GradientCAM = self.method  # type: ignore[assignment]
         outputs = capture.activations
         if not scores.requires_grad:
@@ -405,7 +414,7 @@ class CAMEngine:
             self._check_connected(grads)
             for g in grads:
                 flow.add_all(g)
-            # [K, B, h, w] -> [B, K, h, w]
+            # [K, B, *s] -> [B, K, *s]
             maps = [method(a, g.to(a.dtype)) for a, g in zip(activations, grads, strict=True)]
             return [m.transpose(0, 1) for m in maps], None
 
@@ -451,7 +460,7 @@ class CAMEngine:
         classes: Tensor,
         flow: _GradientFlow,
     ) -> list[Tensor]:
-        """Per-layer maps ``[B, K, h, w]`` from K - 1 backward passes (all K classes wanted).
+        """Per-layer maps ``[B, K, *s]`` from K - 1 backward passes (all K classes wanted).
 
         For scores that sum to a constant, ``sum_k dS_k/dA = 0``, so one class's gradient is
         minus the sum of the others'. Each image derives its own highest-scoring class (never an
@@ -484,8 +493,8 @@ class CAMEngine:
         for i, a in enumerate(activations):
             flow.add(total[i], order[:, -1])  # type: ignore[arg-type]
             per_layer[i].append(method(a, total[i].neg_()))  # type: ignore[union-attr]
-            stacked = torch.stack(per_layer[i], dim=1)  # [B, K, h, w] in `order`
-            index = order[:, :, None, None].expand_as(stacked)
+            stacked = torch.stack(per_layer[i], dim=1)  # [B, K, *s] in `order`
+            index = order.view(*order.shape, *[1] * (a.ndim - 2)).expand_as(stacked)
             maps.append(torch.empty_like(stacked).scatter_(1, index, stacked))
         return maps
 
@@ -514,14 +523,22 @@ class CAMEngine:
                     "a torch.compile'd model also gets here: pass the uncompiled module."
                 )
 
-    def _adapt(self, output: Any, batch_size: int) -> Tensor:
+    def _adapt(self, output: Any, images: Tensor) -> Tensor:
+        """The logits in the model's output; they have as many dimensions as ``images``."""
         logits = self.output_adapter(output)
-        if not isinstance(logits, Tensor) or logits.ndim != 4 or logits.shape[0] != batch_size:
+        batch_size = images.shape[0]
+        if (
+            not isinstance(logits, Tensor)
+            or logits.ndim != images.ndim
+            or logits.shape[0] != batch_size
+        ):
             got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            expected = FC.shape_label("B", "K", spatial_dims=images.ndim - 2)
+            volume = f" for volumes {list(images.shape)}" if images.ndim == 5 else ""
             raise ValueError(
-                f"Expected the model's logits as a tensor [B, K, H, W] with B = {batch_size}, but "
-                f"the output adapter gave {got}. Pass `output_adapter=` to pick them from the "
-                "model's output."
+                f"Expected the model's logits as a tensor {expected} with B = {batch_size}"
+                f"{volume}, but the output adapter gave {got}. Pass `output_adapter=` to pick "
+                "them from the model's output."
             )
         return logits
 
@@ -529,17 +546,27 @@ class CAMEngine:
         """Float32 logits of a batch, no graph, under the caller's autocast (Score-CAM)."""
         enabled, dtype = autocast
         with torch.no_grad(), torch.autocast(images.device.type, dtype=dtype, enabled=enabled):
-            logits = self._adapt(self.model(images), images.shape[0])
+            logits = self._adapt(self.model(images), images)
         return _at_least_float32(logits)
 
 
 class _Capture:
-    """Forward hooks that keep each hooked layer's output for the gradients."""
+    """Forward hooks that keep each hooked layer's output for the gradients.
 
-    def __init__(self, names: list[str], modules: list[nn.Module], track_grad: bool) -> None:
+    Args:
+        names, modules: the hooked layers.
+        track_grad: keep a graph from the earliest layer on (gradient methods).
+        ndim: the input's number of dimensions (4 for images, 5 for volumes), which every
+            hooked layer's output must have.
+    """
+
+    def __init__(
+        self, names: list[str], modules: list[nn.Module], track_grad: bool, ndim: int = 4
+    ) -> None:
         self.names = names
         self.modules = modules
         self.track_grad = track_grad
+        self.ndim = ndim
         self.activations: list[Tensor] = []
         self._slots: list[Tensor | None] = [None] * len(names)
 
@@ -556,11 +583,18 @@ class _Capture:
 
     def _hook(self, index: int, module: nn.Module, _inputs: Any, output: Any) -> Tensor | None:
         name = self.names[index]
-        if not isinstance(output, Tensor) or output.ndim != 4:
+        if not isinstance(output, Tensor) or output.ndim != self.ndim:
             got = list(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            if self.ndim == 5:
+                expected = (
+                    "one tensor [B, C, d, h, w] with the input's 5 dimensions (the input is a "
+                    "volume [B, C, D, H, W])"
+                )
+            else:
+                expected = "one tensor [B, C, h, w]"
             raise ValueError(
                 f"Layer {name!r} ({type(module).__name__}) returned {got}; a CAM layer must "
-                "return one tensor [B, C, h, w]. Pick another from "
+                f"return {expected}. Pick another from "
                 "segcam_lightning.cam.candidate_layers(model, example_input)."
             )
         if self._slots[index] is not None:
@@ -610,12 +644,12 @@ class _GradientFlow:
         self._rows = torch.arange(batch_size, device=device)
 
     def add(self, grads: Tensor, positions: int | Tensor) -> None:
-        """Record gradients ``[B, C, h, w]``: image ``b``'s is that of class ``positions[b]``
+        """Record gradients ``[B, C, *s]``: image ``b``'s is that of class ``positions[b]``
         (a position in the call's ``classes``; an int for all images)."""
         self.nonzero[self._rows, positions] |= _nonzero(grads.flatten(1))
 
     def add_all(self, grads: Tensor) -> None:
-        """Record gradients ``[K, B, C, h, w]`` of every class at once."""
+        """Record gradients ``[K, B, C, *s]`` of every class at once."""
         self.nonzero |= _nonzero(grads.flatten(2)).T
 
     def warn_if_blank(
@@ -723,14 +757,16 @@ def _resolve_layers(
 
 
 def _check_images(images: Any) -> None:
+    """Images ``[B, C, H, W]`` or volumes ``[B, C, D, H, W]``, floating point."""
     if not isinstance(images, Tensor):
         raise TypeError(
-            f"Expected `images` to be a float tensor [B, C, H, W], but got {type(images).__name__}."
+            f"Expected `images` to be a float tensor [B, C, H, W], but got "
+            f"{type(images).__name__}; volumes take [B, C, D, H, W]."
         )
-    if images.ndim != 4 or not images.is_floating_point():
+    if images.ndim - 2 not in FC.SPATIAL_DIMS or not images.is_floating_point():
         raise ValueError(
             "Expected `images` to be a float tensor [B, C, H, W], but got shape "
-            f"{list(images.shape)} and dtype {images.dtype}."
+            f"{list(images.shape)} and dtype {images.dtype}; volumes take [B, C, D, H, W]."
         )
 
 
@@ -768,16 +804,20 @@ def _check_masks(
     mistake the nearest resizing to the logits would hide."""
     if not isinstance(masks, Tensor):
         return  # the target says what it needs
-    b, k, h, w = logits_shape
-    sizes = {tuple(input_size), (h, w)}
-    if masks.ndim in (3, 4) and masks.shape[0] == b and tuple(masks.shape[-2:]) in sizes:
+    b, k, *logit_size = logits_shape
+    n = len(input_size)
+    sizes = {tuple(input_size), tuple(logit_size)}
+    if masks.ndim in (n + 1, n + 2) and masks.shape[0] == b and tuple(masks.shape[-n:]) in sizes:
         return
-    height, width = input_size
-    also = "" if (h, w) == tuple(input_size) else f" (or the logits' {h}×{w})"
+    also = (
+        ""
+        if tuple(logit_size) == tuple(input_size)
+        else f" (or the logits' {FC.grid_label(logit_size)})"
+    )
     raise ValueError(
-        f"Expected `masks` of shape [B, H, W] = {[b, height, width]} (labels) or [B, K, H, W] = "
-        f"{[b, k, height, width]} (per class) at the input's resolution{also}, but got "
-        f"{list(masks.shape)}."
+        f"Expected `masks` of shape {FC.shape_label('B', spatial_dims=n)} = {[b, *input_size]} "
+        f"(labels) or {FC.shape_label('B', 'K', spatial_dims=n)} = {[b, k, *input_size]} (per "
+        f"class) at the input's resolution{also}, but got {list(masks.shape)}."
     )
 
 

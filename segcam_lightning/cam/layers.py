@@ -37,7 +37,8 @@ _LIST_HINT = (
 
 
 class LayerInfo(NamedTuple):
-    """A layer a CAM can hook: its name, module type and output shape ``[B, C, h, w]``."""
+    """A layer a CAM can hook: its name, module type and output shape ``[B, C, h, w]``
+    (``[B, C, d, h, w]`` in a 3-D model)."""
 
     name: str
     type: str
@@ -102,12 +103,16 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 def candidate_layers(model: nn.Module, example_input: Tensor) -> list[LayerInfo]:
     """Layers whose output is a ``[B, C, h, w]`` tensor, in the order the forward runs them.
 
+    For a 3-D model, given a volume ``[B, C_in, D, H, W]``, the layers whose output is a
+    ``[B, C, d, h, w]`` tensor: a CAM layer's output has as many dimensions as the input.
+
     Runs one forward in eval mode without gradients; training flags, RNG states and hooks are
     left as they were.
 
     Args:
         model: the network.
-        example_input: a batch ``[B, C_in, H, W]`` on the model's device.
+        example_input: a batch ``[B, C_in, H, W]`` (or ``[B, C_in, D, H, W]``) on the model's
+            device.
 
     Returns:
         One :class:`LayerInfo` per layer that ran, with its first output's shape.
@@ -123,7 +128,7 @@ def candidate_layers(model: nn.Module, example_input: Tensor) -> list[LayerInfo]
     found: dict[str, LayerInfo] = {}
 
     def record(name: str, module: nn.Module, _inputs: object, output: object) -> None:
-        if name not in found and isinstance(output, Tensor) and output.ndim == 4:
+        if name not in found and isinstance(output, Tensor) and output.ndim == example_input.ndim:
             found[name] = LayerInfo(name, type(module).__name__, tuple(output.shape))
 
     root = unwrap_compiled(model)

@@ -6,6 +6,10 @@ layer's activations ``A`` ``[B, C, h, w]`` and the gradients ``dY/dA`` of that c
 Gradient-free methods (:class:`ScoreCAM`, :class:`EigenCAM`) receive a :class:`Probe` instead, to
 re-run the model or to ignore classes altogether.
 
+Volumes work the same way with one more spatial dimension: activations ``[B, C, d, h, w]``,
+maps ``[B, d, h, w]``. A method reads the number of spatial dimensions from its activations
+(``A.ndim - 2``), so every sum or mean "over ``i, j``" below runs over all ``d·h·w`` voxels.
+
 Notation: ``Y`` is the target score of class ``c`` (see :mod:`segcam_lightning.cam.targets`),
 ``A_k`` channel ``k`` of the hooked layer's output, ``g_k = dY/dA_k``.
 """
@@ -42,6 +46,8 @@ __all__ = [
 class Probe:
     """What a gradient-free method may use besides the activations.
 
+    Shapes are those of images; a volume has ``D`` before ``H, W``.
+
     Attributes:
         images: ``[B, C_in, H, W]`` the input batch on the model's device.
         forward: runs the model (eval mode, no grad, no hooks) on images ``[n, C_in, H, W]`` and
@@ -73,13 +79,18 @@ class _CAM:
     needs_gradients: ClassVar[bool] = True
     guided: ClassVar[bool] = False
 
-    #: Weights are per element ``[..., C, h, w]`` rather than per channel ``[..., C]``.
+    #: Weights are per element ``[..., C, *s]`` rather than per channel ``[..., C]``.
     elementwise: ClassVar[bool] = False
 
-    def _combine(self, weights: Tensor, activations: Tensor) -> Tensor:
-        """``ReLU(sum_k w_k A_k)``: the weighted sum every method shares."""
+    def _combine(self, weights: Tensor, activations: Tensor, spatial_dims: int) -> Tensor:
+        """``ReLU(sum_k w_k A_k)``: the weighted sum every method shares.
+
+        Args:
+            weights: ``[..., C]`` or, for element-wise methods, ``[..., C, *s]``.
+            activations: ``[..., C, *s]`` with ``spatial_dims`` dimensions in ``s``.
+        """
         combine = FC.elementwise_sum if self.elementwise else FC.weighted_sum
-        return combine(weights, activations).clamp_(min=0)
+        return combine(weights, activations, spatial_dims).clamp_(min=0)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -89,32 +100,37 @@ class _GradientCAM(_CAM, ABC):
     """A method whose map is ``ReLU(sum_k w_k A_k)`` with weights from the gradients."""
 
     @abstractmethod
-    def _get_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
-        """Weights ``[..., C]`` (per channel) or ``[..., C, h, w]`` (per element)."""
+    def _get_weights(self, activations: Tensor, gradients: Tensor, spatial_dims: int) -> Tensor:
+        """Weights ``[..., C]`` (per channel) or ``[..., C, *s]`` (per element), reducing over
+        the ``spatial_dims`` trailing dimensions."""
 
     def __call__(self, activations: Tensor, gradients: Tensor) -> Tensor:
         """Map of one class.
 
         Args:
-            activations: ``[B, C, h, w]`` float32.
-            gradients: ``[..., B, C, h, w]`` float32 gradients of the class score(s).
+            activations: ``[B, C, *s]`` float32, ``s`` = ``h, w`` (images) or ``d, h, w``
+                (volumes).
+            gradients: ``[..., B, C, *s]`` float32 gradients of the class score(s).
 
         Returns:
-            ``[..., B, h, w]`` non-negative map at the layer's resolution.
+            ``[..., B, *s]`` non-negative map at the layer's resolution.
         """
-        return self._combine(self._get_weights(activations, gradients), activations)
+        spatial_dims = activations.ndim - 2
+        weights = self._get_weights(activations, gradients, spatial_dims)
+        return self._combine(weights, activations, spatial_dims)
 
 
 class GradCAM(_GradientCAM):
     r"""Grad-CAM (Selvaraju et al., 2017, https://arxiv.org/abs/1610.02391).
 
-    ``L = ReLU(sum_k w_k A_k)`` with ``w_k = 1/(h·w) sum_ij g_k(i, j)``.
+    ``L = ReLU(sum_k w_k A_k)`` with ``w_k = 1/(h·w) sum_ij g_k(i, j)`` (``1/(d·h·w)`` over the
+    voxels of a volume).
     """
 
     name = "gradcam"
 
-    def _get_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
-        return FC.gradcam_weights(activations, gradients)
+    def _get_weights(self, activations: Tensor, gradients: Tensor, spatial_dims: int) -> Tensor:
+        return FC.gradcam_weights(activations, gradients, spatial_dims)
 
 
 class HiResCAM(_GradientCAM):
@@ -127,8 +143,8 @@ class HiResCAM(_GradientCAM):
     name = "hirescam"
     elementwise = True
 
-    def _get_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
-        return FC.hirescam_weights(activations, gradients)
+    def _get_weights(self, activations: Tensor, gradients: Tensor, spatial_dims: int) -> Tensor:
+        return FC.hirescam_weights(activations, gradients, spatial_dims)
 
 
 class XGradCAM(_GradientCAM):
@@ -139,8 +155,8 @@ class XGradCAM(_GradientCAM):
 
     name = "xgradcam"
 
-    def _get_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
-        return FC.xgradcam_weights(activations, gradients)
+    def _get_weights(self, activations: Tensor, gradients: Tensor, spatial_dims: int) -> Tensor:
+        return FC.xgradcam_weights(activations, gradients, spatial_dims)
 
 
 class GradCAMpp(_GradientCAM):
@@ -154,8 +170,8 @@ class GradCAMpp(_GradientCAM):
 
     name = "gradcam++"
 
-    def _get_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
-        return FC.gradcampp_weights(activations, gradients)
+    def _get_weights(self, activations: Tensor, gradients: Tensor, spatial_dims: int) -> Tensor:
+        return FC.gradcampp_weights(activations, gradients, spatial_dims)
 
 
 class LayerCAM(_GradientCAM):
@@ -168,8 +184,8 @@ class LayerCAM(_GradientCAM):
     name = "layercam"
     elementwise = True
 
-    def _get_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
-        return FC.layercam_weights(activations, gradients)
+    def _get_weights(self, activations: Tensor, gradients: Tensor, spatial_dims: int) -> Tensor:
+        return FC.layercam_weights(activations, gradients, spatial_dims)
 
 
 class GuidedGradCAM(GradCAM):
@@ -182,7 +198,8 @@ class GuidedGradCAM(GradCAM):
 
     The maps are Grad-CAM's; the engine adds ``result.guided_backprop`` ``[B, K, C_in, H, W]``
     (raw, signed gradients) and ``result.guided_cams`` ``[B, L, K, C_in, H, W]`` = guided
-    backpropagation × the normalised upsampled Grad-CAM. Any gradient method gets the same with
+    backpropagation × the normalised upsampled Grad-CAM (with ``D`` before ``H, W`` for
+    volumes). Any gradient method gets the same with
     ``CAMEngine(..., guided=True)``.
     """
 
@@ -196,7 +213,8 @@ class CustomCAM(_GradientCAM):
     Args:
         weight_fn: maps ``A`` ``[..., C, h, w]`` and ``g`` ``[..., C, h, w]`` to weights
             ``[..., C]`` (or ``[..., C, h, w]`` with ``elementwise=True``); the map is
-            ``ReLU(sum_k w_k A_k)``.
+            ``ReLU(sum_k w_k A_k)``. For a volume it gets ``[..., C, d, h, w]``: reduce over
+            the trailing ``A.ndim - 2`` dimensions (``range(2 - A.ndim, 0)``) to serve both.
         elementwise: whether ``weight_fn`` returns one weight per element.
     """
 
@@ -207,7 +225,8 @@ class CustomCAM(_GradientCAM):
         self.elementwise = elementwise  # type: ignore[misc]
         self.name = getattr(weight_fn, "__name__", type(weight_fn).__name__)  # type: ignore[misc]
 
-    def _get_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
+    def _get_weights(self, activations: Tensor, gradients: Tensor, spatial_dims: int) -> Tensor:
+        del spatial_dims  # the function reads it from its inputs, if it needs it
         return self.weight_fn(activations, gradients)
 
     def __repr__(self) -> str:
@@ -223,7 +242,9 @@ class ScoreCAM(_CAM):
         M_k = U(norm(A_k)) ⊙ X,    w_k = softmax_k(Y(M_k) - Y(X)),    L = ReLU(sum_k w_k A_k)
 
     One masked forward scores every class, so the cost is ``B · min(C, max_channels)`` forwards
-    in chunks of ``batch_size``, whatever the number of classes.
+    in chunks of ``batch_size``, whatever the number of classes. Volumes work alike: each channel
+    ``[d, h, w]`` is upsampled trilinearly to the input's ``D, H, W`` (each masked forward then
+    costs a whole volume's).
 
     Differences from the paper, on purpose:
         - ``Y`` is the engine's segmentation target, not a classifier's softmax probability;
@@ -254,17 +275,20 @@ class ScoreCAM(_CAM):
         self.batch_size = batch_size
 
     def __call__(self, activations: Tensor, probe: Probe) -> Tensor:
-        """Maps ``[B, K_sel, h, w]`` from activations ``[B, C, h, w]``."""
-        b, c, h, w = activations.shape
+        """Maps ``[B, K_sel, *s]`` from activations ``[B, C, *s]`` (``s`` = ``h, w`` or
+        ``d, h, w``)."""
+        b, c, *spatial = activations.shape
+        n = len(spatial)
         m = c if self.max_channels is None else min(c, self.max_channels)
         if m < c:
-            top = activations.mean(dim=(-2, -1)).topk(m, dim=1).indices  # [B, M]
-            selected = activations.gather(1, top[..., None, None].expand(-1, -1, h, w))
+            top = activations.mean(dim=tuple(range(2, 2 + n))).topk(m, dim=1).indices  # [B, M]
+            index = top.view(b, m, *[1] * n).expand(-1, -1, *spatial)
+            selected = activations.gather(1, index)
         else:
             selected = activations
-        masks = FC.minmax_scale(selected).reshape(b * m, 1, h, w)
+        masks = FC.minmax_scale(selected, spatial_dims=n).reshape(b * m, 1, *spatial)
         source = torch.arange(b, device=activations.device).repeat_interleave(m)
-        size = tuple(probe.images.shape[-2:])
+        size = tuple(probe.images.shape[2:])
         increase = activations.new_empty(b * m, probe.classes.numel())
         baseline = probe.baseline[:, probe.classes]
         for start in range(0, b * m, self.batch_size):
@@ -274,7 +298,7 @@ class ScoreCAM(_CAM):
             scores = probe.score(logits, source[rows])[:, probe.classes]
             increase[rows] = scores - baseline[source[rows]]
         weights = FC.scorecam_weights(increase.reshape(b, m, -1).transpose(1, 2))  # [B, K, M]
-        return self._combine(weights, selected.unsqueeze(1))
+        return self._combine(weights, selected.unsqueeze(1), n)
 
     def __repr__(self) -> str:
         return f"ScoreCAM(max_channels={self.max_channels}, batch_size={self.batch_size})"
@@ -283,19 +307,20 @@ class ScoreCAM(_CAM):
 class EigenCAM(_CAM):
     r"""Eigen-CAM (Muhammad & Yeasin, 2020, https://arxiv.org/abs/2008.00299), gradient-free.
 
-    ``L = ReLU(A_c · v_1)``: the activations, as an ``h·w × C`` matrix centred over pixels, are
-    projected on their first principal direction ``v_1``. The sign of ``v_1`` is fixed so that the
-    map correlates positively with the channel-mean activation. The map does not depend on the
-    class: every selected class gets the same map (absent region targets still give zeros).
+    ``L = ReLU(A_c · v_1)``: the activations, as an ``h·w × C`` matrix (``d·h·w × C`` for a
+    volume) centred over positions, are projected on their first principal direction ``v_1``.
+    The sign of ``v_1`` is fixed so that the map correlates positively with the channel-mean
+    activation. The map does not depend on the class: every selected class gets the same map
+    (absent region targets still give zeros).
     """
 
     name = "eigencam"
     needs_gradients = False
 
     def __call__(self, activations: Tensor, probe: Probe) -> Tensor:
-        """Maps ``[B, K_sel, h, w]`` (the same for every class) from ``[B, C, h, w]``."""
-        cam = FC.eigencam_map(activations).clamp_(min=0)
-        return cam.unsqueeze(1).expand(-1, probe.classes.numel(), -1, -1).contiguous()
+        """Maps ``[B, K_sel, *s]`` (the same for every class) from ``[B, C, *s]``."""
+        cam = FC.eigencam_map(activations).unsqueeze(1).clamp_(min=0)
+        return cam.expand(-1, probe.classes.numel(), *cam.shape[2:]).contiguous()
 
 
 #: Methods available by name (``"gradcampp"`` is an alias of ``"gradcam++"``).

@@ -27,6 +27,10 @@ gt_region       logit over ``labels == k``  binary: over ``labels == 1``; multil
 ==============  ==========================  ===============================================
 
 For a binary model the one channel (index 0) explains the foreground (label 1).
+
+Volumes work alike: logits ``[B, K, D, H, W]``, sums and means over all ``D·H·W`` voxels, masks
+``[B, D, H, W]`` or ``[B, K, D, H, W]``; :class:`PixelTarget` and :class:`BoxTarget` then also
+take a depth coordinate.
 """
 
 from __future__ import annotations
@@ -58,6 +62,11 @@ __all__ = [
 Scorer = Callable[[Tensor, Tensor], Tensor]
 
 
+def _spatial_sum(values: Tensor) -> Tensor:
+    """Sum of ``[B, K, *S]`` over its spatial dimensions: ``[B, K]``."""
+    return values.sum(dim=tuple(range(2, values.ndim)))
+
+
 class TargetOutput(NamedTuple):
     """What a target returns.
 
@@ -72,6 +81,8 @@ class TargetOutput(NamedTuple):
 
 class Target(ABC):
     """Base of all targets: ``target(logits [B, K, H, W], masks, kind=, threshold=)``.
+
+    Logits of volumes are ``[B, K, D, H, W]``; scores are ``[B, K]`` either way.
 
     ``kind`` is the engine's resolved output kind (``"multiclass"``, ``"binary"`` or
     ``"multilabel"``) and ``threshold`` the probability above which a sigmoid pixel is
@@ -138,7 +149,7 @@ class SoftmaxMean(Target):
     an image sum to 1 over the classes (``scores_sum_to_constant``). Binary and multilabel
     (sigmoid outputs): despite the name, the mean *sigmoid* probability of the channel,
     ``1/(H·W) · sum_ij sigmoid(logits[b, c, i, j])`` (a softmax over one channel is constant).
-    Every class is present.
+    Every class is present. For a volume the mean runs over its ``D·H·W`` voxels.
     """
 
     name = "softmax_mean"
@@ -152,9 +163,9 @@ class SoftmaxMean(Target):
         kind: str = "multiclass",
         threshold: float = 0.5,
     ) -> TargetOutput:
-        _check_logits(logits)
+        n = FC.spatial_dims_of(logits)
         probs = logits.softmax(dim=1) if kind == "multiclass" else logits.sigmoid()
-        scores = probs.mean(dim=(-2, -1))
+        scores = probs.mean(dim=tuple(range(-n, 0)))
         return TargetOutput(scores, torch.ones_like(scores, dtype=torch.bool))
 
 
@@ -162,7 +173,7 @@ class RegionTarget(Target):
     """A class logit summed over a region: ``score[b, c] = sum_ij (region · logits)[b, c, i, j]``.
 
     Subclasses define :meth:`region`. A class whose region is empty has score 0 (a constant, so
-    its gradient and map are zero) and ``present`` false.
+    its gradient and map are zero) and ``present`` false. Volumes sum over ``i, j`` and depth.
     """
 
     @abstractmethod
@@ -174,7 +185,7 @@ class RegionTarget(Target):
         kind: str = "multiclass",
         threshold: float = 0.5,
     ) -> Tensor:
-        """Region weights ``[B, K, H, W]`` (0/1) for the given logits ``[B, K, H, W]``."""
+        """Region weights ``[B, K, *S]`` (0/1) for the given logits ``[B, K, *S]``."""
 
     def __call__(
         self,
@@ -184,9 +195,9 @@ class RegionTarget(Target):
         kind: str = "multiclass",
         threshold: float = 0.5,
     ) -> TargetOutput:
-        _check_logits(logits)
+        FC.spatial_dims_of(logits)
         region = self.region(logits, masks, kind=kind, threshold=threshold).to(logits.dtype)
-        scores = (logits * region).sum(dim=(-2, -1))
+        scores = _spatial_sum(logits * region)
         present = region.flatten(2).ne(0).any(dim=-1)
         return TargetOutput(scores, present)
 
@@ -202,7 +213,7 @@ class RegionTarget(Target):
         region = region.to(logits.dtype).detach()
 
         def score(out: Tensor, source: Tensor) -> Tensor:
-            return (out * region[source]).sum(dim=(-2, -1))
+            return _spatial_sum(out * region[source])
 
         return score
 
@@ -226,14 +237,15 @@ class LogitRegion(RegionTarget):
     ) -> Tensor:
         k = logits.shape[1]
         predicted = FC.predicted_masks(logits.detach(), kind, threshold)
-        return FC.class_regions(predicted, range(k), k, kind)
+        return FC.class_regions(predicted, range(k), k, kind, spatial_dims=logits.ndim - 2)
 
 
 class GTRegion(RegionTarget):
     """Class logits summed over the ground-truth pixels of that class.
 
     ``masks`` is either integer labels ``[B, H, W]`` or per-class masks ``[B, K, H, W]`` (bool or
-    0/1, multi-hot for multilabel), at the input's or the logits' resolution; regions come from
+    0/1, multi-hot for multilabel; a volume's ``[B, D, H, W]`` or ``[B, K, D, H, W]``), at the
+    input's or the logits' resolution; regions come from
     :func:`~segcam_lightning.cam.functional.class_regions`, nearest-resized to the logits. With
     labels, channel ``k``'s region is ``labels == k`` (binary: the foreground ``labels == 1``);
     other values, e.g. an ignore index, belong to no class.
@@ -250,31 +262,43 @@ class GTRegion(RegionTarget):
         kind: str = "multiclass",
         threshold: float = 0.5,
     ) -> Tensor:
-        b, k, h, w = logits.shape
+        b, k, *size = logits.shape
+        n = len(size)
+        labels, per_class = (
+            FC.shape_label("B", spatial_dims=n),
+            FC.shape_label("B", "K", spatial_dims=n),
+        )
         if masks is None:
             raise ValueError(
                 "Target 'gt_region' needs ground-truth masks: call the engine as "
-                "`engine(images, masks=masks)` with integer labels [B, H, W] or per-class masks "
-                "[B, K, H, W], but got masks=None."
+                f"`engine(images, masks=masks)` with integer labels {labels} or per-class masks "
+                f"{per_class}, but got masks=None."
             )
         if isinstance(masks, Tensor) and masks.shape[:1] != (b,):
             raise ValueError(
-                f"Expected `masks` for a batch of {b} images ([B, H, W] or [B, K, H, W] with "
+                f"Expected `masks` for a batch of {b} images ({labels} or {per_class} with "
                 f"B = {b}), but got {list(masks.shape)}."
             )
-        return FC.class_regions(masks, range(k), k, kind, size=(h, w)).to(logits.device)
+        return FC.class_regions(masks, range(k), k, kind, size=size).to(logits.device)
 
 
 class _WindowTarget(RegionTarget):
     """A fixed window of the logits' grid, the same for every image, class and output kind.
 
     Coordinates are on the logits' grid, which is smaller than the input's for a model that
-    predicts at reduced resolution. Subclasses define :meth:`_window`.
+    predicts at reduced resolution. A window with a depth range fits volumes ``[B, K, D, H, W]``,
+    one without fits images ``[B, K, H, W]``. Subclasses define :attr:`_has_depth` and
+    :meth:`_window`.
     """
 
+    #: Whether the window has a depth coordinate (fits volumes) or not (fits images).
+    _has_depth: bool = False
+    #: The arguments that place the window in depth, for messages.
+    _depth_args: str = ""
+
     @abstractmethod
-    def _window(self, height: int, width: int) -> tuple[slice, slice]:
-        """Rows and columns of the window on an ``height × width`` grid; raises outside it."""
+    def _window(self, shape: tuple[int, ...]) -> tuple[slice, ...]:
+        """One slice per spatial dimension of a grid of ``shape``; raises outside it."""
 
     def region(
         self,
@@ -284,71 +308,120 @@ class _WindowTarget(RegionTarget):
         kind: str = "multiclass",
         threshold: float = 0.5,
     ) -> Tensor:
-        rows, cols = self._window(*logits.shape[-2:])
+        shape = tuple(logits.shape[2:])
+        grid = FC.grid_label(shape)
+        if len(shape) == 3 and not self._has_depth:
+            raise ValueError(
+                f"{self!r} places a window on an image, but the logits are a {grid} volume; "
+                f"pass {self._depth_args} to place it in depth too."
+            )
+        if len(shape) == 2 and self._has_depth:
+            raise ValueError(
+                f"{self!r} has a depth coordinate, but the logits are a {grid} image; drop "
+                f"{self._depth_args}."
+            )
         region = torch.zeros_like(logits, dtype=torch.bool)
-        region[..., rows, cols] = True
+        region[(..., *self._window(shape))] = True
         return region
 
 
 class PixelTarget(_WindowTarget):
-    """The class logit at one pixel ``(row, col)`` of the logits, for every image.
+    """The class logit at one pixel ``(row, col)`` (voxel ``(depth, row, col)``) of the logits,
+    for every image.
 
     Args:
         row: pixel row in ``[0, H)`` of the logits.
         col: pixel column in ``[0, W)`` of the logits.
+        depth: slice in ``[0, D)`` of a volume's logits; ``None`` (default) for images.
     """
 
     name = "pixel"
+    _depth_args = "`depth=`"
 
-    def __init__(self, row: int, col: int) -> None:
-        _check_coordinates({"row": row, "col": col})
-        self.row, self.col = row, col
+    def __init__(self, row: int, col: int, depth: int | None = None) -> None:
+        _check_coordinates({"row": row, "col": col, **_given(depth=depth)})
+        self.row, self.col, self.depth = row, col, depth
+        self._has_depth = depth is not None
 
-    def _window(self, height: int, width: int) -> tuple[slice, slice]:
-        if self.row >= height or self.col >= width:
+    def _window(self, shape: tuple[int, ...]) -> tuple[slice, ...]:
+        height, width = shape[-2:]
+        outside = self.row >= height or self.col >= width
+        pick = f"row < {height} and col < {width}"
+        if self.depth is not None:
+            outside = outside or self.depth >= shape[0]
+            pick = f"depth < {shape[0]}, {pick}"
+        if outside:
             raise ValueError(
-                f"{self!r} lies outside the logits' {height}×{width} grid; pick row < {height} "
-                f"and col < {width}."
+                f"{self!r} lies outside the logits' {FC.grid_label(shape)} grid; pick {pick}."
             )
-        return slice(self.row, self.row + 1), slice(self.col, self.col + 1)
+        window = (slice(self.row, self.row + 1), slice(self.col, self.col + 1))
+        return window if self.depth is None else (slice(self.depth, self.depth + 1), *window)
 
     def __repr__(self) -> str:
-        return f"PixelTarget(row={self.row}, col={self.col})"
+        depth = "" if self.depth is None else f", depth={self.depth}"
+        return f"PixelTarget(row={self.row}, col={self.col}{depth})"
 
 
 class BoxTarget(_WindowTarget):
     """The class logit summed over a box ``[top, bottom) × [left, right)`` of the logits, for
-    every image.
+    every image (volumes: ``[front, back) × [top, bottom) × [left, right)``).
 
     Args:
         top: first row.
         left: first column.
         bottom: row after the last (exclusive).
         right: column after the last (exclusive).
+        front: first slice of a volume; ``None`` (default) for images.
+        back: slice after the last (exclusive), given with ``front``.
     """
 
     name = "box"
+    _depth_args = "`front=` and `back=`"
 
-    def __init__(self, top: int, left: int, bottom: int, right: int) -> None:
-        _check_coordinates({"top": top, "left": left, "bottom": bottom, "right": right})
+    def __init__(
+        self,
+        top: int,
+        left: int,
+        bottom: int,
+        right: int,
+        front: int | None = None,
+        back: int | None = None,
+    ) -> None:
+        depth = _given(front=front, back=back)
+        _check_coordinates({"top": top, "left": left, "bottom": bottom, "right": right, **depth})
         if bottom <= top or right <= left:
             raise ValueError(
                 "Expected a non-empty box with top < bottom and left < right (bottom/right "
                 f"exclusive), but got top={top}, left={left}, bottom={bottom}, right={right}."
             )
-        self.top, self.left, self.bottom, self.right = top, left, bottom, right
-
-    def _window(self, height: int, width: int) -> tuple[slice, slice]:
-        if self.bottom > height or self.right > width:
+        if len(depth) == 1 or (depth and back <= front):  # type: ignore[operator]
             raise ValueError(
-                f"{self!r} extends outside the logits' {height}×{width} grid; pick bottom <= "
-                f"{height} and right <= {width}."
+                "Expected `front` and `back` both None (an image) or both given with "
+                f"front < back (back exclusive), but got front={front}, back={back}."
             )
-        return slice(self.top, self.bottom), slice(self.left, self.right)
+        self.top, self.left, self.bottom, self.right = top, left, bottom, right
+        self.front, self.back = front, back
+        self._has_depth = bool(depth)
+
+    def _window(self, shape: tuple[int, ...]) -> tuple[slice, ...]:
+        height, width = shape[-2:]
+        outside = self.bottom > height or self.right > width
+        pick = f"bottom <= {height} and right <= {width}"
+        if self.back is not None:
+            outside = outside or self.back > shape[0]
+            pick = f"back <= {shape[0]}, {pick}"
+        if outside:
+            raise ValueError(
+                f"{self!r} extends outside the logits' {FC.grid_label(shape)} grid; pick {pick}."
+            )
+        window = (slice(self.top, self.bottom), slice(self.left, self.right))
+        return window if self.front is None else (slice(self.front, self.back), *window)
 
     def __repr__(self) -> str:
+        depth = "" if self.front is None else f", front={self.front}, back={self.back}"
         return (
-            f"BoxTarget(top={self.top}, left={self.left}, bottom={self.bottom}, right={self.right})"
+            f"BoxTarget(top={self.top}, left={self.left}, bottom={self.bottom}, "
+            f"right={self.right}{depth})"
         )
 
 
@@ -438,7 +511,6 @@ def _check_coordinates(values: dict[str, Any]) -> None:
             raise ValueError(f"Expected `{arg}` to be a non-negative int, but got {value!r}.")
 
 
-def _check_logits(logits: Tensor) -> None:
-    if not isinstance(logits, Tensor) or logits.ndim != 4:
-        got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ValueError(f"Expected logits of shape [B, K, H, W], but got {got}.")
+def _given(**values: Any) -> dict[str, Any]:
+    """The keyword arguments that are not ``None``."""
+    return {arg: value for arg, value in values.items() if value is not None}
