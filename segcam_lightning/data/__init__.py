@@ -10,16 +10,19 @@ from segcam_lightning.data.synthetic import (
     SyntheticSegmentation,
     write_synthetic_dataset,
 )
+from segcam_lightning.data.synthetic3d import SYNTHETIC3D_CLASS_NAMES, SyntheticVolumes
 from segcam_lightning.data.transforms import RandomFlip
 
 __all__ = [
     "SEED_COLORMAP",
+    "SYNTHETIC3D_CLASS_NAMES",
     "SYNTHETIC_CLASS_NAMES",
     "BatchAdapter",
     "FolderSegmentation",
     "RandomFlip",
     "SegmentationDataModule",
     "SyntheticSegmentation",
+    "SyntheticVolumes",
     "color_to_mask",
     "mask_to_color",
     "pair_files",

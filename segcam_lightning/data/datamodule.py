@@ -1,4 +1,5 @@
-"""SegmentationDataModule: the embedded synthetic data or a seed-format folder, one interface."""
+"""SegmentationDataModule: the embedded synthetic data (images or volumes) or a seed-format
+folder, one interface."""
 
 from __future__ import annotations
 
@@ -16,18 +17,24 @@ from segcam_lightning.data.synthetic import (
     SYNTHETIC_CLASS_NAMES,
     SyntheticSegmentation,
 )
+from segcam_lightning.data.synthetic3d import SYNTHETIC3D_CLASS_NAMES, SyntheticVolumes
 from segcam_lightning.data.transforms import RandomFlip
 
 SYNTHETIC = "synthetic"
+SYNTHETIC3D = "synthetic3d"
 
 
 class SegmentationDataModule(L.LightningDataModule):
     """Train/val/test/predict loaders over synthetic data or a folder of images and masks.
 
     Args:
-        data: ``"synthetic"`` for the embedded generated dataset, or a folder with ``images/``
-            and ``masks/`` (the seed's format, masks coloured by ``colormap``).
-        image_size: square side images and masks are generated at or resized to.
+        data: ``"synthetic"`` for the embedded generated dataset, ``"synthetic3d"`` for its 3-D
+            counterpart (one-channel volumes ``[1, D, H, W]`` of tubes and blobs, masks
+            ``[D, H, W]``; train it with ``model.dims: 3`` and ``model.in_channels: 1``), or a
+            folder with ``images/`` and ``masks/`` (the seed's format, masks coloured by
+            ``colormap``).
+        image_size: square side images and masks are generated at or resized to; the cube's
+            side for ``"synthetic3d"`` (32 to 64, a multiple of 16 for the U-Net).
         batch_size: batch size of every loader.
         num_workers: DataLoader worker processes.
         augment: random flips and 90° rotations of training samples (image and mask alike).
@@ -38,7 +45,7 @@ class SegmentationDataModule(L.LightningDataModule):
         colormap: one ``[b, g, r]`` per class, in cv2's BGR order, matched exactly against the
             mask pixels. Default: the seed's ``[[0,0,0],[0,0,128],[0,128,0]]``.
         class_names: one name per class; default ``class_0..`` (synthetic: soil, narrow_leaf,
-            round_leaf).
+            round_leaf; synthetic3d: background, tube, blob).
         val_fraction: share of a folder used for validation.
         test_fraction: share of a folder used for testing.
         split_seed: seed of the folder split; with the defaults (0.2, 0.2, 42) the split is the
@@ -72,22 +79,24 @@ class SegmentationDataModule(L.LightningDataModule):
             raise ValueError(
                 f"Expected `batch_size` to be a positive integer, but got {batch_size}."
             )
-        self.is_synthetic = data == SYNTHETIC
+        self.is_volumes = data == SYNTHETIC3D
+        self.is_synthetic = data == SYNTHETIC or self.is_volumes
         if not self.is_synthetic and not Path(data).is_dir():
             raise FileNotFoundError(
                 f"Data folder {data!r} does not exist. Pass `--data.data synthetic` for the"
-                " embedded dataset, or a folder with `images/` and `masks/` (write an example with"
-                " `segcam-synthetic --out data/synthetic`)."
+                " embedded dataset (`synthetic3d` for volumes), or a folder with `images/` and"
+                " `masks/` (write an example with `segcam-synthetic --out data/synthetic`)."
             )
+        synthetic_names = SYNTHETIC3D_CLASS_NAMES if self.is_volumes else SYNTHETIC_CLASS_NAMES
         self.colormap = [tuple(int(v) for v in c) for c in (colormap or SEED_COLORMAP)]
-        if self.is_synthetic and len(self.colormap) != len(SYNTHETIC_CLASS_NAMES):
+        if self.is_synthetic and len(self.colormap) != len(synthetic_names):
             raise ValueError(
-                f"The synthetic data has {len(SYNTHETIC_CLASS_NAMES)} classes, but `colormap` has"
+                f"The {data} data has {len(synthetic_names)} classes, but `colormap` has"
                 f" {len(self.colormap)} entries."
             )
         if class_names is None:
             class_names = (
-                SYNTHETIC_CLASS_NAMES
+                synthetic_names
                 if self.is_synthetic
                 else [f"class_{i}" for i in range(len(self.colormap))]
             )
@@ -112,6 +121,22 @@ class SegmentationDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         train_tf = RandomFlip() if hp.augment else None
+        if self.is_volumes:
+            # RandomFlip flips and rotates the last two axes (H, W) of a volume and its mask.
+            self.datasets = {
+                split: SyntheticVolumes(
+                    count,
+                    hp.image_size,
+                    hp.seed + SPLIT_OFFSETS[split],
+                    train_tf if split == "train" else None,
+                )
+                for split, count in (
+                    ("train", hp.num_train),
+                    ("val", hp.num_val),
+                    ("test", hp.num_test),
+                )
+            }
+            return
         if self.is_synthetic:
             self.datasets = {
                 "train": SyntheticSegmentation(
