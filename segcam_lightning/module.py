@@ -1,4 +1,5 @@
-"""SegmentationModule: a LightningModule around the U-Net (or any ``[B, K, H, W]`` network)."""
+"""SegmentationModule: a LightningModule around the U-Net (or any ``[B, K, H, W]`` network),
+for images or, with ``dims=3``, volumes ``[B, C, D, H, W]``."""
 
 from __future__ import annotations
 
@@ -27,10 +28,14 @@ class SegmentationModule(L.LightningModule):
     that prefix (``net.d4.conv.conv.5``). Hyperparameters are saved as plain values, so a
     checkpoint reloads with ``SegmentationModule.load_from_checkpoint(path, weights_only=True)``.
 
+    Volumes train the same way: with ``dims=3`` the U-Net is 3-D, batches hold images
+    ``[B, C, D, H, W]`` and masks ``[B, D, H, W]``, and loss and metrics count every voxel.
+
     Args:
         num_classes: number of classes ``K`` (background included).
         base_width: width of the U-Net's first block (64 is the seed's network).
         in_channels: image channels.
+        dims: 2 for images, 3 for volumes (the U-Net's convolutions; ignored with ``net``).
         class_names: names used in logged metric keys; default ``class_0..``.
         lr: learning rate.
         weight_decay: weight decay.
@@ -42,8 +47,9 @@ class SegmentationModule(L.LightningModule):
         dice_weight: weight of the Dice term of the loss.
         ce_weight: weight of the cross-entropy term.
         ignore_index: mask value excluded from loss and metrics (e.g. 255), or ``None``.
-        net: any module mapping ``[B, C, H, W]`` to logits ``[B, K, H, W]``; replaces the
-            U-Net. It is not saved as a hyperparameter: pass it again to ``load_from_checkpoint``.
+        net: any module mapping ``[B, C, H, W]`` to logits ``[B, K, H, W]`` (or volumes to
+            ``[B, K, D, H, W]``); replaces the U-Net. It is not saved as a hyperparameter:
+            pass it again to ``load_from_checkpoint``.
     """
 
     def __init__(
@@ -51,6 +57,7 @@ class SegmentationModule(L.LightningModule):
         num_classes: int = 3,
         base_width: int = 64,
         in_channels: int = 3,
+        dims: int = 2,
         class_names: Sequence[str] | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
@@ -84,7 +91,9 @@ class SegmentationModule(L.LightningModule):
         class_names = list(class_names) if class_names is not None else None
         self.save_hyperparameters(ignore=["net"])
         self.class_names = class_names or [f"class_{i}" for i in range(num_classes)]
-        self.net = net if net is not None else build_unet(num_classes, base_width, in_channels)
+        self.net = (
+            net if net is not None else build_unet(num_classes, base_width, in_channels, dims)
+        )
         self.loss_fn = DiceCELoss(dice_weight, ce_weight, ignore_index)
         metrics = MetricCollection(
             {
@@ -98,12 +107,25 @@ class SegmentationModule(L.LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, K, H, W]`` for images ``[B, C, H, W]``."""
+        """Logits ``[B, K, H, W]`` for images ``[B, C, H, W]`` (``[B, K, D, H, W]`` for volumes
+        ``[B, C, D, H, W]``)."""
         return self.net(images)
+
+    def _loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The loss of logits ``[B, K, *S]`` against masks ``[B, *S]``, any number of spatial
+        dimensions.
+
+        The Dice + cross-entropy loss takes ``[B, K, H, W]``; both of its terms are sums or
+        means over all pixels, so a volume's ``D, H`` merged into one dimension gives exactly
+        its loss over all voxels.
+        """
+        if logits.ndim > 4:
+            logits, masks = logits.flatten(2, -2), masks.flatten(1, -2)
+        return self.loss_fn(logits, masks)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, masks = split_batch(batch)
-        loss = self.loss_fn(self(images), masks)
+        loss = self._loss(self(images), masks)
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         return loss
 
@@ -116,7 +138,7 @@ class SegmentationModule(L.LightningModule):
     def _evaluate(self, batch: Any, stage: str, metrics: MetricCollection) -> None:
         images, masks = split_batch(batch)
         logits = self(images)
-        loss = self.loss_fn(logits, masks)
+        loss = self._loss(logits, masks)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
         metrics.update(predicted_classes(logits), masks)
 
@@ -145,7 +167,8 @@ class SegmentationModule(L.LightningModule):
         self.log_dict(logs)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        """Predicted class masks ``[B, H, W]``, their softmax confidence and the batch names."""
+        """Predicted class masks ``[B, H, W]`` (``[B, D, H, W]``), their softmax confidence and
+        the batch names."""
         images, _ = split_batch(batch)
         probs = self(images).float().softmax(dim=1)
         confidence, mask = probs.max(dim=1)
