@@ -1,7 +1,86 @@
-"""Package-level promises: the engine imports torch only; the callback is at the top level."""
+"""Package-level promises: the layering of docs/architecture.md, read from the source."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+import segcam_lightning
+
+PACKAGE = Path(segcam_lightning.__file__).resolve().parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def internal_imports() -> dict[str, set[str]]:
+    """Each package module's imports of other package modules: top-level, in functions and
+    under ``if TYPE_CHECKING:`` (a cycle of types is still two modules that need each other)."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        targets = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets.add(node.module)
+                targets.update(f"{node.module}.{alias.name}" for alias in node.names)
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_among_the_package_modules():
+    # A package imports its own submodules from __init__; those edges are not cycles of code.
+    graph = {
+        name: {t for t in targets if not name.startswith(f"{t}.")}
+        for name, targets in internal_imports().items()
+    }
+    assert find_cycle(graph) is None, find_cycle(graph)
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_layering():
+    graph = internal_imports()
+    engine = {n: t for n, t in graph.items() if n.startswith("segcam_lightning.cam")}
+    assert all(t.startswith("segcam_lightning.cam") for targets in engine.values() for t in targets)
+    assert "segcam_lightning.module" not in graph["segcam_lightning.callback"]
+    for low in ("segcam_lightning.metrics", "segcam_lightning.render", "segcam_lightning.paths"):
+        upward = {
+            t
+            for t in graph[low]
+            if t.startswith(("segcam_lightning.callback", "segcam_lightning.audit"))
+        }
+        assert not upward, (low, upward)
 
 
 def test_engine_imports_neither_lightning_nor_cv2():
@@ -13,10 +92,14 @@ def test_engine_imports_neither_lightning_nor_cv2():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_top_level_exports():
+def test_top_level_exports_are_the_package_objects():
     from segcam_lightning import GradCAMCallback, SegmentationDataModule, SegmentationModule
     from segcam_lightning.callback import GradCAMCallback as Callback
+    from segcam_lightning.data.datamodule import SegmentationDataModule as DataModule
+    from segcam_lightning.module import SegmentationModule as Module
 
-    assert GradCAMCallback is Callback
-    assert SegmentationModule.__name__ == "SegmentationModule"
-    assert SegmentationDataModule.__name__ == "SegmentationDataModule"
+    assert (GradCAMCallback, SegmentationDataModule, SegmentationModule) == (
+        Callback,
+        DataModule,
+        Module,
+    )
