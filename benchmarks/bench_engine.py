@@ -22,10 +22,11 @@ Goals checked at the end (K=3): at ``d4`` engine ≤ 1.2× forward and ≥ 8× f
 at every layer ≥ 2.5× faster than kpass; all four layers ≤ 1.2× the earliest layer alone.
 
 ``--scaling`` prints how the cost grows instead: for every K in ``--scaling-classes`` and input
-size in ``--scaling-sizes`` (U-Net width ``--widths[0]``, B = ``--batch``), the engine at ``d4``
-and ``e4`` (``auto`` and ``batched``) and the K-pass baseline at ``d4``, as ratios to one
-forward; on CUDA with the peak memory each allocates beyond one forward. Goal: K = 19 at ``d4``
-≤ 1.5× one forward and ≥ 10× faster than the K-pass baseline.
+size in ``--scaling-sizes`` (U-Net width ``--widths[0]``, B = ``--batch``), then for a 3-D U-Net
+on one-channel volumes of side ``--scaling-volumes`` (K = 3), the engine at ``d4`` and ``e4``
+(``auto`` and ``batched``) and the K-pass baseline at ``d4``, as ratios to one forward; on CUDA
+with the peak memory each allocates beyond one forward. Goals: K = 19 at ``d4`` ≤ 1.5× one
+forward and ≥ 10× faster than the K-pass baseline; 3-D at ``d4`` ≤ 1.3× one forward.
 
 Usage::
 
@@ -37,6 +38,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -110,18 +112,23 @@ def capture(modules: list[nn.Module]):
             h.remove()
 
 
-def cam_on_cpu(acts: list[torch.Tensor], grads: dict[int, torch.Tensor], size: int) -> list:
-    """pytorch-grad-cam's maths: numpy on CPU, per-image min-max with +1e-7, resize."""
+def cam_on_cpu(
+    acts: list[torch.Tensor], grads: dict[int, torch.Tensor], size: tuple[int, ...]
+) -> list:
+    """pytorch-grad-cam's maths: numpy on CPU, per-image min-max with +1e-7, resize (2-D or 3-D)."""
     out = []
     for i, a in enumerate(acts):
         a_np, g_np = a.cpu().float().numpy(), grads[i].cpu().float().numpy()
-        w = g_np.mean(axis=(2, 3))
-        cam = (w[:, :, None, None] * a_np).sum(axis=1)
+        spatial = tuple(range(2, a_np.ndim))
+        w = g_np.mean(axis=spatial)
+        cam = (w.reshape(*w.shape, *(1,) * len(spatial)) * a_np).sum(axis=1)
         cam = cam.clip(min=0)
-        cam = cam - cam.min(axis=(1, 2), keepdims=True)
-        cam = cam / (1e-7 + cam.max(axis=(1, 2), keepdims=True))
-        # pytorch-grad-cam resizes with cv2; bilinear torch on CPU is the stand-in here.
-        out.append(F.interpolate(torch.from_numpy(cam)[:, None], (size, size), mode="bilinear"))
+        per_image = tuple(range(1, cam.ndim))
+        cam = cam - cam.min(axis=per_image, keepdims=True)
+        cam = cam / (1e-7 + cam.max(axis=per_image, keepdims=True))
+        # pytorch-grad-cam resizes with cv2; torch's interpolation on the CPU stands in here.
+        mode = "bilinear" if len(size) == 2 else "trilinear"
+        out.append(F.interpolate(torch.from_numpy(cam)[:, None], size, mode=mode))
     return out
 
 
@@ -130,9 +137,9 @@ def kpass_baseline(model: nn.Module, x: torch.Tensor, modules: list[nn.Module], 
         with capture(modules) as (acts, grads):
             model.zero_grad()
             out = model(x)
-            loss = out.softmax(dim=1)[:, c].mean(dim=(1, 2)).sum()
+            loss = out.softmax(dim=1)[:, c].flatten(1).mean(dim=1).sum()
             loss.backward()
-        cam_on_cpu(acts, grads, x.shape[-1])
+        cam_on_cpu(acts, grads, tuple(x.shape[2:]))
 
 
 def seed_loop(model: nn.Module, x: torch.Tensor, modules: list[nn.Module], k: int) -> None:
@@ -306,59 +313,55 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def bench_scaling(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """Engine and K-pass cost over one forward as the class count and the input grow."""
-    width = args.widths[0]
+    """Engine and K-pass cost over one forward as the class count and the input grow, then a
+    3-D U-Net on one-channel volumes."""
+    cases = [(size, k) for size in args.scaling_sizes for k in args.scaling_classes]
+    cases += [((side,) * 3, 3) for side in args.scaling_volumes]
     rows = []
-    for size in args.scaling_sizes:
-        for k in args.scaling_classes:
-            torch.manual_seed(0)
-            model = UNet(num_classes=k, base_width=width).to(device).eval()
-            x = torch.rand(args.batch, 3, *size, device=device)
-
-            def forward(model: nn.Module = model, x: torch.Tensor = x) -> None:
-                with torch.no_grad():
-                    model(x)
-
-            mem_fwd = peak_extra_mb(forward, device)
-            t_fwd = median_time(forward, args.repeats, device)
-            row: dict[str, object] = {"size": size, "k": k, "forward_s": t_fwd}
-            for name, layer in (("d4", "d4.conv.conv.5"), ("e4", "e4.conv.conv.5")):
-                for mode in ("auto", "batched"):
-                    engine = CAMEngine(model, [layer], "gradcam", grad_mode=mode)
-                    row[f"{name}_{mode}"] = (
-                        median_time(lambda e=engine, x=x: e(x), args.repeats, device) / t_fwd
-                    )
-            module = [find_layer(model, "d4.conv.conv.5")]
-            # The baseline costs K forward + backward passes: one timed run after the engine's
-            # warm-up is enough where it takes minutes.
-            kpass_repeats = args.repeats if k * size[0] * size[1] <= 8 * 256 * 256 else 1
-            row["kpass"] = (
-                median_time(
-                    lambda m=model, x=x, module=module, k=k: kpass_baseline(m, x, module, k),
-                    kpass_repeats,
-                    device,
-                    warmup=kpass_repeats > 1,
-                )
-                / t_fwd
-            )
-            if device.type == "cuda":
-                engine = CAMEngine(model, ["d4.conv.conv.5"], "gradcam")
-                row["mem"] = (
-                    mem_fwd,
-                    peak_extra_mb(lambda e=engine, x=x: e(x), device),
-                    peak_extra_mb(
-                        lambda m=model, x=x, mod=module, k=k: kpass_baseline(m, x, mod, k), device
-                    ),
-                )
-            model.zero_grad(set_to_none=True)
-            rows.append(row)
-            print(
-                f"  measured {size[0]}x{size[1]} K={k}: forward {t_fwd * 1e3:.0f} ms",
-                flush=True,
-            )
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    for size, k in cases:
+        rows.append(scaling_row(args, device, size, k))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
+
+
+def scaling_row(
+    args: argparse.Namespace, device: torch.device, size: tuple[int, ...], k: int
+) -> dict[str, object]:
+    """One row of the scaling table: a U-Net of ``len(size)`` spatial dims and K classes."""
+    torch.manual_seed(0)
+    dims, channels = len(size), (3 if len(size) == 2 else 1)
+    model = UNet(k, base_width=args.widths[0], in_channels=channels, dims=dims).to(device).eval()
+    x = torch.rand(args.batch, channels, *size, device=device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    def kpass() -> None:
+        kpass_baseline(model, x, [find_layer(model, "d4.conv.conv.5")], k)
+
+    mem_fwd = peak_extra_mb(forward, device)
+    t_fwd = median_time(forward, args.repeats, device)
+    row: dict[str, object] = {"size": size, "k": k, "forward_s": t_fwd}
+    for name, layer in (("d4", "d4.conv.conv.5"), ("e4", "e4.conv.conv.5")):
+        for mode in ("auto", "batched"):
+            engine = CAMEngine(model, [layer], "gradcam", grad_mode=mode)
+            row[f"{name}_{mode}"] = median_time(lambda e=engine: e(x), args.repeats, device) / t_fwd
+    # The baseline costs K forward + backward passes: one timed run after the engine's warm-up
+    # is enough where it takes minutes.
+    kpass_repeats = args.repeats if k * math.prod(size) <= 8 * 256 * 256 else 1
+    row["kpass"] = median_time(kpass, kpass_repeats, device, warmup=kpass_repeats > 1) / t_fwd
+    if device.type == "cuda":
+        engine = CAMEngine(model, ["d4.conv.conv.5"], "gradcam")
+        row["mem"] = (
+            mem_fwd,
+            peak_extra_mb(lambda: engine(x), device),
+            peak_extra_mb(kpass, device),
+        )
+    model.zero_grad(set_to_none=True)
+    print(f"  measured {_size(size)} K={k}: forward {t_fwd * 1e3:.0f} ms", flush=True)
+    return row
 
 
 def print_scaling(rows: list[dict], device: torch.device) -> None:
@@ -371,9 +374,8 @@ def print_scaling(rows: list[dict], device: torch.device) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        h, w = r["size"]
         line = (
-            f"{f'{h}x{w}':>9} {r['k']:>3} {r['forward_s'] * 1e3:8.0f} | {r['d4_auto']:5.2f} "
+            f"{_size(r['size']):>9} {r['k']:>3} {r['forward_s'] * 1e3:8.0f} | {r['d4_auto']:5.2f} "
             f"{r['d4_batched']:6.2f} {r['e4_auto']:5.2f} {r['e4_batched']:6.2f} "
             f"{r['kpass']:6.2f} | {r['kpass'] / r['d4_auto']:7.1f}"
         )
@@ -383,14 +385,25 @@ def print_scaling(rows: list[dict], device: torch.device) -> None:
         print(line)
     print("(engine and kpass times are ratios to one no-grad forward of the same batch;")
     print(" 'bat' = grad_mode='batched'; 'x kpass' = speed-up of the engine at d4)")
-    worst = [r for r in rows if r["k"] == max(r2["k"] for r2 in rows)]
-    for r in worst:
-        h, w = r["size"]
-        ok = r["d4_auto"] <= 1.5 and r["kpass"] / r["d4_auto"] >= 10
-        print(
-            f"  {'PASS' if ok else 'FAIL'}  K={r['k']} {h}x{w}: d4 {r['d4_auto']:.2f}x forward "
-            f"<= 1.5 and {r['kpass'] / r['d4_auto']:.1f}x faster than kpass >= 10"
-        )
+    most = max(r["k"] for r in rows)
+    for r in rows:
+        if len(r["size"]) == 2 and r["k"] == most:
+            ok = r["d4_auto"] <= 1.5 and r["kpass"] / r["d4_auto"] >= 10
+            print(
+                f"  {'PASS' if ok else 'FAIL'}  K={r['k']} {_size(r['size'])}: d4 "
+                f"{r['d4_auto']:.2f}x forward <= 1.5 and {r['kpass'] / r['d4_auto']:.1f}x faster "
+                "than kpass >= 10"
+            )
+        elif len(r["size"]) == 3:
+            ok = r["d4_auto"] <= 1.3
+            print(
+                f"  {'PASS' if ok else 'FAIL'}  3-D K={r['k']} {_size(r['size'])}: d4 "
+                f"{r['d4_auto']:.2f}x forward <= 1.3"
+            )
+
+
+def _size(size: tuple[int, ...]) -> str:
+    return "x".join(str(s) for s in size)
 
 
 def fmt(value: float, width: int) -> str:
@@ -473,6 +486,14 @@ def main() -> None:
     )
     parser.add_argument("--scaling-classes", type=int, nargs="+", default=[3, 8, 19])
     parser.add_argument(
+        "--scaling-volumes",
+        type=int,
+        nargs="*",
+        default=[64],
+        metavar="SIDE",
+        help="cube sides of the 3-D rows (one-channel volumes, K=3); none to skip",
+    )
+    parser.add_argument(
         "--scaling-sizes",
         type=parse_size,
         nargs="+",
@@ -483,6 +504,7 @@ def main() -> None:
     if args.quick:
         args.widths, args.batch, args.size, args.repeats = [4], 2, 64, 2
         args.scaling_sizes, args.scaling_classes = [(64, 64), (64, 128)], [3, 8]
+        args.scaling_volumes = [16]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
