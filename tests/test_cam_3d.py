@@ -259,6 +259,15 @@ def test_every_method_gives_finite_normalised_volume_maps(method: str) -> None:
     assert result.layer(D4).shape == (2, 3, SIZE, SIZE, SIZE)
 
 
+@pytest.mark.parametrize("method", ["gradcam", "layercam"])
+def test_batched_gradients_equal_the_loop(net: UNet, volumes: torch.Tensor, method: str) -> None:
+    """All classes' gradients in one ``is_grads_batched`` call, per-channel and per-element
+    weights: the same maps as one backward pass per class (float64: rounding only)."""
+    loop = CAMEngine(net, [E4, D4], method=method, normalize="none", grad_mode="loop")
+    batched = CAMEngine(net, [E4, D4], method=method, normalize="none", grad_mode="batched")
+    assert_maps_close(batched(volumes, classes=[2, 0]).cams, loop(volumes, classes=[2, 0]).cams)
+
+
 def test_eigencam_is_the_first_principal_component_of_the_voxels() -> None:
     a = torch.rand(2, 5, 3, 4, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     a[:, :2] += torch.linspace(0, 2, 72, dtype=torch.float64).reshape(3, 4, 6)
