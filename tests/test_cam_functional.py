@@ -102,7 +102,8 @@ def test_minmax_is_scale_invariant(gen: torch.Generator, factor: float) -> None:
 
 
 def test_minmax_seed_eps_is_not_scale_invariant(gen: torch.Generator) -> None:
-    """Why the seed's ``(m - min) / (max - min + 1e-8)`` was replaced (DESIGN.md §9)."""
+    """Why the seed's ``(m - min) / (max - min + 1e-8)`` is not used (docs/architecture.md,
+    fact 9: raw maps of ~1e-6 would be visibly shrunk by the eps)."""
     maps = torch.rand(8, 8, generator=gen) * 1e-6
     seed = (maps - maps.min()) / (maps.max() - maps.min() + 1e-8)
     assert seed.max() < 0.999

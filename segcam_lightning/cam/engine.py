@@ -1,6 +1,6 @@
 """The CAM engine: every class of every image from one forward pass, without side effects.
 
-How a call works (see DESIGN.md, "Facts the engine must respect"):
+How a call works (docs/architecture.md explains the facts behind each step):
 
 1. Every module goes to eval mode (each module's own flag is restored afterwards), RNG states
    are forked, compiled code runs eagerly (``torch.compiler.set_stance("force_eager")``) and an
@@ -48,7 +48,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
-from types import TracebackType
 from typing import Any, Literal
 
 import torch
@@ -207,8 +206,8 @@ class CAMEngine:
         TypeError, ValueError: for invalid arguments; messages say what was expected.
 
     Example:
-        >>> with CAMEngine(net, ["e4.conv.conv.5", "d4.conv.conv.5"], method="layercam") as eng:
-        ...     result = eng(images, classes=[1, 2])  # doctest: +SKIP
+        >>> engine = CAMEngine(net, ["e4.conv.conv.5", "d4.conv.conv.5"], method="layercam")
+        >>> result = engine(images, classes=[1, 2])  # doctest: +SKIP
     """
 
     def __init__(
@@ -264,18 +263,6 @@ class CAMEngine:
                 f"Expected `grad_mode` to be one of {GRAD_MODES}, but got {grad_mode!r}."
             )
         self.grad_mode: GradMode = grad_mode
-
-    def __enter__(self) -> CAMEngine:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        # Nothing to release: hooks only live during a call. Exceptions propagate.
-        return None
 
     def __repr__(self) -> str:
         return (
@@ -634,9 +621,8 @@ class _GradientFlow:
     A class's maps are blank (all zero) when its score's gradient is exactly zero at every
     hooked layer: a constant score (a softmax over one channel, a target that ignores the
     logits) or a saturated one (probabilities rounded to exactly 0 or 1). Nothing in the maps
-    says why, so :meth:`warn_if_blank` does. The check reads every gradient once: measured at
-    0.98-1.05x the call time without it (U-Net width 16, B=4, 128², four layers, CPU, one
-    thread, median of 7, three rounds).
+    says why, so :meth:`warn_if_blank` does. The check reads every gradient once, which costs
+    nothing measurable next to the call (benchmarks/RESULTS.md, "Implementation notes").
     """
 
     def __init__(self, batch_size: int, num_classes: int, device: torch.device) -> None:
@@ -677,8 +663,8 @@ class _GradientFlow:
 
 
 def _nonzero(values: Tensor) -> Tensor:
-    """Whether any entry of the last dimension is non-zero (NaN counts): ``abs().amax()``, five
-    times faster than ``ne(0).any()`` on the CPU (0.28 vs 2.9 ms for 1 M float32, one thread)."""
+    """Whether any entry of the last dimension is non-zero (NaN counts): ``abs().amax()``, which
+    is several times faster than ``ne(0).any()`` on the CPU."""
     return values.abs().amax(dim=-1).ne(0)
 
 

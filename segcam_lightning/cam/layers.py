@@ -159,7 +159,8 @@ def preserve_rng(device: torch.device) -> Iterator[None]:
 
 @contextmanager
 def force_eager() -> Iterator[None]:
-    """Run compiled code eagerly (DESIGN.md §8); a no-op on torch without ``set_stance``."""
+    """Run compiled code eagerly (docs/architecture.md, fact 8: ``autograd.grad`` with respect
+    to a captured activation fails in compiled code); a no-op on torch without ``set_stance``."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     if set_stance is None:
         yield
