@@ -264,6 +264,7 @@ def cam_grid(
     gap: int = 4,
     legend: Sequence[str] | None = None,
     notes: Sequence[Sequence[str]] | None = None,
+    row_notes: Sequence[str] | None = None,
 ) -> np.ndarray:
     """One labelled grid: a row per image, columns input | ground truth | prediction | one overlay
     per class, a title row naming the columns and a footer with the class colours and the CAM
@@ -283,6 +284,8 @@ def cam_grid(
         notes: per image, one short text per overlay column written on the tile (e.g.
             ``"absent"`` where the class is neither in the ground truth nor predicted, whose
             min-max normalised map shows noise at full range); ``""`` for none.
+        row_notes: per image, a short text written on its input tile (e.g. the view and slice
+            of a volume); ``""`` for none.
 
     Returns:
         RGB uint8 ``[rows, cols, 3]``.
@@ -303,7 +306,10 @@ def cam_grid(
     rows = [hstack_with_separators([_title_bar(t, width, bar_height) for t in titles], gap)]
     for b in range(images.shape[0]):
         image = to_uint8_image(images[b])
-        tiles = [image]
+        shown = image.copy() if row_notes is not None and row_notes[b] else image
+        if shown is not image:
+            _note(shown, row_notes[b], bar_height)  # type: ignore[index]
+        tiles = [shown]
         if masks is not None:
             tiles.append(colorize_mask(masks[b], colormap))
         if preds is not None:
@@ -372,13 +378,118 @@ def _footer(
         x += size + 3 + tw + 8
     (zw, th), _ = cv2.getTextSize("0", font, scale, 1)
     (ow, _), _ = cv2.getTextSize("1", font, scale, 1)
-    bar_width = max(tile_width - zw - ow - 8, 8)
+    left = bar_left + zw + 4
+    bar_width = min(tile_width - zw - ow - 8, total_width - left - ow - 3)
+    if bar_width < 8:
+        return footer  # tiles too narrow for a readable colour bar
     ramp = np.linspace(0.0, 1.0, bar_width, dtype=np.float32)[None].repeat(max(height // 2, 4), 0)
     bar = colorize_cam(ramp, cam_colormap)
     top = (height - bar.shape[0]) // 2
-    left = bar_left + zw + 4
-    footer[top : top + bar.shape[0], left : left + bar.shape[1]] = bar[:, : total_width - left]
+    footer[top : top + bar.shape[0], left : left + bar_width] = bar
     baseline = (height + th) // 2
     cv2.putText(footer, "0", (bar_left + 1, baseline), font, scale, black, 1, cv2.LINE_AA)
     cv2.putText(footer, "1", (left + bar_width + 3, baseline), font, scale, black, 1, cv2.LINE_AA)
     return footer
+
+
+#: The three orthogonal views of a volume ``[D, H, W]``, in :func:`volume_slices`' order.
+VIEWS = ("axial", "coronal", "sagittal")
+
+
+def peak_voxel(cam: torch.Tensor) -> tuple[int, int, int]:
+    """``(d, h, w)`` of a map's maximum ``[D, H, W]`` (the first one; the centre for a map that
+    is zero everywhere, which has no peak to point at)."""
+    if cam.ndim != 3:
+        raise ValueError(f"Expected a map [D, H, W], but got shape {list(cam.shape)}.")
+    if not bool((cam > 0).any()):
+        return tuple(n // 2 for n in cam.shape)  # type: ignore[return-value]
+    flat = int(cam.reshape(-1).argmax())
+    depth, rest = divmod(flat, cam.shape[1] * cam.shape[2])
+    return depth, *divmod(rest, cam.shape[2])  # type: ignore[return-value]
+
+
+def volume_slices(
+    volume: torch.Tensor,
+    index: Sequence[int],
+    size: tuple[int, int],
+    labels: bool = False,
+) -> torch.Tensor:
+    """The axial, coronal and sagittal slices of ``volume`` ``[..., D, H, W]`` through
+    ``index`` ``(d, h, w)``, each resized to ``size``: ``[3, ..., *size]``.
+
+    Axial slices are ``[H, W]`` at depth ``d``, coronal ``[D, W]`` at row ``h``, sagittal
+    ``[D, H]`` at column ``w``; a slice's rows follow its first remaining axis. Labels are
+    resized by nearest neighbour (never blended), images and maps bilinearly.
+    """
+    d, h, w = (int(i) for i in index)
+    views = [volume[..., d, :, :], volume[..., :, h, :], volume[..., :, :, w]]
+    out = []
+    for view in views:
+        if tuple(view.shape[-2:]) != tuple(size):
+            lead = view.shape[:-2]
+            flat = view.reshape(-1, 1, *view.shape[-2:]).float()
+            mode = "nearest-exact" if labels else "bilinear"
+            options = {} if labels else {"align_corners": False}
+            flat = torch.nn.functional.interpolate(flat, size=size, mode=mode, **options)
+            view = flat.reshape(*lead, *size).to(volume.dtype)
+        out.append(view)
+    return torch.stack(out)
+
+
+def volume_grid(
+    volumes: torch.Tensor,
+    cams: torch.Tensor,
+    class_name: str,
+    colormap: Sequence[Sequence[int]],
+    masks: torch.Tensor | None = None,
+    preds: torch.Tensor | None = None,
+    at: Sequence[int] | None = None,
+    **grid_options: object,
+) -> np.ndarray:
+    """:func:`cam_grid` for volumes: three rows per volume, its axial, coronal and sagittal
+    slices through the class's CAM peak (or through the voxel ``at``), each labelled on its
+    input tile.
+
+    Args:
+        volumes: ``[N, 3, D, H, W]`` float in [0, 1], RGB (gray volumes repeated to 3 channels).
+        cams: ``[N, D, H, W]`` the class's maps in [0, 1].
+        class_name: the overlay column's name.
+        colormap: BGR colours (indexed by label) for masks and predictions.
+        masks: ground-truth labels ``[N, D, H, W]`` or ``None``.
+        preds: predicted labels ``[N, D, H, W]`` or ``None``.
+        at: ``(d, h, w)`` to slice every volume at, instead of each map's peak.
+        grid_options: passed to :func:`cam_grid` (``alpha``, ``legend``, ``notes`` per volume,
+            ...); ``notes`` given per volume apply to its three rows.
+
+    Returns:
+        RGB uint8 ``[rows, cols, 3]``.
+    """
+    side = max(volumes.shape[-3:])
+    size = (side, side)
+    rows: dict[str, list[torch.Tensor]] = {"images": [], "cams": [], "masks": [], "preds": []}
+    titles = []
+    for n in range(volumes.shape[0]):
+        index = tuple(at) if at is not None else peak_voxel(cams[n])
+        rows["images"].append(volume_slices(volumes[n], index, size))
+        rows["cams"].append(volume_slices(cams[n], index, size)[:, None])
+        if masks is not None:
+            rows["masks"].append(volume_slices(masks[n], index, size, labels=True))
+        if preds is not None:
+            rows["preds"].append(volume_slices(preds[n], index, size, labels=True))
+        kind = "peak" if at is None else "at"
+        titles += [
+            f"{view} {kind} {axis}={i}" for view, axis, i in zip(VIEWS, "zyx", index, strict=True)
+        ]
+    notes = grid_options.pop("notes", None)
+    if notes is not None:
+        grid_options["notes"] = [note for note in notes for _ in VIEWS]  # type: ignore[union-attr]
+    return cam_grid(
+        torch.cat(rows["images"]),
+        torch.cat(rows["cams"]),
+        [class_name],
+        colormap,
+        masks=torch.cat(rows["masks"]) if masks is not None else None,
+        preds=torch.cat(rows["preds"]) if preds is not None else None,
+        row_notes=titles,
+        **grid_options,  # type: ignore[arg-type]
+    )

@@ -14,9 +14,12 @@ from segcam_lightning.render import (
     hstack_with_separators,
     opencv_threads,
     overlay_cam,
+    peak_voxel,
     seed_panel,
     seed_panels,
     to_uint8_image,
+    volume_grid,
+    volume_slices,
 )
 
 
@@ -173,3 +176,29 @@ def test_display_bgr_gray_and_unnamed_normalisation():
         display_images(rgb, mean=0.5, std=0.0)
     with pytest.raises(ValueError, match="'rgb' or 'bgr'"):
         display_images(rgb, channel_order="hsv")
+
+
+def test_volume_slices_cut_through_the_voxel():
+    volume = torch.arange(4 * 5 * 6, dtype=torch.float32).reshape(4, 5, 6)
+    views = volume_slices(volume, (1, 2, 3), size=(6, 6), labels=True)
+    assert views.shape == (3, 6, 6)
+
+    def nearest(n):  # nearest-exact source rows of n rows stretched to 6: the pixel centres
+        return ((torch.arange(6) + 0.5) * n / 6).floor().long()
+
+    assert torch.equal(views[0], volume[1][nearest(5)])  # axial [H, W] at depth 1
+    assert torch.equal(views[1], volume[:, 2, :][nearest(4)])  # coronal [D, W] at row 2
+    assert torch.equal(views[2], volume[:, :, 3][nearest(4)][:, nearest(5)])  # sagittal [D, H]
+
+
+def test_peak_voxel_and_volume_grid():
+    cam = torch.zeros(8, 8, 8)
+    cam[2, 5, 7] = 1.0
+    assert peak_voxel(cam) == (2, 5, 7)
+    assert peak_voxel(torch.zeros(8, 8, 8)) == (4, 4, 4)
+    volumes, cams = torch.rand(2, 3, 8, 8, 8), torch.stack([cam, cam.flip(0)])
+    masks = torch.randint(0, 3, (2, 8, 8, 8))
+    grid = volume_grid(volumes, cams, "a", SEED_COLORMAP, masks=masks, preds=masks)
+    bar = max(16, min(32, 8 // 6))
+    # Three views per volume, title and footer: 6 rows of 8 px, 4 px apart.
+    assert grid.shape == (bar + 6 * 8 + 6 * 4 + bar, 4 * 8 + 3 * 4, 3)
