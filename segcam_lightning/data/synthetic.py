@@ -11,6 +11,12 @@ Every sample is a pure function of ``(seed, index)``: the same on any worker, pr
 machine, in any order. ``write_synthetic_dataset`` (or the ``segcam-synthetic`` command) writes
 the same samples to disk in the seed's folder format.
 
+``shortcut="soil"`` plants a shortcut for checking explanations (see :data:`SHORTCUTS`): every
+plant takes either shape at random, whatever its class, and ``narrow_leaf`` plants grow in a
+patch of blue-grey wet soil that ``round_leaf`` plants lack. The class is then decided by the
+soil around a plant, not by the plant: a model that segments well has learned to read the
+patch. The patch is soil in the mask. Without ``shortcut`` the samples are unchanged.
+
 Example:
     >>> ds = SyntheticSegmentation(num_samples=4, image_size=64)
     >>> sample = ds[0]
@@ -38,6 +44,9 @@ SYNTHETIC_CLASS_NAMES = ("soil", "narrow_leaf", "round_leaf")
 #: validates on ``seed + 1`` and tests on ``seed + 2``; ``segcam-synthetic`` writes the same.
 SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}
 NARROW_LEAF, ROUND_LEAF = 1, 2
+#: Planted shortcuts: name -> the class whose label the cue decides. ``"soil"``: plant shapes are
+#: drawn independently of the class, and ``narrow_leaf`` plants grow in a patch of wet soil.
+SHORTCUTS = {"soil": NARROW_LEAF}
 
 # Sizes are in pixels at 128² and scale with the image size.
 _BASE_SIZE = 128
@@ -54,6 +63,7 @@ class SyntheticSegmentation(Dataset):
         image_size: side of the square images, at least 32.
         seed: dataset seed; different seeds give independent datasets (use one per split).
         transform: optional callable applied to each sample dict (e.g. ``RandomFlip``).
+        shortcut: ``None`` (the default data) or a planted shortcut in :data:`SHORTCUTS`.
 
     Each sample is a dict with ``"image"`` ``[3, H, W]`` float32 RGB in ``[0, 1]``, ``"mask"``
     ``[H, W]`` int64 class indices in ``{0, 1, 2}`` and ``"name"`` the zero-padded index as
@@ -70,6 +80,7 @@ class SyntheticSegmentation(Dataset):
         image_size: int = 128,
         seed: int = 0,
         transform: Callable[[dict], dict] | None = None,
+        shortcut: str | None = None,
     ) -> None:
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(
@@ -85,6 +96,7 @@ class SyntheticSegmentation(Dataset):
         self.image_size = image_size
         self.seed = seed
         self.transform = transform
+        self.shortcut = check_shortcut(shortcut)
         self._name_width = max(4, len(str(num_samples - 1)))
 
     def __len__(self) -> int:
@@ -102,7 +114,7 @@ class SyntheticSegmentation(Dataset):
         """
         if not 0 <= index < self.num_samples:
             raise IndexError(f"Index {index} is out of range for {self.num_samples} samples.")
-        return render_sample(self.seed, index, self.image_size)
+        return render_sample(self.seed, index, self.image_size, self.shortcut)
 
     def __getitem__(self, index: int) -> dict:
         image, mask = self.render(index)
@@ -116,17 +128,35 @@ class SyntheticSegmentation(Dataset):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(num_samples={self.num_samples}, "
-            f"image_size={self.image_size}, seed={self.seed})"
+            f"image_size={self.image_size}, seed={self.seed}"
+            + (f", shortcut={self.shortcut!r})" if self.shortcut else ")")
         )
 
 
-def render_sample(seed: int, index: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def check_shortcut(shortcut: str | None) -> str | None:
+    """``shortcut`` if it is ``None`` or a name in :data:`SHORTCUTS`.
+
+    Raises:
+        ValueError: for anything else, naming the choices.
+    """
+    if shortcut is not None and shortcut not in SHORTCUTS:
+        raise ValueError(
+            f"Expected `shortcut` to be None or one of {sorted(SHORTCUTS)}, but got {shortcut!r}."
+        )
+    return shortcut
+
+
+def render_sample(
+    seed: int, index: int, image_size: int, shortcut: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Generate one sample from ``(seed, index)`` alone.
 
     Args:
         seed: dataset seed.
         index: sample index.
         image_size: side ``S`` of the square image.
+        shortcut: ``None``, or a planted shortcut in :data:`SHORTCUTS` (see the module's
+            docstring); ``None`` draws exactly the samples it always drew.
 
     Returns:
         ``(image, mask)``: ``[S, S, 3]`` uint8 RGB and ``[S, S]`` uint8 class indices.
@@ -140,8 +170,13 @@ def render_sample(seed: int, index: int, image_size: int) -> tuple[np.ndarray, n
     plants = [NARROW_LEAF] * n_narrow + [ROUND_LEAF] * _plant_count(rng, _ROUND_COUNTS)
     rng.shuffle(plants)  # interleave, so that each class occludes the other
     for cls in plants:
-        draw = _narrow_plant if cls == NARROW_LEAF else _round_plant
+        if shortcut is None:
+            draw = _narrow_plant if cls == NARROW_LEAF else _round_plant
+        else:  # the shape says nothing about the class: the soil around the plant does
+            draw = _narrow_plant if rng.random() < 0.5 else _round_plant
         region, modulation = draw(rng, size, scale)
+        if shortcut is not None and cls == SHORTCUTS[shortcut]:
+            mask[_wet_soil(rng, image, region, scale)] = 0  # it covers earlier plants
         _paint(image, modulation, region, _plant_color(rng))
         mask[region] = cls
     return _finish(rng, image), mask
@@ -197,6 +232,28 @@ def _pebbles(rng: np.random.Generator, image: np.ndarray, size: int, scale: floa
     n_specks = int(size * size * 0.004)
     ys, xs = rng.integers(0, size, (2, n_specks))
     image[ys, xs] *= rng.uniform(0.4, 1.5, (n_specks, 1)).astype(np.float32)
+
+
+def _wet_soil(
+    rng: np.random.Generator, image: np.ndarray, region: np.ndarray, scale: float
+) -> np.ndarray:
+    """A patch of blue-grey wet soil around a plant (the ``"soil"`` shortcut's cue), in place.
+
+    The patch is the plant's region grown by 5–8 px (at 128²), so every plant pixel has the cue
+    within a few pixels; the soil's texture is kept (the patch multiplies it).
+
+    Returns:
+        ``[S, S]`` bool pixels of the patch (the plant's region included).
+    """
+    margin = max(2, round(rng.uniform(5, 8) * scale))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
+    patch = cv2.dilate(region.astype(np.uint8), kernel) > 0
+    if not patch.any():
+        return patch
+    tone = _hsv(rng.uniform(0.55, 0.62), rng.uniform(0.25, 0.45), rng.uniform(0.3, 0.45))
+    texture = image[patch].mean(axis=1, keepdims=True)
+    image[patch] = tone[None, :] * (texture / max(float(texture.mean()), 1e-6))
+    return patch
 
 
 def _plant_color(rng: np.random.Generator) -> np.ndarray:
