@@ -16,6 +16,7 @@ from segcam_lightning.data.synthetic import (
     SPLIT_OFFSETS,
     SYNTHETIC_CLASS_NAMES,
     SyntheticSegmentation,
+    check_shortcut,
 )
 from segcam_lightning.data.synthetic3d import SYNTHETIC3D_CLASS_NAMES, SyntheticVolumes
 from segcam_lightning.data.transforms import RandomFlip
@@ -53,6 +54,9 @@ class SegmentationDataModule(L.LightningDataModule):
         channel_order: ``"rgb"`` or ``"bgr"`` (the seed's models were trained on cv2's BGR).
         unknown_color_index: class index given to mask colours missing from ``colormap``
             (e.g. 255 with ``ignore_index: 255`` on the model); default ``None`` raises.
+        shortcut: a planted shortcut of the synthetic data (``"soil"``: the class is set by
+            the soil around a plant, see ``segcam_lightning.data.synthetic.SHORTCUTS``), for
+            checking explanations; ``None`` (default) for the ordinary data.
     """
 
     def __init__(
@@ -73,8 +77,14 @@ class SegmentationDataModule(L.LightningDataModule):
         split_seed: int = 42,
         channel_order: str = "rgb",
         unknown_color_index: int | None = None,
+        shortcut: str | None = None,
     ) -> None:
         super().__init__()
+        if check_shortcut(shortcut) is not None and data != SYNTHETIC:
+            raise ValueError(
+                f"`shortcut={shortcut!r}` plants a cue in the synthetic data, but `data` is "
+                f"{data!r}; use `data: synthetic` or drop `shortcut`."
+            )
         if batch_size < 1:
             raise ValueError(
                 f"Expected `batch_size` to be a positive integer, but got {batch_size}."
@@ -140,13 +150,20 @@ class SegmentationDataModule(L.LightningDataModule):
         if self.is_synthetic:
             self.datasets = {
                 "train": SyntheticSegmentation(
-                    hp.num_train, hp.image_size, hp.seed + SPLIT_OFFSETS["train"], train_tf
+                    hp.num_train,
+                    hp.image_size,
+                    hp.seed + SPLIT_OFFSETS["train"],
+                    train_tf,
+                    shortcut=hp.shortcut,
                 ),
                 "val": SyntheticSegmentation(
-                    hp.num_val, hp.image_size, hp.seed + SPLIT_OFFSETS["val"]
+                    hp.num_val, hp.image_size, hp.seed + SPLIT_OFFSETS["val"], shortcut=hp.shortcut
                 ),
                 "test": SyntheticSegmentation(
-                    hp.num_test, hp.image_size, hp.seed + SPLIT_OFFSETS["test"]
+                    hp.num_test,
+                    hp.image_size,
+                    hp.seed + SPLIT_OFFSETS["test"],
+                    shortcut=hp.shortcut,
                 ),
             }
             return
