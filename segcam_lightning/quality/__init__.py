@@ -1,0 +1,64 @@
+"""Can the maps be trusted? Checks that a CAM measures the model, and what it measured.
+
+- :func:`sanity_check` (``sanity.py``): the model-parameter randomisation test on a copy of the
+  model, cascading from the head down to each audited layer and over the whole network, with
+  variance-preserving re-initialisation; Spearman ρ, SSIM, energy inside and all-zero maps per
+  class, layer, method and target, with a verdict against a stated threshold.
+- :func:`deletion_insertion` (``faithfulness.py``): deletion and insertion curves per class and
+  their areas next to a random order and a ground-truth-first order.
+- :func:`~segcam_lightning.quality.functional.shortcut_suspects`: the rule behind
+  ``GradCAMCallback``'s shortcut warning (classes segmented well whose maps sit outside them).
+- pure maths in :mod:`segcam_lightning.quality.functional`.
+
+Results are frozen dataclasses with ``to_dict()`` (plain, JSON-ready values) for reports,
+``metrics.csv`` and ``summary.json``. ``docs/QUALITY.md`` has the figures on the default run and
+which map to believe.
+"""
+
+from segcam_lightning.quality import functional
+from segcam_lightning.quality.faithfulness import (
+    CURVES,
+    DELETION_THRESHOLD,
+    FILLS,
+    FaithfulnessRow,
+    deletion_insertion,
+)
+from segcam_lightning.quality.functional import ShortcutSuspect, shortcut_suspects, spearman
+from segcam_lightning.quality.sanity import (
+    FULL,
+    FULL_RHO_THRESHOLD,
+    INITIALIZERS,
+    RHO_THRESHOLD,
+    SanityReport,
+    SanityRow,
+    cascade_stages,
+    method_maps,
+    randomized_copy,
+    reinit_pytorch_default,
+    reinit_variance_preserving,
+    sanity_check,
+)
+
+__all__ = [
+    "CURVES",
+    "DELETION_THRESHOLD",
+    "FILLS",
+    "FULL",
+    "FULL_RHO_THRESHOLD",
+    "INITIALIZERS",
+    "RHO_THRESHOLD",
+    "FaithfulnessRow",
+    "SanityReport",
+    "SanityRow",
+    "ShortcutSuspect",
+    "cascade_stages",
+    "deletion_insertion",
+    "functional",
+    "method_maps",
+    "randomized_copy",
+    "reinit_pytorch_default",
+    "reinit_variance_preserving",
+    "sanity_check",
+    "shortcut_suspects",
+    "spearman",
+]

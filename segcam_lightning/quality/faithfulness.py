@@ -1,0 +1,348 @@
+"""Deletion and insertion curves (Petsiuk et al. 2018, RISE) for per-class segmentation maps.
+
+Deletion replaces a class's pixels with a fill, most important first by the map, and tracks the
+class's score; a map that finds the evidence makes the score fall fast (small area under the
+curve). Insertion starts from the filled image and puts pixels back in the same order; the score
+should rise fast (large area). Each curve is read next to two orders that need no model
+explanation: a random order (the baseline: ``ratio = AUC_map / AUC_random``) and ground truth
+first (the class's own pixels in random order, then the rest: what a perfect "look at the
+object" map would do).
+
+The score of class ``k`` in an image is its mean probability (softmax, or sigmoid for binary and
+multi-label models) over a fixed region: the class's ground truth, or, without masks, the
+pixels the model predicts as ``k`` on the untouched image.
+
+The default fill is each image's mean colour. A blurred image (``fill="blur"``) keeps an object's
+colour and coarse shape: on the default run a fully blurred round leaf is still predicted at
+p 0.96, so blur deletes little and its curves say more about the blur than about the map.
+
+Cost: ``(steps + 1)`` forward passes of the counted images per class, order (map, ground truth
+first) and curve, plus ``2 (steps + 1)`` for the random order shared by all classes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from segcam_lightning.cam import default_output_adapter
+from segcam_lightning.cam.functional import class_regions, predicted_masks, resolve_output_kind
+from segcam_lightning.cam.layers import eval_mode, preserve_rng
+from segcam_lightning.quality import functional as QF
+
+__all__ = ["CURVES", "FILLS", "FaithfulnessRow", "class_generator", "deletion_insertion"]
+
+FILLS = ("mean", "blur")
+CURVES = ("deletion", "insertion")
+#: Default pass threshold: deletion AUC at most this share of random order's.
+DELETION_THRESHOLD = 0.3
+
+
+@dataclass(frozen=True)
+class FaithfulnessRow:
+    """One class's deletion or insertion curve for one set of maps.
+
+    Attributes:
+        curve: ``"deletion"`` or ``"insertion"``.
+        class_index, class_name: the output channel and its name.
+        fill: ``"mean"`` or ``"blur"``.
+        steps: the curve has ``steps + 1`` points at fractions ``0, 1/steps, ..., 1``.
+        num_images: images where the class's region is not empty.
+        auc_map: area under the mean curve when pixels go in the map's order.
+        auc_random: the same in random order.
+        auc_gt_first: ground-truth pixels first (NaN without masks).
+        ratio: ``auc_map / auc_random``: below 1 beats random for deletion, above 1 for
+            insertion.
+        threshold: deletion passes at ``ratio`` at most this (NaN for insertion: no verdict).
+        verdict: ``"pass"``, ``"fail"`` or ``""`` (insertion, or no image).
+        score_start: mean score of the untouched images (deletion) or the filled ones
+            (insertion).
+        curve_map, curve_random, curve_gt_first: the mean curves, ``steps + 1`` values each.
+        labels: what the caller says the maps are (e.g. method, target, layer).
+    """
+
+    curve: str
+    class_index: int
+    class_name: str
+    fill: str
+    steps: int
+    num_images: int
+    auc_map: float
+    auc_random: float
+    auc_gt_first: float
+    ratio: float
+    threshold: float
+    verdict: str
+    score_start: float
+    curve_map: tuple[float, ...]
+    curve_random: tuple[float, ...]
+    curve_gt_first: tuple[float, ...]
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self, curves: bool = True) -> dict[str, Any]:
+        """Plain JSON-ready values (NaN as ``None``, labels as keys); without the curves when
+        ``curves`` is false (a CSV row)."""
+        values = asdict(self)
+        labels = dict(values.pop("labels"))
+        if not curves:
+            for key in ("curve_map", "curve_random", "curve_gt_first"):
+                values.pop(key)
+        out = {**labels, **values}
+        return {k: _plain(v) for k, v in out.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def deletion_insertion(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    masks: Tensor | None = None,
+    classes: Sequence[int] | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    steps: int = 16,
+    fill: str = "mean",
+    blur_sigma: float | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    output_kind: str = "auto",
+    threshold: float = 0.5,
+    output_adapter: Callable[[Any], Tensor] | None = None,
+    deletion_threshold: float = DELETION_THRESHOLD,
+    labels: dict[str, str] | None = None,
+) -> list[FaithfulnessRow]:
+    """Deletion and insertion curves of each class, the maps' order next to random order.
+
+    Args:
+        model: the network the maps explain (never modified: eval mode, no graph, flags and RNG
+            restored).
+        images: ``[N, C, H, W]``.
+        maps: ``[N, K, H, W]`` one map per class in ``classes`` (e.g. ``result.layer(name)``;
+            for guided maps :func:`~segcam_lightning.quality.functional.guided_maps`).
+        masks: ground truth, labels ``[N, H, W]`` or per-class ``[N, K_out, H, W]``; sets the
+            scored region and enables the ground-truth-first order. ``None``: the model's own
+            prediction on the untouched image is the region.
+        classes: the output channel of each map; default ``0..K-1``.
+        class_names: a name per output channel; default ``class_<k>``.
+        steps: points per curve minus one.
+        fill: ``"mean"`` (each image's mean colour) or ``"blur"`` (Gaussian blur).
+        blur_sigma: the blur's σ in pixels; default ``H / 16`` (8 px at 128²).
+        seed: seed of the random order (shared by the classes) and of each class's
+            tie-breaking (see :func:`class_generator`).
+        batch_size: images per forward pass.
+        output_kind, threshold: how logits are read, as the engine does.
+        output_adapter: ``f(model_output) -> logits``.
+        deletion_threshold: deletion passes at ``AUC_map / AUC_random`` at most this.
+        labels: added to every row (e.g. ``{"method": "gradcam", "layer": "d4.conv.conv.5"}``).
+
+    Returns:
+        Two rows per class, deletion then insertion, in class order.
+
+    Raises:
+        ValueError: for maps that do not match the images, an unknown fill or steps < 1.
+    """
+    if images.ndim != 4 or maps.ndim != 4 or maps.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"Expected images [N, C, H, W] and maps [N, K, H, W], but got {list(images.shape)} "
+            f"and {list(maps.shape)}."
+        )
+    if maps.shape[-2:] != images.shape[-2:]:
+        raise ValueError(
+            f"Expected maps at the images' size {list(images.shape[-2:])}, but got "
+            f"{list(maps.shape[-2:])}."
+        )
+    if fill not in FILLS:
+        raise ValueError(f"Expected `fill` to be one of {FILLS}, but got {fill!r}.")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"Expected `steps` to be a positive int, but got {steps!r}.")
+    wanted = list(classes) if classes is not None else list(range(maps.shape[1]))
+    if len(wanted) != maps.shape[1]:
+        raise ValueError(
+            f"Expected one map per class in {wanted}, but got {maps.shape[1]} maps per image."
+        )
+    adapter = output_adapter or default_output_adapter
+    device = _device(model, images)
+    images = images.to(device).float()
+    maps = maps.to(device)
+    n, _, h, w = images.shape
+    if fill == "mean":
+        filled = QF.mean_fill(images)
+    else:
+        filled = QF.blur_images(images, blur_sigma if blur_sigma is not None else h / 16)
+    counts = [round(j * h * w / steps) for j in range(steps + 1)]
+    generator = torch.Generator().manual_seed(int(seed))
+
+    def probabilities(batch: Tensor) -> Tensor:
+        parts = []
+        with torch.inference_mode(False), torch.no_grad(), eval_mode(model), preserve_rng(device):
+            for start in range(0, batch.shape[0], batch_size):
+                logits = adapter(model(batch[start : start + batch_size])).float()
+                parts.append(_probabilities(logits, kind))
+        return torch.cat(parts)
+
+    with torch.inference_mode(False), torch.no_grad(), eval_mode(model), preserve_rng(device):
+        first = adapter(model(images[:1])).float()
+    kind = resolve_output_kind(output_kind, first.shape[1])
+    outputs, size = first.shape[1], tuple(first.shape[-2:])
+    if masks is not None:
+        regions = class_regions(masks.to(device), wanted, outputs, kind, size=size)
+        gt_pixels = class_regions(masks.to(device), wanted, outputs, kind, size=(h, w))
+    else:
+        start = probabilities(images)
+        predicted = _predicted_regions(start, kind, threshold)
+        regions = class_regions(predicted, wanted, outputs, kind, size=size)
+        gt_pixels = None
+    counted = regions.flatten(2).any(dim=-1)  # [N, K]
+
+    def scores(batch: Tensor, index: Tensor, k: int) -> Tensor:
+        """Mean probability of class ``wanted[k]`` over its region: ``[len(index)]``."""
+        probs = probabilities(batch)[:, _channel(wanted[k], kind)]
+        region = regions[index, k].float()
+        return (probs * region).flatten(1).sum(1) / region.flatten(1).sum(1)
+
+    def curves(order: Tensor, index: Tensor, k: int) -> dict[str, Tensor]:
+        x, base = images[index], filled[index]
+        out = {}
+        for mode in CURVES:
+            points = [scores(QF.perturbed(x, base, order, c, mode), index, k) for c in counts]
+            out[mode] = torch.stack(points, dim=1)  # [n_k, steps + 1]
+        return out
+
+    # The random order serves every class: one forward per point scores them all.
+    random = QF.random_order(n, h * w, generator, device)
+    random_curves: dict[str, list[Tensor]] = {mode: [] for mode in CURVES}
+    for mode in CURVES:
+        for c in counts:
+            probs = probabilities(QF.perturbed(images, filled, random, c, mode))
+            random_curves[mode].append(probs)
+
+    names = [_class_name(class_names, k) for k in wanted]
+    rows: list[FaithfulnessRow] = []
+    for k, (class_index, name) in enumerate(zip(wanted, names, strict=True)):
+        index = counted[:, k].nonzero().flatten()
+        by_map = by_gt = None
+        if index.numel():
+            # Each class draws its tie-breaking from its own generator: its curves do not
+            # depend on which other classes were asked for.
+            own = class_generator(seed, class_index)
+            by_map = curves(QF.ranked_order(maps[index, k].float(), own), index, k)
+            if gt_pixels is not None:
+                by_gt = curves(QF.gt_first_order(gt_pixels[index, k], own), index, k)
+        for mode in CURVES:
+            if index.numel():
+                region = regions[index, k].float()
+                channel = _channel(class_index, kind)
+                by_random = torch.stack(
+                    [
+                        (p[index, channel] * region).flatten(1).sum(1) / region.flatten(1).sum(1)
+                        for p in random_curves[mode]
+                    ],
+                    dim=1,
+                )
+            rows.append(
+                _row(
+                    mode,
+                    class_index,
+                    name,
+                    fill,
+                    steps,
+                    int(index.numel()),
+                    by_map[mode] if by_map is not None else None,
+                    by_random if index.numel() else None,
+                    by_gt[mode] if by_gt is not None else None,
+                    deletion_threshold,
+                    labels,
+                )
+            )
+    return rows
+
+
+def class_generator(seed: int, class_index: int) -> torch.Generator:
+    """The generator of one class's orders: map order (ties) first, then ground truth first."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + 1 + int(class_index))
+
+
+def _row(
+    mode: str,
+    class_index: int,
+    name: str,
+    fill: str,
+    steps: int,
+    num_images: int,
+    by_map: Tensor | None,
+    by_random: Tensor | None,
+    by_gt: Tensor | None,
+    deletion_threshold: float,
+    labels: dict[str, str] | None,
+) -> FaithfulnessRow:
+    nan = float("nan")
+
+    def mean_curve(curve: Tensor | None) -> tuple[float, ...]:
+        return tuple(curve.mean(0).tolist()) if curve is not None else ()
+
+    def area(curve: Tensor | None) -> float:
+        return float(QF.curve_auc(curve).mean()) if curve is not None else nan
+
+    auc_map, auc_random, auc_gt = area(by_map), area(by_random), area(by_gt)
+    ratio = auc_map / auc_random if auc_random > 0 else nan
+    limit = deletion_threshold if mode == "deletion" else nan
+    verdict = ""
+    if mode == "deletion" and not math.isnan(ratio):
+        verdict = "pass" if ratio <= limit else "fail"
+    return FaithfulnessRow(
+        curve=mode,
+        class_index=class_index,
+        class_name=name,
+        fill=fill,
+        steps=steps,
+        num_images=num_images,
+        auc_map=auc_map,
+        auc_random=auc_random,
+        auc_gt_first=auc_gt,
+        ratio=ratio,
+        threshold=limit,
+        verdict=verdict,
+        score_start=float(by_map[:, 0].mean()) if by_map is not None else nan,
+        curve_map=mean_curve(by_map),
+        curve_random=mean_curve(by_random),
+        curve_gt_first=mean_curve(by_gt),
+        labels=tuple((str(k), str(v)) for k, v in (labels or {}).items()),
+    )
+
+
+def _probabilities(logits: Tensor, kind: str) -> Tensor:
+    return logits.softmax(dim=1) if kind == "multiclass" else logits.sigmoid()
+
+
+def _predicted_regions(probs: Tensor, kind: str, threshold: float) -> Tensor:
+    """Predicted labels ``[N, h, w]`` (multiclass) or masks ``[N, K, h, w]`` from
+    probabilities."""
+    if kind == "multiclass":
+        return predicted_masks(probs.log(), kind)
+    return probs > threshold
+
+
+def _channel(class_index: int, kind: str) -> int:
+    return 0 if kind == "binary" else class_index
+
+
+def _class_name(names: Sequence[str] | None, k: int) -> str:
+    return str(names[k]) if names is not None and k < len(names) else f"class_{k}"
+
+
+def _device(model: nn.Module, images: Tensor) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return images.device

@@ -1,0 +1,739 @@
+"""Model-parameter randomisation test (Adebayo et al. 2018, "Sanity Checks for Saliency Maps").
+
+A map that explains the model must change when the model's learned weights are replaced by
+random ones. :func:`sanity_check` re-initialises a *copy* of the model in a cascade, from the
+output head down to each audited layer's block, and the whole network, and compares each
+method's maps before and after: Spearman's rank correlation (the verdict), SSIM (read with
+care: mostly-zero maps share their zeros), the share of the map inside the class's ground
+truth, and the share of all-zero maps.
+
+The re-initialisation preserves variance (:func:`reinit_variance_preserving`): He-normal
+convolution and linear weights (``std = sqrt(2 / fan_in)``, zero bias) and normalisation reset to
+the identity (weight 1, bias 0, running mean 0, variance 1). With PyTorch's default
+re-initialisation (``reset_parameters``, uniform with variance ``1 / (3 fan_in)``) each
+conv + ReLU shrinks the signal's second moment by about 6×; the randomised deep path of a U-Net
+fades out, the skip connections carry the trained encoder's features to the head, and the maps
+look "trained" (or are all zero) for a reason that has nothing to do with the explanation.
+
+Example:
+    >>> report = sanity_check(net, images, masks, layers=["d4.conv.conv.5"])  # doctest: +SKIP
+    >>> [(r.layer, r.randomized, r.verdict) for r in report.verdicts()]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from segcam_lightning.cam import CAMEngine
+from segcam_lightning.cam.functional import class_regions
+from segcam_lightning.cam.layers import eval_mode, preserve_rng
+from segcam_lightning.metrics import energy_inside_regions
+from segcam_lightning.quality import functional as QF
+
+__all__ = [
+    "FULL",
+    "INITIALIZERS",
+    "SanityReport",
+    "SanityRow",
+    "cascade_stages",
+    "method_maps",
+    "randomized_copy",
+    "reinit_pytorch_default",
+    "reinit_variance_preserving",
+    "sanity_check",
+]
+
+#: Name of the randomisation of every stage.
+FULL = "full"
+#: Map names of the guided method: guided Grad-CAM per layer, guided backprop at the input.
+GUIDED_GRADCAM, GUIDED_BACKPROP, INPUT = "guided_gradcam", "guided_backprop", "input"
+#: Default pass thresholds on the median |ρ| between trained and randomised maps.
+RHO_THRESHOLD, FULL_RHO_THRESHOLD = 0.3, 0.2
+#: Below this share of image pairs with a defined ρ (both maps non-constant) the verdict is
+#: "inconclusive": all-zero maps have no ranking.
+MIN_DEFINED = 0.5
+
+Initializer = Callable[[nn.Module, torch.Generator], None]
+
+
+# ---------------------------------------------------------------------- re-initialisation
+
+
+def _fan_in(module: nn.Module) -> float:
+    """Inputs summed into one output value: ``C_in / groups · prod(kernel)`` for convolutions;
+    for transposed ones, divided by ``prod(stride)`` (each output pixel sees only the kernel
+    taps its stride lands on)."""
+    if isinstance(module, nn.Linear):
+        return float(module.in_features)
+    conv: nn.modules.conv._ConvNd = module  # type: ignore[assignment]
+    fan = conv.in_channels / conv.groups * math.prod(conv.kernel_size)
+    if conv.transposed:
+        fan /= math.prod(conv.stride)
+    return max(fan, 1.0)
+
+
+def _normal(tensor: Tensor, std: float, generator: torch.Generator) -> None:
+    """Fill ``tensor`` from N(0, std²) drawn on the CPU generator (the same values on any
+    device)."""
+    values = torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * std
+    with torch.no_grad():
+        tensor.copy_(values.to(tensor.dtype))
+
+
+def reinit_variance_preserving(module: nn.Module, generator: torch.Generator) -> None:
+    """Re-initialise the parameters a module owns itself, keeping activations at scale.
+
+    Convolutions (also transposed) and linear layers: He-normal weights
+    ``N(0, 2 / fan_in)`` (He et al. 2015: through a ReLU the second moment is kept) and zero
+    bias. BatchNorm/InstanceNorm: weight 1, bias 0, running mean 0, running variance 1 (the
+    identity in eval mode; the trained statistics would rescale random features arbitrarily).
+    GroupNorm/LayerNorm: weight 1, bias 0. Any other module with parameters of its own uses its
+    ``reset_parameters()`` under a seeded, forked RNG.
+
+    Args:
+        module: one module; its children are not visited.
+        generator: CPU generator of the draws.
+
+    Raises:
+        TypeError: for a module with parameters of its own and no way to re-initialise them.
+    """
+    own = dict(module.named_parameters(recurse=False))
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        _normal(module.weight, math.sqrt(2.0 / _fan_in(module)), generator)
+        if module.bias is not None:
+            with torch.no_grad():
+                module.bias.zero_()
+        return
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+        with torch.no_grad():
+            if own.get("weight") is not None:
+                module.weight.fill_(1.0)
+            if own.get("bias") is not None:
+                module.bias.zero_()
+            if getattr(module, "running_mean", None) is not None:
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0)
+                module.num_batches_tracked.zero_()
+        return
+    if own:
+        reinit_pytorch_default(module, generator)
+
+
+def reinit_pytorch_default(module: nn.Module, generator: torch.Generator) -> None:
+    """Re-initialise a module's own parameters with its ``reset_parameters()`` (PyTorch's
+    default initialisation), the global RNG seeded from ``generator`` and restored after.
+
+    Raises:
+        TypeError: for a module with parameters of its own and no ``reset_parameters``.
+    """
+    own = list(module.parameters(recurse=False))
+    has_stats = getattr(module, "running_mean", None) is not None
+    if not own and not has_stats:
+        return
+    reset = getattr(module, "reset_parameters", None)
+    if not callable(reset):
+        raise TypeError(
+            f"Cannot re-initialise {type(module).__name__}: it has parameters of its own and no "
+            "reset_parameters(). Pass `initializer=` a function f(module, generator) that "
+            "handles it."
+        )
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    devices = [p.device for p in own if p.device.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        reset()
+
+
+#: Re-initialisations by name: ``"variance_preserving"`` (the default) and ``"pytorch_default"``.
+INITIALIZERS: dict[str, Initializer] = {
+    "variance_preserving": reinit_variance_preserving,
+    "pytorch_default": reinit_pytorch_default,
+}
+
+
+def _get_initializer(initializer: str | Initializer) -> tuple[str, Initializer]:
+    if callable(initializer):
+        return getattr(initializer, "__name__", "custom"), initializer
+    if initializer not in INITIALIZERS:
+        raise ValueError(
+            f"Expected `initializer` to be one of {sorted(INITIALIZERS)} or a function "
+            f"f(module, generator), but got {initializer!r}."
+        )
+    return initializer, INITIALIZERS[initializer]
+
+
+def randomized_copy(
+    model: nn.Module,
+    modules: Sequence[str],
+    seed: int = 0,
+    initializer: str | Initializer = "variance_preserving",
+) -> nn.Module:
+    """A deep copy of ``model`` with the named modules (and everything inside them)
+    re-initialised; ``model`` itself is untouched.
+
+    Args:
+        model: the trained network.
+        modules: names as in ``model.named_modules()``; ``""`` is the whole model.
+        seed: seed of the draws (its own generator: the global RNG is not used).
+        initializer: a name in :data:`INITIALIZERS` or ``f(module, generator)``.
+
+    Raises:
+        KeyError: for a name that is not a module of ``model``.
+    """
+    _, init = _get_initializer(initializer)
+    clone = copy.deepcopy(model)
+    named = dict(clone.named_modules())
+    missing = [name for name in modules if name not in named]
+    if missing:
+        raise KeyError(
+            f"Expected module names of the model (as in named_modules()), but {missing} are not; "
+            f"its top-level modules are {[n for n, _ in clone.named_children()]}."
+        )
+    generator = torch.Generator().manual_seed(int(seed))
+    done: set[int] = set()
+    for name in modules:
+        for sub in named[name].modules():
+            if id(sub) not in done:
+                done.add(id(sub))
+                init(sub, generator)
+    return clone
+
+
+# ---------------------------------------------------------------------- the cascade
+
+
+def _trunk(model: nn.Module) -> tuple[str, nn.Module]:
+    """The module whose children are the network's blocks: descend while exactly one child
+    holds parameters (a LightningModule's ``net``, a wrapper's ``module``)."""
+    prefix, module = "", model
+    while True:
+        holders = [(n, m) for n, m in module.named_children() if any(True for _ in m.parameters())]
+        if len(holders) != 1:
+            return prefix, module
+        name, module = holders[0]
+        prefix = f"{prefix}{name}."
+
+
+def cascade_stages(model: nn.Module, example: Tensor) -> list[str]:
+    """The network's blocks from the output head back to the input: the order in which the
+    cascade re-initialises them.
+
+    The blocks are the children (holding parameters) of the network's trunk (see
+    :func:`_trunk`), ordered by when they first run in a forward pass of ``example``; blocks
+    that do not run are left out.
+
+    Returns:
+        Module names as in ``model.named_modules()``, e.g. ``["outputs", "d4", ..., "e1"]`` for
+        the U-Net (``"net.outputs"``, ... for a LightningModule holding it as ``net``).
+    """
+    prefix, trunk = _trunk(model)
+    blocks = [(n, m) for n, m in trunk.named_children() if any(True for _ in m.parameters())]
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__} has no block with parameters to re-initialise; pass "
+            "`stages=` with the module names to randomise, output side first."
+        )
+    first_run: dict[str, int] = {}
+    handles = []
+
+    def record(name: str, *_: Any) -> None:
+        first_run.setdefault(name, len(first_run))
+
+    try:
+        for name, module in blocks:
+            handles.append(module.register_forward_hook(lambda *a, name=name: record(name, *a)))
+        device = next(model.parameters()).device
+        with (
+            torch.inference_mode(False),
+            torch.no_grad(),
+            eval_mode(model),
+            preserve_rng(device),
+        ):
+            model(example[:1].to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    ran = sorted(first_run, key=first_run.__getitem__, reverse=True)
+    return [f"{prefix}{name}" for name in ran]
+
+
+def _stage_of(layer: str, stages: Sequence[str]) -> int:
+    for index, stage in enumerate(stages):
+        if layer == stage or layer.startswith(f"{stage}."):
+            return index
+    raise ValueError(
+        f"Layer {layer!r} lies in none of the cascade's stages {list(stages)}; pass `stages=` "
+        "with module names that contain it (output side first)."
+    )
+
+
+# ---------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class SanityRow:
+    """One comparison of trained and randomised maps: a class, layer, method and target under
+    one randomisation, pooled over the seeds.
+
+    Attributes:
+        method: the CAM method; ``"guided_gradcam"`` rows compare the guided maps (guided
+            backprop × Grad-CAM, ``|·|`` max over input channels), ``"guided_backprop"`` rows
+            (layer ``"input"``) compare guided backpropagation alone.
+        target: the engine's target.
+        layer: the audited layer (``"input"`` for guided backprop).
+        class_index, class_name: the output channel and its name.
+        randomized: ``"<first>..<last>"`` stages re-initialised (from the head down), or
+            ``"full"`` for every stage.
+        depth: how many stages are re-initialised.
+        reaches_layer: whether the re-initialised stages include the layer's own block (a
+            verdict is given only then; always for guided backprop, which depends on every
+            stage).
+        num_images: image pairs compared per seed (images where the class is in the ground
+            truth, or predicted when there is none, and its trained map is not all zero).
+        seeds: the re-initialisation seeds.
+        rho_median: median Spearman ρ over images and seeds (defined pairs only).
+        rho_abs_median: median ``|ρ|``; the verdict reads it.
+        rho_defined: share of pairs with a defined ρ (both maps non-constant).
+        ssim_median: median SSIM of the min-max scaled maps (unreliable on sparse maps).
+        energy_trained, energy_randomized: mean share of the map inside the class's ground
+            truth (NaN without ground truth).
+        energy_drop: ``energy_trained - energy_randomized``.
+        chance: the class's mean area share over the counted images: a map with no
+            information puts this share inside.
+        zero_trained, zero_randomized: share of all-zero maps (of all counted images, before
+            the trained-map filter for ``zero_trained``).
+        threshold: the pass threshold on ``rho_abs_median`` (NaN when no verdict).
+        verdict: ``"pass"`` (the map changed: median |ρ| at most the threshold), ``"fail"``,
+            ``"inconclusive"`` (fewer than half of the pairs have a defined ρ) or ``""`` when
+            the layer's block is not re-initialised yet.
+        per_seed_rho_abs_median: the median |ρ| of each seed.
+    """
+
+    method: str
+    target: str
+    layer: str
+    class_index: int
+    class_name: str
+    randomized: str
+    depth: int
+    reaches_layer: bool
+    num_images: int
+    seeds: tuple[int, ...]
+    rho_median: float
+    rho_abs_median: float
+    rho_defined: float
+    ssim_median: float
+    energy_trained: float
+    energy_randomized: float
+    energy_drop: float
+    chance: float
+    zero_trained: float
+    zero_randomized: float
+    threshold: float
+    verdict: str
+    per_seed_rho_abs_median: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (tuples as lists, NaN as ``None``)."""
+        return {k: _plain(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class SanityReport:
+    """Everything :func:`sanity_check` measured.
+
+    Attributes:
+        rows: one :class:`SanityRow` per method, target, layer, class and randomisation.
+        stages: the cascade, output side first.
+        initializer: the re-initialisation's name.
+        seeds: the seeds.
+        num_images: images given.
+        rho_threshold, full_rho_threshold: the pass thresholds (cascade to the layer, full).
+    """
+
+    rows: list[SanityRow]
+    stages: list[str]
+    initializer: str
+    seeds: tuple[int, ...]
+    num_images: int
+    rho_threshold: float
+    full_rho_threshold: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def verdicts(self) -> list[SanityRow]:
+        """The rows that carry a verdict (the layer's block is re-initialised)."""
+        return [r for r in self.rows if r.verdict]
+
+    def failures(self) -> list[SanityRow]:
+        """Rows whose maps did not change enough: ``"fail"`` verdicts."""
+        return [r for r in self.rows if r.verdict == "fail"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values: settings, thresholds and every row."""
+        return {
+            "initializer": self.initializer,
+            "seeds": list(self.seeds),
+            "num_images": self.num_images,
+            "stages": list(self.stages),
+            "rho_threshold": self.rho_threshold,
+            "full_rho_threshold": self.full_rho_threshold,
+            "settings": {k: _plain(v) for k, v in self.settings.items()},
+            "rows": [r.to_dict() for r in self.rows],
+        }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------- the check
+
+
+def method_maps(
+    model: nn.Module,
+    layers: Sequence[str],
+    method: str,
+    target: str,
+    images: Tensor,
+    masks: Tensor | None,
+    classes: Sequence[int] | None,
+    batch_size: int,
+    engine_options: dict[str, Any],
+) -> tuple[dict[tuple[str, str], Tensor], Tensor, list[int], int, str]:
+    """Every map one method gives, for several layers, in batches, on the CPU.
+
+    Args:
+        model: the network (not modified: the engine's guarantees).
+        layers: layer names as the engine takes them.
+        method, target: as the engine takes them.
+        images: ``[N, C, H, W]``.
+        masks: ground truth for ``target="gt_region"`` (or ``None``).
+        classes: output channels; ``None`` for all.
+        batch_size: images per engine call.
+        engine_options: other engine arguments (``output_kind``, ``threshold``, ...).
+
+    Returns:
+        ``(maps, present, classes, num_outputs, kind)``: ``maps`` keyed ``(method label,
+        layer)`` with ``[N, K, H, W]`` values (guided Grad-CAM: ``("guided_gradcam", layer)``
+        for each layer and ``("guided_backprop", "input")``, ``|·|`` max over input
+        channels); ``present`` ``[N, K]`` bool, where the target found the class; the classes
+        explained; the model's output channels; the resolved output kind.
+    """
+    engine = CAMEngine(model, list(layers), method, target, **engine_options)
+    guided, label = engine.guided, _method_name(engine.method)
+    chunks: dict[tuple[str, str], list[Tensor]] = {}
+    present = []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start : start + batch_size]
+        m = masks[start : start + batch_size] if masks is not None else None
+        result = engine(x, classes=classes, masks=m)
+        present.append(result.present.cpu())
+        for i, layer in enumerate(result.layers):
+            if guided:
+                gmaps = QF.guided_maps(result.guided_cams[:, i])
+                chunks.setdefault((GUIDED_GRADCAM, layer), []).append(gmaps.cpu())
+            else:
+                chunks.setdefault((label, layer), []).append(result.cams[:, i].cpu())
+        if guided:
+            gb = QF.guided_maps(result.guided_backprop)
+            chunks.setdefault((GUIDED_BACKPROP, INPUT), []).append(gb.cpu())
+    maps = {key: torch.cat(parts) for key, parts in chunks.items()}
+    outputs = result.scores.shape[1]
+    return maps, torch.cat(present), list(result.classes), outputs, result.output_kind
+
+
+def _method_name(method: Any) -> str:
+    return method if isinstance(method, str) else getattr(method, "name", type(method).__name__)
+
+
+def sanity_check(
+    model: nn.Module,
+    images: Tensor,
+    masks: Tensor | None = None,
+    layers: Sequence[str] = ("d4.conv.conv.5",),
+    methods: Sequence[Any] = ("gradcam",),
+    targets: Sequence[str] = ("softmax_mean",),
+    seeds: Sequence[int] = (0, 1, 2),
+    *,
+    classes: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
+    cascade: str = "layers",
+    stages: Sequence[str] | None = None,
+    initializer: str | Initializer = "variance_preserving",
+    rho_threshold: float = RHO_THRESHOLD,
+    full_rho_threshold: float = FULL_RHO_THRESHOLD,
+    batch_size: int = 16,
+    output_kind: str = "auto",
+    threshold: float = 0.5,
+    ignore_index: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> SanityReport:
+    """Model-parameter randomisation test of CAM methods, on a copy of the model.
+
+    For each randomisation (the cascade from the head down to each audited layer's block, and
+    the whole network) and seed, a re-initialised copy explains the same images with every
+    method and target; each map is compared with the trained model's map of the same image,
+    class and layer.
+
+    Args:
+        model: the trained network (never modified: the randomisations work on deep copies).
+        images: ``[N, C, H, W]`` images, on any device (moved to the model's).
+        masks: ground truth for energy inside and ``gt_region`` (labels ``[N, H, W]`` or
+            per-class ``[N, K, H, W]``), or ``None``: then the trained model's prediction
+            chooses the images and no energy is reported.
+        layers: layer names as the engine takes them.
+        methods: engine methods (names or instances); ``"guided_gradcam"`` gives guided
+            Grad-CAM rows per layer and a guided-backprop row (layer ``"input"``).
+        targets: engine targets.
+        seeds: re-initialisation seeds; the rows pool them.
+        classes: output channels to explain; default all.
+        class_names: a name per output channel, for the rows; default ``class_<k>``.
+        cascade: ``"layers"`` randomises down to each audited layer's block (plus ``"full"``);
+            ``"all"`` adds every intermediate step (head alone, head + next block, ...).
+        stages: module names of the cascade, output side first; default
+            :func:`cascade_stages`.
+        initializer: ``"variance_preserving"`` (default), ``"pytorch_default"`` or
+            ``f(module, generator)``.
+        rho_threshold: pass at median |ρ| at most this, cascade to the layer's block.
+        full_rho_threshold: the same for the full randomisation.
+        batch_size: images per engine call.
+        output_kind, threshold: as the engine takes them.
+        ignore_index: a label value outside every class (label masks).
+        progress: called with a line of text per randomised model (e.g. ``print``).
+
+    Returns:
+        A :class:`SanityReport`.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"Expected images [N, C, H, W], but got {list(images.shape)}.")
+    if not seeds:
+        raise ValueError("Expected at least one seed in `seeds`, but got none.")
+    if cascade not in ("layers", "all"):
+        raise ValueError(f"Expected `cascade` 'layers' or 'all', but got {cascade!r}.")
+    init_name, init = _get_initializer(initializer)
+    stage_list = list(stages) if stages is not None else cascade_stages(model, images)
+    layer_stage = {layer: _stage_of(_full_name(model, layer), stage_list) for layer in layers}
+    depths = (
+        range(1, len(stage_list) + 1)
+        if cascade == "all"
+        else sorted({i + 1 for i in layer_stage.values()} | {len(stage_list)})
+    )
+    device = next(model.parameters()).device
+    images = images.to(device)
+    masks = masks.to(device) if masks is not None else None
+    engine_options = {"output_kind": output_kind, "threshold": threshold}
+
+    wanted = list(classes) if classes is not None else None
+
+    rows: list[SanityRow] = []
+    for method in methods:
+        for target in targets:
+            label = _method_name(method)
+            trained, present, wanted, outputs, kind = method_maps(
+                model, layers, method, target, images, masks, wanted, batch_size, engine_options
+            )
+            names = [_class_name(class_names, k) for k in wanted]
+            regions, valid, counted = _regions(masks, present, wanted, kind, outputs, ignore_index)
+            randomized: dict[int, list[dict[tuple[str, str], Tensor]]] = {}
+            for depth in depths:
+                modules = stage_list[:depth]
+                randomized[depth] = []
+                for seed in seeds:
+                    clone = randomized_copy(model, modules, seed, init)
+                    maps, *_ = method_maps(
+                        clone,
+                        layers,
+                        method,
+                        target,
+                        images,
+                        masks,
+                        wanted,
+                        batch_size,
+                        engine_options,
+                    )
+                    randomized[depth].append(maps)
+                    del clone
+                    if progress is not None:
+                        progress(f"sanity {label}/{target}: {_span(stage_list, depth)} seed {seed}")
+            for (map_label, layer), before in trained.items():
+                stage = layer_stage.get(layer, len(stage_list) - 1)
+                for depth in depths:
+                    after = [m[(map_label, layer)] for m in randomized[depth]]
+                    full = depth == len(stage_list)
+                    # Guided backprop runs through every stage: each step of the cascade counts.
+                    reaches = depth > stage if layer != INPUT else True
+                    limit = full_rho_threshold if full else rho_threshold
+                    for k, (class_index, name) in enumerate(zip(wanted, names, strict=True)):
+                        rows.append(
+                            _row(
+                                before[:, k],
+                                [a[:, k] for a in after],
+                                counted[:, k],
+                                regions[:, k] if regions is not None else None,
+                                valid,
+                                method=map_label,
+                                target=target,
+                                layer=layer,
+                                class_index=class_index,
+                                class_name=name,
+                                randomized=FULL if full else _span(stage_list, depth),
+                                depth=depth,
+                                reaches=reaches,
+                                seeds=tuple(seeds),
+                                threshold=limit if reaches else float("nan"),
+                            )
+                        )
+    return SanityReport(
+        rows=rows,
+        stages=stage_list,
+        initializer=init_name,
+        seeds=tuple(int(s) for s in seeds),
+        num_images=int(images.shape[0]),
+        rho_threshold=rho_threshold,
+        full_rho_threshold=full_rho_threshold,
+        settings={
+            "layers": list(layers),
+            "methods": [_method_name(m) for m in methods],
+            "targets": list(targets),
+            "cascade": cascade,
+        },
+    )
+
+
+def _class_name(names: Sequence[str] | None, k: int) -> str:
+    return str(names[k]) if names is not None and k < len(names) else f"class_{k}"
+
+
+def _full_name(model: nn.Module, layer: str) -> str:
+    """A layer's name as in ``model.named_modules()``: given relative to the trunk (seed-style
+    ``d4.conv.conv.5`` on a LightningModule holding the U-Net as ``net``) or already full."""
+    named = dict(model.named_modules())
+    if layer in named:
+        return layer
+    prefix, _ = _trunk(model)
+    if f"{prefix}{layer}" in named:
+        return f"{prefix}{layer}"
+    return layer
+
+
+def _span(stages: Sequence[str], depth: int) -> str:
+    short = [s.rsplit(".", 1)[-1] for s in stages[:depth]]
+    return short[0] if depth == 1 else f"{short[0]}..{short[-1]}"
+
+
+def _regions(
+    masks: Tensor | None,
+    present: Tensor,
+    classes: Sequence[int],
+    kind: str,
+    num_outputs: int,
+    ignore_index: int | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """GT regions ``[N, K, H, W]`` (or ``None``), valid pixels and the images that count per
+    class ``[N, K]`` (the class in the ground truth, else where the target found it)."""
+    if masks is None:
+        return None, None, present
+    regions = class_regions(masks, list(classes), num_outputs, kind).cpu()
+    valid = None
+    if ignore_index is not None and masks.ndim == 3:
+        valid = (masks != ignore_index).unsqueeze(1).cpu()
+    counted = regions.flatten(2).any(dim=-1) & present
+    return regions, valid, counted
+
+
+def _row(
+    before: Tensor,
+    after: list[Tensor],
+    counted: Tensor,
+    regions: Tensor | None,
+    valid: Tensor | None,
+    *,
+    method: str,
+    target: str,
+    layer: str,
+    class_index: int,
+    class_name: str,
+    randomized: str,
+    depth: int,
+    reaches: bool,
+    seeds: tuple[int, ...],
+    threshold: float,
+) -> SanityRow:
+    """Compare one class's trained maps ``[N, H, W]`` with each seed's randomised ones."""
+    zero_before = QF.all_zero(before)
+    n_counted = int(counted.sum())
+    zero_trained = float(zero_before[counted].float().mean()) if n_counted else float("nan")
+    # Pairs need a trained map with a ranking: an all-zero trained map has nothing to compare.
+    use = counted & ~zero_before
+    region = regions[use] if regions is not None else None
+    region_valid = valid[use] if valid is not None else None
+    rhos, ssims, energies, zeros, per_seed = [], [], [], [], []
+    for maps in after:
+        rho = QF.spearman(before[use], maps[use])
+        rhos.append(rho)
+        ssims.append(QF.map_ssim(before[use], maps[use]))
+        zeros.append(QF.all_zero(maps[counted]).float())
+        if region is not None:
+            # An all-zero map has no energy to place: it counts in `zeros`, not here.
+            alive = ~QF.all_zero(maps[use])
+            valid_alive = region_valid[alive] if region_valid is not None else None
+            energies.append(energy_inside_regions(maps[use][alive], region[alive], valid_alive))
+        defined = rho[~rho.isnan()]
+        per_seed.append(float(defined.abs().median()) if defined.numel() else float("nan"))
+    rho_all = torch.cat(rhos) if rhos else torch.zeros(0)
+    defined = rho_all[~rho_all.isnan()]
+    share_defined = defined.numel() / rho_all.numel() if rho_all.numel() else 0.0
+    rho_median = float(defined.median()) if defined.numel() else float("nan")
+    rho_abs = float(defined.abs().median()) if defined.numel() else float("nan")
+    ssim_all = torch.cat(ssims) if ssims else torch.zeros(0)
+    ssim = float(ssim_all.median()) if ssim_all.numel() else float("nan")
+    if region is not None and int(use.sum()):
+        e_before = float(energy_inside_regions(before[use], region, region_valid).mean())
+        pooled = torch.cat(energies)
+        e_after = float(pooled.mean()) if pooled.numel() else float("nan")
+        chance = float(region.float().flatten(1).mean(1).mean())
+    else:
+        e_before = e_after = chance = float("nan")
+    zero_random = float(torch.cat(zeros).mean()) if n_counted else float("nan")
+    if not reaches:
+        verdict = ""
+    elif share_defined < MIN_DEFINED:
+        verdict = "inconclusive"
+    else:
+        verdict = "pass" if rho_abs <= threshold else "fail"
+    return SanityRow(
+        method=method,
+        target=target,
+        layer=layer,
+        class_index=class_index,
+        class_name=class_name,
+        randomized=randomized,
+        depth=depth,
+        reaches_layer=reaches,
+        num_images=int(use.sum()),
+        seeds=seeds,
+        rho_median=rho_median,
+        rho_abs_median=rho_abs,
+        rho_defined=share_defined,
+        ssim_median=ssim,
+        energy_trained=e_before,
+        energy_randomized=e_after,
+        energy_drop=e_before - e_after,
+        chance=chance,
+        zero_trained=zero_trained,
+        zero_randomized=zero_random,
+        threshold=threshold,
+        verdict=verdict,
+        per_seed_rho_abs_median=tuple(per_seed),
+    )
