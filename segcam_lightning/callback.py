@@ -54,8 +54,14 @@ from segcam_lightning.cam import (
 )
 from segcam_lightning.cam.layers import eval_mode, preserve_rng
 from segcam_lightning.data.batch import BatchAdapter
-from segcam_lightning.metrics import CAMEnergyInside, PointingGame
+from segcam_lightning.metrics import (
+    CAMEnergyInside,
+    PointingGame,
+    cam_energy_inside,
+    ground_truth_regions,
+)
 from segcam_lightning.paths import safe_component, safe_join
+from segcam_lightning.quality.functional import shortcut_suspects
 from segcam_lightning.render import cam_grid, class_palette, display_images
 
 COLORMAPS = {
@@ -119,6 +125,17 @@ class GradCAMCallback(Callback):
         probe_dataloader: a DataLoader (or any iterable of batches) to draw the probe from
             instead of the validation data.
         dataloader_idx: which validation dataloader to draw from when there are several.
+        shortcut_warning: warn (once per layer and class) when a class's maps stay off its
+            objects while the model segments it well: the sign of a shortcut, a cue outside the
+            object that decides its label. Judged on the probe images where the class is both
+            in the ground truth and predicted, and only at a layer whose maps do sit on another
+            class's objects (see :func:`segcam_lightning.quality.shortcut_suspects`). Needs
+            masks; ``False`` turns it off.
+        shortcut_energy: a class is suspect below this share of its maps inside its ground
+            truth...
+        shortcut_iou: ...while its IoU on the probe is at least this...
+        shortcut_reference: ...and another class's maps put at least this share inside theirs.
+        shortcut_patience: ...at this many CAM steps in a row.
 
     Example:
         >>> trainer = L.Trainer(callbacks=[GradCAMCallback(layers=["d4.conv.conv.5"])])
@@ -150,8 +167,32 @@ class GradCAMCallback(Callback):
         batch_adapter: BatchAdapterLike | None = None,
         probe_dataloader: Iterable[Any] | None = None,
         dataloader_idx: int = 0,
+        shortcut_warning: bool = True,
+        shortcut_energy: float = 0.5,
+        shortcut_iou: float = 0.5,
+        shortcut_reference: float = 0.7,
+        shortcut_patience: int = 2,
     ) -> None:
         super().__init__()
+        for name, value in (
+            ("shortcut_energy", shortcut_energy),
+            ("shortcut_iou", shortcut_iou),
+            ("shortcut_reference", shortcut_reference),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"Expected `{name}` in [0, 1], but got {value}.")
+        if shortcut_patience < 1:
+            raise ValueError(
+                f"Expected `shortcut_patience` to be at least 1, but got {shortcut_patience}."
+            )
+        self.shortcut_warning = bool(shortcut_warning)
+        self.shortcut_energy = shortcut_energy
+        self.shortcut_iou = shortcut_iou
+        self.shortcut_reference = shortcut_reference
+        self.shortcut_patience = shortcut_patience
+        #: Consecutive CAM steps each (layer, class) was suspect, and those already warned about.
+        self._shortcut_streak: dict[tuple[str, str], int] = {}
+        self._shortcut_warned: set[tuple[str, str]] = set()
         if isinstance(layers, str):
             layers = [layers]
         if layers is not None and (not layers or not all(isinstance(n, str) for n in layers)):
@@ -377,6 +418,8 @@ class GradCAMCallback(Callback):
         names = _class_names(trainer, pl_module, self._channels, self._kind)
         if self.log_alignment and masks is not None:
             self._log_alignment(pl_module, cams, masks, names)
+        if self.shortcut_warning and masks is not None:
+            self._check_shortcut(cams, masks, preds, names)
         if trainer.is_global_zero:
             self._log_grids(trainer, pl_module, images, masks, preds, cams, names)
 
@@ -394,6 +437,51 @@ class GradCAMCallback(Callback):
                 for name, value in zip(names, values.reshape(-1).tolist(), strict=True):
                     if not math.isnan(value):  # class absent from every probe image
                         pl_module.log(f"cam_alignment/{layer}/{name}/{kind}", value)
+
+    def _check_shortcut(self, cams: Tensor, masks: Tensor, preds: Tensor, names: list[str]) -> None:
+        """Warn once per layer and class that stays a shortcut suspect ``shortcut_patience``
+        steps in a row (every rank computes the same from the gathered CAMs; rank 0 warns)."""
+        channels, kind = self._channels, self._kind
+        truth, valid = ground_truth_regions(masks, channels, kind, self.ignore_index)
+        predicted = class_regions(preds, channels, self._num_outputs, kind)
+        if valid is not None:
+            truth, predicted = truth & valid, predicted & valid
+        counted = truth.flatten(2).any(-1) & predicted.flatten(2).any(-1)
+        union = (truth | predicted).sum((0, 2, 3))
+        iou = (truth & predicted).sum((0, 2, 3)) / union.clamp_min(1)
+        iou = torch.where(union > 0, iou.float(), float("nan"))
+        area = truth.float().mean((2, 3))
+        for i, layer in enumerate(self._layer_labels):
+            energy, _ = cam_energy_inside(cams[:, i], masks, channels, kind, self.ignore_index)
+            suspects = shortcut_suspects(
+                energy,
+                counted,
+                iou,
+                area,
+                energy_threshold=self.shortcut_energy,
+                iou_threshold=self.shortcut_iou,
+                reference_threshold=self.shortcut_reference,
+            )
+            flagged = {s.class_index: s for s in suspects}
+            for k, name in enumerate(names):
+                key = (layer, name)
+                streak = self._shortcut_streak.get(key, 0) + 1 if k in flagged else 0
+                self._shortcut_streak[key] = streak
+                if streak < self.shortcut_patience or key in self._shortcut_warned:
+                    continue
+                self._shortcut_warned.add(key)
+                s = flagged[k]
+                rank_zero_warn(
+                    f"GradCAMCallback: class {name!r} at layer {layer!r} may be learned from a "
+                    f"shortcut: only {s.energy_inside:.2f} of its {self.method} maps lie inside "
+                    f"its ground truth (below {self.shortcut_energy}) for {streak} CAM steps in a "
+                    f"row, while its IoU on the probe is {s.iou:.2f} and "
+                    f"{names[s.reference_index]!r}'s maps put {s.reference_energy:.2f} inside "
+                    f"theirs at the same layer ({s.num_images} probe images hold and predict "
+                    f"{name!r}). The model may decide {name!r} by something around the objects "
+                    "rather than the objects; look at the grids, and see docs/QUALITY.md. "
+                    "`shortcut_warning=False` turns this off."
+                )
 
     def _log_grids(
         self,
