@@ -14,6 +14,7 @@ Sub-commands (each prints Markdown tables and writes ``<out>/<name>.json``):
 - ``faithfulness``: deletion / insertion AUC over random order per class for every method ×
   target × layer (``--fill mean|blur``).
 - ``shortcut``: clean vs shortcut checkpoints, energy inside per layer and method.
+- ``report``: the compact tables of docs/QUALITY.md from the JSON files above.
 
 Usage::
 
@@ -508,6 +509,117 @@ def train(args: argparse.Namespace) -> None:
     shortcut(args)
 
 
+def report(args: argparse.Namespace) -> None:
+    """Compact Markdown tables (docs/QUALITY.md) from the JSON files the other commands wrote."""
+    for path in args.files:
+        payload = json.loads(Path(path).read_text())
+        name = Path(path).stem
+        print(f"\n<!-- {path} -->")
+        if name == "localisation":
+            report_localisation(payload)
+        elif name == "sanity":
+            report_sanity([row for r in payload["reports"] for row in r["rows"]])
+        elif name.startswith("faithfulness"):
+            report_faithfulness(payload)
+
+
+def pair(values: Sequence[float | None], marks: Sequence[bool] = (False, False)) -> str:
+    return " / ".join(
+        ("–" if v is None else f"{v:.2f}") + ("*" if m else "")
+        for v, m in zip(values, marks, strict=True)
+    )
+
+
+def report_localisation(payload: dict) -> None:
+    area = payload["chance"]
+    print(f"test IoU {pair(payload['iou'][1:])} (narrow / round), chance {pair(area[1:])}")
+    header("method", "target", *(f"{SHORT[layer]} energy (pointing)" for layer in LAYERS))
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for r in payload["rows"]:
+        energy = [r["energy"][k] for k in PLANTS]
+        below = [e < area[k] for e, k in zip(energy, PLANTS, strict=True)]
+        text = f"{pair(energy, below)} ({pair([r['pointing'][k] for k in PLANTS])})"
+        cells.setdefault((r["method"], r["target"]), {})[r["layer"]] = text
+    for (method, target), by_layer in cells.items():
+        columns = [by_layer.get(layer, "") for layer in LAYERS]
+        print(f"| {method} | {target} | " + " | ".join(columns) + " |")
+
+
+def report_sanity(rows: list[dict]) -> None:
+    header(
+        "method",
+        "target",
+        "layer",
+        "randomised",
+        "median abs ρ",
+        "SSIM",
+        "energy trained → random",
+        "all-zero random",
+        "verdict",
+    )
+    # Two rows per map: the cascade down to the layer's own block, and the whole network.
+    first: dict[tuple, int] = {}
+    for r in rows:
+        if r["verdict"]:
+            key = (r["method"], r["target"], r["layer"])
+            first[key] = min(first.get(key, r["depth"]), r["depth"])
+    keyed: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        shown = r["randomized"] == "full" or r["depth"] == first.get(
+            (r["method"], r["target"], r["layer"])
+        )
+        if r["verdict"] and shown and r["class_index"] in PLANTS:
+            key = (r["method"], r["target"], r["layer"], r["randomized"])
+            keyed.setdefault(key, {})[r["class_index"]] = r
+    for (method, target, layer, randomized), by_class in keyed.items():
+        got = [by_class.get(k, {}) for k in PLANTS]
+        trained = pair([g.get("energy_trained") for g in got])
+        random = pair([g.get("energy_randomized") for g in got])
+        verdicts = " / ".join(g.get("verdict", "–") for g in got)
+        print(
+            f"| {method} | {target} | {SHORT.get(layer, layer)} | {randomized} | "
+            f"{pair([g.get('rho_abs_median') for g in got])} | "
+            f"{pair([g.get('ssim_median') for g in got])} | {trained} → {random} | "
+            f"{pair([g.get('zero_randomized') for g in got])} | {verdicts} |"
+        )
+
+
+def above_floor(row: dict) -> float | None:
+    """A deletion row's ratio with the fully filled image's score taken out of both areas
+    (files written before the row held it: from its mean curves)."""
+    if row.get("ratio_above_floor") is not None or not row.get("curve_random"):
+        return row.get("ratio_above_floor")
+    floor = row["curve_random"][-1]
+    return (row["auc_map"] - floor) / (row["auc_random"] - floor)
+
+
+def report_faithfulness(payload: dict) -> None:
+    print(f"fill {payload['fill']}, {payload['steps']} steps, {payload['images']} images")
+    header(
+        "method",
+        "target",
+        "layer",
+        "deletion / random",
+        "above floor",
+        "GT first / random",
+        "insertion / random",
+    )
+    keyed: dict[tuple, dict] = {}
+    for r in payload["rows"]:
+        keyed.setdefault((r["method"], r["target"], r["layer"]), {})[
+            (r["curve"], r["class_index"])
+        ] = r
+    for (method, target, layer), cell in keyed.items():
+        deletion = [cell[("deletion", k)] for k in PLANTS]
+        gt = [d["auc_gt_first"] / d["auc_random"] for d in deletion]
+        print(
+            f"| {method} | {target} | {SHORT.get(layer, layer)} | "
+            f"{pair([d['ratio'] for d in deletion])} | "
+            f"{pair([above_floor(d) for d in deletion])} | {pair(gt)} | "
+            f"{pair([cell[('insertion', k)]['ratio'] for k in PLANTS])} |"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -549,6 +661,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shortcut", required=True)
     p.add_argument("--images", type=int, default=64)
     p.set_defaults(run=shortcut)
+    p = sub.add_parser("report", help="compact tables from the JSON files of the others")
+    p.add_argument("files", nargs="+", help="localisation.json, sanity.json, faithfulness_*.json")
+    p.set_defaults(run=report)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     args.run(args)

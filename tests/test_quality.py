@@ -204,6 +204,10 @@ def test_gradcam_deletion_beats_random_order_for_narrow_leaf(trained):
         net, images[index], masks[index] == NARROW, NARROW, 8, lambda b: order[b]
     )
     assert narrow.auc_map == pytest.approx(float(QF.curve_auc(curves).mean()), abs=1e-5)
+    # The floor is the score of the fully filled images, every order's last point.
+    assert narrow.floor == pytest.approx(float(curves[:, -1].mean()), abs=1e-5)
+    expected = (narrow.auc_map - narrow.floor) / (narrow.auc_random - narrow.floor)
+    assert narrow.ratio_above_floor == pytest.approx(expected)
 
 
 def test_no_shortcut_warning_in_the_clean_run(clean_run):

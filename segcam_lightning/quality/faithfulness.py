@@ -62,6 +62,12 @@ class FaithfulnessRow:
         verdict: ``"pass"``, ``"fail"`` or ``""`` (insertion, or no image).
         score_start: mean score of the untouched images (deletion) or the filled ones
             (insertion).
+        floor: mean score of the fully filled images (deletion's last point, insertion's
+            first): what no order can go below. A fill that keeps a class (a round leaf's
+            mean colour still reads round_leaf at p 0.13 on the default run) raises every
+            area by it.
+        ratio_above_floor: ``(auc_map - floor) / (auc_random - floor)``: the ratio with that
+            floor taken out of both areas.
         curve_map, curve_random, curve_gt_first: the mean curves, ``steps + 1`` values each.
         labels: what the caller says the maps are (e.g. method, target, layer).
     """
@@ -79,6 +85,8 @@ class FaithfulnessRow:
     threshold: float
     verdict: str
     score_start: float
+    floor: float
+    ratio_above_floor: float
     curve_map: tuple[float, ...]
     curve_random: tuple[float, ...]
     curve_gt_first: tuple[float, ...]
@@ -297,6 +305,10 @@ def _row(
 
     auc_map, auc_random, auc_gt = area(by_map), area(by_random), area(by_gt)
     ratio = auc_map / auc_random if auc_random > 0 else nan
+    end = -1 if mode == "deletion" else 0
+    floor = float(by_random[:, end].mean()) if by_random is not None else nan
+    above = auc_random - floor
+    ratio_above_floor = (auc_map - floor) / above if above > 0 else nan
     limit = deletion_threshold if mode == "deletion" else nan
     verdict = ""
     if mode == "deletion" and not math.isnan(ratio):
@@ -315,6 +327,8 @@ def _row(
         threshold=limit,
         verdict=verdict,
         score_start=float(by_map[:, 0].mean()) if by_map is not None else nan,
+        floor=floor,
+        ratio_above_floor=ratio_above_floor,
         curve_map=mean_curve(by_map),
         curve_random=mean_curve(by_random),
         curve_gt_first=mean_curve(by_gt),
