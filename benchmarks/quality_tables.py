@@ -83,6 +83,13 @@ def engine_method(name: str, scorecam_channels: int) -> object:
     return ScoreCAM(max_channels=scorecam_channels) if name == "scorecam" else name
 
 
+def maps_of(net, layers, method, target, images, masks, args) -> dict:
+    """Every class's maps of one method and target, keyed ``(method label, layer)``."""
+    options = (engine_method(method, args.scorecam_channels), target, images, masks)
+    maps, *_ = method_maps(net, layers, *options, None, args.batch_size, {})
+    return maps
+
+
 def targets_for(method: str) -> tuple[str, ...]:
     # Eigen-CAM ignores the target (one map for every class): one target is enough.
     return ("softmax_mean",) if method == "eigencam" else TARGETS
@@ -160,17 +167,7 @@ def localisation(args: argparse.Namespace) -> None:
     for method in method_list(args.methods):
         for target in targets_for(method):
             started = time.perf_counter()
-            maps, *_ = method_maps(
-                net,
-                LAYERS,
-                engine_method(method, args.scorecam_channels),
-                target,
-                images,
-                masks,
-                None,
-                args.batch_size,
-                {},
-            )
+            maps = maps_of(net, LAYERS, method, target, images, masks, args)
             for (label, layer), cams in maps.items():
                 energy, present = cam_energy_inside(cams, masks, [0, 1, 2])
                 hits, _ = pointing_game_hits(cams, masks, [0, 1, 2])
@@ -347,17 +344,7 @@ def faithfulness(args: argparse.Namespace) -> None:
     for method in method_list(args.methods):
         for target in targets_for(method) if not args.targets else args.targets:
             started = time.perf_counter()
-            maps, *_ = method_maps(
-                net,
-                layers,
-                engine_method(method, args.scorecam_channels),
-                target,
-                images,
-                masks,
-                None,
-                args.batch_size,
-                {},
-            )
+            maps = maps_of(net, layers, method, target, images, masks, args)
             for (label, layer), cams in maps.items():
                 result = deletion_insertion(
                     net,
@@ -533,7 +520,8 @@ def pair(values: Sequence[float | None], marks: Sequence[bool] = (False, False))
 def report_localisation(payload: dict) -> None:
     area = payload["chance"]
     print(f"test IoU {pair(payload['iou'][1:])} (narrow / round), chance {pair(area[1:])}")
-    header("method", "target", *(f"{SHORT[layer]} energy (pointing)" for layer in LAYERS))
+    columns = (*LAYERS, "input")  # guided backprop's maps belong to no layer
+    header("method", "target", *(f"{SHORT.get(c, c)} energy (pointing)" for c in columns))
     cells: dict[tuple[str, str], dict[str, str]] = {}
     for r in payload["rows"]:
         energy = [r["energy"][k] for k in PLANTS]
@@ -541,8 +529,8 @@ def report_localisation(payload: dict) -> None:
         text = f"{pair(energy, below)} ({pair([r['pointing'][k] for k in PLANTS])})"
         cells.setdefault((r["method"], r["target"]), {})[r["layer"]] = text
     for (method, target), by_layer in cells.items():
-        columns = [by_layer.get(layer, "") for layer in LAYERS]
-        print(f"| {method} | {target} | " + " | ".join(columns) + " |")
+        cells_text = [by_layer.get(column, "") for column in columns]
+        print(f"| {method} | {target} | " + " | ".join(cells_text) + " |")
 
 
 def report_sanity(rows: list[dict]) -> None:

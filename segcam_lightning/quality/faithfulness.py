@@ -101,15 +101,7 @@ class FaithfulnessRow:
             for key in ("curve_map", "curve_random", "curve_gt_first"):
                 values.pop(key)
         out = {**labels, **values}
-        return {k: _plain(v) for k, v in out.items()}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value
+        return {k: QF.plain(v) for k, v in out.items()}
 
 
 def deletion_insertion(
@@ -236,7 +228,7 @@ def deletion_insertion(
             probs = probabilities(QF.perturbed(images, filled, random, c, mode))
             random_curves[mode].append(probs)
 
-    names = [_class_name(class_names, k) for k in wanted]
+    names = [QF.class_name(class_names, k) for k in wanted]
     rows: list[FaithfulnessRow] = []
     for k, (class_index, name) in enumerate(zip(wanted, names, strict=True)):
         index = counted[:, k].nonzero().flatten()
@@ -350,10 +342,6 @@ def _predicted_regions(probs: Tensor, kind: str, threshold: float) -> Tensor:
 
 def _channel(class_index: int, kind: str) -> int:
     return 0 if kind == "binary" else class_index
-
-
-def _class_name(names: Sequence[str] | None, k: int) -> str:
-    return str(names[k]) if names is not None and k < len(names) else f"class_{k}"
 
 
 def _device(model: nn.Module, images: Tensor) -> torch.device:

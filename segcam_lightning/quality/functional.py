@@ -8,7 +8,9 @@ the leading dimensions (images, classes, layers) broadcast through.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +22,14 @@ __all__ = [
     "all_zero",
     "average_ranks",
     "blur_images",
+    "class_name",
     "curve_auc",
     "gt_first_order",
     "guided_maps",
     "map_ssim",
     "mean_fill",
     "perturbed",
+    "plain",
     "random_order",
     "ranked_order",
     "shortcut_suspects",
@@ -35,6 +39,20 @@ __all__ = [
 #: A map whose maximum is at most this is all zero: the engine's own cut-off for "no energy"
 #: (the smallest normal float32).
 ZERO_MAP = torch.finfo(torch.float32).tiny
+
+
+def plain(value: Any) -> Any:
+    """A result's value as JSON takes it: NaN as ``None``, tuples as lists."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
+    return value
+
+
+def class_name(names: Sequence[str] | None, index: int) -> str:
+    """The name of output channel ``index``: ``names[index]``, else ``class_<index>``."""
+    return str(names[index]) if names is not None and index < len(names) else f"class_{index}"
 
 
 def average_ranks(values: Tensor) -> Tensor:

@@ -342,7 +342,7 @@ class SanityRow:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (tuples as lists, NaN as ``None``)."""
-        return {k: _plain(v) for k, v in asdict(self).items()}
+        return {k: QF.plain(v) for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -384,17 +384,9 @@ class SanityReport:
             "stages": list(self.stages),
             "rho_threshold": self.rho_threshold,
             "full_rho_threshold": self.full_rho_threshold,
-            "settings": {k: _plain(v) for k, v in self.settings.items()},
+            "settings": {k: QF.plain(v) for k, v in self.settings.items()},
             "rows": [r.to_dict() for r in self.rows],
         }
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------------- the check
@@ -543,7 +535,7 @@ def sanity_check(
             trained, present, wanted, outputs, kind = method_maps(
                 model, layers, method, target, images, masks, wanted, batch_size, engine_options
             )
-            names = [_class_name(class_names, k) for k in wanted]
+            names = [QF.class_name(class_names, k) for k in wanted]
             regions, valid, counted = _regions(masks, present, wanted, kind, outputs, ignore_index)
             randomized: dict[int, list[dict[tuple[str, str], Tensor]]] = {}
             for depth in depths:
@@ -609,10 +601,6 @@ def sanity_check(
             "cascade": cascade,
         },
     )
-
-
-def _class_name(names: Sequence[str] | None, k: int) -> str:
-    return str(names[k]) if names is not None and k < len(names) else f"class_{k}"
 
 
 def _full_name(model: nn.Module, layer: str) -> str:
