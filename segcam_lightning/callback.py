@@ -62,7 +62,7 @@ from segcam_lightning.metrics import (
 )
 from segcam_lightning.paths import safe_component, safe_join
 from segcam_lightning.quality.functional import shortcut_suspects
-from segcam_lightning.render import cam_grid, class_palette, display_images
+from segcam_lightning.render import cam_grid, class_palette, display_images, volume_grid
 
 COLORMAPS = {
     name.removeprefix("COLORMAP_").lower(): getattr(cv2, name)
@@ -274,6 +274,7 @@ class GradCAMCallback(Callback):
         self._layer_labels: list[str] = []
         self._kind = "multiclass"
         self._num_outputs = 0
+        self._spatial = 2
         self._channels: list[int] = []
         self._display: Callable[[Tensor], Tensor] = display_images
         self._warned = False
@@ -333,6 +334,7 @@ class GradCAMCallback(Callback):
             raise type(error)(f"GradCAMCallback could not compute CAMs at setup: {error}") from None
         self._kind = result.output_kind
         self._num_outputs = num_outputs
+        self._spatial = example.ndim - 2
         self._channels = self.classes if self.classes is not None else list(range(num_outputs))
         if masks is None:
             if self.log_alignment:
@@ -343,7 +345,9 @@ class GradCAMCallback(Callback):
                 )
             return
         try:
-            class_regions(masks[:1], self._channels, self._num_outputs, self._kind)
+            class_regions(
+                masks[:1], self._channels, self._num_outputs, self._kind, spatial_dims=self._spatial
+            )
         except (TypeError, ValueError) as error:
             raise ValueError(
                 f"GradCAMCallback: the probe's masks {list(masks.shape)} do not fit the model's "
@@ -410,7 +414,7 @@ class GradCAMCallback(Callback):
         with trainer.precision_plugin.forward_context():
             result = self._engine(local, classes=self._channels, masks=local_masks)
         preds = predicted_masks(result.logits.float(), self._kind, self.threshold)
-        preds = _resize_labels(preds, images.shape[-2:])
+        preds = _resize_labels(preds, images.shape[2:])
         cams = _gather(trainer, result.cams)[: len(images)].cpu()
         preds = _gather(trainer, preds)[: len(images)].cpu()
         del result
@@ -441,16 +445,17 @@ class GradCAMCallback(Callback):
     def _check_shortcut(self, cams: Tensor, masks: Tensor, preds: Tensor, names: list[str]) -> None:
         """Warn once per layer and class that stays a shortcut suspect ``shortcut_patience``
         steps in a row (every rank computes the same from the gathered CAMs; rank 0 warns)."""
-        channels, kind = self._channels, self._kind
-        truth, valid = ground_truth_regions(masks, channels, kind, self.ignore_index)
-        predicted = class_regions(preds, channels, self._num_outputs, kind)
+        channels, kind, spatial = self._channels, self._kind, self._spatial
+        truth, valid = ground_truth_regions(masks, channels, kind, self.ignore_index, spatial)
+        predicted = class_regions(preds, channels, self._num_outputs, kind, spatial_dims=spatial)
         if valid is not None:
             truth, predicted = truth & valid, predicted & valid
-        counted = truth.flatten(2).any(-1) & predicted.flatten(2).any(-1)
-        union = (truth | predicted).sum((0, 2, 3))
-        iou = (truth & predicted).sum((0, 2, 3)) / union.clamp_min(1)
+        truth, predicted = truth.flatten(2), predicted.flatten(2)
+        counted = truth.any(-1) & predicted.any(-1)
+        union = (truth | predicted).sum((0, 2))
+        iou = (truth & predicted).sum((0, 2)) / union.clamp_min(1)
         iou = torch.where(union > 0, iou.float(), float("nan"))
-        area = truth.float().mean((2, 3))
+        area = truth.float().mean(2)
         for i, layer in enumerate(self._layer_labels):
             energy, _ = cam_energy_inside(cams[:, i], masks, channels, kind, self.ignore_index)
             suspects = shortcut_suspects(
@@ -493,9 +498,10 @@ class GradCAMCallback(Callback):
         cams: Tensor,
         names: list[str],
     ) -> None:
-        shown = self._display(images)
-        truth = _display_labels(masks, self._kind) if masks is not None else None
-        predicted = _display_labels(preds, self._kind)
+        spatial = self._spatial
+        shown = self._display(images) if spatial == 2 else _display_volumes(self._display, images)
+        truth = _display_labels(masks, self._kind, spatial) if masks is not None else None
+        predicted = _display_labels(preds, self._kind, spatial)
         num_labels = 2 if self._kind == "binary" else self._num_outputs
         colormap = [*_colormap(trainer, num_labels)[:num_labels], IGNORED_COLOR]
         legend = _label_names(trainer, pl_module, num_labels, self._kind)
@@ -504,25 +510,25 @@ class GradCAMCallback(Callback):
         for labels in (truth, predicted):
             if labels is not None:
                 labels[(labels < 0) | (labels >= num_labels)] = num_labels
-        absent = ~_regions_of(preds, self._channels, self._kind, self._num_outputs)
+        absent = ~_regions_of(preds, self._channels, self._kind, self._num_outputs, spatial)
         if masks is not None:
-            absent &= ~_regions_of(masks, self._channels, self._kind, self._num_outputs)
+            absent &= ~_regions_of(masks, self._channels, self._kind, self._num_outputs, spatial)
         step = _log_step(trainer)
         for i, layer in enumerate(self._layer_labels):
             for k, name in enumerate(names):
                 notes = [["absent" if gone else ""] for gone in absent[:, k].tolist()]
-                grid = cam_grid(
-                    shown,
-                    cams[:, i, k : k + 1],
-                    [name],
-                    colormap,
-                    masks=truth,
-                    preds=predicted,
-                    alpha=self.alpha,
-                    cam_colormap=self.colormap,
-                    legend=legend,
-                    notes=notes,
-                )
+                options = {
+                    "masks": truth,
+                    "preds": predicted,
+                    "alpha": self.alpha,
+                    "cam_colormap": self.colormap,
+                    "legend": legend,
+                    "notes": notes,
+                }
+                if spatial == 3:  # three slices per volume through the map's peak
+                    grid = volume_grid(shown, cams[:, i, k], name, colormap, **options)
+                else:
+                    grid = cam_grid(shown, cams[:, i, k : k + 1], [name], colormap, **options)
                 _write_image(trainer, (layer, name), grid, step)
 
     # ------------------------------------------------------------------ resume
@@ -785,27 +791,41 @@ def _probe_hash(probe: Mapping[str, Any]) -> str:
 
 
 def _resize_labels(preds: Tensor, size: Sequence[int]) -> Tensor:
-    """Predictions at the logits' resolution to the input's (nearest: labels are not blended)."""
-    if tuple(preds.shape[-2:]) == tuple(size):
+    """Predictions at the logits' resolution to the input's (nearest: labels are not blended).
+
+    ``preds`` are labels ``[N, *S]`` or per-class masks ``[N, K, *S]``, ``len(size)`` = len(S).
+    """
+    if tuple(preds.shape[-len(size) :]) == tuple(size):
         return preds
-    dtype = preds.dtype
-    batched = preds.unsqueeze(1) if preds.ndim == 3 else preds
+    labels = preds.ndim == len(size) + 1
+    batched = preds.unsqueeze(1) if labels else preds
     resized = torch.nn.functional.interpolate(batched.float(), size=tuple(size), mode="nearest")
-    resized = resized.squeeze(1) if preds.ndim == 3 else resized
-    return resized.to(dtype)
+    return (resized.squeeze(1) if labels else resized).to(preds.dtype)
 
 
-def _regions_of(masks: Tensor, channels: list[int], kind: str, num_outputs: int) -> Tensor:
+def _regions_of(
+    masks: Tensor, channels: list[int], kind: str, num_outputs: int, spatial: int
+) -> Tensor:
     """Whether each image holds each channel's class at all: bool ``[N, K]``."""
-    return class_regions(masks, channels, num_outputs, kind).flatten(2).any(dim=-1)
+    regions = class_regions(masks, channels, num_outputs, kind, spatial_dims=spatial)
+    return regions.flatten(2).any(dim=-1)
 
 
-def _display_labels(masks: Tensor, kind: str) -> Tensor:
+def _display_volumes(display: Callable[[Tensor], Tensor], volumes: Tensor) -> Tensor:
+    """The display transform applied to every depth slice: ``[N, C, D, H, W]`` → RGB
+    ``[N, 3, D, H, W]``."""
+    n, c, d, h, w = volumes.shape
+    slices = display(volumes.permute(0, 2, 1, 3, 4).reshape(n * d, c, h, w))
+    return slices.reshape(n, d, 3, h, w).permute(0, 2, 1, 3, 4)
+
+
+def _display_labels(masks: Tensor, kind: str, spatial: int = 2) -> Tensor:
     """One label per pixel for the truth and prediction columns: labels as they are; per-class
     masks by their highest true channel (overlapping multi-label classes show the last)."""
-    if masks.ndim == 3:
+    if masks.ndim == spatial + 1:
         return masks.long().clone()
-    channels = torch.arange(1, masks.shape[1] + 1, device=masks.device).view(1, -1, 1, 1)
+    shape = (1, -1) + (1,) * spatial
+    channels = torch.arange(1, masks.shape[1] + 1, device=masks.device).view(shape)
     labels = (masks.bool() * channels).amax(dim=1) - 1
     if kind == "binary":
         return (labels + 1).clamp(0, 1)

@@ -1,11 +1,12 @@
 """How well CAMs sit on the ground truth: a functional core and torchmetrics ``Metric``s over it.
 
-Every function takes CAMs ``[B, K, H, W]`` (one map per class in ``classes``), ground truth at the
-same resolution and the output channels the ``K`` maps belong to. Ground truth is either integer
-labels ``[B, H, W]`` or per-class masks ``[B, K_out, H, W]`` (one-hot, or multi-hot for
-multi-label models); regions come from :func:`segcam_lightning.cam.class_regions`, so binary
-models (one output channel, foreground label 1) and ignored pixels (a label such as 255 given as
-``ignore_index``) are read the same way everywhere. Ignored pixels take no part: they count
+Every function takes CAMs ``[B, K, H, W]`` (one map per class in ``classes``; ``[B, K, D, H, W]``
+for volumes), ground truth at the same resolution and the output channels the ``K`` maps belong
+to. Ground truth is either integer labels ``[B, H, W]`` or per-class masks ``[B, K_out, H, W]``
+(one-hot, or multi-hot for multi-label models; with a depth dimension for volumes). Regions come
+from :func:`segcam_lightning.cam.class_regions`, so binary models (one output channel, foreground
+label 1) and ignored pixels (a label such as 255 given as ``ignore_index``) are read the same way
+everywhere. Ignored pixels take no part: they count
 neither in a map's energy nor as its peak.
 
 An image counts for a class only if the class is in its ground truth; a class seen in no image
@@ -39,40 +40,51 @@ def ground_truth_regions(
     classes: Sequence[int],
     kind: str = "multiclass",
     ignore_index: int | None = None,
+    spatial_dims: int = 2,
 ) -> tuple[Tensor, Tensor | None]:
     """The classes' ground-truth regions and the pixels that count.
 
     Args:
-        masks: labels ``[B, H, W]`` or per-class masks ``[B, K_out, H, W]``.
+        masks: labels ``[B, *S]`` or per-class masks ``[B, K_out, *S]`` (``S`` = ``H, W``, or
+            ``D, H, W`` with ``spatial_dims=3``).
         classes: the output channel of each map.
         kind: the model's output kind (``"multiclass"``, ``"binary"``, ``"multilabel"``).
         ignore_index: a label value that belongs to no class and is left out (label masks).
+        spatial_dims: 2 for images, 3 for volumes.
 
     Returns:
-        ``(regions [B, K, H, W] bool, valid [B, 1, H, W] bool or None when every pixel counts)``.
+        ``(regions [B, K, *S] bool, valid [B, 1, *S] bool or None when every pixel counts)``.
     """
-    if masks.ndim == 4:
+    per_class = masks.ndim == spatial_dims + 2
+    if per_class:
         num_outputs = masks.shape[1]
     else:
         num_outputs = 1 if kind == "binary" else max(int(c) for c in classes) + 1
-    regions = class_regions(masks, list(classes), num_outputs, kind)
+    regions = class_regions(masks, list(classes), num_outputs, kind, spatial_dims=spatial_dims)
     valid = None
-    if ignore_index is not None and masks.ndim == 3:
+    if ignore_index is not None and not per_class:
         valid = (masks != ignore_index).unsqueeze(1)
     return regions, valid
 
 
-def _check_shapes(cams: Tensor, masks: Tensor, classes: Sequence[int]) -> None:
-    if cams.ndim != 4 or masks.ndim not in (3, 4) or cams.shape[0] != masks.shape[0]:
+def _check_shapes(cams: Tensor, masks: Tensor, classes: Sequence[int]) -> int:
+    """The maps' number of spatial dimensions, after checking the shapes agree."""
+    spatial = cams.ndim - 2
+    if (
+        spatial not in (2, 3)
+        or masks.ndim not in (spatial + 1, spatial + 2)
+        or cams.shape[0] != masks.shape[0]
+    ):
         raise ValueError(
-            f"Expected CAMs [B, K, H, W] and masks [B, H, W] (or [B, K_out, H, W]), but got "
-            f"{tuple(cams.shape)} and {tuple(masks.shape)}."
+            f"Expected CAMs [B, K, H, W] and masks [B, H, W] (or [B, K_out, H, W]), or the same "
+            f"with a depth D for volumes, but got {tuple(cams.shape)} and {tuple(masks.shape)}."
         )
-    if cams.shape[1] != len(classes) or cams.shape[-2:] != masks.shape[-2:]:
+    if cams.shape[1] != len(classes) or cams.shape[2:] != masks.shape[-spatial:]:
         raise ValueError(
             f"Expected {len(classes)} maps (one per class in {list(classes)}) of size"
-            f" {tuple(masks.shape[-2:])}, but got CAMs of shape {tuple(cams.shape)}."
+            f" {tuple(masks.shape[-spatial:])}, but got CAMs of shape {tuple(cams.shape)}."
         )
+    return spatial
 
 
 def cam_energy_inside(
@@ -88,9 +100,10 @@ def cam_energy_inside(
         ``(share [B, K], present [B, K])``: share in [0, 1] (0 for an all-zero map);
         ``present`` is whether the class is in the image's ground truth.
     """
-    _check_shapes(cams, masks, classes)
-    regions, valid = ground_truth_regions(masks, classes, kind, ignore_index)
-    return energy_inside_regions(cams, regions, valid), regions.flatten(-2).any(dim=-1)
+    spatial = _check_shapes(cams, masks, classes)
+    regions, valid = ground_truth_regions(masks, classes, kind, ignore_index, spatial)
+    share = energy_inside_regions(cams, regions, valid, spatial)
+    return share, regions.flatten(2).any(dim=-1)
 
 
 def pointing_game_hits(
@@ -110,22 +123,25 @@ def pointing_game_hits(
         ``(hits [B, K], present [B, K])`` as booleans; ``present`` as in
         :func:`cam_energy_inside`.
     """
-    _check_shapes(cams, masks, classes)
-    regions, valid = ground_truth_regions(masks, classes, kind, ignore_index)
-    present = regions.flatten(-2).any(dim=-1)
+    spatial = _check_shapes(cams, masks, classes)
+    regions, valid = ground_truth_regions(masks, classes, kind, ignore_index, spatial)
+    present = regions.flatten(2).any(dim=-1)
     if tolerance > 0:
-        size = 2 * tolerance + 1
-        regions = F.max_pool2d(regions.float(), size, stride=1, padding=tolerance) > 0
-    return pointing_hits_regions(cams, regions, valid), present
+        pool = F.max_pool2d if spatial == 2 else F.max_pool3d
+        regions = pool(regions.float(), 2 * tolerance + 1, stride=1, padding=tolerance) > 0
+    return pointing_hits_regions(cams, regions, valid, spatial), present
 
 
-def energy_inside_regions(cams: Tensor, regions: Tensor, valid: Tensor | None = None) -> Tensor:
+def energy_inside_regions(
+    cams: Tensor, regions: Tensor, valid: Tensor | None = None, spatial_dims: int = 2
+) -> Tensor:
     """Share of each map's energy inside a region.
 
     Args:
-        cams: maps ``[..., H, W]``; negative values count as 0.
+        cams: maps ``[..., *S]``; negative values count as 0.
         regions: bool, broadcastable to ``cams``.
         valid: bool pixels that count (broadcastable), or ``None`` for all.
+        spatial_dims: how many trailing dimensions make one map (2, or 3 for volumes).
 
     Returns:
         ``[...]`` float32 in [0, 1]; 0 for a map with no energy.
@@ -133,18 +149,22 @@ def energy_inside_regions(cams: Tensor, regions: Tensor, valid: Tensor | None = 
     cams = cams.float().clamp_min(0)
     if valid is not None:
         cams = cams * valid
-    total = cams.sum(dim=(-2, -1))
-    inside = (cams * regions).sum(dim=(-2, -1))
+    dims = tuple(range(-spatial_dims, 0))
+    total = cams.sum(dim=dims)
+    inside = (cams * regions).sum(dim=dims)
     return torch.where(total > 0, inside / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
 
 
-def pointing_hits_regions(cams: Tensor, regions: Tensor, valid: Tensor | None = None) -> Tensor:
+def pointing_hits_regions(
+    cams: Tensor, regions: Tensor, valid: Tensor | None = None, spatial_dims: int = 2
+) -> Tensor:
     """Whether each map's peak lies on a region (the first maximum counts).
 
     Args:
-        cams: maps ``[..., H, W]``.
+        cams: maps ``[..., *S]``.
         regions: bool, broadcastable to ``cams``.
         valid: bool pixels that may hold the peak (broadcastable), or ``None`` for all.
+        spatial_dims: how many trailing dimensions make one map (2, or 3 for volumes).
 
     Returns:
         ``[...]`` bool; ``False`` for a map whose peak is not above 0.
@@ -152,9 +172,9 @@ def pointing_hits_regions(cams: Tensor, regions: Tensor, valid: Tensor | None = 
     cams = cams.float()
     if valid is not None:
         cams = cams.masked_fill(~valid, float("-inf"))
-    flat = cams.flatten(-2)
+    flat = cams.flatten(-spatial_dims)
     peak_value, peak = flat.max(dim=-1, keepdim=True)
-    on_region = regions.expand(cams.shape).flatten(-2).gather(-1, peak)
+    on_region = regions.expand(cams.shape).flatten(-spatial_dims).gather(-1, peak)
     return (on_region & (peak_value > 0)).squeeze(-1)
 
 

@@ -448,7 +448,7 @@ def volume_grid(
 ) -> np.ndarray:
     """:func:`cam_grid` for volumes: three rows per volume, its axial, coronal and sagittal
     slices through the class's CAM peak (or through the voxel ``at``), each labelled on its
-    input tile.
+    input tile with the view and the slice (``ax z=12``, ``cor y=5``, ``sag x=30``).
 
     Args:
         volumes: ``[N, 3, D, H, W]`` float in [0, 1], RGB (gray volumes repeated to 3 channels).
@@ -476,9 +476,9 @@ def volume_grid(
             rows["masks"].append(volume_slices(masks[n], index, size, labels=True))
         if preds is not None:
             rows["preds"].append(volume_slices(preds[n], index, size, labels=True))
-        kind = "peak" if at is None else "at"
         titles += [
-            f"{view} {kind} {axis}={i}" for view, axis, i in zip(VIEWS, "zyx", index, strict=True)
+            f"{short} {axis}={i}"
+            for short, axis, i in zip(("ax", "cor", "sag"), "zyx", index, strict=True)
         ]
     notes = grid_options.pop("notes", None)
     if notes is not None:

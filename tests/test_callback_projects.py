@@ -285,3 +285,26 @@ def test_a_module_without_forward_or_network_is_told_what_to_do(tmp_path):
 
     with pytest.raises(ValueError, match=r"define `forward\(images\) -> logits`"):
         fit(tmp_path, Opaque(), PlantsData(), GradCAMCallback())
+
+
+def test_volumes_show_three_slices_through_the_peak(tmp_path):
+    from segcam_lightning.data import SegmentationDataModule
+    from segcam_lightning.module import SegmentationModule
+
+    side = 16
+    data = SegmentationDataModule(
+        data="synthetic3d", image_size=side, batch_size=2, num_train=4, num_val=2
+    )
+    module = SegmentationModule(
+        num_classes=3, base_width=2, in_channels=1, dims=3, class_names=data.class_names
+    )
+    callback = GradCAMCallback(layers=["d4.conv.conv.5", "e4.conv.conv.5"], strict=True)
+    trainer = fit(tmp_path, module, data, callback)
+    assert callback.last_cams.shape == (2, 2, 3, side, side, side)
+    events = read_events(trainer)
+    assert len(events.Tags()["images"]) == 2 * 3
+    assert "cam_alignment/d4.conv.conv.5/tube/energy_inside" in events.Tags()["scalars"]
+    image = grid(events, "cam/d4.conv.conv.5/blob")
+    bar = max(16, min(32, side // 6))
+    # Two volumes x (axial, coronal, sagittal) rows, title and footer, 4 px apart.
+    assert image.shape == (bar + 6 * side + 6 * 4 + bar, 4 * side + 3 * 4, 3)

@@ -124,3 +124,18 @@ def test_binary_and_per_class_ground_truth():
     share, present = cam_energy_inside(maps, multi, [0, 1], kind="multilabel")
     hits, _ = pointing_game_hits(maps, multi, [0, 1], kind="multilabel")
     assert share.tolist() == [[1.0, 1.0]] and hits.all() and present.all()
+
+
+def test_volumes_match_their_slices_stacked():
+    # A volume's energy share and peak are those of its voxels: stacking D slices side by side
+    # into one wide image gives the same numbers.
+    torch.manual_seed(3)
+    cams = torch.rand(2, 2, 4, 6, 5) ** 3
+    masks = torch.randint(0, 3, (2, 4, 6, 5))
+    share, present = cam_energy_inside(cams, masks, [1, 2])
+    hits, _ = pointing_game_hits(cams, masks, [1, 2])
+    wide_cams = cams.permute(0, 1, 3, 2, 4).reshape(2, 2, 6, 20)
+    wide_masks = masks.permute(0, 2, 1, 3).reshape(2, 6, 20)
+    wide_share, wide_present = cam_energy_inside(wide_cams, wide_masks, [1, 2])
+    assert torch.allclose(share, wide_share) and torch.equal(present, wide_present)
+    assert torch.equal(hits, pointing_game_hits(wide_cams, wide_masks, [1, 2])[0])
