@@ -573,12 +573,13 @@ def report_sanity(rows: list[dict]) -> None:
 
 
 def above_floor(row: dict) -> float | None:
-    """A deletion row's ratio with the fully filled image's score taken out of both areas
-    (files written before the row held it: from its mean curves)."""
-    if row.get("ratio_above_floor") is not None or not row.get("curve_random"):
+    """A deletion row's ratio with the fully filled image's score taken out of both areas,
+    from its mean curves (as ``FaithfulnessRow.ratio_above_floor``; older files lack it)."""
+    if not row.get("curve_random"):
         return row.get("ratio_above_floor")
     floor = row["curve_random"][-1]
-    return (row["auc_map"] - floor) / (row["auc_random"] - floor)
+    above = row["auc_random"] - floor
+    return (row["auc_map"] - floor) / above if above > 0.05 * row["auc_random"] else None
 
 
 def report_faithfulness(payload: dict) -> None:

@@ -67,7 +67,8 @@ class FaithfulnessRow:
             mean colour still reads round_leaf at p 0.13 on the default run) raises every
             area by it.
         ratio_above_floor: ``(auc_map - floor) / (auc_random - floor)``: the ratio with that
-            floor taken out of both areas.
+            floor taken out of both areas; NaN when the random order's area above the floor is
+            under 5 % of its area (the fill does not delete the class).
         curve_map, curve_random, curve_gt_first: the mean curves, ``steps + 1`` values each.
         labels: what the caller says the maps are (e.g. method, target, layer).
     """
@@ -300,7 +301,9 @@ def _row(
     end = -1 if mode == "deletion" else 0
     floor = float(by_random[:, end].mean()) if by_random is not None else nan
     above = auc_random - floor
-    ratio_above_floor = (auc_map - floor) / above if above > 0 else nan
+    # A fill that leaves the class in place (blurred round leaves) keeps even the random
+    # curve at its floor: the ratio would divide noise by noise.
+    ratio_above_floor = (auc_map - floor) / above if above > 0.05 * auc_random else nan
     limit = deletion_threshold if mode == "deletion" else nan
     verdict = ""
     if mode == "deletion" and not math.isnan(ratio):
