@@ -68,7 +68,7 @@ def predict(model, batch, device: torch.device) -> None:
     """Plain inference of one batch: forward, each pixel's class, predictions to the CPU."""
     with torch.inference_mode():
         x = batch["image"].to(device, non_blocking=True).float().div_(255.0)
-        predicted_classes(model.net(x.flip(1) if model.bgr else x)).cpu()
+        predicted_classes(model.net(model.prepare_input(x))).cpu()
 
 
 def inference_seconds(plan, settings: AuditSettings) -> float:

@@ -1,5 +1,5 @@
 """Safe loading of the checkpoints an audit meets: Lightning ``.ckpt``, the seed's ``.pth``, bare
-state dicts.
+state dicts, and the networks of the caller's own code.
 
 Every file is read with ``torch.load(..., weights_only=True)``: tensors, containers and plain
 values only, so a checkpoint cannot run code while it loads. A file that needs arbitrary
@@ -7,11 +7,15 @@ unpickling is refused with an explanation; ``trust=True`` (``--trust-checkpoint`
 ``weights_only=False`` after a warning. Any failure to read or use a file is a
 :class:`CheckpointError` whose message is one line.
 
-Nothing read from a checkpoint decides what is imported or instantiated: the network is always
-the seed-compatible :class:`~segcam_lightning.models.UNet`, built from type-checked integers and
-loaded strictly. A checkpoint controls only its weights and plain values (class count, widths,
-class names, training image size, colormap, channel order). Weights that are NaN or infinite are
-refused.
+Nothing read from a checkpoint decides what is imported or instantiated. :func:`load_checkpoint`
+always builds the seed-compatible :class:`~segcam_lightning.models.UNet`, from type-checked
+integers, and loads it strictly. :func:`load_lightning_module` and :func:`load_network_weights`
+run code the *caller* names (``explain.py --module`` / ``--model``): a LightningModule class
+rebuilt by its own ``load_from_checkpoint``, or a network built by a factory; the file still
+provides only weights and plain values, and hyperparameters that name code are refused. A
+checkpoint controls only its weights and plain values (class count, widths, class names,
+training image size, colormap, channel order, normalisation). Weights that are NaN or infinite
+are refused.
 
 The three layouts:
 
@@ -20,8 +24,8 @@ The three layouts:
   saves (integers, strings, numbers; Lightning CLI's ``_instantiator`` marker is compared as text
   and ignored); anything else, such as a ``net`` entry naming a class, is refused. The U-Net is
   built from them and the ``net.*`` weights; the data module's saved hyperparameters supply the
-  image size, colormap and channel order it was trained with. With ``trust=True`` the module is
-  rebuilt by Lightning's ``load_from_checkpoint`` instead, which imports what the
+  image size, colormap, channel order and normalisation it was trained with. With ``trust=True``
+  the module is rebuilt by Lightning's ``load_from_checkpoint`` instead, which imports what the
   hyperparameters name.
 - **Seed** (the blog script): ``{"epoch", "model_state_dict", "optimizer_state_dict", "loss"}``.
 - **Bare state dict** (``torch.save(model.state_dict(), path)``).
@@ -29,7 +33,8 @@ The three layouts:
 The U-Net's width, input channels and class count are read from tensor shapes
 (``e1.conv.conv.0.weight`` is ``[w, C_in, 3, 3]``, ``outputs.weight`` is ``[K, w, 1, 1]``) and the
 weights are loaded strictly. The seed trained on cv2's BGR arrays, so seed files and state dicts
-report ``channel_order="bgr"``.
+report ``channel_order="bgr"``. A caller's network reports the output channels of one forward
+pass, and the input channels of its first convolution.
 
 Example:
     >>> loaded = load_checkpoint("lightning_logs/version_0/checkpoints/last.ckpt")  # doctest: +SKIP
@@ -53,6 +58,8 @@ from typing import IO, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from segcam_lightning.cam import default_output_adapter
+from segcam_lightning.cam.layers import eval_mode, preserve_rng
 from segcam_lightning.models import UNet
 
 __all__ = [
@@ -61,12 +68,20 @@ __all__ = [
     "UnsafeCheckpointError",
     "infer_unet_shape",
     "load_checkpoint",
+    "load_lightning_module",
+    "load_network_weights",
+    "network_of",
 ]
 
 CheckpointKind = Literal["lightning", "seed", "state_dict"]
 _FIRST_CONV = "e1.conv.conv.0.weight"
 _HEAD = "outputs.weight"
 _STRIPPABLE_PREFIXES = ("module.", "_orig_mod.", "net.", "model.")
+# What may precede a caller's network's names in a file: a LightningModule's network attribute,
+# DataParallel's and torch.compile's wrappers.
+_NETWORK_PREFIXES = ("model.", "net.", "network.", "module.", "_orig_mod.")
+# The input side of a caller's network when nothing says otherwise (the seed's).
+DEFAULT_SIZE = (256, 256)
 _MAX_LISTED = 5
 
 
@@ -84,11 +99,12 @@ class LoadedCheckpoint:
 
     Attributes:
         net: the network in eval mode, on the CPU; maps ``[B, C_in, H, W]`` to logits
-            ``[B, K, H, W]``. For a Lightning checkpoint this is the module's ``net``, so layer
-            names are the seed's (``d4.conv.conv.5``).
+            ``[B, K, h, w]`` (a caller's network may predict at a lower resolution). For a
+            Lightning checkpoint of the package this is the module's ``net``, so layer names are
+            the seed's (``d4.conv.conv.5``).
         path: the file it was read from.
-        kind: ``"lightning"``, ``"seed"`` or ``"state_dict"``.
-        num_classes: ``K``.
+        kind: ``"lightning"``, ``"seed"`` or ``"state_dict"``: the file's layout.
+        num_classes: ``K``, the network's output channels (1 for a binary sigmoid model).
         in_channels: ``C_in``.
         base_width: the U-Net's first block width, when known.
         class_names: one name per class, when the checkpoint carries them.
@@ -98,6 +114,13 @@ class LoadedCheckpoint:
         colormap: the training data's mask colormap (BGR triples), when known.
         epoch: the epoch the checkpoint was saved at, when known.
         trusted: loaded with ``weights_only=False`` (``trust=True``).
+        image_mean: the per-channel mean the training images were normalised with, when the
+            data module saved it (``image_mean``).
+        image_std: the per-channel standard deviation, likewise (``image_std``).
+        code: the caller's code that built the network (``"pkg.mod:Name"``); ``None`` for the
+            package's U-Net.
+        layer_prefix: what precedes the layer names of the network a caller's LightningModule
+            wraps when the module itself is run (``"model."``): names may leave it out.
     """
 
     net: nn.Module
@@ -112,14 +135,25 @@ class LoadedCheckpoint:
     colormap: tuple[tuple[int, int, int], ...] | None = None
     epoch: int | None = None
     trusted: bool = False
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
+    code: str | None = None
+    layer_prefix: str = ""
 
     def describe(self) -> str:
-        """One line for logs and reports, e.g. ``"seed .pth, U-Net width 64, 3 classes, BGR"``."""
+        """One line for logs and reports, e.g. ``"seed .pth, U-Net width 64, 3 classes, BGR"``
+        or ``"Lightning .ckpt, SmallSegNet by project.py:PlantSegmenter, 1 output channel"``."""
         kind = {"lightning": "Lightning .ckpt", "seed": "seed .pth", "state_dict": "state dict"}
         parts = [kind[self.kind]]
+        if self.code is not None:
+            parts.append(f"{type(self.net).__name__} by {self.code}")
         if self.base_width is not None:
             parts.append(f"U-Net width {self.base_width}")
-        parts.append(f"{self.num_classes} classes")
+        if self.code is None:
+            parts.append(f"{self.num_classes} classes")
+        else:
+            plural = "s" if self.num_classes != 1 else ""
+            parts.append(f"{self.num_classes} output channel{plural}")
         if self.epoch is not None:
             parts.append(f"epoch {self.epoch}")
         if self.channel_order is not None:
@@ -154,13 +188,7 @@ def load_checkpoint(
             not plain values, networks that are not the seed U-Net, non-finite weights and
             class-count mismatches; the message names what was expected and what was found.
     """
-    path = Path(path)
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(
-            f"Checkpoint {path} {what}. Pass a Lightning .ckpt (train.py writes them to "
-            "lightning_logs/version_N/checkpoints/), a seed .pth or a saved state dict."
-        )
+    path = _existing_file(path)
     content = _torch_load(path, trust, map_location)
     kind = _detect_kind(content, path)
     if kind == "lightning":
@@ -173,6 +201,17 @@ def load_checkpoint(
     _check_finite(path, loaded.net)
     loaded.net.eval()
     return loaded
+
+
+def _existing_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"Checkpoint {path} {what}. Pass a Lightning .ckpt (train.py writes them to "
+            "lightning_logs/version_N/checkpoints/), a seed .pth or a saved state dict."
+        )
+    return path
 
 
 def _torch_load(path: Path, trust: bool, map_location: str | torch.device) -> Any:
@@ -338,18 +377,51 @@ class _UNetHyperparameters:
     class_names: tuple[str, ...] | None = None
 
 
+@dataclass(frozen=True)
+class _DataHyperparameters:
+    """What a Lightning checkpoint's data module saved about its images: type-checked plain
+    values, ``None`` where absent or not plain."""
+
+    channel_order: str | None = None
+    image_size: tuple[int, int] | None = None
+    colormap: tuple[tuple[int, int, int], ...] | None = None
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
+    class_names: tuple[str, ...] | None = None
+
+
+def _data_hyperparameters(content: Mapping[str, Any]) -> _DataHyperparameters:
+    """The data module's saved ``channel_order`` (``"rgb"`` when it saved none), ``image_size``,
+    ``colormap``, ``image_mean``, ``image_std`` and ``class_names``; nothing else is read."""
+    data = content.get("datamodule_hyper_parameters")
+    data = data if isinstance(data, Mapping) else {}
+    std = _floats_or_none(data.get("image_std"))
+    return _DataHyperparameters(
+        channel_order=_channel_order_or_none(data.get("channel_order", "rgb")),
+        image_size=_size_or_none(data.get("image_size")),
+        colormap=_colormap_or_none(data.get("colormap")),
+        image_mean=_floats_or_none(data.get("image_mean")),
+        image_std=std if std is not None and all(v > 0 for v in std) else None,
+        class_names=_names_or_none(data.get("class_names")),
+    )
+
+
 def _load_lightning(
     path: Path, content: Mapping[str, Any], trust: bool, map_location: str | torch.device
 ) -> LoadedCheckpoint:
     if trust:
         from segcam_lightning.module import SegmentationModule  # Lightning only when needed
 
-        net, hparams = _rebuild_module(SegmentationModule, path, content, map_location)
+        net = _rebuilt_unet(
+            _rebuild_module(SegmentationModule, path, content, map_location, trust=True), path
+        )
+        hparams = _UNetHyperparameters(
+            class_names=_names_or_none(_mapping(content.get("hyper_parameters")).get("class_names"))
+        )
     else:
         hparams = _plain_hyperparameters(path, content.get("hyper_parameters"))
         net = _unet_from_lightning_state(path, content.get("state_dict"), hparams)
-    data = content.get("datamodule_hyper_parameters")
-    data = data if isinstance(data, Mapping) else {}
+    data = _data_hyperparameters(content)
     return LoadedCheckpoint(
         net=net,
         path=path,
@@ -358,11 +430,13 @@ def _load_lightning(
         in_channels=int(net.e1.conv.conv[0].in_channels),
         base_width=int(net.base_width),
         class_names=hparams.class_names,
-        channel_order=_channel_order_or_none(data.get("channel_order", "rgb")),
-        image_size=_size_or_none(data.get("image_size")),
-        colormap=_colormap_or_none(data.get("colormap")),
+        channel_order=data.channel_order,
+        image_size=data.image_size,
+        colormap=data.colormap,
         epoch=_int_or_none(content.get("epoch")),
         trusted=trust,
+        image_mean=data.image_mean,
+        image_std=data.image_std,
     )
 
 
@@ -482,32 +556,327 @@ def _unet_from_lightning_state(path: Path, state: Any, hparams: _UNetHyperparame
 
 
 def _rebuild_module(
-    module_class: type, path: Path, content: Mapping[str, Any], map_location: str | torch.device
-) -> tuple[UNet, _UNetHyperparameters]:
-    """``module_class.load_from_checkpoint``: it imports and instantiates what the saved
-    hyperparameters name, so it is used only for trusted files (``--trust-checkpoint``)."""
-    hparams = content.get("hyper_parameters")
-    hparams = dict(hparams) if isinstance(hparams, Mapping) else {}
+    module_class: type,
+    path: Path,
+    content: Mapping[str, Any],
+    map_location: str | torch.device,
+    trust: bool,
+    advice: str = "If it was trained with a custom `net`, save `module.net.state_dict()` and "
+    "audit that with the matching network.",
+    **overrides: Any,
+) -> nn.Module:
+    """``module_class.load_from_checkpoint(path, ...)``: the class builds itself from the
+    file's hyperparameters (``overrides`` replace some) and loads its weights strictly.
+
+    Lightning imports and instantiates what the hyperparameters name (an allowlisted
+    ``_instantiator`` and the classes it reaches), so callers check them first unless
+    ``trust``; the file is read with ``weights_only=not trust``.
+    """
+    hparams = _mapping(content.get("hyper_parameters"))
     try:
-        module = module_class.load_from_checkpoint(
-            path, map_location=map_location, weights_only=False
+        return module_class.load_from_checkpoint(
+            path, map_location=map_location, weights_only=not trust, **overrides
         )
     except Exception as error:  # whatever the module's own code raises while rebuilding
         raise CheckpointError(
             f"Could not rebuild {module_class.__name__} from {path} and its saved "
-            f"hyperparameters {_listing(sorted(map(str, hparams)))}: {_first_line(error)}. If it "
-            "was trained with a custom `net`, save `module.net.state_dict()` and audit that with "
-            "the matching network."
+            f"hyperparameters {_listing(sorted(map(str, hparams)))}: {_first_line(error)}. "
+            f"{advice}"
         ) from None
+
+
+def _rebuilt_unet(module: nn.Module, path: Path) -> UNet:
     net = getattr(module, "net", None)
     if not isinstance(net, UNet):
         raise CheckpointError(
-            f"{path} rebuilt a {module_class.__name__} whose `net` is "
+            f"{path} rebuilt a {type(module).__name__} whose `net` is "
             f"{type(net).__name__}, not the seed U-Net this tool audits."
         )
-    names = hparams.get("class_names")
-    class_names = tuple(str(n) for n in names) if isinstance(names, list | tuple) else None
-    return net, _UNetHyperparameters(class_names=class_names)
+    return net
+
+
+# ----------------------------------------------------------------- the caller's own networks
+
+
+def load_lightning_module(
+    path: str | Path,
+    module_class: type,
+    *,
+    code: str | None = None,
+    trust: bool = False,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    size: tuple[int, int] | None = None,
+    map_location: str | torch.device = "cpu",
+) -> LoadedCheckpoint:
+    """Rebuild the caller's LightningModule from a Lightning checkpoint and take its network.
+
+    The caller names ``module_class`` (``explain.py --module``); the file never does. The
+    class rebuilds itself with ``load_from_checkpoint(path, map_location=...,
+    weights_only=True)``, so its own ``__init__`` receives the saved hyperparameters. Unless
+    ``trust``, hyperparameters that name code are refused first: a ``class_path`` anywhere, an
+    ``_instantiator`` other than Lightning CLI's, a ``_class_path`` of another class. Lightning
+    CLI's markers are then set aside and the class is called with the plain values.
+
+    The network explained is :func:`network_of` the module: the module itself when it defines
+    ``forward``, else its ``net``, ``model`` or ``network``. Its output channels are counted by
+    one forward pass of zeros at ``size`` (default the data module's ``image_size``, else
+    256×256) with ``in_channels`` channels (default the first convolution's).
+
+    Args:
+        path: a Lightning ``.ckpt``.
+        module_class: the LightningModule subclass that saved it.
+        code: how the caller named it (``"pkg.mod:Name"``), for messages and reports.
+        trust: read the file with ``weights_only=False`` and pass hyperparameters that name
+            code to Lightning. Only for files from a trusted source.
+        num_classes: the output channel count the caller expects, or ``None``.
+        in_channels: the network's input channels, when its first layer does not tell.
+        size: ``(height, width)`` of the counting forward pass.
+        map_location: where tensors are loaded.
+
+    Returns:
+        A :class:`LoadedCheckpoint` with ``code`` set and the network in eval mode.
+
+    Raises:
+        FileNotFoundError: when ``path`` is not a file.
+        UnsafeCheckpointError: when loading would need arbitrary unpickling and not ``trust``.
+        CheckpointError: for files that are not Lightning checkpoints, hyperparameters that name
+            code, a class that cannot rebuild itself from the file, a module without a network,
+            a network that does not run, non-finite weights and output-count mismatches.
+    """
+    path = _existing_file(path)
+    name = code or module_class.__name__
+    content = _torch_load(path, trust, map_location)
+    if _detect_kind(content, path) != "lightning":
+        raise CheckpointError(
+            f"--module {name} rebuilds Lightning checkpoints (a dict with 'state_dict' and "
+            f"'hyper_parameters'), but {path} is a seed .pth or a bare state dict. Pass "
+            "--model pkg.mod:factory (a function that builds the network) with this file instead."
+        )
+    hparams = content.get("hyper_parameters")
+    overrides: dict[str, Any] = {}
+    if not trust:
+        _check_module_hyperparameters(path, hparams, module_class, name)
+        if "_instantiator" in _mapping(hparams):
+            overrides["_instantiator"] = None  # checked above: plain values, the named class
+    module = _rebuild_module(
+        module_class,
+        path,
+        content,
+        map_location,
+        trust,
+        advice=f"Check that {name} is the class that saved this checkpoint; its __init__ gets "
+        "the saved hyperparameters, so a module that did not save all its arguments "
+        "(save_hyperparameters()) is audited with --model and the function that builds its "
+        "network instead.",
+        **overrides,
+    )
+    module.eval()
+    network, prefix = network_of(module)
+    data = _data_hyperparameters(content)
+    names = _names_or_none(getattr(module, "class_names", None))
+    names = names or _names_or_none(_mapping(hparams).get("class_names")) or data.class_names
+    return _caller_network(
+        path,
+        network,
+        kind="lightning",
+        code=name,
+        data=data,
+        class_names=names,
+        epoch=content.get("epoch"),
+        trust=trust,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        size=size,
+        layer_prefix=prefix,
+    )
+
+
+def load_network_weights(
+    path: str | Path,
+    net: nn.Module,
+    *,
+    code: str | None = None,
+    trust: bool = False,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    size: tuple[int, int] | None = None,
+    map_location: str | torch.device = "cpu",
+) -> LoadedCheckpoint:
+    """Load a file's weights into the caller's network ``net`` (``explain.py --model``), strictly.
+
+    The file may be a bare state dict, the seed's ``{"model_state_dict": ...}`` or a Lightning
+    checkpoint (its ``state_dict``, and its data module's plain values). A prefix in front of the
+    network's names (``model.``, ``net.``, ``network.``, ``module.``, ``_orig_mod.``, also
+    nested) is removed when that matches more of the network's tensors; then every tensor must
+    match: nothing missing, nothing unexpected, the same shapes. Output channels are counted as
+    in :func:`load_lightning_module`.
+
+    Args:
+        path: the weights file.
+        net: the network, as the caller's factory built it.
+        code: how the caller named the factory (``"pkg.mod:factory"``).
+        trust: read the file with ``weights_only=False``.
+        num_classes: the output channel count the caller expects, or ``None``.
+        in_channels: the network's input channels, when its first layer does not tell.
+        size: ``(height, width)`` of the counting forward pass.
+        map_location: where tensors are loaded.
+
+    Returns:
+        A :class:`LoadedCheckpoint` whose ``net`` is ``net``, in eval mode.
+
+    Raises:
+        FileNotFoundError: when ``path`` is not a file.
+        UnsafeCheckpointError: when loading would need arbitrary unpickling and not ``trust``.
+        CheckpointError: for unreadable files, weights that do not match ``net`` (listing the
+            missing, unexpected and reshaped tensors), a network that does not run, non-finite
+            weights and output-count mismatches.
+    """
+    path = _existing_file(path)
+    name = code or type(net).__name__
+    content = _torch_load(path, trust, map_location)
+    kind = _detect_kind(content, path)
+    data, names, epoch = _DataHyperparameters(), None, None
+    if kind == "lightning":
+        state = content.get("state_dict")
+        data = _data_hyperparameters(content)
+        names = _names_or_none(_mapping(content.get("hyper_parameters")).get("class_names"))
+        names, epoch = names or data.class_names, content.get("epoch")
+    elif kind == "seed":
+        state, epoch = content["model_state_dict"], content.get("epoch")
+    else:
+        state = content
+    if not isinstance(state, Mapping) or not state:
+        raise CheckpointError(
+            f"{path}: expected its weights as a state dict (names to tensors), but found "
+            f"{_describe(state)}."
+        )
+    state, prefix = _under_best_prefix(state, net.state_dict().keys())
+    problems = _state_problems(net.state_dict(), state)
+    if problems:
+        stripped = f" (after removing the prefix '{prefix}')" if prefix else ""
+        raise CheckpointError(
+            f"{path} does not hold the weights of the {type(net).__name__} that {name} builds: "
+            f"of its {len(net.state_dict())} tensors{stripped}, {'; '.join(problems)}. Check "
+            "that the factory builds the network these weights were saved from (its arguments: "
+            "--model-kwargs), and that the file holds that network's state_dict()."
+        )
+    net.load_state_dict(state, strict=True)
+    net.eval()
+    return _caller_network(
+        path,
+        net,
+        kind=kind,
+        code=name,
+        data=data,
+        class_names=names,
+        epoch=epoch,
+        trust=trust,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        size=size,
+    )
+
+
+def network_of(module: nn.Module) -> tuple[nn.Module, str]:
+    """The network a CAM forward runs for a LightningModule, and the prefix its layer names may
+    leave out.
+
+    The rule of :class:`~segcam_lightning.callback.GradCAMCallback`: the module itself when it
+    defines ``forward`` (then the prefix is its network attribute's, e.g. ``"net."``, when it
+    has one), else its ``net``, ``model`` or ``network`` attribute (prefix ``""``).
+
+    Raises:
+        CheckpointError: for a module with neither.
+    """
+    from segcam_lightning.callback import NETWORK_ATTRIBUTES, _network  # Lightning when needed
+
+    try:
+        network = _network(module)
+    except ValueError:
+        raise CheckpointError(
+            f"{type(module).__name__} has no network to explain: define `forward(images) -> "
+            f"logits` on it, or keep the network in one of the attributes "
+            f"{list(NETWORK_ATTRIBUTES)}."
+        ) from None
+    if network is not module:
+        return network, ""
+    inner = next(
+        (a for a in NETWORK_ATTRIBUTES if isinstance(getattr(module, a, None), nn.Module)), None
+    )
+    return network, f"{inner}." if inner else ""
+
+
+def _check_module_hyperparameters(path: Path, hparams: Any, module_class: type, name: str) -> None:
+    """Refuse hyperparameters that name code for Lightning to import or instantiate.
+
+    Raises:
+        CheckpointError: naming each entry that does.
+    """
+    if hparams is None:
+        return
+    if not isinstance(hparams, Mapping):
+        problems = [f"hyper_parameters: {_describe(hparams)}, expected a dict"]
+    else:
+        problems = []
+        for key, value in hparams.items():
+            problem = _module_hyperparameter_problem(key, value, module_class)
+            if problem:
+                problems.append(f"{key if isinstance(key, str) else repr(key)}: {problem}")
+    if problems:
+        raise CheckpointError(
+            f"Refusing to rebuild {name} from {path}: its saved hyperparameters name code to "
+            f"import or instantiate ({_listing(problems)}), and a checkpoint never picks the code "
+            "that runs. If the file comes from a source you trust, pass --trust-checkpoint; "
+            "otherwise save the network's weights where you trust it, "
+            "torch.save(module.model.state_dict(), 'net.pth'), and audit that file with --model."
+        )
+
+
+def _module_hyperparameter_problem(key: Any, value: Any, module_class: type) -> str:
+    if key == "_instantiator":
+        expected = _CLI_MARKERS["_instantiator"]
+        return "" if value == expected else f"{_describe(value)} (names code to run)"
+    if key == "_class_path":
+        own = (f"{module_class.__module__}.{module_class.__qualname__}", module_class.__qualname__)
+        if isinstance(value, str) and (value in own or value.endswith(f".{own[1]}")):
+            return ""
+        return f"{_describe(value)}, another class than {module_class.__qualname__}"
+    if _names_code(value):
+        return f"{_describe(value)} (names a class)"
+    return ""
+
+
+def _names_code(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` holds a ``class_path`` entry (jsonargparse's way to name a class)."""
+    if depth > 8:
+        return True
+    if isinstance(value, Mapping):
+        return _CLASS_SPEC in value or any(_names_code(v, depth + 1) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_names_code(v, depth + 1) for v in value)
+    return False
+
+
+def _under_best_prefix(state: Mapping[str, Any], expected: Any) -> tuple[dict[str, Any], str]:
+    """``state``'s entries under the prefix (up to three nested: ``model._orig_mod.``) whose
+    names match most of ``expected``, with that prefix removed; ``("", state)`` when none helps."""
+    wanted = set(expected)
+    named = {k: v for k, v in state.items() if isinstance(k, str)}
+    best, prefix, score = named, "", len(wanted & named.keys())
+    frontier = [("", named)]
+    for _ in range(3):
+        frontier = [
+            (outer + p, sub)
+            for outer, entries in frontier
+            for p in _NETWORK_PREFIXES
+            for sub in [{k[len(p) :]: v for k, v in entries.items() if k.startswith(p)}]
+            if sub
+        ]
+        for candidate, sub in frontier:
+            if len(wanted & sub.keys()) > score:
+                best, prefix, score = sub, candidate, len(wanted & sub.keys())
+    return best, prefix
 
 
 def infer_unet_shape(state: Mapping[str, Any]) -> tuple[int, int, int, str]:
@@ -579,15 +948,28 @@ def _check_state_matches(
     path: Path, net: nn.Module, state: Mapping[str, Any], width: int, num_classes: int
 ) -> None:
     expected = net.state_dict()
+    problems = _state_problems(expected, state)
+    if not problems:
+        return
+    raise CheckpointError(
+        f"{path} does not match the seed U-Net with base width {width} and {num_classes} classes "
+        f"(inferred from its first convolution and output head): of the {len(expected)} "
+        f"expected tensors, {'; '.join(problems)}. Only the seed-compatible U-Net "
+        "(segcam_lightning.models.UNet) can be audited from a state dict; for another network, "
+        "name the code that builds it with --model pkg.mod:factory."
+    )
+
+
+def _state_problems(expected: Mapping[str, Tensor], state: Mapping[str, Any]) -> list[str]:
+    """What keeps ``state`` from loading strictly where ``expected`` is: missing, unexpected and
+    reshaped tensors, each counted and listed; empty when it loads."""
     missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    unexpected = [str(k) for k in state if k not in expected]
     shapes = [
         f"{k}: expected {list(v.shape)}, found {_shape(state[k])}"
         for k, v in expected.items()
         if k in state and (not isinstance(state[k], Tensor) or state[k].shape != v.shape)
     ]
-    if not (missing or unexpected or shapes):
-        return
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing ({_listing(missing)})")
@@ -595,22 +977,97 @@ def _check_state_matches(
         problems.append(f"{len(unexpected)} unexpected ({_listing(unexpected)})")
     if shapes:
         problems.append(f"{len(shapes)} with other shapes ({_listing(shapes)})")
-    raise CheckpointError(
-        f"{path} does not match the seed U-Net with base width {width} and {num_classes} classes "
-        f"(inferred from its first convolution and output head): of the {len(expected)} "
-        f"expected tensors, {'; '.join(problems)}. Only the seed-compatible U-Net "
-        "(segcam_lightning.models.UNet) can be audited from a state dict."
+    return problems
+
+
+def _caller_network(
+    path: Path,
+    net: nn.Module,
+    *,
+    kind: CheckpointKind,
+    code: str,
+    data: _DataHyperparameters,
+    class_names: tuple[str, ...] | None,
+    epoch: Any,
+    trust: bool,
+    num_classes: int | None,
+    in_channels: int | None,
+    size: tuple[int, int] | None,
+    layer_prefix: str = "",
+) -> LoadedCheckpoint:
+    """A caller's loaded network, checked: finite weights, one forward that yields logits
+    ``[1, K, h, w]``, and the expected ``K``."""
+    _check_finite(path, net)
+    found = _first_conv_channels(net)
+    channels = in_channels or found or 3
+    side = size or data.image_size or DEFAULT_SIZE
+    loaded = LoadedCheckpoint(
+        net=net,
+        path=path,
+        kind=kind,
+        num_classes=_count_outputs(path, net, code, channels, side, not (in_channels or found)),
+        in_channels=channels,
+        class_names=class_names,
+        channel_order=data.channel_order,
+        image_size=data.image_size,
+        colormap=data.colormap,
+        epoch=_int_or_none(epoch),
+        trusted=trust,
+        image_mean=data.image_mean,
+        image_std=data.image_std,
+        code=code,
+        layer_prefix=layer_prefix,
     )
+    _check_num_classes(loaded, num_classes)
+    return loaded
+
+
+def _first_conv_channels(net: nn.Module) -> int | None:
+    """The input channels of the network's first convolution (in definition order)."""
+    for module in net.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return int(module.in_channels)
+    return None
+
+
+def _count_outputs(
+    path: Path, net: nn.Module, code: str, channels: int, size: tuple[int, int], guessed: bool
+) -> int:
+    """The output channels of one forward pass of zeros ``[1, channels, *size]``."""
+    example = torch.zeros(1, channels, *size, device=_device_of(net))
+    shape = f"1x{channels}x{size[0]}x{size[1]}"
+    try:
+        with torch.no_grad(), eval_mode(net), preserve_rng(example.device):
+            logits = default_output_adapter(net(example))
+    except Exception as error:  # whatever the caller's network raises on this input
+        fix = "--size (a size it accepts)" + (" or --in-channels" if guessed else "")
+        raise CheckpointError(
+            f"The {type(net).__name__} built by {code} with the weights of {path} failed on a "
+            f"{shape} input of zeros: {_first_line(error)}. Pass {fix}."
+        ) from None
+    if not isinstance(logits, Tensor) or logits.ndim != 4 or logits.shape[0] != 1:
+        raise CheckpointError(
+            f"The {type(net).__name__} built by {code} returned {_shape(logits)} for a {shape} "
+            "input; expected segmentation logits [B, K, h, w] (a tensor, a dict with an 'out' "
+            "key, or a tuple whose first element they are)."
+        )
+    return int(logits.shape[1])
+
+
+def _device_of(net: nn.Module) -> torch.device:
+    first = next(iter(net.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _check_num_classes(loaded: LoadedCheckpoint, num_classes: int | None) -> None:
     if num_classes is None or num_classes == loaded.num_classes:
         return
-    where = (
-        "its saved hyperparameters"
-        if loaded.kind == "lightning"
-        else f"its output head '{_HEAD}' has {loaded.num_classes} output channels"
-    )
+    if loaded.code is not None:
+        where = f"the network built by {loaded.code} has {loaded.num_classes} output channels"
+    elif loaded.kind == "lightning":
+        where = "its saved hyperparameters"
+    else:
+        where = f"its output head '{_HEAD}' has {loaded.num_classes} output channels"
     raise CheckpointError(
         f"--num-classes is {num_classes}, but {loaded.path} predicts {loaded.num_classes} "
         f"classes ({where}). Drop --num-classes to use the checkpoint's {loaded.num_classes}, "
@@ -690,6 +1147,30 @@ def _colormap_or_none(value: Any) -> tuple[tuple[int, int, int], ...] | None:
             return None
         colours.append((int(colour[0]), int(colour[1]), int(colour[2])))
     return tuple(colours)
+
+
+def _floats_or_none(value: Any) -> tuple[float, ...] | None:
+    """One to four finite numbers (a per-channel mean or std), else ``None``."""
+    if isinstance(value, Tensor) and value.ndim == 1:
+        value = value.tolist()
+    if (
+        not isinstance(value, Sequence)
+        or isinstance(value, str)
+        or not 1 <= len(value) <= 4
+        or not all(_is_number(v) and math.isfinite(v) for v in value)
+    ):
+        return None
+    return tuple(float(v) for v in value)
+
+
+def _names_or_none(value: Any) -> tuple[str, ...] | None:
+    if isinstance(value, list | tuple) and value and all(isinstance(n, str) for n in value):
+        return tuple(value)
+    return None
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
 
 
 def _channel_order_or_none(value: Any) -> str | None:

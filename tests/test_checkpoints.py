@@ -3,14 +3,23 @@ every unreadable file is a one-line CheckpointError, non-finite weights are refu
 advice for pickled objects fits what the file holds."""
 
 import random
+import re
 import sys
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from segcam_lightning.audit import main
-from segcam_lightning.checkpoints import CheckpointError, UnsafeCheckpointError, load_checkpoint
+from segcam_lightning.checkpoints import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    load_checkpoint,
+    load_lightning_module,
+    load_network_weights,
+)
 from segcam_lightning.models import UNet
 
 CLI_MARKER = {"_instantiator": "lightning.pytorch.cli.instantiate_module"}
@@ -222,3 +231,67 @@ def test_dict_with_unsafe_values_is_told_to_save_the_weights_key(net, tmp_path):
     message = str(caught.value)
     assert "it holds a dict" in message and "['model_state_dict'], 'clean.pth')" in message
     assert "model.state_dict()" not in message
+
+
+# ------------------------------------------------------------- 4: the caller's own code
+
+
+class TinyModule(L.LightningModule):
+    """A caller's LightningModule: the network in ``self.net``, no forward."""
+
+    def __init__(self, classes: int = 2) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, classes, 1))
+
+
+def save_tiny(path, **hyper_parameters):
+    module = TinyModule()
+    hparams = {"classes": 2, **hyper_parameters}
+    state = {"state_dict": module.state_dict(), "hyper_parameters": hparams, "epoch": 1}
+    torch.save({**state, "pytorch-lightning_version": "2.6.6"}, path)
+    return path, module
+
+
+def test_own_module_is_rebuilt_by_the_named_class(tmp_path):
+    cli = {**CLI_MARKER, "_class_path": f"{__name__}.TinyModule"}
+    path, module = save_tiny(tmp_path / "tiny.ckpt", **cli)
+    loaded = load_lightning_module(path, TinyModule, code="tests:TinyModule", size=(8, 8))
+    assert loaded.net is not module.net and isinstance(loaded.net, nn.Sequential)
+    assert (loaded.num_classes, loaded.in_channels, loaded.epoch) == (2, 3, 1)
+    assert loaded.code == "tests:TinyModule" and loaded.layer_prefix == ""
+    assert "Sequential by tests:TinyModule, 2 output channels" in loaded.describe()
+    for key, value in module.net.state_dict().items():
+        assert torch.equal(loaded.net.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("hparams", "found"),
+    [
+        ({"_class_path": "other.module.Evil"}, "_class_path: 'other.module.Evil', another class"),
+        ({"_instantiator": "os.system"}, "_instantiator: 'os.system' (names code to run)"),
+        ({"layers": [{"class_path": "this.Nothing"}]}, "layers: a list (names a class)"),
+    ],
+)
+def test_own_module_hyperparameters_naming_code_are_refused(tmp_path, hparams, found):
+    path, _ = save_tiny(tmp_path / "tiny.ckpt", **hparams)
+    with pytest.raises(CheckpointError, match=re.escape(found)):
+        load_lightning_module(path, TinyModule, size=(8, 8))
+
+
+def test_own_network_weights_load_under_any_prefix_and_mismatches_are_listed(tmp_path):
+    torch.manual_seed(0)
+    net = TinyModule().net
+    nested = {f"model._orig_mod.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"state_dict": {**nested, "loss.weight": torch.ones(2)}, "epoch": 2,
+                "hyper_parameters": {}}, tmp_path / "nested.ckpt")  # fmt: skip
+    fresh = TinyModule().net
+    loaded = load_network_weights(tmp_path / "nested.ckpt", fresh, size=(8, 8))
+    assert loaded.net is fresh and loaded.kind == "lightning" and loaded.epoch == 2
+    for key, value in net.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    state = {**net.state_dict(), "extra.weight": torch.ones(1)}
+    del state["0.bias"]
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"1 missing \(\[0\.bias\]\); 1 unexpected \(\[extra"):
+        load_network_weights(tmp_path / "bad.pt", TinyModule().net, code="f:build", size=(8, 8))

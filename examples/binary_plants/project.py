@@ -13,10 +13,11 @@ for segcam-lightning except the ``GradCAMCallback(...)`` line in :func:`train`.
         --checkpoint lightning_logs/plants/version_0/checkpoints/last.ckpt \\
         --data data/plants_binary --layers fuse2 --out results/plants
 
-    # or the network alone, from a bare state dict and the factory that builds it
+    # or the network alone, from its bare state dict and the factory that builds it
     python explain.py --model examples/binary_plants/project.py:build_model \\
-        --checkpoint plants_net.pt --data data/plants_binary --layers fuse2 \\
-        --image-mean 0.485 0.456 0.406 --image-std 0.229 0.224 0.225
+        --checkpoint lightning_logs/plants/version_0/plants_net.pt \\
+        --data data/plants_binary --layers fuse2 --size 64 --class-names soil plant \\
+        --image-mean 0.485 0.456 0.406 --image-std 0.229 0.224 0.225 --out results/plants_net
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ def train(
     image_size: int = 64,
     accelerator: str = "auto",
 ) -> L.Trainer:
-    """Fit the model with the CAM callback on; logs and checkpoints under ``root/plants/``."""
+    """Fit the model with the CAM callback on; logs and checkpoints under ``root/plants/``, and
+    the network's weights alone in ``plants_net.pt`` beside them."""
     L.seed_everything(0)
     trainer = L.Trainer(
         default_root_dir=root,
@@ -187,7 +189,10 @@ def train(
         ],
         log_every_n_steps=10,
     )
-    trainer.fit(PlantSegmenter(), datamodule=PlantsData(image_size=image_size))
+    module = PlantSegmenter()
+    trainer.fit(module, datamodule=PlantsData(image_size=image_size))
+    if trainer.is_global_zero:
+        torch.save(module.model.state_dict(), Path(trainer.logger.log_dir) / "plants_net.pt")
     return trainer
 
 
@@ -222,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "fit":
         trainer = train(args.root, args.max_epochs, image_size=args.image_size)
-        print(f"Logs and checkpoints in {trainer.logger.log_dir}")
+        print(f"Logs, checkpoints and plants_net.pt in {trainer.logger.log_dir}")
     else:
         out = write_data(args.out, args.num, args.image_size)
         print(f"Wrote {args.num} images and masks to {out}")

@@ -3,7 +3,11 @@
 The same engine, rendering and metrics as :class:`~segcam_lightning.callback.GradCAMCallback`,
 run post hoc on one or several checkpoints (Lightning ``.ckpt``, the seed's ``.pth``, state
 dicts; loaded safely by :mod:`segcam_lightning.checkpoints`) over a folder of images (with or
-without masks) or the synthetic data.
+without masks) or the synthetic data. The network is the package's U-Net, or the user's own:
+``--module pkg.mod:MyLightningModule`` rebuilds Lightning checkpoints with that class,
+``--model pkg.mod:factory`` loads weights into the network the factory builds
+(:mod:`~segcam_lightning.audit.user_code`); every output kind (multiclass, binary,
+multi-label), normalised inputs and logits at a lower resolution are supported.
 
 Outputs under ``--out`` (default ``results``):
 
@@ -37,7 +41,8 @@ LightningModule run by ``Trainer.predict``; a
 the ranks' metric rows into ``metrics.csv``, ``summary.json`` and ``report.html``.
 
 Modules: :mod:`~segcam_lightning.audit.cli` (arguments, ``main``, ``--list-layers``),
-:mod:`~segcam_lightning.audit.settings`, :mod:`~segcam_lightning.audit.plan` (a resolved run),
+:mod:`~segcam_lightning.audit.settings`, :mod:`~segcam_lightning.audit.user_code` (the code
+``--module``/``--model`` name), :mod:`~segcam_lightning.audit.plan` (a resolved run),
 :mod:`~segcam_lightning.audit.run` (loading, engines, one process or ``Trainer.predict``),
 :mod:`~segcam_lightning.audit.preflight` (checks before writing),
 :mod:`~segcam_lightning.audit.data`, :mod:`~segcam_lightning.audit.batches` (engine calls and
@@ -76,7 +81,9 @@ from segcam_lightning.audit.report import (
 )
 from segcam_lightning.audit.resume import StopSignals, load_state, save_state
 from segcam_lightning.audit.run import (
+    BINARY_COLORMAP,
     audit_local,
+    default_layers,
     load_models,
     make_writer,
     prepare,
@@ -98,9 +105,11 @@ from segcam_lightning.audit.settings import (
     Stop,
     UsageError,
 )
+from segcam_lightning.audit.user_code import UserCode, import_spec, resolve_code
 from segcam_lightning.audit.writer import LocalResult, OutputWriter, default_render_threads
 
 __all__ = [
+    "BINARY_COLORMAP",
     "CSV_COLUMNS",
     "DEFAULT_LAYER",
     "PROG",
@@ -125,6 +134,7 @@ __all__ = [
     "StopSignals",
     "UnsafePathError",
     "UsageError",
+    "UserCode",
     "alignment_values",
     "audit_local",
     "available_memory",
@@ -133,9 +143,11 @@ __all__ = [
     "build_summary",
     "check_before_writing",
     "class_means",
+    "default_layers",
     "default_render_threads",
     "explain_batch",
     "finish",
+    "import_spec",
     "list_layers",
     "load_models",
     "load_state",
@@ -144,6 +156,7 @@ __all__ = [
     "make_writer",
     "prepare",
     "render_report",
+    "resolve_code",
     "resolve_device",
     "run_audit",
     "safe_component",

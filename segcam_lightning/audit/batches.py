@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segcam_lightning.audit.settings import VALUE_NAMES
-from segcam_lightning.cam import (
-    CAMEngine,
-    predicted_classes,
-)
+from segcam_lightning.cam import CAMEngine, class_regions, predicted_masks
 from segcam_lightning.checkpoints import LoadedCheckpoint
-from segcam_lightning.metrics import energy_inside_regions, pointing_hits_regions
+from segcam_lightning.metrics import (
+    energy_inside_regions,
+    ground_truth_regions,
+    pointing_hits_regions,
+)
 
 # cv2.cvtColor(..., COLOR_RGB2GRAY)'s weights of R, G and B.
 _LUMA = (0.299, 0.587, 0.114)
@@ -26,10 +27,15 @@ _LUMA = (0.299, 0.587, 0.114)
 
 @dataclass
 class AuditModel:
-    """One checkpoint ready to explain: its engine, folder label and input channel order.
+    """One checkpoint ready to explain: its engine, folder label and what its network is fed.
 
     ``gray``: the network takes one channel, so it is fed the images' luma (as cv2 converts
-    colour to grey) instead of their three channels.
+    colour to grey) instead of their three channels. ``mean``/``std``: the normalisation the
+    network was trained with, per input channel in the order it is fed (one value: every
+    channel), applied after the channel order and grey conversion; ``None`` feeds [0, 1].
+    ``kind``: the resolved output kind (``"multiclass"``, ``"binary"``, ``"multilabel"``).
+    ``layers``: the layer names as the outputs show them (the engine's may carry the
+    LightningModule's network prefix).
     """
 
     label: str
@@ -37,6 +43,10 @@ class AuditModel:
     engine: CAMEngine
     bgr: bool
     gray: bool = False
+    kind: str = "multiclass"
+    layers: tuple[str, ...] = ()
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     @property
     def net(self) -> nn.Module:
@@ -44,24 +54,34 @@ class AuditModel:
 
     @property
     def input_description(self) -> str:
-        """What the network is fed: ``"RGB"``, ``"BGR"`` or ``"gray"``."""
-        return "gray" if self.gray else "BGR" if self.bgr else "RGB"
+        """What the network is fed: ``"RGB"``, ``"BGR"`` or ``"gray"``, then its normalisation,
+        e.g. ``"RGB, normalised: mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]"``."""
+        order = "gray" if self.gray else "BGR" if self.bgr else "RGB"
+        if self.mean is None and self.std is None:
+            return order
+        mean, std = list(self.mean or (0.0,)), list(self.std or (1.0,))
+        return f"{order}, normalised: mean {mean}, std {std}"
 
     def prepare_input(self, images: Tensor) -> Tensor:
         """The network's input from RGB images ``[B, 3, H, W]`` in [0, 1]."""
         if self.gray:
             luma = torch.tensor(_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
             # Rounded to 8 bits, as a grey image read from disk is.
-            return (images * luma).sum(1, keepdim=True).mul_(255).round_().div_(255)
-        return images.flip(1) if self.bgr else images
+            x = (images * luma).sum(1, keepdim=True).mul_(255).round_().div_(255)
+        else:
+            x = images.flip(1) if self.bgr else images
+        if self.mean is not None:
+            x = x - torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        if self.std is not None:
+            x = x / torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return x
 
 
 def alignment_values(
     cams: Tensor,
     raw_max: Tensor,
-    preds: Tensor,
-    masks: Tensor | None,
-    classes: Sequence[int],
+    predicted: Tensor,
+    truth: Tensor | None,
     reference: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Per image, layer and class: how the CAMs and predictions sit on the ground truth.
@@ -69,9 +89,9 @@ def alignment_values(
     Args:
         cams: ``[B, L, K, H, W]`` maps in [0, 1] (the engine's ``cams``).
         raw_max: ``[B, L, K]`` maxima before normalisation.
-        preds: ``[B, H, W]`` predicted classes.
-        masks: ``[B, H, W]`` ground truth, or ``None``.
-        classes: the ``K`` class ids of ``cams``' third dimension.
+        predicted: bool ``[B, K, H, W]``, each class's predicted region at the maps'
+            resolution (:func:`~segcam_lightning.cam.class_regions` of the predictions).
+        truth: bool ``[B, K, H, W]``, each class's ground-truth region, or ``None``.
         reference: another checkpoint's ``cams`` of the same images, or ``None``.
 
     Returns:
@@ -85,18 +105,15 @@ def alignment_values(
     batch, num_layers, num_classes = raw_max.shape
     shape = (batch, num_layers, num_classes)
     nan = torch.full(shape, float("nan"), device=cams.device)
-    ids = torch.as_tensor(list(classes), device=preds.device).view(1, -1, 1, 1)
-    pixels = preds.shape[-2] * preds.shape[-1]
+    pixels = predicted.shape[-2] * predicted.shape[-1]
     # Counts of boolean maps, not means of float copies, and one pass over all layers: this
     # runs once per batch beside the engine (measured 4.9 -> 2.8 ms for 8 images 128², 3
     # classes, 2 CPU threads).
-    predicted = preds.unsqueeze(1) == ids  # [B, K, H, W]
     pred_count = _count(predicted)
     per_class = {"pred_area": pred_count / pixels}
     values = {name: nan for name in VALUE_NAMES}
     values["raw_max"] = raw_max.float()
-    if masks is not None:
-        truth = masks.unsqueeze(1) == ids  # the same regions as cam_energy_inside's
+    if truth is not None:
         gt_count = _count(truth)
         inter = _count(predicted & truth)
         union = pred_count + gt_count - inter
@@ -128,7 +145,7 @@ class ModelBatch:
     """One checkpoint's results on a batch, on the CPU."""
 
     cams: np.ndarray  # [B, L, K, H, W] float32 in [0, 1]
-    preds: np.ndarray  # [B, H, W] int64
+    preds: np.ndarray  # [B, H, W] int64 mask labels at the input's resolution, for display
     values: dict[str, np.ndarray]  # name -> [B, L, K] float32
 
 
@@ -140,9 +157,10 @@ class BatchResult:
     names: list[str]
     sources: list[str]
     images: np.ndarray  # [B, H, W, 3] uint8 RGB
-    masks: np.ndarray | None  # [B, H, W] int64
+    masks: np.ndarray | None  # [B, H, W] int64 mask labels
     models: list[ModelBatch]
     skipped: list[dict[str, Any]]
+    truth: np.ndarray | None = None  # [B, K, H, W] bool: the explained classes' GT regions
 
     def select(self, keep: Sequence[bool]) -> BatchResult:
         """The images where ``keep`` is true (skipped entries are filtered by the caller)."""
@@ -158,6 +176,7 @@ class BatchResult:
                 for m in self.models
             ],
             skipped=self.skipped,
+            truth=self.truth[rows] if self.truth is not None else None,
         )
 
 
@@ -195,19 +214,24 @@ def explain_batch(
     keep = ok.nonzero().flatten().tolist()
     images = batch["image"][keep]
     masks = batch["mask"][keep].to(device, non_blocking=True) if "mask" in batch else None
+    kind = models[0].kind
+    truth = ground_truth_regions(masks, list(classes), kind)[0] if masks is not None else None
     results: list[ModelBatch] = []
     if keep:
         x = images.to(device, non_blocking=True).float().div_(255.0)
         reference = None
         for model in models:
             result = model.engine(model.prepare_input(x), classes=list(classes), masks=masks)
-            preds = predicted_classes(result.logits)
-            values = alignment_values(result.cams, result.raw_max, preds, masks, classes, reference)
+            preds = _predictions_at(
+                predicted_masks(result.logits, kind, model.engine.threshold), x.shape[-2:]
+            )
+            predicted = class_regions(preds, list(classes), result.logits.shape[1], kind)
+            values = alignment_values(result.cams, result.raw_max, predicted, truth, reference)
             reference = result.cams if reference is None else reference
             results.append(
                 ModelBatch(
                     cams=result.cams.cpu().numpy(),
-                    preds=preds.cpu().numpy(),
+                    preds=_display_labels(preds).cpu().numpy(),
                     values={k: v.cpu().numpy() for k, v in values.items()},
                 )
             )
@@ -219,4 +243,25 @@ def explain_batch(
         masks=masks.cpu().numpy() if masks is not None else None,
         models=results,
         skipped=skipped,
+        truth=truth.cpu().numpy() if truth is not None else None,
     )
+
+
+def _predictions_at(preds: Tensor, size: Sequence[int]) -> Tensor:
+    """Predictions (labels ``[B, h, w]`` or per-class masks ``[B, K, h, w]``) at the input's
+    ``size``: nearest-neighbour (``nearest-exact``, as the engine resizes masks), never blended."""
+    if tuple(preds.shape[-2:]) == tuple(size):
+        return preds
+    batched = preds.unsqueeze(1) if preds.ndim == 3 else preds
+    resized = F.interpolate(batched.float(), size=tuple(size), mode="nearest-exact")
+    resized = resized.squeeze(1) if preds.ndim == 3 else resized
+    return resized.to(preds.dtype)
+
+
+def _display_labels(preds: Tensor) -> Tensor:
+    """One mask label per pixel: labels as they are; a multi-label model's per-class masks by
+    their highest predicted channel (0 where none is)."""
+    if preds.ndim == 3:
+        return preds
+    channels = torch.arange(1, preds.shape[1] + 1, device=preds.device).view(1, -1, 1, 1)
+    return ((preds.long() * channels).amax(dim=1) - 1).clamp_min(0)

@@ -8,11 +8,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed
 
-from segcam_lightning.audit.run import load_models, resolve_size, run_audit
+from segcam_lightning.audit.run import default_layers, load_models, resolve_size, run_audit
 from segcam_lightning.audit.settings import (
     DEFAULT_LAYER,
     PROG,
@@ -25,6 +26,7 @@ from segcam_lightning.audit.settings import (
 from segcam_lightning.cam import (
     METHODS,
     NORMALIZE_MODES,
+    OUTPUT_KINDS,
     TARGETS,
     candidate_layers,
 )
@@ -48,6 +50,18 @@ examples:
 
   # spread a large audit over 4 GPUs
   explain.py --checkpoint last.ckpt --data big/ --devices 4 --strategy ddp --batch-size 32
+
+  # your own LightningModule (the class you name rebuilds the .ckpt with load_from_checkpoint)
+  explain.py --module examples/binary_plants/project.py:PlantSegmenter \\
+      --checkpoint lightning_logs/plants/version_0/checkpoints/last.ckpt \\
+      --data data/plants_binary --layers fuse2
+
+  # your own network from a state dict and the function that builds it (--model-kwargs JSON
+  # for its arguments); what the file does not say, pass: size, normalisation, class names
+  explain.py --model examples/binary_plants/project.py:build_model \\
+      --checkpoint lightning_logs/plants/version_0/plants_net.pt --data data/plants_binary \\
+      --layers fuse2 --size 64 --class-names soil plant \\
+      --image-mean 0.485 0.456 0.406 --image-std 0.229 0.224 0.225
 
 outputs (OUT = --out):
   OUT/gradcam/<class_idx>/<name>.jpg          the seed's panel: image | overlay | GT mask
@@ -74,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Audit segmentation checkpoints with per-class Grad-CAM: where does the model look\n"
             "for each class, on every image of a dataset? Writes the seed's CAM panels, an HTML\n"
             "report, metrics.csv and summary.json. Checkpoints are loaded with\n"
-            "torch.load(weights_only=True): a file that could run code is refused."
+            "torch.load(weights_only=True): a file that could run code is refused. The network\n"
+            "is the package's U-Net, or your own: --module names your LightningModule class,\n"
+            "--model the function that builds your network. Only the code you name runs; the\n"
+            "checkpoint provides weights and plain values."
         ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -88,6 +105,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="a Lightning .ckpt, a seed .pth ({'model_state_dict': ...}) or a state dict; "
         "repeat to compare checkpoints (e.g. --checkpoint e5.ckpt --checkpoint e50.ckpt)",
+    )
+    what.add_argument(
+        "--module",
+        metavar="SPEC",
+        help="your LightningModule class, as package.module:Class or path/to/file.py:Class; each "
+        "--checkpoint (a Lightning .ckpt) is rebuilt by Class.load_from_checkpoint, and the "
+        "network explained is the module if it defines forward, else its net/model/network. "
+        "E.g. --module examples/binary_plants/project.py:PlantSegmenter",
+    )
+    what.add_argument(
+        "--model",
+        metavar="SPEC",
+        help="a function (or nn.Module class) that builds your network, as package.module:name "
+        "or path/to/file.py:name; each --checkpoint's weights (a state dict, the seed's "
+        "{'model_state_dict': ...}, or a Lightning .ckpt's state_dict with a 'model.'/'net.' "
+        "prefix removed) are loaded into it strictly. "
+        "E.g. --model examples/binary_plants/project.py:build_model",
+    )
+    what.add_argument(
+        "--model-kwargs",
+        type=_json_object,
+        metavar="JSON",
+        help="keyword arguments for the --model function, e.g. --model-kwargs '{\"width\": 16}'",
     )
     what.add_argument(
         "--data",
@@ -107,10 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     cam.add_argument(
         "--layers",
         nargs="+",
-        default=[DEFAULT_LAYER],
         metavar="NAME",
-        help="layers to explain, seed-style names (default d4.conv.conv.5, the seed's); several "
-        "are shown side by side, e.g. --layers e4.conv.conv.5 d4.conv.conv.5. See --list-layers",
+        help=f"layers to explain (default {DEFAULT_LAYER}, the seed's, in a U-Net; in another "
+        "network the last layer before the output head); several are shown side by side, e.g. "
+        "--layers e4.conv.conv.5 d4.conv.conv.5. A LightningModule's net./model. prefix may be "
+        "left out. See --list-layers",
     )
     cam.add_argument(
         "--method",
@@ -133,14 +174,30 @@ def build_parser() -> argparse.ArgumentParser:
         "and layer, so weak classes look weak) or none",
     )
     cam.add_argument(
+        "--output-kind",
+        default="auto",
+        choices=OUTPUT_KINDS,
+        help="how the network's output channels are read: multiclass (softmax over K >= 2), "
+        "binary (one sigmoid channel: one class, the foreground, mask label 1), multilabel "
+        "(independent sigmoids) or auto (one channel binary, more multiclass; the default)",
+    )
+    cam.add_argument(
+        "--threshold",
+        type=_probability,
+        default=0.5,
+        metavar="P",
+        help="binary and multilabel: the probability above which a pixel is predicted (default "
+        "0.5), e.g. --threshold 0.3",
+    )
+    cam.add_argument(
         "--classes",
         nargs="+",
         type=_non_negative_int,
         metavar="K",
-        help="class indices to explain (default all), e.g. --classes 1 2",
+        help="class indices (output channels) to explain (default all), e.g. --classes 1 2",
     )
     meta = parser.add_argument_group(
-        "for checkpoints that do not carry it (seed .pth, state dicts)"
+        "for checkpoints that do not carry it (seed .pth, state dicts, your own modules)"
     )
     meta.add_argument(
         "--num-classes",
@@ -153,27 +210,56 @@ def build_parser() -> argparse.ArgumentParser:
         type=_colormap_arg,
         metavar="JSON",
         help="the masks' colours, one [b, g, r] per class in cv2's BGR order (default the "
-        "checkpoint's, else the seed's), e.g. --colormap '[[0,0,0],[0,0,128],[0,128,0]]'",
+        "checkpoint's, else the seed's; for a binary model black background, white foreground), "
+        "e.g. --colormap '[[0,0,0],[0,0,128],[0,128,0]]' or, binary, '[[0,0,0],[255,255,255]]'",
     )
     meta.add_argument(
         "--class-names",
         nargs="+",
         metavar="NAME",
-        help="one name per class (default the checkpoint's), e.g. --class-names soil crop weed",
+        help="one name per class (default the checkpoint's or its data module's), e.g. "
+        "--class-names soil crop weed; for a binary model the background's and the "
+        "foreground's, or only the foreground's (--class-names soil plant)",
     )
     meta.add_argument(
         "--size",
         type=_positive_int,
         metavar="PX",
-        help="square input size, a multiple of 16 (default the checkpoint's training size, else "
-        "256 as the seed), e.g. --size 256",
+        help="square input size (default the checkpoint's training size, else 256 as the seed): "
+        "a multiple of 16 for the U-Net, any size your own network accepts; e.g. --size 256",
     )
     meta.add_argument(
         "--channel-order",
         default="auto",
         choices=("auto", "rgb", "bgr"),
-        help="channel order the model expects (auto: bgr for seed .pth and state dicts, since "
-        "the seed fed cv2's BGR arrays; the training data's for Lightning checkpoints)",
+        help="channel order the model expects (auto: bgr for the U-Net's seed .pth and state "
+        "dicts, since the seed fed cv2's BGR arrays; the training data's for Lightning "
+        "checkpoints; rgb for --model state dicts)",
+    )
+    meta.add_argument(
+        "--image-mean",
+        nargs="+",
+        type=float,
+        metavar="M",
+        help="the mean the training images were normalised with, per channel in the order the "
+        "network is fed, or one value (default the checkpoint data module's image_mean, else "
+        "none: the network gets images in [0, 1]); e.g. --image-mean 0.485 0.456 0.406",
+    )
+    meta.add_argument(
+        "--image-std",
+        nargs="+",
+        type=float,
+        metavar="S",
+        help="the standard deviation of that normalisation (default the data module's "
+        "image_std); e.g. --image-std 0.229 0.224 0.225. Panels show the images themselves",
+    )
+    meta.add_argument(
+        "--in-channels",
+        type=_positive_int,
+        choices=(1, 3),
+        metavar="C",
+        help="input channels of your own network (--module/--model) when its first layer is not "
+        "a convolution that says (1: fed grey images, 3: colour)",
     )
     meta.add_argument(
         "--trust-checkpoint",
@@ -282,6 +368,33 @@ def _int_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, but got {text!r}") from None
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"expected a probability strictly between 0 and 1, but got {text!r}"
+        )
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        value, reason = None, f" ({error})"
+    else:
+        reason = ""
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object of keyword arguments such as '{{\"width\": 16}}', but got "
+            f"{text!r}{reason}"
+        )
+    return value
+
+
 def _colormap_arg(text: str) -> tuple[tuple[int, int, int], ...]:
     try:
         return validate_colormap(json.loads(text))
@@ -295,7 +408,7 @@ def _colormap_arg(text: str) -> tuple[tuple[int, int, int], ...]:
 def settings_from_args(args: argparse.Namespace) -> AuditSettings:
     """:class:`AuditSettings` from parsed command-line arguments (one option per field)."""
     values = {f.name: getattr(args, f.name) for f in fields(AuditSettings) if hasattr(args, f.name)}
-    for name in ("layers", "classes", "class_names"):  # lists from nargs="+" -> tuples
+    for name in ("layers", "classes", "class_names", "image_mean", "image_std"):  # nargs="+"
         values[name] = tuple(values[name]) if values[name] else None
     return AuditSettings(**values, checkpoints=tuple(args.checkpoint), progress=not args.quiet)
 
@@ -364,10 +477,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def list_layers(settings: AuditSettings) -> str:
-    """The ``--list-layers`` table of every checkpoint: name, type, output shape, seed tips.
+    """The ``--list-layers`` table of every checkpoint: name, type, output shape, seed tips (for
+    the U-Net) or the default layer (for your own network).
 
     Raises:
-        UsageError: for checkpoints that cannot be loaded.
+        UsageError: for code or checkpoints that cannot be loaded.
     """
     blocks = []
     for loaded in load_models(settings):
@@ -376,16 +490,23 @@ def list_layers(settings: AuditSettings) -> str:
         infos = candidate_layers(loaded.net, example)
         width = max(len(i.name) for i in infos)
         type_width = max(len(i.type) for i in infos)
+        prefix = loaded.layer_prefix
+        default = default_layers(loaded, size, settings)[0]
         lines = [
             f"{loaded.path} ({loaded.describe()}); output shapes for a "
             f"1x{loaded.in_channels}x{size[0]}x{size[1]} input:",
             f"  {'name':<{width}}  {'type':<{type_width}}  output shape",
         ]
         for info in infos:
-            tip = TIP_NAMES.get(info.name)
-            mark = f"  <- seed tip {tip}" if tip else ""
+            short = info.name.removeprefix(prefix) if prefix else info.name
+            tip = TIP_NAMES.get(short) if loaded.code is None else None
+            mark = f"  <- seed tip {tip}" if tip else "  <- default" if short == default else ""
             shape = list(info.output_shape)
             lines.append(f"  {info.name:<{width}}  {info.type:<{type_width}}  {shape}{mark}")
-        lines.append(f"Use them as e.g. --layers {' '.join(SEED_LAYERS)}")
+        if loaded.code is None:
+            lines.append(f"Use them as e.g. --layers {' '.join(SEED_LAYERS)}")
+        else:
+            left_out = f" (the prefix {prefix!r} may be left out)" if prefix else ""
+            lines.append(f"Use them as e.g. --layers {default}{left_out}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

@@ -128,8 +128,18 @@ def build_dataset(
     colormap: Sequence[Sequence[int]],
     num_classes: int,
     limit: int | None,
+    kind: str = "multiclass",
 ) -> AuditDataset:
     """The audit's dataset for ``--data``: synthetic, a seed-format folder or an image folder.
+
+    Args:
+        data: ``--data``.
+        size: ``(height, width)`` every image is resized to.
+        colormap: the masks' colours, one per mask label (BGR).
+        num_classes: the mask labels: the model's classes, or 2 for a binary model
+            (background, foreground).
+        limit: ``--limit``.
+        kind: the model's output kind, for messages.
 
     Raises:
         UsageError: for a missing folder, no images, unpaired files, or a colormap that does
@@ -147,7 +157,7 @@ def build_dataset(
         )
     try:
         if (root / "masks").is_dir():
-            return _folder_dataset(root, size, colormap, num_classes, limit)
+            return _folder_dataset(root, size, colormap, num_classes, limit, kind)
         return _image_folder_dataset(root, size, limit)
     except OSError as error:  # a folder that cannot be listed: an input problem, not a bug
         folder = error.filename or root
@@ -178,12 +188,18 @@ def _folder_dataset(
     colormap: Sequence[Sequence[int]],
     num_classes: int,
     limit: int | None,
+    kind: str,
 ) -> AuditDataset:
     if len(colormap) != num_classes:
+        if kind == "binary":
+            what, example = "is binary: its masks have background and foreground", "[255,255,255]"
+        else:
+            what, example = f"predicts {num_classes} classes", "[0,0,128],[0,128,0]"
         raise UsageError(
             f"The masks' colormap has {len(colormap)} colours {[list(c) for c in colormap]}, but "
-            f"the model predicts {num_classes} classes. Pass the masks' colours, one [b, g, r] "
-            "per class in cv2's BGR order, e.g. --colormap '[[0,0,0],[0,0,128],[0,128,0]]'."
+            f"the model {what}. Pass the masks' colours, one [b, g, r] per "
+            f"{'label' if kind == 'binary' else 'class'} in cv2's BGR order, e.g. --colormap "
+            f"'[[0,0,0],{example}]'."
         )
     try:
         reader = FolderSegmentation(

@@ -2,9 +2,10 @@
 is touched, so that a mistake costs a message (exit 2), not a half-written folder.
 
 - Every folder the run writes resolves inside ``--out`` (a symbolic link may not lead out).
-- The engines work: one small blank image goes through :func:`explain_batch` exactly as a batch
+- The engines work: one blank image goes through :func:`explain_batch` exactly as a batch
   would (a layer whose output is not one 4-D tensor, a network whose input does not fit, fail
-  here).
+  here). For the U-Net a small one (any multiple of 16 fits it); for the user's own network
+  one of the real size, since which sizes it accepts is its own affair.
 - One batch fits in memory: the activations of that dry run, scaled to the real image size and
   batch size, plus the maps and images, against the memory available.
 
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from segcam_lightning.audit.batches import AuditModel, explain_batch
 from segcam_lightning.audit.paths import UnsafePathError
-from segcam_lightning.audit.settings import PROG, UsageError
+from segcam_lightning.audit.settings import UsageError, list_layers_command
 
 if TYPE_CHECKING:
     from segcam_lightning.audit.plan import AuditPlan
@@ -52,7 +53,10 @@ def check_before_writing(plan: AuditPlan, model_device: torch.device) -> None:
         plan.layout.check(plan.classes, report_names)
     except UnsafePathError as error:
         raise UsageError(str(error)) from None
-    side = (min(plan.size[0], _DRY_SIDE), min(plan.size[1], _DRY_SIDE))
+    if plan.code is None:
+        side = (min(plan.size[0], _DRY_SIDE), min(plan.size[1], _DRY_SIDE))
+    else:
+        side = plan.size
     _dry_run(plan, side, model_device)
     _check_memory(plan, side, model_device)
 
@@ -75,12 +79,13 @@ def _dry_run(plan: AuditPlan, side: tuple[int, int], device: torch.device) -> No
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         message = message.split(" Pick another")[0].split(" List the layers")[0]
-        first = plan.models[0].loaded.path
+        command = list_layers_command(plan.settings, plan.models[0].loaded.path)
+        size = " and --size (a size the network accepts)" if plan.code is not None else ""
         raise UsageError(
             f"A dry run of the CAM engine on one blank {height}x{width} image failed, so nothing "
-            f"was written: {type(error).__name__}: {message} Run `{PROG} --checkpoint {first} "
-            "--list-layers` to see every layer's output shape, and pass --layers whose output is "
-            "one 4-D tensor [B, C, h, w]."
+            f"was written: {type(error).__name__}: {message} Run `{command}` to see every "
+            f"layer's output shape, and pass --layers whose output is one 4-D tensor "
+            f"[B, C, h, w]{size}."
         ) from None
 
 

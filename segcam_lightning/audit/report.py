@@ -222,6 +222,7 @@ def build_summary(
     settings["checkpoints"] = [str(p) for p in plan.settings.checkpoints]
     settings.update(
         image_size=list(plan.size),
+        output_kind=plan.output_kind,
         classes=plan.classes,
         class_names=plan.class_names,
         layers=list(plan.layout.layers),
@@ -256,8 +257,11 @@ def build_summary(
                 "description": m.loaded.describe(),
                 "num_classes": m.loaded.num_classes,
                 "base_width": m.loaded.base_width,
+                "code": m.loaded.code,
                 "channel_order": "bgr" if m.bgr else "rgb",
                 "input": m.input_description,
+                "image_mean": list(m.mean) if m.mean is not None else None,
+                "image_std": list(m.std) if m.std is not None else None,
                 "epoch": m.loaded.epoch,
                 "trusted": m.loaded.trusted,
             }
@@ -346,7 +350,8 @@ def render_report(
         _partial_banner(summary),
         f"<p class='meta'>{counts['processed']} of {counts['images']} image(s) audited"
         f"{skipped_note} · {_e(plan.settings.method)} at {_e(', '.join(plan.layout.layers))} · "
-        f"target {_e(plan.settings.target)} · data: {_e(str(plan.settings.data))} · "
+        f"target {_e(plan.settings.target)} · {_e(_kind_text(plan))} · "
+        f"data: {_e(str(plan.settings.data))} · "
         f"{plan.size[0]}x{plan.size[1]}</p>",
         _legend(plan),
         _checkpoint_table(plan),
@@ -394,12 +399,20 @@ def _fmt(value: float, kind: str = "share") -> str:
     return f"{value:.3f}"
 
 
+def _kind_text(plan: AuditPlan) -> str:
+    """How the outputs are read, e.g. ``"binary (sigmoid > 0.5)"``."""
+    if plan.output_kind == "multiclass":
+        return "multiclass (softmax)"
+    return f"{plan.output_kind} (sigmoid > {plan.settings.threshold:g})"
+
+
 def _legend(plan: AuditPlan) -> str:
     items = []
-    for k, name in enumerate(plan.class_names):
+    for k, name in enumerate(plan.label_names or plan.class_names):
         b, g, r = plan.colormap[k]
         items.append(f"<span class='sw' style='background:rgb({r},{g},{b})'></span>{k}: {_e(name)}")
-    return "<p>Classes:" + "".join(items) + "</p>"
+    title = "Mask labels" if plan.output_kind == "binary" else "Classes"
+    return f"<p>{title}:" + "".join(items) + "</p>"
 
 
 def _checkpoint_table(plan: AuditPlan) -> str:

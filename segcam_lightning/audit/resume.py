@@ -20,7 +20,14 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from segcam_lightning.audit.paths import write_atomic
-from segcam_lightning.audit.settings import PROG, STATE_FILE, SYNTHETIC, Stop, UsageError
+from segcam_lightning.audit.settings import (
+    PROG,
+    STATE_FILE,
+    SYNTHETIC,
+    Stop,
+    UsageError,
+    one_line,
+)
 from segcam_lightning.audit.writer import LocalResult
 
 if TYPE_CHECKING:
@@ -74,18 +81,13 @@ class StopSignals:
         return None
 
 
-def one_line(error: BaseException) -> str:
-    """``"Type: first line of the message"``, at most 300 characters."""
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{type(error).__name__}: {first}"[:300].rstrip(": ")
-
-
 def fingerprint(plan: AuditPlan) -> dict[str, Any]:
     """Everything that decides an audit's results; a resumed run must match it.
 
-    Checkpoints count by content (SHA-256), the data by its real path and file list. Batch
-    size, workers, threads, device and progress may change between the two runs.
+    Checkpoints count by content (SHA-256), the data by its real path and file list, the
+    ``--module``/``--model`` code by its location, its file's content and the factory's
+    arguments. Batch size, workers, threads, device and progress may change between the two
+    runs.
     """
     settings = plan.settings
     sources = "\n".join(plan.dataset.sources).encode("utf-8")
@@ -99,12 +101,28 @@ def fingerprint(plan: AuditPlan) -> dict[str, Any]:
         "method": settings.method,
         "target": settings.target,
         "normalize": settings.normalize,
+        "code": _code_fingerprint(plan),
+        "output_kind": plan.output_kind,
+        "threshold": settings.threshold,
         "classes": list(plan.classes),
         "class_names": list(plan.class_names),
         "colormap": [list(c) for c in plan.colormap],
         "size": list(plan.size),
         "inputs": [m.input_description for m in plan.models],
         "report_images": settings.report_images,
+    }
+
+
+def _code_fingerprint(plan: AuditPlan) -> dict[str, Any] | None:
+    code = plan.code
+    if code is None:
+        return None
+    name = code.spec.rpartition(":")[2]
+    return {
+        "option": code.option,
+        "spec": f"{code.location}:{name}",
+        "sha256": _sha256(code.source) if code.source is not None else None,
+        "kwargs": code.kwargs,
     }
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 
@@ -60,6 +62,13 @@ TIP_NAMES = dict(zip(SEED_LAYERS, ("e1", "e4", "b", "d4"), strict=True))
 JPEG_PARAMS = [cv2.IMWRITE_JPEG_QUALITY, 95]  # cv2's default, which the seed used
 
 
+def one_line(error: BaseException) -> str:
+    """``"Type: first line of the message"``, at most 300 characters."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {first}"[:300].rstrip(": ")
+
+
 class UsageError(Exception):
     """A mistake in the command line or its inputs: :func:`main` prints it and exits with 2."""
 
@@ -88,16 +97,20 @@ class Stop:
 class AuditSettings:
     """Everything an audit run needs; :func:`build_parser` documents each field.
 
-    ``None`` means "take it from the checkpoint" (or the default given in ``--help``).
+    ``None`` means "take it from the checkpoint" (or the default given in ``--help``); ``layers``
+    ``None`` is the network's default layer (the seed's ``d4.conv.conv.5`` for the U-Net).
+    ``module``/``model`` name the user's code (``"pkg.mod:Name"``), ``None`` for the U-Net.
     """
 
     checkpoints: tuple[Path, ...]
     data: str | None = None
     out: Path = Path("results")
-    layers: tuple[str, ...] = (DEFAULT_LAYER,)
+    layers: tuple[str, ...] | None = None
     method: str = "gradcam"
     target: str = "softmax_mean"
     normalize: str = "minmax"
+    output_kind: str = "auto"
+    threshold: float = 0.5
     classes: tuple[int, ...] | None = None
     limit: int | None = None
     batch_size: int = 8
@@ -108,6 +121,12 @@ class AuditSettings:
     class_names: tuple[str, ...] | None = None
     size: int | None = None
     channel_order: str = "auto"
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
+    in_channels: int | None = None
+    module: str | None = None
+    model: str | None = None
+    model_kwargs: dict[str, Any] | None = None
     trust_checkpoint: bool = False
     devices: int = 1
     num_nodes: int = 1
@@ -122,3 +141,15 @@ class AuditSettings:
     def distributed(self) -> bool:
         """Whether the run goes through Lightning's ``Trainer.predict``."""
         return self.devices != 1 or self.num_nodes != 1 or self.strategy != "auto"
+
+
+def list_layers_command(settings: AuditSettings, path: Path) -> str:
+    """The ``--list-layers`` command for ``path`` with the run's ``--module``/``--model``."""
+    code = ""
+    if settings.module:
+        code = f" --module {settings.module}"
+    elif settings.model:
+        code = f" --model {settings.model}"
+        if settings.model_kwargs:
+            code += f" --model-kwargs '{json.dumps(settings.model_kwargs)}'"
+    return f"{PROG}{code} --checkpoint {path} --list-layers"

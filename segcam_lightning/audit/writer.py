@@ -79,8 +79,8 @@ class OutputWriter:
         layout: where files go.
         layer_names: the ``L`` layer names.
         classes: the ``K`` class ids.
-        class_names: all class names (indexed by class id).
-        colormap: BGR colours for masks and predictions, at least one per class.
+        class_names: all class names (indexed by class id: output channel).
+        colormap: BGR colours for masks and predictions, at least one per mask label.
         report_images: images with a dataset index below this get report tiles.
         threads: rendering threads.
         overlap: render while the next batch is computed (else finish each batch first).
@@ -100,7 +100,6 @@ class OutputWriter:
         self.layout = layout
         self.layer_names = list(layer_names)
         self.classes = list(classes)
-        self._class_ids = np.asarray(self.classes).reshape(-1, 1, 1)
         self.class_names = list(class_names)
         self.colormap = [tuple(c) for c in colormap]
         self.report_limit = report_images
@@ -213,7 +212,7 @@ class OutputWriter:
         index, name, image = batch.indices[b], batch.names[b], batch.images[b]
         mask = batch.masks[b] if batch.masks is not None else None
         in_report = index < self.report_limit
-        regions = mask[None] == self._class_ids if mask is not None else None  # [K, H, W]
+        regions = batch.truth[b] if batch.truth is not None else None  # [K, H, W]
         written = 0
         if in_report:
             _imwrite(self.layout.input_tile(name), image, JPEG_PARAMS)
