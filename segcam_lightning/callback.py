@@ -34,31 +34,32 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
-from torch import Tensor, nn
-from torch.nn.modules.loss import _Loss
+from torch import Tensor
 from torch.utils.data import IterableDataset, default_collate
-from torchmetrics import Metric
 from typing_extensions import override
 
 from segcam_lightning.cam import (
     NORMALIZE_MODES,
     OUTPUT_KINDS,
     CAMEngine,
-    candidate_layers,
     class_regions,
-    default_output_adapter,
-    find_layer,
     get_method,
     get_target,
     predicted_masks,
 )
-from segcam_lightning.cam.layers import eval_mode, preserve_rng
 from segcam_lightning.data.batch import BatchAdapter
 from segcam_lightning.metrics import (
     CAMEnergyInside,
     PointingGame,
     cam_energy_inside,
     ground_truth_regions,
+)
+from segcam_lightning.networks import (
+    default_layer,
+    example_logits,
+    inner_network,
+    network_of,
+    resolve_layer,
 )
 from segcam_lightning.paths import safe_component, safe_join
 from segcam_lightning.quality.functional import shortcut_suspects
@@ -69,8 +70,6 @@ COLORMAPS = {
     for name in dir(cv2)
     if name.startswith("COLORMAP_")
 }
-#: Attributes of a LightningModule that hold its network when it defines no ``forward``.
-NETWORK_ATTRIBUTES = ("net", "model", "network")
 #: Colour of ignored ground-truth pixels in the grids (BGR).
 IGNORED_COLOR = (128, 128, 128)
 
@@ -290,15 +289,22 @@ class GradCAMCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage not in ("fit", "validate"):
             return  # the callback only runs at the end of validation
-        network = _network(pl_module)
+        try:
+            network = network_of(pl_module)
+        except ValueError as error:
+            raise ValueError(f"GradCAMCallback: {error}") from None
         self._display = self._display_fn(trainer)
         self.probe = self._read_probe(trainer, stage)
         example = self.probe["images"][:1].to(pl_module.device)
-        logits = _example_logits(network, example, self.output_adapter)
-        names = self.layers or [
-            _default_layer(_inner(pl_module, network), example, logits.shape[1])
-        ]
-        modules = [_resolve_layer(pl_module, network, name) for name in names]
+        try:
+            logits = example_logits(network, example, self.output_adapter)
+        except ValueError as error:
+            raise ValueError(f"GradCAMCallback: {error}") from None
+        if self.layers is None:
+            names = [default_layer(inner_network(pl_module)[1], example, logits.shape[1])]
+        else:
+            names = list(self.layers)
+        modules = [resolve_layer(pl_module, name) for name in names]
         self._layer_labels = list(names)
         self._engine = CAMEngine(
             network,
@@ -596,86 +602,6 @@ def _check_choice(argument: str, value: Any, choices: Any) -> None:
 
 def _is_index(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _network(pl_module: L.LightningModule) -> nn.Module:
-    """The module a CAM forward runs: the LightningModule when it defines ``forward``, else its
-    network attribute (``net``, ``model`` or ``network``)."""
-    if type(pl_module).forward is not L.LightningModule.forward:
-        return pl_module
-    for name in NETWORK_ATTRIBUTES:
-        candidate = getattr(pl_module, name, None)
-        if isinstance(candidate, nn.Module):
-            return candidate
-    raise ValueError(
-        f"GradCAMCallback needs to run {type(pl_module).__name__}'s network on images: define "
-        f"`forward(images) -> logits` on it, or keep the network in one of the attributes "
-        f"{list(NETWORK_ATTRIBUTES)}."
-    )
-
-
-def _inner(pl_module: L.LightningModule, network: nn.Module) -> nn.Module:
-    """Where layer names start: the LightningModule's network attribute, if it has one."""
-    for name in NETWORK_ATTRIBUTES:
-        candidate = getattr(pl_module, name, None)
-        if isinstance(candidate, nn.Module):
-            return candidate
-    return network
-
-
-def _example_logits(
-    network: nn.Module, example: Tensor, adapter: Callable[[Any], Tensor] | None
-) -> Tensor:
-    """The network's logits for one probe image (eval mode, no graph, RNG and flags kept)."""
-    with (
-        torch.inference_mode(False),
-        torch.no_grad(),
-        eval_mode(network),
-        preserve_rng(example.device),
-    ):
-        output = network(example.clone())
-    logits = (adapter or default_output_adapter)(output)
-    if not isinstance(logits, Tensor) or logits.ndim != example.ndim:
-        got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ValueError(
-            f"GradCAMCallback expected the network's logits as a tensor [B, K, H, W], but got "
-            f"{got}. Pass `output_adapter=` to pick them from the model's output."
-        )
-    return logits
-
-
-def _default_layer(network: nn.Module, example: Tensor, num_outputs: int) -> str:
-    """The last leaf module, in the order the forward runs them, with a ``[B, C, h, w]`` output
-    whose channel count is not the logits' (the layer feeding the output head, e.g. the seed's
-    ``d4.conv.conv.5``). Metrics and losses are skipped."""
-    skip = [name for name, m in network.named_modules() if isinstance(m, (Metric, _Loss))]
-    leaves = {
-        name
-        for name, module in network.named_modules()
-        if name
-        and not list(module.children())
-        and not any(name == s or name.startswith(f"{s}.") for s in skip)
-    }
-    infos = candidate_layers(network, example)
-    usable = [i.name for i in infos if i.name in leaves and i.output_shape[1] != num_outputs]
-    if not usable:
-        raise ValueError(
-            f"Could not choose a default layer in {type(network).__name__}: pass"
-            " `GradCAMCallback(layers=[...])` (list them with"
-            " `segcam_lightning.cam.candidate_layers(model, example_input)`)."
-        )
-    return usable[-1]
-
-
-def _resolve_layer(pl_module: L.LightningModule, network: nn.Module, name: str) -> nn.Module:
-    """The layer called ``name`` in the network (seed-style names, ``d4.conv.conv.5``), in the
-    LightningModule's ``net``/``model``/``network``, or in the LightningModule itself
-    (``net.d4.conv.conv.5``); an unknown name fails with the LightningModule's close matches."""
-    scopes = [_inner(pl_module, network), network]
-    for scope in scopes:
-        if isinstance(scope, nn.Module) and name and name in dict(scope.named_modules()):
-            return find_layer(scope, name)
-    return find_layer(pl_module, name)
 
 
 def _validation_loader(trainer: L.Trainer, stage: str, index: int) -> Any:

@@ -58,6 +58,7 @@ from typing import IO, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from segcam_lightning import networks
 from segcam_lightning.cam import default_output_adapter
 from segcam_lightning.cam.layers import eval_mode, preserve_rng
 from segcam_lightning.models import UNet
@@ -70,7 +71,7 @@ __all__ = [
     "load_checkpoint",
     "load_lightning_module",
     "load_network_weights",
-    "network_of",
+    "network_and_prefix",
 ]
 
 CheckpointKind = Literal["lightning", "seed", "state_dict"]
@@ -618,7 +619,7 @@ def load_lightning_module(
     ``_instantiator`` other than Lightning CLI's, a ``_class_path`` of another class. Lightning
     CLI's markers are then set aside and the class is called with the plain values.
 
-    The network explained is :func:`network_of` the module: the module itself when it defines
+    The network explained is :func:`network_and_prefix`'s: the module itself when it defines
     ``forward``, else its ``net``, ``model`` or ``network``. Its output channels are counted by
     one forward pass of zeros at ``size`` (default the data module's ``image_size``, else
     256×256) with ``in_channels`` channels (default the first convolution's).
@@ -672,7 +673,7 @@ def load_lightning_module(
         **overrides,
     )
     module.eval()
-    network, prefix = network_of(module)
+    network, prefix = network_and_prefix(module)
     data = _data_hyperparameters(content)
     names = _names_or_none(getattr(module, "class_names", None))
     names = names or _names_or_none(_mapping(hparams).get("class_names")) or data.class_names
@@ -778,7 +779,7 @@ def load_network_weights(
     )
 
 
-def network_of(module: nn.Module) -> tuple[nn.Module, str]:
+def network_and_prefix(module: nn.Module) -> tuple[nn.Module, str]:
     """The network a CAM forward runs for a LightningModule, and the prefix its layer names may
     leave out.
 
@@ -789,22 +790,14 @@ def network_of(module: nn.Module) -> tuple[nn.Module, str]:
     Raises:
         CheckpointError: for a module with neither.
     """
-    from segcam_lightning.callback import NETWORK_ATTRIBUTES, _network  # Lightning when needed
-
     try:
-        network = _network(module)
-    except ValueError:
-        raise CheckpointError(
-            f"{type(module).__name__} has no network to explain: define `forward(images) -> "
-            f"logits` on it, or keep the network in one of the attributes "
-            f"{list(NETWORK_ATTRIBUTES)}."
-        ) from None
+        network = networks.network_of(module)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
     if network is not module:
         return network, ""
-    inner = next(
-        (a for a in NETWORK_ATTRIBUTES if isinstance(getattr(module, a, None), nn.Module)), None
-    )
-    return network, f"{inner}." if inner else ""
+    prefix, _ = networks.inner_network(module)
+    return network, prefix
 
 
 def _check_module_hyperparameters(path: Path, hparams: Any, module_class: type, name: str) -> None:

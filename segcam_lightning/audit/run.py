@@ -38,7 +38,6 @@ from segcam_lightning.audit.settings import (
 )
 from segcam_lightning.audit.user_code import UserCode, resolve_code
 from segcam_lightning.audit.writer import LocalResult, OutputWriter
-from segcam_lightning.callback import NETWORK_ATTRIBUTES, _default_layer
 from segcam_lightning.cam import CAMEngine, resolve_output_kind
 from segcam_lightning.cam import find_layer as _find_layer
 from segcam_lightning.checkpoints import (
@@ -52,6 +51,7 @@ from segcam_lightning.checkpoints import (
 from segcam_lightning.data.colormap import SEED_COLORMAP
 from segcam_lightning.data.synthetic import SYNTHETIC_CLASS_NAMES
 from segcam_lightning.models import UNet
+from segcam_lightning.networks import NETWORK_ATTRIBUTES, default_layer
 from segcam_lightning.render import class_palette, opencv_threads
 
 #: A binary model's masks when nothing says otherwise (BGR): background black, foreground white.
@@ -293,7 +293,7 @@ def default_layers(
         return (DEFAULT_LAYER,)
     example = torch.zeros(1, loaded.in_channels, *size, device=next(_devices(inner)))
     try:
-        return (_default_layer(inner, example, loaded.num_classes),)
+        return (default_layer(inner, example, loaded.num_classes),)
     except (ValueError, RuntimeError) as error:
         raise UsageError(
             f"Could not choose a default layer in the {type(inner).__name__} of {loaded.path} "

@@ -1,0 +1,143 @@
+"""Which network of a LightningModule a CAM explains, and its layers by name.
+
+The rule the callback and ``explain.py --module`` share: the module itself when it defines
+``forward``, else its ``net``, ``model`` or ``network`` attribute. Layer names may be given as
+the network calls them (``d4.conv.conv.5``) or as the module does (``net.d4.conv.conv.5``).
+Imports neither Lightning nor OpenCV: a class's own ``forward`` is told apart from the ones it
+inherits from ``torch`` or Lightning by where it is defined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.loss import _Loss
+from torchmetrics import Metric
+
+from segcam_lightning.cam import candidate_layers, default_output_adapter, find_layer
+from segcam_lightning.cam.layers import eval_mode, preserve_rng
+
+__all__ = [
+    "NETWORK_ATTRIBUTES",
+    "default_layer",
+    "defines_forward",
+    "example_logits",
+    "inner_network",
+    "network_of",
+    "resolve_layer",
+]
+
+#: Attributes of a LightningModule that hold its network when it defines no ``forward``.
+NETWORK_ATTRIBUTES = ("net", "model", "network")
+_FRAMEWORKS = ("torch.", "lightning.", "pytorch_lightning.")
+
+
+def defines_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s class (or a base of the user's) defines ``forward``, rather than
+    inheriting the placeholder of ``nn.Module`` or ``LightningModule``."""
+    for cls in type(module).__mro__:
+        if "forward" in vars(cls):
+            return not cls.__module__.startswith(_FRAMEWORKS)
+    return False
+
+
+def _attribute_network(module: nn.Module) -> tuple[str, nn.Module] | None:
+    for name in NETWORK_ATTRIBUTES:
+        candidate = getattr(module, name, None)
+        if isinstance(candidate, nn.Module):
+            return name, candidate
+    return None
+
+
+def network_of(module: nn.Module) -> nn.Module:
+    """The module a CAM forward runs: ``module`` when it defines ``forward``, else its network
+    attribute (``net``, ``model`` or ``network``).
+
+    Raises:
+        ValueError: for a module with neither, saying what to add.
+    """
+    if defines_forward(module):
+        return module
+    found = _attribute_network(module)
+    if found is not None:
+        return found[1]
+    raise ValueError(
+        f"{type(module).__name__} has no network to run on images: define "
+        f"`forward(images) -> logits` on it, or keep the network in one of the attributes "
+        f"{list(NETWORK_ATTRIBUTES)}."
+    )
+
+
+def inner_network(module: nn.Module) -> tuple[str, nn.Module]:
+    """``(prefix, network)`` where layer names start: the network attribute with its prefix
+    (``"net."``) when ``module`` has one, else ``("", module)``."""
+    found = _attribute_network(module)
+    return (f"{found[0]}.", found[1]) if found is not None else ("", module)
+
+
+def resolve_layer(module: nn.Module, name: str) -> nn.Module:
+    """The layer called ``name`` in ``module``'s network (``d4.conv.conv.5``) or in ``module``
+    itself (``net.d4.conv.conv.5``).
+
+    Raises:
+        ValueError: for an unknown name, with ``module``'s close matches and how to list layers.
+    """
+    _, inner = inner_network(module)
+    if name and name in dict(inner.named_modules()):
+        return find_layer(inner, name)
+    return find_layer(module, name)
+
+
+def example_logits(
+    network: nn.Module, example: Tensor, adapter: Callable[[Any], Tensor] | None = None
+) -> Tensor:
+    """The network's logits for an example batch: eval mode, no graph, flags and RNG kept.
+
+    Raises:
+        ValueError: when the (adapted) output is not a tensor with the input's dimensions.
+    """
+    with (
+        torch.inference_mode(False),
+        torch.no_grad(),
+        eval_mode(network),
+        preserve_rng(example.device),
+    ):
+        output = network(example.clone())
+    logits = (adapter or default_output_adapter)(output)
+    if not isinstance(logits, Tensor) or logits.ndim != example.ndim:
+        got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(
+            f"Expected the network's logits as a tensor [B, K, H, W] (with the input's "
+            f"{example.ndim} dimensions), but got {got}. Pass an output adapter that picks "
+            "them from the model's output."
+        )
+    return logits
+
+
+def default_layer(network: nn.Module, example: Tensor, num_outputs: int) -> str:
+    """The last leaf module, in the order the forward runs them, whose ``[B, C, *spatial]``
+    output has a channel count other than the logits' (the layer feeding the output head, e.g.
+    the seed's ``d4.conv.conv.5``). Metrics and losses are skipped.
+
+    Raises:
+        ValueError: when no layer qualifies.
+    """
+    skip = [name for name, m in network.named_modules() if isinstance(m, (Metric, _Loss))]
+    leaves = {
+        name
+        for name, module in network.named_modules()
+        if name
+        and not list(module.children())
+        and not any(name == s or name.startswith(f"{s}.") for s in skip)
+    }
+    infos = candidate_layers(network, example)
+    usable = [i.name for i in infos if i.name in leaves and i.output_shape[1] != num_outputs]
+    if not usable:
+        raise ValueError(
+            f"Could not choose a default layer in {type(network).__name__}: name the layers "
+            "(list them with `segcam_lightning.cam.candidate_layers(model, example_input)`)."
+        )
+    return usable[-1]
