@@ -295,7 +295,10 @@ class GradCAMCallback(Callback):
             raise ValueError(f"GradCAMCallback: {error}") from None
         self._display = self._display_fn(trainer)
         self.probe = self._read_probe(trainer, stage)
-        example = self.probe["images"][:1].to(pl_module.device)
+        # The network's own device: at setup Lightning may already report the accelerator as
+        # the module's device while the weights are still on the CPU.
+        device = next((p.device for p in network.parameters()), pl_module.device)
+        example = self.probe["images"][:1].to(device)
         try:
             logits = example_logits(network, example, self.output_adapter)
         except ValueError as error:

@@ -28,6 +28,7 @@ from segcam_lightning.cam import (
     get_method,
     get_target,
 )
+from segcam_lightning.cam.engine import auto_batches
 from segcam_lightning.cam.targets import GTRegion
 from segcam_lightning.models import SEED_LAYERS, UNet
 
@@ -171,6 +172,15 @@ def test_images_are_independent(net: UNet, images: torch.Tensor) -> None:
         single = CAMEngine(net, LAYERS, normalize="none")(images[b : b + 1])
         scale = single.raw_max.amax()
         torch.testing.assert_close(batch.cams[b] / scale, single.cams[0] / scale, atol=1e-5, rtol=0)
+
+
+def test_auto_batches_only_small_gpu_inputs_with_many_classes() -> None:
+    # The measured rule (benchmarks/RESULTS.md): batched only wins on CUDA, for K >= 8 and
+    # inputs of at most 4 x 256² pixels per channel; the CPU always loops.
+    assert auto_batches("cuda", 8, 4 * 256 * 256)
+    assert not auto_batches("cuda", 3, 4 * 256 * 256)
+    assert not auto_batches("cuda", 19, 4 * 512 * 512)
+    assert not auto_batches("cpu", 19, 64 * 64)
 
 
 @pytest.mark.parametrize("method", ["gradcam", "hirescam", "xgradcam", "gradcam++", "layercam"])

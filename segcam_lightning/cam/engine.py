@@ -74,6 +74,11 @@ __all__ = ["GRAD_MODES", "OUTPUT_KINDS", "CAMEngine", "CAMResult", "default_outp
 
 GradMode = Literal["auto", "loop", "batched"]
 GRAD_MODES: tuple[str, ...] = ("auto", "loop", "batched")
+#: ``grad_mode="auto"`` batches the classes' gradients on CUDA for this many classes or more, up
+#: to this many input pixels per channel in the batch (4 images of 256²): where it was faster
+#: than the loop at the encoder and the decoder layers measured.
+BATCHED_MIN_CLASSES = 8
+BATCHED_MAX_ELEMENTS = 4 * 256 * 256
 
 
 @dataclass(frozen=True)
@@ -199,8 +204,8 @@ class CAMEngine:
         output_adapter: ``f(model_output) -> logits``; default :func:`default_output_adapter`.
         grad_mode: how per-class gradients are taken: ``"loop"`` (one
             ``autograd.grad`` per class, ``retain_graph`` between them), ``"batched"`` (one call
-            with ``is_grads_batched=True``) or ``"auto"`` (the loop; see the measurements by
-            :meth:`_use_batched`).
+            with ``is_grads_batched=True``) or ``"auto"`` (batched for small inputs on a CUDA
+            device, else the loop; see :meth:`_use_batched`).
 
     Raises:
         TypeError, ValueError: for invalid arguments; messages say what was expected.
@@ -339,7 +344,12 @@ class CAMEngine:
             activations = [_at_least_float32(a.detach()) for a in capture.activations]
             if isinstance(self.method, _GradientCAM):
                 flow = _GradientFlow(x.shape[0], len(classes), x.device)
-                if guide is None and self._derive_one_class(kind, len(classes), scores.shape[1]):
+                batched = guide is None and self._use_batched(len(classes), x)
+                if (
+                    guide is None
+                    and not batched
+                    and self._derive_one_class(kind, len(classes), scores.shape[1])
+                ):
                     maps = self._gradient_maps_derived(scores, capture, activations, classes, flow)
                 else:
                     maps, guided_backprop = self._gradient_maps(
@@ -392,7 +402,7 @@ class CAMEngine:
                 "target returned scores without a graph. A target must compute its scores from "
                 "the logits it receives with differentiable operations."
             )
-        if guide is None and self._use_batched(len(classes)):
+        if guide is None and self._use_batched(len(classes), x):
             eye = torch.eye(scores.shape[1], device=scores.device, dtype=scores.dtype)
             cotangents = eye[classes].unsqueeze(1).expand(-1, scores.shape[0], -1).contiguous()
             grads = torch.autograd.grad(
@@ -485,20 +495,22 @@ class CAMEngine:
             maps.append(torch.empty_like(stacked).scatter_(1, index, stacked))
         return maps
 
-    def _use_batched(self, num_classes: int) -> bool:
+    def _use_batched(self, num_classes: int, x: Tensor) -> bool:
         """Whether to take all classes' gradients in one ``is_grads_batched`` call.
 
-        Measured with ``benchmarks/bench_engine.py`` on CPU (1 thread; U-Net width 16, B=4,
-        128², K=3; call time / one no-grad forward, median of 5), ``loop`` vs ``batched``:
-        3.62 vs 3.74 at ``e1``, 2.61 vs 2.73 at ``e4``, 2.40 vs 2.56 at ``b``, 0.97 vs 1.07 at
-        ``d4`` and 3.26 vs 3.68 for all four. vmap over the backward runs the same convolutions
-        with a K-times larger batch, so it saves no work, adds batching overhead, and holds all
-        K gradients at once. ``auto`` therefore loops everywhere; the benchmark prints both so
-        the choice can be re-checked on a GPU, where fewer kernel launches might tip it.
+        ``auto`` batches on a CUDA device for :data:`BATCHED_MIN_CLASSES` classes or more when
+        the batch holds at most :data:`BATCHED_MAX_ELEMENTS` input pixels (voxels) per channel:
+        there the many small backward passes are bound by kernel launches, which one batched
+        call saves. Elsewhere it loops: batching runs the same convolutions on a K-times larger
+        batch, so on the CPU it saves no work and adds its own overhead, and on larger GPU
+        inputs it loses at encoder layers and holds all K gradients at once
+        (``benchmarks/RESULTS.md``, CAM engine on CPU and GPU).
         """
-        if self.grad_mode == "batched":
-            return num_classes > 1
-        return False
+        if num_classes < 2 or self.grad_mode == "loop":
+            return False
+        return self.grad_mode == "batched" or auto_batches(
+            x.device.type, num_classes, x[:, 0].numel()
+        )
 
     def _check_connected(self, grads: Sequence[Tensor | None]) -> None:
         for name, grad in zip(self.layer_names, grads, strict=True):
@@ -705,6 +717,17 @@ class _GuidedReLU:
 
     def _clamp(self, grad: Tensor) -> Tensor | None:
         return grad.clamp(min=0) if self.active else None
+
+
+def auto_batches(device_type: str, num_classes: int, elements: int) -> bool:
+    """``grad_mode="auto"``'s choice: batch the classes' gradients on CUDA for
+    :data:`BATCHED_MIN_CLASSES` classes or more and at most :data:`BATCHED_MAX_ELEMENTS` input
+    pixels per channel in the batch (``elements``)."""
+    return (
+        device_type == "cuda"
+        and num_classes >= BATCHED_MIN_CLASSES
+        and elements <= BATCHED_MAX_ELEMENTS
+    )
 
 
 def _resolve_layers(
