@@ -44,15 +44,12 @@ from pathlib import Path
 
 import torch
 
-from segcam_lightning.audit import (
-    AuditSettings,
-    audit_local,
-    explain_batch,
-    finish,
-    make_loader,
-    make_writer,
-    prepare,
-)
+from segcam_lightning.audit import AuditSettings
+from segcam_lightning.audit.batches import explain_batch
+from segcam_lightning.audit.data import make_loader
+from segcam_lightning.audit.plan import prepare
+from segcam_lightning.audit.report import finish
+from segcam_lightning.audit.run import audit_local, make_writer
 from segcam_lightning.cam import predicted_classes
 from segcam_lightning.data import write_synthetic_dataset
 from segcam_lightning.models import UNet

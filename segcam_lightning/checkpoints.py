@@ -30,11 +30,12 @@ The three layouts:
 - **Seed** (the blog script): ``{"epoch", "model_state_dict", "optimizer_state_dict", "loss"}``.
 - **Bare state dict** (``torch.save(model.state_dict(), path)``).
 
-The U-Net's width, input channels and class count are read from tensor shapes
-(``e1.conv.conv.0.weight`` is ``[w, C_in, 3, 3]``, ``outputs.weight`` is ``[K, w, 1, 1]``) and the
-weights are loaded strictly. The seed trained on cv2's BGR arrays, so seed files and state dicts
-report ``channel_order="bgr"``. A caller's network reports the output channels of one forward
-pass, and the input channels of its first convolution.
+The U-Net's width, input channels, class count and dimensionality are read from tensor shapes
+(``e1.conv.conv.0.weight`` is ``[w, C_in, 3, 3]``, ``outputs.weight`` is ``[K, w, 1, 1]``; a 3-D
+U-Net's are ``[w, C_in, 3, 3, 3]`` and ``[K, w, 1, 1, 1]``) and the weights are loaded strictly.
+The seed trained on cv2's BGR arrays, so seed files and state dicts of images report
+``channel_order="bgr"``. A caller's network reports the output channels of one forward pass, and
+the input channels and dimensionality of its first convolution (``Conv3d``: volumes).
 
 Example:
     >>> loaded = load_checkpoint("lightning_logs/version_0/checkpoints/last.ckpt")  # doctest: +SKIP
@@ -53,7 +54,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, NamedTuple, TypedDict, Unpack
 
 import torch
 from torch import Tensor, nn
@@ -62,11 +63,15 @@ from segcam_lightning import networks
 from segcam_lightning.cam import default_output_adapter
 from segcam_lightning.cam.layers import eval_mode, preserve_rng
 from segcam_lightning.models import UNet
+from segcam_lightning.text import listing, path_problem
 
 __all__ = [
+    "CallerOptions",
     "CheckpointError",
     "LoadedCheckpoint",
+    "UNetShape",
     "UnsafeCheckpointError",
+    "default_size",
     "infer_unet_shape",
     "load_checkpoint",
     "load_lightning_module",
@@ -81,9 +86,9 @@ _STRIPPABLE_PREFIXES = ("module.", "_orig_mod.", "net.", "model.")
 # What may precede a caller's network's names in a file: a LightningModule's network attribute,
 # DataParallel's and torch.compile's wrappers.
 _NETWORK_PREFIXES = ("model.", "net.", "network.", "module.", "_orig_mod.")
-# The input side of a caller's network when nothing says otherwise (the seed's).
+# The input size of a network when nothing says otherwise: the seed's; the synthetic volumes'.
 DEFAULT_SIZE = (256, 256)
-_MAX_LISTED = 5
+DEFAULT_VOLUME_SIZE = (32, 32, 32)
 
 
 class CheckpointError(ValueError):
@@ -100,9 +105,10 @@ class LoadedCheckpoint:
 
     Attributes:
         net: the network in eval mode, on the CPU; maps ``[B, C_in, H, W]`` to logits
-            ``[B, K, h, w]`` (a caller's network may predict at a lower resolution). For a
-            Lightning checkpoint of the package this is the module's ``net``, so layer names are
-            the seed's (``d4.conv.conv.5``).
+            ``[B, K, h, w]`` (a caller's network may predict at a lower resolution), or volumes
+            ``[B, C_in, D, H, W]`` to ``[B, K, d, h, w]`` when ``dims`` is 3. For a Lightning
+            checkpoint of the package this is the module's ``net``, so layer names are the
+            seed's (``d4.conv.conv.5``).
         path: the file it was read from.
         kind: ``"lightning"``, ``"seed"`` or ``"state_dict"``: the file's layout.
         num_classes: ``K``, the network's output channels (1 for a binary sigmoid model).
@@ -110,8 +116,9 @@ class LoadedCheckpoint:
         base_width: the U-Net's first block width, when known.
         class_names: one name per class, when the checkpoint carries them.
         channel_order: ``"rgb"`` or ``"bgr"``: what the network was trained on (the seed fed
-            cv2's BGR arrays); ``None`` when unknown.
-        image_size: the training image size ``(height, width)``, when known.
+            cv2's BGR arrays); ``None`` when unknown, and for volumes (fed their channels).
+        image_size: the training image size ``(height, width)``, or a volume's
+            ``(depth, height, width)``, when known.
         colormap: the training data's mask colormap (BGR triples), when known.
         epoch: the epoch the checkpoint was saved at, when known.
         trusted: loaded with ``weights_only=False`` (``trust=True``).
@@ -122,6 +129,7 @@ class LoadedCheckpoint:
             package's U-Net.
         layer_prefix: what precedes the layer names of the network a caller's LightningModule
             wraps when the module itself is run (``"model."``): names may leave it out.
+        dims: 2 for a network of images, 3 for one of volumes.
     """
 
     net: nn.Module
@@ -132,7 +140,7 @@ class LoadedCheckpoint:
     base_width: int | None = None
     class_names: tuple[str, ...] | None = None
     channel_order: str | None = None
-    image_size: tuple[int, int] | None = None
+    image_size: tuple[int, ...] | None = None
     colormap: tuple[tuple[int, int, int], ...] | None = None
     epoch: int | None = None
     trusted: bool = False
@@ -140,6 +148,7 @@ class LoadedCheckpoint:
     image_std: tuple[float, ...] | None = None
     code: str | None = None
     layer_prefix: str = ""
+    dims: int = 2
 
     def describe(self) -> str:
         """One line for logs and reports, e.g. ``"seed .pth, U-Net width 64, 3 classes, BGR"``
@@ -149,7 +158,8 @@ class LoadedCheckpoint:
         if self.code is not None:
             parts.append(f"{type(self.net).__name__} by {self.code}")
         if self.base_width is not None:
-            parts.append(f"U-Net width {self.base_width}")
+            unet = "3-D U-Net" if self.dims == 3 else "U-Net"
+            parts.append(f"{unet} width {self.base_width}")
         if self.code is None:
             parts.append(f"{self.num_classes} classes")
         else:
@@ -206,10 +216,9 @@ def load_checkpoint(
 
 def _existing_file(path: str | Path) -> Path:
     path = Path(path)
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+    if problem := path_problem(path, "file"):
         raise FileNotFoundError(
-            f"Checkpoint {path} {what}. Pass a Lightning .ckpt (train.py writes them to "
+            f"Checkpoint {path} {problem}. Pass a Lightning .ckpt (train.py writes them to "
             "lightning_logs/version_N/checkpoints/), a seed .pth or a saved state dict."
         )
     return path
@@ -280,7 +289,7 @@ def _unsafe_message(path: Path, unsafe: Sequence[str]) -> str:
         )
     return (
         f"Refusing to load {path}: it holds {holds}, and its pickle refers to "
-        f"{_listing(list(unsafe))}, which torch.load(weights_only=True) does not allow, because "
+        f"[{listing(list(unsafe))}], which torch.load(weights_only=True) does not allow, because "
         "unpickling may call them, i.e. run code from the file. A checkpoint only needs tensors, "
         "containers and plain values. If you trust the file's source, pass --trust-checkpoint "
         "(loads with weights_only=False); better, load it once where you trust it and re-save "
@@ -342,7 +351,7 @@ def _detect_kind(content: Any, path: Path) -> CheckpointKind:
             return "seed"
         if content and all(isinstance(v, Tensor) for v in content.values()):
             return "state_dict"
-        keys = _listing([str(k) for k in content])
+        keys = f"[{listing([str(k) for k in content])}]"
         found = f"a dict with keys {keys}"
     else:
         found = f"a {type(content).__name__}"
@@ -364,6 +373,8 @@ _CLI_MARKERS = {
 }
 # The hyperparameters the network is built from, with their least values.
 _SIZE_HPARAMS = {"num_classes": 2, "base_width": 1, "in_channels": 1}
+# The U-Net's dimensionalities: images and volumes.
+_DIMS = (2, 3)
 # How jsonargparse (Lightning CLI) names a class to import and instantiate.
 _CLASS_SPEC = "class_path"
 
@@ -376,19 +387,36 @@ class _UNetHyperparameters:
     base_width: int | None = None
     in_channels: int | None = None
     class_names: tuple[str, ...] | None = None
+    dims: int | None = None
 
 
 @dataclass(frozen=True)
 class _DataHyperparameters:
     """What a Lightning checkpoint's data module saved about its images: type-checked plain
-    values, ``None`` where absent or not plain."""
+    values, ``None`` where absent or not plain. ``image_size`` is a side (a square image, a
+    cubic volume) or the sides."""
 
     channel_order: str | None = None
-    image_size: tuple[int, int] | None = None
+    image_size: int | tuple[int, ...] | None = None
     colormap: tuple[tuple[int, int, int], ...] | None = None
     image_mean: tuple[float, ...] | None = None
     image_std: tuple[float, ...] | None = None
     class_names: tuple[str, ...] | None = None
+
+    def size(self, dims: int) -> tuple[int, ...] | None:
+        """``image_size`` as ``dims`` sides, ``None`` when unknown or of another
+        dimensionality."""
+        return _sides(self.image_size, dims)
+
+
+def _sides(size: int | Sequence[int] | None, dims: int) -> tuple[int, ...] | None:
+    """A side (``dims`` equal sides) or the sides themselves; ``None`` for ``None`` and for
+    sides of another dimensionality."""
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size,) * dims
+    return tuple(int(v) for v in size) if len(size) == dims else None
 
 
 def _data_hyperparameters(content: Mapping[str, Any]) -> _DataHyperparameters:
@@ -431,13 +459,14 @@ def _load_lightning(
         in_channels=int(net.e1.conv.conv[0].in_channels),
         base_width=int(net.base_width),
         class_names=hparams.class_names,
-        channel_order=data.channel_order,
-        image_size=data.image_size,
+        channel_order=data.channel_order if net.dims == 2 else None,  # volumes: their channels
+        image_size=data.size(net.dims),
         colormap=data.colormap,
         epoch=_int_or_none(content.get("epoch")),
         trusted=trust,
         image_mean=data.image_mean,
         image_std=data.image_std,
+        dims=int(net.dims),
     )
 
 
@@ -468,6 +497,7 @@ def _plain_hyperparameters(path: Path, hparams: Any) -> _UNetHyperparameters:
         base_width=hparams.get("base_width"),
         in_channels=hparams.get("in_channels"),
         class_names=tuple(names) if names is not None else None,
+        dims=hparams.get("dims"),
     )
 
 
@@ -484,6 +514,10 @@ def _hyperparameter_problem(key: Any, value: Any) -> str:
         if _is_int(value) and value >= least:
             return ""
         return f"{_describe(value)}, expected an integer >= {least}"
+    if key == "dims":
+        if _is_int(value) and value in _DIMS:
+            return ""
+        return f"{_describe(value)}, expected 2 (images) or 3 (volumes)"
     if key == "class_names":
         if value is None or (
             isinstance(value, list | tuple) and all(isinstance(n, str) for n in value)
@@ -515,8 +549,8 @@ def _is_plain(value: Any, depth: int = 0) -> bool:
 def _refuse_hyperparameters(path: Path, problems: Sequence[str]) -> None:
     raise CheckpointError(
         f"Refusing to rebuild the network of {path} from its saved hyperparameters: "
-        f"{_listing(list(problems))}. Only plain values are accepted (num_classes, base_width, "
-        "in_channels integers; class_names strings; other settings as numbers, strings and "
+        f"[{listing(list(problems))}]. Only plain values are accepted (num_classes, base_width, "
+        "in_channels, dims integers; class_names strings; other settings as numbers, strings and "
         "lists), so that nothing in a checkpoint decides what code is imported or run; a `net`, "
         "a `class_path`, `_class_path` or `_instantiator` entry would. If the file comes from a "
         "source you trust, pass --trust-checkpoint (Lightning's load_from_checkpoint rebuilds "
@@ -537,11 +571,16 @@ def _unet_from_lightning_state(path: Path, state: Any, hparams: _UNetHyperparame
     if not weights:
         raise CheckpointError(
             f"{path} is a Lightning checkpoint without network weights (no 'net.*' entries among "
-            f"{_listing([str(k) for k in state])}), so it was not saved by SegmentationModule. "
+            f"[{listing([str(k) for k in state])}]), so it was not saved by SegmentationModule. "
             "Save the network's state_dict() and audit that."
         )
-    width, in_channels, num_classes, _ = infer_unet_shape(weights)
-    found = {"num_classes": num_classes, "base_width": width, "in_channels": in_channels}
+    shape = infer_unet_shape(weights)
+    found = {
+        "num_classes": shape.num_classes,
+        "base_width": shape.base_width,
+        "in_channels": shape.in_channels,
+        "dims": shape.dims,
+    }
     clashes = [
         f"{name}={getattr(hparams, name)} but the weights have {value}"
         for name, value in found.items()
@@ -553,7 +592,7 @@ def _unet_from_lightning_state(path: Path, state: Any, hparams: _UNetHyperparame
             f"read from '{_FIRST_CONV}' and '{_HEAD}'). The file was edited or assembled from "
             "two runs; audit the checkpoint the training run saved."
         )
-    return _unet_from_state(path, weights, width, in_channels, num_classes)
+    return _unet_from_state(path, weights, shape)
 
 
 def _rebuild_module(
@@ -581,7 +620,7 @@ def _rebuild_module(
     except Exception as error:  # whatever the module's own code raises while rebuilding
         raise CheckpointError(
             f"Could not rebuild {module_class.__name__} from {path} and its saved "
-            f"hyperparameters {_listing(sorted(map(str, hparams)))}: {_first_line(error)}. "
+            f"hyperparameters [{listing(sorted(map(str, hparams)))}]: {_first_line(error)}. "
             f"{advice}"
         ) from None
 
@@ -599,16 +638,33 @@ def _rebuilt_unet(module: nn.Module, path: Path) -> UNet:
 # ----------------------------------------------------------------- the caller's own networks
 
 
+class CallerOptions(TypedDict, total=False):
+    """What :func:`load_lightning_module` and :func:`load_network_weights` take beside the file
+    and the caller's code; every key is optional.
+
+    Attributes:
+        code: how the caller named the code (``"pkg.mod:Name"``), for messages and reports;
+            default the class's or the network's name.
+        trust: read the file with ``weights_only=False`` and pass hyperparameters that name code
+            to Lightning (default ``False``). Only for files from a trusted source.
+        num_classes: the output channel count the caller expects; default the network's.
+        in_channels: the network's input channels, when its first layer does not tell.
+        size: the side (a square, or a cube for a network of volumes) or the sides of the
+            forward pass that counts the outputs; default the data module's ``image_size``,
+            else :func:`default_size`.
+        map_location: where tensors are loaded (default ``"cpu"``).
+    """
+
+    code: str | None
+    trust: bool
+    num_classes: int | None
+    in_channels: int | None
+    size: int | tuple[int, ...] | None
+    map_location: str | torch.device
+
+
 def load_lightning_module(
-    path: str | Path,
-    module_class: type,
-    *,
-    code: str | None = None,
-    trust: bool = False,
-    num_classes: int | None = None,
-    in_channels: int | None = None,
-    size: tuple[int, int] | None = None,
-    map_location: str | torch.device = "cpu",
+    path: str | Path, module_class: type, **options: Unpack[CallerOptions]
 ) -> LoadedCheckpoint:
     """Rebuild the caller's LightningModule from a Lightning checkpoint and take its network.
 
@@ -621,19 +677,13 @@ def load_lightning_module(
 
     The network explained is :func:`network_and_prefix`'s: the module itself when it defines
     ``forward``, else its ``net``, ``model`` or ``network``. Its output channels are counted by
-    one forward pass of zeros at ``size`` (default the data module's ``image_size``, else
-    256×256) with ``in_channels`` channels (default the first convolution's).
+    one forward pass of zeros ``[1, C_in, *size]``: ``C_in`` and the dimensionality (``Conv3d``:
+    volumes ``[1, C_in, D, H, W]``) are the first convolution's unless ``in_channels`` says.
 
     Args:
         path: a Lightning ``.ckpt``.
         module_class: the LightningModule subclass that saved it.
-        code: how the caller named it (``"pkg.mod:Name"``), for messages and reports.
-        trust: read the file with ``weights_only=False`` and pass hyperparameters that name
-            code to Lightning. Only for files from a trusted source.
-        num_classes: the output channel count the caller expects, or ``None``.
-        in_channels: the network's input channels, when its first layer does not tell.
-        size: ``(height, width)`` of the counting forward pass.
-        map_location: where tensors are loaded.
+        **options: :class:`CallerOptions`.
 
     Returns:
         A :class:`LoadedCheckpoint` with ``code`` set and the network in eval mode.
@@ -646,7 +696,8 @@ def load_lightning_module(
             a network that does not run, non-finite weights and output-count mismatches.
     """
     path = _existing_file(path)
-    name = code or module_class.__name__
+    name = options.get("code") or module_class.__name__
+    trust, map_location = options.get("trust", False), options.get("map_location", "cpu")
     content = _torch_load(path, trust, map_location)
     if _detect_kind(content, path) != "lightning":
         raise CheckpointError(
@@ -680,29 +731,13 @@ def load_lightning_module(
     return _caller_network(
         path,
         network,
-        kind="lightning",
-        code=name,
-        data=data,
-        class_names=names,
-        epoch=content.get("epoch"),
-        trust=trust,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        size=size,
-        layer_prefix=prefix,
+        _Origin("lightning", name, data, names, content.get("epoch"), prefix),
+        options,
     )
 
 
 def load_network_weights(
-    path: str | Path,
-    net: nn.Module,
-    *,
-    code: str | None = None,
-    trust: bool = False,
-    num_classes: int | None = None,
-    in_channels: int | None = None,
-    size: tuple[int, int] | None = None,
-    map_location: str | torch.device = "cpu",
+    path: str | Path, net: nn.Module, **options: Unpack[CallerOptions]
 ) -> LoadedCheckpoint:
     """Load a file's weights into the caller's network ``net`` (``explain.py --model``), strictly.
 
@@ -716,12 +751,7 @@ def load_network_weights(
     Args:
         path: the weights file.
         net: the network, as the caller's factory built it.
-        code: how the caller named the factory (``"pkg.mod:factory"``).
-        trust: read the file with ``weights_only=False``.
-        num_classes: the output channel count the caller expects, or ``None``.
-        in_channels: the network's input channels, when its first layer does not tell.
-        size: ``(height, width)`` of the counting forward pass.
-        map_location: where tensors are loaded.
+        **options: :class:`CallerOptions` (``code``: how the caller named the factory).
 
     Returns:
         A :class:`LoadedCheckpoint` whose ``net`` is ``net``, in eval mode.
@@ -734,8 +764,8 @@ def load_network_weights(
             weights and output-count mismatches.
     """
     path = _existing_file(path)
-    name = code or type(net).__name__
-    content = _torch_load(path, trust, map_location)
+    name = options.get("code") or type(net).__name__
+    content = _torch_load(path, options.get("trust", False), options.get("map_location", "cpu"))
     kind = _detect_kind(content, path)
     data, names, epoch = _DataHyperparameters(), None, None
     if kind == "lightning":
@@ -764,19 +794,7 @@ def load_network_weights(
         )
     net.load_state_dict(state, strict=True)
     net.eval()
-    return _caller_network(
-        path,
-        net,
-        kind=kind,
-        code=name,
-        data=data,
-        class_names=names,
-        epoch=epoch,
-        trust=trust,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        size=size,
-    )
+    return _caller_network(path, net, _Origin(kind, name, data, names, epoch), options)
 
 
 def network_and_prefix(module: nn.Module) -> tuple[nn.Module, str]:
@@ -819,7 +837,7 @@ def _check_module_hyperparameters(path: Path, hparams: Any, module_class: type, 
     if problems:
         raise CheckpointError(
             f"Refusing to rebuild {name} from {path}: its saved hyperparameters name code to "
-            f"import or instantiate ({_listing(problems)}), and a checkpoint never picks the code "
+            f"import or instantiate ([{listing(problems)}]), and a checkpoint never picks the code "
             "that runs. If the file comes from a source you trust, pass --trust-checkpoint; "
             "otherwise save the network's weights where you trust it, "
             "torch.save(module.model.state_dict(), 'net.pth'), and audit that file with --model."
@@ -872,10 +890,28 @@ def _under_best_prefix(state: Mapping[str, Any], expected: Any) -> tuple[dict[st
     return best, prefix
 
 
-def infer_unet_shape(state: Mapping[str, Any]) -> tuple[int, int, int, str]:
-    """The seed U-Net's ``(base_width, in_channels, num_classes, prefix)`` from a state dict.
+class UNetShape(NamedTuple):
+    """What a U-Net state dict's shapes say about the network (:func:`infer_unet_shape`).
 
-    ``prefix`` is what precedes the U-Net's names (``""``, ``"module."``, ``"net."``, ...).
+    Attributes:
+        base_width: the first block's width ``w``.
+        in_channels: ``C_in``.
+        num_classes: ``K``.
+        prefix: what precedes the U-Net's names (``""``, ``"module."``, ``"net."``, ...).
+        dims: 2 for a U-Net of images (``Conv2d``), 3 for one of volumes (``Conv3d``).
+    """
+
+    base_width: int
+    in_channels: int
+    num_classes: int
+    prefix: str
+    dims: int
+
+
+def infer_unet_shape(state: Mapping[str, Any]) -> UNetShape:
+    """The seed U-Net's width, input channels, classes, name prefix and dimensionality from a
+    state dict: ``e1.conv.conv.0.weight`` is ``[w, C_in, 3, 3]`` (``[w, C_in, 3, 3, 3]`` in a
+    3-D U-Net), ``outputs.weight`` is ``[K, w, 1, 1]`` (``[K, w, 1, 1, 1]``).
 
     Raises:
         CheckpointError: when the state dict has no U-Net first convolution or output head of
@@ -887,20 +923,23 @@ def infer_unet_shape(state: Mapping[str, Any]) -> tuple[int, int, int, str]:
         raise CheckpointError(
             f"Expected the seed U-Net's weights (tensors named '{_FIRST_CONV}' ... "
             f"'{_HEAD}'), but found {len(state)} tensors named "
-            f"{_listing([str(k) for k in state])}. This tool audits the seed-compatible U-Net "
+            f"[{listing([str(k) for k in state])}]. This tool audits the seed-compatible U-Net "
             "(segcam_lightning.models.UNet); for other networks use segcam_lightning.cam directly."
         )
     conv, head = state.get(prefix + _FIRST_CONV), state.get(prefix + _HEAD)
+    dims = conv.ndim - 2 if isinstance(conv, Tensor) else 0
     if (
         not _is_conv(conv, kernel=3)
         or not _is_conv(head, kernel=1)
+        or head.ndim != conv.ndim
         or head.shape[1] != conv.shape[0]
     ):
         raise CheckpointError(
             f"Expected '{_FIRST_CONV}' of shape [w, C_in, 3, 3] and '{_HEAD}' of shape "
-            f"[K, w, 1, 1] with the same w, but found {_shape(conv)} and {_shape(head)}."
+            f"[K, w, 1, 1] with the same w (a 3-D U-Net: [w, C_in, 3, 3, 3] and "
+            f"[K, w, 1, 1, 1]), but found {_shape(conv)} and {_shape(head)}."
         )
-    return int(conv.shape[0]), int(conv.shape[1]), int(head.shape[0]), prefix
+    return UNetShape(int(conv.shape[0]), int(conv.shape[1]), int(head.shape[0]), prefix, dims)
 
 
 def _load_unet_state(
@@ -911,46 +950,39 @@ def _load_unet_state(
             f"{path}: expected 'model_state_dict' to be a state dict (names to tensors), but "
             f"found {type(state).__name__}."
         )
-    width, in_channels, num_classes, prefix = infer_unet_shape(state)
-    if prefix:
-        state = {k.removeprefix(prefix): v for k, v in state.items() if isinstance(k, str)}
+    shape = infer_unet_shape(state)
+    if shape.prefix:
+        state = {k.removeprefix(shape.prefix): v for k, v in state.items() if isinstance(k, str)}
     return LoadedCheckpoint(
-        net=_unet_from_state(path, state, width, in_channels, num_classes),
+        net=_unet_from_state(path, state, shape),
         path=path,
         kind=kind,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        base_width=width,
-        channel_order="bgr",
+        num_classes=shape.num_classes,
+        in_channels=shape.in_channels,
+        base_width=shape.base_width,
+        channel_order="bgr" if shape.dims == 2 else None,  # the seed fed cv2's BGR images
         epoch=_int_or_none(epoch),
         trusted=trust,
+        dims=shape.dims,
     )
 
 
-def _unet_from_state(
-    path: Path, state: Mapping[str, Any], width: int, in_channels: int, num_classes: int
-) -> UNet:
-    """A :class:`UNet` of these sizes with ``state`` loaded strictly."""
-    net = UNet(num_classes=num_classes, base_width=width, in_channels=in_channels)
-    _check_state_matches(path, net, state, width, num_classes)
+def _unet_from_state(path: Path, state: Mapping[str, Any], shape: UNetShape) -> UNet:
+    """A :class:`UNet` of ``shape`` with ``state`` (its names without the prefix) loaded
+    strictly."""
+    net = UNet(shape.num_classes, shape.base_width, shape.in_channels, shape.dims)
+    problems = _state_problems(net.state_dict(), state)
+    if problems:
+        what = "3-D U-Net" if shape.dims == 3 else "U-Net"
+        raise CheckpointError(
+            f"{path} does not match the seed {what} with base width {shape.base_width} and "
+            f"{shape.num_classes} classes (inferred from its first convolution and output head): "
+            f"of the {len(net.state_dict())} expected tensors, {'; '.join(problems)}. Only the "
+            "seed-compatible U-Net (segcam_lightning.models.UNet) can be audited from a state "
+            "dict; for another network, name the code that builds it with --model pkg.mod:factory."
+        )
     net.load_state_dict(state, strict=True)
     return net
-
-
-def _check_state_matches(
-    path: Path, net: nn.Module, state: Mapping[str, Any], width: int, num_classes: int
-) -> None:
-    expected = net.state_dict()
-    problems = _state_problems(expected, state)
-    if not problems:
-        return
-    raise CheckpointError(
-        f"{path} does not match the seed U-Net with base width {width} and {num_classes} classes "
-        f"(inferred from its first convolution and output head): of the {len(expected)} "
-        f"expected tensors, {'; '.join(problems)}. Only the seed-compatible U-Net "
-        "(segcam_lightning.models.UNet) can be audited from a state dict; for another network, "
-        "name the code that builds it with --model pkg.mod:factory."
-    )
 
 
 def _state_problems(expected: Mapping[str, Tensor], state: Mapping[str, Any]) -> list[str]:
@@ -965,70 +997,78 @@ def _state_problems(expected: Mapping[str, Tensor], state: Mapping[str, Any]) ->
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing ({_listing(missing)})")
+        problems.append(f"{len(missing)} missing ([{listing(missing)}])")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected ({_listing(unexpected)})")
+        problems.append(f"{len(unexpected)} unexpected ([{listing(unexpected)}])")
     if shapes:
-        problems.append(f"{len(shapes)} with other shapes ({_listing(shapes)})")
+        problems.append(f"{len(shapes)} with other shapes ([{listing(shapes)}])")
     return problems
 
 
+@dataclass(frozen=True)
+class _Origin:
+    """Where a caller's network came from: the file's layout and plain values, and the code."""
+
+    kind: CheckpointKind
+    code: str
+    data: _DataHyperparameters
+    class_names: tuple[str, ...] | None
+    epoch: Any
+    layer_prefix: str = ""
+
+
 def _caller_network(
-    path: Path,
-    net: nn.Module,
-    *,
-    kind: CheckpointKind,
-    code: str,
-    data: _DataHyperparameters,
-    class_names: tuple[str, ...] | None,
-    epoch: Any,
-    trust: bool,
-    num_classes: int | None,
-    in_channels: int | None,
-    size: tuple[int, int] | None,
-    layer_prefix: str = "",
+    path: Path, net: nn.Module, origin: _Origin, options: CallerOptions
 ) -> LoadedCheckpoint:
     """A caller's loaded network, checked: finite weights, one forward that yields logits
-    ``[1, K, h, w]``, and the expected ``K``."""
+    ``[1, K, *S]`` of the first convolution's dimensionality, and the expected ``K``."""
     _check_finite(path, net)
-    found = _first_conv_channels(net)
-    channels = in_channels or found or 3
-    side = size or data.image_size or DEFAULT_SIZE
+    first = _first_conv(net)
+    dims = len(first.kernel_size) if first is not None and len(first.kernel_size) in _DIMS else 2
+    in_channels = options.get("in_channels")
+    channels = in_channels or (int(first.in_channels) if first is not None else 3)
+    data = origin.data
+    side = _sides(options.get("size"), dims) or data.size(dims) or default_size(dims)
+    guessed = in_channels is None and first is None
     loaded = LoadedCheckpoint(
         net=net,
         path=path,
-        kind=kind,
-        num_classes=_count_outputs(path, net, code, channels, side, not (in_channels or found)),
+        kind=origin.kind,
+        num_classes=_count_outputs(path, net, origin.code, channels, side, guessed),
         in_channels=channels,
-        class_names=class_names,
-        channel_order=data.channel_order,
-        image_size=data.image_size,
+        class_names=origin.class_names,
+        channel_order=data.channel_order if dims == 2 else None,  # volumes: their channels
+        image_size=data.size(dims),
         colormap=data.colormap,
-        epoch=_int_or_none(epoch),
-        trusted=trust,
+        epoch=_int_or_none(origin.epoch),
+        trusted=options.get("trust", False),
         image_mean=data.image_mean,
         image_std=data.image_std,
-        code=code,
-        layer_prefix=layer_prefix,
+        code=origin.code,
+        layer_prefix=origin.layer_prefix,
+        dims=dims,
     )
-    _check_num_classes(loaded, num_classes)
+    _check_num_classes(loaded, options.get("num_classes"))
     return loaded
 
 
-def _first_conv_channels(net: nn.Module) -> int | None:
-    """The input channels of the network's first convolution (in definition order)."""
-    for module in net.modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            return int(module.in_channels)
-    return None
+def _first_conv(net: nn.Module) -> nn.modules.conv._ConvNd | None:
+    """The network's first convolution (in definition order), or ``None``."""
+    return next((m for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+
+
+def default_size(dims: int) -> tuple[int, ...]:
+    """The input size assumed when nothing says: the seed's 256×256 for images, 32³ for volumes
+    (the synthetic volumes' side)."""
+    return DEFAULT_SIZE if dims == 2 else DEFAULT_VOLUME_SIZE
 
 
 def _count_outputs(
-    path: Path, net: nn.Module, code: str, channels: int, size: tuple[int, int], guessed: bool
+    path: Path, net: nn.Module, code: str, channels: int, size: tuple[int, ...], guessed: bool
 ) -> int:
     """The output channels of one forward pass of zeros ``[1, channels, *size]``."""
     example = torch.zeros(1, channels, *size, device=_device_of(net))
-    shape = f"1x{channels}x{size[0]}x{size[1]}"
+    shape = "x".join(str(n) for n in example.shape)
     try:
         with torch.no_grad(), eval_mode(net), preserve_rng(example.device):
             logits = default_output_adapter(net(example))
@@ -1038,10 +1078,11 @@ def _count_outputs(
             f"The {type(net).__name__} built by {code} with the weights of {path} failed on a "
             f"{shape} input of zeros: {_first_line(error)}. Pass {fix}."
         ) from None
-    if not isinstance(logits, Tensor) or logits.ndim != 4 or logits.shape[0] != 1:
+    if not isinstance(logits, Tensor) or logits.ndim != example.ndim or logits.shape[0] != 1:
+        expected = "[B, K, h, w]" if example.ndim == 4 else "[B, K, d, h, w]"
         raise CheckpointError(
             f"The {type(net).__name__} built by {code} returned {_shape(logits)} for a {shape} "
-            "input; expected segmentation logits [B, K, h, w] (a tensor, a dict with an 'out' "
+            f"input; expected segmentation logits {expected} (a tensor, a dict with an 'out' "
             "key, or a tuple whose first element they are)."
         )
     return int(logits.shape[1])
@@ -1080,31 +1121,22 @@ def _check_finite(path: Path, net: nn.Module) -> None:
     if bad:
         raise CheckpointError(
             f"{path} holds non-finite weights (NaN or inf) in {len(bad)} of {len(tensors)} "
-            f"tensors: {_listing(bad)}. The training run diverged before this checkpoint was "
+            f"tensors: [{listing(bad)}]. The training run diverged before this checkpoint was "
             "saved; audit an earlier checkpoint (e.g. a best-epoch=... .ckpt)."
         )
 
 
 def _is_conv(tensor: Any, kernel: int) -> bool:
+    """A 2-D or 3-D convolution's weight ``[out, in, k, k(, k)]`` with ``kernel`` sides."""
     return (
         isinstance(tensor, Tensor)
-        and tensor.ndim == 4
-        and tuple(tensor.shape[2:])
-        == (
-            kernel,
-            kernel,
-        )
+        and tensor.ndim - 2 in _DIMS
+        and all(side == kernel for side in tensor.shape[2:])
     )
 
 
 def _shape(value: Any) -> str:
     return str(list(value.shape)) if isinstance(value, Tensor) else type(value).__name__
-
-
-def _listing(items: Sequence[str]) -> str:
-    shown = ", ".join(str(item) for item in items[:_MAX_LISTED])
-    more = f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
-    return f"[{shown}{more}]"
 
 
 def _first_line(error: BaseException) -> str:
@@ -1119,11 +1151,17 @@ def _int_or_none(value: Any) -> int | None:
     return int(value) if _is_number(value) and math.isfinite(value) else None
 
 
-def _size_or_none(value: Any) -> tuple[int, int] | None:
+def _size_or_none(value: Any) -> int | tuple[int, ...] | None:
+    """A positive side, or two or three positive sides; else ``None``."""
     if _is_int(value) and value > 0:
-        return (value, value)
-    if isinstance(value, Sequence) and len(value) == 2 and all(_is_int(v) and v > 0 for v in value):
-        return (int(value[0]), int(value[1]))
+        return int(value)
+    if (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) in _DIMS
+        and all(_is_int(v) and v > 0 for v in value)
+    ):
+        return tuple(int(v) for v in value)
     return None
 
 
@@ -1184,7 +1222,7 @@ def _describe(value: Any) -> str:
         named = value.get("class_path")
         if isinstance(named, str):
             return f"a dict naming the class {named[:80]!r}"
-        return f"a dict with keys {_listing([str(k)[:40] for k in value])}"
+        return f"a dict with keys [{listing([str(k)[:40] for k in value])}]"
     if value is None or isinstance(value, bool | int | float):
         return repr(value)
     if isinstance(value, str):

@@ -16,14 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from segcam_lightning.audit import (
-    CSV_COLUMNS,
+from segcam_lightning.audit import AuditSettings, main
+from segcam_lightning.audit.paths import (
     UnsafePathError,
-    main,
     safe_component,
     safe_join,
     unique_components,
 )
+from segcam_lightning.audit.plan import prepare
+from segcam_lightning.audit.run import audit_local
+from segcam_lightning.audit.settings import CSV_COLUMNS
 from segcam_lightning.checkpoints import CheckpointError, UnsafeCheckpointError, load_checkpoint
 from segcam_lightning.data import FolderSegmentation, write_synthetic_dataset
 from segcam_lightning.data.synthetic import main as synthetic_command
@@ -168,7 +170,7 @@ def test_lightning_checkpoint_audit_writes_the_seed_layout_report_and_metrics(
         assert 0.0 <= float(row["pred_area"]) <= 1.0 and 0.0 <= float(row["gt_area"]) <= 1.0
         if row["gt_present"] == "1":
             assert 0.0 <= float(row["energy_inside"]) <= 1.0
-            assert row["pointing_hit"] in ("0", "1")
+            assert row["pointing_game"] in ("0", "1")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["processed"] == NUM_IMAGES and summary["skipped"] == []
     assert summary["checkpoints"][0]["kind"] == "lightning"
@@ -487,7 +489,7 @@ print("three audits done")
 
 def test_repeated_audits_with_workers_in_one_process_finish(seed_pth, weeds, tmp_path):
     # Rendering threads use OpenCV's thread pool; a DataLoader worker forked afterwards must not
-    # touch that pool's state (it hung in cv2.setNumThreads before the fix). A notebook or a
+    # touch that pool's state (calling cv2.setNumThreads there can hang). A notebook or a
     # benchmark audits several times in one process.
     cmd = [sys.executable, "-c", REPEATED_AUDITS, str(seed_pth), str(weeds), str(tmp_path)]
     try:
@@ -506,13 +508,6 @@ def test_pipelined_writer_writes_what_the_batch_by_batch_writer_writes(
 ):
     # A GPU audit renders a batch while the next is explained (overlap); a CPU audit writes each
     # batch first. Both must write the same files with the same bytes and count them.
-    from segcam_lightning.audit import (
-        AuditSettings,
-        OutputWriter,
-        explain_batch,
-        make_loader,
-        prepare,
-    )
 
     def run(out, overlap):
         settings = AuditSettings(
@@ -523,23 +518,10 @@ def test_pipelined_writer_writes_what_the_batch_by_batch_writer_writes(
             batch_size=3,
             num_workers=0,
             report_images=2,
+            render_threads=threads,
             progress=False,
         )
-        plan = prepare(settings)
-        writer = OutputWriter(
-            plan.layout,
-            plan.models[0].engine.layer_names,
-            plan.classes,
-            plan.class_names,
-            plan.colormap,
-            settings.report_images,
-            threads,
-            overlap=overlap,
-        )
-        writer.open()
-        for batch in make_loader(plan.dataset, settings, pin=False):
-            writer.submit(explain_batch(plan.models, batch, plan.classes, plan.device))
-        return writer.close()
+        return audit_local(prepare(settings), overlap=overlap)
 
     a, b = run(tmp_path / "a", overlap=True), run(tmp_path / "b", overlap=False)
     assert a.processed == b.processed == NUM_IMAGES

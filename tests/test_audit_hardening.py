@@ -26,7 +26,7 @@ from test_audit import (
 
 import segcam_lightning.audit.run as audit_run
 import segcam_lightning.paths as paths_module
-from segcam_lightning.audit import CSV_COLUMNS
+from segcam_lightning.audit.settings import CSV_COLUMNS
 from segcam_lightning.data import write_synthetic_dataset
 from segcam_lightning.models import UNet
 from segcam_lightning.paths import write_atomic
@@ -178,20 +178,25 @@ def test_sigterm_writes_partial_results_exits_143_and_restores_the_handlers(
     assert_same_as_reference(out, reference)
 
 
-def test_failure_midway_is_written_partial_and_resume_finishes_it(
-    model_pth, folder, reference, tmp_path, capsys, monkeypatch
-):
+def fail_on_second_batch(monkeypatch):
+    """Make the audit's second engine call fail as a GPU out of memory does."""
     explain_batch, calls = audit_run.explain_batch, []
 
-    def fail_on_second_batch(*args, **kwargs):
+    def explain_or_fail(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return explain_batch(*args, **kwargs)
 
+    monkeypatch.setattr(audit_run, "explain_batch", explain_or_fail)
+
+
+def test_failure_midway_is_written_partial_and_resume_finishes_it(
+    model_pth, folder, reference, tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
-        patch.setattr(audit_run, "explain_batch", fail_on_second_batch)
+        fail_on_second_batch(patch)
         assert audit(*common(model_pth, folder), out=out) == 1
     err = capsys.readouterr().err
     assert_one_line(err, "explain.py: error: RuntimeError: CUDA out of memory")

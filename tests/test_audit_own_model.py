@@ -13,7 +13,8 @@ import cv2
 import pytest
 import torch
 
-from segcam_lightning.audit import AuditSettings, main, prepare
+from segcam_lightning.audit import AuditSettings, main
+from segcam_lightning.audit.plan import prepare
 from segcam_lightning.audit.resume import fingerprint
 from segcam_lightning.data import write_synthetic_dataset
 from segcam_lightning.module import SegmentationModule

@@ -112,7 +112,7 @@ def test_explain_audits_the_example_through_module_and_model_alike(
         rows = read_rows(out)
         # One class, the foreground, named by the data module's second class name.
         assert [(r["class"], r["class_name"]) for r in rows] == [("0", "plant")] * NUM_IMAGES
-        assert all(r["energy_inside"] and r["pointing_hit"] and r["iou"] for r in rows)
+        assert all(r["energy_inside"] and r["pointing_game"] and r["iou"] for r in rows)
         assert "0: soil" in (out / "report.html").read_text(encoding="utf-8")
     # Same weights, same settings: the same CAMs, predictions and metrics.
     drop = ("checkpoint",)

@@ -3,22 +3,27 @@
 The same engine, rendering and metrics as :class:`~segcam_lightning.callback.GradCAMCallback`,
 run post hoc on one or several checkpoints (Lightning ``.ckpt``, the seed's ``.pth``, state
 dicts; loaded safely by :mod:`segcam_lightning.checkpoints`) over a folder of images (with or
-without masks) or the synthetic data. The network is the package's U-Net, or the user's own:
-``--module pkg.mod:MyLightningModule`` rebuilds Lightning checkpoints with that class,
-``--model pkg.mod:factory`` loads weights into the network the factory builds
-(:mod:`~segcam_lightning.audit.user_code`); every output kind (multiclass, binary,
-multi-label), normalised inputs and logits at a lower resolution are supported.
+without masks) or the synthetic data; a network of volumes (the 3-D U-Net) over a folder of
+``.npy`` volumes (:mod:`~segcam_lightning.audit.volumes`) or the synthetic volumes. The network
+is the package's U-Net, or the user's own: ``--module pkg.mod:MyLightningModule`` rebuilds
+Lightning checkpoints with that class, ``--model pkg.mod:factory`` loads weights into the
+network the factory builds (:mod:`~segcam_lightning.audit.user_code`); every output kind
+(multiclass, binary, multi-label), normalised inputs and logits at a lower resolution are
+supported.
 
 Outputs under ``--out`` (default ``results``):
 
 - ``gradcam/<class_idx>/<name>.jpg``: the seed's panel (image | overlay | binary ground truth,
   10 px white gaps; image | overlay without masks) for one layer; ``gradcam/<layer>/<class_idx>/``
-  with several layers; ``<checkpoint>/gradcam/...`` per checkpoint with several checkpoints.
+  with several layers; ``<checkpoint>/gradcam/...`` per checkpoint with several checkpoints. A
+  volume's panel stacks three, the axial, coronal and sagittal slices through the CAM's peak.
+- ``cams/<name>.npy`` (volumes only): the maps, float32 ``[L, K, D, H, W]``.
 - ``report.html``: settings, skipped files, a metrics table per class, attention drift between
   checkpoints, and the first ``--report-images`` images (classes side by side, prediction, ground
   truth, layers side by side, one row per checkpoint). Its images live in ``report_files/``.
-- ``metrics.csv``: one row per image × class × layer × checkpoint (:data:`CSV_COLUMNS`), with
-  the image's ``source`` (path relative to ``--data``); text cells never start a formula.
+- ``metrics.csv``: one row per image × class × layer × checkpoint
+  (:data:`~segcam_lightning.audit.settings.CSV_COLUMNS`; over voxels for volumes), with the
+  image's ``source`` (path relative to ``--data``); text cells never start a formula.
 - ``summary.json``: ``status``, counts, per checkpoint/layer/class means, skipped files and
   reasons, settings and timings.
 - ``audit-state.json``: only while a run is partial; what ``--resume`` needs.
@@ -42,128 +47,20 @@ the ranks' metric rows into ``metrics.csv``, ``summary.json`` and ``report.html`
 
 Modules: :mod:`~segcam_lightning.audit.cli` (arguments, ``main``, ``--list-layers``),
 :mod:`~segcam_lightning.audit.settings`, :mod:`~segcam_lightning.audit.user_code` (the code
-``--module``/``--model`` name), :mod:`~segcam_lightning.audit.plan` (a resolved run),
-:mod:`~segcam_lightning.audit.run` (loading, engines, one process or ``Trainer.predict``),
-:mod:`~segcam_lightning.audit.preflight` (checks before writing),
-:mod:`~segcam_lightning.audit.data`, :mod:`~segcam_lightning.audit.batches` (engine calls and
-alignment values), :mod:`~segcam_lightning.audit.writer` (rendering threads),
-:mod:`~segcam_lightning.audit.paths` (nothing escapes ``--out``; atomic writes),
-:mod:`~segcam_lightning.audit.resume` (stop signals, partial state, ``--resume``) and
-:mod:`~segcam_lightning.audit.report` (CSV, JSON, HTML).
+``--module``/``--model`` name), :mod:`~segcam_lightning.audit.plan` (loading, engines, data: a
+resolved run), :mod:`~segcam_lightning.audit.preflight` (checks before writing),
+:mod:`~segcam_lightning.audit.run` (one process or ``Trainer.predict``),
+:mod:`~segcam_lightning.audit.data` and :mod:`~segcam_lightning.audit.volumes`,
+:mod:`~segcam_lightning.audit.batches` (engine calls and alignment values),
+:mod:`~segcam_lightning.audit.writer` (rendering threads), :mod:`~segcam_lightning.audit.paths`
+(nothing escapes ``--out``; atomic writes), :mod:`~segcam_lightning.audit.resume` (stop
+signals, partial state, ``--resume``), :mod:`~segcam_lightning.audit.report` (CSV, JSON) and
+:mod:`~segcam_lightning.audit.html` (the report page). The package exports the public API
+only; the rest is imported from those modules.
 """
 
-from segcam_lightning.audit.batches import (
-    AuditModel,
-    BatchResult,
-    ModelBatch,
-    alignment_values,
-    explain_batch,
-)
-from segcam_lightning.audit.cli import build_parser, list_layers, main, settings_from_args
-from segcam_lightning.audit.data import AuditDataset, build_dataset, make_loader
-from segcam_lightning.audit.paths import (
-    OutputLayout,
-    UnsafePathError,
-    safe_component,
-    safe_join,
-    unique_components,
-    write_atomic,
-)
-from segcam_lightning.audit.plan import AuditPlan
-from segcam_lightning.audit.preflight import available_memory, check_before_writing
-from segcam_lightning.audit.report import (
-    AuditOutcome,
-    build_summary,
-    class_means,
-    finish,
-    render_report,
-    write_metrics_csv,
-)
-from segcam_lightning.audit.resume import StopSignals, load_state, save_state
-from segcam_lightning.audit.run import (
-    BINARY_COLORMAP,
-    audit_local,
-    default_layers,
-    load_models,
-    make_writer,
-    prepare,
-    resolve_device,
-    run_audit,
-)
-from segcam_lightning.audit.settings import (
-    CSV_COLUMNS,
-    DEFAULT_LAYER,
-    PROG,
-    RESERVED_NAMES,
-    STATE_FILE,
-    SYNTHETIC,
-    SYNTHETIC_DEFAULT_COUNT,
-    SYNTHETIC_TEST_SEED,
-    VALUE_NAMES,
-    AuditError,
-    AuditSettings,
-    Stop,
-    UsageError,
-)
-from segcam_lightning.audit.user_code import UserCode, import_spec, resolve_code
-from segcam_lightning.audit.writer import LocalResult, OutputWriter, default_render_threads
+from segcam_lightning.audit.cli import main
+from segcam_lightning.audit.run import run_audit
+from segcam_lightning.audit.settings import AuditSettings, UsageError
 
-__all__ = [
-    "BINARY_COLORMAP",
-    "CSV_COLUMNS",
-    "DEFAULT_LAYER",
-    "PROG",
-    "RESERVED_NAMES",
-    "STATE_FILE",
-    "SYNTHETIC",
-    "SYNTHETIC_DEFAULT_COUNT",
-    "SYNTHETIC_TEST_SEED",
-    "VALUE_NAMES",
-    "AuditDataset",
-    "AuditError",
-    "AuditModel",
-    "AuditOutcome",
-    "AuditPlan",
-    "AuditSettings",
-    "BatchResult",
-    "LocalResult",
-    "ModelBatch",
-    "OutputLayout",
-    "OutputWriter",
-    "Stop",
-    "StopSignals",
-    "UnsafePathError",
-    "UsageError",
-    "UserCode",
-    "alignment_values",
-    "audit_local",
-    "available_memory",
-    "build_dataset",
-    "build_parser",
-    "build_summary",
-    "check_before_writing",
-    "class_means",
-    "default_layers",
-    "default_render_threads",
-    "explain_batch",
-    "finish",
-    "import_spec",
-    "list_layers",
-    "load_models",
-    "load_state",
-    "main",
-    "make_loader",
-    "make_writer",
-    "prepare",
-    "render_report",
-    "resolve_code",
-    "resolve_device",
-    "run_audit",
-    "safe_component",
-    "safe_join",
-    "save_state",
-    "settings_from_args",
-    "unique_components",
-    "write_atomic",
-    "write_metrics_csv",
-]
+__all__ = ["AuditSettings", "UsageError", "main", "run_audit"]

@@ -1,4 +1,9 @@
-"""One batch through every checkpoint's engine: CAMs, predictions and alignment values."""
+"""One batch through every checkpoint's engine: CAMs, predictions and alignment values.
+
+Images and volumes go the same way: a batch of images ``[B, 3, H, W]`` (uint8 RGB) or of volumes
+``[B, C, D, H, W]`` (float32 in [0, 1]) gives maps ``[B, L, K, *S]`` and values over its pixels
+or voxels ``S``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -33,6 +37,7 @@ class AuditModel:
     colour to grey) instead of their three channels. ``mean``/``std``: the normalisation the
     network was trained with, per input channel in the order it is fed (one value: every
     channel), applied after the channel order and grey conversion; ``None`` feeds [0, 1].
+    Volumes are fed their own channels: ``bgr`` and ``gray`` do not apply to them.
     ``kind``: the resolved output kind (``"multiclass"``, ``"binary"``, ``"multilabel"``).
     ``layers``: the layer names as the outputs show them (the engine's may carry the
     LightningModule's network prefix).
@@ -53,27 +58,41 @@ class AuditModel:
         return self.loaded.net
 
     @property
+    def volumes(self) -> bool:
+        """Whether the network takes volumes ``[B, C, D, H, W]``."""
+        return self.loaded.dims == 3
+
+    @property
     def input_description(self) -> str:
-        """What the network is fed: ``"RGB"``, ``"BGR"`` or ``"gray"``, then its normalisation,
-        e.g. ``"RGB, normalised: mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]"``."""
-        order = "gray" if self.gray else "BGR" if self.bgr else "RGB"
+        """What the network is fed: ``"RGB"``, ``"BGR"`` or ``"gray"`` (a volume's channel
+        count), then its normalisation, e.g. ``"RGB, normalised: mean [0.485, 0.456, 0.406],
+        std [0.229, 0.224, 0.225]"``."""
+        if self.volumes:
+            channels = self.loaded.in_channels
+            order = f"volume, {channels} channel{'s' if channels != 1 else ''}"
+        else:
+            order = "gray" if self.gray else "BGR" if self.bgr else "RGB"
         if self.mean is None and self.std is None:
             return order
         mean, std = list(self.mean or (0.0,)), list(self.std or (1.0,))
         return f"{order}, normalised: mean {mean}, std {std}"
 
     def prepare_input(self, images: Tensor) -> Tensor:
-        """The network's input from RGB images ``[B, 3, H, W]`` in [0, 1]."""
-        if self.gray:
+        """The network's input from RGB images ``[B, 3, H, W]`` in [0, 1], or from volumes
+        ``[B, C, D, H, W]`` in [0, 1] (fed their channels as they are)."""
+        per_channel = (1, -1) + (1,) * (images.ndim - 2)
+        if self.volumes:
+            x = images
+        elif self.gray:
             luma = torch.tensor(_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
             # Rounded to 8 bits, as a grey image read from disk is.
             x = (images * luma).sum(1, keepdim=True).mul_(255).round_().div_(255)
         else:
             x = images.flip(1) if self.bgr else images
         if self.mean is not None:
-            x = x - torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            x = x - torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(per_channel)
         if self.std is not None:
-            x = x / torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            x = x / torch.tensor(self.std, dtype=x.dtype, device=x.device).view(per_channel)
         return x
 
 
@@ -86,66 +105,74 @@ def alignment_values(
 ) -> dict[str, Tensor]:
     """Per image, layer and class: how the CAMs and predictions sit on the ground truth.
 
+    Energy inside and the pointing game are :mod:`segcam_lightning.metrics`' own
+    (:func:`~segcam_lightning.metrics.energy_inside_regions`,
+    :func:`~segcam_lightning.metrics.pointing_hits_regions`), the values the callback's metrics
+    average.
+
     Args:
-        cams: ``[B, L, K, H, W]`` maps in [0, 1] (the engine's ``cams``).
+        cams: ``[B, L, K, *S]`` maps in [0, 1] (the engine's ``cams``; ``S`` is ``H, W``, or
+            ``D, H, W`` for volumes).
         raw_max: ``[B, L, K]`` maxima before normalisation.
-        predicted: bool ``[B, K, H, W]``, each class's predicted region at the maps'
-            resolution (:func:`~segcam_lightning.cam.class_regions` of the predictions).
-        truth: bool ``[B, K, H, W]``, each class's ground-truth region, or ``None``.
+        predicted: bool ``[B, K, *S]``, each class's predicted region at the maps' resolution
+            (:func:`~segcam_lightning.cam.class_regions` of the predictions).
+        truth: bool ``[B, K, *S]``, each class's ground-truth region, or ``None``.
         reference: another checkpoint's ``cams`` of the same images, or ``None``.
 
     Returns:
         ``{name: [B, L, K] float32}`` for each of :data:`VALUE_NAMES`, NaN where undefined:
         ``gt_present`` (1/0), ``energy_inside`` (share of CAM energy inside the class's GT
-        region) and ``pointing_hit`` (1/0: the CAM's peak lies on the class) where the class is
+        region) and ``pointing_game`` (1/0: the CAM's peak lies on the class) where the class is
         in the ground truth; ``raw_max``; ``pred_area`` and ``gt_area`` (fractions of the
-        image); ``iou`` of the predicted and GT regions where their union is not empty;
-        ``similarity_to_first`` (cosine similarity with ``reference``'s map).
+        image's pixels or the volume's voxels); ``iou`` of the predicted and GT regions where
+        their union is not empty; ``similarity_to_first`` (cosine similarity with
+        ``reference``'s map).
     """
     batch, num_layers, num_classes = raw_max.shape
     shape = (batch, num_layers, num_classes)
+    spatial = cams.ndim - 3
     nan = torch.full(shape, float("nan"), device=cams.device)
-    pixels = predicted.shape[-2] * predicted.shape[-1]
+    pixels = predicted[0, 0].numel()
     # Counts of boolean maps, not means of float copies, and one pass over all layers: this
-    # runs once per batch beside the engine (measured 4.9 -> 2.8 ms for 8 images 128², 3
-    # classes, 2 CPU threads).
-    pred_count = _count(predicted)
+    # runs once per batch beside the engine (benchmarks/RESULTS.md, Implementation notes).
+    pred_count = _count(predicted, spatial)
     per_class = {"pred_area": pred_count / pixels}
     values = {name: nan for name in VALUE_NAMES}
     values["raw_max"] = raw_max.float()
     if truth is not None:
-        gt_count = _count(truth)
-        inter = _count(predicted & truth)
+        gt_count = _count(truth, spatial)
+        inter = _count(predicted & truth, spatial)
         union = pred_count + gt_count - inter
         per_class["iou"] = torch.where(union > 0, inter / union.clamp_min(1), float("nan"))
         per_class["gt_area"] = gt_count / pixels
         present = (gt_count > 0).unsqueeze(1)  # [B, 1, K]
         regions = truth.unsqueeze(1)  # every layer's maps against the same regions
-        share = energy_inside_regions(cams, regions)
-        hits = pointing_hits_regions(cams, regions).float()
+        share = energy_inside_regions(cams, regions, spatial_dims=spatial)
+        hits = pointing_hits_regions(cams, regions, spatial_dims=spatial).float()
         values["energy_inside"] = torch.where(present, share, float("nan"))
-        values["pointing_hit"] = torch.where(present, hits, float("nan"))
+        values["pointing_game"] = torch.where(present, hits, float("nan"))
         per_class["gt_present"] = (gt_count > 0).float()
     for name, value in per_class.items():
         values[name] = value.unsqueeze(1).expand(shape).float()
     if reference is not None:
         values["similarity_to_first"] = F.cosine_similarity(
-            cams.flatten(-2).float(), reference.flatten(-2).float(), dim=-1
+            cams.flatten(-spatial).float(), reference.flatten(-spatial).float(), dim=-1
         )
     return values
 
 
-def _count(regions: Tensor) -> Tensor:
-    """Pixels in each boolean map ``[..., H, W]``; int32 sums are ~3x faster than int64 ones."""
-    return regions.sum(dim=(-2, -1), dtype=torch.int32)
+def _count(regions: Tensor, spatial: int) -> Tensor:
+    """Pixels (voxels) in each boolean map ``[..., *S]`` of ``spatial`` dimensions; int32 sums
+    are ~3x faster than int64 ones."""
+    return regions.sum(dim=tuple(range(-spatial, 0)), dtype=torch.int32)
 
 
 @dataclass
 class ModelBatch:
-    """One checkpoint's results on a batch, on the CPU."""
+    """One checkpoint's results on a batch, on the CPU (``S``: ``H, W`` or ``D, H, W``)."""
 
-    cams: np.ndarray  # [B, L, K, H, W] float32 in [0, 1]
-    preds: np.ndarray  # [B, H, W] int64 mask labels at the input's resolution, for display
+    cams: np.ndarray  # [B, L, K, *S] float32 in [0, 1]
+    preds: np.ndarray  # [B, *S] int64 mask labels at the input's resolution, for display
     values: dict[str, np.ndarray]  # name -> [B, L, K] float32
 
 
@@ -156,11 +183,12 @@ class BatchResult:
     indices: list[int]
     names: list[str]
     sources: list[str]
-    images: np.ndarray  # [B, H, W, 3] uint8 RGB
-    masks: np.ndarray | None  # [B, H, W] int64 mask labels
+    images: np.ndarray  # [B, H, W, 3] uint8 RGB; volumes: [B, D, H, W] uint8 grey (channel 0)
+    masks: np.ndarray | None  # [B, *S] int64 mask labels
     models: list[ModelBatch]
     skipped: list[dict[str, Any]]
-    truth: np.ndarray | None = None  # [B, K, H, W] bool: the explained classes' GT regions
+    truth: np.ndarray | None = None  # [B, K, *S] bool: the explained classes' GT regions
+    volumes: bool = False  # S is D, H, W
 
     def select(self, keep: Sequence[bool]) -> BatchResult:
         """The images where ``keep`` is true (skipped entries are filtered by the caller)."""
@@ -177,6 +205,7 @@ class BatchResult:
             ],
             skipped=self.skipped,
             truth=self.truth[rows] if self.truth is not None else None,
+            volumes=self.volumes,
         )
 
 
@@ -213,25 +242,31 @@ def explain_batch(
     ]
     keep = ok.nonzero().flatten().tolist()
     images = batch["image"][keep]
+    spatial = images.ndim - 2
     masks = batch["mask"][keep].to(device, non_blocking=True) if "mask" in batch else None
     kind = models[0].kind
-    truth = ground_truth_regions(masks, list(classes), kind)[0] if masks is not None else None
+    truth = None
+    if masks is not None:
+        truth = ground_truth_regions(masks, list(classes), kind, spatial_dims=spatial)[0]
     results: list[ModelBatch] = []
     if keep:
-        x = images.to(device, non_blocking=True).float().div_(255.0)
+        x = images.to(device, non_blocking=True).float()
+        if images.dtype == torch.uint8:
+            x = x.div_(255.0)
         reference = None
         for model in models:
             result = model.engine(model.prepare_input(x), classes=list(classes), masks=masks)
             preds = _predictions_at(
-                predicted_masks(result.logits, kind, model.engine.threshold), x.shape[-2:]
+                predicted_masks(result.logits, kind, model.engine.threshold), x.shape[2:]
             )
-            predicted = class_regions(preds, list(classes), result.logits.shape[1], kind)
+            num_outputs = result.logits.shape[1]
+            predicted = class_regions(preds, list(classes), num_outputs, kind, spatial_dims=spatial)
             values = alignment_values(result.cams, result.raw_max, predicted, truth, reference)
             reference = result.cams if reference is None else reference
             results.append(
                 ModelBatch(
                     cams=result.cams.cpu().numpy(),
-                    preds=_display_labels(preds).cpu().numpy(),
+                    preds=_display_labels(preds, spatial).cpu().numpy(),
                     values={k: v.cpu().numpy() for k, v in values.items()},
                 )
             )
@@ -239,29 +274,40 @@ def explain_batch(
         indices=[indices[i] for i in keep],
         names=[batch["name"][i] for i in keep],
         sources=[batch["source"][i] for i in keep],
-        images=images.permute(0, 2, 3, 1).contiguous().cpu().numpy(),
+        images=_display(images).cpu().numpy(),
         masks=masks.cpu().numpy() if masks is not None else None,
         models=results,
         skipped=skipped,
         truth=truth.cpu().numpy() if truth is not None else None,
+        volumes=spatial == 3,
     )
 
 
+def _display(images: Tensor) -> Tensor:
+    """What panels show: images ``[B, 3, H, W]`` uint8 as ``[B, H, W, 3]``; volumes
+    ``[B, C, D, H, W]`` in [0, 1] as their first channel in 8-bit grey ``[B, D, H, W]``."""
+    if images.ndim == 4:
+        return images.permute(0, 2, 3, 1).contiguous()
+    return images[:, 0].float().clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
 def _predictions_at(preds: Tensor, size: Sequence[int]) -> Tensor:
-    """Predictions (labels ``[B, h, w]`` or per-class masks ``[B, K, h, w]``) at the input's
+    """Predictions (labels ``[B, *s]`` or per-class masks ``[B, K, *s]``) at the input's
     ``size``: nearest-neighbour (``nearest-exact``, as the engine resizes masks), never blended."""
-    if tuple(preds.shape[-2:]) == tuple(size):
+    if tuple(preds.shape[-len(size) :]) == tuple(size):
         return preds
-    batched = preds.unsqueeze(1) if preds.ndim == 3 else preds
+    labels = preds.ndim == len(size) + 1
+    batched = preds.unsqueeze(1) if labels else preds
     resized = F.interpolate(batched.float(), size=tuple(size), mode="nearest-exact")
-    resized = resized.squeeze(1) if preds.ndim == 3 else resized
+    resized = resized.squeeze(1) if labels else resized
     return resized.to(preds.dtype)
 
 
-def _display_labels(preds: Tensor) -> Tensor:
+def _display_labels(preds: Tensor, spatial: int) -> Tensor:
     """One mask label per pixel: labels as they are; a multi-label model's per-class masks by
     their highest predicted channel (0 where none is)."""
-    if preds.ndim == 3:
+    if preds.ndim == spatial + 1:
         return preds
-    channels = torch.arange(1, preds.shape[1] + 1, device=preds.device).view(1, -1, 1, 1)
+    shape = (1, -1) + (1,) * spatial
+    channels = torch.arange(1, preds.shape[1] + 1, device=preds.device).view(shape)
     return ((preds.long() * channels).amax(dim=1) - 1).clamp_min(0)

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed
 
-from segcam_lightning.audit.run import default_layers, load_models, resolve_size, run_audit
+from segcam_lightning.audit.plan import default_layers, load_models, resolve_size
+from segcam_lightning.audit.run import run_audit
 from segcam_lightning.audit.settings import (
     DEFAULT_LAYER,
     PROG,
@@ -45,6 +45,11 @@ examples:
   # compare two epochs (attention drift), on the synthetic test split
   explain.py --checkpoint epoch5.ckpt --checkpoint epoch50.ckpt --data synthetic --limit 64
 
+  # a 3-D U-Net (train.py --config configs/synthetic3d.yaml) on the synthetic test volumes, or
+  # on a folder of volumes (DIR/images/<name>.npy [+ DIR/masks/<name>.npy]) in a CT window
+  explain.py --checkpoint lightning_logs/version_1/checkpoints/last.ckpt --data synthetic3d
+  explain.py --checkpoint last.ckpt --data scans/ --intensity-range -1000 400
+
   # list the layers a CAM can use (names, types, output shapes; the seed's tips marked)
   explain.py --checkpoint model.pth --list-layers
 
@@ -65,8 +70,11 @@ examples:
 
 outputs (OUT = --out):
   OUT/gradcam/<class_idx>/<name>.jpg          the seed's panel: image | overlay | GT mask
+                                              (volumes: axial, coronal and sagittal rows
+                                              through the class's CAM peak)
   OUT/gradcam/<layer>/<class_idx>/<name>.jpg  with several --layers
   OUT/<checkpoint>/gradcam/...                with several --checkpoint
+  OUT/cams/<name>.npy                         volumes: float32 maps [layers, classes, D, H, W]
   OUT/report.html (+ OUT/report_files/)       per-class metrics, drift, images side by side
   OUT/metrics.csv                             one row per image x class x layer x checkpoint
   OUT/summary.json                            counts, means, skipped files, settings, timings
@@ -131,11 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument(
         "--data",
-        metavar="DIR|synthetic",
+        metavar="DIR|synthetic|synthetic3d",
         help="a seed-format folder (DIR/images/*.jpg + DIR/masks/*.png), a folder of images "
         "without masks (DIR/images/ or DIR itself; no ground-truth metrics), or 'synthetic' "
-        f"(the synthetic test split, --limit images, default {SYNTHETIC_DEFAULT_COUNT}). "
-        "Example: --data data/weeds",
+        f"(the synthetic test split, --limit images, default {SYNTHETIC_DEFAULT_COUNT}). For a "
+        "network of volumes: a folder of volumes (DIR/images/<name>.npy, [D, H, W] or "
+        "[C, D, H, W], with DIR/masks/<name>.npy integer labels [D, H, W] for ground truth) "
+        "or 'synthetic3d' (the synthetic test volumes). Example: --data data/weeds",
     )
     what.add_argument(
         "--limit",
@@ -225,8 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--size",
         type=_positive_int,
         metavar="PX",
-        help="square input size (default the checkpoint's training size, else 256 as the seed): "
-        "a multiple of 16 for the U-Net, any size your own network accepts; e.g. --size 256",
+        help="square input size, or a volume's cube side (default the checkpoint's training "
+        "size, else 256 as the seed; 32 for volumes): a multiple of 16 for the U-Net, any size "
+        "your own network accepts; images and volumes are resized to it. E.g. --size 256",
+    )
+    meta.add_argument(
+        "--intensity-range",
+        nargs=2,
+        type=float,
+        metavar=("LO", "HI"),
+        help="volumes from .npy files: the values mapped to 0 and 1, outside clipped (e.g. a CT "
+        "window, --intensity-range -1000 400); default each volume's own minimum and maximum, "
+        "per channel",
     )
     meta.add_argument(
         "--channel-order",
@@ -408,7 +428,8 @@ def _colormap_arg(text: str) -> tuple[tuple[int, int, int], ...]:
 def settings_from_args(args: argparse.Namespace) -> AuditSettings:
     """:class:`AuditSettings` from parsed command-line arguments (one option per field)."""
     values = {f.name: getattr(args, f.name) for f in fields(AuditSettings) if hasattr(args, f.name)}
-    for name in ("layers", "classes", "class_names", "image_mean", "image_std"):  # nargs="+"
+    nargs = ("layers", "classes", "class_names", "image_mean", "image_std", "intensity_range")
+    for name in nargs:
         values[name] = tuple(values[name]) if values[name] else None
     return AuditSettings(**values, checkpoints=tuple(args.checkpoint), progress=not args.quiet)
 
@@ -431,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if settings.data is None:
             raise UsageError(
                 "--data is required: pass a seed-format folder (DIR/images + DIR/masks), a "
-                "folder of images, or 'synthetic' (e.g. --data data/weeds)."
+                "folder of images, 'synthetic', or for volumes a folder of .npy volumes or "
+                "'synthetic3d' (e.g. --data data/weeds)."
             )
         outcome = run_audit(settings)
     except UsageError as error:
@@ -494,7 +516,7 @@ def list_layers(settings: AuditSettings) -> str:
         default = default_layers(loaded, size, settings)[0]
         lines = [
             f"{loaded.path} ({loaded.describe()}); output shapes for a "
-            f"1x{loaded.in_channels}x{size[0]}x{size[1]} input:",
+            f"{'x'.join(str(n) for n in example.shape)} input:",
             f"  {'name':<{width}}  {'type':<{type_width}}  output shape",
         ]
         for info in infos:

@@ -34,30 +34,48 @@ class OutputLayout:
         root: ``--out``.
         models: the checkpoints' folder labels (unique, safe).
         layers: the layer names, in ``--layers`` order.
+        volumes: the run audits volumes: each gets a ``cams/<name>.npy`` and report tiles per
+            view (:data:`~segcam_lightning.render.VIEWS`).
     """
 
     root: Path
     models: tuple[str, ...]
     layers: tuple[str, ...]
+    volumes: bool = False
 
     def panel(self, model: int, layer: int, class_idx: int, name: str) -> Path:
         """The seed's panel: ``[<checkpoint>/]gradcam/[<layer>/]<class_idx>/<name>.jpg``."""
-        parts = [self.models[model]] if len(self.models) > 1 else []
-        parts.append("gradcam")
+        parts = [*self._model_parts(model), "gradcam"]
         if len(self.layers) > 1:
             parts.append(safe_component(self.layers[layer]))
         return safe_join(self.root, *parts, str(class_idx), f"{name}.jpg")
 
+    def panel_pattern(self) -> str:
+        """Where the panels go, as a pattern for people (``gradcam/<class_idx>/<name>.jpg``)."""
+        parts = ["<checkpoint>"] if len(self.models) > 1 else []
+        parts.append("gradcam")
+        if len(self.layers) > 1:
+            parts.append("<layer>")
+        return "/".join([*parts, "<class_idx>", "<name>.jpg"])
+
+    def cams(self, model: int, name: str) -> Path:
+        """A volume's maps: ``[<checkpoint>/]cams/<name>.npy``."""
+        return safe_join(self.root, *self._model_parts(model), "cams", f"{name}.npy")
+
+    def _model_parts(self, model: int) -> list[str]:
+        return [self.models[model]] if len(self.models) > 1 else []
+
     def panel_dirs(self, classes: Sequence[int]) -> list[Path]:
-        """Every folder :meth:`panel` writes into."""
-        return sorted(
-            {
-                self.panel(m, layer, k, "x").parent
-                for m in range(len(self.models))
-                for layer in range(len(self.layers))
-                for k in classes
-            }
-        )
+        """Every folder :meth:`panel` (and, for volumes, :meth:`cams`) writes into."""
+        folders = {
+            self.panel(m, layer, k, "x").parent
+            for m in range(len(self.models))
+            for layer in range(len(self.layers))
+            for k in classes
+        }
+        if self.volumes:
+            folders |= {self.cams(m, "x").parent for m in range(len(self.models))}
+        return sorted(folders)
 
     def file(self, name: str) -> Path:
         """A file directly under the root: ``metrics.csv``, ``summary.json``, ..."""
@@ -81,19 +99,26 @@ class OutputLayout:
         """A report image: ``report_files/<name>/<parts>``."""
         return safe_join(self.root, "report_files", name, *parts)
 
-    def input_tile(self, name: str) -> Path:
-        return self.tile(name, "input.jpg")
+    def input_tile(self, name: str, view: str | None = None) -> Path:
+        """``input.jpg``; a volume's ``input_<view>.jpg`` (``view``: axial, coronal, sagittal)."""
+        return self.tile(name, _viewed("input", view, ".jpg"))
 
-    def truth_tile(self, name: str) -> Path:
-        return self.tile(name, "truth.png")
+    def truth_tile(self, name: str, view: str | None = None) -> Path:
+        return self.tile(name, _viewed("truth", view, ".png"))
 
-    def prediction_tile(self, name: str, model: int) -> Path:
-        return self.tile(name, self.models[model], "prediction.png")
+    def prediction_tile(self, name: str, model: int, view: str | None = None) -> Path:
+        return self.tile(name, self.models[model], _viewed("prediction", view, ".png"))
 
-    def overlay_tile(self, name: str, model: int, layer: int, class_idx: int) -> Path:
+    def overlay_tile(
+        self, name: str, model: int, layer: int, class_idx: int, view: str | None = None
+    ) -> Path:
         layer_dir = safe_component(self.layers[layer])
-        return self.tile(name, self.models[model], layer_dir, f"{class_idx}.jpg")
+        return self.tile(name, self.models[model], layer_dir, _viewed(str(class_idx), view, ".jpg"))
 
     def relative(self, path: Path) -> str:
         """``path`` relative to the root, as a URL path for the report."""
         return urllib.parse.quote(path.relative_to(self.root).as_posix())
+
+
+def _viewed(stem: str, view: str | None, suffix: str) -> str:
+    return f"{stem}_{view}{suffix}" if view else f"{stem}{suffix}"

@@ -1,17 +1,54 @@
-"""The resolved plan of an audit run, shared by the modules that run and report it."""
+"""An audit's plan: every choice resolved before anything runs or is written.
+
+:func:`prepare` loads the checkpoints (as data, :mod:`segcam_lightning.checkpoints`), builds the
+engines, the dataset and the output layout, and resolves classes, names, colours, sizes and
+normalisation; :class:`AuditPlan` holds the result for the modules that check, run and report
+it.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from segcam_lightning.audit.batches import AuditModel
-from segcam_lightning.audit.data import AuditDataset
-from segcam_lightning.audit.paths import OutputLayout
-from segcam_lightning.audit.settings import AuditSettings
-from segcam_lightning.audit.user_code import UserCode
+from segcam_lightning.audit.data import AuditDataset, DataSpec, build_dataset
+from segcam_lightning.audit.paths import OutputLayout, unique_components
+from segcam_lightning.audit.settings import (
+    DEFAULT_LAYER,
+    RESERVED_NAMES,
+    AuditSettings,
+    UsageError,
+    list_layers_command,
+    one_line,
+)
+from segcam_lightning.audit.user_code import UserCode, resolve_code
+from segcam_lightning.audit.volumes import check_intensity_range
 from segcam_lightning.audit.writer import default_render_threads
+from segcam_lightning.cam import CAMEngine, resolve_output_kind
+from segcam_lightning.cam import find_layer as _find_layer
+from segcam_lightning.checkpoints import (
+    CallerOptions,
+    CheckpointError,
+    LoadedCheckpoint,
+    default_size,
+    load_checkpoint,
+    load_lightning_module,
+    load_network_weights,
+)
+from segcam_lightning.data.colormap import SEED_COLORMAP
+from segcam_lightning.data.datamodule import SYNTHETIC, SYNTHETIC3D
+from segcam_lightning.data.synthetic import SYNTHETIC_CLASS_NAMES
+from segcam_lightning.data.synthetic3d import SYNTHETIC3D_CLASS_NAMES
+from segcam_lightning.models import UNet
+from segcam_lightning.networks import NETWORK_ATTRIBUTES, default_layer
+from segcam_lightning.render import class_palette
 
 
 @dataclass
@@ -20,7 +57,8 @@ class AuditPlan:
 
     ``classes`` are output channels (``[0]`` for a binary model) and ``class_names`` name them;
     ``label_names`` and ``colormap`` go by mask label (a binary model's masks have two labels:
-    background and foreground). ``code`` is the user's ``--module``/``--model``, else ``None``.
+    background and foreground). ``size`` is ``(H, W)``, or ``(D, H, W)`` for volumes. ``code``
+    is the user's ``--module``/``--model``, else ``None``.
     """
 
     settings: AuditSettings
@@ -29,10 +67,10 @@ class AuditPlan:
     classes: list[int]
     class_names: list[str]
     colormap: list[tuple[int, int, int]]
-    size: tuple[int, int]
+    size: tuple[int, ...]
     device: torch.device
     layout: OutputLayout
-    load_seconds: float
+    load_seconds: float = 0.0
     output_kind: str = "multiclass"
     label_names: list[str] | None = None
     code: UserCode | None = None
@@ -41,3 +79,409 @@ class AuditPlan:
     def render_threads(self) -> int:
         """``--render-threads``, or :func:`default_render_threads` when not given."""
         return self.settings.render_threads or default_render_threads()
+
+    @property
+    def volumes(self) -> bool:
+        """Whether the run audits volumes."""
+        return len(self.size) == 3
+
+    @property
+    def model_device(self) -> torch.device:
+        """Where the networks are: :attr:`device`, or the CPU in a distributed run (each rank
+        moves its copy to its own device)."""
+        return _model_device(self.settings, self.device)
+
+
+#: A binary model's masks when nothing says otherwise (BGR): background black, foreground white.
+BINARY_COLORMAP = ((0, 0, 0), (255, 255, 255))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda if available, else cpu.
+
+    Raises:
+        UsageError: for ``cuda`` on a machine without a CUDA device.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda was requested, but PyTorch sees no CUDA device (CPU-only build, or no "
+            "GPU visible). Use --device cpu, or --device auto to take a GPU when there is one."
+        )
+    return torch.device(name)
+
+
+def load_models(settings: AuditSettings) -> list[LoadedCheckpoint]:
+    """Load every ``--checkpoint`` safely; all must take the same kind of input (images or
+    volumes) and predict the same number of classes.
+
+    Without ``--module``/``--model`` each is the package's U-Net (:func:`load_checkpoint`);
+    with ``--module`` the named LightningModule rebuilds each (:func:`load_lightning_module`);
+    with ``--model`` the named factory builds a network for each file's weights
+    (:func:`load_network_weights`).
+
+    Raises:
+        UsageError: for bad ``--module``/``--model`` code, and missing, unsafe, unreadable or
+            mismatched checkpoints.
+    """
+    code = resolve_code(settings)
+    if code is None and settings.in_channels is not None:
+        raise UsageError(
+            "--in-channels is for the networks of --module/--model; the U-Net's input channels "
+            "are read from its weights. Drop --in-channels."
+        )
+    loaded = []
+    for path in settings.checkpoints:
+        try:
+            loaded.append(_load(path, settings, code))
+        except (FileNotFoundError, CheckpointError) as error:
+            raise UsageError(str(error)) from None
+    _check_same(
+        loaded,
+        lambda c: "volumes" if c.dims == 3 else "images",
+        "take different inputs",
+        "an audit feeds every checkpoint the same data. Audit networks of images and of "
+        "volumes in separate runs",
+    )
+    _check_same(
+        loaded,
+        lambda c: c.num_classes,
+        "predict different numbers of classes",
+        "comparing CAMs needs the same classes. Audit them in separate runs",
+    )
+    return loaded
+
+
+def _check_same(
+    loaded: Sequence[LoadedCheckpoint],
+    value: Callable[[LoadedCheckpoint], object],
+    differ: str,
+    advice: str,
+) -> None:
+    """Refuse checkpoints whose ``value`` differs: an audit compares them on the same data.
+
+    Raises:
+        UsageError: ``"The checkpoints <differ> (<path> <value>, ...); <advice>."``
+    """
+    if len({value(c) for c in loaded}) > 1:
+        found = ", ".join(f"{c.path} {value(c)}" for c in loaded)
+        raise UsageError(f"The checkpoints {differ} ({found}); {advice}.")
+
+
+def _load(path: Path, settings: AuditSettings, code: UserCode | None) -> LoadedCheckpoint:
+    if code is None:
+        return load_checkpoint(path, settings.num_classes, settings.trust_checkpoint)
+    options: CallerOptions = {
+        "code": code.spec,
+        "trust": settings.trust_checkpoint,
+        "num_classes": settings.num_classes,
+        "in_channels": settings.in_channels,
+        "size": settings.size,
+    }
+    if code.option == "--module":
+        return load_lightning_module(path, code.target, **options)
+    return load_network_weights(path, code.build(), **options)
+
+
+def prepare(settings: AuditSettings) -> AuditPlan:
+    """Resolve a run: load checkpoints, build engines and the dataset, plan the outputs.
+
+    Nothing is written and nothing runs but the loading; the checks that run the engines come
+    next (:func:`~segcam_lightning.audit.preflight.check_before_writing`).
+
+    Raises:
+        UsageError: for any mistake in the settings or inputs, with what to do about it.
+    """
+    start = time.perf_counter()
+    check_intensity_range(settings.intensity_range)
+    device = resolve_device(settings.device)
+    loaded = load_models(settings)
+    first = loaded[0]
+    num_outputs = first.num_classes
+    kind = _resolve_kind(settings.output_kind, num_outputs)
+    classes = _resolve_classes(settings.classes, num_outputs, kind)
+    size = resolve_size(settings.size, loaded)
+    labels = unique_components(
+        [c.path.stem for c in loaded], fallback="checkpoint", reserved=RESERVED_NAMES
+    )
+    layers = settings.layers or default_layers(first, size, settings)
+    models = [
+        _audit_model(label, c, settings, _model_device(settings, device), kind, layers)
+        for label, c in zip(labels, loaded, strict=True)
+    ]
+    num_labels = 2 if kind == "binary" else num_outputs
+    default_colormap = BINARY_COLORMAP if kind == "binary" else SEED_COLORMAP
+    data_colormap = settings.colormap or first.colormap or default_colormap
+    spec = DataSpec(
+        size,
+        data_colormap,
+        num_labels,
+        limit=settings.limit,
+        kind=kind,
+        channels=first.in_channels,
+        intensity_range=settings.intensity_range,
+    )
+    dataset = build_dataset(settings.data or SYNTHETIC, spec)
+    if settings.target == "gt_region" and not dataset.has_masks:
+        raise UsageError(
+            f"--target gt_region explains each class inside its ground-truth region, but "
+            f"{settings.data} has no masks/. Use --target softmax_mean or logit_region."
+        )
+    class_names, label_names = _resolve_names(settings, first, num_outputs, kind)
+    layout = OutputLayout(settings.out, tuple(labels), models[0].layers, volumes=len(size) == 3)
+    colormap = class_palette(data_colormap, num_labels)
+    return AuditPlan(
+        settings,
+        models,
+        dataset,
+        classes,
+        class_names,
+        colormap,
+        size,
+        device,
+        layout,
+        load_seconds=time.perf_counter() - start,
+        output_kind=kind,
+        label_names=label_names,
+        code=resolve_code(settings),
+    )
+
+
+def _resolve_kind(kind: str, num_outputs: int) -> str:
+    try:
+        return resolve_output_kind(kind, num_outputs)
+    except ValueError:
+        if kind == "multiclass":
+            raise UsageError(
+                "--output-kind multiclass needs two or more output channels, but the network has "
+                "one: its softmax is the constant 1, so every CAM would be blank. Pass "
+                "--output-kind binary (or auto) for a one-channel sigmoid model."
+            ) from None
+        raise UsageError(
+            f"--output-kind {kind} expects one output channel (the foreground's logit), but the "
+            f"network has {num_outputs}. Pass --output-kind multiclass (a softmax over the "
+            "channels) or multilabel (independent sigmoids)."
+        ) from None
+
+
+def _resolve_classes(wanted: Sequence[int] | None, num_classes: int, kind: str) -> list[int]:
+    if kind == "binary":
+        if wanted is None or list(wanted) == [0]:
+            return [0]
+        raise UsageError(
+            f"--classes {list(wanted)}: a binary model has one output channel, class 0, whose "
+            "maps explain the foreground (mask label 1). Drop --classes, or pass --classes 0."
+        )
+    if wanted is None:
+        return list(range(num_classes))
+    bad = [k for k in wanted if k >= num_classes]
+    if bad or len(set(wanted)) != len(wanted):
+        raise UsageError(
+            f"--classes {list(wanted)}: expected distinct class indices in 0..{num_classes - 1} "
+            f"(the checkpoint predicts {num_classes} classes), but got "
+            f"{bad if bad else 'repeats'}."
+        )
+    return list(wanted)
+
+
+def resolve_size(size: int | None, loaded: Sequence[LoadedCheckpoint]) -> tuple[int, ...]:
+    """The input size: ``(H, W)`` for networks of images, ``(D, H, W)`` for ones of volumes.
+
+    ``--size`` (a square or a cube), else the first training size a checkpoint knows, else
+    :func:`~segcam_lightning.checkpoints.default_size` (256×256; 32³ for volumes). A U-Net's
+    sides must be multiples of 16; any other network's sizes are its own, checked by the dry
+    run before writing.
+
+    Raises:
+        UsageError: for a U-Net and a side that is not a multiple of 16.
+    """
+    dims = loaded[0].dims
+    if size is not None:
+        resolved = (size,) * dims
+    else:
+        known = (c.image_size for c in loaded if c.image_size and len(c.image_size) == dims)
+        resolved = next(known, default_size(dims))
+    unet = any(isinstance(m, UNet) for c in loaded for m in c.net.modules())
+    if unet and any(side % 16 for side in resolved):
+        what = "volume" if dims == 3 else "image"
+        poolings = "2x2x2" if dims == 3 else "2x2"
+        raise UsageError(
+            f"The U-Net needs {what} sides divisible by 16 (four {poolings} poolings), but the "
+            f"input size is {'x'.join(map(str, resolved))}. Pass e.g. "
+            f"--size {max(16, min(resolved) // 16 * 16)}."
+        )
+    return tuple(resolved)
+
+
+def _resolve_names(
+    settings: AuditSettings, first: LoadedCheckpoint, num_outputs: int, kind: str
+) -> tuple[list[str], list[str]]:
+    """The class names (one per output channel) and the mask labels' names.
+
+    A binary model's one class is its foreground, named by the second of two names (the first
+    names the background) or by a single name; ``"foreground"`` without names.
+    """
+    given = settings.class_names
+    names = given or first.class_names
+    if kind == "binary":
+        if given is not None and len(given) not in (1, 2):
+            raise UsageError(
+                f"--class-names gives {len(given)} names {list(given)}, but the model is binary "
+                "(one sigmoid channel): pass the foreground's name, or the background's and the "
+                "foreground's (e.g. --class-names soil plant)."
+            )
+        if names is not None and len(names) in (1, 2):
+            background = str(names[0]) if len(names) == 2 else "background"
+            return [str(names[-1])], [background, str(names[-1])]
+        return ["foreground"], ["background", "foreground"]
+    synthetic = {SYNTHETIC: SYNTHETIC_CLASS_NAMES, SYNTHETIC3D: SYNTHETIC3D_CLASS_NAMES}
+    known = synthetic.get(settings.data or "")
+    if names is None and known is not None and num_outputs == len(known):
+        names = known
+    if given is not None and len(given) != num_outputs:
+        raise UsageError(
+            f"--class-names gives {len(given)} names {list(given)}, but the checkpoint predicts "
+            f"{num_outputs} classes; pass one name per class."
+        )
+    if names is None or len(names) != num_outputs:  # a data module's names of other classes
+        names = [f"class_{k}" for k in range(num_outputs)]
+    names = [str(n) for n in names]
+    return names, names
+
+
+def default_layers(
+    loaded: LoadedCheckpoint, size: tuple[int, ...], settings: AuditSettings
+) -> tuple[str, ...]:
+    """The layer explained without ``--layers``: the seed's ``d4.conv.conv.5`` in a U-Net,
+    else the last layer before the output head (the callback's default: the last leaf module
+    whose ``[B, C, *s]`` output has other than the logits' channel count).
+
+    Raises:
+        UsageError: when no layer qualifies.
+    """
+    inner = _inner_network(loaded)
+    if isinstance(inner, UNet):
+        return (DEFAULT_LAYER,)
+    example = torch.zeros(1, loaded.in_channels, *size, device=next(_devices(inner)))
+    try:
+        return (default_layer(inner, example, loaded.num_classes),)
+    except (ValueError, RuntimeError) as error:
+        raise UsageError(
+            f"Could not choose a default layer in the {type(inner).__name__} of {loaded.path} "
+            f"({one_line(error)}). Pass --layers; `{list_layers_command(settings, loaded.path)}` "
+            "lists them."
+        ) from None
+
+
+def _inner_network(loaded: LoadedCheckpoint) -> nn.Module:
+    """The network whose names layers go by (without :attr:`LoadedCheckpoint.layer_prefix`)."""
+    prefix = loaded.layer_prefix.rstrip(".")
+    return loaded.net.get_submodule(prefix) if prefix else loaded.net
+
+
+def _model_device(settings: AuditSettings, device: torch.device) -> torch.device:
+    """Where the networks are put: ``device``; the CPU for a distributed run, whose ranks each
+    move their copy to their own device (Lightning does)."""
+    return torch.device("cpu") if settings.distributed else device
+
+
+def _devices(net: nn.Module) -> Any:
+    yield from (p.device for p in net.parameters())
+    yield torch.device("cpu")
+
+
+def _audit_model(
+    label: str,
+    loaded: LoadedCheckpoint,
+    settings: AuditSettings,
+    device: torch.device,
+    kind: str,
+    layer_names: Sequence[str],
+) -> AuditModel:
+    net = loaded.net.to(device)
+    resolved = [_layer_name(loaded, name, settings) for name in layer_names]
+    try:
+        engine = CAMEngine(
+            net,
+            [hooked for hooked, _ in resolved],
+            settings.method,
+            settings.target,
+            settings.normalize,
+            output_kind=kind,
+            threshold=settings.threshold,
+        )
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    if loaded.dims == 2 and loaded.in_channels not in (1, 3):
+        raise UsageError(
+            f"{loaded.path} takes {loaded.in_channels}-channel images, but the audit reads images "
+            "as 3-channel colour (and feeds 1-channel networks their grey conversion). Audit a "
+            "network trained on colour or grey images."
+        )
+    order = settings.channel_order
+    if order == "auto":
+        order = loaded.channel_order or "rgb"
+    mean, std = _normalisation(settings, loaded)
+    return AuditModel(
+        label=label,
+        loaded=loaded,
+        engine=engine,
+        bgr=order == "bgr",
+        gray=loaded.in_channels == 1,
+        kind=kind,
+        layers=tuple(shown for _, shown in resolved),
+        mean=mean,
+        std=std,
+    )
+
+
+def _normalisation(
+    settings: AuditSettings, loaded: LoadedCheckpoint
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """``--image-mean``/``--image-std``, else the checkpoint's, checked against the channels
+    the network is fed."""
+    mean = settings.image_mean or loaded.image_mean
+    std = settings.image_std or loaded.image_std
+    channels = loaded.in_channels
+    for option, values, given in (
+        ("--image-mean", mean, settings.image_mean),
+        ("--image-std", std, settings.image_std),
+    ):
+        if values is None or len(values) in (1, channels):
+            continue
+        where = "" if given else f" (saved with {loaded.path}'s data module)"
+        raise UsageError(
+            f"{option} has {len(values)} values {list(values)}{where}, but the network takes "
+            f"{channels} channel(s): pass one value per channel, in the order the network is "
+            "fed, or one for all."
+        )
+    if std is not None and not all(v > 0 for v in std):
+        raise UsageError(f"--image-std {list(std)}: expected positive values.")
+    return mean, std
+
+
+def _layer_name(loaded: LoadedCheckpoint, name: str, settings: AuditSettings) -> tuple[str, str]:
+    """``(name as the network calls it, name as the outputs show it)``.
+
+    A LightningModule-style prefix (``net.``, ``model.``, ``network.``) may be given or left
+    out: ``d4.conv.conv.5`` and ``net.d4.conv.conv.5`` are the same layer, shown as the first.
+    """
+    net, prefix = loaded.net, loaded.layer_prefix
+    names = {n for n, _ in net.named_modules() if n}
+    candidates = [name, prefix + name] + [
+        name.removeprefix(f"{a}.") for a in NETWORK_ATTRIBUTES if name.startswith(f"{a}.")
+    ]
+    for candidate in candidates:
+        if candidate in names:
+            return candidate, candidate.removeprefix(prefix)
+    try:
+        _find_layer(net, name)
+    except ValueError as error:
+        message = str(error).split(" List the layers")[0]
+        raise UsageError(
+            f"--layers: {message} (in {loaded.path}). Run "
+            f"`{list_layers_command(settings, loaded.path)}` to see every layer a CAM can use, "
+            "with its output shape."
+        ) from None
+    return name, name

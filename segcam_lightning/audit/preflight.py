@@ -2,10 +2,10 @@
 is touched, so that a mistake costs a message (exit 2), not a half-written folder.
 
 - Every folder the run writes resolves inside ``--out`` (a symbolic link may not lead out).
-- The engines work: one blank image goes through :func:`explain_batch` exactly as a batch
-  would (a layer whose output is not one 4-D tensor, a network whose input does not fit, fail
-  here). For the U-Net a small one (any multiple of 16 fits it); for the user's own network
-  one of the real size, since which sizes it accepts is its own affair.
+- The engines work: one blank image (or volume) goes through :func:`explain_batch` exactly as a
+  batch would (a layer whose output is not one 4-D tensor, 5-D for volumes, a network whose
+  input does not fit, fail here). For the U-Net a small one (any multiple of 16 fits it); for
+  the user's own network one of the real size, since which sizes it accepts is its own affair.
 - One batch fits in memory: the activations of that dry run, scaled to the real image size and
   batch size, plus the maps and images, against the memory available.
 
@@ -31,18 +31,19 @@ from segcam_lightning.audit.settings import UsageError, list_layers_command
 if TYPE_CHECKING:
     from segcam_lightning.audit.plan import AuditPlan
 
-# The dry run's image side: small enough to cost milliseconds, a multiple of 16 for the U-Net.
-_DRY_SIDE = 32
+# The dry run's side: small enough to cost milliseconds, a multiple of 16 for the U-Net.
+_DRY_SIDE = {2: 32, 3: 16}
 # Activations kept for the backward pass and their gradients, measured at ~1.0-1.4x the sum of
 # the leaf modules' outputs for the seed U-Net (widths 4-64, 128-512 px); 1.5x for headroom.
 _GRAPH_FACTOR = 1.5
 # Per pixel and map: the engine's maps, their normalised copy and the CPU copy (float32).
 _MAP_BYTES = 3 * 4
-# Per pixel: the uint8 image, its float32 copy and the network's input, two int64 masks.
+# Per pixel (voxel): the uint8 image (a float32 volume), its float32 copy and the network's
+# input, two int64 masks.
 _IMAGE_BYTES = 3 + 2 * 3 * 4 + 2 * 8
 
 
-def check_before_writing(plan: AuditPlan, model_device: torch.device) -> None:
+def check_before_writing(plan: AuditPlan) -> None:
     """Run every check that needs no output: paths, a dry run of the engines, memory.
 
     Raises:
@@ -54,15 +55,21 @@ def check_before_writing(plan: AuditPlan, model_device: torch.device) -> None:
     except UnsafePathError as error:
         raise UsageError(str(error)) from None
     if plan.code is None:
-        side = (min(plan.size[0], _DRY_SIDE), min(plan.size[1], _DRY_SIDE))
+        side = tuple(min(n, _DRY_SIDE[len(plan.size)]) for n in plan.size)
     else:
         side = plan.size
-    _dry_run(plan, side, model_device)
-    _check_memory(plan, side, model_device)
+    _dry_run(plan, side)
+    _check_memory(plan, side)
 
 
-def _dry_run(plan: AuditPlan, side: tuple[int, int], device: torch.device) -> None:
-    height, width = side
+def _blank_batch(side: tuple[int, ...], channels: int, masks: bool) -> dict[str, object]:
+    """One blank item, collated as the audit's DataLoader collates them: an image
+    ``[1, 3, H, W]`` uint8 for ``side`` ``(H, W)``, a volume ``[1, channels, D, H, W]`` float32
+    for ``(D, H, W)``; its mask when ``masks``."""
+    if len(side) == 3:
+        image = torch.zeros(1, channels, *side)
+    else:
+        image = torch.zeros(1, 3, *side, dtype=torch.uint8)
     batch: dict[str, object] = {
         "index": torch.zeros(1, dtype=torch.int64),
         "name": ["dry-run"],
@@ -70,55 +77,67 @@ def _dry_run(plan: AuditPlan, side: tuple[int, int], device: torch.device) -> No
         "path": ["dry-run"],
         "ok": torch.ones(1, dtype=torch.bool),
         "reason": [""],
-        "image": torch.zeros(1, 3, height, width, dtype=torch.uint8),
+        "image": image,
     }
-    if plan.dataset.has_masks:
-        batch["mask"] = torch.zeros(1, height, width, dtype=torch.int64)
+    if masks:
+        batch["mask"] = torch.zeros(1, *side, dtype=torch.int64)
+    return batch
+
+
+def _dry_run(plan: AuditPlan, side: tuple[int, ...]) -> None:
+    batch = _blank_batch(side, plan.dataset.channels, plan.dataset.has_masks)
     try:
-        explain_batch(plan.models, batch, plan.classes, device)
+        explain_batch(plan.models, batch, plan.classes, plan.model_device)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         message = message.split(" Pick another")[0].split(" List the layers")[0]
         command = list_layers_command(plan.settings, plan.models[0].loaded.path)
         size = " and --size (a size the network accepts)" if plan.code is not None else ""
+        volumes = len(side) == 3
+        what = "volume" if volumes else "image"
+        output = "5-D tensor [B, C, d, h, w]" if volumes else "4-D tensor [B, C, h, w]"
         raise UsageError(
-            f"A dry run of the CAM engine on one blank {height}x{width} image failed, so nothing "
+            f"A dry run of the CAM engine on one blank {_shape(side)} {what} failed, so nothing "
             f"was written: {type(error).__name__}: {message} Run `{command}` to see every "
-            f"layer's output shape, and pass --layers whose output is one 4-D tensor "
-            f"[B, C, h, w]{size}."
+            f"layer's output shape, and pass --layers whose output is one {output}{size}."
         ) from None
 
 
-def _check_memory(plan: AuditPlan, side: tuple[int, int], device: torch.device) -> None:
-    pixels_measured = side[0] * side[1]
-    activations = max(_activation_bytes(m, side, device) for m in plan.models)
+def _check_memory(plan: AuditPlan, side: tuple[int, ...]) -> None:
+    pixels_measured = math.prod(side)
+    activations = max(_activation_bytes(m, plan, side) for m in plan.models)
     maps = len(plan.models) * len(plan.layout.layers) * len(plan.classes)
     per_pixel = _GRAPH_FACTOR * activations / pixels_measured + maps * _MAP_BYTES + _IMAGE_BYTES
-    height, width = plan.size
     images = max(1, min(plan.settings.batch_size, len(plan.dataset)))
-    per_image = per_pixel * height * width
+    per_image = per_pixel * math.prod(plan.size)
     needed = per_image * images
     available, where = available_memory(plan.device)
     if available is None or needed <= available:
         return
+    dims = len(plan.size)
+    what = "volume" if dims == 3 else "image"
     fits = int(available // per_image)
-    side_fits = int(math.sqrt(available / per_pixel)) // 16 * 16
+    side_fits = int((available / per_pixel) ** (1 / dims)) // 16 * 16
     if fits >= 1:
         advice = f"--batch-size {fits}, or a smaller --size"
     elif side_fits >= 16:
-        advice = f"--size {side_fits} (one image at a time: --batch-size 1)"
+        advice = f"--size {side_fits} (one {what} at a time: --batch-size 1)"
     else:
-        advice = "another machine: not even a 16x16 image fits"
+        advice = f"another machine: not even a {_shape((16,) * dims)} {what} fits"
     raise UsageError(
-        f"One batch of {images} {height}x{width} image(s) needs about {_gib(needed)} of {where} "
-        f"memory ({_gib(per_image)} per image for {len(plan.models)} checkpoint(s), "
+        f"One batch of {images} {_shape(plan.size)} {what}(s) needs about {_gib(needed)} of "
+        f"{where} memory ({_gib(per_image)} per {what} for {len(plan.models)} checkpoint(s), "
         f"{len(plan.layout.layers)} layer(s) and {len(plan.classes)} classes), but only "
         f"{_gib(available)} is available. Pass {advice}."
     )
 
 
-def _activation_bytes(model: AuditModel, side: tuple[int, int], device: torch.device) -> int:
-    """Bytes of every leaf module's output for one image of ``side``."""
+def _shape(side: tuple[int, ...]) -> str:
+    return "x".join(str(n) for n in side)
+
+
+def _activation_bytes(model: AuditModel, plan: AuditPlan, side: tuple[int, ...]) -> int:
+    """Bytes of every leaf module's output for one image (volume) of ``side``."""
     total = 0
 
     def record(_module: nn.Module, _inputs: object, output: object) -> None:
@@ -128,9 +147,10 @@ def _activation_bytes(model: AuditModel, side: tuple[int, int], device: torch.de
 
     leaves = [m for m in model.net.modules() if next(m.children(), None) is None]
     handles = [m.register_forward_hook(record) for m in leaves]
+    image = _blank_batch(side, plan.dataset.channels, masks=False)["image"]
     try:
         with torch.no_grad():
-            images = torch.zeros(1, 3, *side, device=device)
+            images = image.to(plan.model_device).float()  # type: ignore[attr-defined]
             model.net(model.prepare_input(images))
     finally:
         for handle in handles:

@@ -23,7 +23,7 @@ from segcam_lightning.audit.paths import write_atomic
 from segcam_lightning.audit.settings import (
     PROG,
     STATE_FILE,
-    SYNTHETIC,
+    SYNTHETIC_DATA,
     Stop,
     UsageError,
     one_line,
@@ -94,7 +94,7 @@ def fingerprint(plan: AuditPlan) -> dict[str, Any]:
     data = settings.data
     return {
         "checkpoints": [{"label": m.label, "sha256": _sha256(m.loaded.path)} for m in plan.models],
-        "data": data if data in (None, SYNTHETIC) else str(Path(data).resolve()),
+        "data": data if data is None or data in SYNTHETIC_DATA else str(Path(data).resolve()),
         "images": len(plan.dataset),
         "sources_sha256": hashlib.sha256(sources).hexdigest(),
         "layers": list(plan.layout.layers),
@@ -108,6 +108,7 @@ def fingerprint(plan: AuditPlan) -> dict[str, Any]:
         "class_names": list(plan.class_names),
         "colormap": [list(c) for c in plan.colormap],
         "size": list(plan.size),
+        "intensity_range": list(settings.intensity_range) if settings.intensity_range else None,
         "inputs": [m.input_description for m in plan.models],
         "report_images": settings.report_images,
     }

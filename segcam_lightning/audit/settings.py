@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,20 +11,25 @@ from typing import Any
 
 import cv2
 
+from segcam_lightning.data.datamodule import SYNTHETIC, SYNTHETIC3D
+from segcam_lightning.data.synthetic import SPLIT_OFFSETS
 from segcam_lightning.models.unet import SEED_LAYERS
+from segcam_lightning.render import VIEWS
 
 #: The command's name in messages: ``segcam-explain`` when run as the console script.
 PROG = "segcam-explain" if Path(sys.argv[0]).name == "segcam-explain" else "explain.py"
 DEFAULT_LAYER = "d4.conv.conv.5"
-SYNTHETIC = "synthetic"
-#: The synthetic data's test split (SegmentationDataModule uses seed + 2 with seed 0).
-SYNTHETIC_TEST_SEED = 2
+#: ``--data`` values that name the embedded synthetic data (images, volumes).
+SYNTHETIC_DATA = (SYNTHETIC, SYNTHETIC3D)
+#: The synthetic data's test split, as SegmentationDataModule draws it with its default seed 0.
+SYNTHETIC_TEST_SEED = SPLIT_OFFSETS["test"]
 SYNTHETIC_DEFAULT_COUNT = 32
-#: Per-image values computed by :func:`alignment_values`, each ``[B, L, K]``.
+#: Per-image values computed by :func:`~segcam_lightning.audit.batches.alignment_values`, each
+#: ``[B, L, K]``; over voxels for volumes.
 VALUE_NAMES = (
     "gt_present",
     "energy_inside",
-    "pointing_hit",
+    "pointing_game",
     "raw_max",
     "pred_area",
     "gt_area",
@@ -33,6 +39,8 @@ VALUE_NAMES = (
 #: Columns of ``metrics.csv``; empty cells mean "not defined" (no ground truth, class absent).
 #: ``source`` is the image's path relative to ``--data`` (``synthetic:<i>`` for the synthetic
 #: data); ``run_status`` is ``complete``, or ``partial`` on every row of an interrupted run.
+#: ``pointing_game`` is 1 where the CAM's peak lies on the class: its mean over the images
+#: holding the class is the pointing-game score the callback logs.
 CSV_COLUMNS = (
     "checkpoint",
     "layer",
@@ -47,9 +55,11 @@ CSV_COLUMNS = (
 #: Where an interrupted run keeps what it finished, for ``--resume``; removed once complete.
 STATE_FILE = "audit-state.json"
 #: Names the run writes directly under ``--out``; no checkpoint folder may take one of them,
-#: nor the names a report image's folder holds beside the checkpoint folders.
+#: nor the names a report image's folder holds beside the checkpoint folders (a volume's tiles
+#: come one per view).
 RESERVED_NAMES = (
     "gradcam",
+    "cams",
     "report_files",
     "metrics.csv",
     "summary.json",
@@ -57,9 +67,25 @@ RESERVED_NAMES = (
     STATE_FILE,
     "input.jpg",
     "truth.png",
+    *(f"input_{view}.jpg" for view in VIEWS),
+    *(f"truth_{view}.png" for view in VIEWS),
 )
 TIP_NAMES = dict(zip(SEED_LAYERS, ("e1", "e4", "b", "d4"), strict=True))
 JPEG_PARAMS = [cv2.IMWRITE_JPEG_QUALITY, 95]  # cv2's default, which the seed used
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None``, tuples as lists and paths as text, so that
+    ``json.dumps`` writes standard JSON."""
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def one_line(error: BaseException) -> str:
@@ -100,6 +126,9 @@ class AuditSettings:
     ``None`` means "take it from the checkpoint" (or the default given in ``--help``); ``layers``
     ``None`` is the network's default layer (the seed's ``d4.conv.conv.5`` for the U-Net).
     ``module``/``model`` name the user's code (``"pkg.mod:Name"``), ``None`` for the U-Net.
+    ``size`` is the side of the square images or cubic volumes the network is fed;
+    ``intensity_range`` the ``(lo, hi)`` a folder's ``.npy`` volumes are scaled from (``None``:
+    each volume's own minimum and maximum, per channel).
     """
 
     checkpoints: tuple[Path, ...]
@@ -120,6 +149,7 @@ class AuditSettings:
     colormap: tuple[tuple[int, int, int], ...] | None = None
     class_names: tuple[str, ...] | None = None
     size: int | None = None
+    intensity_range: tuple[float, float] | None = None
     channel_order: str = "auto"
     image_mean: tuple[float, ...] | None = None
     image_std: tuple[float, ...] | None = None

@@ -1,7 +1,14 @@
-"""Panels and report tiles rendered in a thread pool; metric rows collected per process."""
+"""Panels and report tiles rendered in a thread pool; metric rows collected per process.
+
+A volume's panel stacks three seed panels, one per view (axial, coronal, sagittal: the slices
+through the class's CAM peak), 10 px white gaps between them; its maps are also saved as
+``cams/<name>.npy``: float32 ``[L, K, D, H, W]`` (layers, classes), the engine's maps as they
+are.
+"""
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections import deque
@@ -13,11 +20,19 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 
 from segcam_lightning.audit.batches import BatchResult
 from segcam_lightning.audit.paths import OutputLayout, write_atomic
 from segcam_lightning.audit.settings import JPEG_PARAMS, VALUE_NAMES, Stop
-from segcam_lightning.render import colorize_mask, seed_panels
+from segcam_lightning.render import (
+    SEPARATOR,
+    VIEWS,
+    colorize_mask,
+    peak_voxel,
+    seed_panels,
+    volume_slices,
+)
 
 
 @dataclass
@@ -72,8 +87,8 @@ class OutputWriter:
     threads share a batch evenly. With ``overlap`` (a GPU computes the CAMs), a batch renders
     while the next one is explained; without it (the CPU computes them with every core), the
     batch's files are written before :meth:`submit` returns: render threads running beside
-    PyTorch's own threads would stall its parallel kernels (measured: the audit then spent ~9 ms
-    per 128² image on rendering that takes 2.6 ms on one thread; see benchmarks/RESULTS.md).
+    PyTorch's own threads stall its parallel kernels (benchmarks/RESULTS.md, Implementation
+    notes).
 
     Args:
         layout: where files go.
@@ -209,6 +224,8 @@ class OutputWriter:
 
     def _write_image(self, batch: BatchResult, b: int) -> int:
         """Image ``b``'s panels for every checkpoint, layer and class, and its report tiles."""
+        if batch.volumes:
+            return self._write_volume(batch, b)
         index, name, image = batch.indices[b], batch.names[b], batch.images[b]
         mask = batch.masks[b] if batch.masks is not None else None
         in_report = index < self.report_limit
@@ -235,6 +252,100 @@ class OutputWriter:
                         _imwrite(tile, overlays[k], JPEG_PARAMS)
                         written += 1
         return written
+
+    def _write_volume(self, batch: BatchResult, b: int) -> int:
+        """Volume ``b``'s maps (``cams/<name>.npy``) and panels for every checkpoint, layer and
+        class, and its report tiles: one per view, through the centre for the volume, its
+        ground truth and predictions, through each class's peak for its overlays."""
+        index, name = batch.indices[b], batch.names[b]
+        volume = torch.from_numpy(batch.images[b])  # [D, H, W] uint8
+        size = (max(volume.shape), max(volume.shape))
+        in_report = index < self.report_limit
+        regions = torch.from_numpy(batch.truth[b]) if batch.truth is not None else None
+        centre = tuple(n // 2 for n in volume.shape)
+        written = 0
+        if in_report:
+            for v, view in enumerate(VIEWS):
+                _imwrite(self.layout.input_tile(name, view), _grey(volume, centre, size)[v])
+            written += len(VIEWS)
+            if batch.masks is not None:
+                written += self._label_tiles(batch.masks[b], centre, size, name, None)
+        for m, model in enumerate(batch.models):
+            buffer = io.BytesIO()
+            np.save(buffer, np.ascontiguousarray(model.cams[b], dtype=np.float32))
+            write_atomic(self.layout.cams(m, name), buffer.getvalue())
+            written += 1
+            if in_report:
+                written += self._label_tiles(model.preds[b], centre, size, name, m)
+            for layer in range(len(self.layer_names)):
+                for k, class_idx in enumerate(self.classes):
+                    cam = torch.from_numpy(model.cams[b, layer, k])
+                    region = regions[k] if regions is not None else None
+                    panel, overlays = _volume_panel(volume, cam, region, size)
+                    _imwrite(self.layout.panel(m, layer, class_idx, name), panel, JPEG_PARAMS)
+                    written += 1
+                    if in_report:
+                        for view, overlay in zip(VIEWS, overlays, strict=True):
+                            tile = self.layout.overlay_tile(name, m, layer, class_idx, view)
+                            _imwrite(tile, overlay, JPEG_PARAMS)
+                        written += len(VIEWS)
+        return written
+
+    def _label_tiles(
+        self,
+        labels: np.ndarray,
+        at: Sequence[int],
+        size: tuple[int, int],
+        name: str,
+        model: int | None,
+    ) -> int:
+        """The ground truth's (``model`` ``None``) or a model's predicted labels ``[D, H, W]``
+        sliced at ``at``, one coloured tile per view."""
+        slices = volume_slices(torch.from_numpy(labels), at, size, labels=True)
+        for view, tile in zip(VIEWS, slices, strict=True):
+            if model is None:
+                path = self.layout.truth_tile(name, view)
+            else:
+                path = self.layout.prediction_tile(name, model, view)
+            _imwrite(path, colorize_mask(tile.numpy(), self.colormap))
+        return len(VIEWS)
+
+
+def _grey(volume: torch.Tensor, at: Sequence[int], size: tuple[int, int]) -> np.ndarray:
+    """The three views of a grey uint8 volume ``[D, H, W]`` through ``at``, as RGB
+    ``[3, *size, 3]`` uint8."""
+    slices = volume_slices(volume, at, size).numpy()
+    return np.ascontiguousarray(np.repeat(slices[..., None], 3, axis=-1))
+
+
+def _volume_panel(
+    volume: torch.Tensor, cam: torch.Tensor, region: torch.Tensor | None, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """One class's panel of a volume: the seed's panel (image | overlay | ground truth) of the
+    axial, coronal and sagittal slices through the map's peak, stacked with white gaps.
+
+    Args:
+        volume: ``[D, H, W]`` uint8 grey.
+        cam: ``[D, H, W]`` the class's map in [0, 1].
+        region: ``[D, H, W]`` bool, the class's ground truth, or ``None``.
+        size: ``(h, w)`` each slice is shown at.
+
+    Returns:
+        ``(panel [rows, cols, 3], overlays [3, *size, 3])`` RGB uint8.
+    """
+    peak = peak_voxel(cam)
+    images = _grey(volume, peak, size)
+    maps = volume_slices(cam, peak, size).numpy()
+    truth = volume_slices(region, peak, size, labels=True).numpy() if region is not None else None
+    rows, overlays = [], []
+    for v in range(len(VIEWS)):
+        masks = truth[v : v + 1] if truth is not None else None
+        panels, overlay = seed_panels(images[v], maps[v : v + 1], masks)
+        rows.append(panels[0])
+        overlays.append(overlay[0])
+    gap = np.full((SEPARATOR, rows[0].shape[1], 3), 255, dtype=np.uint8)
+    panel = np.concatenate([rows[0], gap, rows[1], gap, rows[2]], axis=0)
+    return panel, np.stack(overlays)
 
 
 def default_render_threads() -> int:

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from segcam_lightning.data.colormap import SEED_COLORMAP, Colormap, color_to_mask, validate_colormap
+from segcam_lightning.text import listing, path_problem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MASK_EXTENSIONS = (".png",)
@@ -58,10 +59,9 @@ def pair_files(root: str | Path) -> list[tuple[Path, Path]]:
             have no mask or some masks have no image.
     """
     root = Path(root)
-    if not root.is_dir():
-        what = "is not a folder" if root.exists() else "does not exist"
+    if problem := path_problem(root, "folder"):
         raise FileNotFoundError(
-            f"Dataset root {root} {what}. Expected a folder with `images/` and `masks/` inside; "
+            f"Dataset root {root} {problem}. Expected a folder with `images/` and `masks/` inside; "
             f"write an example with `segcam-synthetic --out {root}`."
         )
     image_dir, mask_dir = root / "images", root / "masks"
@@ -104,23 +104,18 @@ def _check_matching(
         return
     problems = []
     if no_mask:
-        names = _listing([images[s].name for s in no_mask])
+        names = listing([images[s].name for s in no_mask], _MAX_LISTED)
         problems.append(
             f"{len(no_mask)} image(s) in {image_dir} without a mask <name>.png: {names}"
         )
     if no_image:
-        names = _listing([masks[s].name for s in no_image])
+        names = listing([masks[s].name for s in no_image], _MAX_LISTED)
         problems.append(f"{len(no_image)} mask(s) in {mask_dir} without an image: {names}")
     raise ValueError(
         "Images and masks must pair up by file name. Found "
         + "; and ".join(problems)
         + ". Add the missing files, or remove or rename the unpaired ones."
     )
-
-
-def _listing(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:_MAX_LISTED])
-    return shown + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
 
 
 class FolderSegmentation(Dataset):
@@ -247,9 +242,9 @@ class FolderSegmentation(Dataset):
                 bad_masks.append((mask_path, n_unknown, colors))
         if unreadable:
             raise ValueError(
-                f"cv2 could not read {len(unreadable)} file(s): {_listing(unreadable)}. They are "
-                "empty, corrupt or not images; replace them, or remove them with their partner "
-                "image or mask."
+                f"cv2 could not read {len(unreadable)} file(s): "
+                f"{listing(unreadable, _MAX_LISTED)}. They are empty, corrupt or not images; "
+                "replace them, or remove them with their partner image or mask."
             )
         if bad_masks and self.unknown_color_index is None:
             raise ValueError(self._unknown_message(bad_masks, n_checked=len(self.pairs)))
@@ -258,7 +253,7 @@ class FolderSegmentation(Dataset):
         self, bad: list[tuple[Path, int, set[tuple[int, int, int]]]], n_checked: int
     ) -> str:
         all_colors = set().union(*(colors for _, _, colors in bad))
-        details = _listing([f"{p} ({n} pixels, BGR {_colors(c)})" for p, n, c in bad])
+        details = listing([f"{p} ({n} pixels, BGR {_colors(c)})" for p, n, c in bad], _MAX_LISTED)
         message = (
             f"{len(bad)} of {n_checked} mask(s) contain colours that are not in the colormap "
             f"{[list(c) for c in self.colormap]} (BGR, as cv2 reads them): {details}. "
