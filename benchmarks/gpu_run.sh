@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 log_dir=${1:-gpu-logs}
 mkdir -p "$log_dir"
 export PYTHONUNBUFFERED=1
+export py=${PYTHON:-python}
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 seconds=$2
@@ -20,15 +21,15 @@ step() {  # step NAME SECONDS COMMAND...
   echo "=== $name exit ${PIPESTATUS[0]}"
 }
 
-step machine 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
-  python -c "import torch, lightning; print(torch.__version__, lightning.__version__,
+step machine 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
+  $py -c "import torch, lightning; print(torch.__version__, lightning.__version__,
   torch.cuda.get_device_name(), torch.get_num_threads(), \"CPU threads\")"'
-step tests 150 python -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+step tests 110 "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
   tests/test_cam_engine.py::test_on_cuda_with_fp16_autocast tests/test_cam_kinds.py -k "cuda or gpu"
-step engine 120 python benchmarks/bench_engine.py --device cuda --widths 32 64 --batch 8 \
+step engine 90 "$py" benchmarks/bench_engine.py --device cuda --widths 32 64 --batch 8 \
   --size 256 --repeats 5
-step scaling 120 python benchmarks/bench_engine.py --device cuda --scaling --widths 32 \
+step scaling 90 "$py" benchmarks/bench_engine.py --device cuda --scaling --widths 32 \
   --batch 4 --repeats 5
-step explain 80 python benchmarks/bench_explain.py --device cuda --size 256 --width 64 \
+step explain 50 "$py" benchmarks/bench_explain.py --device cuda --size 256 --width 64 \
   --num 256 --batch-size 16 --repeats 2
-step callback 120 python benchmarks/bench_callback.py --max-epochs 1
+step callback 200 "$py" benchmarks/bench_callback.py --repeats 2
