@@ -344,8 +344,10 @@ def scaling_row(
     mem_fwd = peak_extra_mb(forward, device)
     t_fwd = median_time(forward, args.repeats, device)
     row: dict[str, object] = {"size": size, "k": k, "forward_s": t_fwd}
+    modes = ("loop",) if args.no_batched else ("loop", "batched")
     for name, layer in (("d4", "d4.conv.conv.5"), ("e4", "e4.conv.conv.5")):
-        for mode in ("auto", "batched"):
+        row[f"{name}_batched"] = float("nan")
+        for mode in modes:
             engine = CAMEngine(model, [layer], "gradcam", grad_mode=mode)
             row[f"{name}_{mode}"] = median_time(lambda e=engine: e(x), args.repeats, device) / t_fwd
     # The baseline costs K forward + backward passes: one timed run after the engine's warm-up
@@ -375,9 +377,9 @@ def print_scaling(rows: list[dict], device: torch.device) -> None:
     print("-" * len(head))
     for r in rows:
         line = (
-            f"{_size(r['size']):>9} {r['k']:>3} {r['forward_s'] * 1e3:8.0f} | {r['d4_auto']:5.2f} "
-            f"{r['d4_batched']:6.2f} {r['e4_auto']:5.2f} {r['e4_batched']:6.2f} "
-            f"{r['kpass']:6.2f} | {r['kpass'] / r['d4_auto']:7.1f}"
+            f"{_size(r['size']):>9} {r['k']:>3} {r['forward_s'] * 1e3:8.0f} | {r['d4_loop']:5.2f} "
+            f"{fmt(r['d4_batched'], 6)} {r['e4_loop']:5.2f} {fmt(r['e4_batched'], 6)} "
+            f"{r['kpass']:6.2f} | {r['kpass'] / r['d4_loop']:7.1f}"
         )
         if device.type == "cuda":
             fwd, eng, kp = r["mem"]
@@ -388,17 +390,17 @@ def print_scaling(rows: list[dict], device: torch.device) -> None:
     most = max(r["k"] for r in rows)
     for r in rows:
         if len(r["size"]) == 2 and r["k"] == most:
-            ok = r["d4_auto"] <= 1.5 and r["kpass"] / r["d4_auto"] >= 10
+            ok = r["d4_loop"] <= 1.5 and r["kpass"] / r["d4_loop"] >= 10
             print(
                 f"  {'PASS' if ok else 'FAIL'}  K={r['k']} {_size(r['size'])}: d4 "
-                f"{r['d4_auto']:.2f}x forward <= 1.5 and {r['kpass'] / r['d4_auto']:.1f}x faster "
+                f"{r['d4_loop']:.2f}x forward <= 1.5 and {r['kpass'] / r['d4_loop']:.1f}x faster "
                 "than kpass >= 10"
             )
         elif len(r["size"]) == 3:
-            ok = r["d4_auto"] <= 1.3
+            ok = r["d4_loop"] <= 1.3
             print(
                 f"  {'PASS' if ok else 'FAIL'}  3-D K={r['k']} {_size(r['size'])}: d4 "
-                f"{r['d4_auto']:.2f}x forward <= 1.3"
+                f"{r['d4_loop']:.2f}x forward <= 1.3"
             )
 
 
@@ -485,6 +487,12 @@ def main() -> None:
         "--scaling", action="store_true", help="cost as K and the input grow (see the docstring)"
     )
     parser.add_argument("--scaling-classes", type=int, nargs="+", default=[3, 8, 19])
+    parser.add_argument(
+        "--no-batched",
+        action="store_true",
+        help="--scaling without grad_mode='batched' (K gradients at once: too much memory at "
+        "512x1024 on a CPU machine, where 'auto' never batches)",
+    )
     parser.add_argument(
         "--scaling-volumes",
         type=int,
