@@ -366,25 +366,25 @@ def scaling_row(
     return row
 
 
+def scaling_line(r: dict) -> str:
+    cells = [
+        f"{_size(r['size']):>9} {r['k']:>3} {r['forward_s'] * 1e3:8.0f} |",
+        f"{r['d4_loop']:5.2f}",
+        fmt(r["d4_batched"], 6),
+        f"{r['e4_loop']:5.2f}",
+        fmt(r["e4_batched"], 6),
+        f"{r['kpass']:6.2f} |",
+        f"{r['kpass'] / r['d4_loop']:7.1f}",
+    ]
+    return " ".join(cells)
+
+
+SCALING_HEAD = "    input   K   fwd ms |    d4 d4 bat    e4 e4 bat  kpass | x kpass"
+TABLE_HEAD = "width layers | engine batched  floor  kpass    seed    pgc | x kpass  x seed"
+
+
 def print_scaling(rows: list[dict], device: torch.device) -> None:
-    head = (
-        f"{'input':>9} {'K':>3} {'fwd ms':>8} | {'d4':>5} {'d4 bat':>6} {'e4':>5} {'e4 bat':>6} "
-        f"{'kpass':>6} | {'x kpass':>7}"
-    )
-    if device.type == "cuda":
-        head += f" | {'MiB fwd':>8} {'d4':>8} {'kpass':>8}"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        line = (
-            f"{_size(r['size']):>9} {r['k']:>3} {r['forward_s'] * 1e3:8.0f} | {r['d4_loop']:5.2f} "
-            f"{fmt(r['d4_batched'], 6)} {r['e4_loop']:5.2f} {fmt(r['e4_batched'], 6)} "
-            f"{r['kpass']:6.2f} | {r['kpass'] / r['d4_loop']:7.1f}"
-        )
-        if device.type == "cuda":
-            fwd, eng, kp = r["mem"]
-            line += f" | {fwd:8.1f} {eng:8.1f} {kp:8.1f}"
-        print(line)
+    print_rows(SCALING_HEAD, rows, scaling_line, ("d4", "kpass"), device)
     print("(engine and kpass times are ratios to one no-grad forward of the same batch;")
     print(" 'bat' = grad_mode='batched'; 'x kpass' = speed-up of the engine at d4)")
     most = max(r["k"] for r in rows)
@@ -412,25 +412,37 @@ def fmt(value: float, width: int) -> str:
     return f"{'-':>{width}}" if value != value else f"{value:{width}.2f}"  # NaN: not measured
 
 
-def print_table(rows: list[dict], device: torch.device) -> None:
-    head = (
-        f"{'width':>5} {'layers':>6} | {'engine':>6} {'batched':>7} {'floor':>6} "
-        f"{'kpass':>6} {'seed':>7} {'pgc':>6} | {'x kpass':>7} {'x seed':>7}"
-    )
+def print_rows(
+    head: str,
+    rows: list[dict],
+    line: Callable[[dict], str],
+    memory: tuple[str, str],
+    device: torch.device,
+) -> None:
+    """A table: ``head``, a rule, ``line(row)`` per row; on CUDA the peak memory columns
+    (one forward, then ``memory``'s two, from each row's ``"mem"``)."""
     if device.type == "cuda":
-        head += f" | {'MiB fwd':>8} {'engine':>8} {'kpass':>8}"
+        head += f" | {'MiB fwd':>8} {memory[0]:>8} {memory[1]:>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        line = (
-            f"{r['width']:>5} {r['layers']:>6} | {r['auto']:6.2f} "
-            f"{r['batched']:7.2f} {r['floor']:6.2f} {r['kpass']:6.2f} {fmt(r['seed'], 7)} "
-            f"{fmt(r['pgc'], 6)} | {r['kpass'] / r['auto']:7.2f} {fmt(r['seed'] / r['auto'], 7)}"
-        )
+        text = line(r)
         if device.type == "cuda":
             fwd, eng, kp = r["mem"]
-            line += f" | {fwd:8.1f} {eng:8.1f} {kp:8.1f}"
-        print(line)
+            text += f" | {fwd:8.1f} {eng:8.1f} {kp:8.1f}"
+        print(text)
+
+
+def table_line(r: dict) -> str:
+    return (
+        f"{r['width']:>5} {r['layers']:>6} | {r['auto']:6.2f} "
+        f"{r['batched']:7.2f} {r['floor']:6.2f} {r['kpass']:6.2f} {fmt(r['seed'], 7)} "
+        f"{fmt(r['pgc'], 6)} | {r['kpass'] / r['auto']:7.2f} {fmt(r['seed'] / r['auto'], 7)}"
+    )
+
+
+def print_table(rows: list[dict], device: torch.device) -> None:
+    print_rows(TABLE_HEAD, rows, table_line, ("engine", "kpass"), device)
     print("(times are ratios to one no-grad forward; 'x kpass'/'x seed' are speed-ups)")
     if all(r["pgc"] != r["pgc"] for r in rows):
         print("(pytorch-grad-cam is not installed: its column is skipped)")

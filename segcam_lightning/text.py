@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["listing", "path_problem"]
+__all__ = ["listing", "path_problem", "require_int"]
 
 
 def listing(items: Sequence[object], most: int = 5) -> str:
@@ -33,3 +33,18 @@ def path_problem(path: Path, kind: str) -> str | None:
         return "does not exist"
     other = "folder" if kind == "file" else "file"
     return f"is a {other}, not a {kind}"
+
+
+def require_int(name: str, value: object, minimum: int = 0) -> int:
+    """``value`` when it is an integer (not a bool) of at least ``minimum``.
+
+    Raises:
+        ValueError: naming the argument and what was expected ("a positive integer", "a
+            non-negative integer" or "an integer ≥ N").
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        expected = {0: "a non-negative integer", 1: "a positive integer"}.get(
+            minimum, f"an integer ≥ {minimum}"
+        )
+        raise ValueError(f"Expected `{name}` to be {expected}, but got {value!r}.")
+    return value

@@ -742,7 +742,7 @@ def test_argument_errors(net: UNet) -> None:
         r".*got 'mean'",
     ):
         CAMEngine(net, [D4], target="mean")
-    with pytest.raises(TypeError, match=r"Expected `target` to be a name in .* but got int"):
+    with pytest.raises(TypeError, match=r"Expected `target` to be one of .* but got int"):
         CAMEngine(net, [D4], target=3)  # type: ignore[arg-type]
     with pytest.raises(
         ValueError,

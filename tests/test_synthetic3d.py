@@ -75,7 +75,7 @@ def test_a_64_cube_scales_the_objects() -> None:
 
 
 def test_invalid_arguments() -> None:
-    with pytest.raises(ValueError, match=r"`size` \(the volumes' side\) to be an integer ≥ 16"):
+    with pytest.raises(ValueError, match=r"`size` to be an integer ≥ 16"):
         SyntheticVolumes(4, size=8)
     with pytest.raises(ValueError, match=r"`num_samples` to be a positive integer, but got 0"):
         SyntheticVolumes(0)

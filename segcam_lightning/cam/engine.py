@@ -68,7 +68,7 @@ from segcam_lightning.cam.layers import (
     unwrap_compiled,
 )
 from segcam_lightning.cam.methods import _CAM, Probe, _GradientCAM, get_method
-from segcam_lightning.cam.targets import Target, get_target
+from segcam_lightning.cam.targets import Reading, Target, get_target
 
 __all__ = ["GRAD_MODES", "OUTPUT_KINDS", "CAMEngine", "CAMResult", "default_output_adapter"]
 
@@ -332,10 +332,10 @@ class CAMEngine:
         size = tuple(x.shape[2:])  # the input's H, W (D, H, W)
         if self.target.needs_masks:
             _check_masks(masks, size, logits.shape)
-        read = {"kind": kind, "threshold": self.threshold}
+        read = Reading(kind, self.threshold)
         with torch.set_grad_enabled(self.method.needs_gradients):
             float_logits = _at_least_float32(logits)
-            scores, present = self.target(float_logits, masks, **read)
+            scores, present = self.target(float_logits, masks, read)
             # One scalar per class: summing over the batch gives each image its own gradient.
             class_scores = scores[:, classes].sum(dim=0).unbind()
 
@@ -360,7 +360,7 @@ class CAMEngine:
                 probe = Probe(
                     images=x.detach(),
                     forward=partial(self._forward_logits, autocast=autocast),
-                    score=self.target.scorer(_at_least_float32(logits.detach()), masks, **read),
+                    score=self.target.scorer(_at_least_float32(logits.detach()), masks, read),
                     baseline=scores.detach(),
                     classes=classes,
                 )

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from segcam_lightning.cam import functional as FC
+from segcam_lightning.cam._registry import resolve
 
 __all__ = [
     "METHODS",
@@ -336,7 +337,7 @@ METHODS: dict[str, type[_CAM]] = {
     "guided_gradcam": GuidedGradCAM,
 }
 
-_LOOKUP = {name.replace("_", ""): cls for name, cls in METHODS.items()}
+_ALTERNATIVES = "a CAM method instance or a weight function f(activations, gradients) -> weights"
 
 
 def _lookup_key(name: str) -> str:
@@ -350,21 +351,4 @@ def get_method(method: str | _CAM | type[_CAM] | Callable[[Tensor, Tensor], Tens
         ValueError: for an unknown name (the message lists the known ones).
         TypeError: for anything else.
     """
-    if isinstance(method, _CAM):
-        return method
-    if isinstance(method, str):
-        key = _lookup_key(method)
-        if key not in _LOOKUP:
-            raise ValueError(
-                f"Expected `method` to be one of {sorted(METHODS)}, a CAM method instance or a "
-                f"weight function f(activations, gradients) -> weights, but got {method!r}."
-            )
-        return _LOOKUP[key]()
-    if isinstance(method, type) and issubclass(method, _CAM):
-        return method()
-    if callable(method):
-        return CustomCAM(method)
-    raise TypeError(
-        f"Expected `method` to be one of {sorted(METHODS)}, a CAM method instance or a weight "
-        f"function, but got {type(method).__name__}."
-    )
+    return resolve(method, "method", _CAM, METHODS, _lookup_key, CustomCAM, _ALTERNATIVES)

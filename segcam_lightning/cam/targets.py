@@ -37,20 +37,24 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from segcam_lightning.cam import functional as FC
+from segcam_lightning.cam._registry import resolve
 
 __all__ = [
+    "SOFTMAX",
     "TARGETS",
     "BoxTarget",
     "CallableTarget",
     "GTRegion",
     "LogitRegion",
     "PixelTarget",
+    "Reading",
     "RegionTarget",
     "SoftmaxMean",
     "Target",
@@ -79,14 +83,30 @@ class TargetOutput(NamedTuple):
     present: Tensor
 
 
+@dataclass(frozen=True)
+class Reading:
+    """How the logits' channels are read.
+
+    Attributes:
+        kind: the engine's resolved output kind (``"multiclass"``, ``"binary"`` or
+            ``"multilabel"``).
+        threshold: the probability above which a sigmoid pixel is predicted; see
+            :func:`~segcam_lightning.cam.functional.predicted_masks`.
+    """
+
+    kind: str = "multiclass"
+    threshold: float = 0.5
+
+
+#: A softmax over the channels: how multiclass logits are read.
+SOFTMAX = Reading()
+
+
 class Target(ABC):
-    """Base of all targets: ``target(logits [B, K, H, W], masks, kind=, threshold=)``.
+    """Base of all targets: ``target(logits [B, K, H, W], masks, reading)``.
 
-    Logits of volumes are ``[B, K, D, H, W]``; scores are ``[B, K]`` either way.
-
-    ``kind`` is the engine's resolved output kind (``"multiclass"``, ``"binary"`` or
-    ``"multilabel"``) and ``threshold`` the probability above which a sigmoid pixel is
-    predicted; see :func:`~segcam_lightning.cam.functional.predicted_masks`.
+    Logits of volumes are ``[B, K, D, H, W]``; scores are ``[B, K]`` either way. ``reading``
+    (a :class:`Reading`) says how the channels are read: softmax or sigmoids, and the threshold.
     """
 
     name: str = "target"
@@ -100,22 +120,12 @@ class Target(ABC):
 
     @abstractmethod
     def __call__(
-        self,
-        logits: Tensor,
-        masks: Tensor | None = None,
-        *,
-        kind: str = "multiclass",
-        threshold: float = 0.5,
+        self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
     ) -> TargetOutput:
         """Reduce logits ``[B, K, H, W]`` to scores ``[B, K]`` (and ``present`` ``[B, K]``)."""
 
     def scorer(
-        self,
-        logits: Tensor,
-        masks: Tensor | None = None,
-        *,
-        kind: str = "multiclass",
-        threshold: float = 0.5,
+        self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
     ) -> Scorer:
         """Scores for re-run copies of the images (Score-CAM's masked forwards).
 
@@ -124,7 +134,7 @@ class Target(ABC):
                 something from them (a region) fixes it here, so masked copies are scored on the
                 same pixels as the original.
             masks: the ground-truth masks given to the call, if any.
-            kind, threshold: as for the call.
+            reading: as for the call.
 
         Returns:
             A function ``(logits [n, K, H, W], source [n]) -> scores [n, K]`` where ``source``
@@ -134,7 +144,7 @@ class Target(ABC):
 
         def score(out: Tensor, source: Tensor) -> Tensor:
             selected = None if masks is None else masks[source]
-            return self(out, selected, kind=kind, threshold=threshold).scores
+            return self(out, selected, reading).scores
 
         return score
 
@@ -156,15 +166,10 @@ class SoftmaxMean(Target):
     scores_sum_to_constant = True
 
     def __call__(
-        self,
-        logits: Tensor,
-        masks: Tensor | None = None,
-        *,
-        kind: str = "multiclass",
-        threshold: float = 0.5,
+        self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
     ) -> TargetOutput:
         n = FC.spatial_dims_of(logits)
-        probs = logits.softmax(dim=1) if kind == "multiclass" else logits.sigmoid()
+        probs = logits.softmax(dim=1) if reading.kind == "multiclass" else logits.sigmoid()
         scores = probs.mean(dim=tuple(range(-n, 0)))
         return TargetOutput(scores, torch.ones_like(scores, dtype=torch.bool))
 
@@ -177,39 +182,22 @@ class RegionTarget(Target):
     """
 
     @abstractmethod
-    def region(
-        self,
-        logits: Tensor,
-        masks: Tensor | None,
-        *,
-        kind: str = "multiclass",
-        threshold: float = 0.5,
-    ) -> Tensor:
+    def region(self, logits: Tensor, masks: Tensor | None, reading: Reading = SOFTMAX) -> Tensor:
         """Region weights ``[B, K, *S]`` (0/1) for the given logits ``[B, K, *S]``."""
 
     def __call__(
-        self,
-        logits: Tensor,
-        masks: Tensor | None = None,
-        *,
-        kind: str = "multiclass",
-        threshold: float = 0.5,
+        self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
     ) -> TargetOutput:
         FC.spatial_dims_of(logits)
-        region = self.region(logits, masks, kind=kind, threshold=threshold).to(logits.dtype)
+        region = self.region(logits, masks, reading).to(logits.dtype)
         scores = _spatial_sum(logits * region)
         present = region.flatten(2).ne(0).any(dim=-1)
         return TargetOutput(scores, present)
 
     def scorer(
-        self,
-        logits: Tensor,
-        masks: Tensor | None = None,
-        *,
-        kind: str = "multiclass",
-        threshold: float = 0.5,
+        self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
     ) -> Scorer:
-        region = self.region(logits, masks, kind=kind, threshold=threshold)
+        region = self.region(logits, masks, reading)
         region = region.to(logits.dtype).detach()
 
         def score(out: Tensor, source: Tensor) -> Tensor:
@@ -227,17 +215,10 @@ class LogitRegion(RegionTarget):
 
     name = "logit_region"
 
-    def region(
-        self,
-        logits: Tensor,
-        masks: Tensor | None,
-        *,
-        kind: str = "multiclass",
-        threshold: float = 0.5,
-    ) -> Tensor:
+    def region(self, logits: Tensor, masks: Tensor | None, reading: Reading = SOFTMAX) -> Tensor:
         k = logits.shape[1]
-        predicted = FC.predicted_masks(logits.detach(), kind, threshold)
-        return FC.class_regions(predicted, range(k), k, kind, spatial_dims=logits.ndim - 2)
+        predicted = FC.predicted_masks(logits.detach(), reading.kind, reading.threshold)
+        return FC.class_regions(predicted, range(k), k, reading.kind, spatial_dims=logits.ndim - 2)
 
 
 class GTRegion(RegionTarget):
@@ -254,14 +235,7 @@ class GTRegion(RegionTarget):
     name = "gt_region"
     needs_masks = True
 
-    def region(
-        self,
-        logits: Tensor,
-        masks: Tensor | None,
-        *,
-        kind: str = "multiclass",
-        threshold: float = 0.5,
-    ) -> Tensor:
+    def region(self, logits: Tensor, masks: Tensor | None, reading: Reading = SOFTMAX) -> Tensor:
         b, k, *size = logits.shape
         n = len(size)
         labels, per_class = (
@@ -279,7 +253,7 @@ class GTRegion(RegionTarget):
                 f"Expected `masks` for a batch of {b} images ({labels} or {per_class} with "
                 f"B = {b}), but got {list(masks.shape)}."
             )
-        return FC.class_regions(masks, range(k), k, kind, size=size).to(logits.device)
+        return FC.class_regions(masks, range(k), k, reading.kind, size=size).to(logits.device)
 
 
 class _WindowTarget(RegionTarget):
@@ -300,14 +274,7 @@ class _WindowTarget(RegionTarget):
     def _window(self, shape: tuple[int, ...]) -> tuple[slice, ...]:
         """One slice per spatial dimension of a grid of ``shape``; raises outside it."""
 
-    def region(
-        self,
-        logits: Tensor,
-        masks: Tensor | None,
-        *,
-        kind: str = "multiclass",
-        threshold: float = 0.5,
-    ) -> Tensor:
+    def region(self, logits: Tensor, masks: Tensor | None, reading: Reading = SOFTMAX) -> Tensor:
         shape = tuple(logits.shape[2:])
         grid = FC.grid_label(shape)
         if len(shape) == 3 and not self._has_depth:
@@ -437,14 +404,9 @@ class CallableTarget(Target):
         self.name = getattr(fn, "__name__", type(fn).__name__)
 
     def __call__(
-        self,
-        logits: Tensor,
-        masks: Tensor | None = None,
-        *,
-        kind: str = "multiclass",
-        threshold: float = 0.5,
+        self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
     ) -> TargetOutput:
-        del kind, threshold
+        del reading
         out = self.fn(logits, masks)
         present = None
         if isinstance(out, tuple) and len(out) == 2:
@@ -478,6 +440,9 @@ TARGETS: dict[str, type[Target]] = {
 }
 
 
+_ALTERNATIVES = "a Target (PixelTarget, BoxTarget) or a callable f(logits, masks) -> scores [B, K]"
+
+
 def get_target(target: str | Target | Callable[..., Any]) -> Target:
     """Resolve a target given by name, instance or callable.
 
@@ -485,24 +450,7 @@ def get_target(target: str | Target | Callable[..., Any]) -> Target:
         ValueError: for an unknown name (the message lists the known ones).
         TypeError: for anything else.
     """
-    if isinstance(target, Target):
-        return target
-    if isinstance(target, str):
-        key = target.lower()
-        if key not in TARGETS:
-            raise ValueError(
-                f"Expected `target` to be one of {sorted(TARGETS)} (or a PixelTarget, BoxTarget "
-                f"or callable f(logits, masks) -> scores [B, K]), but got {target!r}."
-            )
-        return TARGETS[key]()
-    if isinstance(target, type) and issubclass(target, Target):
-        return target()
-    if callable(target):
-        return CallableTarget(target)
-    raise TypeError(
-        f"Expected `target` to be a name in {sorted(TARGETS)}, a Target or a callable "
-        f"f(logits, masks) -> scores [B, K], but got {type(target).__name__}."
-    )
+    return resolve(target, "target", Target, TARGETS, str.lower, CallableTarget, _ALTERNATIVES)
 
 
 def _check_coordinates(values: dict[str, Any]) -> None:

@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import Dataset
 
 from segcam_lightning.data.colormap import SEED_COLORMAP, Colormap, mask_to_color, validate_colormap
+from segcam_lightning.text import require_int
 
 SYNTHETIC_CLASS_NAMES = ("soil", "narrow_leaf", "round_leaf")
 #: Offsets added to the data seed for each split: SegmentationDataModule trains on ``seed``,
@@ -55,7 +56,60 @@ _NARROW_COUNTS = (0.08, 0.08, 0.12, 0.16, 0.18, 0.16, 0.12, 0.1)
 _ROUND_COUNTS = (0.1, 0.12, 0.2, 0.22, 0.18, 0.12, 0.06)
 
 
-class SyntheticSegmentation(Dataset):
+class GeneratedDataset(Dataset):
+    """What the generated data sets share: samples that are a pure function of
+    ``(seed, index)``, named by their zero-padded index, with an optional transform.
+
+    Subclasses implement :meth:`_generate` (arrays of one sample) and :meth:`_image_tensor`.
+
+    Args:
+        num_samples: number of samples (``len(dataset)``).
+        seed: dataset seed; different seeds give independent datasets (use one per split).
+        transform: optional callable applied to each sample dict (e.g. ``RandomFlip``).
+    """
+
+    def __init__(
+        self, num_samples: int, seed: int, transform: Callable[[dict], dict] | None
+    ) -> None:
+        self.num_samples = require_int("num_samples", num_samples, 1)
+        self.seed = require_int("seed", seed)
+        self.transform = transform
+        self._name_width = max(4, len(str(num_samples - 1)))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def name(self, index: int) -> str:
+        """The sample's name: its index zero-padded to at least 4 digits."""
+        return f"{index:0{self._name_width}d}"
+
+    def render(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Generate sample ``index`` as arrays ``(image, mask)`` (see the subclass).
+
+        Raises:
+            IndexError: for an index outside ``[0, len)``.
+        """
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"Index {index} is out of range for {self.num_samples} samples.")
+        return self._generate(index)
+
+    def _generate(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _image_tensor(self, image: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict:
+        image, mask = self.render(index)
+        sample = {
+            "image": self._image_tensor(image),
+            "mask": torch.from_numpy(mask).long(),
+            "name": self.name(index),
+        }
+        return self.transform(sample) if self.transform is not None else sample
+
+
+class SyntheticSegmentation(GeneratedDataset):
     """Weeds-on-soil images and masks, generated deterministically from ``(seed, index)``.
 
     Args:
@@ -67,7 +121,8 @@ class SyntheticSegmentation(Dataset):
 
     Each sample is a dict with ``"image"`` ``[3, H, W]`` float32 RGB in ``[0, 1]``, ``"mask"``
     ``[H, W]`` int64 class indices in ``{0, 1, 2}`` and ``"name"`` the zero-padded index as
-    ``write_synthetic_dataset`` names its files.
+    ``write_synthetic_dataset`` names its files. :meth:`render` gives ``(image, mask)`` as
+    ``[H, W, 3]`` uint8 RGB and ``[H, W]`` uint8 class indices.
     """
 
     class_names = SYNTHETIC_CLASS_NAMES
@@ -82,48 +137,15 @@ class SyntheticSegmentation(Dataset):
         transform: Callable[[dict], dict] | None = None,
         shortcut: str | None = None,
     ) -> None:
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(
-                f"Expected `num_samples` to be a positive integer, but got {num_samples!r}."
-            )
-        if not isinstance(image_size, int) or image_size < 32:
-            raise ValueError(
-                f"Expected `image_size` to be an integer ≥ 32, but got {image_size!r}."
-            )
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"Expected `seed` to be a non-negative integer, but got {seed!r}.")
-        self.num_samples = num_samples
-        self.image_size = image_size
-        self.seed = seed
-        self.transform = transform
+        super().__init__(num_samples, seed, transform)
+        self.image_size = require_int("image_size", image_size, 32)
         self.shortcut = check_shortcut(shortcut)
-        self._name_width = max(4, len(str(num_samples - 1)))
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def name(self, index: int) -> str:
-        """The sample's name: its index zero-padded to at least 4 digits."""
-        return f"{index:0{self._name_width}d}"
-
-    def render(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Generate sample ``index`` as arrays.
-
-        Returns:
-            ``(image, mask)``: ``[H, W, 3]`` uint8 RGB and ``[H, W]`` uint8 class indices.
-        """
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"Index {index} is out of range for {self.num_samples} samples.")
+    def _generate(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return render_sample(self.seed, index, self.image_size, self.shortcut)
 
-    def __getitem__(self, index: int) -> dict:
-        image, mask = self.render(index)
-        sample = {
-            "image": torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0),
-            "mask": torch.from_numpy(mask).long(),
-            "name": self.name(index),
-        }
-        return self.transform(sample) if self.transform is not None else sample
+    def _image_tensor(self, image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
 
     def __repr__(self) -> str:
         return (

@@ -27,7 +27,9 @@ from itertools import pairwise
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+
+from segcam_lightning.data.synthetic import GeneratedDataset
+from segcam_lightning.text import require_int
 
 __all__ = ["SYNTHETIC3D_CLASS_NAMES", "SyntheticVolumes", "render_volume"]
 
@@ -44,7 +46,7 @@ _BLOB_COUNTS = (0.08, 0.22, 0.3, 0.25, 0.15)
 _TUBE_POINTS = 6
 
 
-class SyntheticVolumes(Dataset):
+class SyntheticVolumes(GeneratedDataset):
     """Tubes and blobs in noisy volumes, generated deterministically from ``(seed, index)``.
 
     Args:
@@ -57,7 +59,8 @@ class SyntheticVolumes(Dataset):
 
     Each sample is a dict with ``"image"`` ``[1, S, S, S]`` float32 in ``[0, 1]`` (``[C, D, H,
     W]``), ``"mask"`` ``[S, S, S]`` int64 class indices in ``{0, 1, 2}`` and ``"name"`` the
-    zero-padded index.
+    zero-padded index. :meth:`render` gives ``(image, mask)`` as ``[S, S, S]`` float32 in
+    ``[0, 1]`` and ``[S, S, S]`` uint8 class indices, axes ``(D, H, W)``.
     """
 
     class_names = SYNTHETIC3D_CLASS_NAMES
@@ -71,49 +74,14 @@ class SyntheticVolumes(Dataset):
         seed: int = 0,
         transform: Callable[[dict], dict] | None = None,
     ) -> None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(
-                f"Expected `num_samples` to be a positive integer, but got {num_samples!r}."
-            )
-        if isinstance(size, bool) or not isinstance(size, int) or size < _MIN_SIZE:
-            raise ValueError(
-                f"Expected `size` (the volumes' side) to be an integer ≥ {_MIN_SIZE}, but got "
-                f"{size!r}."
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"Expected `seed` to be a non-negative integer, but got {seed!r}.")
-        self.num_samples = num_samples
-        self.size = size
-        self.seed = seed
-        self.transform = transform
-        self._name_width = max(4, len(str(num_samples - 1)))
+        super().__init__(num_samples, seed, transform)
+        self.size = require_int("size", size, _MIN_SIZE)
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def name(self, index: int) -> str:
-        """The sample's name: its index zero-padded to at least 4 digits."""
-        return f"{index:0{self._name_width}d}"
-
-    def render(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Generate sample ``index`` as arrays.
-
-        Returns:
-            ``(image, mask)``: ``[S, S, S]`` float32 in ``[0, 1]`` and ``[S, S, S]`` uint8 class
-            indices, axes ``(D, H, W)``.
-        """
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"Index {index} is out of range for {self.num_samples} samples.")
+    def _generate(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return render_volume(self.seed, index, self.size)
 
-    def __getitem__(self, index: int) -> dict:
-        image, mask = self.render(index)
-        sample = {
-            "image": torch.from_numpy(image).unsqueeze(0),
-            "mask": torch.from_numpy(mask).long(),
-            "name": self.name(index),
-        }
-        return self.transform(sample) if self.transform is not None else sample
+    def _image_tensor(self, image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(image).unsqueeze(0)
 
     def __repr__(self) -> str:
         return (
