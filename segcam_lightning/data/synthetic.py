@@ -305,40 +305,29 @@ def _narrow_plant(
         angle = main_angle + rng.normal(0, 0.8)
         length = rng.uniform(24, 50) * scale
         width = rng.uniform(4, 8) * scale
-        if rng.random() < 0.5:
-            _straight_leaf(canvas, shade, base, angle, length, width)
-        else:
-            _curved_leaf(canvas, shade, base, angle, length, width, rng.normal(0, 0.5))
+        bend = None if rng.random() < 0.5 else rng.normal(0, 0.5)
+        _narrow_leaf(canvas, shade, (base, angle, length, width), bend)
     return canvas > 0, shade
 
 
-def _straight_leaf(
+def _narrow_leaf(
     canvas: np.ndarray,
     shade: np.ndarray,
-    base: np.ndarray,
-    angle: float,
-    length: float,
-    width: float,
+    blade: tuple[np.ndarray, float, float, float],
+    bend: float | None,
 ) -> None:
+    """A blade ``(base, angle, length, width)``: a straight ellipse with a midrib when ``bend``
+    is ``None``, else tapered along a quadratic Bézier curve, drawn as segments of shrinking
+    width."""
+    base, angle, length, width = blade
     direction = np.array([math.cos(angle), math.sin(angle)])
-    center = base + direction * length / 2
-    axes = (max(1, round(length / 2)), max(1, round(width / 2)))
-    cv2.ellipse(canvas, _pt(center), axes, math.degrees(angle), 0, 360, 255, -1, cv2.LINE_8)
-    tip, root = center + direction * length * 0.42, center - direction * length * 0.42
-    cv2.line(shade, _pt(root), _pt(tip), 1.45, max(1, round(width / 5)), cv2.LINE_8)
-
-
-def _curved_leaf(
-    canvas: np.ndarray,
-    shade: np.ndarray,
-    base: np.ndarray,
-    angle: float,
-    length: float,
-    width: float,
-    bend: float,
-) -> None:
-    """A tapered blade along a quadratic Bézier curve, drawn as segments of shrinking width."""
-    direction = np.array([math.cos(angle), math.sin(angle)])
+    if bend is None:
+        center = base + direction * length / 2
+        axes = (max(1, round(length / 2)), max(1, round(width / 2)))
+        cv2.ellipse(canvas, _pt(center), axes, math.degrees(angle), 0, 360, 255, -1, cv2.LINE_8)
+        tip, root = center + direction * length * 0.42, center - direction * length * 0.42
+        cv2.line(shade, _pt(root), _pt(tip), 1.45, max(1, round(width / 5)), cv2.LINE_8)
+        return
     normal = np.array([-direction[1], direction[0]])
     control = base + direction * length / 2 + normal * bend * length / 2
     tip = base + direction * length
