@@ -18,14 +18,20 @@ Outputs under ``--out`` (default ``results``):
   with several layers; ``<checkpoint>/gradcam/...`` per checkpoint with several checkpoints. A
   volume's panel stacks three, the axial, coronal and sagittal slices through the CAM's peak.
 - ``cams/<name>.npy`` (volumes only): the maps, float32 ``[L, K, D, H, W]``.
-- ``report.html``: settings, skipped files, a metrics table per class, attention drift between
-  checkpoints, and the first ``--report-images`` images (classes side by side, prediction, ground
+- ``report.html``: settings, skipped files, a metrics table per class (energy inside below
+  chance marked), shortcut suspects, attention drift between checkpoints, the quality checks'
+  verdicts, and the first ``--report-images`` images (classes side by side, prediction, ground
   truth, layers side by side, one row per checkpoint). Its images live in ``report_files/``.
 - ``metrics.csv``: one row per image × class × layer × checkpoint
   (:data:`~segcam_lightning.audit.settings.CSV_COLUMNS`; over voxels for volumes), with the
   image's ``source`` (path relative to ``--data``); text cells never start a formula.
-- ``summary.json``: ``status``, counts, per checkpoint/layer/class means, skipped files and
-  reasons, settings and timings.
+- ``summary.json``: ``status``, counts, per checkpoint/layer/class means (with ``chance``, the
+  class's mean area share, and ``below_chance``), skipped files and reasons, settings, timings,
+  ``shortcut_suspects`` (classes segmented well whose maps lie mostly outside them), and the
+  quality checks' ``sanity_check`` and ``faithfulness`` when asked for.
+- ``sanity.csv`` (``--sanity-check``) and ``faithfulness.csv`` (``--faithfulness``): one row
+  per result of the randomisation test and of the deletion/insertion curves
+  (:mod:`~segcam_lightning.audit.checks`); they are not per image, so not in ``metrics.csv``.
 - ``audit-state.json``: only while a run is partial; what ``--resume`` needs.
 
 Every file is written atomically (a temporary name, then a rename): it is complete or absent.
@@ -34,7 +40,8 @@ is checked before ``--out`` is touched (:mod:`~segcam_lightning.audit.preflight`
 SIGTERM or a failure midway end the run after the batch in hand with the finished images'
 files written and marked partial (``status``/``partial_reason`` in ``summary.json``,
 ``run_status`` in ``metrics.csv``, a banner in ``report.html``); ``--resume`` finishes it
-(:mod:`~segcam_lightning.audit.resume`).
+(:mod:`~segcam_lightning.audit.resume`). The quality checks run once every image is done; a
+signal or a failure during them leaves the run partial, and ``--resume`` runs them.
 
 How it runs: a DataLoader (workers read and resize; an unreadable file becomes a "skipped"
 marker, not an error) feeds batches to one engine call per checkpoint on the model's device;
@@ -52,6 +59,7 @@ resolved run), :mod:`~segcam_lightning.audit.preflight` (checks before writing),
 :mod:`~segcam_lightning.audit.run` (one process or ``Trainer.predict``),
 :mod:`~segcam_lightning.audit.data` and :mod:`~segcam_lightning.audit.volumes`,
 :mod:`~segcam_lightning.audit.batches` (engine calls and alignment values),
+:mod:`~segcam_lightning.audit.checks` (the map-quality checks after the main pass),
 :mod:`~segcam_lightning.audit.writer` (rendering threads), :mod:`~segcam_lightning.audit.paths`
 (nothing escapes ``--out``; atomic writes), :mod:`~segcam_lightning.audit.resume` (stop
 signals, partial state, ``--resume``), :mod:`~segcam_lightning.audit.report` (CSV, JSON) and

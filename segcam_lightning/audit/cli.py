@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from segcam_lightning.audit.checks import ALL_METHODS
 from segcam_lightning.audit.plan import default_layers, load_models, resolve_size
 from segcam_lightning.audit.run import run_audit
 from segcam_lightning.audit.settings import (
@@ -32,6 +33,7 @@ from segcam_lightning.cam import (
 )
 from segcam_lightning.data.colormap import validate_colormap
 from segcam_lightning.models.unet import SEED_LAYERS
+from segcam_lightning.quality import DELETION_THRESHOLD, FILLS, FULL_RHO_THRESHOLD, RHO_THRESHOLD
 
 _EPILOG = """\
 examples:
@@ -52,6 +54,10 @@ examples:
 
   # list the layers a CAM can use (names, types, output shapes; the seed's tips marked)
   explain.py --checkpoint model.pth --list-layers
+
+  # the randomisation test for every method, and deletion/insertion curves of the audited maps
+  explain.py --checkpoint last.ckpt --data data/weeds --sanity-check --sanity-methods all \
+      --faithfulness
 
   # spread a large audit over 4 GPUs
   explain.py --checkpoint last.ckpt --data big/ --devices 4 --strategy ddp --batch-size 32
@@ -77,7 +83,19 @@ outputs (OUT = --out):
   OUT/cams/<name>.npy                         volumes: float32 maps [layers, classes, D, H, W]
   OUT/report.html (+ OUT/report_files/)       per-class metrics, drift, images side by side
   OUT/metrics.csv                             one row per image x class x layer x checkpoint
-  OUT/summary.json                            counts, means, skipped files, settings, timings
+  OUT/summary.json                            counts, means, skipped files, settings, timings;
+                                              shortcut_suspects, sanity_check, faithfulness
+  OUT/sanity.csv                              --sanity-check: one row per checkpoint x method x
+                                              layer x class x randomisation (median |rho|,
+                                              SSIM, energy inside, verdict)
+  OUT/faithfulness.csv                        --faithfulness: one row per checkpoint x method x
+                                              layer x class x curve (AUC of the map, random
+                                              order and ground truth first, ratio, verdict)
+
+metrics.csv stays one row per image; the checks' results are not per image, so they have files
+of their own, each a tidy table (pandas.read_csv). report.html marks a layer's energy inside
+below chance (the class's mean area share) with * and flags classes segmented well whose maps
+lie mostly outside them (a possible shortcut).
 
 exit status: 0 when at least one image was audited; 1 when none could be, or the run failed
 midway; 2 for usage errors and anything refused before writing (unreadable, unsafe or non-finite
@@ -329,6 +347,64 @@ def build_parser() -> argparse.ArgumentParser:
         "GPU they work while the next batch is explained, on the CPU between batches",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    quality = parser.add_argument_group(
+        "map-quality checks (after the main pass, once per checkpoint; images only)"
+    )
+    quality.add_argument(
+        "--sanity-check",
+        action="store_true",
+        help="the randomisation test (Adebayo et al. 2018): re-initialise a copy of the network "
+        "(variance-preserving) from the head down to each --layers block and as a whole, and "
+        "compare each map with the trained one (Spearman rho, SSIM, energy inside, all-zero "
+        f"maps); a map passes at median |rho| <= {RHO_THRESHOLD} ({FULL_RHO_THRESHOLD} for the "
+        "whole network). Verdicts in report.html, summary.json['sanity_check'] and sanity.csv",
+    )
+    quality.add_argument(
+        "--sanity-images",
+        type=_positive_int,
+        metavar="N",
+        help="the first N audited images the randomisation test uses (default 16)",
+    )
+    quality.add_argument(
+        "--sanity-seeds",
+        type=_positive_int,
+        metavar="N",
+        help="re-initialisations per randomisation, seeds 0..N-1 (default 3)",
+    )
+    quality.add_argument(
+        "--sanity-methods",
+        nargs="+",
+        choices=("all", *ALL_METHODS),
+        metavar="METHOD",
+        help="methods to test (default the --method audited; 'all' for every method: "
+        f"{', '.join(ALL_METHODS)}), e.g. --sanity-methods gradcam guided_gradcam",
+    )
+    quality.add_argument(
+        "--faithfulness",
+        action="store_true",
+        help="deletion and insertion curves per class for the audited maps at each layer, their "
+        "AUC next to a random order and ground truth first; deletion passes at AUC <= "
+        f"{DELETION_THRESHOLD} of random order's. In report.html, summary.json['faithfulness'] "
+        "and faithfulness.csv. Off by default: (steps + 1) forward passes per class, order and "
+        "curve",
+    )
+    quality.add_argument(
+        "--faithfulness-fill",
+        choices=FILLS,
+        help="what a deleted pixel becomes: mean (each image's mean colour; the default) or blur",
+    )
+    quality.add_argument(
+        "--faithfulness-images",
+        type=_positive_int,
+        metavar="N",
+        help="the first N audited images the curves use (default 16)",
+    )
+    quality.add_argument(
+        "--faithfulness-steps",
+        type=_positive_int,
+        metavar="N",
+        help="points per curve minus one (default 16)",
+    )
     output = parser.add_argument_group("output")
     output.add_argument(
         "--out",
@@ -426,11 +502,17 @@ def _colormap_arg(text: str) -> tuple[tuple[int, int, int], ...]:
 
 
 def settings_from_args(args: argparse.Namespace) -> AuditSettings:
-    """:class:`AuditSettings` from parsed command-line arguments (one option per field)."""
-    values = {f.name: getattr(args, f.name) for f in fields(AuditSettings) if hasattr(args, f.name)}
+    """:class:`AuditSettings` from parsed command-line arguments (one option per field; an
+    option left out whose field has a default other than ``None`` keeps that default)."""
+    values = {
+        f.name: getattr(args, f.name)
+        for f in fields(AuditSettings)
+        if hasattr(args, f.name) and not (getattr(args, f.name) is None and f.default is not None)
+    }
     nargs = ("layers", "classes", "class_names", "image_mean", "image_std", "intensity_range")
+    nargs += ("sanity_methods",)
     for name in nargs:
-        values[name] = tuple(values[name]) if values[name] else None
+        values[name] = tuple(values[name]) if values.get(name) else None
     return AuditSettings(**values, checkpoints=tuple(args.checkpoint), progress=not args.quiet)
 
 
@@ -446,6 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(None if argv is None else list(argv))
     settings = settings_from_args(args)
     try:
+        _check_check_options(args)
         if args.list_layers:
             print(list_layers(settings))
             return 0
@@ -496,6 +579,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def _check_check_options(args: argparse.Namespace) -> None:
+    """Refuse a check's settings given without the check.
+
+    Raises:
+        UsageError: e.g. for ``--sanity-seeds`` without ``--sanity-check``.
+    """
+    for flag, prefix in (("sanity_check", "sanity_"), ("faithfulness", "faithfulness_")):
+        given = [
+            name
+            for name, value in vars(args).items()
+            if name.startswith(prefix) and name != flag and value is not None
+        ]
+        if given and not getattr(args, flag):
+            options = " and ".join("--" + name.replace("_", "-") for name in given)
+            option = "--" + flag.replace("_", "-")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise UsageError(
+                f"{options} only {verb} with {option}, which was not given; add {option} to "
+                f"run the check, or drop {options}."
+            )
 
 
 def list_layers(settings: AuditSettings) -> str:

@@ -49,8 +49,10 @@ def render_report(
 ) -> str:
     """``report.html``: inline CSS, no scripts, every text escaped, images referenced relatively.
 
-    Sections: header and class legend, checkpoints, metrics per class, attention drift (several
-    checkpoints), images, skipped files, settings.
+    Sections: header and class legend, checkpoints, metrics per class (energy inside below
+    chance marked ``*``, possible shortcuts ``†``) and the shortcut suspects, attention drift
+    (several checkpoints), the randomisation test (``--sanity-check``), deletion and insertion
+    (``--faithfulness``), images, skipped files, settings.
     """
     counts = summary["counts"]
     skipped_note = (
@@ -69,10 +71,13 @@ def render_report(
         f"{'x'.join(map(str, plan.size))}{' volumes' if plan.volumes else ''}</p>",
         _legend(plan),
         _checkpoint_table(plan),
-        _class_table(plan, means),
+        _class_table(plan, means, summary),
+        _shortcut_section(summary),
     ]
     if len(plan.models) > 1:
         body.append(_drift_table(plan, means))
+    body.append(_sanity_section(plan, summary))
+    body.append(_faithfulness_section(plan, summary))
     body.append(_image_sections(plan, rows, report_images, summary))
     body.append(_skipped_section(skipped))
     body.append(_settings_table(summary))
@@ -168,8 +173,11 @@ _MEAN_COLUMNS = (
 )
 
 
-def _class_table(plan: AuditPlan, means: Sequence[dict[str, Any]]) -> str:
+def _class_table(plan: AuditPlan, means: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
     columns = list(_MEAN_COLUMNS)
+    truth = plan.dataset.has_masks
+    if truth:
+        columns.insert(1, ("chance", "chance", "share"))
     if len(plan.models) > 1:
         columns.append(("similarity_to_first", f"similarity to {plan.models[0].label}", "share"))
     head = (
@@ -178,6 +186,10 @@ def _class_table(plan: AuditPlan, means: Sequence[dict[str, Any]]) -> str:
         + "".join(f"<th>{_e(title)}</th>" for _, title, _ in columns)
         + "</tr>"
     )
+    suspects = {
+        (s["checkpoint"], s["layer"], s["class"])
+        for s in summary.get("shortcut_suspects", {}).get("suspects", [])
+    }
     body = []
     for k in plan.classes:
         entries = [m for m in means if m["class"] == k]
@@ -187,18 +199,216 @@ def _class_table(plan: AuditPlan, means: Sequence[dict[str, Any]]) -> str:
                 if i == 0
                 else ""
             )
+            cells = []
+            for name, _, kind in columns:
+                text, tone = _fmt(m[name], kind), ""
+                if name == "energy_inside" and m.get("below_chance"):
+                    text, tone = f"{text}*", " class='bad' title='below chance'"
+                if name == "energy_inside" and (m["checkpoint"], m["layer"], k) in suspects:
+                    text, tone = f"{text}†", " class='bad' title='possible shortcut'"
+                cells.append(f"<td{tone}>{text}</td>")
             body.append(
                 f"<tr>{cls}<td class='l'>{_e(m['checkpoint'])}</td>"
                 f"<td class='l'>{_e(m['layer'])}</td><td>{m['images_with_class']}</td>"
-                + "".join(f"<td>{_fmt(m[name], kind)}</td>" for name, _, kind in columns)
+                + "".join(cells)
                 + "</tr>"
             )
+    legend = (
+        "<p class='meta'>* below chance: the map puts less of its energy inside the class than "
+        "the class's mean area share over the images holding it (the <i>chance</i> column), "
+        "which a map with no information reaches; do not read such a layer's maps as evidence "
+        "for the class. † possible shortcut (below).</p>"
+        if truth
+        else ""
+    )
     return (
         "<h2>Metrics per class</h2><p class='meta'>Means over the audited images; energy inside "
         "the ground truth (GT) and the pointing game over the images whose GT holds the class; "
         "IoU of the predicted region over the images where prediction or GT holds it.</p>"
+        f"<table>{head}{''.join(body)}</table>{legend}"
+    )
+
+
+def _shortcut_section(summary: dict[str, Any]) -> str:
+    rule = summary.get("shortcut_suspects")
+    if rule is None:
+        return ""
+    text = (
+        f"A class is flagged when, over the images where it is both in the ground truth and "
+        f"predicted (at least {rule['min_images']}), less than {rule['energy_threshold']:g} of "
+        f"its maps' energy lies inside it while its IoU (pooled over the images) is at least "
+        f"{rule['iou_threshold']:g}, and another class's maps at the same layer put at least "
+        f"{rule['reference_threshold']:g} inside theirs (the layer localises). Classes covering "
+        "half their images or more are background and not judged."
+    )
+    suspects = rule["suspects"]
+    if not suspects:
+        return (
+            "<h2 id='shortcuts'>Shortcut suspects</h2>"
+            f"<p>None: no class is flagged. <span class='meta'>{text}</span></p>"
+        )
+    items = "".join(
+        f"<li class='bad'><b>{_e(s['class_name'])}</b> at {_e(s['layer'])} "
+        f"({_e(s['checkpoint'])}): only {s['energy_inside']:.2f} of its maps lie inside its "
+        f"ground truth while its IoU is {s['iou']:.2f} and {_e(s['reference_class_name'])}'s "
+        f"maps put {s['reference_energy']:.2f} inside theirs ({s['num_images']} images hold "
+        f"and predict it). The model may decide {_e(s['class_name'])} by something around its "
+        "objects rather than the objects: look at its panels, and see docs/QUALITY.md.</li>"
+        for s in suspects
+    )
+    return (
+        f"<h2 id='shortcuts'>Shortcut suspects ({len(suspects)})</h2><ul>{items}</ul>"
+        f"<p class='meta'>{text}</p>"
+    )
+
+
+#: Each check's ``summary.json`` key → its option, its section's title and anchor.
+_CHECKS = {
+    "sanity_check": ("--sanity-check", "Randomisation test (sanity check)", "sanity"),
+    "faithfulness": ("--faithfulness", "Deletion and insertion (faithfulness)", "faithfulness"),
+}
+
+
+def _heading(key: str) -> str:
+    _, title, anchor = _CHECKS[key]
+    return f"<h2 id='{anchor}'>{title}</h2>"
+
+
+def _pending(summary: dict[str, Any], key: str) -> str:
+    """A check's section while the run is partial: it runs once every image is audited."""
+    if key not in summary.get("pending_checks", []):
+        return ""
+    return (
+        f"{_heading(key)}<p>Not run yet: <code>{_CHECKS[key][0]}</code> runs once every image "
+        "is audited; rerun the same command with <code>--resume</code>.</p>"
+    )
+
+
+def _verdict(word: str) -> str:
+    tone = {"pass": "good", "passes": "good", "fail": "bad", "fails": "bad"}.get(word, "")
+    return f"<span class='{tone}'>{_e(word or '—')}</span>"
+
+
+def _sanity_section(plan: AuditPlan, summary: dict[str, Any]) -> str:
+    sanity = summary.get("sanity_check")
+    if sanity is None:
+        return _pending(summary, "sanity_check")
+    several = len(plan.models) > 1
+    failing = [
+        f"{v['method']} at {v['layer']}" + (f" [{v['checkpoint']}]" if several else "")
+        for v in sanity["verdicts"]
+        if v["verdict"] == "fails"
+    ]
+    headline = (
+        f"<p><b class='bad'>Fails: {_e(', '.join(failing))}</b>. These maps stay too close to "
+        "the trained model's when its weights are random (in at least one comparison below): "
+        "there they show the image or the architecture more than what the model learned.</p>"
+        if failing
+        else "<p><b class='good'>No method fails.</b></p>"
+    )
+    verdict_items = "".join(
+        f"<li>{_e(v['method'])} ({_e(v['target'])}) at {_e(v['layer'])}"
+        + (f" [{_e(v['checkpoint'])}]" if several else "")
+        + f": {_verdict(v['verdict'])} ({v['passed']} of {v['comparisons']} comparisons pass"
+        + (f", {v['inconclusive']} inconclusive" if v["inconclusive"] else "")
+        + ")</li>"
+        for v in sanity["verdicts"]
+    )
+    head = (
+        ("<tr><th class='l'>checkpoint</th>" if several else "<tr>")
+        + "<th class='l'>method</th><th class='l'>layer</th><th class='l'>class</th>"
+        "<th class='l'>randomised</th><th>images</th><th>median |ρ|</th><th>threshold</th>"
+        "<th>ρ defined</th><th>SSIM</th><th>energy trained → random</th><th>chance</th>"
+        "<th>all-zero random</th><th>verdict</th></tr>"
+    )
+    body = []
+    for entry in sanity["checkpoints"]:
+        for r in entry["rows"]:
+            if not r["verdict"]:
+                continue
+            body.append(
+                ("<tr>" + (f"<td class='l'>{_e(entry['checkpoint'])}</td>" if several else ""))
+                + f"<td class='l'>{_e(r['method'])}</td><td class='l'>{_e(r['layer'])}</td>"
+                f"<td class='l'>{_e(r['class_name'])}</td><td class='l'>{_e(r['randomized'])}</td>"
+                f"<td>{r['num_images']}</td><td>{_fmt(r['rho_abs_median'])}</td>"
+                f"<td>≤ {_fmt(r['threshold'])}</td><td>{_fmt(r['rho_defined'], 'pct')}</td>"
+                f"<td>{_fmt(r['ssim_median'])}</td>"
+                f"<td>{_fmt(r['energy_trained'])} → {_fmt(r['energy_randomized'])}</td>"
+                f"<td>{_fmt(r['chance'])}</td><td>{_fmt(r['zero_randomized'], 'pct')}</td>"
+                f"<td>{_verdict(r['verdict'])}</td></tr>"
+            )
+    seeds = ", ".join(str(s) for s in sanity["seeds"])
+    return (
+        _heading("sanity_check")
+        + f"<p class='meta'>Does each map measure the model? A copy of each network is "
+        f"re-initialised ({_e(sanity['initializer'])}: He-normal weights, normalisation reset; "
+        f"seeds {seeds}) from the output head down to each layer's block, and as a whole "
+        f"(<i>full</i>); each map of the first {sanity['images']} audited image(s) is compared "
+        "with the trained model's map of the same image and class. A map <b>passes</b> when "
+        "the median |ρ| (Spearman's rank correlation, over images and seeds) is at most "
+        f"<b>{sanity['rho_threshold']:g}</b> for the cascade down to its layer and "
+        f"<b>{sanity['full_rho_threshold']:g}</b> for the whole network, and <b>fails</b> "
+        "above; it is <b>inconclusive</b> when fewer than half of the pairs have a ranking "
+        "(all-zero maps). SSIM is shown but not used: mostly-zero maps share their zeros. "
+        "Guided backpropagation is expected to fail (Adebayo et al. 2018). Every row, also "
+        "those without a verdict, is in sanity.csv and summary.json.</p>"
+        f"{headline}<ul>{verdict_items}</ul><table>{head}{''.join(body)}</table>"
+    )
+
+
+def _faithfulness_section(plan: AuditPlan, summary: dict[str, Any]) -> str:
+    faith = summary.get("faithfulness")
+    if faith is None:
+        return _pending(summary, "faithfulness")
+    several = len(plan.models) > 1
+    pairs: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
+    for r in faith["rows"]:
+        key = (r["checkpoint"], r["method"], r["layer"], r["class_index"], r["class_name"])
+        pairs.setdefault(key, {})[r["curve"]] = r
+    head = (
+        ("<tr><th class='l'>checkpoint</th>" if several else "<tr>")
+        + "<th class='l'>method</th><th class='l'>layer</th><th class='l'>class</th>"
+        "<th>images</th><th>deletion AUC</th><th>random</th><th>GT first</th>"
+        "<th>ratio</th><th>verdict</th><th>insertion AUC</th><th>random</th>"
+        "<th>ratio</th></tr>"
+    )
+    body = []
+    for (label, method, layer, _, name), curves in pairs.items():
+        d, i = curves.get("deletion", {}), curves.get("insertion", {})
+        body.append(
+            ("<tr>" + (f"<td class='l'>{_e(label)}</td>" if several else ""))
+            + f"<td class='l'>{_e(method)}</td><td class='l'>{_e(layer)}</td>"
+            f"<td class='l'>{_e(name)}</td><td>{d.get('num_images', 0)}</td>"
+            f"<td>{_fmt(d.get('auc_map'))}</td><td>{_fmt(d.get('auc_random'))}</td>"
+            f"<td>{_fmt(d.get('auc_gt_first'))}</td><td>{_fmt(d.get('ratio'))}</td>"
+            f"<td>{_verdict(_word(d.get('verdict', '')))}</td>"
+            f"<td>{_fmt(i.get('auc_map'))}</td><td>{_fmt(i.get('auc_random'))}</td>"
+            f"<td>{_fmt(i.get('ratio'))}</td></tr>"
+        )
+    fill = (
+        "each image's mean colour"
+        if faith["fill"] == "mean"
+        else "a blur of the image (a blurred object often keeps its class: read with care)"
+    )
+    region = "ground truth" if plan.dataset.has_masks else "predicted region on the untouched image"
+    return (
+        _heading("faithfulness")
+        + f"<p class='meta'>Does each map find the pixels the prediction depends on? On the "
+        f"first {faith['images']} audited image(s) holding each class, its pixels are replaced "
+        f"by {fill}, most important first by the map, in {faith['steps']} steps (deletion), or "
+        "put back into the filled image in that order (insertion), while the class's mean "
+        f"probability over its {region} is tracked. The area under each curve (AUC) is shown "
+        "next to a random order (the baseline) and ground-truth pixels first. Deletion "
+        f"<b>passes</b> when its AUC is at most <b>{faith['deletion_threshold']:g}</b> of "
+        "random order's (ratio), and <b>fails</b> above; insertion has no verdict (a ratio "
+        "above 1 beats random). Every row, with the mean curves, is in summary.json; without "
+        "them in faithfulness.csv.</p>"
         f"<table>{head}{''.join(body)}</table>"
     )
+
+
+def _word(verdict: str) -> str:
+    return {"pass": "passes", "fail": "fails"}.get(verdict, verdict)
 
 
 def _drift_table(plan: AuditPlan, means: Sequence[dict[str, Any]]) -> str:
@@ -362,5 +572,7 @@ def _settings_table(summary: dict[str, Any]) -> str:
     return (
         f"<h2>Settings</h2><table>{rows}</table><p class='meta'>Checkpoint loading "
         f"{timings['load_s']:.1f} s · audit {timings['process_s']:.1f} s"
-        f"{f' ({rate:.1f} images/s)' if rate else ''} · reports {timings['report_s']:.1f} s</p>"
+        f"{f' ({rate:.1f} images/s)' if rate else ''}"
+        + (f" · quality checks {timings['checks_s']:.1f} s" if timings["checks_s"] else "")
+        + f" · reports {timings['report_s']:.1f} s</p>"
     )

@@ -8,6 +8,9 @@ is touched, so that a mistake costs a message (exit 2), not a half-written folde
   the user's own network one of the real size, since which sizes it accepts is its own affair.
 - One batch fits in memory: the activations of that dry run, scaled to the real image size and
   batch size, plus the maps and images, against the memory available.
+- ``--sanity-check`` and ``--faithfulness`` can run: images, not volumes; the audited layers lie
+  in the network's cascade of blocks; each method and one deletion step work on the blank image
+  (:func:`~segcam_lightning.audit.checks.check_quality_options`).
 
 Checkpoints (readable, safe, finite weights), names (checkpoint folders never take an output's
 name) and the data folder are checked while the plan is made.
@@ -25,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from segcam_lightning.audit.batches import AuditModel, explain_batch
+from segcam_lightning.audit.checks import check_quality_options
 from segcam_lightning.audit.paths import UnsafePathError
 from segcam_lightning.audit.settings import UsageError, list_layers_command
 
@@ -60,6 +64,9 @@ def check_before_writing(plan: AuditPlan) -> None:
         side = plan.size
     _dry_run(plan, side)
     _check_memory(plan, side)
+    batch = _blank_batch(side, plan.dataset.channels, plan.dataset.has_masks)
+    image = batch["image"].float().div(255.0)  # type: ignore[attr-defined]
+    check_quality_options(plan, image, batch.get("mask"))  # type: ignore[arg-type]
 
 
 def _blank_batch(side: tuple[int, ...], channels: int, masks: bool) -> dict[str, object]:

@@ -1,4 +1,5 @@
-"""The end of a run: ``metrics.csv`` and ``summary.json``, and ``report.html`` by
+"""The end of a run: ``metrics.csv``, ``summary.json`` (with the shortcut suspects and the
+quality checks' results), ``sanity.csv`` and ``faithfulness.csv``, and ``report.html`` by
 :mod:`~segcam_lightning.audit.html`."""
 
 from __future__ import annotations
@@ -15,11 +16,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from torch import Tensor
+
+from segcam_lightning.audit.checks import (
+    FAITHFULNESS_COLUMNS,
+    SANITY_COLUMNS,
+    QualityChecks,
+    checks_summary,
+    faithfulness_csv_rows,
+    requested,
+    sanity_csv_rows,
+)
+from segcam_lightning.audit.checks import describe as describe_checks
 from segcam_lightning.audit.html import render_report
 from segcam_lightning.audit.paths import write_atomic
 from segcam_lightning.audit.resume import save_state
 from segcam_lightning.audit.settings import CSV_COLUMNS, STATE_FILE, Stop, jsonable
 from segcam_lightning.audit.writer import LocalResult
+from segcam_lightning.quality.functional import shortcut_suspects
 
 if TYPE_CHECKING:
     from segcam_lightning.audit.plan import AuditPlan
@@ -30,10 +45,13 @@ class AuditOutcome:
     """What a run reports (global rank 0 only).
 
     Attributes:
+        seconds: the run's time without the quality checks (their lines in ``notes`` say
+            theirs).
         stopped: why the run ended before its last image; ``None`` for a complete run.
         images: the data set's size.
         skip_reasons: ``"<source>: <reason>"`` of the first skipped images.
         unit: what an item is: ``"image"`` or ``"volume"``.
+        notes: lines about the quality checks and shortcut suspects, printed after the first.
     """
 
     out: Path
@@ -45,6 +63,7 @@ class AuditOutcome:
     stopped: Stop | None = None
     skip_reasons: tuple[str, ...] = ()
     unit: str = "image"
+    notes: tuple[str, ...] = ()
 
     @property
     def status(self) -> str:
@@ -59,18 +78,24 @@ class AuditOutcome:
             f"{self.seconds:.1f} s ({rate:.1f} {self.unit}s/s); {self.rows} metric rows{partial}. "
             "Open "
             f"{self.out / 'report.html'}."
-        )
+        ) + "".join(f"\n{note}" for note in self.notes)
 
 
 def finish(
-    plan: AuditPlan, results: Sequence[LocalResult], process_seconds: float, total_seconds: float
+    plan: AuditPlan,
+    results: Sequence[LocalResult],
+    process_seconds: float,
+    total_seconds: float,
+    checks: QualityChecks | None = None,
 ) -> AuditOutcome:
     """Merge the processes' results and write ``metrics.csv``, ``report.html`` and
-    ``summary.json``, each atomically.
+    ``summary.json``, each atomically, and the quality checks' ``sanity.csv`` and
+    ``faithfulness.csv`` when ``checks`` holds them.
 
     A result that ``stopped`` early makes the run partial: :data:`STATE_FILE` is written first
-    (for ``--resume``) and every file says ``partial``. ``summary.json`` comes last, so a summary
-    that says ``complete`` means every file is in place; a complete run removes the state file.
+    (for ``--resume``) and every file says ``partial``; the checks asked for are listed as
+    ``pending_checks``. ``summary.json`` comes last, so a summary that says ``complete`` means
+    every file is in place; a complete run removes the state file.
     """
     start = time.perf_counter()
     stopped = next((r.stopped for r in results if r.stopped is not None), None)
@@ -95,9 +120,11 @@ def finish(
         save_state(plan, results, process_seconds)
     write_metrics_csv(layout.file("metrics.csv"), rows, status)
     report_seconds = time.perf_counter() - start
+    checks_seconds = sum(checks.seconds.values()) if checks is not None else 0.0
     timings = {
         "load_s": plan.load_seconds,
         "process_s": process_seconds,
+        "checks_s": checks_seconds,
         "report_s": report_seconds,
         "total_s": total_seconds + report_seconds,
         "images_per_s": processed / process_seconds if process_seconds > 0 else None,
@@ -105,6 +132,19 @@ def finish(
     summary = build_summary(plan, results, rows, skipped, means, timings)
     if missing:
         summary["missing"] = missing
+    if plan.dataset.has_masks:
+        summary["shortcut_suspects"] = {**SHORTCUT_RULE, "suspects": shortcut_flags(rows, plan)}
+    if checks is not None:
+        summary.update(checks_summary(plan, checks))
+        if plan.settings.sanity_check:
+            write_csv(layout.file("sanity.csv"), SANITY_COLUMNS, sanity_csv_rows(checks))
+            summary["outputs"]["sanity"] = "sanity.csv"
+        if plan.settings.faithfulness:
+            rows_f = faithfulness_csv_rows(checks)
+            write_csv(layout.file("faithfulness.csv"), FAITHFULNESS_COLUMNS, rows_f)
+            summary["outputs"]["faithfulness"] = "faithfulness.csv"
+    elif requested(plan.settings):
+        summary["pending_checks"] = requested(plan.settings)
     html_text = render_report(plan, rows, skipped, means, report_images, summary)
     write_atomic(layout.file("report.html"), html_text)
     write_atomic(layout.file("summary.json"), json.dumps(jsonable(summary), indent=2) + "\n")
@@ -115,11 +155,12 @@ def finish(
         processed,
         len(skipped),
         len(rows),
-        total_seconds,
+        total_seconds - checks_seconds,
         images=len(plan.dataset),
         stopped=stopped,
         skip_reasons=tuple(f"{s['source']}: {s['reason']}" for s in skipped[:3]),
         unit="volume" if plan.volumes else "image",
+        notes=tuple(describe_checks(summary)) + tuple(_shortcut_notes(summary)),
     )
 
 
@@ -142,17 +183,21 @@ def _check_complete(
 
 def write_metrics_csv(path: Path, rows: Sequence[dict[str, Any]], status: str = "complete") -> None:
     """One row per image × class × layer × checkpoint, written atomically; undefined values are
-    empty cells, ``run_status`` is ``status`` on every row.
+    empty cells, ``run_status`` is ``status`` on every row (see :func:`write_csv`)."""
+    write_csv(path, CSV_COLUMNS, [{**row, "run_status": status} for row in rows])
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+    """A CSV file of ``columns``, written atomically; NaN values are empty cells.
 
     Text cells that a spreadsheet would run as a formula (starting with ``= + - @``, a tab or a
     carriage return) get a leading ``'``, as OWASP advises; numbers are written as numbers.
     """
     buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    writer = csv.DictWriter(buffer, fieldnames=list(columns))
     writer.writeheader()
     for row in rows:
-        cells = {key: _csv_value(key, value) for key, value in row.items()}
-        writer.writerow({**cells, "run_status": status})
+        writer.writerow({key: _csv_value(key, value) for key, value in row.items()})
     write_atomic(path, buffer.getvalue())
 
 
@@ -187,6 +232,8 @@ def class_means(rows: Sequence[dict[str, Any]], plan: AuditPlan) -> list[dict[st
 
     ``pointing_game``'s mean is the pointing-game score (the share of the images holding the
     class where the CAM's peak lies on it); ``images_with_class`` counts those images.
+    ``chance`` is the class's mean area share over those images, the energy inside a map with
+    no information has; ``below_chance`` marks a mean energy inside below it.
     """
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
@@ -207,8 +254,92 @@ def class_means(rows: Sequence[dict[str, Any]], plan: AuditPlan) -> list[dict[st
                 for name in _MEAN_NAMES:
                     values = [r[name] for r in group if not math.isnan(r[name])]
                     entry[name] = sum(values) / len(values) if values else float("nan")
+                areas = [r["gt_area"] for r in group if r["gt_present"] == 1.0]
+                entry["chance"] = sum(areas) / len(areas) if areas else float("nan")
+                entry["below_chance"] = bool(entry["energy_inside"] < entry["chance"])
                 means.append(entry)
     return means
+
+
+#: The shortcut rule's thresholds (the callback's defaults,
+#: :func:`~segcam_lightning.quality.functional.shortcut_suspects`).
+SHORTCUT_RULE = {
+    "energy_threshold": 0.5,
+    "iou_threshold": 0.5,
+    "reference_threshold": 0.7,
+    "min_images": 2,
+}
+
+
+def shortcut_flags(rows: Sequence[dict[str, Any]], plan: AuditPlan) -> list[dict[str, Any]]:
+    """Classes the model segments well whose maps lie mostly outside them, per checkpoint and
+    layer: :func:`~segcam_lightning.quality.functional.shortcut_suspects` on the audit's
+    per-image values (:data:`SHORTCUT_RULE`).
+
+    Only images where the class is both in the ground truth and predicted count; the IoU is
+    pooled over the images (intersections over unions, as the callback computes it on its
+    probe), recovered from each image's IoU and areas.
+    """
+    groups: dict[tuple[str, str], dict[int, dict[int, dict[str, Any]]]] = defaultdict(dict)
+    for row in rows:
+        groups[(row["checkpoint"], row["layer"])].setdefault(row["index"], {})[row["class"]] = row
+    flags = []
+    for (label, layer), images in groups.items():
+        table = [[images[i][k] for k in plan.classes] for i in sorted(images)]
+        values = torch.tensor(
+            [
+                [
+                    [r["energy_inside"], r["gt_present"], r["pred_area"], r["gt_area"], r["iou"]]
+                    for r in line
+                ]
+                for line in table
+            ],
+            dtype=torch.float64,
+        )  # [N, K, 5]
+        energy, present, pred, area, iou = values.unbind(-1)
+        counted = (present == 1) & (pred > 0)
+        suspects = shortcut_suspects(
+            energy.nan_to_num(0.0), counted, _pooled_iou(iou, pred, area), area, **SHORTCUT_RULE
+        )
+        for s in suspects:
+            k, ref = plan.classes[s.class_index], plan.classes[s.reference_index]
+            flags.append(
+                {
+                    "checkpoint": label,
+                    "layer": layer,
+                    "class": k,
+                    "class_name": plan.class_names[k],
+                    "energy_inside": s.energy_inside,
+                    "iou": s.iou,
+                    "num_images": s.num_images,
+                    "reference_class": ref,
+                    "reference_class_name": plan.class_names[ref],
+                    "reference_energy": s.reference_energy,
+                }
+            )
+    return flags
+
+
+def _pooled_iou(iou: Tensor, pred: Tensor, area: Tensor) -> Tensor:
+    """``[K]`` IoU over all images from per-image IoUs and area shares ``[N, K]``: each image's
+    intersection is ``iou (pred + gt) / (1 + iou)`` (every image has the same size); NaN where
+    no image predicts or holds the class."""
+    defined = ~iou.isnan()
+    iou = iou.nan_to_num(0.0)
+    inter = torch.where(defined, iou * (pred + area) / (1 + iou), 0.0)
+    union = torch.where(defined, pred + area - inter, 0.0)
+    total = union.sum(0)
+    return torch.where(total > 0, inter.sum(0) / total.clamp_min(1e-12), float("nan")).float()
+
+
+def _shortcut_notes(summary: dict[str, Any]) -> list[str]:
+    suspects = summary.get("shortcut_suspects", {}).get("suspects", [])
+    return [
+        f"Possible shortcut: {s['class_name']!r} at {s['layer']} ({s['checkpoint']}): "
+        f"{s['energy_inside']:.2f} of its maps inside its ground truth at IoU {s['iou']:.2f}; "
+        "see report.html."
+        for s in suspects
+    ]
 
 
 def build_summary(

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from typing_extensions import override
 
 from segcam_lightning.audit.batches import AuditModel, BatchResult, explain_batch
+from segcam_lightning.audit.checks import QualityChecks, run_checks
 from segcam_lightning.audit.data import make_loader
 from segcam_lightning.audit.plan import AuditPlan, prepare
 from segcam_lightning.audit.preflight import check_before_writing
@@ -38,8 +39,10 @@ from segcam_lightning.render import opencv_threads
 def run_audit(settings: AuditSettings) -> AuditOutcome | None:
     """Run a whole audit and write every output.
 
-    Everything knowable before the first batch is checked before ``--out`` is touched. On
-    SIGINT or SIGTERM (:class:`StopSignals`), or a failure mid-run, the images done are written
+    Everything knowable before the first batch is checked before ``--out`` is touched. Once
+    every image is done, the quality checks asked for run (``--sanity-check``,
+    ``--faithfulness``: :mod:`~segcam_lightning.audit.checks`). On SIGINT or SIGTERM
+    (:class:`StopSignals`), or a failure mid-run (checks included), the images done are written
     and marked partial; the outcome's ``stopped`` says why. With ``settings.resume``, the images
     an interrupted run in ``--out`` finished are kept and only the rest are audited.
 
@@ -61,23 +64,48 @@ def run_audit(settings: AuditSettings) -> AuditOutcome | None:
         if results is None:
             return None
         process_seconds = time.perf_counter() - start - plan.load_seconds
-        return finish(plan, results, process_seconds, time.perf_counter() - start)
+        checks = run_checks(plan, results)
+        return finish(plan, results, process_seconds, time.perf_counter() - start, checks)
     with StopSignals() as signals:
         result = audit_local(plan, previous[0] if previous else None, signals)
         process_seconds = time.perf_counter() - start - plan.load_seconds
         if previous:
             result = previous[0].merged(result)
             process_seconds += previous[1]
-        return _finish_or_keep(plan, result, process_seconds, time.perf_counter() - start)
+        checks = _checks_or_stop(plan, result, signals)
+        return _finish_or_keep(plan, result, process_seconds, time.perf_counter() - start, checks)
+
+
+def _checks_or_stop(
+    plan: AuditPlan, result: LocalResult, signals: StopSignals
+) -> QualityChecks | None:
+    """The quality checks of a run whose images are all done; a signal or a failure during
+    them makes the run partial (``result.stopped``), and ``--resume`` runs them again."""
+    if result.stopped is not None:
+        return None
+    try:
+        return run_checks(plan, [result], signals)
+    except (Exception, KeyboardInterrupt) as error:
+        stop = signals.stop(error) or Stop(one_line(error), 1)
+        if stop.signal_name is None:
+            reason = f"the quality checks failed: {stop.reason}"
+        else:
+            reason = f"{stop.reason} during the quality checks"
+        result.stopped = Stop(reason, stop.exit_status, stop.signal_name)
+        return None
 
 
 def _finish_or_keep(
-    plan: AuditPlan, result: LocalResult, process_seconds: float, total_seconds: float
+    plan: AuditPlan,
+    result: LocalResult,
+    process_seconds: float,
+    total_seconds: float,
+    checks: QualityChecks | None = None,
 ) -> AuditOutcome:
     """:func:`finish`; if the final files cannot be written (a full disk), the run becomes
     partial and what can be written of it is, the resume state first."""
     try:
-        return finish(plan, [result], process_seconds, total_seconds)
+        return finish(plan, [result], process_seconds, total_seconds, checks)
     except OSError as error:
         failure = f"could not write the results in {plan.layout.root}: {one_line(error)}"
     result.stopped = Stop(failure, 1)

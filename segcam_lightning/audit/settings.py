@@ -62,6 +62,8 @@ RESERVED_NAMES = (
     "cams",
     "report_files",
     "metrics.csv",
+    "sanity.csv",
+    "faithfulness.csv",
     "summary.json",
     "report.html",
     STATE_FILE,
@@ -128,7 +130,9 @@ class AuditSettings:
     ``module``/``model`` name the user's code (``"pkg.mod:Name"``), ``None`` for the U-Net.
     ``size`` is the side of the square images or cubic volumes the network is fed;
     ``intensity_range`` the ``(lo, hi)`` a folder's ``.npy`` volumes are scaled from (``None``:
-    each volume's own minimum and maximum, per channel).
+    each volume's own minimum and maximum, per channel). ``sanity_check`` and ``faithfulness``
+    run the map-quality checks after the main pass (:mod:`~segcam_lightning.audit.checks`);
+    ``sanity_methods`` ``None`` is the audited ``method``, ``("all",)`` every method.
     """
 
     checkpoints: tuple[Path, ...]
@@ -166,6 +170,14 @@ class AuditSettings:
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
+    sanity_check: bool = False
+    sanity_images: int = 16
+    sanity_seeds: int = 3
+    sanity_methods: tuple[str, ...] | None = None
+    faithfulness: bool = False
+    faithfulness_fill: str = "mean"
+    faithfulness_images: int = 16
+    faithfulness_steps: int = 16
 
     @property
     def distributed(self) -> bool:

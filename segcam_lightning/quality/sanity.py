@@ -43,6 +43,7 @@ __all__ = [
     "SanityReport",
     "SanityRow",
     "cascade_stages",
+    "layer_stages",
     "method_maps",
     "randomized_copy",
     "reinit_pytorch_default",
@@ -262,6 +263,21 @@ def cascade_stages(model: nn.Module, example: Tensor) -> list[str]:
             handle.remove()
     ran = sorted(first_run, key=first_run.__getitem__, reverse=True)
     return [f"{prefix}{name}" for name in ran]
+
+
+def layer_stages(model: nn.Module, layers: Sequence[str], stages: Sequence[str]) -> dict[str, int]:
+    """The cascade stage each layer lies in: its index in ``stages`` (output side first).
+
+    Args:
+        model: the network.
+        layers: layer names as the engine takes them (relative to the network's trunk, or as in
+            ``model.named_modules()``).
+        stages: the cascade, e.g. :func:`cascade_stages`'s.
+
+    Raises:
+        ValueError: for a layer in none of the stages.
+    """
+    return {layer: _stage_of(_full_name(model, layer), stages) for layer in layers}
 
 
 def _stage_of(layer: str, stages: Sequence[str]) -> int:
@@ -515,7 +531,7 @@ def sanity_check(
         raise ValueError(f"Expected `cascade` 'layers' or 'all', but got {cascade!r}.")
     init_name, init = _get_initializer(initializer)
     stage_list = list(stages) if stages is not None else cascade_stages(model, images)
-    layer_stage = {layer: _stage_of(_full_name(model, layer), stage_list) for layer in layers}
+    layer_stage = layer_stages(model, layers, stage_list)
     depths = (
         range(1, len(stage_list) + 1)
         if cascade == "all"

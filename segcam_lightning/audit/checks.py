@@ -1,0 +1,516 @@
+"""The map-quality checks of ``--sanity-check`` and ``--faithfulness``.
+
+Both run once per checkpoint after the main pass, on the first audited images (dataset order,
+so an interrupted and resumed run checks the same images), with the functions of
+:mod:`segcam_lightning.quality`:
+
+- ``--sanity-check``: :func:`~segcam_lightning.quality.sanity_check`, the model-parameter
+  randomisation test (variance-preserving re-initialisation of a copy of the network, a cascade
+  from the output head down to each audited layer's block and the whole network, several seeds)
+  for the audited method (``--sanity-methods`` for others, ``all`` for every one), target and
+  layers. Verdicts per row against the stated thresholds; per method, target and layer in plain
+  words: ``passes`` (every comparison passes), ``fails`` (any fails), ``inconclusive``.
+- ``--faithfulness``: :func:`~segcam_lightning.quality.deletion_insertion`, deletion and insertion
+  curves per class for the audited method's maps at each layer, next to a random order and a
+  ground-truth-first order.
+
+Their results go to ``summary.json`` (``sanity_check``, ``faithfulness``: the dataclasses'
+``to_dict()``), to ``sanity.csv`` and ``faithfulness.csv`` (one row per result, beside
+``metrics.csv``'s one per image) and to ``report.html``. The networks are fed what the main
+pass feeds them (channel order, grey conversion, normalisation: :meth:`AuditModel.prepare_input`).
+Maps of volumes are not supported by the quality functions: the options are refused before
+anything is written (:func:`check_quality_options`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from segcam_lightning.audit.settings import PROG, AuditSettings, UsageError, one_line
+from segcam_lightning.cam import METHODS
+from segcam_lightning.quality import (
+    DELETION_THRESHOLD,
+    FULL_RHO_THRESHOLD,
+    RHO_THRESHOLD,
+    FaithfulnessRow,
+    SanityReport,
+    cascade_stages,
+    deletion_insertion,
+    layer_stages,
+    method_maps,
+    sanity_check,
+)
+
+if TYPE_CHECKING:
+    from segcam_lightning.audit.batches import AuditModel
+    from segcam_lightning.audit.plan import AuditPlan
+    from segcam_lightning.audit.resume import StopSignals
+    from segcam_lightning.audit.writer import LocalResult
+
+#: Every CAM method once (``gradcampp`` is ``gradcam++``'s alias), for ``--sanity-methods all``.
+ALL_METHODS = tuple(
+    name for i, (name, cls) in enumerate(METHODS.items()) if cls not in list(METHODS.values())[:i]
+)
+#: Columns of ``sanity.csv``: one row per checkpoint × method × target × layer × class ×
+#: randomisation (:class:`~segcam_lightning.quality.SanityRow`; ``class`` is its
+#: ``class_index``, lists are space-separated).
+SANITY_COLUMNS = (
+    "checkpoint",
+    "method",
+    "target",
+    "layer",
+    "class",
+    "class_name",
+    "randomized",
+    "depth",
+    "reaches_layer",
+    "num_images",
+    "seeds",
+    "rho_median",
+    "rho_abs_median",
+    "rho_defined",
+    "ssim_median",
+    "energy_trained",
+    "energy_randomized",
+    "energy_drop",
+    "chance",
+    "zero_trained",
+    "zero_randomized",
+    "threshold",
+    "verdict",
+    "per_seed_rho_abs_median",
+)
+#: Columns of ``faithfulness.csv``: one row per checkpoint × method × target × layer × class ×
+#: curve (:class:`~segcam_lightning.quality.FaithfulnessRow` without its curves).
+FAITHFULNESS_COLUMNS = (
+    "checkpoint",
+    "method",
+    "target",
+    "layer",
+    "curve",
+    "class",
+    "class_name",
+    "fill",
+    "steps",
+    "num_images",
+    "auc_map",
+    "auc_random",
+    "auc_gt_first",
+    "ratio",
+    "threshold",
+    "verdict",
+    "score_start",
+    "floor",
+    "ratio_above_floor",
+)
+#: The checks' keys in ``summary.json``, by option.
+CHECK_KEYS = {"--sanity-check": "sanity_check", "--faithfulness": "faithfulness"}
+
+
+@dataclass
+class QualityChecks:
+    """What the checks measured, for the summary, the CSV files and the report.
+
+    Attributes:
+        sanity: ``(checkpoint label, report)`` per checkpoint, layers named as the outputs show
+            them; empty without ``--sanity-check``.
+        faithfulness: every checkpoint's rows, labelled with ``checkpoint``, ``method``,
+            ``target`` and ``layer``; empty without ``--faithfulness``.
+        sanity_images, faithfulness_images: the images each check used.
+        seconds: wall time per check.
+    """
+
+    sanity: list[tuple[str, SanityReport]] = field(default_factory=list)
+    faithfulness: list[FaithfulnessRow] = field(default_factory=list)
+    sanity_images: int = 0
+    faithfulness_images: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def requested(settings: AuditSettings) -> list[str]:
+    """The ``summary.json`` keys of the checks the settings ask for."""
+    asked = {"--sanity-check": settings.sanity_check, "--faithfulness": settings.faithfulness}
+    return [CHECK_KEYS[option] for option, on in asked.items() if on]
+
+
+def sanity_methods(settings: AuditSettings) -> list[str]:
+    """The methods ``--sanity-check`` tests: ``--sanity-methods`` (``all``: every method), else
+    the audited one."""
+    names = settings.sanity_methods or (settings.method,)
+    return list(ALL_METHODS) if "all" in names else list(dict.fromkeys(names))
+
+
+# ---------------------------------------------------------------------- before writing
+
+
+def check_quality_options(plan: AuditPlan, blank: Tensor, masks: Tensor | None) -> None:
+    """Refuse what the checks cannot do, before anything is written: volumes, networks without
+    a cascade of blocks for the audited layers, and methods or networks the checks' functions
+    reject on one blank input (a dry run: one engine call per method, one deletion step).
+
+    Args:
+        plan: the run.
+        blank: one blank image ``[1, 3, H, W]`` in [0, 1], as the main pass's dry run uses.
+        masks: its blank mask ``[1, H, W]``, or ``None`` without ground truth.
+
+    Raises:
+        UsageError: one line: what was expected, what arrived, what to do.
+    """
+    options = [o for o, key in CHECK_KEYS.items() if key in requested(plan.settings)]
+    if not options:
+        return
+    given = " and ".join(options)
+    if plan.volumes:
+        verb = "measures" if len(options) == 1 else "measure"
+        raise UsageError(
+            f"{given} {verb} maps of images [N, C, H, W], but this network explains volumes; "
+            "the randomisation test and deletion curves are not defined for volumes here. Drop "
+            f"{given} to audit the volumes."
+        )
+    settings = plan.settings
+    for model in plan.models:
+        x = model.prepare_input(blank.to(plan.model_device))
+        layers = list(model.engine.layer_names)
+        if settings.sanity_check:
+            try:
+                layer_stages(model.net, layers, cascade_stages(model.net, x))
+            except ValueError as error:
+                raise UsageError(
+                    f"--sanity-check cannot randomise {model.loaded.path}'s network down to the "
+                    f"--layers ({_first_sentence(error)}): the randomisation test "
+                    "re-initialises the network's blocks (the children of its trunk that hold "
+                    "parameters), output side first, and needs each layer inside one. Drop "
+                    "--sanity-check for this network, or pass --layers inside its blocks."
+                ) from None
+        methods = sanity_methods(settings) if settings.sanity_check else []
+        if settings.faithfulness and settings.method not in methods:
+            methods.append(settings.method)
+        try:
+            for method in methods:
+                maps = _maps(plan, model, method, x, masks, batch_size=1)
+                if settings.faithfulness and method == settings.method:
+                    for layer_maps in maps.values():
+                        _deletion_insertion(plan, model, x, layer_maps, masks, steps=1)
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as error:
+            advice = " or pass other --sanity-methods" if settings.sanity_check else ""
+            raise UsageError(
+                f"{given} cannot run on {model.loaded.path}: a dry run on one blank image failed "
+                f"({_first_sentence(error)}), so nothing was written. Drop {given}{advice}."
+            ) from None
+
+
+def _first_sentence(error: BaseException) -> str:
+    """``"Type: message"`` without the library's advice (``pass `stages=` ...``)."""
+    return one_line(error).split("; pass `")[0].split(" Pick another")[0].rstrip(".")
+
+
+def _maps(
+    plan: AuditPlan,
+    model: AuditModel,
+    method: str,
+    x: Tensor,
+    masks: Tensor | None,
+    batch_size: int,
+) -> dict[tuple[str, str], Tensor]:
+    """:func:`~segcam_lightning.quality.method_maps` of one method at the audited layers, for
+    the audited target and classes: ``[N, K, H, W]`` maps keyed ``(method label, layer)``."""
+    options = {"output_kind": plan.output_kind, "threshold": plan.settings.threshold}
+    layers = list(model.engine.layer_names)
+    target = plan.settings.target
+    maps, *_ = method_maps(
+        model.net, layers, method, target, x, masks, plan.classes, batch_size, options
+    )
+    return maps
+
+
+def _deletion_insertion(
+    plan: AuditPlan,
+    model: AuditModel,
+    x: Tensor,
+    maps: Tensor,
+    masks: Tensor | None,
+    steps: int,
+    labels: dict[str, str] | None = None,
+) -> list[FaithfulnessRow]:
+    """:func:`~segcam_lightning.quality.deletion_insertion` of one layer's maps ``[N, K, H, W]``
+    with the run's fill, classes, names and output kind."""
+    settings = plan.settings
+    return deletion_insertion(
+        model.net,
+        x,
+        maps,
+        masks,
+        plan.classes,
+        class_names=plan.class_names,
+        steps=steps,
+        fill=settings.faithfulness_fill,
+        batch_size=settings.batch_size,
+        output_kind=plan.output_kind,
+        threshold=settings.threshold,
+        labels=labels,
+    )
+
+
+# ---------------------------------------------------------------------- after the main pass
+
+
+def run_checks(
+    plan: AuditPlan,
+    results: Sequence[LocalResult],
+    signals: StopSignals | None = None,
+) -> QualityChecks | None:
+    """Run the requested checks for every checkpoint on the first audited images.
+
+    Args:
+        plan: the run.
+        results: the main pass's results (every image finished).
+        signals: the run's stop signals: a signal received ends the checks at the next step
+            with ``KeyboardInterrupt`` (the caller marks the run partial; ``--resume`` reruns
+            the checks).
+
+    Returns:
+        The results, or ``None`` when no check is requested.
+    """
+    settings = plan.settings
+    if not requested(settings):
+        return None
+    indices = sorted({row["index"] for r in results for row in r.rows})
+    wanted = max(
+        settings.sanity_images if settings.sanity_check else 0,
+        settings.faithfulness_images if settings.faithfulness else 0,
+    )
+    images, masks = _images(plan, indices[:wanted])
+    checks = QualityChecks()
+
+    def step(line: str) -> None:
+        if signals is not None and signals.received is not None:
+            raise KeyboardInterrupt
+        if settings.progress:
+            print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+
+    if settings.sanity_check:
+        start = time.perf_counter()
+        n = min(settings.sanity_images, len(images))
+        checks.sanity_images = n
+        for model in plan.models:
+            report = _sanity(
+                plan, model, images[:n], masks[:n] if masks is not None else None, step
+            )
+            checks.sanity.append((model.label, report))
+        checks.seconds["sanity_check"] = time.perf_counter() - start
+    if settings.faithfulness:
+        start = time.perf_counter()
+        n = min(settings.faithfulness_images, len(images))
+        checks.faithfulness_images = n
+        for model in plan.models:
+            checks.faithfulness += _faithfulness(
+                plan, model, images[:n], masks[:n] if masks is not None else None, step
+            )
+        checks.seconds["faithfulness"] = time.perf_counter() - start
+    return checks
+
+
+def _images(plan: AuditPlan, indices: Sequence[int]) -> tuple[Tensor, Tensor | None]:
+    """The images ``[N, 3, H, W]`` in [0, 1] and masks ``[N, H, W]`` (``None`` without ground
+    truth) of the dataset's ``indices``, read as the main pass read them."""
+    samples = [plan.dataset[i] for i in indices]
+    samples = [s for s in samples if s["ok"]]
+    if not samples:
+        size = plan.size
+        empty = torch.zeros(0, 3, *size)
+        return empty, torch.zeros(0, *size, dtype=torch.int64) if plan.dataset.has_masks else None
+    images = torch.stack([s["image"] for s in samples]).float().div_(255.0)
+    masks = torch.stack([s["mask"] for s in samples]) if plan.dataset.has_masks else None
+    return images, masks
+
+
+def _shown(model: AuditModel) -> dict[str, str]:
+    """Layer names as the engine hooks them → as the outputs show them."""
+    return dict(zip(model.engine.layer_names, model.layers, strict=True))
+
+
+def _sanity(
+    plan: AuditPlan,
+    model: AuditModel,
+    images: Tensor,
+    masks: Tensor | None,
+    step: Callable[[str], None],
+) -> SanityReport:
+    settings = plan.settings
+    step(f"randomisation test of {model.label} on {len(images)} image(s)")
+    report = sanity_check(
+        model.net,
+        model.prepare_input(images.to(plan.model_device)),
+        masks,
+        layers=list(model.engine.layer_names),
+        methods=sanity_methods(settings),
+        targets=[settings.target],
+        seeds=tuple(range(settings.sanity_seeds)),
+        classes=plan.classes,
+        class_names=plan.class_names,
+        batch_size=settings.batch_size,
+        output_kind=plan.output_kind,
+        threshold=settings.threshold,
+        progress=lambda line: step(f"{model.label}: {line}"),
+    )
+    shown = _shown(model)
+    rows = [replace(r, layer=shown.get(r.layer, r.layer)) for r in report.rows]
+    names = {**report.settings, "layers": list(model.layers)}
+    return replace(report, rows=rows, settings=names)
+
+
+def _faithfulness(
+    plan: AuditPlan,
+    model: AuditModel,
+    images: Tensor,
+    masks: Tensor | None,
+    step: Callable[[str], None],
+) -> list[FaithfulnessRow]:
+    settings = plan.settings
+    x = model.prepare_input(images.to(plan.model_device))
+    maps = _maps(plan, model, settings.method, x, masks, settings.batch_size)
+    shown = _shown(model)
+    rows: list[FaithfulnessRow] = []
+    for (method, layer), layer_maps in maps.items():
+        name = shown.get(layer, layer)
+        step(f"{model.label}: deletion and insertion, {method} at {name}")
+        labels = {"checkpoint": model.label, "method": method, "target": settings.target}
+        rows += _deletion_insertion(
+            plan,
+            model,
+            x,
+            layer_maps,
+            masks,
+            settings.faithfulness_steps,
+            labels={**labels, "layer": name},
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------- results
+
+
+def sanity_verdicts(checks: QualityChecks) -> list[dict[str, Any]]:
+    """One plain-word verdict per checkpoint, method, target and layer: ``"passes"`` when every
+    comparison with a verdict passes, ``"fails"`` when any fails, else ``"inconclusive"``."""
+    groups: dict[tuple[str, str, str, str], list[str]] = {}
+    for label, report in checks.sanity:
+        for row in report.verdicts():
+            groups.setdefault((label, row.method, row.target, row.layer), []).append(row.verdict)
+    verdicts = []
+    for (label, method, target, layer), words in groups.items():
+        failed, passed = words.count("fail"), words.count("pass")
+        verdict = "fails" if failed else "passes" if passed == len(words) else "inconclusive"
+        verdicts.append(
+            {
+                "checkpoint": label,
+                "method": method,
+                "target": target,
+                "layer": layer,
+                "verdict": verdict,
+                "comparisons": len(words),
+                "passed": passed,
+                "failed": failed,
+                "inconclusive": words.count("inconclusive"),
+            }
+        )
+    return verdicts
+
+
+def checks_summary(plan: AuditPlan, checks: QualityChecks) -> dict[str, Any]:
+    """``summary.json``'s ``sanity_check`` and ``faithfulness`` entries (those that ran)."""
+    settings = plan.settings
+    out: dict[str, Any] = {}
+    if settings.sanity_check:
+        verdicts = sanity_verdicts(checks)
+        first = checks.sanity[0][1] if checks.sanity else None
+        out["sanity_check"] = {
+            "images": checks.sanity_images,
+            "seeds": list(range(settings.sanity_seeds)),
+            "methods": sanity_methods(settings),
+            "target": settings.target,
+            "layers": list(plan.layout.layers),
+            "initializer": first.initializer if first else "variance_preserving",
+            "rho_threshold": first.rho_threshold if first else RHO_THRESHOLD,
+            "full_rho_threshold": first.full_rho_threshold if first else FULL_RHO_THRESHOLD,
+            "failing_methods": sorted({v["method"] for v in verdicts if v["verdict"] == "fails"}),
+            "verdicts": verdicts,
+            "checkpoints": [
+                {"checkpoint": label, **report.to_dict()} for label, report in checks.sanity
+            ],
+            "seconds": checks.seconds.get("sanity_check"),
+        }
+    if settings.faithfulness:
+        out["faithfulness"] = {
+            "images": checks.faithfulness_images,
+            "method": settings.method,
+            "target": settings.target,
+            "fill": settings.faithfulness_fill,
+            "steps": settings.faithfulness_steps,
+            "deletion_threshold": DELETION_THRESHOLD,
+            "rows": [r.to_dict() for r in checks.faithfulness],
+            "seconds": checks.seconds.get("faithfulness"),
+        }
+    return out
+
+
+def sanity_csv_rows(checks: QualityChecks) -> list[dict[str, Any]]:
+    """``sanity.csv``'s rows (:data:`SANITY_COLUMNS`)."""
+    rows = []
+    for label, report in checks.sanity:
+        for row in report.rows:
+            values = row.to_dict()
+            values["class"] = values.pop("class_index")
+            for key in ("seeds", "per_seed_rho_abs_median"):
+                values[key] = " ".join("nan" if v is None else f"{v:.7g}" for v in values[key])
+            rows.append({"checkpoint": label, **_nan(values)})
+    return rows
+
+
+def faithfulness_csv_rows(checks: QualityChecks) -> list[dict[str, Any]]:
+    """``faithfulness.csv``'s rows (:data:`FAITHFULNESS_COLUMNS`)."""
+    rows = []
+    for row in checks.faithfulness:
+        values = row.to_dict(curves=False)
+        values["class"] = values.pop("class_index")
+        rows.append(_nan(values))
+    return rows
+
+
+def _nan(values: dict[str, Any]) -> dict[str, Any]:
+    """``to_dict()``'s ``None`` (NaN) back to NaN, which the CSV writer leaves empty."""
+    return {k: float("nan") if v is None else v for k, v in values.items()}
+
+
+def describe(summary: dict[str, Any]) -> list[str]:
+    """One line per check that ran, for the command's closing message."""
+    lines = []
+    sanity = summary.get("sanity_check")
+    if sanity:
+        verdicts = sanity["verdicts"]
+        passing = sum(v["verdict"] == "passes" for v in verdicts)
+        failing = [f"{v['method']} at {v['layer']}" for v in verdicts if v["verdict"] == "fails"]
+        lines.append(
+            f"Randomisation test ({sanity['seconds']:.0f} s): {passing} of {len(verdicts)} "
+            "method/layer map(s) pass (median "
+            f"|rho| <= {sanity['rho_threshold']:g}, whole network <= "
+            f"{sanity['full_rho_threshold']:g}); "
+            + (f"failing: {', '.join(failing)}." if failing else "none fails.")
+        )
+    faith = summary.get("faithfulness")
+    if faith:
+        deletion = [r for r in faith["rows"] if r["curve"] == "deletion" and r["verdict"]]
+        passing = sum(r["verdict"] == "pass" for r in deletion)
+        lines.append(
+            f"Deletion ({faith['seconds']:.0f} s): {passing} of {len(deletion)} class map(s) "
+            "pass (AUC <= "
+            f"{faith['deletion_threshold']:g} of random order's); faithfulness.csv."
+        )
+    return lines
