@@ -134,6 +134,7 @@ def fit(tmp_path, model, data, callback, logger=None, **trainer_kwargs):
         accelerator="cpu",
         max_epochs=1,
         limit_train_batches=2,
+        log_every_n_steps=1,
         logger=logger or TensorBoardLogger(tmp_path, name="tb"),
         callbacks=[callback],
         enable_progress_bar=False,

@@ -33,7 +33,12 @@ def project():
 def trained(project, tmp_path_factory):
     root = tmp_path_factory.mktemp("plants")
     trainer = project.train(
-        root, max_epochs=1, limit_train_batches=3, image_size=32, accelerator="cpu"
+        root,
+        max_epochs=1,
+        limit_train_batches=3,
+        image_size=32,
+        accelerator="cpu",
+        log_every_n_steps=1,
     )
     return trainer
 

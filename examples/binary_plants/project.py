@@ -171,6 +171,7 @@ def train(
     limit_train_batches: int | float = 1.0,
     image_size: int = 64,
     accelerator: str = "auto",
+    log_every_n_steps: int = 10,
 ) -> L.Trainer:
     """Fit the model with the CAM callback on; logs and checkpoints under ``root/plants/``, and
     the network's weights alone in ``plants_net.pt`` beside them."""
@@ -187,7 +188,7 @@ def train(
             # sees one sigmoid channel and takes ImageNet's mean/std from the datamodule.
             GradCAMCallback(layers=["fuse2", "down2"], num_probe=6),
         ],
-        log_every_n_steps=10,
+        log_every_n_steps=log_every_n_steps,
     )
     module = PlantSegmenter()
     trainer.fit(module, datamodule=PlantsData(image_size=image_size))
