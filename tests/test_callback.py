@@ -207,8 +207,9 @@ def checkpointed_run(tmp_path, num_probe=3):
 
 
 def resume(tmp_path, callback, checkpoint, data_seed=0):
-    # The checkpoint holds ModelCheckpoint's state too: the resumed run has one to give it to.
-    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt-resumed", save_last=True)
+    # The checkpoint holds ModelCheckpoint's state too: the resumed run has one to give it to,
+    # writing only last.ckpt (save_top_k=0) into the folder it resumes from.
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     trainer, model, data = make_run(
         tmp_path, [callback, saver], max_epochs=2, enable_checkpointing=True
     )
