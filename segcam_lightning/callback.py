@@ -121,9 +121,10 @@ class GradCAMCallback(Callback):
         batch_adapter: how to read images and masks from a batch: a
             :class:`~segcam_lightning.data.BatchAdapter` (dict keys, tuple positions, one-hot
             masks) or ``f(batch) -> (images, masks | None)``. Default: ``BatchAdapter()``.
+        dataloader_idx: which validation dataloader to draw the probe from when there are
+            several.
         probe_dataloader: a DataLoader (or any iterable of batches) to draw the probe from
             instead of the validation data.
-        dataloader_idx: which validation dataloader to draw from when there are several.
         shortcut_warning: warn (once per layer and class) when a class's maps stay off its
             objects while the model segments it well: the sign of a shortcut, a cue outside the
             object that decides its label. Judged on the probe images where the class is both
@@ -164,8 +165,8 @@ class GradCAMCallback(Callback):
         to_display: Callable[[Tensor], Tensor] | None = None,
         output_adapter: Callable[[Any], Tensor] | None = None,
         batch_adapter: BatchAdapterLike | None = None,
-        probe_dataloader: Iterable[Any] | None = None,
         dataloader_idx: int = 0,
+        probe_dataloader: Iterable[Any] | None = None,
         shortcut_warning: bool = True,
         shortcut_energy: float = 0.5,
         shortcut_iou: float = 0.5,

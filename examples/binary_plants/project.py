@@ -70,11 +70,11 @@ class PlantsData(L.LightningDataModule):
     def __init__(
         self,
         image_size: int = 64,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
         num_train: int = 256,
         num_val: int = 32,
         batch_size: int = 8,
-        image_mean: Sequence[float] = IMAGENET_MEAN,
-        image_std: Sequence[float] = IMAGENET_STD,
         class_names: Sequence[str] = CLASS_NAMES,
         colormap: Sequence[Sequence[int]] = COLORMAP,
     ) -> None:

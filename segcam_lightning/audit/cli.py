@@ -165,11 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
         "[C, D, H, W], with DIR/masks/<name>.npy integer labels [D, H, W] for ground truth) "
         "or 'synthetic3d' (the synthetic test volumes). Example: --data data/weeds",
     )
-    what.add_argument(
+    _count_option(
+        what,
         "--limit",
-        type=_positive_int,
-        metavar="N",
-        help="audit only the first N images in file-name order (e.g. --limit 100)",
+        "audit only the first N images in file-name order (e.g. --limit 100)",
     )
     cam = parser.add_argument_group("CAM")
     cam.add_argument(
@@ -339,11 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "ddp"),
         help="Lightning strategy for --devices > 1 (auto picks ddp)",
     )
-    run.add_argument(
+    _count_option(
+        run,
         "--render-threads",
-        type=_positive_int,
-        metavar="N",
-        help="threads rendering and writing images (default: half the CPU cores, 2 to 8); on a "
+        "threads rendering and writing images (default: half the CPU cores, 2 to 8); on a "
         "GPU they work while the next batch is explained, on the CPU between batches",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -359,17 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"maps); a map passes at median |rho| <= {RHO_THRESHOLD} ({FULL_RHO_THRESHOLD} for the "
         "whole network). Verdicts in report.html, summary.json['sanity_check'] and sanity.csv",
     )
-    quality.add_argument(
+    _count_option(
+        quality,
         "--sanity-images",
-        type=_positive_int,
-        metavar="N",
-        help="the first N audited images the randomisation test uses (default 16)",
+        "the first N audited images the randomisation test uses (default 16)",
     )
-    quality.add_argument(
+    _count_option(
+        quality,
         "--sanity-seeds",
-        type=_positive_int,
-        metavar="N",
-        help="re-initialisations per randomisation, seeds 0..N-1 (default 3)",
+        "re-initialisations per randomisation, seeds 0..N-1 (default 3)",
     )
     quality.add_argument(
         "--sanity-methods",
@@ -393,17 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=FILLS,
         help="what a deleted pixel becomes: mean (each image's mean colour; the default) or blur",
     )
-    quality.add_argument(
+    _count_option(
+        quality,
         "--faithfulness-images",
-        type=_positive_int,
-        metavar="N",
-        help="the first N audited images the curves use (default 16)",
+        "the first N audited images the curves use (default 16)",
     )
-    quality.add_argument(
+    _count_option(
+        quality,
         "--faithfulness-steps",
-        type=_positive_int,
-        metavar="N",
-        help="points per curve minus one (default 16)",
+        "points per curve minus one (default 16)",
     )
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -441,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
         "e1/e4/b/d4 marked) and exit",
     )
     return parser
+
+
+def _count_option(group: argparse._ArgumentGroup, flag: str, help: str) -> None:
+    """Adds the option ``flag N`` taking a positive integer, default ``None``, to ``group``."""
+    group.add_argument(flag, type=_positive_int, metavar="N", help=help)
 
 
 def _positive_int(text: str) -> int:

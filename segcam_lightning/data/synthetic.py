@@ -56,6 +56,10 @@ _NARROW_COUNTS = (0.08, 0.08, 0.12, 0.16, 0.18, 0.16, 0.12, 0.1)
 _ROUND_COUNTS = (0.1, 0.12, 0.2, 0.22, 0.18, 0.12, 0.06)
 
 
+#: What a sample transform is: a sample dict in, a sample dict out.
+Transform = Callable[[dict], dict]
+
+
 class GeneratedDataset(Dataset):
     """What the generated data sets share: samples that are a pure function of
     ``(seed, index)``, named by their zero-padded index, with an optional transform.
@@ -68,9 +72,7 @@ class GeneratedDataset(Dataset):
         transform: optional callable applied to each sample dict (e.g. ``RandomFlip``).
     """
 
-    def __init__(
-        self, num_samples: int, seed: int, transform: Callable[[dict], dict] | None
-    ) -> None:
+    def __init__(self, num_samples: int, seed: int, transform: Transform | None) -> None:
         self.num_samples = require_int("num_samples", num_samples, 1)
         self.seed = require_int("seed", seed)
         self.transform = transform
@@ -134,7 +136,7 @@ class SyntheticSegmentation(GeneratedDataset):
         num_samples: int,
         image_size: int = 128,
         seed: int = 0,
-        transform: Callable[[dict], dict] | None = None,
+        transform: Transform | None = None,
         shortcut: str | None = None,
     ) -> None:
         super().__init__(num_samples, seed, transform)

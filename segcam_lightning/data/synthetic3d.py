@@ -21,14 +21,14 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 from itertools import pairwise
 
 import numpy as np
 import torch
 
-from segcam_lightning.data.synthetic import GeneratedDataset
+from segcam_lightning.data.synthetic import GeneratedDataset, Transform
 from segcam_lightning.text import require_int
 
 __all__ = ["SYNTHETIC3D_CLASS_NAMES", "SyntheticVolumes", "render_volume"]
@@ -68,11 +68,7 @@ class SyntheticVolumes(GeneratedDataset):
     in_channels = 1
 
     def __init__(
-        self,
-        num_samples: int,
-        size: int = 32,
-        seed: int = 0,
-        transform: Callable[[dict], dict] | None = None,
+        self, num_samples: int, size: int = 32, seed: int = 0, transform: Transform | None = None
     ) -> None:
         super().__init__(num_samples, seed, transform)
         self.size = require_int("size", size, _MIN_SIZE)

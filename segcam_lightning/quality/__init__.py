@@ -15,52 +15,17 @@ Results are frozen dataclasses with ``to_dict()`` (plain, JSON-ready values) for
 which map to believe.
 """
 
-from segcam_lightning.quality import functional
-from segcam_lightning.quality.faithfulness import (
-    CURVES,
-    DELETION_THRESHOLD,
-    FILLS,
-    FaithfulnessRow,
-    deletion_insertion,
-)
+# Each module's __all__ says what it offers; the package offers the same names.
+from segcam_lightning.quality import faithfulness, functional, sanity
+from segcam_lightning.quality.faithfulness import *  # noqa: F403
 from segcam_lightning.quality.functional import ShortcutSuspect, shortcut_suspects, spearman
-from segcam_lightning.quality.sanity import (
-    FULL,
-    FULL_RHO_THRESHOLD,
-    INITIALIZERS,
-    RHO_THRESHOLD,
-    SanityReport,
-    SanityRow,
-    cascade_stages,
-    layer_stages,
-    method_maps,
-    randomized_copy,
-    reinit_pytorch_default,
-    reinit_variance_preserving,
-    sanity_check,
-)
+from segcam_lightning.quality.sanity import *  # noqa: F403
 
 __all__ = [
-    "CURVES",
-    "DELETION_THRESHOLD",
-    "FILLS",
-    "FULL",
-    "FULL_RHO_THRESHOLD",
-    "INITIALIZERS",
-    "RHO_THRESHOLD",
-    "FaithfulnessRow",
-    "SanityReport",
-    "SanityRow",
+    *faithfulness.__all__,
+    *sanity.__all__,
     "ShortcutSuspect",
-    "cascade_stages",
-    "deletion_insertion",
     "functional",
-    "layer_stages",
-    "method_maps",
-    "randomized_copy",
-    "reinit_pytorch_default",
-    "reinit_variance_preserving",
-    "sanity_check",
     "shortcut_suspects",
     "spearman",
 ]

@@ -35,7 +35,14 @@ from segcam_lightning.cam.functional import class_regions, predicted_masks, reso
 from segcam_lightning.cam.layers import eval_mode, preserve_rng
 from segcam_lightning.quality import functional as QF
 
-__all__ = ["CURVES", "FILLS", "FaithfulnessRow", "class_generator", "deletion_insertion"]
+__all__ = [
+    "CURVES",
+    "DELETION_THRESHOLD",
+    "FILLS",
+    "FaithfulnessRow",
+    "class_generator",
+    "deletion_insertion",
+]
 
 FILLS = ("mean", "blur")
 CURVES = ("deletion", "insertion")
@@ -48,6 +55,8 @@ class FaithfulnessRow:
     """One class's deletion or insertion curve for one set of maps.
 
     Attributes:
+        curve_map, curve_random, curve_gt_first: the mean curves, ``steps + 1`` values each
+            (last in :meth:`to_dict`).
         curve: ``"deletion"`` or ``"insertion"``.
         class_index, class_name: the output channel and its name.
         fill: ``"mean"`` or ``"blur"``.
@@ -69,10 +78,12 @@ class FaithfulnessRow:
         ratio_above_floor: ``(auc_map - floor) / (auc_random - floor)``: the ratio with that
             floor taken out of both areas; NaN when the random order's area above the floor is
             under 5 % of its area (the fill does not delete the class).
-        curve_map, curve_random, curve_gt_first: the mean curves, ``steps + 1`` values each.
         labels: what the caller says the maps are (e.g. method, target, layer).
     """
 
+    curve_map: tuple[float, ...]
+    curve_random: tuple[float, ...]
+    curve_gt_first: tuple[float, ...]
     curve: str
     class_index: int
     class_name: str
@@ -88,9 +99,6 @@ class FaithfulnessRow:
     score_start: float
     floor: float
     ratio_above_floor: float
-    curve_map: tuple[float, ...]
-    curve_random: tuple[float, ...]
-    curve_gt_first: tuple[float, ...]
     labels: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self, curves: bool = True) -> dict[str, Any]:
@@ -98,10 +106,8 @@ class FaithfulnessRow:
         ``curves`` is false (a CSV row)."""
         values = asdict(self)
         labels = dict(values.pop("labels"))
-        if not curves:
-            for key in ("curve_map", "curve_random", "curve_gt_first"):
-                values.pop(key)
-        out = {**labels, **values}
+        means = {key: values.pop(key) for key in ("curve_map", "curve_random", "curve_gt_first")}
+        out = {**labels, **values, **(means if curves else {})}
         return {k: QF.plain(v) for k, v in out.items()}
 
 
@@ -313,20 +319,20 @@ def _row(
         class_index=class_index,
         class_name=name,
         fill=fill,
+        score_start=float(by_map[:, 0].mean()) if by_map is not None else nan,
         steps=steps,
         num_images=num_images,
         auc_map=auc_map,
+        curve_map=mean_curve(by_map),
         auc_random=auc_random,
+        curve_random=mean_curve(by_random),
         auc_gt_first=auc_gt,
+        curve_gt_first=mean_curve(by_gt),
         ratio=ratio,
         threshold=limit,
         verdict=verdict,
-        score_start=float(by_map[:, 0].mean()) if by_map is not None else nan,
         floor=floor,
         ratio_above_floor=ratio_above_floor,
-        curve_map=mean_curve(by_map),
-        curve_random=mean_curve(by_random),
-        curve_gt_first=mean_curve(by_gt),
         labels=tuple((str(k), str(v)) for k, v in (labels or {}).items()),
     )
 

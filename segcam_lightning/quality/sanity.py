@@ -39,7 +39,9 @@ from segcam_lightning.quality import functional as QF
 
 __all__ = [
     "FULL",
+    "FULL_RHO_THRESHOLD",
     "INITIALIZERS",
+    "RHO_THRESHOLD",
     "SanityReport",
     "SanityRow",
     "cascade_stages",
@@ -663,18 +665,14 @@ def _row(
     regions: Tensor | None,
     valid: Tensor | None,
     *,
-    method: str,
-    target: str,
-    layer: str,
-    class_index: int,
-    class_name: str,
-    randomized: str,
-    depth: int,
     reaches: bool,
     seeds: tuple[int, ...],
     threshold: float,
+    **labels: Any,
 ) -> SanityRow:
-    """Compare one class's trained maps ``[N, H, W]`` with each seed's randomised ones."""
+    """Compare one class's trained maps ``[N, H, W]`` with each seed's randomised ones;
+    ``labels`` (method, target, layer, class_index, class_name, randomized, depth) go into the
+    row as they are."""
     zero_before = QF.all_zero(before)
     n_counted = int(counted.sum())
     zero_trained = float(zero_before[counted].float().mean()) if n_counted else float("nan")
@@ -717,20 +715,15 @@ def _row(
     else:
         verdict = "pass" if rho_abs <= threshold else "fail"
     return SanityRow(
-        method=method,
-        target=target,
-        layer=layer,
-        class_index=class_index,
-        class_name=class_name,
-        randomized=randomized,
-        depth=depth,
+        **labels,
         reaches_layer=reaches,
-        num_images=int(use.sum()),
         seeds=seeds,
+        num_images=int(use.sum()),
         rho_median=rho_median,
         rho_abs_median=rho_abs,
         rho_defined=share_defined,
         ssim_median=ssim,
+        per_seed_rho_abs_median=tuple(per_seed),
         energy_trained=e_before,
         energy_randomized=e_after,
         energy_drop=e_before - e_after,
@@ -739,5 +732,4 @@ def _row(
         zero_randomized=zero_random,
         threshold=threshold,
         verdict=verdict,
-        per_seed_rho_abs_median=tuple(per_seed),
     )
