@@ -335,6 +335,9 @@ def _note(tile: np.ndarray, text: str, height: int) -> None:
     """Write ``text`` in the tile's top-left corner, white on black, in place."""
     scale = height / 48.0
     (tw, th), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    while tw > tile.shape[1] - 4 and scale > 0.2:
+        scale *= 0.9
+        (tw, th), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
     cv2.rectangle(tile, (0, 0), (tw + 4, th + baseline + 3), (0, 0, 0), thickness=-1)
     cv2.putText(
         tile, text, (2, th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA
@@ -436,6 +439,10 @@ def volume_slices(
     return torch.stack(out)
 
 
+#: Smallest side, in pixels, of a volume slice's tile in :func:`volume_grid`.
+VOLUME_TILE = 96
+
+
 def volume_grid(
     volumes: torch.Tensor,
     cams: torch.Tensor,
@@ -448,7 +455,9 @@ def volume_grid(
 ) -> np.ndarray:
     """:func:`cam_grid` for volumes: three rows per volume, its axial, coronal and sagittal
     slices through the class's CAM peak (or through the voxel ``at``), each labelled on its
-    input tile with the view and the slice (``ax z=12``, ``cor y=5``, ``sag x=30``).
+    input tile with the view and the slice (``ax z=12``, ``cor y=5``, ``sag x=30``). Slices
+    are resized to the volume's largest side, times the smallest whole number that makes it at
+    least :data:`VOLUME_TILE` pixels (a 32³ volume's tiles are 96 px).
 
     Args:
         volumes: ``[N, 3, D, H, W]`` float in [0, 1], RGB (gray volumes repeated to 3 channels).
@@ -465,6 +474,9 @@ def volume_grid(
         RGB uint8 ``[rows, cols, 3]``.
     """
     side = max(volumes.shape[-3:])
+    # Small volumes are shown at a whole multiple of their side, at least VOLUME_TILE pixels:
+    # a 32-voxel slice is too small for its label and for the eye.
+    side *= -(-VOLUME_TILE // side)
     size = (side, side)
     rows: dict[str, list[torch.Tensor]] = {"images": [], "cams": [], "masks": [], "preds": []}
     titles = []

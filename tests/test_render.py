@@ -199,6 +199,12 @@ def test_peak_voxel_and_volume_grid():
     volumes, cams = torch.rand(2, 3, 8, 8, 8), torch.stack([cam, cam.flip(0)])
     masks = torch.randint(0, 3, (2, 8, 8, 8))
     grid = volume_grid(volumes, cams, "a", SEED_COLORMAP, masks=masks, preds=masks)
-    bar = max(16, min(32, 8 // 6))
-    # Three views per volume, title and footer: 6 rows of 8 px, 4 px apart.
-    assert grid.shape == (bar + 6 * 8 + 6 * 4 + bar, 4 * 8 + 3 * 4, 3)
+    # 8-voxel slices are shown 12 times larger: the smallest multiple of 8 reaching 96 px.
+    tile = 96
+    bar = max(16, min(32, tile // 6))
+    # Three views per volume, title and footer: 6 rows of tiles, 4 px apart.
+    assert grid.shape == (bar + 6 * tile + 6 * 4 + bar, 4 * tile + 3 * 4, 3)
+    # Labels are resized by nearest neighbour: the GT column holds only the colormap's colours.
+    gt = grid[bar : bar + tile, tile + 4 : 2 * tile + 4].reshape(-1, 3)
+    colours = {tuple(int(c) for c in colour[::-1]) for colour in SEED_COLORMAP}
+    assert {tuple(int(c) for c in px) for px in gt} <= colours
