@@ -633,8 +633,9 @@ class _GradientFlow:
     A class's maps are blank (all zero) when its score's gradient is exactly zero at every
     hooked layer: a constant score (a softmax over one channel, a target that ignores the
     logits) or a saturated one (probabilities rounded to exactly 0 or 1). Nothing in the maps
-    says why, so :meth:`warn_if_blank` does. The check reads every gradient once, which costs
-    nothing measurable next to the call (benchmarks/RESULTS.md, "Implementation notes").
+    says why, so :meth:`warn_if_blank` does. The check reads every gradient once (two
+    reductions, nothing written of the gradient's size): see benchmarks/RESULTS.md,
+    "Implementation notes", for what it costs.
     """
 
     def __init__(self, batch_size: int, num_classes: int, device: torch.device) -> None:
