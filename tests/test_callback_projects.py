@@ -306,6 +306,7 @@ def test_volumes_show_three_slices_through_the_peak(tmp_path):
     assert len(events.Tags()["images"]) == 2 * 3
     assert "cam_alignment/d4.conv.conv.5/tube/energy_inside" in events.Tags()["scalars"]
     image = grid(events, "cam/d4.conv.conv.5/blob")
-    bar = max(16, min(32, side // 6))
+    tile = 96  # 16-voxel slices shown 6 times larger (render.VOLUME_TILE)
+    bar = max(16, min(32, tile // 6))
     # Two volumes x (axial, coronal, sagittal) rows, title and footer, 4 px apart.
-    assert image.shape == (bar + 6 * side + 6 * 4 + bar, 4 * side + 3 * 4, 3)
+    assert image.shape == (bar + 6 * tile + 6 * 4 + bar, 4 * tile + 3 * 4, 3)
