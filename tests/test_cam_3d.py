@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from hooked import activation_and_gradient
 from torch import nn
 
 from segcam_lightning.cam import (
@@ -108,18 +109,9 @@ def naive_gradcam(
 ) -> torch.Tensor:
     """One volume, one class: forward hook keeping the activation, a tensor hook for its
     gradient, ``backward()`` of the score, weights = mean over d·h·w, ReLU, trilinear."""
-    store: dict[str, torch.Tensor] = {}
-
-    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        store["activation"] = output
-        output.register_hook(lambda grad: store.__setitem__("gradient", grad))
-
-    handle = dict(model.named_modules())[layer].register_forward_hook(hook)
-    try:
+    with activation_and_gradient(model, layer) as store:
         model.zero_grad()
         score_fn(model(volume), k).backward()
-    finally:
-        handle.remove()
     weights = store["gradient"].mean(dim=(2, 3, 4), keepdim=True)
     cam = F.relu((weights * store["activation"].detach()).sum(dim=1))
     return trilinear(cam)[0]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hooked import activation_and_gradient
 from torch import nn
 
 from segcam_lightning.cam import CAMEngine, ScoreCAM
@@ -98,27 +99,19 @@ def upsample(cams: torch.Tensor) -> torch.Tensor:
 
 
 def seed_gradcam(model: nn.Module, image: torch.Tensor, layer: str, class_idx: int) -> torch.Tensor:
-    """The seed's loop body for one image and one class, as the seed wrote it (un-normalised).
+    """The seed's loop body for one image and one class, step by step as the seed wrote it
+    (un-normalised).
 
     Forward hook keeping the activation and a tensor hook for its gradient, ``zero_grad``,
     score = mean softmax probability, ``backward``, GAP weights, ReLU, bilinear upsampling.
     The seed then normalises with ``(cam - min) / (max - min + 1e-8)``; that step is left to
     the caller so the eps (1 % of these ~1e-6 maps) does not hide differences.
     """
-    store: dict[str, torch.Tensor] = {}
-
-    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        store["activation"] = output
-        output.register_hook(lambda grad: store.__setitem__("gradient", grad))
-
-    handle = dict(model.named_modules())[layer].register_forward_hook(hook)
-    try:
+    with activation_and_gradient(model, layer) as store:
         model.zero_grad()
         logits = model(image)
         score = F.softmax(logits, dim=1)[0, class_idx].mean()
         score.backward()
-    finally:
-        handle.remove()
     weights = store["gradient"].mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * store["activation"].detach()).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)
@@ -379,15 +372,8 @@ def naive_cams(
     """Un-normalised maps ``[B, K, H, W]``: one forward and one ``backward()`` per image and
     class on a copy of ``model`` (``backward`` writes ``.grad``)."""
     model = copy.deepcopy(model)
-    store: dict[str, torch.Tensor] = {}
-
-    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        store["activation"] = output
-        output.register_hook(lambda grad: store.__setitem__("gradient", grad))
-
     maps = []
-    handle = dict(model.named_modules())[layer].register_forward_hook(hook)
-    try:
+    with activation_and_gradient(model, layer) as store:
         for b, image in enumerate(images):
             per_class = []
             num_classes = model(image[None]).shape[1]
@@ -400,8 +386,6 @@ def naive_cams(
                 size = image.shape[-2:]
                 per_class.append(F.interpolate(cam, size, mode="bilinear", align_corners=False))
             maps.append(torch.cat(per_class, dim=1)[0])
-    finally:
-        handle.remove()
     return torch.stack(maps)
 
 
