@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from segcam_lightning.cam import METHODS, predicted_classes
-from segcam_lightning.cam.methods import ScoreCAM
+from segcam_lightning.cam import predicted_classes
+from segcam_lightning.cam.methods import METHOD_NAMES, ScoreCAM
 from segcam_lightning.data.synthetic import (
     SPLIT_OFFSETS,
     SYNTHETIC_CLASS_NAMES,
@@ -71,12 +71,7 @@ SHORT |= {f"d{i}.conv.conv.5": f"d{i}" for i in range(1, 5)}
 
 def method_list(names: Sequence[str] | None) -> list[str]:
     """The methods asked for, or every method once (``gradcampp`` is an alias)."""
-    if names:
-        return list(names)
-    seen: dict[type, str] = {}
-    for name, cls in METHODS.items():
-        seen.setdefault(cls, name)
-    return list(seen.values())
+    return list(names) if names else list(METHOD_NAMES)
 
 
 def engine_method(name: str, scorecam_channels: int) -> object:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from segcam_lightning.audit.settings import PROG, AuditSettings, UsageError, one_line
-from segcam_lightning.cam import METHODS
+from segcam_lightning.cam.methods import METHOD_NAMES
 from segcam_lightning.quality import (
     DELETION_THRESHOLD,
     FULL_RHO_THRESHOLD,
@@ -55,9 +55,7 @@ if TYPE_CHECKING:
     from segcam_lightning.audit.writer import LocalResult
 
 #: Every CAM method once (``gradcampp`` is ``gradcam++``'s alias), for ``--sanity-methods all``.
-ALL_METHODS = tuple(
-    name for i, (name, cls) in enumerate(METHODS.items()) if cls not in list(METHODS.values())[:i]
-)
+ALL_METHODS = METHOD_NAMES
 #: Columns of ``sanity.csv``: one row per checkpoint × method × target × layer × class ×
 #: randomisation (:class:`~segcam_lightning.quality.SanityRow`; ``class`` is its
 #: ``class_index``, lists are space-separated).
@@ -196,8 +194,9 @@ def check_quality_options(plan: AuditPlan, blank: Tensor, masks: Tensor | None) 
             for method in methods:
                 maps = _maps(plan, model, method, x, masks, batch_size=1)
                 if settings.faithfulness and method == settings.method:
-                    for layer_maps in maps.values():
-                        _deletion_insertion(plan, model, x, layer_maps, masks, steps=1)
+                    # Every layer's maps have the image's shape: one layer tries them all.
+                    layer_maps = next(iter(maps.values()))
+                    _deletion_insertion(plan, model, x, layer_maps, masks, steps=1)
         except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as error:
             advice = " or pass other --sanity-methods" if settings.sanity_check else ""
             raise UsageError(
@@ -470,7 +469,7 @@ def sanity_csv_rows(checks: QualityChecks) -> list[dict[str, Any]]:
             values["class"] = values.pop("class_index")
             for key in ("seeds", "per_seed_rho_abs_median"):
                 values[key] = " ".join("nan" if v is None else f"{v:.7g}" for v in values[key])
-            rows.append({"checkpoint": label, **_nan(values)})
+            rows.append({"checkpoint": label, **values})
     return rows
 
 
@@ -480,13 +479,8 @@ def faithfulness_csv_rows(checks: QualityChecks) -> list[dict[str, Any]]:
     for row in checks.faithfulness:
         values = row.to_dict(curves=False)
         values["class"] = values.pop("class_index")
-        rows.append(_nan(values))
+        rows.append(values)
     return rows
-
-
-def _nan(values: dict[str, Any]) -> dict[str, Any]:
-    """``to_dict()``'s ``None`` (NaN) back to NaN, which the CSV writer leaves empty."""
-    return {k: float("nan") if v is None else v for k, v in values.items()}
 
 
 def describe(summary: dict[str, Any]) -> list[str]:

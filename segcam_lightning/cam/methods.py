@@ -29,6 +29,7 @@ from segcam_lightning.cam._registry import resolve
 
 __all__ = [
     "METHODS",
+    "METHOD_NAMES",
     "CustomCAM",
     "EigenCAM",
     "GradCAM",
@@ -336,6 +337,18 @@ METHODS: dict[str, type[_CAM]] = {
     "eigencam": EigenCAM,
     "guided_gradcam": GuidedGradCAM,
 }
+
+
+def _first_names(methods: dict[str, type[_CAM]]) -> tuple[str, ...]:
+    first: dict[type[_CAM], str] = {}
+    for name, cls in methods.items():
+        first.setdefault(cls, name)
+    return tuple(first.values())
+
+
+#: Every method once, by its first name in :data:`METHODS` (``gradcampp`` is ``gradcam++``'s
+#: alias).
+METHOD_NAMES = _first_names(METHODS)
 
 _ALTERNATIVES = "a CAM method instance or a weight function f(activations, gradients) -> weights"
 
