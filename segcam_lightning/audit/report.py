@@ -5,6 +5,7 @@ quality checks' results), ``sanity.csv`` and ``faithfulness.csv``, and ``report.
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import math
@@ -261,13 +262,12 @@ def class_means(rows: Sequence[dict[str, Any]], plan: AuditPlan) -> list[dict[st
     return means
 
 
-#: The shortcut rule's thresholds (the callback's defaults,
-#: :func:`~segcam_lightning.quality.functional.shortcut_suspects`).
+#: The shortcut rule's thresholds: the defaults of
+#: :func:`~segcam_lightning.quality.functional.shortcut_suspects` (the callback's too).
 SHORTCUT_RULE = {
-    "energy_threshold": 0.5,
-    "iou_threshold": 0.5,
-    "reference_threshold": 0.7,
-    "min_images": 2,
+    name: parameter.default
+    for name, parameter in inspect.signature(shortcut_suspects).parameters.items()
+    if name in ("energy_threshold", "iou_threshold", "reference_threshold", "min_images")
 }
 
 
