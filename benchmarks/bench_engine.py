@@ -5,7 +5,8 @@ size² and K classes, everything is measured in one run (median of ``--repeats``
 ratios to one plain forward pass (eval mode, ``torch.no_grad``):
 
 - ``engine``: ``CAMEngine(model, layers)(x)`` (Grad-CAM, softmax-mean target,
-  ``grad_mode="auto"``, which is the ``retain_graph`` loop), and ``batched``: the same with
+  ``grad_mode="auto"``: the ``retain_graph`` loop on the CPU, and at ``d4``, behind the 1×1
+  head, the head path without per-class passes), and ``batched``: the same with
   ``grad_mode="batched"`` (one ``is_grads_batched=True`` call for all K classes);
 - ``floor``: one forward without graph plus K ``autograd.grad`` calls w.r.t. the activations,
   timed alone (the graph built from the earliest layer on, no CAM maths): the floor of any
@@ -23,8 +24,9 @@ at every layer ≥ 2.5× faster than kpass; all four layers ≤ 1.2× the earlie
 
 ``--scaling`` prints how the cost grows instead: for every K in ``--scaling-classes`` and input
 size in ``--scaling-sizes`` (U-Net width ``--widths[0]``, B = ``--batch``), then for a 3-D U-Net
-on one-channel volumes of side ``--scaling-volumes`` (K = 3), the engine at ``d4`` and ``e4``
-(``auto`` and ``batched``) and the K-pass baseline at ``d4``, as ratios to one forward; on CUDA
+on one-channel volumes of side ``--scaling-volumes`` (K = 3), the engine at ``d4`` (``auto``,
+i.e. the head path, ``loop`` and ``batched``) and ``e4`` (``loop`` and ``batched``) and the
+K-pass baseline at ``d4``, as ratios to one forward; on CUDA
 with the peak memory each allocates beyond one forward. Goals: K = 19 at ``d4`` ≤ 1.5× one
 forward and ≥ 10× faster than the K-pass baseline; 3-D at ``d4`` ≤ 1.3× one forward.
 
@@ -347,7 +349,9 @@ def scaling_row(
     modes = ("loop",) if args.no_batched else ("loop", "batched")
     for name, layer in (("d4", "d4.conv.conv.5"), ("e4", "e4.conv.conv.5")):
         row[f"{name}_batched"] = float("nan")
-        for mode in modes:
+        # At d4 "auto" takes the head path (no per-class pass, see CAMEngine); at e4 it is the
+        # loop on the CPU, so only d4 measures it apart.
+        for mode in ("auto", *modes) if name == "d4" else modes:
             engine = CAMEngine(model, [layer], "gradcam", grad_mode=mode)
             row[f"{name}_{mode}"] = median_time(lambda e=engine: e(x), args.repeats, device) / t_fwd
     # The baseline costs K forward + backward passes: one timed run after the engine's warm-up
@@ -369,38 +373,40 @@ def scaling_row(
 def scaling_line(r: dict) -> str:
     cells = [
         f"{_size(r['size']):>9} {r['k']:>3} {r['forward_s'] * 1e3:8.0f} |",
-        f"{r['d4_loop']:5.2f}",
+        f"{r['d4_auto']:5.2f}",
+        f"{r['d4_loop']:7.2f}",
         fmt(r["d4_batched"], 6),
         f"{r['e4_loop']:5.2f}",
         fmt(r["e4_batched"], 6),
         f"{r['kpass']:6.2f} |",
-        f"{r['kpass'] / r['d4_loop']:7.1f}",
+        f"{r['kpass'] / r['d4_auto']:7.1f}",
     ]
     return " ".join(cells)
 
 
-SCALING_HEAD = "    input   K   fwd ms |    d4 d4 bat    e4 e4 bat  kpass | x kpass"
+SCALING_HEAD = "    input   K   fwd ms |    d4 d4 loop d4 bat    e4 e4 bat  kpass | x kpass"
 TABLE_HEAD = "width layers | engine batched  floor  kpass    seed    pgc | x kpass  x seed"
 
 
 def print_scaling(rows: list[dict], device: torch.device) -> None:
     print_rows(SCALING_HEAD, rows, scaling_line, ("d4", "kpass"), device)
     print("(engine and kpass times are ratios to one no-grad forward of the same batch;")
-    print(" 'bat' = grad_mode='batched'; 'x kpass' = speed-up of the engine at d4)")
+    print(" 'd4' = the default grad_mode='auto', which takes the head path there; 'loop' = one")
+    print(" backward pass per class; 'bat' = grad_mode='batched'; 'x kpass' = speed-up of 'd4')")
     most = max(r["k"] for r in rows)
     for r in rows:
         if len(r["size"]) == 2 and r["k"] == most:
-            ok = r["d4_loop"] <= 1.5 and r["kpass"] / r["d4_loop"] >= 10
+            ok = r["d4_auto"] <= 1.5 and r["kpass"] / r["d4_auto"] >= 10
             print(
                 f"  {'PASS' if ok else 'FAIL'}  K={r['k']} {_size(r['size'])}: d4 "
-                f"{r['d4_loop']:.2f}x forward <= 1.5 and {r['kpass'] / r['d4_loop']:.1f}x faster "
+                f"{r['d4_auto']:.2f}x forward <= 1.5 and {r['kpass'] / r['d4_auto']:.1f}x faster "
                 "than kpass >= 10"
             )
         elif len(r["size"]) == 3:
-            ok = r["d4_loop"] <= 1.3
+            ok = r["d4_auto"] <= 1.3
             print(
                 f"  {'PASS' if ok else 'FAIL'}  3-D K={r['k']} {_size(r['size'])}: d4 "
-                f"{r['d4_loop']:.2f}x forward <= 1.3"
+                f"{r['d4_auto']:.2f}x forward <= 1.3"
             )
 
 

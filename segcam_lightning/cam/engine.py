@@ -17,7 +17,10 @@ How a call works (docs/architecture.md explains the facts behind each step):
    sigmoids for ``"binary"`` and ``"multilabel"``); for each class,
    ``torch.autograd.grad(scores[:, k].sum(), activations)`` gives every image its own gradient
    (images are independent in eval mode) for all layers at once. Never ``.backward()``, never
-   ``zero_grad()``: parameters' ``.grad`` are untouched.
+   ``zero_grad()``: parameters' ``.grad`` are untouched. The head path skips these passes for
+   Grad-CAM at a layer whose only way to the logits is a pointwise linear head (a 1×1
+   convolution, as after the seed's ``d4``): its weights are ``Wᵀ · mean(dS/dlogits)`` for all
+   classes at once (see :class:`_Heads`).
 4. CAM maths in float32 (float64 for a float64 model) under ``torch.no_grad()`` with autocast
    off: weights, weighted sum, ReLU at the layer's resolution, bilinear upsampling to the input
    size, raw maxima, normalisation. Everything stays on the model's device. A class whose
@@ -44,6 +47,7 @@ Example:
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -205,7 +209,9 @@ class CAMEngine:
         grad_mode: how per-class gradients are taken: ``"loop"`` (one
             ``autograd.grad`` per class, ``retain_graph`` between them), ``"batched"`` (one call
             with ``is_grads_batched=True``) or ``"auto"`` (batched for small inputs on a CUDA
-            device, else the loop; see :meth:`_use_batched`).
+            device, else the loop; see :meth:`_use_batched`). With ``"auto"``, Grad-CAM at a
+            layer that reaches the logits only through a 1×1 convolution (or is the logits)
+            takes no per-class gradient at all: the head path, see :class:`_Heads`.
 
     Raises:
         TypeError, ValueError: for invalid arguments; messages say what was expected.
@@ -316,8 +322,11 @@ class CAMEngine:
         autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         capture = _Capture(self.layer_names, self._modules, self.method.needs_gradients, x.ndim)
         guide = _GuidedReLU(unwrap_compiled(self.model)) if self.guided else None
+        heads = _Heads(unwrap_compiled(self.model), capture, x.ndim) if self._may_skip() else None
         with ExitStack() as stack:
             stack.enter_context(capture.hooks())
+            if heads is not None:
+                stack.enter_context(heads.hooks())
             if guide is not None:
                 x.requires_grad_(True)
                 stack.enter_context(guide.hooks())
@@ -343,18 +352,46 @@ class CAMEngine:
         with torch.no_grad(), torch.autocast(device_type, enabled=False):
             activations = [_at_least_float32(a.detach()) for a in capture.activations]
             if isinstance(self.method, _GradientCAM):
-                flow = _GradientFlow(x.shape[0], len(classes), x.device)
-                batched = guide is None and self._use_batched(len(classes), x)
-                if (
-                    guide is None
-                    and not batched
-                    and self._derive_one_class(kind, len(classes), scores.shape[1])
-                ):
-                    maps = self._gradient_maps_derived(scores, capture, activations, classes, flow)
-                else:
-                    maps, guided_backprop = self._gradient_maps(
-                        scores, class_scores, capture, activations, classes, x, guide, flow
+                if not scores.requires_grad:
+                    raise RuntimeError(
+                        f"The target scores do not depend on the hooked layers "
+                        f"{self.layer_names}: the target returned scores without a graph. A "
+                        "target must compute its scores from the logits it receives with "
+                        "differentiable operations."
                     )
+                flow = _GradientFlow(x.shape[0], len(classes), x.device)
+                weights = {} if heads is None else heads.weights(logits)
+                maps_at: dict[int, Tensor] = {}
+                if weights:
+                    # The head path: Grad-CAM weights without a backward pass.
+                    grads = self.target.mean_logit_gradients(float_logits, classes, masks, read)
+                    for i, head in weights.items():
+                        w = grads if head is None else grads @ head.to(grads.dtype)
+                        w = w.transpose(0, 1).to(activations[i].dtype)  # [K, B, C]
+                        flow.add_all(w)
+                        maps_at[i] = self.method.from_mean_gradients(  # type: ignore[attr-defined]
+                            activations[i], w
+                        ).transpose(0, 1)
+                rest = [i for i in range(len(activations)) if i not in maps_at]
+                if rest:
+                    layers = _Layers(
+                        [self.layer_names[i] for i in rest],
+                        [capture.activations[i] for i in rest],
+                        [activations[i] for i in rest],
+                    )
+                    batched = guide is None and self._use_batched(len(classes), x)
+                    if (
+                        guide is None
+                        and not batched
+                        and self._derive_one_class(kind, len(classes), scores.shape[1])
+                    ):
+                        found = self._gradient_maps_derived(scores, layers, classes, flow)
+                    else:
+                        found, guided_backprop = self._gradient_maps(
+                            scores, class_scores, layers, classes, x, guide, flow
+                        )
+                    maps_at.update(zip(rest, found, strict=True))
+                maps = [maps_at[i] for i in range(len(activations))]
                 flow.warn_if_blank(present[:, classes], classes, self.layer_names, kind)
             else:
                 probe = Probe(
@@ -386,8 +423,7 @@ class CAMEngine:
         self,
         scores: Tensor,
         class_scores: Sequence[Tensor],
-        capture: _Capture,
-        activations: list[Tensor],
+        layers: _Layers,
         classes: Tensor,
         x: Tensor,
         guide: _GuidedReLU | None,
@@ -395,20 +431,14 @@ class CAMEngine:
     ) -> tuple[list[Tensor], Tensor | None]:
         """Per-layer maps ``[B, K, *s]`` (and guided backprop) from one set of backward passes."""
         method: _GradientCAM = self.method  # type: ignore[assignment]
-        outputs = capture.activations
-        if not scores.requires_grad:
-            raise RuntimeError(
-                f"The target scores do not depend on the hooked layers {self.layer_names}: the "
-                "target returned scores without a graph. A target must compute its scores from "
-                "the logits it receives with differentiable operations."
-            )
+        outputs, activations = layers.outputs, layers.activations
         if guide is None and self._use_batched(len(classes), x):
             eye = torch.eye(scores.shape[1], device=scores.device, dtype=scores.dtype)
             cotangents = eye[classes].unsqueeze(1).expand(-1, scores.shape[0], -1).contiguous()
             grads = torch.autograd.grad(
                 scores, outputs, cotangents, is_grads_batched=True, allow_unused=True
             )
-            self._check_connected(grads)
+            _check_connected(layers.names, grads)
             for g in grads:
                 flow.add_all(g)
             # [K, B, *s] -> [B, K, *s]
@@ -422,7 +452,7 @@ class CAMEngine:
             grads = torch.autograd.grad(
                 score, outputs, retain_graph=not last or guide is not None, allow_unused=True
             )
-            self._check_connected(grads)
+            _check_connected(layers.names, grads)
             for maps, a, g in zip(per_layer, activations, grads, strict=True):
                 flow.add(g, j)
                 maps.append(method(a, g.to(a.dtype)))
@@ -450,12 +480,7 @@ class CAMEngine:
         )
 
     def _gradient_maps_derived(
-        self,
-        scores: Tensor,
-        capture: _Capture,
-        activations: list[Tensor],
-        classes: Tensor,
-        flow: _GradientFlow,
+        self, scores: Tensor, layers: _Layers, classes: Tensor, flow: _GradientFlow
     ) -> list[Tensor]:
         """Per-layer maps ``[B, K, *s]`` from K - 1 backward passes (all K classes wanted).
 
@@ -466,7 +491,7 @@ class CAMEngine:
         cotangent on ``scores``. Measured against K direct passes in the tests.
         """
         method: _GradientCAM = self.method  # type: ignore[assignment]
-        outputs = capture.activations
+        outputs, activations = layers.outputs, layers.activations
         num = len(classes)
         # Positions in `classes` per image: the K - 1 computed ones, then the derived one.
         order = scores.detach()[:, classes].argsort(dim=1, stable=True)
@@ -478,7 +503,7 @@ class CAMEngine:
             grads = torch.autograd.grad(
                 scores, outputs, cotangent, retain_graph=j < num - 2, allow_unused=True
             )
-            self._check_connected(grads)
+            _check_connected(layers.names, grads)
             for i, (a, g) in enumerate(zip(activations, grads, strict=True)):
                 g = g.to(a.dtype)
                 flow.add(g, order[:, j])
@@ -512,15 +537,15 @@ class CAMEngine:
             x.device.type, num_classes, x[:, 0].numel()
         )
 
-    def _check_connected(self, grads: Sequence[Tensor | None]) -> None:
-        for name, grad in zip(self.layer_names, grads, strict=True):
-            if grad is None:
-                raise RuntimeError(
-                    f"The target scores do not depend on layer {name!r}: its output is not used "
-                    "to compute the logits. Pick a layer on the path to the output (see "
-                    "segcam_lightning.cam.candidate_layers(model, example_input)). On torch < 2.6 "
-                    "a torch.compile'd model also gets here: pass the uncompiled module."
-                )
+    def _may_skip(self) -> bool:
+        """Whether a layer behind a pointwise head may take the head path (see :class:`_Heads`):
+        a method whose weights are the mean gradient (Grad-CAM), no guided backprop, and
+        ``grad_mode="auto"`` (``"loop"`` and ``"batched"`` always take per-class gradients)."""
+        return (
+            self.grad_mode == "auto"
+            and not self.guided
+            and getattr(self.method, "uses_mean_gradient", False)
+        )
 
     def _adapt(self, output: Any, images: Tensor) -> Tensor:
         """The logits in the model's output; they have as many dimensions as ``images``."""
@@ -549,6 +574,102 @@ class CAMEngine:
         return _at_least_float32(logits)
 
 
+def _check_connected(names: Sequence[str], grads: Sequence[Tensor | None]) -> None:
+    for name, grad in zip(names, grads, strict=True):
+        if grad is None:
+            raise RuntimeError(
+                f"The target scores do not depend on layer {name!r}: its output is not used "
+                "to compute the logits. Pick a layer on the path to the output (see "
+                "segcam_lightning.cam.candidate_layers(model, example_input)). On torch < 2.6 "
+                "a torch.compile'd model also gets here: pass the uncompiled module."
+            )
+
+
+@dataclass(frozen=True)
+class _Layers:
+    """The hooked layers that take per-class gradients: names, kept outputs (the tensors the
+    gradients are taken w.r.t.) and their float32 (float64) detached copies for the maths."""
+
+    names: list[str]
+    outputs: list[Tensor]
+    activations: list[Tensor]
+
+
+_POINTWISE_CONVS = {4: nn.Conv2d, 5: nn.Conv3d}
+
+
+class _Heads:
+    """Finds hooked layers whose only way to the logits is a pointwise linear head.
+
+    Grad-CAM's weights at a layer ``A`` with ``logits = W · A + b`` at every position (a 1×1
+    convolution, stride 1, no padding, one group; or ``A`` is the logits, ``W = I``) are
+    ``mean_p dS/dA(p) = Wᵀ · mean_p dS/dlogits(p)``: one ``[K, K_all] × [K_all, C]`` product per
+    image from the target's :meth:`~segcam_lightning.cam.targets.Target.mean_logit_gradients`,
+    instead of a backward pass per class that writes a ``[B, C, h, w]`` gradient. Equal in exact
+    arithmetic; the tests compare both paths.
+
+    The structure is read from the forward, not assumed: a forward hook on every plain
+    ``nn.Conv2d`` (``nn.Conv3d`` for volumes) with a 1×1 kernel notes when one receives the very
+    tensor a hooked layer handed downstream, unmodified (same object, same version counter), and
+    :meth:`weights` accepts it only when its output is, unmodified, the tensor the output adapter
+    returns as logits. Subclasses of the convolutions (they may change the forward) and
+    parametrised weights are not recognised; those layers take the general path.
+    """
+
+    def __init__(self, model: nn.Module, capture: _Capture, ndim: int) -> None:
+        conv = _POINTWISE_CONVS.get(ndim)
+        self.convs = [m for m in model.modules() if conv is not None and _is_pointwise(m, conv)]
+        self.capture = capture
+        # (layer index, head weight [K_all, C], weak reference to the output, its version)
+        self._found: list[tuple[int, Tensor, weakref.ref[Tensor], int]] = []
+
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        handles = []
+        try:
+            for module in self.convs:
+                handles.append(module.register_forward_hook(self._hook))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if not inputs or not isinstance(output, Tensor):
+            return
+        index = self.capture.handed_index(inputs[0])
+        if index is not None:
+            weight = module.weight.detach().flatten(1)  # type: ignore[union-attr]
+            self._found.append((index, weight, weakref.ref(output), output._version))
+
+    def weights(self, logits: Tensor) -> dict[int, Tensor | None]:
+        """Layer index -> head weight ``[K_all, C]`` (``None``: the layer is the logits) for
+        every hooked layer the head path may serve."""
+        found: dict[int, Tensor | None] = {}
+        for index, weight, output, version in self._found:
+            if output() is logits and logits._version == version:
+                found[index] = weight
+        index = self.capture.handed_index(logits)
+        if index is not None:
+            found[index] = None
+        return found
+
+
+def _is_pointwise(module: nn.Module, conv: type[nn.Module]) -> bool:
+    """A plain convolution of type ``conv`` with a 1×1 kernel, stride 1, no padding, one group
+    and an ordinary weight (not parametrised)."""
+    if type(module) is not conv:
+        return False
+    padding = module.padding  # type: ignore[attr-defined]
+    return (
+        all(k == 1 for k in module.kernel_size)  # type: ignore[attr-defined]
+        and all(s == 1 for s in module.stride)  # type: ignore[attr-defined]
+        and (padding in ("valid", "same") or all(p == 0 for p in padding))
+        and module.groups == 1  # type: ignore[attr-defined]
+        and isinstance(module._parameters.get("weight"), Tensor)
+    )
+
+
 class _Capture:
     """Forward hooks that keep each hooked layer's output for the gradients.
 
@@ -568,6 +689,9 @@ class _Capture:
         self.ndim = ndim
         self.activations: list[Tensor] = []
         self._slots: list[Tensor | None] = [None] * len(names)
+        # What each layer handed downstream (weakly: downstream may free it), and its version
+        # counter then.
+        self._handed: list[tuple[weakref.ref[Tensor], int] | None] = [None] * len(names)
 
     @contextmanager
     def hooks(self) -> Iterator[_Capture]:
@@ -613,7 +737,17 @@ class _Capture:
             self._slots[index] = output.detach().requires_grad_(True)
         # Downstream gets a copy, so in-place ops after the layer cannot change the kept
         # activation (nor touch a leaf that requires grad).
-        return self._slots[index].clone()  # type: ignore[union-attr]
+        handed = self._slots[index].clone()  # type: ignore[union-attr]
+        self._handed[index] = (weakref.ref(handed), handed._version)
+        return handed
+
+    def handed_index(self, tensor: Tensor) -> int | None:
+        """The index of the layer that handed ``tensor`` downstream, if it is still as handed
+        (not modified in place since), else ``None``."""
+        for index, entry in enumerate(self._handed):
+            if entry is not None and entry[0]() is tensor and tensor._version == entry[1]:
+                return index
+        return None
 
     def check_ran(self) -> None:
         missing = [name for name, slot in zip(self.names, self._slots, strict=True) if slot is None]

@@ -101,6 +101,10 @@ class _CAM:
 class _GradientCAM(_CAM, ABC):
     """A method whose map is ``ReLU(sum_k w_k A_k)`` with weights from the gradients."""
 
+    #: The weights are the gradients' spatial mean and nothing else (Grad-CAM): the engine may
+    #: then compute that mean without a backward pass (see :meth:`from_mean_gradients`).
+    uses_mean_gradient: ClassVar[bool] = False
+
     @abstractmethod
     def _get_weights(self, activations: Tensor, gradients: Tensor, spatial_dims: int) -> Tensor:
         """Weights ``[..., C]`` (per channel) or ``[..., C, *s]`` (per element), reducing over
@@ -130,9 +134,20 @@ class GradCAM(_GradientCAM):
     """
 
     name = "gradcam"
+    uses_mean_gradient = True
 
     def _get_weights(self, activations: Tensor, gradients: Tensor, spatial_dims: int) -> Tensor:
         return FC.gradcam_weights(activations, gradients, spatial_dims)
+
+    def from_mean_gradients(self, activations: Tensor, mean_gradients: Tensor) -> Tensor:
+        """Maps from the weights directly: the spatial means ``[..., B, C]`` of the class
+        scores' gradients (``w_k`` above), computed by the caller; the result is the same as
+        ``self(activations, gradients)`` for gradients with those means.
+
+        Returns:
+            ``[..., B, *s]`` non-negative maps at the layer's resolution.
+        """
+        return self._combine(mean_gradients, activations, activations.ndim - 2)
 
 
 class HiResCAM(_GradientCAM):

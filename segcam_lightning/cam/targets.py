@@ -124,6 +124,54 @@ class Target(ABC):
     ) -> TargetOutput:
         """Reduce logits ``[B, K, H, W]`` to scores ``[B, K]`` (and ``present`` ``[B, K]``)."""
 
+    def mean_logit_gradients(
+        self,
+        logits: Tensor,
+        classes: Tensor,
+        masks: Tensor | None = None,
+        reading: Reading = SOFTMAX,
+    ) -> Tensor:
+        """Spatial means of the score gradients w.r.t. the logits, for every image at once.
+
+        ``G[b, i, j] = mean_p d score[b, classes[i]] / d logits[b, j, p]`` over the logits' ``N``
+        positions ``p``. With it the engine gets Grad-CAM's weights at a layer that reaches the
+        logits through a pointwise linear head ``logits = W · A + b`` without a backward pass:
+        ``w = G · W`` (``CAMEngine``'s head path).
+
+        This default takes one backward pass per class through the target alone (on a detached
+        copy of the logits, so any differentiable target works); built-in targets override it
+        with a closed form, which the tests compare with this one.
+
+        Args:
+            logits: ``[B, K, *S]`` float logits (no graph needed).
+            classes: ``[K_sel]`` long indices of the classes wanted.
+            masks, reading: as for the call.
+
+        Returns:
+            ``[B, K_sel, K]`` in the logits' dtype.
+
+        Raises:
+            RuntimeError: when the scores do not depend on the logits differentiably.
+        """
+        leaf = logits.detach().requires_grad_(True)
+        with torch.enable_grad():
+            scores = self(leaf, masks, reading).scores
+            if not scores.requires_grad:
+                raise RuntimeError(
+                    f"The scores of target {self.name!r} do not depend on the logits: it "
+                    "returned scores without a graph. A target must compute its scores from the "
+                    "logits it receives with differentiable operations."
+                )
+            # One scalar per class: summing over the batch gives each image its own gradient.
+            class_scores = scores[:, classes].sum(dim=0).unbind()
+        rows = []
+        for i, score in enumerate(class_scores):
+            last = i == len(class_scores) - 1
+            (grad,) = torch.autograd.grad(score, leaf, retain_graph=not last, allow_unused=True)
+            grad = torch.zeros_like(leaf) if grad is None else grad
+            rows.append(grad.flatten(2).mean(dim=-1))
+        return torch.stack(rows, dim=1)
+
     def scorer(
         self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
     ) -> Scorer:
@@ -173,6 +221,35 @@ class SoftmaxMean(Target):
         scores = probs.mean(dim=tuple(range(-n, 0)))
         return TargetOutput(scores, torch.ones_like(scores, dtype=torch.bool))
 
+    def mean_logit_gradients(
+        self,
+        logits: Tensor,
+        classes: Tensor,
+        masks: Tensor | None = None,
+        reading: Reading = SOFTMAX,
+    ) -> Tensor:
+        """Closed form of :meth:`Target.mean_logit_gradients`, one matrix product.
+
+        With ``P`` the probabilities over the ``N`` positions, ``d score_k / d logit_j(p)`` is
+        ``P_k(p) (δ_kj - P_j(p)) / N`` for a softmax and ``δ_kj P_k(p) (1 - P_k(p)) / N`` for
+        sigmoids, so ``G_kj = (δ_kj sum_p P_k (1 - P_k) - [j != k] sum_p P_k P_j) / N²`` (the
+        sigmoid form without the second term). The diagonal is summed as ``P (1 - P)``, as the
+        softmax's backward computes it, not as the difference of two sums.
+        """
+        del masks
+        probs = logits.detach().flatten(2)
+        n = probs.shape[-1]
+        probs = probs.softmax(dim=1) if reading.kind == "multiclass" else probs.sigmoid()
+        wanted = probs[:, classes]  # [B, K_sel, N]
+        diagonal = (wanted * (1 - wanted)).sum(dim=-1) / n**2
+        if reading.kind == "multiclass":
+            grads = torch.bmm(wanted, probs.transpose(1, 2)).div_(-(n**2))
+        else:
+            grads = probs.new_zeros(probs.shape[0], len(classes), probs.shape[1])
+        rows = torch.arange(len(classes), device=grads.device)
+        grads[:, rows, classes] = diagonal
+        return grads
+
 
 class RegionTarget(Target):
     """A class logit summed over a region: ``score[b, c] = sum_ij (region · logits)[b, c, i, j]``.
@@ -193,6 +270,22 @@ class RegionTarget(Target):
         scores = _spatial_sum(logits * region)
         present = region.flatten(2).ne(0).any(dim=-1)
         return TargetOutput(scores, present)
+
+    def mean_logit_gradients(
+        self,
+        logits: Tensor,
+        classes: Tensor,
+        masks: Tensor | None = None,
+        reading: Reading = SOFTMAX,
+    ) -> Tensor:
+        """Closed form of :meth:`Target.mean_logit_gradients`: ``d score_k / d logit_j(p)`` is
+        ``δ_kj region_k(p)``, so ``G`` is diagonal with the region's mean."""
+        logits = logits.detach()
+        region = self.region(logits, masks, reading)[:, classes].to(logits.dtype)
+        grads = logits.new_zeros(logits.shape[0], len(classes), logits.shape[1])
+        rows = torch.arange(len(classes), device=grads.device)
+        grads[:, rows, classes] = region.flatten(2).mean(dim=-1)
+        return grads
 
     def scorer(
         self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
