@@ -18,6 +18,7 @@ from segcam_lightning.cam import (
     CAMEngine,
     GradCAM,
     LayerInfo,
+    LogitMargin,
     LogitRegion,
     PixelTarget,
     ScoreCAM,
@@ -598,6 +599,38 @@ def test_logit_region_scores(net: UNet, images: torch.Tensor) -> None:
         torch.testing.assert_close(result.scores[:, k], expected)
 
 
+def test_logit_margin_scores(images: torch.Tensor) -> None:
+    """Per pixel, one class's logit minus its strongest competitor's, written out class by
+    class: with background 0, an object class competes with the other object classes only."""
+    torch.manual_seed(3)
+    net = UNet(num_classes=4, base_width=4).eval()
+    with torch.no_grad():
+        logits = net(images)
+    pred = logits.argmax(1)
+    for background, rivals in (
+        (0, {0: [1, 2, 3], 1: [2, 3], 2: [1, 3], 3: [1, 2]}),
+        (2, {0: [1, 3], 1: [0, 3], 2: [0, 1, 3], 3: [0, 1]}),
+        (None, {0: [1, 2, 3], 1: [0, 2, 3], 2: [0, 1, 3], 3: [0, 1, 2]}),
+    ):
+        target = LogitMargin(background=background)
+        result = CAMEngine(net, [D4], target=target)(images)
+        for k, others in rivals.items():
+            margin = logits[:, k] - logits[:, others].amax(dim=1)
+            expected = (margin * (pred == k)).sum(dim=(1, 2))
+            torch.testing.assert_close(result.scores[:, k], expected)
+    # Sigmoid channels decide alone: the margin is the logit, as for logit_region.
+    for kind in ("binary", "multilabel"):
+        model = make_net() if kind == "multilabel" else UNet(num_classes=1, base_width=4).eval()
+        margin = CAMEngine(model, [D4], target="logit_margin", output_kind=kind)(images)
+        region = CAMEngine(model, [D4], target="logit_region", output_kind=kind)(images)
+        torch.testing.assert_close(margin.scores, region.scores)
+        torch.testing.assert_close(margin.cams, region.cams)
+    with pytest.raises(ValueError, match="background"):
+        LogitMargin(background=-1)
+    with pytest.raises(ValueError, match=r"background=5\) names a class the logits do not have"):
+        CAMEngine(net, [D4], target=LogitMargin(background=5))(images)
+
+
 def test_gt_region_labels_and_per_class_masks(net: UNet, images: torch.Tensor) -> None:
     labels = torch.zeros(2, 32, 32, dtype=torch.long)
     labels[:, 8:20, 4:30] = 1
@@ -738,8 +771,8 @@ def test_argument_errors(net: UNet) -> None:
         CAMEngine(net, [D4], method=3)  # type: ignore[arg-type]
     with pytest.raises(
         ValueError,
-        match=r"Expected `target` to be one of \['gt_region', 'logit_region', 'softmax_mean'\]"
-        r".*got 'mean'",
+        match=r"Expected `target` to be one of \['gt_region', 'logit_margin', 'logit_region', "
+        r"'softmax_mean'\].*got 'mean'",
     ):
         CAMEngine(net, [D4], target="mean")
     with pytest.raises(TypeError, match=r"Expected `target` to be one of .* but got int"):

@@ -20,13 +20,15 @@ from torch import nn
 from segcam_lightning.cam import (
     BoxTarget,
     CAMEngine,
+    GradCAM,
     GTRegion,
+    LogitMargin,
     LogitRegion,
     PixelTarget,
     SoftmaxMean,
     Target,
 )
-from segcam_lightning.cam.targets import Reading
+from segcam_lightning.cam.targets import SOFTMAX, Reading
 from segcam_lightning.models import UNet
 
 D4, E4 = "d4.conv.conv.5", "e4.conv.conv.5"
@@ -56,10 +58,18 @@ def test_closed_forms_equal_autograd(kind: str, dims: int) -> None:
     gen = torch.Generator().manual_seed(dims * 10 + k)
     size = (8, 12) if dims == 2 else (4, 6, 8)
     logits = torch.randn(2, k, *size, generator=gen, dtype=torch.float64) * 6
+    logits[1] = logits[1].round()  # ties, as quantised (half-precision) logits have them
     labels = torch.randint(0, max(k, 2), (2, *size), generator=gen)
     labels[:, 0, 0] = 255  # an ignore index belongs to no class
     reading = Reading(kind, 0.3)
-    targets = [SoftmaxMean(), LogitRegion(), GTRegion(), *window_targets(dims)]
+    targets = [
+        SoftmaxMean(),
+        LogitRegion(),
+        LogitMargin(),
+        LogitMargin(background=None),
+        GTRegion(),
+        *window_targets(dims),
+    ]
     for classes in ([*range(k)], [*range(k)][::-1][:2]):
         wanted = torch.tensor(classes)
         for target in targets:
@@ -105,7 +115,7 @@ def test_head_path_equals_per_class_gradients(
     labels = torch.randint(0, 2, (2, *size), generator=torch.Generator().manual_seed(4))
     calls = layer_grad_calls(monkeypatch)
     subsets = [None] if kind == "binary" else [None, [2, 0]]
-    for target in ("softmax_mean", "logit_region", "gt_region", scaled_sum):
+    for target in ("softmax_mean", "logit_region", "logit_margin", "gt_region", scaled_sum):
         for layers in ([D4], ["outputs"], [E4, D4]):
             for classes in subsets:
                 options = {"target": target, "normalize": "none", "output_kind": kind}
@@ -159,6 +169,17 @@ class SquaringConv(nn.Conv2d):
         return super().forward(x * x)
 
 
+def hooked(module: nn.Module) -> nn.Module:
+    module.register_forward_hook(lambda _m, _i, out: out * 2)
+    return module
+
+
+def tensor_hooked(logits: torch.Tensor) -> torch.Tensor:
+    if logits.requires_grad:
+        logits.register_hook(lambda grad: grad * 3)  # scales every gradient the loop takes
+    return logits
+
+
 class Plain(Body):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -173,7 +194,12 @@ class Plain(Body):
         (Plain(SquaringConv(6, 3, 1)), None),
         (Plain(nn.Conv2d(6, 3, 1, stride=2)), None),  # low-resolution logits
         (Plain(nn.Conv2d(6, 3, 3, padding=1)), None),
+        (Plain(nn.Conv2d(6, 3, 3)), None),  # 3x3 without padding: smaller logits
+        (Plain(nn.Conv2d(6, 3, 1, padding=1)), None),  # 1x1 with a zero border
+        (Plain(nn.Conv2d(6, 4, 1, groups=2)), None),
+        (Plain(hooked(nn.Conv2d(6, 3, 1))), None),  # a hook replaces the head's output
         (Plain(nn.Conv2d(6, 3, 1)), lambda out: out * 2),  # the adapter changes the logits
+        (Plain(nn.Conv2d(6, 3, 1)), lambda out: tensor_hooked(out)),
     ],
     ids=[
         "in-place-after",
@@ -182,7 +208,12 @@ class Plain(Body):
         "subclass",
         "strided",
         "3x3",
+        "3x3-valid",
+        "1x1-padded",
+        "groups",
+        "module-hook",
         "adapter",
+        "tensor-hook",
     ],
 )
 def test_head_path_declines_heads_it_cannot_prove(
@@ -200,12 +231,72 @@ def test_head_path_declines_heads_it_cannot_prove(
         close(auto.cams, loop.cams)
 
 
-def test_head_path_is_taken_for_a_plain_head_and_matches(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same small model with a plain 1×1 head: no per-class pass, the same maps."""
-    model = Plain(nn.Conv2d(6, 3, 1)).double().eval()
+@pytest.mark.parametrize("padding", [0, "valid", "same"])
+def test_head_path_is_taken_for_a_plain_head_and_matches(
+    padding: int | str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same small model with a plain 1×1 head (any way of saying "no padding", dilation and
+    a bias change nothing): no per-class pass, the same maps."""
+    model = Plain(nn.Conv2d(6, 3, 1, padding=padding, dilation=2)).double().eval()
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5)).double()
     calls = layer_grad_calls(monkeypatch)
     auto = CAMEngine(model, "body.1", normalize="none")(x)
     assert calls.count(True) == 0
     loop = CAMEngine(model, "body.1", normalize="none", grad_mode="loop")(x)
     close(auto.cams, loop.cams)
+
+
+def test_head_path_in_float32_and_under_autocast() -> None:
+    """Float32: both paths round differently; sums of ~1e3 products of O(1) terms in float32
+    differ by ~1e3 · 6e-8 ≈ 1e-4 of the largest term at most, hence 1e-3 of the largest map
+    value. Under bf16 autocast the loop's backward runs in bf16 (8 bits of mantissa, ~4e-3),
+    the head path in float32 from the bf16 logits: within 5e-2 of the largest value."""
+    torch.manual_seed(0)
+    net = UNet(num_classes=4, base_width=4).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    for target in ("softmax_mean", "logit_region", "logit_margin"):
+        head = CAMEngine(net, [D4], target=target, normalize="none")(x)
+        loop = CAMEngine(net, [D4], target=target, normalize="none", grad_mode="loop")(x)
+        scale = loop.cams.abs().max()
+        assert scale > 0
+        torch.testing.assert_close(head.cams / scale, loop.cams / scale, atol=1e-3, rtol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            head = CAMEngine(net, [D4], target=target)(x)
+            loop = CAMEngine(net, [D4], target=target, grad_mode="loop")(x)
+        torch.testing.assert_close(head.cams, loop.cams, atol=5e-2, rtol=0)
+
+
+class DoubledWeights(GradCAM):
+    """A Grad-CAM variant with its own weights: it must get per-class gradients."""
+
+    def _get_weights(self, activations, gradients, spatial_dims):
+        return 2 * super()._get_weights(activations, gradients, spatial_dims).abs()
+
+
+class Tempered(SoftmaxMean):
+    """A user's softmax target with a temperature: the closed form of SoftmaxMean is wrong for
+    it, so the autograd default must be used."""
+
+    def __call__(self, logits, masks=None, reading=SOFTMAX):
+        return super().__call__(logits / 3, masks, reading)
+
+
+def test_subclasses_that_change_the_maths_do_not_inherit_shortcuts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net = unet(3)
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(7)).double()
+    calls = layer_grad_calls(monkeypatch)
+    CAMEngine(net, [D4], method=DoubledWeights())(x)
+    assert calls.count(True) > 0
+    for target in (Tempered(), LogitMargin()):
+        options = {"target": target, "normalize": "none"}
+        head = CAMEngine(net, [D4], **options)(x)
+        loop = CAMEngine(net, [D4], grad_mode="loop", **options)(x)
+        close(head.cams, loop.cams)
+    logits = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    wanted = torch.arange(3)
+    close(
+        Tempered().mean_logit_gradients(logits, wanted),
+        Target.mean_logit_gradients(Tempered(), logits, wanted),
+    )

@@ -8,8 +8,8 @@ Images ``[B, C, H, W]`` and volumes ``[B, C, D, H, W]`` (3-D models) alike: maps
 - methods (``methods.py``): :class:`GradCAM`, :class:`HiResCAM`, :class:`XGradCAM`,
   :class:`GradCAMpp`, :class:`LayerCAM`, :class:`ScoreCAM`, :class:`EigenCAM`,
   :class:`GuidedGradCAM`.
-- targets (``targets.py``): :class:`SoftmaxMean`, :class:`LogitRegion`, :class:`GTRegion`,
-  :class:`PixelTarget`, :class:`BoxTarget`, or any callable.
+- targets (``targets.py``): :class:`SoftmaxMean`, :class:`LogitRegion`, :class:`LogitMargin`,
+  :class:`GTRegion`, :class:`PixelTarget`, :class:`BoxTarget`, or any callable.
 - :func:`find_layer`, :func:`candidate_layers` (``layers.py``).
 - pure maths in :mod:`segcam_lightning.cam.functional`, among them :func:`predicted_masks` and
   :func:`class_regions` (what the model predicts, and ground truth as per-class regions, for
@@ -56,6 +56,7 @@ from segcam_lightning.cam.targets import (
     BoxTarget,
     CallableTarget,
     GTRegion,
+    LogitMargin,
     LogitRegion,
     PixelTarget,
     Reading,
@@ -86,6 +87,7 @@ __all__ = [
     "HiResCAM",
     "LayerCAM",
     "LayerInfo",
+    "LogitMargin",
     "LogitRegion",
     "PixelTarget",
     "Reading",

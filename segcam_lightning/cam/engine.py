@@ -618,7 +618,19 @@ class _Heads:
 
     def __init__(self, model: nn.Module, capture: _Capture, ndim: int) -> None:
         conv = _POINTWISE_CONVS.get(ndim)
-        self.convs = [m for m in model.modules() if conv is not None and _is_pointwise(m, conv)]
+        # Global module hooks may change any output: then nothing is proven.
+        hooked = any(
+            getattr(torch.nn.modules.module, name)
+            for name in (
+                "_global_forward_hooks",
+                "_global_forward_pre_hooks",
+                "_global_backward_hooks",
+                "_global_backward_pre_hooks",
+            )
+        )
+        self.convs = [
+            m for m in model.modules() if conv is not None and not hooked and _is_pointwise(m, conv)
+        ]
         self.capture = capture
         # (layer index, head weight [K_all, C], weak reference to the output, its version)
         self._found: list[tuple[int, Tensor, weakref.ref[Tensor], int]] = []
@@ -638,7 +650,7 @@ class _Heads:
         if not inputs or not isinstance(output, Tensor):
             return
         index = self.capture.handed_index(inputs[0])
-        if index is not None:
+        if index is not None and not inputs[0]._backward_hooks:
             weight = module.weight.detach().flatten(1)  # type: ignore[union-attr]
             self._found.append((index, weight, weakref.ref(output), output._version))
 
@@ -646,6 +658,8 @@ class _Heads:
         """Layer index -> head weight ``[K_all, C]`` (``None``: the layer is the logits) for
         every hooked layer the head path may serve."""
         found: dict[int, Tensor | None] = {}
+        if getattr(logits, "_backward_hooks", None):
+            return found  # a tensor hook would change the gradients the loop takes
         for index, weight, output, version in self._found:
             if output() is logits and logits._version == version:
                 found[index] = weight
@@ -656,9 +670,18 @@ class _Heads:
 
 
 def _is_pointwise(module: nn.Module, conv: type[nn.Module]) -> bool:
-    """A plain convolution of type ``conv`` with a 1×1 kernel, stride 1, no padding, one group
-    and an ordinary weight (not parametrised)."""
-    if type(module) is not conv:
+    """A plain convolution of type ``conv`` with a 1×1 kernel, stride 1, no padding, one group,
+    an ordinary weight (not parametrised) and no hooks of its own (a hook may replace its output
+    or its gradients)."""
+    if type(module) is not conv or any(
+        getattr(module, name)
+        for name in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        )
+    ):
         return False
     padding = module.padding  # type: ignore[attr-defined]
     return (

@@ -101,9 +101,12 @@ class _CAM:
 class _GradientCAM(_CAM, ABC):
     """A method whose map is ``ReLU(sum_k w_k A_k)`` with weights from the gradients."""
 
-    #: The weights are the gradients' spatial mean and nothing else (Grad-CAM): the engine may
-    #: then compute that mean without a backward pass (see :meth:`from_mean_gradients`).
-    uses_mean_gradient: ClassVar[bool] = False
+    @property
+    def uses_mean_gradient(self) -> bool:
+        """Whether the weights are the gradients' spatial mean and nothing else (Grad-CAM's own
+        :meth:`_get_weights`): the engine may then compute that mean without a backward pass
+        and call ``from_mean_gradients``. A subclass that changes the weights is not."""
+        return False
 
     @abstractmethod
     def _get_weights(self, activations: Tensor, gradients: Tensor, spatial_dims: int) -> Tensor:
@@ -134,7 +137,11 @@ class GradCAM(_GradientCAM):
     """
 
     name = "gradcam"
-    uses_mean_gradient = True
+
+    @property
+    def uses_mean_gradient(self) -> bool:
+        kind = type(self)
+        return kind._get_weights is GradCAM._get_weights and kind.__call__ is GradCAM.__call__
 
     def _get_weights(self, activations: Tensor, gradients: Tensor, spatial_dims: int) -> Tensor:
         return FC.gradcam_weights(activations, gradients, spatial_dims)

@@ -8,6 +8,8 @@ so a target says how to reduce them to one score per class and image:
 - :class:`LogitRegion` (``"logit_region"``): Seg-Grad-CAM (Vinogradova et al., 2020,
   https://arxiv.org/abs/2002.11434): the class logit summed over the pixels predicted as that
   class. A class predicted nowhere has an empty region: its map is all zero and flagged absent.
+- :class:`LogitMargin` (``"logit_margin"``): contrastive, the class logit minus its strongest
+  competitor's (the background competes with no object class) over the predicted region.
 - :class:`GTRegion` (``"gt_region"``): the same over the ground-truth pixels of the class.
 - :class:`PixelTarget`, :class:`BoxTarget`: the class logit at one pixel or summed over a box.
 - any callable ``f(logits, masks) -> scores`` or ``-> (scores, present)``.
@@ -52,6 +54,7 @@ __all__ = [
     "BoxTarget",
     "CallableTarget",
     "GTRegion",
+    "LogitMargin",
     "LogitRegion",
     "PixelTarget",
     "Reading",
@@ -236,7 +239,8 @@ class SoftmaxMean(Target):
         sigmoid form without the second term). The diagonal is summed as ``P (1 - P)``, as the
         softmax's backward computes it, not as the difference of two sums.
         """
-        del masks
+        if not _own(self, SoftmaxMean, "__call__"):
+            return super().mean_logit_gradients(logits, classes, masks, reading)
         probs = logits.detach().flatten(2)
         n = probs.shape[-1]
         probs = probs.softmax(dim=1) if reading.kind == "multiclass" else probs.sigmoid()
@@ -279,7 +283,10 @@ class RegionTarget(Target):
         reading: Reading = SOFTMAX,
     ) -> Tensor:
         """Closed form of :meth:`Target.mean_logit_gradients`: ``d score_k / d logit_j(p)`` is
-        ``δ_kj region_k(p)``, so ``G`` is diagonal with the region's mean."""
+        ``δ_kj region_k(p)``, so ``G`` is diagonal with the region's mean. Built-in regions
+        only: a subclass's own region may depend on the logits differentiably."""
+        if not _own(self, RegionTarget, "__call__") or type(self).region not in _FIXED_REGIONS:
+            return super().mean_logit_gradients(logits, classes, masks, reading)
         logits = logits.detach()
         region = self.region(logits, masks, reading)[:, classes].to(logits.dtype)
         grads = logits.new_zeros(logits.shape[0], len(classes), logits.shape[1])
@@ -312,6 +319,115 @@ class LogitRegion(RegionTarget):
         k = logits.shape[1]
         predicted = FC.predicted_masks(logits.detach(), reading.kind, reading.threshold)
         return FC.class_regions(predicted, range(k), k, reading.kind, spatial_dims=logits.ndim - 2)
+
+
+class LogitMargin(LogitRegion):
+    """Contrastive Seg-Grad-CAM: over the pixels predicted as class ``k``, the margin of ``k``'s
+    logit over its strongest competitor, ``score[b, k] = sum_p region_k(p) · (z_k(p) -
+    max_{j in C_k} z_j(p))``.
+
+    Where ``logit_region`` asks what makes a pixel class ``k`` at all (for an object: mostly
+    what tells it from the background), the margin asks what tells ``k`` apart from the class it
+    is most easily taken for. ``background`` (default 0, the usual label of background) is no
+    competitor of the other classes: an object class competes with the other object classes,
+    the background with every class. With only one object class, or ``background=None``, every
+    other class competes.
+
+    The region is the prediction, as for ``logit_region``. Binary and multi-label outputs have
+    independent channels, each its own decision against "not this class": there the margin is
+    the logit itself and this target equals ``logit_region``.
+
+    Args:
+        background: the background class index, or ``None`` for none.
+    """
+
+    name = "logit_margin"
+
+    def __init__(self, background: int | None = 0) -> None:
+        if background is not None and (
+            isinstance(background, bool) or not isinstance(background, int) or background < 0
+        ):
+            raise ValueError(
+                f"Expected `background` to be a class index (int >= 0) or None, but got "
+                f"{background!r}."
+            )
+        self.background = background
+
+    def _rivals(self, logits: Tensor) -> Tensor:
+        """``[B, K, *S]`` long: each class's strongest competitor at each pixel.
+
+        From the top two of the competing pool: the object classes (all classes but the
+        background; all classes without one, or with only one object class). A class in the
+        pool competes with the pool's best, or its second best where it is the best itself; the
+        background competes with the pool's best. The top two take ``O(B·K·N)`` memory, where a
+        masked maximum per class would keep ``K`` copies of the logits for the backward.
+        """
+        k = logits.shape[1]
+        b = self.background
+        if b is not None and b >= k:
+            raise ValueError(
+                f"LogitMargin(background={b}) names a class the logits do not have: they have "
+                f"{k} channels. Pass a class index below {k}, or background=None."
+            )
+        pool = [c for c in range(k) if c != b] if b is not None and k > 2 else list(range(k))
+        index = torch.tensor(pool, device=logits.device)
+        top = logits.index_select(1, index).topk(2, dim=1).indices  # positions in `pool`
+        best, second = index[top[:, 0]], index[top[:, 1]]  # [B, *S] class indices
+        rivals = [best if c not in pool else torch.where(best == c, second, best) for c in range(k)]
+        return torch.stack(rivals, dim=1)
+
+    def _margins(self, logits: Tensor) -> Tensor:
+        """``[B, K, *S]``: each class's logit minus its strongest competitor's, per pixel."""
+        return logits - logits.gather(1, self._rivals(logits.detach()))
+
+    def __call__(
+        self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
+    ) -> TargetOutput:
+        if reading.kind != "multiclass":
+            return super().__call__(logits, masks, reading)
+        FC.spatial_dims_of(logits)
+        region = self.region(logits, masks, reading).to(logits.dtype)
+        scores = _spatial_sum(self._margins(logits) * region)
+        present = region.flatten(2).ne(0).any(dim=-1)
+        return TargetOutput(scores, present)
+
+    def scorer(
+        self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
+    ) -> Scorer:
+        if reading.kind != "multiclass":
+            return super().scorer(logits, masks, reading)
+        region = self.region(logits, masks, reading).to(logits.dtype).detach()
+
+        def score(out: Tensor, source: Tensor) -> Tensor:
+            return _spatial_sum(self._margins(out) * region[source])
+
+        return score
+
+    def mean_logit_gradients(
+        self,
+        logits: Tensor,
+        classes: Tensor,
+        masks: Tensor | None = None,
+        reading: Reading = SOFTMAX,
+    ) -> Tensor:
+        """Closed form of :meth:`Target.mean_logit_gradients`: ``+1`` for the class and ``-1``
+        for its strongest competitor at the pixel, inside the region."""
+        if reading.kind != "multiclass" or not _own(self, LogitMargin, "__call__", "_margins"):
+            return super().mean_logit_gradients(logits, classes, masks, reading)
+        logits = logits.detach()
+        b, k = logits.shape[:2]
+        region = self.region(logits, masks, reading).to(logits.dtype).flatten(2)  # [B, K, N]
+        n = region.shape[-1]
+        rivals = self._rivals(logits).flatten(2)  # [B, K, N]
+        grads = logits.new_zeros(b, len(classes), k)
+        for i, c in enumerate(classes.tolist()):
+            against = logits.new_zeros(b, k).scatter_add_(1, rivals[:, c], region[:, c])
+            grads[:, i] = -against / n
+            grads[:, i, c] += region[:, c].sum(dim=-1) / n
+        return grads
+
+    def __repr__(self) -> str:
+        return f"LogitMargin(background={self.background})"
 
 
 class GTRegion(RegionTarget):
@@ -525,10 +641,20 @@ class CallableTarget(Target):
         return f"CallableTarget({self.name})"
 
 
+def _own(target: Target, owner: type, *names: str) -> bool:
+    """Whether ``target`` uses ``owner``'s own ``names`` (a subclass that overrides how scores
+    are computed must not inherit ``owner``'s closed-form gradients)."""
+    return all(getattr(type(target), name) is getattr(owner, name) for name in names)
+
+
+#: Regions that are constant for the gradient (a prediction, masks, a window).
+_FIXED_REGIONS = (LogitRegion.region, GTRegion.region, _WindowTarget.region)
+
 #: Targets available by name.
 TARGETS: dict[str, type[Target]] = {
     "softmax_mean": SoftmaxMean,
     "logit_region": LogitRegion,
+    "logit_margin": LogitMargin,
     "gt_region": GTRegion,
 }
 
