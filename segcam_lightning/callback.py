@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -136,6 +137,11 @@ class GradCAMCallback(Callback):
         shortcut_iou: ...while its IoU on the probe is at least this...
         shortcut_reference: ...and another class's maps put at least this share inside theirs.
         shortcut_patience: ...at this many CAM steps in a row.
+        tag: a name for this callback's TensorBoard tags, needed when several callbacks watch
+            the same layer (e.g. one per method or target): its images go to
+            ``cam/<tag>/<layer>/<class>`` and its scalars to ``cam_alignment/<tag>/<layer>/...``.
+            Without it, two callbacks on one layer are refused at ``setup()``: their tags would
+            collide and Lightning would average their scalars.
 
     Example:
         >>> trainer = L.Trainer(callbacks=[GradCAMCallback(layers=["d4.conv.conv.5"])])
@@ -172,8 +178,15 @@ class GradCAMCallback(Callback):
         shortcut_iou: float = 0.5,
         shortcut_reference: float = 0.7,
         shortcut_patience: int = 2,
+        tag: str | None = None,
     ) -> None:
         super().__init__()
+        if tag is not None and not (isinstance(tag, str) and _TAG.fullmatch(tag)):
+            raise ValueError(
+                "Expected `tag` to be None or a short name of letters, digits, '_', '-' and '.' "
+                f"starting with a letter or digit (e.g. 'hirescam'), but got {tag!r}."
+            )
+        self.tag = tag
         for name, value in (
             ("shortcut_energy", shortcut_energy),
             ("shortcut_iou", shortcut_iou),
@@ -282,7 +295,10 @@ class GradCAMCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(layers=self.layers, method=self.method, target=self.target)
+        tagged = {"tag": self.tag} if self.tag is not None else {}
+        return self._generate_state_key(
+            layers=self.layers, method=self.method, target=self.target, **tagged
+        )
 
     # ------------------------------------------------------------------ setup: fail early
 
@@ -310,6 +326,7 @@ class GradCAMCallback(Callback):
             names = list(self.layers)
         modules = [resolve_layer(pl_module, name) for name in names]
         self._layer_labels = list(names)
+        self._check_tags_unique(trainer)
         self._engine = CAMEngine(
             network,
             modules,
@@ -373,6 +390,25 @@ class GradCAMCallback(Callback):
         order = self.channel_order or _data_attribute(data, "channel_order") or "rgb"
         _check_choice("channel_order", order, ("rgb", "bgr"))
         return lambda images: display_images(images, mean, std, order)
+
+    def _check_tags_unique(self, trainer: L.Trainer) -> None:
+        """Refuse a second callback that would log a layer under the same tags as this one."""
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if other is self or not isinstance(other, GradCAMCallback) or other.tag != self.tag:
+                continue
+            theirs = other._layer_labels or other.layers or []
+            shared = [name for name in self._layer_labels if name in theirs]
+            if shared:
+                raise ValueError(
+                    f"GradCAMCallback: two callbacks log layer(s) {shared} under the same "
+                    f"TensorBoard tags (method {other.method!r}, target {other.target!r} and "
+                    f"method {self.method!r}, target {self.target!r}); Lightning would average "
+                    "their scalars. Give each a distinct `tag=` (e.g. tag='margin')."
+                )
+
+    def _tagged(self, layer: str) -> tuple[str, ...]:
+        """A layer's label in tags and paths: ``(tag, layer)`` when there is a tag."""
+        return (layer,) if self.tag is None else (self.tag, layer)
 
     def _read_probe(self, trainer: L.Trainer, stage: str) -> dict[str, Tensor]:
         loader = self.probe_dataloader
@@ -448,9 +484,10 @@ class GradCAMCallback(Callback):
                 ("pointing_game", PointingGame(self._channels, **options)),
             ):
                 values = metric(cams[:, i], masks)
+                tag = "/".join(self._tagged(layer))
                 for name, value in zip(names, values.reshape(-1).tolist(), strict=True):
                     if not math.isnan(value):  # class absent from every probe image
-                        pl_module.log(f"cam_alignment/{layer}/{name}/{kind}", value)
+                        pl_module.log(f"cam_alignment/{tag}/{name}/{kind}", value)
 
     def _check_shortcut(self, cams: Tensor, masks: Tensor, preds: Tensor, names: list[str]) -> None:
         """Warn once per layer and class that stays a shortcut suspect ``shortcut_patience``
@@ -488,7 +525,8 @@ class GradCAMCallback(Callback):
                 s = flagged[k]
                 rank_zero_warn(
                     f"GradCAMCallback: class {name!r} at layer {layer!r} may be learned from a "
-                    f"shortcut: only {s.energy_inside:.2f} of its {self.method} maps lie inside "
+                    f"shortcut: only {s.energy_inside:.2f} of its {self.method} maps "
+                    f"(target {self.target}) lie inside "
                     f"its ground truth (below {self.shortcut_energy}) for {streak} CAM steps in a "
                     f"row, while its IoU on the probe is {s.iou:.2f} and "
                     f"{names[s.reference_index]!r}'s maps put {s.reference_energy:.2f} inside "
@@ -539,7 +577,7 @@ class GradCAMCallback(Callback):
                     grid = volume_grid(shown, cams[:, i, k], name, colormap, **options)
                 else:
                     grid = cam_grid(shown, cams[:, i, k : k + 1], [name], colormap, **options)
-                _write_image(trainer, (layer, name), grid, step)
+                _write_image(trainer, (*self._tagged(layer), name), grid, step)
 
     # ------------------------------------------------------------------ resume
 
@@ -827,14 +865,19 @@ def _label_names(
     return [f"class_{c}" for c in range(num_labels)]
 
 
+#: What a ``tag`` may hold: one path component, readable in TensorBoard.
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+
+
 def _colormap(trainer: L.Trainer, num_classes: int) -> list[tuple[int, int, int]]:
     return class_palette(getattr(trainer.datamodule, "colormap", None), num_classes)
 
 
-def _write_image(trainer: L.Trainer, tag: tuple[str, str], image: np.ndarray, step: int) -> None:
-    """TensorBoard ``add_image``; other loggers get a PNG in their log dir and ``log_image``."""
-    layer, name = tag
-    key = f"cam/{layer}/{name}"
+def _write_image(trainer: L.Trainer, tag: tuple[str, ...], image: np.ndarray, step: int) -> None:
+    """TensorBoard ``add_image`` under ``cam/<tag parts>``; other loggers get a PNG in their
+    log dir (one folder per part: ``[callback tag/]layer/class.png``) and ``log_image``."""
+    *layer, name = tag
+    key = "/".join(("cam", *tag))
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
@@ -845,7 +888,7 @@ def _write_image(trainer: L.Trainer, tag: tuple[str, str], image: np.ndarray, st
             Path(folder),
             "cam",
             f"step_{step:07d}",
-            safe_component(layer, "layer"),
+            *[safe_component(part, "layer") for part in layer],
             safe_component(name, "class") + ".png",
         )
         path.parent.mkdir(parents=True, exist_ok=True)

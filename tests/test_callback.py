@@ -178,6 +178,46 @@ def test_wrong_layer_fails_at_setup_with_suggestions(tmp_path):
     assert trainer.global_step == 0
 
 
+def test_two_callbacks_on_one_layer_need_tags(tmp_path):
+    """Without tags their scalars would share keys (Lightning averages them): refused at setup.
+    With tags each logs under its own, and the PNG path of other loggers nests the tag."""
+    twins = [
+        GradCAMCallback(layers=[LAYERS[0]]),
+        GradCAMCallback(layers=[LAYERS[0]], method="hirescam"),
+    ]
+    trainer, model, data = make_run(tmp_path / "untagged", twins)
+    with pytest.raises(ValueError, match=r"two callbacks log layer\(s\) \['d4.conv.conv.5'\]"):
+        trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 0
+    tagged = [
+        GradCAMCallback(layers=[LAYERS[0]], num_probe=2, strict=True, tag="grad"),
+        GradCAMCallback(
+            layers=[LAYERS[0]], num_probe=2, strict=True, method="hirescam", tag="hires"
+        ),
+    ]
+    trainer, model, data = make_run(tmp_path / "tagged", tagged, max_epochs=1)
+    trainer.fit(model, datamodule=data)
+    events = read_events(trainer)
+    assert set(events.Tags()["images"]) == {
+        f"cam/{tag}/{LAYERS[0]}/{name}" for tag in ("grad", "hires") for name in CLASSES
+    }
+    values = {
+        tag: events.Scalars(f"cam_alignment/{tag}/{LAYERS[0]}/narrow_leaf/energy_inside")[-1]
+        for tag in ("grad", "hires")
+    }
+    assert values["grad"].value != values["hires"].value  # two methods, two measurements
+    assert tagged[0].state_key != tagged[1].state_key
+    # Other loggers: the tag is one more folder.
+    logger = CSVLogger(tmp_path, name="csv")
+    callback = GradCAMCallback(num_probe=2, strict=True, tag="grad")
+    trainer, model, data = make_run(tmp_path / "csv", [callback], logger=logger, max_epochs=1)
+    trainer.fit(model, datamodule=data)
+    files = sorted(Path(logger.log_dir, "cam").rglob("*.png"))
+    assert [str(p.relative_to(Path(logger.log_dir, "cam"))) for p in files] == [
+        f"step_0000003/grad/d4.conv.conv.5/{name}.png" for name in sorted(CLASSES)
+    ]
+
+
 def test_no_logger_warns(tmp_path):
     trainer, model, data = make_run(tmp_path, [GradCAMCallback()], logger=False, max_epochs=1)
     with pytest.warns(UserWarning, match="no logger"):
@@ -295,6 +335,8 @@ def _live_tensors():
         ({"num_probe": 0}, "`num_probe` to be at least 1"),
         ({"every_n_epochs": 0}, "`every_n_epochs` to be at least 1"),
         ({"alpha": 1.5}, "`alpha` in \\[0, 1\\]"),
+        ({"tag": "a/b"}, "`tag` to be None or a short name"),
+        ({"tag": ""}, "`tag` to be None or a short name"),
     ],
 )
 def test_argument_errors(kwargs, match):
