@@ -396,22 +396,6 @@ def faithfulness(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------- shortcut
 
 
-def plant_contrast(logits: torch.Tensor, masks: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """A contrastive target for the synthetic classes: over the pixels predicted as class k, the
-    sum of k's logit minus the strongest competing class (the other plant for a plant, the
-    plants for soil). What tells the two plants apart, not what tells plants from soil; used
-    here to measure, not offered by the engine."""
-    del masks
-    predicted = predicted_classes(logits)
-    competitors = {0: [1, 2], 1: [2], 2: [1]}
-    scores = []
-    for k in range(logits.shape[1]):
-        margin = logits[:, k] - logits[:, competitors[k]].amax(1)
-        scores.append((margin * (predicted == k)).flatten(1).sum(1))
-    present = torch.stack([(predicted == k).flatten(1).any(1) for k in range(logits.shape[1])], 1)
-    return torch.stack(scores, 1), present
-
-
 def shortcut(args: argparse.Namespace) -> None:
     """Clean vs shortcut: IoU and energy inside per class, layer and method (counted images:
     the class in the ground truth and predicted, as the callback counts them)."""
@@ -427,14 +411,13 @@ def shortcut(args: argparse.Namespace) -> None:
         for method, target in (
             ("gradcam", "softmax_mean"),
             ("gradcam", "logit_region"),
-            ("gradcam", "plant_contrast"),
+            ("gradcam", "logit_margin"),
             ("hirescam", "logit_region"),
             ("layercam", "logit_region"),
             ("gradcam++", "softmax_mean"),
         ):
-            how = plant_contrast if target == "plant_contrast" else target
             maps, *_ = method_maps(
-                net, SHORTCUT_LAYERS, method, how, images, masks, None, args.batch_size, {}
+                net, SHORTCUT_LAYERS, method, target, images, masks, None, args.batch_size, {}
             )
             with torch.no_grad():
                 preds = torch.cat(

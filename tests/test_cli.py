@@ -82,6 +82,23 @@ def test_synthetic_config_enables_the_cam_callback():
     assert callback.every_n_epochs == 1
 
 
+def test_shortcut_config_watches_e1_with_the_contrastive_target():
+    """configs/shortcut.yaml: the planted-shortcut data and, besides the default callbacks, the
+    shortcut watch docs/QUALITY.md measures (e1, logit_margin, thresholds at chance)."""
+    cli = build_cli(["--config", str(ROOT / "configs/shortcut.yaml")], run=False)
+    assert cli.datamodule.hparams.shortcut == "soil"
+    callbacks = [c for c in cli.trainer.callbacks if type(c).__name__ == "GradCAMCallback"]
+    assert [c.layers for c in callbacks] == [
+        ["d4.conv.conv.5", "e4.conv.conv.5"],
+        ["d3.conv.conv.5"],
+        ["e1.conv.conv.5"],
+    ]
+    watch = callbacks[-1]
+    assert (watch.method, watch.target) == ("gradcam", "logit_margin")
+    assert (watch.shortcut_energy, watch.shortcut_reference) == (0.1, 0.4)
+    assert watch.shortcut_warning
+
+
 def test_settings_a_callback_rejects_are_one_line_and_exit_2(tmp_path, capsys):
     args = [
         "fit",
