@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -596,6 +596,22 @@ class _Layers:
 
 
 _POINTWISE_CONVS = {4: nn.Conv2d, 5: nn.Conv3d}
+#: A module's hook dictionaries (``torch.nn.modules.module`` has the global ones, ``_global``
+#: before each name).
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+@contextmanager
+def _forward_hooks(hooks: Iterable[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    """Register each ``(module, hook)`` forward hook; all are removed on exit, also on error."""
+    handles = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class _Heads:
@@ -619,15 +635,7 @@ class _Heads:
     def __init__(self, model: nn.Module, capture: _Capture, ndim: int) -> None:
         conv = _POINTWISE_CONVS.get(ndim)
         # Global module hooks may change any output: then nothing is proven.
-        hooked = any(
-            getattr(torch.nn.modules.module, name)
-            for name in (
-                "_global_forward_hooks",
-                "_global_forward_pre_hooks",
-                "_global_backward_hooks",
-                "_global_backward_pre_hooks",
-            )
-        )
+        hooked = any(getattr(torch.nn.modules.module, f"_global{name}") for name in _HOOK_DICTS)
         self.convs = [
             m for m in model.modules() if conv is not None and not hooked and _is_pointwise(m, conv)
         ]
@@ -635,16 +643,8 @@ class _Heads:
         # (layer index, head weight [K_all, C], weak reference to the output, its version)
         self._found: list[tuple[int, Tensor, weakref.ref[Tensor], int]] = []
 
-    @contextmanager
-    def hooks(self) -> Iterator[None]:
-        handles = []
-        try:
-            for module in self.convs:
-                handles.append(module.register_forward_hook(self._hook))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    def hooks(self) -> AbstractContextManager[None]:
+        return _forward_hooks((module, self._hook) for module in self.convs)
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if not inputs or not isinstance(output, Tensor):
@@ -673,15 +673,7 @@ def _is_pointwise(module: nn.Module, conv: type[nn.Module]) -> bool:
     """A plain convolution of type ``conv`` with a 1×1 kernel, stride 1, no padding, one group,
     an ordinary weight (not parametrised) and no hooks of its own (a hook may replace its output
     or its gradients)."""
-    if type(module) is not conv or any(
-        getattr(module, name)
-        for name in (
-            "_forward_hooks",
-            "_forward_pre_hooks",
-            "_backward_hooks",
-            "_backward_pre_hooks",
-        )
-    ):
+    if type(module) is not conv or any(getattr(module, name) for name in _HOOK_DICTS):
         return False
     padding = module.padding  # type: ignore[attr-defined]
     return (
@@ -716,16 +708,10 @@ class _Capture:
         # counter then.
         self._handed: list[tuple[weakref.ref[Tensor], int] | None] = [None] * len(names)
 
-    @contextmanager
-    def hooks(self) -> Iterator[_Capture]:
-        handles = []
-        try:
-            for index, module in enumerate(self.modules):
-                handles.append(module.register_forward_hook(partial(self._hook, index)))
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
+    def hooks(self) -> AbstractContextManager[None]:
+        return _forward_hooks(
+            (module, partial(self._hook, index)) for index, module in enumerate(self.modules)
+        )
 
     def _hook(self, index: int, module: nn.Module, _inputs: Any, output: Any) -> Tensor | None:
         name = self.names[index]
@@ -852,16 +838,8 @@ class _GuidedReLU:
         self.relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
         self.active = False
 
-    @contextmanager
-    def hooks(self) -> Iterator[None]:
-        handles = []
-        try:
-            for relu in self.relus:
-                handles.append(relu.register_forward_hook(self._hook))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    def hooks(self) -> AbstractContextManager[None]:
+        return _forward_hooks((relu, self._hook) for relu in self.relus)
 
     @contextmanager
     def guiding(self) -> Iterator[None]:
