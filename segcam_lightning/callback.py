@@ -63,7 +63,8 @@ from segcam_lightning.networks import (
     resolve_layer,
 )
 from segcam_lightning.paths import safe_component, safe_join
-from segcam_lightning.quality.functional import shortcut_suspects
+from segcam_lightning.quality.context import objects_alone
+from segcam_lightning.quality.functional import context_suspects, shortcut_suspects
 from segcam_lightning.render import cam_grid, class_palette, display_images, volume_grid
 
 COLORMAPS = {
@@ -73,6 +74,8 @@ COLORMAPS = {
 }
 #: Colour of ignored ground-truth pixels in the grids (BGR).
 IGNORED_COLOR = (128, 128, 128)
+#: The objects-alone test's place among the layers in the shortcut warnings' bookkeeping.
+CONTEXT = "<objects alone>"
 
 BatchAdapterLike = BatchAdapter | Callable[[Any], tuple[Tensor, Tensor | None]]
 
@@ -137,6 +140,18 @@ class GradCAMCallback(Callback):
         shortcut_iou: ...while its IoU on the probe is at least this...
         shortcut_reference: ...and another class's maps put at least this share inside theirs.
         shortcut_patience: ...at this many CAM steps in a row.
+        context_check: run the objects-alone test at each CAM step
+            (:func:`segcam_lightning.quality.objects_alone`: every pixel outside a class's
+            objects flattened to their mean colour, the model predicts again) and log
+            ``cam_context/<class>/kept_alone``, the share of the class's segmented probe pixels
+            it keeps. With ``shortcut_warning``, warns once per class that keeps less than
+            ``context_kept`` for ``shortcut_patience`` steps in a row while its IoU is at least
+            ``shortcut_iou``: its label comes from around its objects (see
+            :func:`segcam_lightning.quality.context_suspects`). It reads no map, so one
+            callback is enough: ``None`` (default) runs it in the Trainer's first
+            ``GradCAMCallback`` that does not say ``False``; ``True`` in this one. Needs masks;
+            costs one probe forward pass per class.
+        context_kept: a class is suspect when it keeps less than this share alone.
         tag: a name for this callback's TensorBoard tags, needed when several callbacks watch
             the same layer (e.g. one per method or target): its images go to
             ``cam/<tag>/<layer>/<class>`` and its scalars to ``cam_alignment/<tag>/<layer>/...``.
@@ -178,6 +193,8 @@ class GradCAMCallback(Callback):
         shortcut_iou: float = 0.5,
         shortcut_reference: float = 0.7,
         shortcut_patience: int = 2,
+        context_check: bool | None = None,
+        context_kept: float = 0.5,
         tag: str | None = None,
     ) -> None:
         super().__init__()
@@ -191,6 +208,7 @@ class GradCAMCallback(Callback):
             ("shortcut_energy", shortcut_energy),
             ("shortcut_iou", shortcut_iou),
             ("shortcut_reference", shortcut_reference),
+            ("context_kept", context_kept),
         ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"Expected `{name}` in [0, 1], but got {value}.")
@@ -203,7 +221,15 @@ class GradCAMCallback(Callback):
         self.shortcut_iou = shortcut_iou
         self.shortcut_reference = shortcut_reference
         self.shortcut_patience = shortcut_patience
-        #: Consecutive CAM steps each (layer, class) was suspect, and those already warned about.
+        if context_check is not None and not isinstance(context_check, bool):
+            raise ValueError(
+                f"Expected `context_check` to be None, True or False, but got {context_check!r}."
+            )
+        self.context_check = context_check
+        self.context_kept = context_kept
+        self._context = False  # whether this callback runs the test (decided at setup)
+        #: Consecutive CAM steps each (layer, class) was suspect, and those already warned about
+        #: (the objects-alone test's under the layer label ``CONTEXT``).
         self._shortcut_streak: dict[tuple[str, str], int] = {}
         self._shortcut_warned: set[tuple[str, str]] = set()
         if isinstance(layers, str):
@@ -326,6 +352,7 @@ class GradCAMCallback(Callback):
             names = list(self.layers)
         modules = [resolve_layer(pl_module, name) for name in names]
         self._layer_labels = list(names)
+        self._context = self._runs_context(trainer)
         self._check_tags_unique(trainer)
         self._engine = CAMEngine(
             network,
@@ -391,11 +418,27 @@ class GradCAMCallback(Callback):
         _check_choice("channel_order", order, ("rgb", "bgr"))
         return lambda images: display_images(images, mean, std, order)
 
+    def _runs_context(self, trainer: L.Trainer) -> bool:
+        """Whether this callback runs the objects-alone test (``context_check=None``: the first
+        callback that does not turn it off)."""
+        if self.context_check is not None:
+            return self.context_check
+        callbacks = [c for c in trainer.callbacks if isinstance(c, GradCAMCallback)]  # type: ignore[attr-defined]
+        return next(c for c in callbacks if c.context_check is not False) is self
+
     def _check_tags_unique(self, trainer: L.Trainer) -> None:
-        """Refuse a second callback that would log a layer under the same tags as this one."""
+        """Refuse a second callback that would log a layer, or the objects-alone test, under
+        the same tags as this one."""
         for other in trainer.callbacks:  # type: ignore[attr-defined]
             if other is self or not isinstance(other, GradCAMCallback) or other.tag != self.tag:
                 continue
+            if self._context and other._runs_context(trainer):
+                raise ValueError(
+                    "GradCAMCallback: two callbacks run the objects-alone test "
+                    "(`context_check=True`) under the same TensorBoard tags; it does not depend "
+                    "on the layer or method, so one is enough. Set `context_check=False` on the "
+                    "other, or give each a distinct `tag=`."
+                )
             theirs = other._layer_labels or other.layers or []
             shared = [name for name in self._layer_labels if name in theirs]
             if shared:
@@ -457,8 +500,22 @@ class GradCAMCallback(Callback):
         shard = _shard(len(images), trainer.world_size, trainer.global_rank)
         local = trainer.precision_plugin.convert_input(images[shard].to(pl_module.device))
         local_masks = masks[shard].to(pl_module.device) if masks is not None else None
+        kept = None
         with trainer.precision_plugin.forward_context():
             result = self._engine(local, classes=self._channels, masks=local_masks)
+            if self._context and local_masks is not None:
+                kept = objects_alone(
+                    self._engine.model,
+                    local,
+                    local_masks,
+                    self._channels,
+                    output_kind=self._kind,
+                    threshold=self.threshold,
+                    ignore_index=self.ignore_index,
+                    output_adapter=self._engine.output_adapter,
+                    batch_size=len(local),
+                    logits=result.logits,
+                )
         preds = predicted_masks(result.logits.float(), self._kind, self.threshold)
         preds = _resize_labels(preds, images.shape[2:])
         cams = _gather(trainer, result.cams)[: len(images)].cpu()
@@ -468,8 +525,13 @@ class GradCAMCallback(Callback):
         names = _class_names(trainer, pl_module, self._channels, self._kind)
         if self.log_alignment and masks is not None:
             self._log_alignment(pl_module, cams, masks, names)
-        if self.shortcut_warning and masks is not None:
-            self._check_shortcut(cams, masks, preds, names)
+        if masks is not None and (self.shortcut_warning or kept is not None):
+            counted, iou, area = self._probe_statistics(masks, preds)
+            if kept is not None:
+                kept = _gather(trainer, kept)[: len(images)].cpu()
+                self._check_context(pl_module, kept, counted, iou, area, names)
+            if self.shortcut_warning:
+                self._check_shortcut(cams, masks, counted, iou, area, names)
         if trainer.is_global_zero:
             self._log_grids(trainer, pl_module, images, masks, preds, cams, names)
 
@@ -489,9 +551,9 @@ class GradCAMCallback(Callback):
                     if not math.isnan(value):  # class absent from every probe image
                         pl_module.log(f"cam_alignment/{tag}/{name}/{kind}", value)
 
-    def _check_shortcut(self, cams: Tensor, masks: Tensor, preds: Tensor, names: list[str]) -> None:
-        """Warn once per layer and class that stays a shortcut suspect ``shortcut_patience``
-        steps in a row (every rank computes the same from the gathered CAMs; rank 0 warns)."""
+    def _probe_statistics(self, masks: Tensor, preds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Over the probe: ``counted`` ``[N, K]`` (the class in the ground truth and the
+        prediction), each class's IoU ``[K]`` and ground-truth area share ``[N, K]``."""
         channels, kind, spatial = self._channels, self._kind, self._spatial
         truth, valid = ground_truth_regions(masks, channels, kind, self.ignore_index, spatial)
         predicted = class_regions(preds, channels, self._num_outputs, kind, spatial_dims=spatial)
@@ -502,7 +564,75 @@ class GradCAMCallback(Callback):
         union = (truth | predicted).sum((0, 2))
         iou = (truth & predicted).sum((0, 2)) / union.clamp_min(1)
         iou = torch.where(union > 0, iou.float(), float("nan"))
-        area = truth.float().mean(2)
+        return counted, iou, truth.float().mean(2)
+
+    def _check_context(
+        self,
+        pl_module: L.LightningModule,
+        kept: Tensor,
+        counted: Tensor,
+        iou: Tensor,
+        area: Tensor,
+        names: list[str],
+    ) -> None:
+        """Log each class's share kept alone; warn once per class that stays a suspect
+        ``shortcut_patience`` steps in a row (every rank computes the same; rank 0 warns)."""
+        counted = counted & ~kept.isnan()
+        means = kept.nan_to_num().sum(0) / counted.sum(0).clamp_min(1)
+        prefix = "cam_context" if self.tag is None else f"cam_context/{self.tag}"
+        for k, name in enumerate(names):
+            if counted[:, k].any():
+                pl_module.log(f"{prefix}/{name}/kept_alone", float(means[k]))
+        if not self.shortcut_warning:
+            return
+        suspects = context_suspects(
+            kept,
+            counted,
+            iou,
+            area,
+            kept_threshold=self.context_kept,
+            iou_threshold=self.shortcut_iou,
+        )
+        flagged = {s.class_index: s for s in suspects}
+        for k, name in enumerate(names):
+            if not self._streak(CONTEXT, name, k in flagged):
+                continue
+            s = flagged[k]
+            rank_zero_warn(
+                f"GradCAMCallback: class {name!r} may be learned from a shortcut: shown alone "
+                "(every other pixel flattened to the mean colour of its surroundings), its "
+                f"objects keep only {s.kept_alone:.2f} of their {name!r} pixels (below "
+                f"{self.context_kept}) for {self.shortcut_patience} CAM steps in a row, while its "
+                f"IoU on the probe is {s.iou:.2f} ({s.num_images} probe images hold and predict "
+                f"{name!r}). The model takes {name!r} from around its objects, not from the "
+                "objects: a shortcut, unless the class is defined by its surroundings. Look at "
+                "the grids of an early layer, and see docs/QUALITY.md. `context_check=False` "
+                "turns this test off, `shortcut_warning=False` every shortcut warning."
+            )
+
+    def _streak(self, layer: str, name: str, suspect: bool) -> bool:
+        """Count a (layer, class) suspect step; True once, when the streak reaches
+        ``shortcut_patience``."""
+        key = (layer, name)
+        streak = self._shortcut_streak.get(key, 0) + 1 if suspect else 0
+        self._shortcut_streak[key] = streak
+        if streak < self.shortcut_patience or key in self._shortcut_warned:
+            return False
+        self._shortcut_warned.add(key)
+        return True
+
+    def _check_shortcut(
+        self,
+        cams: Tensor,
+        masks: Tensor,
+        counted: Tensor,
+        iou: Tensor,
+        area: Tensor,
+        names: list[str],
+    ) -> None:
+        """Warn once per layer and class that stays a shortcut suspect ``shortcut_patience``
+        steps in a row (every rank computes the same from the gathered CAMs; rank 0 warns)."""
+        channels, kind = self._channels, self._kind
         for i, layer in enumerate(self._layer_labels):
             energy, _ = cam_energy_inside(cams[:, i], masks, channels, kind, self.ignore_index)
             suspects = shortcut_suspects(
@@ -516,19 +646,15 @@ class GradCAMCallback(Callback):
             )
             flagged = {s.class_index: s for s in suspects}
             for k, name in enumerate(names):
-                key = (layer, name)
-                streak = self._shortcut_streak.get(key, 0) + 1 if k in flagged else 0
-                self._shortcut_streak[key] = streak
-                if streak < self.shortcut_patience or key in self._shortcut_warned:
+                if not self._streak(layer, name, k in flagged):
                     continue
-                self._shortcut_warned.add(key)
                 s = flagged[k]
                 rank_zero_warn(
                     f"GradCAMCallback: class {name!r} at layer {layer!r} may be learned from a "
                     f"shortcut: only {s.energy_inside:.2f} of its {self.method} maps "
-                    f"(target {self.target}) lie inside "
-                    f"its ground truth (below {self.shortcut_energy}) for {streak} CAM steps in a "
-                    f"row, while its IoU on the probe is {s.iou:.2f} and "
+                    f"(target {self.target}) lie inside its ground truth (below "
+                    f"{self.shortcut_energy}) for {self.shortcut_patience} CAM steps in a row, "
+                    f"while its IoU on the probe is {s.iou:.2f} and "
                     f"{names[s.reference_index]!r}'s maps put {s.reference_energy:.2f} inside "
                     f"theirs at the same layer ({s.num_images} probe images hold and predict "
                     f"{name!r}). The model may decide {name!r} by something around the objects "

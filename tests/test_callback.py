@@ -207,6 +207,28 @@ def test_two_callbacks_on_one_layer_need_tags(tmp_path):
     }
     assert values["grad"].value != values["hires"].value  # two methods, two measurements
     assert tagged[0].state_key != tagged[1].state_key
+    # The objects-alone test reads no map: the first callback runs it, the second does not.
+    context = {t.split("/")[1] for t in events.Tags()["scalars"] if t.startswith("cam_context/")}
+    assert context == {"grad"}
+
+
+def test_one_callback_runs_the_objects_alone_test(tmp_path):
+    """``context_check=None`` leaves the test to the first callback that does not turn it off;
+    two callbacks asked for it under the same tags are refused at setup."""
+    first = GradCAMCallback(layers=[LAYERS[0]], num_probe=2, strict=True, context_check=False)
+    second = GradCAMCallback(layers=[LAYERS[1]], num_probe=2, strict=True)
+    trainer, model, data = make_run(tmp_path / "second", [first, second], max_epochs=1)
+    trainer.fit(model, datamodule=data)
+    assert (first._context, second._context) == (False, True)
+    tags = {t for t in read_events(trainer).Tags()["scalars"] if t.startswith("cam_context/")}
+    # Logged for the classes the one-epoch model predicts on the probe.
+    assert tags and tags <= {f"cam_context/{name}/kept_alone" for name in CLASSES}
+    both = [GradCAMCallback(layers=[layer], context_check=True) for layer in LAYERS[:2]]
+    trainer, model, data = make_run(tmp_path / "both", both)
+    with pytest.raises(ValueError, match="two callbacks run the objects-alone test"):
+        trainer.fit(model, datamodule=data)
+    with pytest.raises(ValueError, match="context_check"):
+        GradCAMCallback(context_check="yes")
     # Other loggers: the tag is one more folder.
     logger = CSVLogger(tmp_path, name="csv")
     callback = GradCAMCallback(num_probe=2, strict=True, tag="grad")

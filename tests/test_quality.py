@@ -5,6 +5,7 @@ GradCAMCallback attached) trains the model the checks use; they run on 16 held-o
 References are independent: ``scipy.stats.spearmanr`` for ρ, a naive loop for deletion.
 """
 
+import csv
 import warnings
 
 import lightning as L
@@ -61,19 +62,27 @@ def tiny_run(tmp_path, module, callbacks, shortcut=None, **trainer_options):
     return [str(w.message) for w in caught]
 
 
+def logged(folder, key):
+    """The values a tiny run's CSVLogger wrote for ``key``, in order."""
+    [path] = folder.glob("lightning_logs/version_*/metrics.csv")
+    with path.open() as f:
+        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+
+
 @pytest.fixture(scope="module")
 def clean_run(one_thread, tmp_path_factory):
     """The tiny clean run, with the callback (and its shortcut warning) on d4 and e4."""
     L.seed_everything(0)
     module = SegmentationModule(num_classes=3, base_width=WIDTH, lr=6e-3, class_names=NAMES)
     callback = GradCAMCallback(layers=[D4, "e4.conv.conv.5"], num_probe=16, strict=True)
-    messages = tiny_run(tmp_path_factory.mktemp("clean"), module, [callback], max_epochs=12)
-    return module.net.eval(), messages
+    folder = tmp_path_factory.mktemp("clean")
+    messages = tiny_run(folder, module, [callback], max_epochs=12)
+    return module.net.eval(), messages, folder
 
 
 @pytest.fixture(scope="module")
 def trained(clean_run):
-    net, _ = clean_run
+    net, *_ = clean_run
     images, masks = samples(16, 2)  # the held-out test stream of data seed 0
     return net, images, masks
 
@@ -211,8 +220,29 @@ def test_gradcam_deletion_beats_random_order_for_narrow_leaf(trained):
 
 
 def test_no_shortcut_warning_in_the_clean_run(clean_run):
-    _, messages = clean_run
+    """Neither the maps' warning nor the objects-alone test's. Measured: alone, the plants
+    keep 0.93-0.98 (narrow_leaf) and 0.70-0.92 (round_leaf) of their pixels once their IoU
+    passes 0.5 (the warning's 0.5 is the threshold)."""
+    _, messages, folder = clean_run
     assert not [m for m in messages if SHORTCUT_WARNING in m]
+    for name in ("narrow_leaf", "round_leaf"):
+        kept = logged(folder, f"cam_context/{name}/kept_alone")
+        assert len(kept) >= 10 and kept[-1] >= 0.5  # logged where the class is predicted
+
+
+def test_objects_alone_warning_fires_in_a_tiny_shortcut_run(tmp_path):
+    """A tiny U-Net trained on the shortcut data learns to read the wet soil: shown alone, its
+    narrow_leaf plants are no longer narrow_leaf. Measured: kept 0.00-0.01 from the fourth
+    epoch on, IoU 0.71-0.91; round_leaf keeps 0.96-1.00. The warning names narrow_leaf once."""
+    L.seed_everything(0)
+    module = SegmentationModule(num_classes=3, base_width=WIDTH, lr=6e-3, class_names=NAMES)
+    callback = GradCAMCallback(layers=[D4], num_probe=16, strict=True)
+    messages = tiny_run(tmp_path, module, [callback], shortcut="soil", max_epochs=8)
+    fired = [m for m in messages if SHORTCUT_WARNING in m]
+    assert len(fired) == 1, fired
+    assert "class 'narrow_leaf' may be learned from a shortcut: shown alone" in fired[0]
+    assert logged(tmp_path, "cam_context/narrow_leaf/kept_alone")[-1] < 0.5
+    assert logged(tmp_path, "cam_context/round_leaf/kept_alone")[-1] >= 0.5
 
 
 class WetSoilNet(nn.Module):
@@ -246,8 +276,9 @@ class WetSoilNet(nn.Module):
 
 def test_shortcut_warning_fires_once_for_the_planted_class(tmp_path):
     """A run on the shortcut data with a model that decides narrow_leaf by the soil around it:
-    the warning names narrow_leaf and the layer, once. Its learning rate is 0: the run only
-    drives the callback through real epochs.
+    the maps' warning names narrow_leaf and the layer once, and so does the objects-alone
+    test's (without a layer). Its learning rate is 0: the run only drives the callback through
+    real epochs.
 
     Measured on the 16 probe images: narrow_leaf IoU 0.73 and 0.36 of its maps inside;
     round_leaf's maps put 0.66 inside (IoU 0.54: a crude segmenter), hence a reference
@@ -261,9 +292,21 @@ def test_shortcut_warning_fires_once_for_the_planted_class(tmp_path):
         tmp_path, module, [callback], shortcut="soil", max_epochs=3, limit_train_batches=1
     )
     fired = [m for m in messages if SHORTCUT_WARNING in m]
-    assert len(fired) == 1, fired
-    assert "'narrow_leaf' at layer 'features'" in fired[0]
-    # Off switch: the same run without the warning.
+    assert len(fired) == 2, fired  # the maps' warning and the objects-alone test's
+    [maps] = [m for m in fired if "'narrow_leaf' at layer 'features'" in m]
+    assert next(m for m in fired if m != maps).startswith(
+        "GradCAMCallback: class 'narrow_leaf' may be learned from a shortcut: shown alone"
+    )
+    # The objects-alone test off: the maps' warning alone.
+    module = SegmentationModule(num_classes=3, net=WetSoilNet(), lr=0.0, class_names=NAMES)
+    callback = GradCAMCallback(
+        layers=["features"], num_probe=16, shortcut_reference=0.6, context_check=False
+    )
+    messages = tiny_run(
+        tmp_path / "maps", module, [callback], shortcut="soil", max_epochs=3, limit_train_batches=1
+    )
+    assert [m for m in messages if SHORTCUT_WARNING in m] == [maps]
+    # Off switch: the same run without the warnings.
     quiet = GradCAMCallback(layers=["features"], num_probe=16, shortcut_warning=False)
     module = SegmentationModule(num_classes=3, net=WetSoilNet(), lr=0.0, class_names=NAMES)
     messages = tiny_run(

@@ -148,3 +148,62 @@ def test_shortcut_rule():
         QF.shortcut_suspects(
             torch.rand(3), torch.ones(3, dtype=torch.bool), torch.rand(3), torch.rand(3)
         )
+
+
+def test_isolate_flattens_the_rest_to_its_own_mean_as_a_loop_does():
+    generator = torch.Generator().manual_seed(3)
+    for shape in ((3, 2, 7, 9), (2, 1, 4, 5, 6)):  # images and volumes
+        images = torch.rand(shape, generator=generator, dtype=torch.float64)
+        keep = torch.rand((shape[0], *shape[2:]), generator=generator) < 0.3
+        keep[0] = True  # nothing outside: unchanged
+        out = QF.isolate(images, keep)
+        for n in range(shape[0]):
+            for c in range(shape[1]):
+                x, k = images[n, c], keep[n]
+                expected = x.clone()
+                if (~k).any():
+                    expected[~k] = x[~k].sum() / (~k).sum()
+                torch.testing.assert_close(out[n, c], expected, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="keep"):
+        QF.isolate(torch.rand(2, 3, 4, 4), torch.ones(2, 4, 5, dtype=torch.bool))
+
+
+def test_kept_share():
+    before = torch.tensor([[1, 1, 1, 1, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    after = torch.tensor([[1, 0, 1, 0, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    share = QF.kept_share(before, after)
+    assert share[0] == 0.5 and math.isnan(share[1])  # nothing to keep: not counted
+    with pytest.raises(ValueError, match="one shape"):
+        QF.kept_share(before, after[:, :4])
+
+
+def context_case(kept, iou, area, counted=None, num=4):
+    kept = torch.tensor(kept).expand(num, -1)
+    counted = counted if counted is not None else torch.ones(num, len(iou), dtype=torch.bool)
+    area = torch.tensor(area).expand(num, -1)
+    return QF.context_suspects(kept, counted, torch.tensor(iou), area)
+
+
+def test_context_rule():
+    # soil, narrow, round: narrow loses its label alone while segmented well -> suspect.
+    suspects = context_case([1.0, 0.1, 0.9], [0.99, 0.9, 0.9], [0.8, 0.1, 0.1])
+    assert [(s.class_index, round(s.kept_alone, 6), s.num_images) for s in suspects] == [
+        (1, 0.1, 4)
+    ]
+    # No reference class is needed: every plant class may be flagged.
+    assert len(context_case([1.0, 0.1, 0.2], [0.99, 0.9, 0.9], [0.8, 0.1, 0.1])) == 2
+    # At the threshold, not suspect; a poorly segmented class, or the background, not judged.
+    assert context_case([1.0, 0.5, 0.9], [0.99, 0.9, 0.9], [0.8, 0.1, 0.1]) == []
+    assert context_case([1.0, 0.1, 0.9], [0.99, 0.4, 0.9], [0.8, 0.1, 0.1]) == []
+    assert context_case([0.1, 0.9, 0.9], [0.99, 0.9, 0.9], [0.8, 0.1, 0.1]) == []
+    # Only counted images enter the mean; fewer than two counted images: not judged.
+    kept = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [1.0, float("nan"), 1.0]])
+    counted = torch.tensor([[True, True, True], [True, True, True], [True, False, True]])
+    area = torch.tensor([0.8, 0.1, 0.1]).expand(3, -1)
+    iou = torch.tensor([0.99, 0.9, 0.9])
+    [suspect] = QF.context_suspects(kept, counted, iou, area, kept_threshold=0.6)
+    assert suspect.kept_alone == 0.5 and suspect.num_images == 2
+    counted[1, 1] = False
+    assert QF.context_suspects(kept, counted, iou, area, kept_threshold=0.6) == []
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        QF.context_suspects(torch.rand(3), counted[0], iou, area[0])

@@ -1,5 +1,5 @@
 """Pure tensor maths of the map-quality checks: rank correlation, SSIM, all-zero maps, orders,
-perturbations, curve areas and the shortcut rule.
+perturbations, curve areas, the objects-alone test and the shortcut rules.
 
 Every function is stateless, needs no graph and works on any device. Maps are ``[..., H, W]``;
 the leading dimensions (images, classes, layers) broadcast through.
@@ -18,14 +18,18 @@ from torch import Tensor
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 __all__ = [
+    "ContextSuspect",
     "ShortcutSuspect",
     "all_zero",
     "average_ranks",
     "blur_images",
     "class_name",
+    "context_suspects",
     "curve_auc",
     "gt_first_order",
     "guided_maps",
+    "isolate",
+    "kept_share",
     "map_ssim",
     "mean_fill",
     "perturbed",
@@ -209,6 +213,53 @@ def mean_fill(images: Tensor) -> Tensor:
     return images.mean(dim=(-2, -1), keepdim=True).expand_as(images)
 
 
+def isolate(images: Tensor, keep: Tensor) -> Tensor:
+    """Images with everything outside ``keep`` flattened to its own mean colour.
+
+    Each image keeps its pixels (voxels) in ``keep``; every other one takes the per-channel
+    mean of the pixels it replaces, so an object is shown alone on a plain background of its
+    surroundings' average colour (not the whole image's mean, which a large object would pull
+    towards its own colour). An image with nothing outside ``keep`` is returned unchanged.
+
+    Args:
+        images: ``[B, C, *S]`` (``S`` = ``H, W`` or ``D, H, W``).
+        keep: bool ``[B, *S]``, the pixels to keep.
+
+    Raises:
+        ValueError: when ``keep`` does not match the images' batch and spatial size.
+    """
+    if keep.shape != (images.shape[0], *images.shape[2:]):
+        raise ValueError(
+            f"Expected `keep` of shape {[images.shape[0], *images.shape[2:]]} for images "
+            f"{list(images.shape)}, but got {list(keep.shape)}."
+        )
+    keep = keep.unsqueeze(1)
+    outside = (~keep).to(images.dtype)
+    spatial = tuple(range(2, images.ndim))
+    mean = (images * outside).sum(spatial, keepdim=True) / outside.sum(spatial, keepdim=True)
+    return torch.where(keep, images, mean.nan_to_num())
+
+
+def kept_share(before: Tensor, after: Tensor) -> Tensor:
+    """Share of the pixels in ``before`` that are still in ``after``, per leading index.
+
+    Args:
+        before, after: bool ``[..., P]`` of one shape, the pixels flattened into the last
+            dimension.
+
+    Returns:
+        ``[...]`` float, NaN where ``before`` is empty.
+    """
+    if before.shape != after.shape:
+        raise ValueError(
+            f"Expected two regions of one shape, but got {list(before.shape)} and "
+            f"{list(after.shape)}."
+        )
+    total = before.sum(-1)
+    share = (before & after).sum(-1) / total.clamp_min(1)
+    return torch.where(total > 0, share.float(), float("nan"))
+
+
 def blur_images(images: Tensor, sigma: float) -> Tensor:
     """Gaussian blur of ``[B, C, H, W]`` images (separable, reflected borders, ±3σ kernel).
 
@@ -339,11 +390,7 @@ def shortcut_suspects(
             f"Expected energy, counted and area [N, K] and iou [K], but got {list(shape)}, "
             f"{list(counted.shape)}, {list(area.shape)} and {list(iou.shape)}."
         )
-    counts = counted.sum(dim=0)
-    weights = counted.float()
-    means = (energy.float() * weights).sum(dim=0) / counts.clamp_min(1)
-    areas = (area.float() * weights).sum(dim=0) / counts.clamp_min(1)
-    judged = (counts >= min_images) & (areas < max_area)
+    counts, means, judged = _judged(energy, counted, area, min_images, max_area)
     columns = zip(judged.tolist(), means.tolist(), strict=True)
     references = [(j, e) for j, (ok, e) in enumerate(columns) if ok and e >= reference_threshold]
     suspects = []
@@ -355,4 +402,90 @@ def shortcut_suspects(
         if others:
             j, r = max(others, key=lambda item: item[1])
             suspects.append(ShortcutSuspect(k, e, q, int(counts[k]), j, r))
+    return suspects
+
+
+def _judged(
+    values: Tensor, counted: Tensor, area: Tensor, min_images: int, max_area: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per class: counted images, the mean of ``values`` over them, and whether the class is
+    judged (enough images, and not a background that covers ``max_area`` of them or more)."""
+    counts = counted.sum(dim=0)
+    weights = counted.float()
+    means = (values.float().nan_to_num() * weights).sum(dim=0) / counts.clamp_min(1)
+    areas = (area.float() * weights).sum(dim=0) / counts.clamp_min(1)
+    return counts, means, (counts >= min_images) & (areas < max_area)
+
+
+@dataclass(frozen=True)
+class ContextSuspect:
+    """A class segmented well that its objects alone do not carry: the model takes its label
+    from around them.
+
+    Attributes:
+        class_index: position of the class in the class dimension.
+        kept_alone: mean share of the class's segmented pixels still predicted as the class
+            when everything but its objects is flattened (:func:`isolate`), over the counted
+            images.
+        iou: the class's IoU.
+        num_images: images where the class is both in the ground truth and predicted.
+    """
+
+    class_index: int
+    kept_alone: float
+    iou: float
+    num_images: int
+
+
+def context_suspects(
+    kept: Tensor,
+    counted: Tensor,
+    iou: Tensor,
+    area: Tensor,
+    kept_threshold: float = 0.5,
+    iou_threshold: float = 0.5,
+    min_images: int = 2,
+    max_area: float = 0.5,
+) -> list[ContextSuspect]:
+    """Classes segmented well that lose their label when shown alone: a shortcut's signature
+    in the model's predictions rather than in its maps.
+
+    A class is suspect when, over the images where it is both in the ground truth and
+    predicted, the mean share of its segmented pixels it keeps with everything else flattened
+    (``kept``, see :func:`segcam_lightning.quality.objects_alone`) is below ``kept_threshold``
+    while its IoU is at least ``iou_threshold``. Unlike :func:`shortcut_suspects` no reference
+    class is needed: the test does not read a map, so it does not depend on a layer or method
+    localising. Classes covering ``max_area`` or more of their images are background and not
+    judged (shown alone they are most of the image anyway).
+
+    A suspect is a class whose evidence lies outside its objects. That is a shortcut when the
+    class should be recognisable by itself (a plant by its shape), and legitimate when the
+    class is defined by its surroundings (a sidewalk next to a road): the rule cannot tell
+    which.
+
+    Args:
+        kept: ``[N, K]`` share kept alone (NaN where not counted).
+        counted: ``[N, K]`` bool, the class is in the ground truth and the prediction.
+        iou: ``[K]`` each class's IoU (NaN where undefined).
+        area: ``[N, K]`` share of each image covered by the class's ground truth.
+        kept_threshold: a class is suspect below this mean share kept...
+        iou_threshold: ...at or above this IoU.
+        min_images: fewest counted images for a class to be judged.
+        max_area: classes covering this mean share of their images or more are background.
+
+    Returns:
+        The suspects, in class order.
+    """
+    shape = kept.shape
+    if kept.ndim != 2 or counted.shape != shape or area.shape != shape or iou.shape != shape[1:]:
+        raise ValueError(
+            f"Expected kept, counted and area [N, K] and iou [K], but got {list(shape)}, "
+            f"{list(counted.shape)}, {list(area.shape)} and {list(iou.shape)}."
+        )
+    counts, means, judged = _judged(kept, counted, area, min_images, max_area)
+    suspects = []
+    for k in range(shape[1]):
+        q, m = float(iou[k]), float(means[k])
+        if judged[k] and not math.isnan(q) and q >= iou_threshold and m < kept_threshold:
+            suspects.append(ContextSuspect(k, m, q, int(counts[k])))
     return suspects

@@ -1,0 +1,152 @@
+"""The objects-alone test (segcam_lightning.quality.objects_alone) against a loop written from
+its definition, on models whose answer is known: one that reads each pixel alone keeps every
+object, one that reads the soil around a plant loses narrow_leaf."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_cam_references import QuarterNet, randomised_batchnorm
+from test_quality import NAMES, WetSoilNet, samples
+from torch import nn
+
+from segcam_lightning.quality import objects_alone
+
+NARROW, ROUND = NAMES.index("narrow_leaf"), NAMES.index("round_leaf")
+
+
+def naive_objects_alone(model, images, masks, num_classes, ignore_index=None):
+    """Per image and class, from the definition: keep the class's ground-truth pixels, set
+    every other pixel to the mean of those pixels (per channel), predict, and count the pixels
+    that were ground truth and predicted before and are predicted after (logits at the
+    images' size, multi-class)."""
+    with torch.no_grad():
+        before = model(images).argmax(1)
+    out = np.full((len(images), num_classes), np.nan)
+    for n in range(len(images)):
+        for k in range(num_classes):
+            labels = masks[n]
+            obj = labels == k
+            if ignore_index is not None:
+                obj &= labels != ignore_index
+            scored = obj & (before[n] == k)
+            if not scored.any():
+                continue
+            alone = images[n].clone()
+            for c in range(alone.shape[0]):
+                alone[c][~obj] = images[n, c][~obj].mean()
+            with torch.no_grad():
+                after = model(alone[None]).argmax(1)[0]
+            out[n, k] = float((scored & (after == k)).sum() / scored.sum())
+    return out
+
+
+def test_a_model_that_reads_the_soil_loses_the_planted_class_as_the_loop_says():
+    images, masks = samples(8, 2, shortcut="soil")
+    # In float64 the two ways of taking the fill's mean agree to ~1e-16, so no pixel's
+    # prediction can flip between them: the shares agree up to their float32 rounding (6e-8).
+    images, model = images.double(), WetSoilNet().double().eval()
+    kept = objects_alone(model, images, masks)
+    expected = naive_objects_alone(model, images, masks, 3)
+    np.testing.assert_allclose(kept.numpy(), expected, atol=1e-7)
+    # WetSoilNet calls a plant narrow_leaf when wet soil lies within 6 px: alone, no plant is.
+    narrow, round_ = np.nanmean(kept[:, NARROW].numpy()), np.nanmean(kept[:, ROUND].numpy())
+    assert narrow < 0.05 and round_ > 0.95, (narrow, round_)
+
+
+class PixelNet(nn.Module):
+    """Each pixel's class from its own colour alone (a 1x1 convolution)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.head(x)
+
+
+def test_a_model_that_reads_each_pixel_alone_keeps_every_object():
+    torch.manual_seed(0)
+    images, masks = samples(6, 2)
+    kept = objects_alone(PixelNet(), images, masks)
+    counted = ~kept.isnan()
+    assert counted.any()
+    assert torch.equal(kept[counted], torch.ones(int(counted.sum())))
+
+
+def test_logits_at_a_quarter_of_the_image_and_the_ignore_index():
+    """A low-resolution head: objects are kept at the images' size and scored at the logits'
+    (masks resized nearest-exact, as the engine does); ignored pixels are flattened and not
+    scored. The reference upsamples nothing: it scores at 1/4 with the same resized masks."""
+    torch.manual_seed(0)
+    model = randomised_batchnorm(QuarterNet()).double()  # float64: as above
+    images, masks = samples(4, 2)
+    images = images.double()
+    masks[:, :8] = 255
+    kept = objects_alone(model, images, masks, ignore_index=255)
+
+    class Upsampled(nn.Module):  # nearest upsampling keeps each 4x4 block's prediction
+        def forward(self, x):
+            return F.interpolate(model(x), scale_factor=4, mode="nearest")
+
+    small = F.interpolate(masks[:, None].float(), scale_factor=0.25, mode="nearest-exact")
+    big = F.interpolate(small, scale_factor=4, mode="nearest")[:, 0].long()
+    # Scored pixels: the block centres' labels; kept pixels: the full-size labels.
+    reference = np.full((4, 3), np.nan)
+    with torch.no_grad():
+        before = Upsampled()(images).argmax(1)
+    for n in range(4):
+        for k in range(3):
+            scored = (big[n] == k) & (before[n] == k)
+            if not scored.any():
+                continue
+            obj = masks[n] == k
+            alone = torch.where(obj, images[n], images[n][:, ~obj].mean(1)[:, None, None])
+            with torch.no_grad():
+                after = Upsampled()(alone[None]).argmax(1)[0]
+            reference[n, k] = float((scored & (after == k)).sum() / scored.sum())
+    np.testing.assert_allclose(kept.numpy(), reference, atol=1e-7)
+
+
+def test_binary_and_volume_outputs():
+    torch.manual_seed(0)
+    images, masks = samples(4, 2)
+    binary = nn.Conv2d(3, 1, 1)
+    kept = objects_alone(binary, images, (masks == NARROW).long())
+    assert kept.shape == (4, 1)
+    # A 1x1 model keeps each pixel's prediction wherever it is predicted foreground.
+    assert torch.equal(kept[~kept.isnan()], torch.ones(int((~kept.isnan()).sum())))
+    volumes = torch.rand(2, 1, 6, 8, 8)
+    labels = (volumes[:, 0] > 0.5).long()
+    conv3d = nn.Conv3d(1, 2, 3, padding=1)
+    kept = objects_alone(conv3d, volumes, labels)
+    with torch.no_grad():
+        before = conv3d(volumes).argmax(1)
+    for n in range(2):
+        for k in range(2):
+            obj = labels[n] == k
+            scored = obj & (before[n] == k)
+            fill = volumes[n, 0][~obj].mean()
+            with torch.no_grad():
+                after = conv3d(torch.where(obj, volumes[n], fill)[None]).argmax(1)[0]
+            expected = float((scored & (after == k)).sum() / scored.sum())
+            assert math.isclose(float(kept[n, k]), expected, abs_tol=1e-6)
+
+
+def test_leaves_the_model_and_rng_alone_and_reuses_given_logits():
+    model = WetSoilNet()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    images, masks = samples(4, 2, shortcut="soil")
+    kept = objects_alone(model, images, masks, classes=[NARROW, ROUND])
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        logits = model(images)
+    again = objects_alone(model, images, masks, classes=[NARROW, ROUND], logits=logits)
+    torch.testing.assert_close(again, kept, equal_nan=True)
+    with pytest.raises(ValueError, match="volumes"):
+        objects_alone(model, images[0], masks[0])
