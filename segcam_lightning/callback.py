@@ -64,7 +64,11 @@ from segcam_lightning.networks import (
 )
 from segcam_lightning.paths import safe_component, safe_join
 from segcam_lightning.quality.context import objects_alone
-from segcam_lightning.quality.functional import context_suspects, shortcut_suspects
+from segcam_lightning.quality.functional import (
+    context_suspects,
+    segmentation_statistics,
+    shortcut_suspects,
+)
 from segcam_lightning.render import cam_grid, class_palette, display_images, volume_grid
 
 COLORMAPS = {
@@ -559,12 +563,7 @@ class GradCAMCallback(Callback):
         predicted = class_regions(preds, channels, self._num_outputs, kind, spatial_dims=spatial)
         if valid is not None:
             truth, predicted = truth & valid, predicted & valid
-        truth, predicted = truth.flatten(2), predicted.flatten(2)
-        counted = truth.any(-1) & predicted.any(-1)
-        union = (truth | predicted).sum((0, 2))
-        iou = (truth & predicted).sum((0, 2)) / union.clamp_min(1)
-        iou = torch.where(union > 0, iou.float(), float("nan"))
-        return counted, iou, truth.float().mean(2)
+        return segmentation_statistics(truth.flatten(2), predicted.flatten(2))
 
     def _check_context(
         self,

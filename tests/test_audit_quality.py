@@ -6,6 +6,7 @@ partial run that ``--resume`` completes."""
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -297,10 +298,41 @@ def test_the_report_flags_the_class_decided_by_a_shortcut(wet_soil, tmp_path, mo
     assert "None: no class is flagged." in report_text(out)
 
 
+def test_objects_alone_flags_the_class_decided_by_a_shortcut(wet_soil, tmp_path, capsys):
+    """Shown alone, WetSoilNet's narrow_leaf plants have no wet soil around them and become
+    round_leaf: narrow_leaf is lost alone (kept 0.00 of its pixels on these 16 images, IoU
+    0.72); round_leaf keeps its plants; soil, the background, is not judged. No threshold is
+    lowered: the test reads no map."""
+    out = tmp_path / "out"
+    assert explain(*wet_soil_args(wet_soil), "--objects-alone", out=out) == 0
+    assert "Objects alone (" in capsys.readouterr().out
+    alone = summary_of(out)["objects_alone"]
+    assert (alone["images"], alone["kept_threshold"], alone["iou_threshold"]) == (16, 0.5, 0.5)
+    verdicts = {r["class_name"]: r["verdict"] for r in alone["rows"]}
+    assert verdicts == {"soil": "", "narrow_leaf": "suspect", "round_leaf": "keeps"}
+    (suspect,) = alone["suspects"]
+    assert suspect["kept_alone"] < 0.5 <= suspect["iou"]
+    html = report_text(out)
+    assert "Objects alone (shortcut test)" in html and "Lost alone: narrow_leaf" in html
+    # Without masks there are no objects to show alone: refused before writing.
+    images_only = tmp_path / "images_only"
+    shutil.copytree(wet_soil[1] / "images", images_only)
+    args = [str(images_only) if a == wet_soil[1] else a for a in wet_soil_args(wet_soil)]
+    assert explain(*args, "--objects-alone", out=tmp_path / "no_masks") == 2
+    err = capsys.readouterr().err
+    assert_one_line(err)
+    assert "--objects-alone shows each class's ground-truth objects alone" in err
+    assert not (tmp_path / "no_masks").exists()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--sanity-seeds", "2"], "--sanity-seeds only applies with --sanity-check, which was"),
+        (
+            ["--objects-alone-images", "8"],
+            "--objects-alone-images only applies with --objects-alone, which was",
+        ),
         (
             ["--faithfulness-fill", "blur", "--faithfulness-steps", "4"],
             "--faithfulness-fill and --faithfulness-steps only apply with --faithfulness",
@@ -329,7 +361,7 @@ def test_checks_refuse_volumes_and_networks_without_blocks_before_writing(
     assert explain(*args, "--sanity-check", "--faithfulness", out=out) == 2
     err = capsys.readouterr().err
     assert_one_line(err)
-    assert "--sanity-check and --faithfulness measure maps of images" in err
+    assert "--sanity-check and --faithfulness check images [N, C, H, W]" in err
     assert "Drop --sanity-check and --faithfulness" in err
     # WetSoilNet's only block with parameters is its head: no cascade reaches `features`.
     assert explain(*wet_soil_args(wet_soil), "--sanity-check", out=out) == 2

@@ -472,6 +472,17 @@ def test_cli_writes_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert exit_info.value.code == 1
     assert "already contains files" in capsys.readouterr().err
     assert main(["--out", str(out), "--num", "2", "--size", "32", "--overwrite"]) == 0
+    # The planted shortcut's data, as train.py's --data.shortcut soil makes it.
+    planted = tmp_path / "shortcut"
+    assert main(["--out", str(planted), "--num", "2", "--size", "64", "--shortcut", "soil"]) == 0
+    assert "data seed 0, shortcut soil)" in capsys.readouterr().out
+    ds = FolderSegmentation(planted, image_size=64)
+    for i in range(2):
+        image, mask = SyntheticSegmentation(2, 64, seed=2, shortcut="soil").render(i)
+        np.testing.assert_array_equal(ds[i]["mask"].numpy(), mask)
+        jpeg_error = (ds[i]["image"] - torch.from_numpy(image).permute(2, 0, 1) / 255.0).abs()
+        assert jpeg_error.mean() < 0.03
+    assert not np.array_equal(mask, SyntheticSegmentation(2, 64, seed=2).render(1)[1])
 
 
 def test_cli_help_and_argument_errors(capsys: pytest.CaptureFixture[str]) -> None:

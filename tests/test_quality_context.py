@@ -12,7 +12,7 @@ from test_cam_references import QuarterNet, randomised_batchnorm
 from test_quality import NAMES, WetSoilNet, samples
 from torch import nn
 
-from segcam_lightning.quality import objects_alone
+from segcam_lightning.quality import objects_alone, objects_alone_report
 
 NARROW, ROUND = NAMES.index("narrow_leaf"), NAMES.index("round_leaf")
 
@@ -150,3 +150,24 @@ def test_leaves_the_model_and_rng_alone_and_reuses_given_logits():
     torch.testing.assert_close(again, kept, equal_nan=True)
     with pytest.raises(ValueError, match="volumes"):
         objects_alone(model, images[0], masks[0])
+
+
+def test_report_rows_carry_the_rules_verdict():
+    """WetSoilNet on the shortcut data (16 images): narrow_leaf is segmented (IoU measured
+    0.73 on the probe) and lost alone -> suspect; round_leaf keeps its plants; soil is the
+    background (most of each image) and is not judged."""
+    images, masks = samples(16, 1, shortcut="soil")
+    rows = objects_alone_report(
+        WetSoilNet(), images, masks, class_names=NAMES, labels={"checkpoint": "wet.ckpt"}
+    )
+    assert [(r.class_name, r.verdict) for r in rows] == [
+        ("soil", ""),
+        ("narrow_leaf", "suspect"),
+        ("round_leaf", "keeps"),
+    ]
+    narrow = rows[NARROW]
+    expected = objects_alone(WetSoilNet(), images, masks)[:, NARROW]
+    assert narrow.kept_alone == pytest.approx(float(expected.nanmean()))
+    assert narrow.num_images == int((~expected.isnan()).sum())
+    assert narrow.to_dict()["checkpoint"] == "wet.ckpt" and narrow.iou >= 0.5
+    assert rows[0].area > 0.5 > narrow.area

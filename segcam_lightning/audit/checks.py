@@ -1,6 +1,6 @@
-"""The map-quality checks of ``--sanity-check`` and ``--faithfulness``.
+"""The quality checks of ``--sanity-check``, ``--faithfulness`` and ``--objects-alone``.
 
-Both run once per checkpoint after the main pass, on the first audited images (dataset order,
+Each runs once per checkpoint after the main pass, on the first audited images (dataset order,
 so an interrupted and resumed run checks the same images), with the functions of
 :mod:`segcam_lightning.quality`:
 
@@ -13,17 +13,22 @@ so an interrupted and resumed run checks the same images), with the functions of
 - ``--faithfulness``: :func:`~segcam_lightning.quality.deletion_insertion`, deletion and insertion
   curves per class for the audited method's maps at each layer, next to a random order and a
   ground-truth-first order.
+- ``--objects-alone``: :func:`~segcam_lightning.quality.objects_alone_report`, the share of each
+  class's segmented pixels the model keeps when the class's objects are shown alone, with the
+  verdict of :func:`~segcam_lightning.quality.functional.context_suspects` (no map involved).
 
-Their results go to ``summary.json`` (``sanity_check``, ``faithfulness``: the dataclasses'
-``to_dict()``), to ``sanity.csv`` and ``faithfulness.csv`` (one row per result, beside
-``metrics.csv``'s one per image) and to ``report.html``. The networks are fed what the main
-pass feeds them (channel order, grey conversion, normalisation: :meth:`AuditModel.prepare_input`).
-Maps of volumes are not supported by the quality functions: the options are refused before
-anything is written (:func:`check_quality_options`).
+Their results go to ``summary.json`` (``sanity_check``, ``faithfulness``, ``objects_alone``:
+the dataclasses' ``to_dict()``), to ``sanity.csv`` and ``faithfulness.csv`` (one row per
+result, beside ``metrics.csv``'s one per image) and to ``report.html``. The networks are fed
+what the main pass feeds them (channel order, grey conversion, normalisation:
+:meth:`AuditModel.prepare_input`).
+The checks take images, not volumes: the options are refused for volumes before anything is
+written (:func:`check_quality_options`), as is ``--objects-alone`` without ground truth.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,11 +45,14 @@ from segcam_lightning.quality import (
     FULL_RHO_THRESHOLD,
     RHO_THRESHOLD,
     FaithfulnessRow,
+    ObjectsAloneRow,
     SanityReport,
     cascade_stages,
+    context_suspects,
     deletion_insertion,
     layer_stages,
     method_maps,
+    objects_alone_report,
     sanity_check,
 )
 
@@ -109,7 +117,18 @@ FAITHFULNESS_COLUMNS = (
     "ratio_above_floor",
 )
 #: The checks' keys in ``summary.json``, by option.
-CHECK_KEYS = {"--sanity-check": "sanity_check", "--faithfulness": "faithfulness"}
+CHECK_KEYS = {
+    "--sanity-check": "sanity_check",
+    "--faithfulness": "faithfulness",
+    "--objects-alone": "objects_alone",
+}
+#: The objects-alone rule's thresholds: the defaults of
+#: :func:`~segcam_lightning.quality.functional.context_suspects` (the callback's too).
+CONTEXT_RULE = {
+    name: parameter.default
+    for name, parameter in inspect.signature(context_suspects).parameters.items()
+    if name in ("kept_threshold", "iou_threshold", "min_images")
+}
 
 
 @dataclass
@@ -121,20 +140,28 @@ class QualityChecks:
             them; empty without ``--sanity-check``.
         faithfulness: every checkpoint's rows, labelled with ``checkpoint``, ``method``,
             ``target`` and ``layer``; empty without ``--faithfulness``.
-        sanity_images, faithfulness_images: the images each check used.
+        objects_alone: every checkpoint's rows, labelled with ``checkpoint``; empty without
+            ``--objects-alone``.
+        sanity_images, faithfulness_images, objects_alone_images: the images each check used.
         seconds: wall time per check.
     """
 
     sanity: list[tuple[str, SanityReport]] = field(default_factory=list)
     faithfulness: list[FaithfulnessRow] = field(default_factory=list)
+    objects_alone: list[ObjectsAloneRow] = field(default_factory=list)
     sanity_images: int = 0
     faithfulness_images: int = 0
+    objects_alone_images: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
 
 
 def requested(settings: AuditSettings) -> list[str]:
     """The ``summary.json`` keys of the checks the settings ask for."""
-    asked = {"--sanity-check": settings.sanity_check, "--faithfulness": settings.faithfulness}
+    asked = {
+        "--sanity-check": settings.sanity_check,
+        "--faithfulness": settings.faithfulness,
+        "--objects-alone": settings.objects_alone,
+    }
     return [CHECK_KEYS[option] for option, on in asked.items() if on]
 
 
@@ -166,13 +193,18 @@ def check_quality_options(plan: AuditPlan, blank: Tensor, masks: Tensor | None) 
         return
     given = " and ".join(options)
     if plan.volumes:
-        verb = "measures" if len(options) == 1 else "measure"
+        verb = "checks" if len(options) == 1 else "check"
         raise UsageError(
-            f"{given} {verb} maps of images [N, C, H, W], but this network explains volumes; "
-            "the randomisation test and deletion curves are not defined for volumes here. Drop "
+            f"{given} {verb} images [N, C, H, W], but this network explains volumes; the "
+            "quality checks are not run on volumes here. Drop "
             f"{given} to audit the volumes."
         )
     settings = plan.settings
+    if settings.objects_alone and masks is None:
+        raise UsageError(
+            "--objects-alone shows each class's ground-truth objects alone, but the data has no "
+            "masks. Drop --objects-alone, or pass --data with a masks/ folder."
+        )
     for model in plan.models:
         x = model.prepare_input(blank.to(plan.model_device))
         layers = list(model.engine.layer_names)
@@ -197,6 +229,8 @@ def check_quality_options(plan: AuditPlan, blank: Tensor, masks: Tensor | None) 
                     # Every layer's maps have the image's shape: one layer tries them all.
                     layer_maps = next(iter(maps.values()))
                     _deletion_insertion(plan, model, x, layer_maps, masks, steps=1)
+            if settings.objects_alone and masks is not None:
+                _objects_alone(plan, model, x, masks)
         except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as error:
             advice = " or pass other --sanity-methods" if settings.sanity_check else ""
             raise UsageError(
@@ -257,6 +291,26 @@ def _deletion_insertion(
     )
 
 
+def _objects_alone(
+    plan: AuditPlan, model: AuditModel, x: Tensor, masks: Tensor
+) -> list[ObjectsAloneRow]:
+    """:func:`~segcam_lightning.quality.objects_alone_report` with the run's classes, names,
+    output kind and :data:`CONTEXT_RULE`."""
+    return objects_alone_report(
+        model.net,
+        x,
+        masks,
+        plan.classes,
+        class_names=plan.class_names,
+        kept_threshold=CONTEXT_RULE["kept_threshold"],
+        iou_threshold=CONTEXT_RULE["iou_threshold"],
+        output_kind=plan.output_kind,
+        threshold=plan.settings.threshold,
+        batch_size=plan.settings.batch_size,
+        labels={"checkpoint": model.label},
+    )
+
+
 # ---------------------------------------------------------------------- after the main pass
 
 
@@ -284,6 +338,7 @@ def run_checks(
     wanted = max(
         settings.sanity_images if settings.sanity_check else 0,
         settings.faithfulness_images if settings.faithfulness else 0,
+        settings.objects_alone_images if settings.objects_alone else 0,
     )
     images, masks = _images(plan, indices[:wanted])
     checks = QualityChecks()
@@ -313,6 +368,15 @@ def run_checks(
                 plan, model, images[:n], masks[:n] if masks is not None else None, step
             )
         checks.seconds["faithfulness"] = time.perf_counter() - start
+    if settings.objects_alone and masks is not None:
+        start = time.perf_counter()
+        n = min(settings.objects_alone_images, len(images))
+        checks.objects_alone_images = n
+        for model in plan.models:
+            step(f"{model.label}: the objects-alone test on {n} image(s)")
+            x = model.prepare_input(images[:n].to(plan.model_device))
+            checks.objects_alone += _objects_alone(plan, model, x, masks[:n])
+        checks.seconds["objects_alone"] = time.perf_counter() - start
     return checks
 
 
@@ -457,6 +521,15 @@ def checks_summary(plan: AuditPlan, checks: QualityChecks) -> dict[str, Any]:
             "rows": [r.to_dict() for r in checks.faithfulness],
             "seconds": checks.seconds.get("faithfulness"),
         }
+    if settings.objects_alone:
+        rows = [r.to_dict() for r in checks.objects_alone]
+        out["objects_alone"] = {
+            "images": checks.objects_alone_images,
+            **CONTEXT_RULE,
+            "suspects": [r for r in rows if r["verdict"] == "suspect"],
+            "rows": rows,
+            "seconds": checks.seconds.get("objects_alone"),
+        }
     return out
 
 
@@ -506,5 +579,19 @@ def describe(summary: dict[str, Any]) -> list[str]:
             f"Deletion ({faith['seconds']:.0f} s): {passing} of {len(deletion)} class map(s) "
             "pass (AUC <= "
             f"{faith['deletion_threshold']:g} of random order's); faithfulness.csv."
+        )
+    alone = summary.get("objects_alone")
+    if alone:
+        lost = [f"{r['class_name']} ({r['checkpoint']})" for r in alone["suspects"]]
+        judged = sum(bool(r["verdict"]) for r in alone["rows"])
+        lines.append(
+            f"Objects alone ({alone['seconds']:.0f} s): "
+            + (
+                f"{len(lost)} of {judged} judged class(es) lose their label alone (kept < "
+                f"{alone['kept_threshold']:g}): {', '.join(lost)}; possible shortcut, see "
+                "report.html."
+                if lost
+                else f"each of {judged} judged class(es) keeps its label alone."
+            )
         )
     return lines

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from segcam_lightning.audit.checks import ALL_METHODS
+from segcam_lightning.audit.checks import ALL_METHODS, CONTEXT_RULE
 from segcam_lightning.audit.plan import default_layers, load_models, resolve_size
 from segcam_lightning.audit.run import run_audit
 from segcam_lightning.audit.settings import (
@@ -59,6 +59,9 @@ examples:
   explain.py --checkpoint last.ckpt --data data/weeds --sanity-check --sanity-methods all \
       --faithfulness
 
+  # does each class keep its label when its objects are shown alone? (a shortcut test)
+  explain.py --checkpoint last.ckpt --data synthetic --objects-alone
+
   # spread a large audit over 4 GPUs
   explain.py --checkpoint last.ckpt --data big/ --devices 4 --strategy ddp --batch-size 32
 
@@ -84,7 +87,8 @@ outputs (OUT = --out):
   OUT/report.html (+ OUT/report_files/)       per-class metrics, drift, images side by side
   OUT/metrics.csv                             one row per image x class x layer x checkpoint
   OUT/summary.json                            counts, means, skipped files, settings, timings;
-                                              shortcut_suspects, sanity_check, faithfulness
+                                              shortcut_suspects, sanity_check, faithfulness,
+                                              objects_alone
   OUT/sanity.csv                              --sanity-check: one row per checkpoint x method x
                                               layer x class x randomisation (median |rho|,
                                               SSIM, energy inside, verdict)
@@ -346,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     quality = parser.add_argument_group(
-        "map-quality checks (after the main pass, once per checkpoint; images only)"
+        "quality checks (after the main pass, once per checkpoint; images only)"
     )
     quality.add_argument(
         "--sanity-check",
@@ -398,6 +402,22 @@ def build_parser() -> argparse.ArgumentParser:
         quality,
         "--faithfulness-steps",
         "points per curve minus one (default 16)",
+    )
+    quality.add_argument(
+        "--objects-alone",
+        action="store_true",
+        help="the objects-alone test: each class's objects shown alone (every other pixel "
+        "flattened to their mean colour), the share of its segmented pixels the model keeps; "
+        f"a class segmented well (IoU >= {CONTEXT_RULE['iou_threshold']:g}) that keeps less than "
+        f"{CONTEXT_RULE['kept_threshold']:g} takes its label from around its objects (a "
+        "shortcut, unless the class is defined by its surroundings). Needs masks. In "
+        "report.html and summary.json['objects_alone']. Off by default: one forward pass per "
+        "class",
+    )
+    _count_option(
+        quality,
+        "--objects-alone-images",
+        "the first N audited images the objects-alone test uses (default 64)",
     )
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -586,7 +606,11 @@ def _check_check_options(args: argparse.Namespace) -> None:
     Raises:
         UsageError: e.g. for ``--sanity-seeds`` without ``--sanity-check``.
     """
-    for flag, prefix in (("sanity_check", "sanity_"), ("faithfulness", "faithfulness_")):
+    for flag, prefix in (
+        ("sanity_check", "sanity_"),
+        ("faithfulness", "faithfulness_"),
+        ("objects_alone", "objects_alone_"),
+    ):
         given = [
             name
             for name, value in vars(args).items()

@@ -73,6 +73,7 @@ def render_report(
         _checkpoint_table(plan),
         _class_table(plan, means, summary),
         _shortcut_section(summary),
+        _objects_alone_section(plan, summary),
     ]
     if len(plan.models) > 1:
         body.append(_drift_table(plan, means))
@@ -266,6 +267,7 @@ def _shortcut_section(summary: dict[str, Any]) -> str:
 _CHECKS = {
     "sanity_check": ("--sanity-check", "Randomisation test (sanity check)", "sanity"),
     "faithfulness": ("--faithfulness", "Deletion and insertion (faithfulness)", "faithfulness"),
+    "objects_alone": ("--objects-alone", "Objects alone (shortcut test)", "objects-alone"),
 }
 
 
@@ -404,6 +406,58 @@ def _faithfulness_section(plan: AuditPlan, summary: dict[str, Any]) -> str:
         "above 1 beats random). Every row, with the mean curves, is in summary.json; without "
         "them in faithfulness.csv.</p>"
         f"<table>{head}{''.join(body)}</table>"
+    )
+
+
+def _objects_alone_section(plan: AuditPlan, summary: dict[str, Any]) -> str:
+    alone = summary.get("objects_alone")
+    if alone is None:
+        return _pending(summary, "objects_alone")
+    several = len(plan.models) > 1
+    suspects = alone["suspects"]
+    headline = (
+        "<p><b class='bad'>Lost alone: "
+        + _e(
+            ", ".join(
+                r["class_name"] + (f" [{r['checkpoint']}]" if several else "") for r in suspects
+            )
+        )
+        + "</b>. The model segments these classes well but no longer predicts them on their "
+        "own objects once the surroundings are flattened: it takes their label from around "
+        "the objects. That is a shortcut unless the class is defined by its surroundings; "
+        "a map that sits on such objects (next to the head it always does) shows where the "
+        "class is, not what decided it. See docs/QUALITY.md.</p>"
+        if suspects
+        else "<p><b class='good'>Every judged class keeps its label alone.</b></p>"
+    )
+    head = (
+        ("<tr><th class='l'>checkpoint</th>" if several else "<tr>")
+        + "<th class='l'>class</th><th>images</th><th>IoU</th><th>kept alone</th>"
+        "<th>verdict</th></tr>"
+    )
+    words = {"suspect": "fail", "keeps": "pass"}
+    body = "".join(
+        ("<tr>" + (f"<td class='l'>{_e(r['checkpoint'])}</td>" if several else ""))
+        + f"<td class='l'>{_e(r['class_name'])}</td><td>{r['num_images']}</td>"
+        f"<td>{_fmt(r['iou'])}</td><td>{_fmt(r['kept_alone'])}</td>"
+        f"<td>{_verdict(words.get(r['verdict'], ''))}"
+        + (" lost alone" if r["verdict"] == "suspect" else "")
+        + "</td></tr>"
+        for r in alone["rows"]
+    )
+    return (
+        _heading("objects_alone")
+        + "<p class='meta'>Does each class's label come from its objects? On the first "
+        f"{alone['images']} audited image(s), each class's ground-truth objects are shown "
+        "alone, every other pixel set to the mean colour of the pixels it replaces, and the "
+        "model predicts again; <i>kept alone</i> is the share of the class's segmented pixels "
+        "(ground truth and predicted on the untouched image) it still predicts, over the "
+        "images that hold and predict the class. A class with IoU at least "
+        f"{alone['iou_threshold']:g} (pooled over these images) on at least "
+        f"{alone['min_images']} images is <b>lost alone</b> below "
+        f"<b>{alone['kept_threshold']:g}</b>; classes covering half their images or more are "
+        "background and not judged. No map is involved.</p>"
+        f"{headline}<table>{head}{body}</table>"
     )
 
 

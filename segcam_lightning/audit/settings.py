@@ -130,8 +130,9 @@ class AuditSettings:
     ``module``/``model`` name the user's code (``"pkg.mod:Name"``), ``None`` for the U-Net.
     ``size`` is the side of the square images or cubic volumes the network is fed;
     ``intensity_range`` the ``(lo, hi)`` a folder's ``.npy`` volumes are scaled from (``None``:
-    each volume's own minimum and maximum, per channel). ``sanity_check`` and ``faithfulness``
-    run the map-quality checks after the main pass (:mod:`~segcam_lightning.audit.checks`);
+    each volume's own minimum and maximum, per channel). ``sanity_check``, ``faithfulness`` and
+    ``objects_alone`` run the quality checks after the main pass
+    (:mod:`~segcam_lightning.audit.checks`);
     ``sanity_methods`` ``None`` is the audited ``method``, ``("all",)`` every method.
     """
 
@@ -178,6 +179,8 @@ class AuditSettings:
     faithfulness_fill: str = "mean"
     faithfulness_images: int = 16
     faithfulness_steps: int = 16
+    objects_alone: bool = False
+    objects_alone_images: int = 64
 
     @property
     def distributed(self) -> bool:

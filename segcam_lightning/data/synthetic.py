@@ -430,12 +430,13 @@ def write_synthetic_dataset(
     seed: int = 0,
     colormap: Colormap = SEED_COLORMAP,
     overwrite: bool = False,
+    shortcut: str | None = None,
 ) -> Path:
     """Write synthetic samples to disk in the seed's folder format.
 
     Writes ``root/images/0000.jpg`` (JPEG quality 95, BGR via cv2) and ``root/masks/0000.png``
     (colour PNG painted with ``colormap``), one pair per sample, and nothing else. Sample ``i`` is
-    ``SyntheticSegmentation(num_samples, image_size, seed).render(i)``.
+    ``SyntheticSegmentation(num_samples, image_size, seed, shortcut=shortcut).render(i)``.
 
     Args:
         root: output folder; created if missing.
@@ -445,6 +446,8 @@ def write_synthetic_dataset(
         colormap: ``(b, g, r)`` per class, at least 3 entries; the seed's by default.
         overwrite: allow writing into ``images/`` or ``masks/`` folders that already hold files
             (files with the same names are replaced, others are left alone).
+        shortcut: ``None``, or a planted shortcut in :data:`SHORTCUTS` (``configs/shortcut.yaml``'s
+            data).
 
     Returns:
         ``root`` as a ``Path``.
@@ -459,7 +462,7 @@ def write_synthetic_dataset(
             f"Expected a colormap with at least {len(SYNTHETIC_CLASS_NAMES)} colours for the "
             f"classes {SYNTHETIC_CLASS_NAMES}, but got {len(cmap)}."
         )
-    dataset = SyntheticSegmentation(num_samples, image_size, seed)
+    dataset = SyntheticSegmentation(num_samples, image_size, seed, shortcut=shortcut)
     root = Path(root)
     image_dir, mask_dir = root / "images", root / "masks"
     for folder in (image_dir, mask_dir):
@@ -496,7 +499,8 @@ def _build_parser() -> argparse.ArgumentParser:
             "a model on them, or copy the layout for your own data."
         ),
         epilog=(
-            "example:\n  segcam-synthetic --out data/synthetic --num 60 --size 256\n\n"
+            "example:\n  segcam-synthetic --out data/synthetic --num 60 --size 256\n"
+            "  segcam-synthetic --out data/shortcut --num 64 --size 128 --shortcut soil\n\n"
             "--split test (the default) writes held-out images: the ones train.py never trains\n"
             "on (it trains on --split train and validates on --split val of the same --seed)."
         ),
@@ -515,6 +519,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="data seed, as train.py's --data.seed (default 0)"
+    )
+    parser.add_argument(
+        "--shortcut",
+        choices=sorted(SHORTCUTS),
+        help="a planted shortcut, as train.py's --data.shortcut (configs/shortcut.yaml): soil "
+        "(narrow_leaf plants grow in wet soil, plant shapes drawn at random)",
     )
     parser.add_argument(
         "--overwrite",
@@ -541,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             args.size,
             args.seed + SPLIT_OFFSETS[args.split],
             overwrite=args.overwrite,
+            shortcut=args.shortcut,
         )
     except OSError as error:  # includes FileExistsError
         parser.exit(1, f"segcam-synthetic: error: {error}\n")
@@ -548,9 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     first, last = names.name(0), names.name(args.num - 1)
     size = f"{args.size}x{args.size}"
     held_out = " (held out from training)" if args.split == "test" else ""
+    planted = f", shortcut {args.shortcut}" if args.shortcut else ""
     print(
         f"Wrote {args.num} image/mask pairs ({size}, {args.split} split{held_out}, data seed "
-        f"{args.seed}) to {root}"
+        f"{args.seed}{planted}) to {root}"
     )
     print(f"  images: {root / 'images'}/{first}.jpg .. {last}.jpg (JPEG quality 95)")
     print(f"  masks:  {root / 'masks'}/{first}.png .. {last}.png (colour PNG)")

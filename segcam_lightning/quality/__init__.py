@@ -7,7 +7,8 @@
 - :func:`deletion_insertion` (``faithfulness.py``): deletion and insertion curves per class and
   their areas next to a random order and a ground-truth-first order.
 - :func:`objects_alone` (``context.py``): the share of each class's segmented pixels the model
-  keeps when the class's objects are shown alone (everything else flattened).
+  keeps when the class's objects are shown alone (everything else flattened);
+  :func:`objects_alone_report` adds the rule's verdict per class.
 - :func:`~segcam_lightning.quality.functional.shortcut_suspects` and
   :func:`~segcam_lightning.quality.functional.context_suspects`: the rules behind
   ``GradCAMCallback``'s shortcut warnings (classes segmented well whose maps sit outside them;

@@ -17,7 +17,9 @@ Cost: one forward pass of the images that hold a class, per class.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -28,7 +30,7 @@ from segcam_lightning.cam.functional import class_regions, predicted_masks, reso
 from segcam_lightning.cam.layers import eval_mode, preserve_rng
 from segcam_lightning.quality import functional as QF
 
-__all__ = ["objects_alone"]
+__all__ = ["ObjectsAloneRow", "objects_alone", "objects_alone_report"]
 
 
 def objects_alone(
@@ -71,44 +73,173 @@ def objects_alone(
             f"Expected images [N, C, H, W] or volumes [N, C, D, H, W], but got "
             f"{list(images.shape)}."
         )
-    adapter = output_adapter or default_output_adapter
-    device = next((p.device for p in model.parameters()), images.device)
+    device = _device(model, images)
     images, masks = images.to(device), masks.to(device)
     spatial = images.ndim - 2
-
-    def forward(batch: Tensor) -> Tensor:
-        with torch.inference_mode(False), torch.no_grad(), eval_mode(model), preserve_rng(device):
-            parts = [
-                adapter(model(batch[i : i + batch_size])).float()
-                for i in range(0, batch.shape[0], batch_size)
-            ]
-        return torch.cat(parts)
-
     if logits is None:
-        logits = forward(images)
+        logits = _logits(model, images, output_adapter, batch_size)
     logits = logits.float()
-    num_outputs, size = logits.shape[1], tuple(logits.shape[2:])
-    kind = resolve_output_kind(output_kind, num_outputs)
-    wanted = list(classes) if classes is not None else list(range(num_outputs))
-
-    def predicted(out: Tensor) -> Tensor:
-        preds = predicted_masks(out, kind, threshold)
-        return class_regions(preds, wanted, num_outputs, kind, spatial_dims=spatial)
-
-    # Objects at the images' size (what is kept), scored at the logits' (what is predicted).
-    objects = class_regions(masks, wanted, num_outputs, kind, spatial_dims=spatial)
-    truth = class_regions(masks, wanted, num_outputs, kind, size=size, spatial_dims=spatial)
-    if ignore_index is not None and masks.ndim == spatial + 1:
-        ignored = (masks == ignore_index).long()  # as binary labels: 1 = ignored
-        objects &= ~ignored.bool().unsqueeze(1)
-        truth &= ~class_regions(ignored, [0], 1, "binary", size=size, spatial_dims=spatial)
-    before = (truth & predicted(logits)).flatten(2)  # [N, K, P]
+    kind = resolve_output_kind(output_kind, logits.shape[1])
+    wanted = list(classes) if classes is not None else list(range(logits.shape[1]))
+    regions = _Regions(masks, logits, wanted, kind, threshold, ignore_index, spatial)
+    before = (regions.truth & regions.predicted(logits)).flatten(2)  # [N, K, P]
     kept = torch.full(before.shape[:2], float("nan"), device=device)
     for k in range(len(wanted)):
         index = before[:, k].any(-1).nonzero().flatten()
         if index.numel() == 0:
             continue
-        alone = QF.isolate(images[index], objects[index, k])
-        after = predicted(forward(alone))[:, k].flatten(1)
-        kept[index, k] = QF.kept_share(before[index, k], after)
+        alone = QF.isolate(images[index], regions.objects[index, k])
+        out = _logits(model, alone, output_adapter, batch_size).float()
+        kept[index, k] = QF.kept_share(before[index, k], regions.predicted(out)[:, k].flatten(1))
     return kept
+
+
+@dataclass(frozen=True)
+class ObjectsAloneRow:
+    """One class's objects-alone result.
+
+    Attributes:
+        class_index, class_name: the output channel and its name.
+        num_images: images where the class is both in the ground truth and predicted.
+        kept_alone: mean share of its segmented pixels kept alone over those images (NaN
+            without any).
+        iou: the class's IoU over all the images (pooled).
+        area: its mean ground-truth share of those images.
+        kept_threshold, iou_threshold: the rule's thresholds
+            (:func:`~segcam_lightning.quality.functional.context_suspects`).
+        verdict: ``"suspect"`` (segmented well, loses its label alone), ``"keeps"`` (judged,
+            not suspect) or ``""`` (not judged: too few images, too low an IoU, background).
+        labels: e.g. ``(("checkpoint", "last.ckpt"),)``.
+    """
+
+    class_index: int
+    class_name: str
+    num_images: int
+    kept_alone: float
+    iou: float
+    area: float
+    kept_threshold: float
+    iou_threshold: float
+    verdict: str
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, labels first."""
+        values = asdict(self)
+        labels = dict(values.pop("labels"))
+        return {**labels, **values}
+
+
+def objects_alone_report(
+    model: nn.Module,
+    images: Tensor,
+    masks: Tensor,
+    classes: Sequence[int] | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    kept_threshold: float = 0.5,
+    iou_threshold: float = 0.5,
+    output_kind: str = "auto",
+    threshold: float = 0.5,
+    ignore_index: int | None = None,
+    output_adapter: Callable[[Any], Tensor] | None = None,
+    batch_size: int = 16,
+    labels: dict[str, str] | None = None,
+) -> list[ObjectsAloneRow]:
+    """:func:`objects_alone` per class with the rule's verdict, as ``explain.py
+    --objects-alone`` reports it (arguments as there; ``labels`` are added to every row).
+
+    Returns:
+        One row per class, in class order.
+    """
+    device = _device(model, images)
+    images, masks = images.to(device), masks.to(device)
+    logits = _logits(model, images, output_adapter, batch_size).float()
+    kind = resolve_output_kind(output_kind, logits.shape[1])
+    wanted = list(classes) if classes is not None else list(range(logits.shape[1]))
+    options = {"output_kind": kind, "threshold": threshold, "ignore_index": ignore_index}
+    kept = objects_alone(
+        model, images, masks, wanted, **options, output_adapter=output_adapter, logits=logits
+    )
+    regions = _Regions(masks, logits, wanted, kind, threshold, ignore_index, images.ndim - 2)
+    predicted = regions.predicted(logits).flatten(2)
+    counted, iou, area = QF.segmentation_statistics(regions.truth.flatten(2), predicted)
+    counted &= ~kept.isnan()
+    rule = {"kept_threshold": kept_threshold, "iou_threshold": iou_threshold}
+    suspects = {s.class_index for s in QF.context_suspects(kept, counted, iou, area, **rule)}
+    counts, means, judged = QF.judged_classes(kept, counted, area)
+    rows = []
+    for k, class_index in enumerate(wanted):
+        n = int(counts[k])
+        verdict = ""
+        if k in suspects:
+            verdict = "suspect"
+        elif judged[k] and not math.isnan(float(iou[k])) and float(iou[k]) >= iou_threshold:
+            verdict = "keeps"
+        rows.append(
+            ObjectsAloneRow(
+                class_index=class_index,
+                class_name=QF.class_name(class_names, class_index),
+                num_images=n,
+                kept_alone=float(means[k]) if n else float("nan"),
+                iou=float(iou[k]),
+                area=float((area[:, k] * counted[:, k]).sum() / max(n, 1)) if n else float("nan"),
+                labels=tuple((str(a), str(b)) for a, b in (labels or {}).items()),
+                verdict=verdict,
+                **rule,
+            )
+        )
+    return rows
+
+
+class _Regions:
+    """A batch's regions for the test: each class's objects at the images' size (what is
+    kept), its ground truth at the logits' size (what is scored) and the prediction there."""
+
+    def __init__(
+        self,
+        masks: Tensor,
+        logits: Tensor,
+        wanted: list[int],
+        kind: str,
+        threshold: float,
+        ignore_index: int | None,
+        spatial: int,
+    ) -> None:
+        self.wanted, self.kind, self.threshold, self.spatial = wanted, kind, threshold, spatial
+        self.num_outputs, size = logits.shape[1], tuple(logits.shape[2:])
+        options = {"spatial_dims": spatial}
+        self.objects = class_regions(masks, wanted, self.num_outputs, kind, **options)
+        self.truth = class_regions(masks, wanted, self.num_outputs, kind, size=size, **options)
+        if ignore_index is not None and masks.ndim == spatial + 1:
+            ignored = (masks == ignore_index).long()  # as binary labels: 1 = ignored
+            self.objects &= ~ignored.bool().unsqueeze(1)
+            self.truth &= ~class_regions(ignored, [0], 1, "binary", size=size, **options)
+
+    def predicted(self, logits: Tensor) -> Tensor:
+        """bool ``[N, K, *size]``: where each class is predicted."""
+        preds = predicted_masks(logits, self.kind, self.threshold)
+        return class_regions(
+            preds, self.wanted, self.num_outputs, self.kind, spatial_dims=self.spatial
+        )
+
+
+def _device(model: nn.Module, images: Tensor) -> torch.device:
+    return next((p.device for p in model.parameters()), images.device)
+
+
+def _logits(
+    model: nn.Module,
+    images: Tensor,
+    output_adapter: Callable[[Any], Tensor] | None,
+    batch_size: int,
+) -> Tensor:
+    """The model's logits in batches: eval mode, no graph, flags and RNG restored."""
+    adapter = output_adapter or default_output_adapter
+    device = _device(model, images)
+    with torch.inference_mode(False), torch.no_grad(), eval_mode(model), preserve_rng(device):
+        parts = [
+            adapter(model(images[i : i + batch_size]))
+            for i in range(0, images.shape[0], batch_size)
+        ]
+    return torch.cat(parts)

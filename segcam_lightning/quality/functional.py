@@ -29,6 +29,7 @@ __all__ = [
     "gt_first_order",
     "guided_maps",
     "isolate",
+    "judged_classes",
     "kept_share",
     "map_ssim",
     "mean_fill",
@@ -36,6 +37,7 @@ __all__ = [
     "plain",
     "random_order",
     "ranked_order",
+    "segmentation_statistics",
     "shortcut_suspects",
     "spearman",
 ]
@@ -390,7 +392,7 @@ def shortcut_suspects(
             f"Expected energy, counted and area [N, K] and iou [K], but got {list(shape)}, "
             f"{list(counted.shape)}, {list(area.shape)} and {list(iou.shape)}."
         )
-    counts, means, judged = _judged(energy, counted, area, min_images, max_area)
+    counts, means, judged = judged_classes(energy, counted, area, min_images, max_area)
     columns = zip(judged.tolist(), means.tolist(), strict=True)
     references = [(j, e) for j, (ok, e) in enumerate(columns) if ok and e >= reference_threshold]
     suspects = []
@@ -405,8 +407,32 @@ def shortcut_suspects(
     return suspects
 
 
-def _judged(
-    values: Tensor, counted: Tensor, area: Tensor, min_images: int, max_area: float
+def segmentation_statistics(truth: Tensor, predicted: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What the shortcut rules read besides the maps: which images count, IoU and area.
+
+    Args:
+        truth, predicted: bool ``[N, K, P]`` ground-truth and predicted regions, pixels
+            flattened (pixels that do not count already removed from both).
+
+    Returns:
+        ``(counted [N, K]`` (the class in the ground truth and the prediction), ``iou [K]``
+        (pooled over the images: intersections over unions; NaN where neither holds the
+        class), ``area [N, K]`` (share of each image's pixels in the ground truth)``)``.
+    """
+    if truth.shape != predicted.shape or truth.ndim != 3:
+        raise ValueError(
+            f"Expected ground truth and prediction [N, K, P] of one shape, but got "
+            f"{list(truth.shape)} and {list(predicted.shape)}."
+        )
+    counted = truth.any(-1) & predicted.any(-1)
+    union = (truth | predicted).sum((0, 2))
+    iou = (truth & predicted).sum((0, 2)) / union.clamp_min(1)
+    iou = torch.where(union > 0, iou.float(), float("nan"))
+    return counted, iou, truth.float().mean(-1)
+
+
+def judged_classes(
+    values: Tensor, counted: Tensor, area: Tensor, min_images: int = 2, max_area: float = 0.5
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per class: counted images, the mean of ``values`` over them, and whether the class is
     judged (enough images, and not a background that covers ``max_area`` of them or more)."""
@@ -482,7 +508,7 @@ def context_suspects(
             f"Expected kept, counted and area [N, K] and iou [K], but got {list(shape)}, "
             f"{list(counted.shape)}, {list(area.shape)} and {list(iou.shape)}."
         )
-    counts, means, judged = _judged(kept, counted, area, min_images, max_area)
+    counts, means, judged = judged_classes(kept, counted, area, min_images, max_area)
     suspects = []
     for k in range(shape[1]):
         q, m = float(iou[k]), float(means[k])
