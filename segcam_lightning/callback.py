@@ -78,8 +78,6 @@ COLORMAPS = {
 }
 #: Colour of ignored ground-truth pixels in the grids (BGR).
 IGNORED_COLOR = (128, 128, 128)
-#: The objects-alone test's place among the layers in the shortcut warnings' bookkeeping.
-CONTEXT = "<objects alone>"
 
 BatchAdapterLike = BatchAdapter | Callable[[Any], tuple[Tensor, Tensor | None]]
 
@@ -152,9 +150,11 @@ class GradCAMCallback(Callback):
             ``context_kept`` for ``shortcut_patience`` steps in a row while its IoU is at least
             ``shortcut_iou``: its label comes from around its objects (see
             :func:`segcam_lightning.quality.context_suspects`). It reads no map, so one
-            callback is enough: ``None`` (default) runs it in the Trainer's first
-            ``GradCAMCallback`` that does not say ``False``; ``True`` in this one. Needs masks;
-            costs one probe forward pass per class.
+            callback is enough: ``None`` (default) leaves it to a callback that says ``True``,
+            else to the Trainer's first ``GradCAMCallback`` that says ``None``; that callback's
+            probe, ``every_n_epochs`` and shortcut settings apply, and with a ``tag`` its
+            scalars go to ``cam_context/<tag>/<class>/kept_alone``. Needs masks; costs one
+            probe forward pass per class.
         context_kept: a class is suspect when it keeps less than this share alone.
         tag: a name for this callback's TensorBoard tags, needed when several callbacks watch
             the same layer (e.g. one per method or target): its images go to
@@ -233,9 +233,9 @@ class GradCAMCallback(Callback):
         self.context_kept = context_kept
         self._context = False  # whether this callback runs the test (decided at setup)
         #: Consecutive CAM steps each (layer, class) was suspect, and those already warned about
-        #: (the objects-alone test's under the layer label ``CONTEXT``).
-        self._shortcut_streak: dict[tuple[str, str], int] = {}
-        self._shortcut_warned: set[tuple[str, str]] = set()
+        #: (the objects-alone test's under the layer ``None``).
+        self._shortcut_streak: dict[tuple[str | None, str], int] = {}
+        self._shortcut_warned: set[tuple[str | None, str]] = set()
         if isinstance(layers, str):
             layers = [layers]
         if layers is not None and (not layers or not all(isinstance(n, str) for n in layers)):
@@ -395,11 +395,12 @@ class GradCAMCallback(Callback):
         self._spatial = example.ndim - 2
         self._channels = self.classes if self.classes is not None else list(range(num_outputs))
         if masks is None:
-            if self.log_alignment:
+            if self.log_alignment or self._context:
                 rank_zero_warn(
                     "GradCAMCallback: the probe batches hold no masks, so the grids show no"
-                    " ground truth and no alignment scalars are logged. Pass"
-                    " `batch_adapter=BatchAdapter(mask_key=...)` if the masks are there."
+                    " ground truth, and no alignment scalars are logged nor the objects-alone"
+                    " test run. Pass `batch_adapter=BatchAdapter(mask_key=...)` if the masks are"
+                    " there."
                 )
             return
         try:
@@ -423,12 +424,14 @@ class GradCAMCallback(Callback):
         return lambda images: display_images(images, mean, std, order)
 
     def _runs_context(self, trainer: L.Trainer) -> bool:
-        """Whether this callback runs the objects-alone test (``context_check=None``: the first
-        callback that does not turn it off)."""
+        """Whether this callback runs the objects-alone test: ``True`` runs it; ``None`` leaves
+        it to a callback that says ``True``, else to the first that says ``None``."""
         if self.context_check is not None:
             return self.context_check
         callbacks = [c for c in trainer.callbacks if isinstance(c, GradCAMCallback)]  # type: ignore[attr-defined]
-        return next(c for c in callbacks if c.context_check is not False) is self
+        if any(c.context_check for c in callbacks):
+            return False
+        return next(c for c in callbacks if c.context_check is None) is self
 
     def _check_tags_unique(self, trainer: L.Trainer) -> None:
         """Refuse a second callback that would log a layer, or the objects-alone test, under
@@ -519,6 +522,7 @@ class GradCAMCallback(Callback):
                     output_adapter=self._engine.output_adapter,
                     batch_size=len(local),
                     logits=result.logits,
+                    lockstep=trainer.world_size > 1,
                 )
         preds = predicted_masks(result.logits.float(), self._kind, self.threshold)
         preds = _resize_labels(preds, images.shape[2:])
@@ -594,7 +598,7 @@ class GradCAMCallback(Callback):
         )
         flagged = {s.class_index: s for s in suspects}
         for k, name in enumerate(names):
-            if not self._streak(CONTEXT, name, k in flagged):
+            if not self._streak(None, name, k in flagged):
                 continue
             s = flagged[k]
             rank_zero_warn(
@@ -609,7 +613,7 @@ class GradCAMCallback(Callback):
                 "turns this test off, `shortcut_warning=False` every shortcut warning."
             )
 
-    def _streak(self, layer: str, name: str, suspect: bool) -> bool:
+    def _streak(self, layer: str | None, name: str, suspect: bool) -> bool:
         """Count a (layer, class) suspect step; True once, when the streak reaches
         ``shortcut_patience``."""
         key = (layer, name)

@@ -210,11 +210,38 @@ def test_two_callbacks_on_one_layer_need_tags(tmp_path):
     # The objects-alone test reads no map: the first callback runs it, the second does not.
     context = {t.split("/")[1] for t in events.Tags()["scalars"] if t.startswith("cam_context/")}
     assert context == {"grad"}
+    # Other loggers: the tag is one more folder.
+    logger = CSVLogger(tmp_path, name="csv")
+    callback = GradCAMCallback(num_probe=2, strict=True, tag="grad")
+    trainer, model, data = make_run(tmp_path / "csv", [callback], logger=logger, max_epochs=1)
+    trainer.fit(model, datamodule=data)
+    files = sorted(Path(logger.log_dir, "cam").rglob("*.png"))
+    assert [str(p.relative_to(Path(logger.log_dir, "cam"))) for p in files] == [
+        f"step_0000003/grad/d4.conv.conv.5/{name}.png" for name in sorted(CLASSES)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("checks", "runs"),
+    [
+        ((None, None), (True, False)),  # the first that says None
+        ((False, None), (False, True)),
+        ((None, True), (False, True)),  # None steps aside for True
+        ((False, False), (False, False)),
+    ],
+)
+def test_which_callback_runs_the_objects_alone_test(checks, runs):
+    callbacks = [
+        GradCAMCallback(layers=[layer], context_check=c)
+        for layer, c in zip(LAYERS, checks, strict=True)
+    ]
+    trainer = L.Trainer(callbacks=list(callbacks), logger=False, enable_progress_bar=False)
+    assert tuple(c._runs_context(trainer) for c in callbacks) == runs
 
 
 def test_one_callback_runs_the_objects_alone_test(tmp_path):
-    """``context_check=None`` leaves the test to the first callback that does not turn it off;
-    two callbacks asked for it under the same tags are refused at setup."""
+    """The chosen callback logs ``cam_context/<class>/kept_alone``; two callbacks asked for it
+    under the same tags are refused at setup."""
     first = GradCAMCallback(layers=[LAYERS[0]], num_probe=2, strict=True, context_check=False)
     second = GradCAMCallback(layers=[LAYERS[1]], num_probe=2, strict=True)
     trainer, model, data = make_run(tmp_path / "second", [first, second], max_epochs=1)
@@ -229,15 +256,6 @@ def test_one_callback_runs_the_objects_alone_test(tmp_path):
         trainer.fit(model, datamodule=data)
     with pytest.raises(ValueError, match="context_check"):
         GradCAMCallback(context_check="yes")
-    # Other loggers: the tag is one more folder.
-    logger = CSVLogger(tmp_path, name="csv")
-    callback = GradCAMCallback(num_probe=2, strict=True, tag="grad")
-    trainer, model, data = make_run(tmp_path / "csv", [callback], logger=logger, max_epochs=1)
-    trainer.fit(model, datamodule=data)
-    files = sorted(Path(logger.log_dir, "cam").rglob("*.png"))
-    assert [str(p.relative_to(Path(logger.log_dir, "cam"))) for p in files] == [
-        f"step_0000003/grad/d4.conv.conv.5/{name}.png" for name in sorted(CLASSES)
-    ]
 
 
 def test_no_logger_warns(tmp_path):
@@ -321,6 +339,7 @@ def test_no_leaks_over_many_epochs(tmp_path):
     callback = GradCAMCallback(num_probe=2, log_alignment=False, strict=True)
     trainer, model, data = make_run(tmp_path, [callback], max_epochs=1)
     trainer.fit(model, datamodule=data)
+    model.log = lambda *args, **kwargs: None  # outside a loop: the objects-alone scalars
     counts = []
     for _ in range(4):
         callback.log_cams(trainer, model)

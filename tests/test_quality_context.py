@@ -12,6 +12,7 @@ from test_cam_references import QuarterNet, randomised_batchnorm
 from test_quality import NAMES, WetSoilNet, samples
 from torch import nn
 
+from segcam_lightning.quality import functional as QF
 from segcam_lightning.quality import objects_alone, objects_alone_report
 
 NARROW, ROUND = NAMES.index("narrow_leaf"), NAMES.index("round_leaf")
@@ -86,6 +87,13 @@ def test_logits_at_a_quarter_of_the_image_and_the_ignore_index():
     images = images.double()
     masks[:, :8] = 255
     kept = objects_alone(model, images, masks, ignore_index=255)
+    # An ignore index that is also a class's label: that class has no pixel left to score,
+    # and the others are scored as before.
+    labels = samples(4, 2)[1]
+    plain = objects_alone(model, images, labels)
+    soil_ignored = objects_alone(model, images, labels, ignore_index=0)
+    assert not plain[:, 0].isnan().all() and soil_ignored[:, 0].isnan().all()
+    torch.testing.assert_close(soil_ignored[:, 1:], plain[:, 1:], equal_nan=True)
 
     class Upsampled(nn.Module):  # nearest upsampling keeps each 4x4 block's prediction
         def forward(self, x):
@@ -118,9 +126,10 @@ def test_binary_and_volume_outputs():
     assert kept.shape == (4, 1)
     # A 1x1 model keeps each pixel's prediction wherever it is predicted foreground.
     assert torch.equal(kept[~kept.isnan()], torch.ones(int((~kept.isnan()).sum())))
-    volumes = torch.rand(2, 1, 6, 8, 8)
+    # Volumes, in float64 as above (the shares' float32 rounding is below 6e-8).
+    volumes = torch.rand(2, 1, 6, 8, 8, dtype=torch.float64)
     labels = (volumes[:, 0] > 0.5).long()
-    conv3d = nn.Conv3d(1, 2, 3, padding=1)
+    conv3d = nn.Conv3d(1, 2, 3, padding=1).double()
     kept = objects_alone(conv3d, volumes, labels)
     with torch.no_grad():
         before = conv3d(volumes).argmax(1)
@@ -128,28 +137,75 @@ def test_binary_and_volume_outputs():
         for k in range(2):
             obj = labels[n] == k
             scored = obj & (before[n] == k)
+            if not scored.any():
+                assert math.isnan(float(kept[n, k]))
+                continue
             fill = volumes[n, 0][~obj].mean()
             with torch.no_grad():
                 after = conv3d(torch.where(obj, volumes[n], fill)[None]).argmax(1)[0]
             expected = float((scored & (after == k)).sum() / scored.sum())
-            assert math.isclose(float(kept[n, k]), expected, abs_tol=1e-6)
+            assert math.isclose(float(kept[n, k]), expected, abs_tol=1e-7)
+
+
+class NoisyNet(nn.Module):
+    """BatchNorm and dropout in train mode: a forward there updates the running statistics,
+    draws random numbers and changes the prediction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout2d(0.5)
+        )
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x))
 
 
 def test_leaves_the_model_and_rng_alone_and_reuses_given_logits():
-    model = WetSoilNet()
-    model.train()
+    torch.manual_seed(0)
+    model = randomised_batchnorm(NoisyNet()).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    images, masks = samples(4, 2, shortcut="soil")
-    kept = objects_alone(model, images, masks, classes=[NARROW, ROUND])
-    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    images, masks = samples(4, 2)
+    kept = objects_alone(model, images, masks)
+    assert model.training and model.body[1].training and torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # The same as in eval mode, and the same with the caller's logits.
+    expected = objects_alone(model.eval(), images, masks)
+    torch.testing.assert_close(kept, expected, equal_nan=True, rtol=0, atol=0)
     with torch.no_grad():
         logits = model(images)
-    again = objects_alone(model, images, masks, classes=[NARROW, ROUND], logits=logits)
-    torch.testing.assert_close(again, kept, equal_nan=True)
+    again = objects_alone(model, images, masks, logits=logits)
+    torch.testing.assert_close(again, kept, equal_nan=True, rtol=0, atol=0)
     with pytest.raises(ValueError, match="volumes"):
         objects_alone(model, images[0], masks[0])
+
+
+def test_lockstep_runs_every_class_on_every_image_with_the_same_result():
+    """Processes holding shards of a batch must run the same forward passes: with lockstep
+    each class runs on all the images (counted or not), and the shares do not change."""
+    images, masks = samples(6, 2, shortcut="soil")
+    masks[:3][masks[:3] == NARROW] = 0  # three images without narrow_leaf
+    calls = []
+    model = WetSoilNet()
+    model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    kept = objects_alone(model, images, masks)
+    sizes, calls[:] = list(calls), []
+    locked = objects_alone(model, images, masks, lockstep=True)
+    torch.testing.assert_close(locked, kept, equal_nan=True, rtol=0, atol=0)
+    assert calls == [6, 6, 6, 6] and sizes[1:] != [6, 6, 6]
+
+
+def test_isolate_in_half_precision_does_not_overflow():
+    """A float16 count of the flattened pixels would be inf from 65,505 pixels on."""
+    images = torch.full((1, 3, 300, 300), 0.25, dtype=torch.float16)
+    images[..., :10, :10] = 1.0
+    keep = torch.zeros(1, 300, 300, dtype=torch.bool)
+    keep[:, :10, :10] = True
+    out = QF.isolate(images, keep)
+    assert out.dtype == torch.float16 and torch.equal(out[..., :10, :10], images[..., :10, :10])
+    assert (out[..., 10:, :] == 0.25).all()
 
 
 def test_report_rows_carry_the_rules_verdict():

@@ -6,7 +6,7 @@ the mean colour of the pixels it replaces (:func:`~segcam_lightning.quality.func
 and the model predicts again; the score is the share of the class's segmented pixels (ground
 truth and predicted on the untouched image) that it still predicts as the class.
 
-A model that recognises a plant by its shape keeps it (0.92-0.98 for the plant classes of the
+A model that recognises a plant by its shape keeps it (0.96-0.99 for the plant classes of the
 default run's clean twins); a model that reads the plant's class from the soil around it loses
 it (0.00 for the planted class on both measured shortcut runs: ``docs/QUALITY.md``, "Planted
 shortcut"). No map, layer or method is involved, so the test is also the check of what a
@@ -17,7 +17,6 @@ Cost: one forward pass of the images that hold a class, per class.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -25,9 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from segcam_lightning.cam import default_output_adapter
 from segcam_lightning.cam.functional import class_regions, predicted_masks, resolve_output_kind
-from segcam_lightning.cam.layers import eval_mode, preserve_rng
+from segcam_lightning.cam.layers import force_eager
+from segcam_lightning.networks import example_logits
 from segcam_lightning.quality import functional as QF
 
 __all__ = ["ObjectsAloneRow", "objects_alone", "objects_alone_report"]
@@ -45,13 +44,15 @@ def objects_alone(
     output_adapter: Callable[[Any], Tensor] | None = None,
     batch_size: int = 16,
     logits: Tensor | None = None,
+    lockstep: bool = False,
 ) -> Tensor:
     """Share of each class's segmented pixels the model keeps when the class's objects are
     shown alone.
 
     Args:
         model: the segmentation network (never modified: eval mode, no graph, flags and RNG
-            restored). Runs under whatever autocast context the caller opened.
+            restored; compiled code runs eagerly). Runs under whatever autocast context the
+            caller opened.
         images: ``[N, C, H, W]`` or volumes ``[N, C, D, H, W]``.
         masks: ground truth: labels ``[N, *S]`` or per-class masks ``[N, K_out, *S]``, at the
             images' size.
@@ -63,34 +64,28 @@ def objects_alone(
         batch_size: images per forward pass.
         logits: the model's logits on the untouched ``images`` when the caller has them (saves
             one forward pass).
+        lockstep: run every class's forward pass on all the images, not only on those that
+            hold and predict the class (the others are discarded), so that processes calling
+            this on shards of a batch run the same passes: sharded strategies (FSDP, ZeRO-3)
+            need it.
 
     Returns:
         ``[N, len(classes)]`` float: the share kept, NaN where the class has no pixel that is
         both in the ground truth and predicted (not counted).
     """
-    if images.ndim not in (4, 5):
-        raise ValueError(
-            f"Expected images [N, C, H, W] or volumes [N, C, D, H, W], but got "
-            f"{list(images.shape)}."
-        )
-    device = _device(model, images)
-    images, masks = images.to(device), masks.to(device)
-    spatial = images.ndim - 2
-    if logits is None:
-        logits = _logits(model, images, output_adapter, batch_size)
-    logits = logits.float()
-    kind = resolve_output_kind(output_kind, logits.shape[1])
-    wanted = list(classes) if classes is not None else list(range(logits.shape[1]))
-    regions = _Regions(masks, logits, wanted, kind, threshold, ignore_index, spatial)
-    before = (regions.truth & regions.predicted(logits)).flatten(2)  # [N, K, P]
-    kept = torch.full(before.shape[:2], float("nan"), device=device)
-    for k in range(len(wanted)):
-        index = before[:, k].any(-1).nonzero().flatten()
-        if index.numel() == 0:
-            continue
-        alone = QF.isolate(images[index], regions.objects[index, k])
-        out = _logits(model, alone, output_adapter, batch_size).float()
-        kept[index, k] = QF.kept_share(before[index, k], regions.predicted(out)[:, k].flatten(1))
+    kept, _ = _objects_alone(
+        model,
+        images,
+        masks,
+        classes,
+        output_kind=output_kind,
+        threshold=threshold,
+        ignore_index=ignore_index,
+        output_adapter=output_adapter,
+        batch_size=batch_size,
+        logits=logits,
+        lockstep=lockstep,
+    )
     return kept
 
 
@@ -103,7 +98,7 @@ class ObjectsAloneRow:
         num_images: images where the class is both in the ground truth and predicted.
         kept_alone: mean share of its segmented pixels kept alone over those images (NaN
             without any).
-        iou: the class's IoU over all the images (pooled).
+        iou: the class's IoU over all the images (pooled, at the logits' resolution).
         area: its mean ground-truth share of those images.
         kept_threshold, iou_threshold: the rule's thresholds
             (:func:`~segcam_lightning.quality.functional.context_suspects`).
@@ -150,31 +145,36 @@ def objects_alone_report(
     --objects-alone`` reports it (arguments as there; ``labels`` are added to every row).
 
     Returns:
-        One row per class, in class order.
+        One row per class, in class order (none without images).
     """
-    device = _device(model, images)
-    images, masks = images.to(device), masks.to(device)
-    logits = _logits(model, images, output_adapter, batch_size).float()
-    kind = resolve_output_kind(output_kind, logits.shape[1])
-    wanted = list(classes) if classes is not None else list(range(logits.shape[1]))
-    options = {"output_kind": kind, "threshold": threshold, "ignore_index": ignore_index}
-    kept = objects_alone(
-        model, images, masks, wanted, **options, output_adapter=output_adapter, logits=logits
+    if images.shape[0] == 0:
+        return []
+    kept, regions = _objects_alone(
+        model,
+        images,
+        masks,
+        classes,
+        output_kind=output_kind,
+        threshold=threshold,
+        ignore_index=ignore_index,
+        output_adapter=output_adapter,
+        batch_size=batch_size,
     )
-    regions = _Regions(masks, logits, wanted, kind, threshold, ignore_index, images.ndim - 2)
-    predicted = regions.predicted(logits).flatten(2)
-    counted, iou, area = QF.segmentation_statistics(regions.truth.flatten(2), predicted)
+    truth, predicted = regions.truth.flatten(2), regions.predicted_before.flatten(2)
+    counted, iou, area = QF.segmentation_statistics(truth, predicted)
     counted &= ~kept.isnan()
     rule = {"kept_threshold": kept_threshold, "iou_threshold": iou_threshold}
     suspects = {s.class_index for s in QF.context_suspects(kept, counted, iou, area, **rule)}
     counts, means, judged = QF.judged_classes(kept, counted, area)
+    _, areas, _ = QF.judged_classes(area, counted, area)
+    tag = tuple((str(a), str(b)) for a, b in (labels or {}).items())
     rows = []
-    for k, class_index in enumerate(wanted):
-        n = int(counts[k])
+    for k, class_index in enumerate(regions.wanted):
+        q, n = float(iou[k]), int(counts[k])
         verdict = ""
         if k in suspects:
             verdict = "suspect"
-        elif judged[k] and not math.isnan(float(iou[k])) and float(iou[k]) >= iou_threshold:
+        elif judged[k] and q >= iou_threshold:  # NaN compares False
             verdict = "keeps"
         rows.append(
             ObjectsAloneRow(
@@ -182,19 +182,63 @@ def objects_alone_report(
                 class_name=QF.class_name(class_names, class_index),
                 num_images=n,
                 kept_alone=float(means[k]) if n else float("nan"),
-                iou=float(iou[k]),
-                area=float((area[:, k] * counted[:, k]).sum() / max(n, 1)) if n else float("nan"),
-                labels=tuple((str(a), str(b)) for a, b in (labels or {}).items()),
+                iou=q,
+                area=float(areas[k]) if n else float("nan"),
                 verdict=verdict,
+                labels=tag,
                 **rule,
             )
         )
     return rows
 
 
+def _objects_alone(
+    model: nn.Module,
+    images: Tensor,
+    masks: Tensor,
+    classes: Sequence[int] | None,
+    *,
+    output_kind: str,
+    threshold: float,
+    ignore_index: int | None,
+    output_adapter: Callable[[Any], Tensor] | None,
+    batch_size: int,
+    logits: Tensor | None = None,
+    lockstep: bool = False,
+) -> tuple[Tensor, _Regions]:
+    """The share kept ``[N, K]`` and the regions it was scored on."""
+    if images.ndim not in (4, 5):
+        raise ValueError(
+            f"Expected images [N, C, H, W] or volumes [N, C, D, H, W], but got "
+            f"{list(images.shape)}."
+        )
+    device = next((p.device for p in model.parameters()), images.device)
+    images, masks = images.to(device), masks.to(device)
+    if logits is None:
+        logits = _logits(model, images, output_adapter, batch_size)
+    logits = logits.float()
+    kind = resolve_output_kind(output_kind, logits.shape[1])
+    wanted = list(classes) if classes is not None else list(range(logits.shape[1]))
+    regions = _Regions(masks, logits, wanted, kind, threshold, ignore_index, images.ndim - 2)
+    before = (regions.truth & regions.predicted_before).flatten(2)  # [N, K, P]
+    kept = torch.full(before.shape[:2], float("nan"), device=device)
+    for k in range(len(wanted)):
+        counted = before[:, k].any(-1)
+        index = torch.arange(len(images), device=device) if lockstep else counted.nonzero()[:, 0]
+        if index.numel() == 0:
+            continue
+        alone = QF.isolate(images[index], regions.objects[index, k])
+        out = _logits(model, alone, output_adapter, batch_size).float()
+        after = regions.predicted(out, index)
+        share = QF.kept_share(before[index, k], after[:, k].flatten(1))
+        kept[index, k] = torch.where(counted[index], share, float("nan"))
+    return kept, regions
+
+
 class _Regions:
     """A batch's regions for the test: each class's objects at the images' size (what is
-    kept), its ground truth at the logits' size (what is scored) and the prediction there."""
+    kept), its ground truth and prediction at the logits' size (what is scored), ignored
+    pixels left out of all three."""
 
     def __init__(
         self,
@@ -211,21 +255,24 @@ class _Regions:
         options = {"spatial_dims": spatial}
         self.objects = class_regions(masks, wanted, self.num_outputs, kind, **options)
         self.truth = class_regions(masks, wanted, self.num_outputs, kind, size=size, **options)
+        self.valid: Tensor | None = None
         if ignore_index is not None and masks.ndim == spatial + 1:
             ignored = (masks == ignore_index).long()  # as binary labels: 1 = ignored
             self.objects &= ~ignored.bool().unsqueeze(1)
-            self.truth &= ~class_regions(ignored, [0], 1, "binary", size=size, **options)
+            self.valid = ~class_regions(ignored, [0], 1, "binary", size=size, **options)
+            self.truth &= self.valid
+        self.predicted_before = self.predicted(logits)
 
-    def predicted(self, logits: Tensor) -> Tensor:
-        """bool ``[N, K, *size]``: where each class is predicted."""
+    def predicted(self, logits: Tensor, index: Tensor | None = None) -> Tensor:
+        """bool ``[n, K, *size]``: where each class is predicted (on valid pixels), for the
+        logits of the batch's images ``index`` (default all)."""
         preds = predicted_masks(logits, self.kind, self.threshold)
-        return class_regions(
+        out = class_regions(
             preds, self.wanted, self.num_outputs, self.kind, spatial_dims=self.spatial
         )
-
-
-def _device(model: nn.Module, images: Tensor) -> torch.device:
-    return next((p.device for p in model.parameters()), images.device)
+        if self.valid is None:
+            return out
+        return out & (self.valid if index is None else self.valid[index])
 
 
 def _logits(
@@ -234,12 +281,11 @@ def _logits(
     output_adapter: Callable[[Any], Tensor] | None,
     batch_size: int,
 ) -> Tensor:
-    """The model's logits in batches: eval mode, no graph, flags and RNG restored."""
-    adapter = output_adapter or default_output_adapter
-    device = _device(model, images)
-    with torch.inference_mode(False), torch.no_grad(), eval_mode(model), preserve_rng(device):
+    """The model's logits in batches (:func:`~segcam_lightning.networks.example_logits`: eval
+    mode, no graph, inputs cloned, flags and RNG restored), compiled code run eagerly."""
+    with force_eager():
         parts = [
-            adapter(model(images[i : i + batch_size]))
+            example_logits(model, images[i : i + batch_size], output_adapter)
             for i in range(0, images.shape[0], batch_size)
         ]
     return torch.cat(parts)

@@ -236,10 +236,13 @@ def isolate(images: Tensor, keep: Tensor) -> Tensor:
             f"{list(images.shape)}, but got {list(keep.shape)}."
         )
     keep = keep.unsqueeze(1)
-    outside = (~keep).to(images.dtype)
+    # Summed in float32 at least: a half-precision count overflows at 65,505 pixels.
+    dtype = torch.promote_types(images.dtype, torch.float32)
+    outside = (~keep).to(dtype)
     spatial = tuple(range(2, images.ndim))
-    mean = (images * outside).sum(spatial, keepdim=True) / outside.sum(spatial, keepdim=True)
-    return torch.where(keep, images, mean.nan_to_num())
+    total = (images.to(dtype) * outside).sum(spatial, keepdim=True)
+    mean = total / outside.sum(spatial, keepdim=True)
+    return torch.where(keep, images, mean.nan_to_num().to(images.dtype))
 
 
 def kept_share(before: Tensor, after: Tensor) -> Tensor:
@@ -398,7 +401,7 @@ def shortcut_suspects(
     suspects = []
     for k in range(shape[1]):
         q, e = float(iou[k]), float(means[k])
-        if not judged[k] or math.isnan(q) or q < iou_threshold or e >= energy_threshold:
+        if not judged[k] or math.isnan(q) or q < iou_threshold or not e < energy_threshold:
             continue
         others = [(j, r) for j, r in references if j != k]
         if others:
@@ -438,7 +441,9 @@ def judged_classes(
     judged (enough images, and not a background that covers ``max_area`` of them or more)."""
     counts = counted.sum(dim=0)
     weights = counted.float()
-    means = (values.float().nan_to_num() * weights).sum(dim=0) / counts.clamp_min(1)
+    # Values of images that do not count may be NaN (not measured); counted NaN stays NaN.
+    values = torch.where(counted, values.float(), 0.0)
+    means = values.sum(dim=0) / counts.clamp_min(1)
     areas = (area.float() * weights).sum(dim=0) / counts.clamp_min(1)
     return counts, means, (counts >= min_images) & (areas < max_area)
 
