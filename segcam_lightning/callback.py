@@ -154,7 +154,8 @@ class GradCAMCallback(Callback):
             else to the Trainer's first ``GradCAMCallback`` that says ``None``; that callback's
             probe, ``every_n_epochs`` and shortcut settings apply, and with a ``tag`` its
             scalars go to ``cam_context/<tag>/<class>/kept_alone``. Needs masks; costs one
-            probe forward pass per class.
+            probe forward pass per class, background classes (half of the probe images that
+            hold them, or more) left out: the rule never judges them.
         context_kept: a class is suspect when it keeps less than this share alone.
         tag: a name for this callback's TensorBoard tags, needed when several callbacks watch
             the same layer (e.g. one per method or target): its images go to
@@ -232,6 +233,8 @@ class GradCAMCallback(Callback):
         self.context_check = context_check
         self.context_kept = context_kept
         self._context = False  # whether this callback runs the test (decided at setup)
+        #: The output channels it tests: those that are no background on the probe.
+        self._context_channels: list[int] = []
         #: Consecutive CAM steps each (layer, class) was suspect, and those already warned about
         #: (the objects-alone test's under the layer ``None``).
         self._shortcut_streak: dict[tuple[str | None, str], int] = {}
@@ -412,6 +415,18 @@ class GradCAMCallback(Callback):
                 f"GradCAMCallback: the probe's masks {list(masks.shape)} do not fit the model's "
                 f"{num_outputs} {self._kind} output(s): {error}"
             ) from None
+        # The rules never judge a background (half of the images holding it, or more): the
+        # objects-alone test spares it its forward pass.
+        truth, valid = ground_truth_regions(
+            masks, self._channels, self._kind, self.ignore_index, self._spatial
+        )
+        truth = (truth & valid if valid is not None else truth).flatten(2)
+        area = truth.float().mean(-1)
+        held = truth.any(-1)
+        mean_area = (area * held).sum(0) / held.sum(0).clamp_min(1)
+        self._context_channels = [
+            c for c, a in zip(self._channels, mean_area.tolist(), strict=True) if a < 0.5
+        ]
 
     def _display_fn(self, trainer: L.Trainer) -> Callable[[Tensor], Tensor]:
         if self.to_display is not None:
@@ -510,12 +525,12 @@ class GradCAMCallback(Callback):
         kept = None
         with trainer.precision_plugin.forward_context():
             result = self._engine(local, classes=self._channels, masks=local_masks)
-            if self._context and local_masks is not None:
+            if self._context and self._context_channels and local_masks is not None:
                 kept = objects_alone(
                     self._engine.model,
                     local,
                     local_masks,
-                    self._channels,
+                    self._context_channels,
                     output_kind=self._kind,
                     threshold=self.threshold,
                     ignore_index=self.ignore_index,
@@ -536,8 +551,16 @@ class GradCAMCallback(Callback):
         if masks is not None and (self.shortcut_warning or kept is not None):
             counted, iou, area = self._probe_statistics(masks, preds)
             if kept is not None:
+                tested = [self._channels.index(c) for c in self._context_channels]
                 kept = _gather(trainer, kept)[: len(images)].cpu()
-                self._check_context(pl_module, kept, counted, iou, area, names)
+                self._check_context(
+                    pl_module,
+                    kept,
+                    counted[:, tested],
+                    iou[tested],
+                    area[:, tested],
+                    [names[i] for i in tested],
+                )
             if self.shortcut_warning:
                 self._check_shortcut(cams, masks, counted, iou, area, names)
         if trainer.is_global_zero:

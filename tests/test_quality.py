@@ -228,6 +228,7 @@ def test_no_shortcut_warning_in_the_clean_run(clean_run):
     for name in ("narrow_leaf", "round_leaf"):
         kept = logged(folder, f"cam_context/{name}/kept_alone")
         assert len(kept) >= 10 and kept[-1] >= 0.5  # logged where the class is predicted
+    assert logged(folder, "cam_context/soil/kept_alone") == []  # the background: not tested
 
 
 def test_objects_alone_warning_fires_in_a_tiny_shortcut_run(tmp_path):
