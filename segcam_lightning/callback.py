@@ -66,6 +66,7 @@ from segcam_lightning.paths import safe_component, safe_join
 from segcam_lightning.quality.context import objects_alone
 from segcam_lightning.quality.functional import (
     context_suspects,
+    judged_classes,
     segmentation_statistics,
     shortcut_suspects,
 )
@@ -604,7 +605,7 @@ class GradCAMCallback(Callback):
         """Log each class's share kept alone; warn once per class that stays a suspect
         ``shortcut_patience`` steps in a row (every rank computes the same; rank 0 warns)."""
         counted = counted & ~kept.isnan()
-        means = kept.nan_to_num().sum(0) / counted.sum(0).clamp_min(1)
+        _, means, _ = judged_classes(kept, counted, area)
         prefix = "cam_context" if self.tag is None else f"cam_context/{self.tag}"
         for k, name in enumerate(names):
             if counted[:, k].any():
