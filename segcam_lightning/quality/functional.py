@@ -389,12 +389,7 @@ def shortcut_suspects(
     Returns:
         The suspects, in class order.
     """
-    shape = energy.shape
-    if energy.ndim != 2 or counted.shape != shape or area.shape != shape or iou.shape != shape[1:]:
-        raise ValueError(
-            f"Expected energy, counted and area [N, K] and iou [K], but got {list(shape)}, "
-            f"{list(counted.shape)}, {list(area.shape)} and {list(iou.shape)}."
-        )
+    shape = _check_rule_inputs("energy", energy, counted, iou, area)
     counts, means, judged = judged_classes(energy, counted, area, min_images, max_area)
     columns = zip(judged.tolist(), means.tolist(), strict=True)
     references = [(j, e) for j, (ok, e) in enumerate(columns) if ok and e >= reference_threshold]
@@ -432,6 +427,19 @@ def segmentation_statistics(truth: Tensor, predicted: Tensor) -> tuple[Tensor, T
     iou = (truth & predicted).sum((0, 2)) / union.clamp_min(1)
     iou = torch.where(union > 0, iou.float(), float("nan"))
     return counted, iou, truth.float().mean(-1)
+
+
+def _check_rule_inputs(
+    name: str, values: Tensor, counted: Tensor, iou: Tensor, area: Tensor
+) -> torch.Size:
+    """The shape ``[N, K]`` of a shortcut rule's inputs, after checking they agree."""
+    shape = values.shape
+    if values.ndim != 2 or counted.shape != shape or area.shape != shape or iou.shape != shape[1:]:
+        raise ValueError(
+            f"Expected {name}, counted and area [N, K] and iou [K], but got {list(shape)}, "
+            f"{list(counted.shape)}, {list(area.shape)} and {list(iou.shape)}."
+        )
+    return shape
 
 
 def judged_classes(
@@ -507,12 +515,7 @@ def context_suspects(
     Returns:
         The suspects, in class order.
     """
-    shape = kept.shape
-    if kept.ndim != 2 or counted.shape != shape or area.shape != shape or iou.shape != shape[1:]:
-        raise ValueError(
-            f"Expected kept, counted and area [N, K] and iou [K], but got {list(shape)}, "
-            f"{list(counted.shape)}, {list(area.shape)} and {list(iou.shape)}."
-        )
+    shape = _check_rule_inputs("kept", kept, counted, iou, area)
     counts, means, judged = judged_classes(kept, counted, area, min_images, max_area)
     suspects = []
     for k in range(shape[1]):
