@@ -1,15 +1,17 @@
 """segcam-lightning: where a segmentation model looks for each class, during and after training.
 
-``from segcam_lightning import GradCAMCallback`` is resolved lazily, so that importing the engine
-(``segcam_lightning.cam``, plain PyTorch) does not import Lightning or OpenCV.
+``from segcam_lightning import GradCAMCallback`` (and the other names of ``__all__``) is
+resolved lazily, so that importing the engine (``segcam_lightning.cam``, plain PyTorch) does
+not import Lightning or OpenCV.
 """
 
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["GradCAMCallback", "SegmentationDataModule", "SegmentationModule"]
+__all__ = ["BatchAdapter", "GradCAMCallback", "SegmentationDataModule", "SegmentationModule"]
 
 _LAZY = {
+    "BatchAdapter": "segcam_lightning.data.batch",
     "GradCAMCallback": "segcam_lightning.callback",
     "SegmentationDataModule": "segcam_lightning.data",
     "SegmentationModule": "segcam_lightning.module",

@@ -93,13 +93,22 @@ def test_engine_imports_neither_lightning_nor_cv2():
 
 
 def test_top_level_exports_are_the_package_objects():
-    from segcam_lightning import GradCAMCallback, SegmentationDataModule, SegmentationModule
+    import segcam_lightning as package
+    from segcam_lightning import (
+        BatchAdapter,
+        GradCAMCallback,
+        SegmentationDataModule,
+        SegmentationModule,
+    )
     from segcam_lightning.callback import GradCAMCallback as Callback
+    from segcam_lightning.data.batch import BatchAdapter as Adapter
     from segcam_lightning.data.datamodule import SegmentationDataModule as DataModule
     from segcam_lightning.module import SegmentationModule as Module
 
-    assert (GradCAMCallback, SegmentationDataModule, SegmentationModule) == (
+    assert (BatchAdapter, GradCAMCallback, SegmentationDataModule, SegmentationModule) == (
+        Adapter,
         Callback,
         DataModule,
         Module,
     )
+    assert all(hasattr(package, name) for name in package.__all__)
