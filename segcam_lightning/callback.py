@@ -56,6 +56,8 @@ from segcam_lightning.metrics import (
     ground_truth_regions,
 )
 from segcam_lightning.networks import (
+    ClassNames,
+    class_names_of,
     default_layer,
     example_logits,
     inner_network,
@@ -163,6 +165,10 @@ class GradCAMCallback(Callback):
             ``cam/<tag>/<layer>/<class>`` and its scalars to ``cam_alignment/<tag>/<layer>/...``.
             Without it, two callbacks on one layer are refused at ``setup()``: their tags would
             collide and Lightning would average their scalars.
+        class_names: one name per output channel (binary: the foreground's, or the
+            background's and the foreground's), for tags and legends. Default: the module's
+            ``class_names``, else the datamodule's, else the network's Hugging Face
+            ``config.id2label``, else ``class_<k>``.
 
     Example:
         >>> trainer = L.Trainer(callbacks=[GradCAMCallback(layers=["d4.conv.conv.5"])])
@@ -202,8 +208,22 @@ class GradCAMCallback(Callback):
         context_check: bool | None = None,
         context_kept: float = 0.5,
         tag: str | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
+        if class_names is not None and (
+            isinstance(class_names, str)
+            or not class_names
+            or not all(isinstance(n, str) and n for n in class_names)
+            or len(set(class_names)) != len(class_names)
+        ):
+            raise ValueError(
+                "Expected `class_names` to be None or a list of distinct, non-empty strings, one "
+                f"per output channel (e.g. ['soil', 'leaf']), but got {class_names!r}."
+            )
+        self.class_names = list(class_names) if class_names is not None else None
+        #: The names in use, one per output channel and per mask label (set at setup).
+        self._names = ClassNames([], [])
         if tag is not None and not (isinstance(tag, str) and _TAG.fullmatch(tag)):
             raise ValueError(
                 "Expected `tag` to be None or a short name of letters, digits, '_', '-' and '.' "
@@ -373,6 +393,7 @@ class GradCAMCallback(Callback):
             output_adapter=self.output_adapter,
         )
         self._check_engine(example, self.probe.get("masks"), logits.shape[1])
+        self._names = _names(trainer, pl_module, self.class_names, self._num_outputs, self._kind)
         if not trainer.loggers:
             rank_zero_warn(
                 "GradCAMCallback: the Trainer has no logger, so there is nowhere to log CAMs and"
@@ -546,7 +567,7 @@ class GradCAMCallback(Callback):
         preds = _gather(trainer, preds)[: len(images)].cpu()
         del result
         self.last_cams = cams
-        names = _class_names(trainer, pl_module, self._channels, self._kind)
+        names = [self._names.channels[c] for c in self._channels]
         if self.log_alignment and masks is not None:
             self._log_alignment(pl_module, cams, masks, names)
         if masks is not None and (self.shortcut_warning or kept is not None):
@@ -705,7 +726,7 @@ class GradCAMCallback(Callback):
         predicted = _display_labels(preds, self._kind, spatial)
         num_labels = 2 if self._kind == "binary" else self._num_outputs
         colormap = [*_colormap(trainer, num_labels)[:num_labels], IGNORED_COLOR]
-        legend = _label_names(trainer, pl_module, num_labels, self._kind)
+        legend = list(self._names.labels)
         if self.ignore_index is not None:
             legend.append("ignored")
         for labels in (truth, predicted):
@@ -989,33 +1010,25 @@ def _data_attribute(data: Any, name: str) -> Any:
     return None
 
 
-def _class_names(
-    trainer: L.Trainer, pl_module: L.LightningModule, channels: list[int], kind: str
-) -> list[str]:
-    names = getattr(pl_module, "class_names", None) or getattr(
-        trainer.datamodule, "class_names", None
-    )
-    if kind == "binary":
-        if names is not None and len(names) in (1, 2):
-            return [str(names[-1])]
-        return ["foreground"]
-    if names is None or max(channels) >= len(names):
-        return [f"class_{c}" for c in channels]
-    return [str(names[c]) for c in channels]
-
-
-def _label_names(
-    trainer: L.Trainer, pl_module: L.LightningModule, num_labels: int, kind: str
-) -> list[str]:
-    """A name per mask label for the grids' colour key (binary: background, foreground)."""
-    names = getattr(pl_module, "class_names", None) or getattr(
-        trainer.datamodule, "class_names", None
-    )
-    if names is not None and len(names) >= num_labels:
-        return [str(n) for n in names[:num_labels]]
-    if kind == "binary":
-        return ["background", str(names[-1]) if names else "foreground"]
-    return [f"class_{c}" for c in range(num_labels)]
+def _names(
+    trainer: L.Trainer,
+    pl_module: L.LightningModule,
+    given: Sequence[str] | None,
+    num_outputs: int,
+    kind: str,
+) -> ClassNames:
+    """The names of the classes and mask labels (see :func:`~segcam_lightning.networks.
+    class_names_of` for where they come from)."""
+    try:
+        return class_names_of(
+            pl_module,
+            trainer.datamodule,
+            given,
+            num_outputs=num_outputs,
+            binary=kind == "binary",
+        )
+    except ValueError as error:
+        raise ValueError(f"GradCAMCallback `class_names`: {error}") from None
 
 
 #: What a ``tag`` may hold: one path component, readable in TensorBoard.

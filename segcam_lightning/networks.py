@@ -9,8 +9,9 @@ inherits from ``torch`` or Lightning by where it is defined.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +23,8 @@ from segcam_lightning.cam.layers import eval_mode, preserve_rng
 
 __all__ = [
     "NETWORK_ATTRIBUTES",
+    "ClassNames",
+    "class_names_of",
     "default_layer",
     "defines_forward",
     "example_logits",
@@ -76,6 +79,120 @@ def inner_network(module: nn.Module) -> tuple[str, nn.Module]:
     (``"net."``) when ``module`` has one, else ``("", module)``."""
     found = _attribute_network(module)
     return (f"{found[0]}.", found[1]) if found is not None else ("", module)
+
+
+class ClassNames(NamedTuple):
+    """What :func:`class_names_of` gives.
+
+    Attributes:
+        channels: one name per output channel (a binary model's one: its foreground).
+        labels: one name per mask label, for colour keys (binary: background, foreground).
+    """
+
+    channels: list[str]
+    labels: list[str]
+
+
+#: Names that name nothing: Hugging Face configs fill ``id2label`` with ``LABEL_<k>`` when
+#: nobody named the classes, and this package's modules default to ``class_<k>``.
+_PLACEHOLDER = re.compile(r"(?:LABEL|class)_(\d+)")
+
+
+def class_names_of(
+    module: nn.Module,
+    datamodule: Any = None,
+    given: Sequence[str] | None = None,
+    *,
+    num_outputs: int,
+    binary: bool = False,
+    saved: Sequence[str] | None = None,
+) -> ClassNames:
+    """The classes' names, from the first source that has them.
+
+    In this order: ``given`` (e.g. the callback's ``class_names=``), ``module.class_names``,
+    ``datamodule.class_names``, ``saved`` (names a checkpoint carries), the network's Hugging
+    Face ``config.id2label``, else ``class_<k>``. A source other than ``given`` counts when it
+    has one name per output channel (binary: one or two names) that are not placeholders
+    (``LABEL_<k>``, ``class_<k>``). A binary model's one channel is its foreground, named by
+    the second of two names (the first names the background) or by a single name.
+
+    Args:
+        module: the LightningModule or network; its modules are searched, outermost first,
+            for a ``config`` with an ``id2label`` mapping.
+        datamodule: anything with a ``class_names`` attribute, or ``None``.
+        given: names chosen by the caller; used as they are.
+        num_outputs: ``K``, the network's output channels.
+        binary: whether the one output channel is a sigmoid foreground.
+        saved: names read from a checkpoint, after the module's and the datamodule's.
+
+    Returns:
+        ``ClassNames`` with ``K`` channel names and one name per mask label (``K``; binary 2).
+
+    Raises:
+        ValueError: when ``given`` does not fit the outputs.
+    """
+    if given is not None and not _fits(given, num_outputs, binary):
+        wanted = (
+            "the foreground's name, or the background's and the foreground's (e.g. "
+            "['soil', 'plant'])"
+            if binary
+            else f"{num_outputs} names, one per output channel"
+        )
+        model = "binary (one sigmoid channel)" if binary else f"{num_outputs} output channels"
+        raise ValueError(
+            f"Got {len(given)} class names {list(given)} for a model with {model}: pass "
+            f"{wanted}, or leave them unset to use the module's, the datamodule's or the "
+            "network's."
+        )
+    sources = (
+        getattr(module, "class_names", None),
+        getattr(datamodule, "class_names", None),
+        saved,
+        _id2label(module),
+    )
+    names = given
+    if names is None:
+        names = next((n for n in sources if _named(n) and _fits(n, num_outputs, binary)), None)
+    if binary:
+        foreground = str(names[-1]) if names else "foreground"
+        background = str(names[0]) if names is not None and len(names) == 2 else "background"
+        return ClassNames([foreground], [background, foreground])
+    channels = [str(n) for n in names] if names else [f"class_{k}" for k in range(num_outputs)]
+    return ClassNames(channels, list(channels))
+
+
+def _fits(names: Any, num_outputs: int, binary: bool) -> bool:
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        return False
+    return len(names) in (1, 2) if binary else len(names) == num_outputs
+
+
+def _named(names: Any) -> bool:
+    """Whether ``names`` are names rather than a placeholder for each position."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or not names:
+        return False
+    return not all(
+        (m := _PLACEHOLDER.fullmatch(str(n))) is not None and int(m.group(1)) == k
+        for k, n in enumerate(names)
+    )
+
+
+def _id2label(module: nn.Module) -> list[str] | None:
+    """The names in the ``config.id2label`` of the outermost module that has one (a Hugging
+    Face model's: ``{0: "wall", 1: "floor"}``), in label order; ``None`` when there is none or
+    its keys are not the labels ``0..K-1``."""
+    for sub in module.modules():
+        mapping = getattr(getattr(sub, "config", None), "id2label", None)
+        if not isinstance(mapping, Mapping):
+            continue
+        try:  # configs read from JSON may key by strings
+            labels = {int(key): str(name) for key, name in mapping.items()}
+        except (TypeError, ValueError):
+            return None
+        if sorted(labels) != list(range(len(labels))):
+            return None
+        return [labels[k] for k in range(len(labels))]
+    return None
 
 
 def resolve_layer(module: nn.Module, name: str) -> nn.Module:

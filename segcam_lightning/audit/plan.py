@@ -319,35 +319,32 @@ def _resolve_names(
 ) -> tuple[list[str], list[str]]:
     """The class names (one per output channel) and the mask labels' names.
 
-    A binary model's one class is its foreground, named by the second of two names (the first
+    ``--class-names``, else the checkpoint's (its module's or data module's), else the
+    synthetic data's, else the network's Hugging Face ``config.id2label``, else ``class_<k>``
+    (the rule of :func:`~segcam_lightning.networks.class_names_of`, the callback's too). A
+    binary model's one class is its foreground, named by the second of two names (the first
     names the background) or by a single name; ``"foreground"`` without names.
     """
+    from segcam_lightning.networks import class_names_of
+
     given = settings.class_names
-    names = given or first.class_names
-    if kind == "binary":
-        if given is not None and len(given) not in (1, 2):
-            raise UsageError(
-                f"--class-names gives {len(given)} names {list(given)}, but the model is binary "
-                "(one sigmoid channel): pass the foreground's name, or the background's and the "
-                "foreground's (e.g. --class-names soil plant)."
-            )
-        if names is not None and len(names) in (1, 2):
-            background = str(names[0]) if len(names) == 2 else "background"
-            return [str(names[-1])], [background, str(names[-1])]
-        return ["foreground"], ["background", "foreground"]
-    synthetic = {SYNTHETIC: SYNTHETIC_CLASS_NAMES, SYNTHETIC3D: SYNTHETIC3D_CLASS_NAMES}
-    known = synthetic.get(settings.data or "")
-    if names is None and known is not None and num_outputs == len(known):
-        names = known
-    if given is not None and len(given) != num_outputs:
+    if kind == "binary" and given is not None and len(given) not in (1, 2):
+        raise UsageError(
+            f"--class-names gives {len(given)} names {list(given)}, but the model is binary "
+            "(one sigmoid channel): pass the foreground's name, or the background's and the "
+            "foreground's (e.g. --class-names soil plant)."
+        )
+    if kind != "binary" and given is not None and len(given) != num_outputs:
         raise UsageError(
             f"--class-names gives {len(given)} names {list(given)}, but the checkpoint predicts "
             f"{num_outputs} classes; pass one name per class."
         )
-    if names is None or len(names) != num_outputs:  # a data module's names of other classes
-        names = [f"class_{k}" for k in range(num_outputs)]
-    names = [str(n) for n in names]
-    return names, names
+    synthetic = {SYNTHETIC: SYNTHETIC_CLASS_NAMES, SYNTHETIC3D: SYNTHETIC3D_CLASS_NAMES}
+    saved = first.class_names or synthetic.get(settings.data or "")
+    names = class_names_of(
+        first.net, given=given, num_outputs=num_outputs, binary=kind == "binary", saved=saved
+    )
+    return names.channels, names.labels
 
 
 def default_layers(
