@@ -247,6 +247,11 @@ def _title_bar(text: str, width: int, height: int) -> np.ndarray:
     while tw > width - 4 and scale > 0.25:
         scale *= 0.9
         (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    full, keep = text, len(text)
+    while keep and tw > width - 4:  # still too wide at the smallest font: shortened, not cut
+        keep -= 1
+        text = full[:keep] + ".."
+        (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
     origin = (max((width - tw) // 2, 2), (height + th) // 2)
     cv2.putText(bar, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
     return bar
@@ -344,6 +349,43 @@ def _note(tile: np.ndarray, text: str, height: int) -> None:
     )
 
 
+#: Smallest font scale of the grids' colour key: below it, the key wraps to more lines.
+LEGEND_MIN_SCALE = 0.3
+#: Narrowest room, in pixels, beside the CAM colour bar for the colour key; with less, the key
+#: goes under the bar, across the whole footer.
+_LEGEND_MIN_ROOM = 48
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def _legend_lines(
+    names: Sequence[str], room: int, scale: float
+) -> tuple[float, list[list[tuple[int, str]]]]:
+    """The key's font scale and its lines of ``(label, text)``: the scale shrinks (to
+    :data:`LEGEND_MIN_SCALE`) until every item fits on one line of ``room`` pixels, then the
+    items wrap to more lines; a name wider than a line on its own is shortened with ``..``."""
+    floor = min(scale, LEGEND_MIN_SCALE)
+
+    def width(text: str, at: float) -> int:
+        (tw, th), _ = cv2.getTextSize(text, _FONT, at, 1)
+        return max(th, 6) + 3 + tw
+
+    while scale > floor and sum(width(n, scale) + 8 for n in names) - 8 > room:
+        scale = max(scale * 0.9, floor)
+    lines: list[list[tuple[int, str]]] = [[]]
+    x = 0
+    for label, name in enumerate(names):
+        text, keep = name, len(name)
+        while keep and width(text, scale) > room:
+            keep -= 1
+            text = name[:keep] + ".."
+        if lines[-1] and x + width(text, scale) > room:
+            lines.append([])
+            x = 0
+        lines[-1].append((label, text))
+        x += width(text, scale) + 8
+    return scale, lines
+
+
 def _footer(
     total_width: int,
     tile_width: int,
@@ -353,45 +395,48 @@ def _footer(
     cam_colormap: int,
 ) -> np.ndarray:
     """The key under a grid: class colours on the left, the CAM colour bar (0 to 1) on the
-    right, under the last overlay column."""
-    footer = np.full((height, total_width, 3), 255, dtype=np.uint8)
-    scale = height / 40.0
-    font, black = cv2.FONT_HERSHEY_SIMPLEX, (0, 0, 0)
+    right, under the last overlay column. Every class of ``legend`` is keyed: the font shrinks
+    to a floor, then the key wraps to more lines and the footer grows (``height`` per line at
+    the default size, less for a smaller font)."""
+    black = (0, 0, 0)
     bar_left = max(total_width - tile_width, 0)
-    x = 2
-    for label, name in enumerate(legend or ()):
-        (tw, th), _ = cv2.getTextSize(str(name), font, scale, 1)
-        size = max(th, 6)
-        if x + size + 3 + tw > bar_left - 4:
-            break  # no room left beside the colour bar
-        b, g, r = (int(v) for v in colormap[label])
-        top = (height - size) // 2
-        cv2.rectangle(footer, (x, top), (x + size, top + size), (r, g, b), thickness=-1)
-        cv2.rectangle(footer, (x, top), (x + size, top + size), (120, 120, 120), thickness=1)
-        cv2.putText(
-            footer,
-            str(name),
-            (x + size + 3, (height + th) // 2),
-            font,
-            scale,
-            black,
-            1,
-            cv2.LINE_AA,
-        )
-        x += size + 3 + tw + 8
-    (zw, th), _ = cv2.getTextSize("0", font, scale, 1)
-    (ow, _), _ = cv2.getTextSize("1", font, scale, 1)
+    names = [str(n) for n in legend or ()]
+    room, below = bar_left - 6, False
+    if names and room < _LEGEND_MIN_ROOM:
+        room, below = total_width - 4, True
+    scale, lines = _legend_lines(names, room, height / 40.0) if names else (0.0, [])
+    (_, text_height), text_base = cv2.getTextSize("Ag", _FONT, scale or 1.0, 1)
+    single = len(lines) == 1 and not below
+    line_height = height if single else max(text_height + text_base + 4, 10)
+    top = height if below else 0
+    footer_height = max(height, top + len(lines) * line_height)
+    footer = np.full((footer_height, total_width, 3), 255, dtype=np.uint8)
+    for row, items in enumerate(lines):
+        y, x = top + row * line_height, 2
+        for label, text in items:
+            (tw, th), _ = cv2.getTextSize(text, _FONT, scale, 1)
+            size = max(th, 6)
+            b, g, r = (int(v) for v in colormap[label])
+            corner = y + (line_height - size) // 2
+            cv2.rectangle(footer, (x, corner), (x + size, corner + size), (r, g, b), thickness=-1)
+            cv2.rectangle(footer, (x, corner), (x + size, corner + size), (120, 120, 120), 1)
+            baseline = y + (line_height + th) // 2
+            cv2.putText(footer, text, (x + size + 3, baseline), _FONT, scale, black, 1, cv2.LINE_AA)
+            x += size + 3 + tw + 8
+    scale = height / 40.0
+    (zw, th), _ = cv2.getTextSize("0", _FONT, scale, 1)
+    (ow, _), _ = cv2.getTextSize("1", _FONT, scale, 1)
     left = bar_left + zw + 4
     bar_width = min(tile_width - zw - ow - 8, total_width - left - ow - 3)
     if bar_width < 8:
         return footer  # tiles too narrow for a readable colour bar
     ramp = np.linspace(0.0, 1.0, bar_width, dtype=np.float32)[None].repeat(max(height // 2, 4), 0)
     bar = colorize_cam(ramp, cam_colormap)
-    top = (height - bar.shape[0]) // 2
-    footer[top : top + bar.shape[0], left : left + bar_width] = bar
+    corner = (height - bar.shape[0]) // 2
+    footer[corner : corner + bar.shape[0], left : left + bar_width] = bar
     baseline = (height + th) // 2
-    cv2.putText(footer, "0", (bar_left + 1, baseline), font, scale, black, 1, cv2.LINE_AA)
-    cv2.putText(footer, "1", (left + bar_width + 3, baseline), font, scale, black, 1, cv2.LINE_AA)
+    cv2.putText(footer, "0", (bar_left + 1, baseline), _FONT, scale, black, 1, cv2.LINE_AA)
+    cv2.putText(footer, "1", (left + bar_width + 3, baseline), _FONT, scale, black, 1, cv2.LINE_AA)
     return footer
 
 

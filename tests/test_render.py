@@ -84,6 +84,42 @@ def test_grid_footer_keys_the_class_colours_and_the_cam_colours():
     assert not ((plain[-bar:, : 3 * 96] == (128, 0, 0)).all(axis=-1)).any()
 
 
+#: Six BGR colours no anti-aliased black text or grey swatch border can produce.
+KEY_COLOURS = [(0, 0, 255), (0, 255, 0), (255, 0, 0), (0, 255, 255), (255, 0, 255), (255, 255, 0)]
+
+
+@pytest.mark.parametrize(
+    "legend",
+    [
+        [f"class_{k}" for k in range(4)],  # the case: class_3 was dropped at 64 px
+        [f"a_rather_long_class_name_{k}" for k in range(6)],
+        ["short", "x" * 200],  # wider than a line on its own
+    ],
+)
+def test_the_key_wraps_to_show_every_class_and_stays_inside_the_grid(legend):
+    side, gap = 64, 4
+    images, cams = torch.rand(2, 3, side, side), torch.rand(2, 1, side, side)
+    masks = torch.zeros(2, side, side, dtype=torch.long)
+    name = "a_very_long_class_name_for_a_title"
+    grid = cam_grid(
+        images, cams, [name], KEY_COLOURS, masks=masks, preds=masks, gap=gap, legend=legend
+    )
+    bar = max(16, min(32, side // 6))
+    footer = grid[bar + 2 * (side + gap) :]  # title, then each row and the gap after it
+    bar_left = grid.shape[1] - side  # the CAM colour bar lies under the last column
+    key = footer[:, : bar_left - 2]
+    for colour in KEY_COLOURS[: len(legend)]:
+        filled = (key == colour[::-1]).all(axis=-1).sum()
+        assert filled >= 5 * 5, (colour, filled)  # a swatch of at least 6 px, border aside
+    # The key stays left of the colour bar, and no text runs past the grid's edges.
+    assert (footer[:, bar_left - 3 : bar_left] == 255).all()
+    for band in (grid[:bar], footer):
+        assert (band[:, [0, -1]] == 255).all()
+    assert (grid[-1] == 255).all()
+    if len(legend) > 4:  # six long names do not fit one line of a 64 px grid's key
+        assert footer.shape[0] > bar
+
+
 def test_grid_notes_mark_tiles():
     images, cams = torch.zeros(1, 3, 64, 64), torch.zeros(1, 1, 64, 64)
     marked = cam_grid(images, cams, ["a"], SEED_COLORMAP, notes=[["absent"]])
