@@ -29,6 +29,8 @@ vertical-align:top;padding:1px 3px}table.img td.cls{white-space:nowrap;padding:1
 table.img td.label{text-align:left;font-size:12px;max-width:120px;word-break:break-all}
 figure{display:inline-block;margin:0 1px;vertical-align:top;width:var(--thumb)}
 figcaption,div.cl{font-size:11px;color:#444;line-height:1.3}div.cl{white-space:nowrap}
+figcaption{overflow-wrap:anywhere}figcaption b.layer{display:block;overflow:hidden;
+text-overflow:ellipsis;white-space:nowrap}
 img.t{width:var(--thumb);height:var(--thumb);image-rendering:pixelated;display:block;
 border:1px solid #ccc}
 .sw{display:inline-block;width:12px;height:12px;border:1px solid #888;vertical-align:-1px;
@@ -599,7 +601,10 @@ def _figure(src: str, caption: str = "") -> str:
 
 
 def _caption(layer: str, row: dict[str, Any], with_layer: bool) -> str:
-    first = [f"<b>{_e(TIP_NAMES.get(layer, layer))}</b>"] if with_layer else []
+    # A layer's name can be wider than its tile: one line, shortened with an ellipsis, the
+    # full name on hover, so that it never runs under the next tile's caption.
+    shown = TIP_NAMES.get(layer, layer)
+    first = [f"<b class='layer' title='{_e(layer)}'>{_e(shown)}</b>"] if with_layer else []
     if not math.isnan(row["energy_inside"]):
         hit = row["pointing_game"] == 1.0
         mark = f"<span class='{'good' if hit else 'bad'}'>{'✓' if hit else '✗'}</span>"
