@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch import Tensor
 from torch.utils.data import IterableDataset, default_collate
@@ -60,7 +60,6 @@ from segcam_lightning.networks import (
     class_names_of,
     default_layer,
     example_logits,
-    inner_network,
     network_of,
     resolve_layer,
 )
@@ -375,7 +374,11 @@ class GradCAMCallback(Callback):
         except ValueError as error:
             raise ValueError(f"GradCAMCallback: {error}") from None
         if self.layers is None:
-            names = [default_layer(inner_network(pl_module)[1], example, logits.shape[1])]
+            names = [default_layer(pl_module, example, self.output_adapter)]
+            rank_zero_info(
+                f"GradCAMCallback: explaining layer {names[0]!r}, the last block before the "
+                "output head on the path to the logits; pass `layers=[...]` to choose others."
+            )
         else:
             names = list(self.layers)
         modules = [resolve_layer(pl_module, name) for name in names]

@@ -15,10 +15,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.loss import _Loss
-from torchmetrics import Metric
 
-from segcam_lightning.cam import candidate_layers, default_output_adapter, find_layer
+from segcam_lightning.cam import default_layer_name, default_output_adapter, find_layer
 from segcam_lightning.cam.layers import eval_mode, preserve_rng
 
 __all__ = [
@@ -234,27 +232,24 @@ def example_logits(
     return logits
 
 
-def default_layer(network: nn.Module, example: Tensor, num_outputs: int) -> str:
-    """The last leaf module, in the order the forward runs them, whose ``[B, C, *spatial]``
-    output has a channel count other than the logits' (the layer feeding the output head, e.g.
-    the seed's ``d4.conv.conv.5``). Metrics and losses are skipped.
+def default_layer(
+    module: nn.Module, example: Tensor, adapter: Callable[[Any], Tensor] | None = None
+) -> str:
+    """The layer a CAM explains when none is named, as :func:`resolve_layer` takes it.
+
+    The output of the last block before the output head on the path to the logits ``adapter``
+    picks from the forward of :func:`network_of` (``module``): never an auxiliary head's
+    branch, nor a module inside a residual unit (see
+    :func:`segcam_lightning.cam.default_layer_name`); e.g. the blog U-Net's ``d4.conv.conv.5``.
+    Named as the network calls it (without the module's ``net.`` prefix) where it lies inside
+    the network.
 
     Raises:
         ValueError: when no layer qualifies.
     """
-    skip = [name for name, m in network.named_modules() if isinstance(m, (Metric, _Loss))]
-    leaves = {
-        name
-        for name, module in network.named_modules()
-        if name
-        and not list(module.children())
-        and not any(name == s or name.startswith(f"{s}.") for s in skip)
-    }
-    infos = candidate_layers(network, example)
-    usable = [i.name for i in infos if i.name in leaves and i.output_shape[1] != num_outputs]
-    if not usable:
-        raise ValueError(
-            f"Could not choose a default layer in {type(network).__name__}: name the layers "
-            "(list them with `segcam_lightning.cam.candidate_layers(model, example_input)`)."
-        )
-    return usable[-1]
+    network = network_of(module)
+    name = default_layer_name(network, example, adapter)
+    prefix, _ = inner_network(module)
+    if network is module and prefix:
+        name = name.removeprefix(prefix)
+    return name

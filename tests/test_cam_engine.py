@@ -935,8 +935,13 @@ def test_layer_errors(net: UNet, images: torch.Tensor) -> None:
             self.side(x)
             return self.net(x)
 
-    with pytest.raises(RuntimeError, match=r"The target scores do not depend on layer 'side'"):
+    with pytest.raises(
+        RuntimeError, match=rf"Layer 'side' does not reach the logits.*Layers that do: .*'net.{D4}'"
+    ):
         CAMEngine(SideBranch(), ["side", f"net.{D4}"])(images)
+    # Hooked alone, the side branch runs before the logits: they get no graph at all.
+    with pytest.raises(RuntimeError, match=r"Layer 'side' does not reach the logits"):
+        CAMEngine(SideBranch(), ["side"])(images)
 
 
 def test_result_errors(net: UNet, images: torch.Tensor) -> None:

@@ -651,6 +651,8 @@ def list_layers(settings: AuditSettings) -> str:
             short = info.name.removeprefix(prefix) if prefix else info.name
             tip = TIP_NAMES.get(short) if loaded.code is None else None
             mark = f"  <- seed tip {tip}" if tip else "  <- default" if short == default else ""
+            if not info.reaches_logits:
+                mark += "  (does not reach the logits)"
             shape = list(info.output_shape)
             lines.append(f"  {info.name:<{width}}  {info.type:<{type_width}}  {shape}{mark}")
         if loaded.code is None:

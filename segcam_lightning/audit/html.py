@@ -71,6 +71,7 @@ def render_report(
         f"target {_e(plan.settings.target)} · {_e(_kind_text(plan))} · "
         f"data: {_e(str(plan.settings.data))} · "
         f"{'x'.join(map(str, plan.size))}{' volumes' if plan.volumes else ''}</p>",
+        _notes(plan),
         _legend(plan),
         _checkpoint_table(plan),
         _class_table(plan, means, summary),
@@ -126,6 +127,14 @@ def _kind_text(plan: AuditPlan) -> str:
     if plan.output_kind == "multiclass":
         return "multiclass (softmax)"
     return f"{plan.output_kind} (sigmoid > {plan.settings.threshold:g})"
+
+
+def _notes(plan: AuditPlan) -> str:
+    """What the run chose or assumed by itself (the default layer, an assumed setting)."""
+    if not plan.notes:
+        return ""
+    items = "".join(f"<li>{_e(note)}</li>" for note in plan.notes)
+    return f"<p>Chosen or assumed by the audit:</p><ul class='notes'>{items}</ul>"
 
 
 def _legend(plan: AuditPlan) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from segcam_lightning.audit.batches import AuditModel
 from segcam_lightning.audit.data import AuditDataset, DataSpec, build_dataset
 from segcam_lightning.audit.paths import OutputLayout, unique_components
 from segcam_lightning.audit.settings import (
-    DEFAULT_LAYER,
     RESERVED_NAMES,
     AuditSettings,
     UsageError,
@@ -31,7 +30,7 @@ from segcam_lightning.audit.settings import (
 from segcam_lightning.audit.user_code import UserCode, resolve_code
 from segcam_lightning.audit.volumes import check_intensity_range
 from segcam_lightning.audit.writer import default_render_threads
-from segcam_lightning.cam import CAMEngine, resolve_output_kind
+from segcam_lightning.cam import CAMEngine, default_layer_name, resolve_output_kind
 from segcam_lightning.cam import find_layer as _find_layer
 from segcam_lightning.checkpoints import (
     CallerOptions,
@@ -47,7 +46,7 @@ from segcam_lightning.data.datamodule import SYNTHETIC, SYNTHETIC3D
 from segcam_lightning.data.synthetic import SYNTHETIC_CLASS_NAMES
 from segcam_lightning.data.synthetic3d import SYNTHETIC3D_CLASS_NAMES
 from segcam_lightning.models import UNet
-from segcam_lightning.networks import NETWORK_ATTRIBUTES, default_layer
+from segcam_lightning.networks import NETWORK_ATTRIBUTES
 from segcam_lightning.render import class_palette
 
 
@@ -58,7 +57,9 @@ class AuditPlan:
     ``classes`` are output channels (``[0]`` for a binary model) and ``class_names`` name them;
     ``label_names`` and ``colormap`` go by mask label (a binary model's masks have two labels:
     background and foreground). ``size`` is ``(H, W)``, or ``(D, H, W)`` for volumes. ``code``
-    is the user's ``--module``/``--model``, else ``None``.
+    is the user's ``--module``/``--model``, else ``None``. ``notes``: one line per setting the
+    run chose or assumed by itself (the default layer, an assumed normalisation), which
+    explain.py prints first and the report's header lists.
     """
 
     settings: AuditSettings
@@ -74,6 +75,7 @@ class AuditPlan:
     output_kind: str = "multiclass"
     label_names: list[str] | None = None
     code: UserCode | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def render_threads(self) -> int:
@@ -205,7 +207,14 @@ def prepare(settings: AuditSettings) -> AuditPlan:
     labels = unique_components(
         [c.path.stem for c in loaded], fallback="checkpoint", reserved=RESERVED_NAMES
     )
-    layers = settings.layers or default_layers(first, size, settings)
+    notes: list[str] = []
+    layers = settings.layers
+    if not layers:
+        layers = default_layers(first, size, settings)
+        notes.append(
+            f"layer {layers[0]}: the default, the last block before the output head on the path "
+            "to the logits (--layers to choose others; --list-layers lists them)"
+        )
     models = [
         _audit_model(label, c, settings, _model_device(settings, device), kind, layers)
         for label, c in zip(labels, loaded, strict=True)
@@ -245,6 +254,7 @@ def prepare(settings: AuditSettings) -> AuditPlan:
         output_kind=kind,
         label_names=label_names,
         code=resolve_code(settings),
+        notes=notes,
     )
 
 
@@ -350,31 +360,25 @@ def _resolve_names(
 def default_layers(
     loaded: LoadedCheckpoint, size: tuple[int, ...], settings: AuditSettings
 ) -> tuple[str, ...]:
-    """The layer explained without ``--layers``: the seed's ``d4.conv.conv.5`` in a U-Net,
-    else the last layer before the output head (the callback's default: the last leaf module
-    whose ``[B, C, *s]`` output has other than the logits' channel count).
+    """The layer explained without ``--layers``: the output of the last block before the
+    output head on the path to the logits (:func:`~segcam_lightning.cam.default_layer_name`,
+    the callback's rule), e.g. ``d4.conv.conv.5`` in the blog U-Net; named without
+    :attr:`LoadedCheckpoint.layer_prefix`.
 
     Raises:
         UsageError: when no layer qualifies.
     """
-    inner = _inner_network(loaded)
-    if isinstance(inner, UNet):
-        return (DEFAULT_LAYER,)
-    example = torch.zeros(1, loaded.in_channels, *size, device=next(_devices(inner)))
+    net = loaded.net
+    example = torch.zeros(1, loaded.in_channels, *size, device=next(_devices(net)))
     try:
-        return (default_layer(inner, example, loaded.num_classes),)
+        name = default_layer_name(net, example)
     except (ValueError, RuntimeError) as error:
         raise UsageError(
-            f"Could not choose a default layer in the {type(inner).__name__} of {loaded.path} "
+            f"Could not choose a default layer in the {type(net).__name__} of {loaded.path} "
             f"({one_line(error)}). Pass --layers; `{list_layers_command(settings, loaded.path)}` "
             "lists them."
         ) from None
-
-
-def _inner_network(loaded: LoadedCheckpoint) -> nn.Module:
-    """The network whose names layers go by (without :attr:`LoadedCheckpoint.layer_prefix`)."""
-    prefix = loaded.layer_prefix.rstrip(".")
-    return loaded.net.get_submodule(prefix) if prefix else loaded.net
+    return (name.removeprefix(loaded.layer_prefix),)
 
 
 def _model_device(settings: AuditSettings, device: torch.device) -> torch.device:

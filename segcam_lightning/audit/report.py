@@ -411,6 +411,7 @@ def build_summary(
             for r in results
         ],
         "settings": settings,
+        "notes": list(plan.notes),
         "timings": timings,
         "outputs": _outputs(plan),
     }

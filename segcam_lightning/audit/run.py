@@ -4,6 +4,7 @@ Lightning's ``Trainer.predict`` over several devices; then the final files."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from segcam_lightning.audit.preflight import check_before_writing
 from segcam_lightning.audit.report import AuditOutcome, finish
 from segcam_lightning.audit.resume import StopSignals, load_state, nothing_to_resume
 from segcam_lightning.audit.settings import (
+    PROG,
     STATE_FILE,
     AuditError,
     AuditSettings,
@@ -57,6 +59,9 @@ def run_audit(settings: AuditSettings) -> AuditOutcome | None:
     _check_out(settings)
     plan = prepare(settings)
     check_before_writing(plan)
+    if _launched_rank() == 0:
+        for note in plan.notes:  # what the run chose or assumed, before anything is written
+            print(f"{PROG}: {note}", file=sys.stderr, flush=True)
     plan.load_seconds = time.perf_counter() - start
     previous = load_state(plan) if settings.resume else None
     if settings.distributed:

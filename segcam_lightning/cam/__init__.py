@@ -36,7 +36,7 @@ from segcam_lightning.cam.functional import (
     predicted_masks,
     resolve_output_kind,
 )
-from segcam_lightning.cam.layers import LayerInfo, candidate_layers, find_layer
+from segcam_lightning.cam.layers import LayerInfo, candidate_layers, default_layer_name, find_layer
 from segcam_lightning.cam.methods import (
     METHODS,
     CustomCAM,
@@ -99,6 +99,7 @@ __all__ = [
     "XGradCAM",
     "candidate_layers",
     "class_regions",
+    "default_layer_name",
     "default_output_adapter",
     "find_layer",
     "functional",

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -65,9 +65,12 @@ from segcam_lightning.cam.functional import (
     OutputKind,
 )
 from segcam_lightning.cam.layers import (
+    _LIST_HINT,
+    default_output_adapter,
     eval_mode,
     find_layer,
     force_eager,
+    layers_to_logits,
     preserve_rng,
     unwrap_compiled,
 )
@@ -140,35 +143,6 @@ class CAMResult:
         if name not in self.layers:
             raise KeyError(f"Expected one of the layers {list(self.layers)}, but got {name!r}.")
         return self.cams[:, self.layers.index(name)]
-
-
-def default_output_adapter(output: Any) -> Tensor:
-    """Logits from a model's output: a tensor as is, a dict's ``"out"`` (or only) value, a
-    tuple's or list's first element.
-
-    Raises:
-        ValueError: for a dict without ``"out"`` and with several keys, or an empty sequence.
-        TypeError: for any other type.
-    """
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping):
-        if "out" in output:
-            return output["out"]
-        if len(output) == 1:
-            return next(iter(output.values()))
-        raise ValueError(
-            f"The model returned a dict with keys {list(output)} and no 'out' key; pass "
-            "`output_adapter=lambda out: out['<logits key>']` to the engine."
-        )
-    if isinstance(output, (tuple, list)):
-        if not output:
-            raise ValueError("The model returned an empty sequence; expected logits [B, K, H, W].")
-        return output[0]
-    raise TypeError(
-        f"The model returned {type(output).__name__}; expected logits [B, K, H, W] as a tensor, "
-        "a dict with an 'out' key or a tuple. Pass `output_adapter=` to extract them."
-    )
 
 
 class CAMEngine:
@@ -313,7 +287,28 @@ class CAMEngine:
             x = images.to(device).clone()
             if isinstance(masks, Tensor):
                 masks = masks.to(device).clone()
-            return self._run(x, wanted, masks)
+            try:
+                return self._run(x, wanted, masks)
+            except _NotReached as error:
+                raise RuntimeError(self._not_reached_message(error.names, x)) from None
+
+    def _not_reached_message(self, names: Sequence[str], x: Tensor) -> str:
+        """Says which hooked layers the logits do not depend on, and names layers that they
+        do depend on (the last few through which every path to the logits runs)."""
+        try:
+            reaching = layers_to_logits(self.model, x[:1], self.output_adapter)
+        except Exception:  # the listing is a courtesy: the error stands without it
+            reaching = []
+        shown = ", ".join(repr(n) for n in reaching[-6:])
+        listed = f" Layers that do: {shown}." if reaching else ""
+        which = ", ".join(repr(n) for n in names)
+        return (
+            f"Layer {which} does not reach the logits: the scores the target computes from the "
+            f"logits do not depend on its output (a branch such as an auxiliary head, or a "
+            f"module the forward does not use for the logits the output adapter picks).{listed} "
+            f"{_LIST_HINT} On torch < 2.6 a torch.compile'd model also gets here: pass the "
+            "uncompiled module."
+        )
 
     def _run(self, x: Tensor, wanted: list[int] | None, masks: Tensor | None) -> CAMResult:
         # Score-CAM's masked forwards run inside the float32 block below: they get the caller's
@@ -353,6 +348,10 @@ class CAMEngine:
             activations = [_at_least_float32(a.detach()) for a in capture.activations]
             if isinstance(self.method, _GradientCAM):
                 if not scores.requires_grad:
+                    if not float_logits.requires_grad:
+                        # The capture switches grad mode on at the first hooked layer: logits
+                        # without a graph were computed from none of them.
+                        raise _NotReached(self.layer_names)
                     raise RuntimeError(
                         f"The target scores do not depend on the hooked layers "
                         f"{self.layer_names}: the target returned scores without a graph. A "
@@ -574,15 +573,19 @@ class CAMEngine:
         return _at_least_float32(logits)
 
 
+class _NotReached(Exception):
+    """Hooked layers whose outputs the logits do not depend on; :meth:`CAMEngine.__call__`
+    turns it into a message that lists layers that do."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__(", ".join(names))
+        self.names = list(names)
+
+
 def _check_connected(names: Sequence[str], grads: Sequence[Tensor | None]) -> None:
-    for name, grad in zip(names, grads, strict=True):
-        if grad is None:
-            raise RuntimeError(
-                f"The target scores do not depend on layer {name!r}: its output is not used "
-                "to compute the logits. Pick a layer on the path to the output (see "
-                "segcam_lightning.cam.candidate_layers(model, example_input)). On torch < 2.6 "
-                "a torch.compile'd model also gets here: pass the uncompiled module."
-            )
+    unreached = [name for name, grad in zip(names, grads, strict=True) if grad is None]
+    if unreached:
+        raise _NotReached(unreached)
 
 
 @dataclass(frozen=True)

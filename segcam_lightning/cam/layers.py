@@ -12,9 +12,9 @@ Example:
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,8 @@ from torch import Tensor, nn
 __all__ = [
     "LayerInfo",
     "candidate_layers",
+    "default_layer_name",
+    "default_output_adapter",
     "eval_mode",
     "find_layer",
     "force_eager",
@@ -36,13 +38,50 @@ _LIST_HINT = (
 )
 
 
+def default_output_adapter(output: Any) -> Tensor:
+    """Logits from a model's output: a tensor as is, a dict's ``"out"`` (or only) value, a
+    tuple's or list's first element.
+
+    Raises:
+        ValueError: for a dict without ``"out"`` and with several keys, or an empty sequence.
+        TypeError: for any other type.
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if "out" in output:
+            return output["out"]
+        if len(output) == 1:
+            return next(iter(output.values()))
+        raise ValueError(
+            f"The model returned a dict with keys {list(output)} and no 'out' key; pass "
+            "`output_adapter=lambda out: out['<logits key>']` to the engine."
+        )
+    if isinstance(output, (tuple, list)):
+        if not output:
+            raise ValueError("The model returned an empty sequence; expected logits [B, K, H, W].")
+        return output[0]
+    raise TypeError(
+        f"The model returned {type(output).__name__}; expected logits [B, K, H, W] as a tensor, "
+        "a dict with an 'out' key or a tuple. Pass `output_adapter=` to extract them."
+    )
+
+
 class LayerInfo(NamedTuple):
     """A layer a CAM can hook: its name, module type and output shape ``[B, C, h, w]``
-    (``[B, C, d, h, w]`` in a 3-D model)."""
+    (``[B, C, d, h, w]`` in a 3-D model).
+
+    ``reaches_logits``: the logits depend on the layer's output (a layer on an auxiliary head's
+    branch does not reach the logits the output adapter picks). ``sole_path``: every path from
+    the input to the logits runs through the layer's output, so its CAM accounts for all the
+    evidence (a module inside a residual unit, whose output is added to a skip, is not).
+    """
 
     name: str
     type: str
     output_shape: tuple[int, ...]
+    reaches_logits: bool = True
+    sole_path: bool = True
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -99,20 +138,27 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
                 module.training = flag
 
 
-@torch.no_grad()
-def candidate_layers(model: nn.Module, example_input: Tensor) -> list[LayerInfo]:
-    """Layers whose output is a ``[B, C, h, w]`` tensor, in the order the forward runs them.
+def candidate_layers(
+    model: nn.Module,
+    example_input: Tensor,
+    output_adapter: Callable[[Any], Tensor] | None = None,
+) -> list[LayerInfo]:
+    """Layers whose output is a ``[B, C, h, w]`` tensor, in the order the forward runs them,
+    each with whether it reaches the logits and whether it lies on every path to them.
 
     For a 3-D model, given a volume ``[B, C_in, D, H, W]``, the layers whose output is a
     ``[B, C, d, h, w]`` tensor: a CAM layer's output has as many dimensions as the input.
 
-    Runs one forward in eval mode without gradients; training flags, RNG states and hooks are
-    left as they were.
+    Runs one forward in eval mode (with a graph, to see which outputs the logits depend on; no
+    backward pass); training flags, RNG states, hooks and parameters' gradients are left as
+    they were.
 
     Args:
         model: the network.
         example_input: a batch ``[B, C_in, H, W]`` (or ``[B, C_in, D, H, W]``) on the model's
             device.
+        output_adapter: picks the logits from the model's output (default: a tensor, a dict's
+            ``"out"`` or only value, a tuple's first item).
 
     Returns:
         One :class:`LayerInfo` per layer that ran, with its first output's shape.
@@ -120,16 +166,81 @@ def candidate_layers(model: nn.Module, example_input: Tensor) -> list[LayerInfo]
     Raises:
         TypeError: when ``example_input`` is not a tensor.
     """
+    return [layer.info for layer in _trace(model, example_input, output_adapter).layers]
+
+
+def default_layer_name(
+    model: nn.Module,
+    example_input: Tensor,
+    output_adapter: Callable[[Any], Tensor] | None = None,
+) -> str:
+    """The layer a CAM explains when none is named: the output of the last block before the
+    output head, on the path to the logits the adapter picks.
+
+    Among the layers every path from the input to the logits runs through (so not a branch
+    that never reaches them, such as an auxiliary head, nor a module inside a residual unit
+    whose output is added to a skip afterwards), the last one whose channel count differs
+    from the logits'. Where several names give one tensor (a block and its last module), the
+    innermost is named, as the original U-Net's ``d4.conv.conv.5``.
+
+    Raises:
+        TypeError: when ``example_input`` is not a tensor.
+        ValueError: when no layer qualifies, with how to list the layers.
+    """
+    names = layers_to_logits(model, example_input, output_adapter)
+    if names:
+        return names[-1]
+    raise ValueError(
+        f"Could not choose a default layer in {type(model).__name__}: no layer before the "
+        f"output head reaches the logits. Name the layers. {_LIST_HINT}"
+    )
+
+
+def layers_to_logits(
+    model: nn.Module,
+    example_input: Tensor,
+    output_adapter: Callable[[Any], Tensor] | None = None,
+) -> list[str]:
+    """Layers before the output head that the logits depend on, in forward order, one name per
+    output tensor (the innermost): those every path to the logits runs through, or where none
+    does, every layer that reaches them. :func:`default_layer_name` takes the last."""
+    trace = _trace(model, example_input, output_adapter)
+    for rule in (lambda info: info.sole_path, lambda info: info.reaches_logits):
+        chosen: dict[int, str] = {}
+        for layer in trace.layers:
+            if rule(layer.info) and layer.info.output_shape[1] != trace.num_outputs:
+                chosen.setdefault(id(layer.node), layer.info.name)
+        if chosen:
+            return list(chosen.values())
+    return []
+
+
+class _Traced(NamedTuple):
+    info: LayerInfo
+    node: object  # the autograd node that made the output (identity tells tensors apart)
+
+
+class _Trace(NamedTuple):
+    layers: list[_Traced]
+    num_outputs: int
+
+
+def _trace(
+    model: nn.Module, example_input: Tensor, output_adapter: Callable[[Any], Tensor] | None
+) -> _Trace:
+    """One forward with a hook on every named module, and the autograd graph of the logits
+    read (never run backward) to tell which layers reach them and which every path crosses."""
     if not isinstance(example_input, Tensor):
         raise TypeError(
             f"Expected `example_input` to be a tensor [B, C, H, W], but got "
             f"{type(example_input).__name__}."
         )
-    found: dict[str, LayerInfo] = {}
+    found: dict[str, tuple[LayerInfo, object]] = {}
 
-    def record(name: str, module: nn.Module, _inputs: object, output: object) -> None:
+    def record(name: str, module: nn.Module, output: object) -> None:
         if name not in found and isinstance(output, Tensor) and output.ndim == example_input.ndim:
-            found[name] = LayerInfo(name, type(module).__name__, tuple(output.shape))
+            info = LayerInfo(name, type(module).__name__, tuple(output.shape))
+            found[name] = (info, output.grad_fn)
 
     root = unwrap_compiled(model)
     handles = []
@@ -137,14 +248,54 @@ def candidate_layers(model: nn.Module, example_input: Tensor) -> list[LayerInfo]
         for name, module in root.named_modules():
             if name:
                 handles.append(
-                    module.register_forward_hook(lambda m, i, o, name=name: record(name, m, i, o))
+                    module.register_forward_hook(lambda m, _i, o, name=name: record(name, m, o))
                 )
-        with eval_mode(root), preserve_rng(example_input.device), force_eager():
-            root(example_input)
+        with (
+            eval_mode(root),
+            preserve_rng(example_input.device),
+            force_eager(),
+            torch.inference_mode(False),
+            torch.enable_grad(),
+        ):
+            x = example_input.detach().clone().requires_grad_(True)
+            output = root(x)
     finally:
         for handle in handles:
             handle.remove()
-    return list(found.values())
+    logits = (output_adapter or default_output_adapter)(output)
+    num_outputs = logits.shape[1] if isinstance(logits, Tensor) and logits.ndim > 1 else 0
+    root_node = logits.grad_fn if isinstance(logits, Tensor) else None
+    reached = _reachable(root_node, x)
+    layers = []
+    for info, node in found.values():
+        reaches = node is not None and id(node) in reached.nodes
+        sole = reaches and reached.input and not _reachable(root_node, x, blocked=node).input
+        layers.append(_Traced(info._replace(reaches_logits=reaches, sole_path=sole), node))
+    return _Trace(layers, num_outputs)
+
+
+class _Reach(NamedTuple):
+    nodes: dict[int, object]  # id -> node, kept alive so that ids stay unique
+    input: bool  # whether the input's own node was reached
+
+
+def _reachable(root: object, x: Tensor, blocked: object = None) -> _Reach:
+    """The autograd nodes reachable from ``root`` without passing through ``blocked``, and
+    whether one of them is the input ``x``'s."""
+    nodes: dict[int, object] = {}
+    reached_input = False
+    stack = [root] if root is not None and root is not blocked else []
+    while stack:
+        node = stack.pop()
+        if id(node) in nodes:
+            continue
+        nodes[id(node)] = node
+        if getattr(node, "variable", None) is x:
+            reached_input = True
+        for child, _ in getattr(node, "next_functions", ()):
+            if child is not None and child is not blocked and id(child) not in nodes:
+                stack.append(child)
+    return _Reach(nodes, reached_input)
 
 
 @contextmanager
