@@ -49,6 +49,7 @@ from segcam_lightning.cam import (
     predicted_masks,
 )
 from segcam_lightning.data.batch import BatchAdapter
+from segcam_lightning.errors import ConfigurationError, ConfigurationTypeError
 from segcam_lightning.metrics import (
     CAMEnergyInside,
     PointingGame,
@@ -362,7 +363,7 @@ class GradCAMCallback(Callback):
         try:
             network = network_of(pl_module)
         except ValueError as error:
-            raise ValueError(f"GradCAMCallback: {error}") from None
+            raise ConfigurationError(f"GradCAMCallback: {error}") from None
         self._display = self._display_fn(trainer)
         self.probe = self._read_probe(trainer, stage)
         # The network's own device: at setup Lightning may already report the accelerator as
@@ -372,7 +373,7 @@ class GradCAMCallback(Callback):
         try:
             logits = example_logits(network, example, self.output_adapter)
         except ValueError as error:
-            raise ValueError(f"GradCAMCallback: {error}") from None
+            raise ConfigurationError(f"GradCAMCallback: {error}") from None
         if self.layers is None:
             names = [default_layer(pl_module, example, self.output_adapter)]
             rank_zero_info(
@@ -381,7 +382,10 @@ class GradCAMCallback(Callback):
             )
         else:
             names = list(self.layers)
-        modules = [resolve_layer(pl_module, name) for name in names]
+        try:
+            modules = [resolve_layer(pl_module, name) for name in names]
+        except ValueError as error:
+            raise ConfigurationError(f"GradCAMCallback: {error}") from None
         self._layer_labels = list(names)
         self._context = self._runs_context(trainer)
         self._check_tags_unique(trainer)
@@ -408,16 +412,31 @@ class GradCAMCallback(Callback):
         """One engine call on the first probe image: every layer, class and mask checked now."""
         assert self._engine is not None
         if self.classes is not None and max(self.classes) >= num_outputs:
-            raise ValueError(
+            raise ConfigurationError(
                 f"GradCAMCallback `classes` {self.classes} reach past the model's {num_outputs}"
                 f" output channel(s); use indices in 0..{num_outputs - 1}."
+            )
+        spatial = example.ndim - 2
+        if masks is not None and masks.shape[-spatial:] != example.shape[-spatial:]:
+            size, mask_size = list(example.shape[-spatial:]), list(masks.shape[-spatial:])
+            raise ConfigurationError(
+                f"GradCAMCallback: the probe's masks are {mask_size} but its images {size} "
+                f"(masks {list(masks.shape)}, images {list(example.shape[1:])} each); the grids, "
+                "the alignment scalars and the objects-alone test read each mask pixel at its "
+                "image pixel. Give the masks their images' size in the dataset (resize them "
+                "with nearest-neighbour interpolation), or pass `batch_adapter=` if the probe "
+                "reads another tensor as the masks."
             )
         one_class = self.classes[:1] if self.classes is not None else [0]
         first_mask = masks[:1].to(example.device) if masks is not None else None
         try:
             result = self._engine(example, classes=one_class, masks=first_mask)
         except (TypeError, ValueError, RuntimeError) as error:
-            raise type(error)(f"GradCAMCallback could not compute CAMs at setup: {error}") from None
+            # The engine's input checks are settings that cannot work; a RuntimeError may be a
+            # bug in the network, so it keeps its type (and its traceback under train.py).
+            kind = {ValueError: ConfigurationError, TypeError: ConfigurationTypeError}
+            error_type = next((k for t, k in kind.items() if isinstance(error, t)), type(error))
+            raise error_type(f"GradCAMCallback could not compute CAMs at setup: {error}") from None
         self._kind = result.output_kind
         self._num_outputs = num_outputs
         self._spatial = example.ndim - 2
@@ -436,7 +455,7 @@ class GradCAMCallback(Callback):
                 masks[:1], self._channels, self._num_outputs, self._kind, spatial_dims=self._spatial
             )
         except (TypeError, ValueError) as error:
-            raise ValueError(
+            raise ConfigurationError(
                 f"GradCAMCallback: the probe's masks {list(masks.shape)} do not fit the model's "
                 f"{num_outputs} {self._kind} output(s): {error}"
             ) from None
@@ -480,7 +499,7 @@ class GradCAMCallback(Callback):
             if other is self or not isinstance(other, GradCAMCallback) or other.tag != self.tag:
                 continue
             if self._context and other._runs_context(trainer):
-                raise ValueError(
+                raise ConfigurationError(
                     "GradCAMCallback: two callbacks run the objects-alone test "
                     "(`context_check=True`) under the same TensorBoard tags; it does not depend "
                     "on the layer or method, so one is enough. Set `context_check=False` on the "
@@ -489,7 +508,7 @@ class GradCAMCallback(Callback):
             theirs = other._layer_labels or other.layers or []
             shared = [name for name in self._layer_labels if name in theirs]
             if shared:
-                raise ValueError(
+                raise ConfigurationError(
                     f"GradCAMCallback: two callbacks log layer(s) {shared} under the same "
                     f"TensorBoard tags (method {other.method!r}, target {other.target!r} and "
                     f"method {self.method!r}, target {self.target!r}); Lightning would average "
@@ -508,7 +527,7 @@ class GradCAMCallback(Callback):
             loader, self.batch_adapter, self.num_probe, self.probe_indices, self.probe_seed
         )
         if self.target == "gt_region" and "masks" not in probe:
-            raise ValueError(
+            raise ConfigurationError(
                 "GradCAMCallback `target='gt_region'` explains each class inside its ground "
                 "truth, but the probe batches hold no masks. Use target='softmax_mean' or "
                 "'logit_region', or pass `batch_adapter=BatchAdapter(mask_key=...)`."
@@ -814,7 +833,7 @@ class GradCAMCallback(Callback):
 
 def _check_choice(argument: str, value: Any, choices: Any) -> None:
     if value not in choices:
-        raise ValueError(
+        raise ConfigurationError(
             f"Expected `{argument}` to be one of {sorted(choices)}, but got {value!r}."
         )
 
@@ -839,13 +858,13 @@ def _validation_loader(trainer: L.Trainer, stage: str, index: int) -> Any:
     if not isinstance(loaders, (list, tuple)):
         loaders = [loaders] if loaders is not None else []
     if not loaders:
-        raise ValueError(
+        raise ConfigurationError(
             "GradCAMCallback needs validation data to draw its probe images from: give the "
             "Trainer a validation dataloader (datamodule.val_dataloader()), or pass "
             "`probe_dataloader=`."
         )
     if index >= len(loaders):
-        raise ValueError(
+        raise ConfigurationError(
             f"GradCAMCallback `dataloader_idx={index}`, but there are {len(loaders)} validation "
             f"dataloader(s); use 0..{len(loaders) - 1}."
         )
@@ -897,7 +916,7 @@ def _is_map_style(dataset: Any) -> bool:
 def _check_indices(indices: Sequence[int], size: int) -> None:
     bad = [i for i in indices if i >= size]
     if bad:
-        raise ValueError(
+        raise ConfigurationError(
             f"GradCAMCallback `probe_indices` {bad} reach past the validation set of {size} "
             f"samples; use indices in 0..{size - 1}, or leave `probe_indices` unset to draw "
             "`num_probe` of them."
