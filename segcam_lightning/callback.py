@@ -743,7 +743,12 @@ class GradCAMCallback(Callback):
         names: list[str],
     ) -> None:
         spatial = self._spatial
-        shown = self._display(images) if spatial == 2 else _display_volumes(self._display, images)
+        # The package's display takes whole volumes (one intensity scale per volume, so no
+        # bands across the coronal and sagittal views); a user's `to_display` takes images.
+        if spatial == 2 or self.to_display is None:
+            shown = self._display(images)
+        else:
+            shown = _display_volumes(self._display, images)
         truth = _display_labels(masks, self._kind, spatial) if masks is not None else None
         predicted = _display_labels(preds, self._kind, spatial)
         num_labels = 2 if self._kind == "binary" else self._num_outputs
@@ -976,8 +981,8 @@ def _regions_of(
 
 
 def _display_volumes(display: Callable[[Tensor], Tensor], volumes: Tensor) -> Tensor:
-    """The display transform applied to every depth slice: ``[N, C, D, H, W]`` → RGB
-    ``[N, 3, D, H, W]``."""
+    """A display transform of images (a user's ``to_display``) applied to every depth slice:
+    ``[N, C, D, H, W]`` → RGB ``[N, 3, D, H, W]``."""
     n, c, d, h, w = volumes.shape
     slices = display(volumes.permute(0, 2, 1, 3, 4).reshape(n * d, c, h, w))
     return slices.reshape(n, d, 3, h, w).permute(0, 2, 1, 3, 4)

@@ -58,7 +58,8 @@ def display_images(
     std: Sequence[float] | None = None,
     channel_order: str = "rgb",
 ) -> torch.Tensor:
-    """Model inputs as the pictures they are: ``[B, C, H, W]`` → RGB ``[B, 3, H, W]`` in [0, 1].
+    """Model inputs as the pictures they are: ``[B, C, H, W]`` → RGB ``[B, 3, H, W]`` in [0, 1],
+    or volumes ``[B, C, D, H, W]`` → ``[B, 3, D, H, W]``.
 
     Undoes the data's normalisation (``x * std + mean``, per channel), puts BGR inputs in RGB
     order and shows one-channel inputs (a grayscale photo, a CT or MRI slice) as gray. Inputs
@@ -66,16 +67,17 @@ def display_images(
 
     Without ``mean``/``std``, images already in [0, 1] are shown as they are; images outside
     it (normalised by a transform the caller did not name, or in 0..255) are min-max stretched
-    per image, so they show their content rather than clipped noise.
+    per image, so they show their content rather than clipped noise: a volume once as a whole,
+    so that its slices in every view share one intensity scale.
 
     Args:
-        images: ``[B, C, H, W]`` float.
+        images: ``[B, C, H, W]`` or ``[B, C, D, H, W]`` float.
         mean: the normalisation's per-channel mean (one value, or ``C``).
         std: the normalisation's per-channel standard deviation (one value, or ``C``).
         channel_order: ``"rgb"`` or ``"bgr"``, the inputs' channel order.
 
     Returns:
-        ``[B, 3, H, W]`` float32 in [0, 1] on the CPU.
+        ``[B, 3, *spatial]`` float32 in [0, 1] on the CPU.
 
     Raises:
         ValueError: for a ``mean``/``std`` that matches neither 1 nor ``C`` channels, a zero
@@ -83,26 +85,31 @@ def display_images(
     """
     if channel_order not in ("rgb", "bgr"):
         raise ValueError(f"Expected `channel_order` 'rgb' or 'bgr', but got {channel_order!r}.")
-    if images.ndim != 4:
-        raise ValueError(f"Expected images [B, C, H, W], but got shape {list(images.shape)}.")
+    if images.ndim not in (4, 5):
+        raise ValueError(
+            "Expected images [B, C, H, W] or volumes [B, C, D, H, W], but got shape "
+            f"{list(images.shape)}."
+        )
     x = images.detach().float().cpu()
     channels = x.shape[1]
+    per_channel = (1, -1) + (1,) * (x.ndim - 2)
     if mean is not None or std is not None:
         m = _per_channel("image_mean", 0.0 if mean is None else mean, channels)
         s = _per_channel("image_std", 1.0 if std is None else std, channels)
         if (s == 0).any():
             raise ValueError(f"Expected a non-zero `image_std`, but got {s.tolist()}.")
-        x = x * s.view(1, -1, 1, 1) + m.view(1, -1, 1, 1)
+        x = x * s.view(per_channel) + m.view(per_channel)
     elif x.numel() and (x.amin() < -1e-3 or x.amax() > 1 + 1e-3):
-        lo = x.amin(dim=(1, 2, 3), keepdim=True)
-        span = x.amax(dim=(1, 2, 3), keepdim=True) - lo
+        each = tuple(range(1, x.ndim))  # one scale per image or volume, all its channels
+        lo = x.amin(dim=each, keepdim=True)
+        span = x.amax(dim=each, keepdim=True) - lo
         x = torch.where(span > 0, (x - lo) / span.clamp_min(1e-12), 0.0)
     if channels >= 3:
         x = x[:, :3]
         if channel_order == "bgr":
             x = x.flip(1)
     else:
-        x = x[:, :1].expand(-1, 3, -1, -1)
+        x = x[:, :1].expand(-1, 3, *x.shape[2:])
     return x.clamp(0.0, 1.0).contiguous()
 
 

@@ -211,8 +211,10 @@ def test_low_resolution_dict_output_with_ground_truth_target(tmp_path):
     trainer = fit(tmp_path, module, PlantsData(), callback)
     assert callback.last_cams.shape == (2, 1, 3, SIZE, SIZE)  # CAMs at input resolution
     image = grid(read_events(trainer), "cam/features.3/round_leaf")
-    # input | truth | prediction | overlay, every tile at input resolution
-    assert image.shape == (2 * title_height() + 2 * SIZE + 2 * 4, 4 * SIZE + 3 * 4, 3)
+    # input | truth | prediction | overlay, every tile at input resolution; under them, the
+    # colour key takes more lines than one where three names do not fit beside the colour bar.
+    assert image.shape[1:] == (4 * SIZE + 3 * 4, 3)
+    assert image.shape[0] >= 2 * title_height() + 2 * SIZE + 2 * 4
 
 
 def test_multilabel_outputs_with_one_hot_masks(tmp_path):
