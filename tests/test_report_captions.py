@@ -54,12 +54,13 @@ def report(tmp_path_factory):
 
 
 def test_a_long_layer_name_is_shortened_with_its_full_name_on_hover(report):
-    titles = re.findall(r"<b class='layer' title='([^']*)'>([^<]*)</b>", report)
-    assert {title for title, _ in titles} == {f"{LONG}.0", f"{LONG}.1"}
-    assert all(text == title for title, text in titles)  # the CSS shortens, the text stays
+    names = re.findall(r"<b class='layer' title='([^']*)'><span>([^<]*)</span>([^<]*)</b>", report)
+    assert {title for title, _, _ in names} == {f"{LONG}.0", f"{LONG}.1"}
+    # The CSS shortens the head with an ellipsis; the tail, where the names differ, stays.
+    assert all(head + tail == title and len(tail) == 10 for title, head, tail in names)
     css = report[: report.index("</style>")]
-    rule = re.search(r"figcaption b\.layer\{([^}]*)\}", css)
-    assert rule is not None, css
-    declarations = {d.strip() for d in rule.group(1).split(";")}
-    assert {"overflow:hidden", "text-overflow:ellipsis", "white-space:nowrap"} <= declarations
-    assert "figcaption{overflow-wrap:anywhere}" in css  # any other caption text wraps
+    rules = dict(re.findall(r"([^{}]+)\{([^}]*)\}", css))
+    rules = {key.strip(): {d.strip() for d in value.split(";")} for key, value in rules.items()}
+    assert {"display:flex", "white-space:nowrap"} <= rules["figcaption b.layer"]
+    assert {"overflow:hidden", "text-overflow:ellipsis"} <= rules["figcaption b.layer span"]
+    assert "overflow-wrap:anywhere" in rules["figcaption"]  # any other caption text wraps

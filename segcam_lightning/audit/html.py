@@ -29,8 +29,8 @@ vertical-align:top;padding:1px 3px}table.img td.cls{white-space:nowrap;padding:1
 table.img td.label{text-align:left;font-size:12px;max-width:120px;word-break:break-all}
 figure{display:inline-block;margin:0 1px;vertical-align:top;width:var(--thumb)}
 figcaption,div.cl{font-size:11px;color:#444;line-height:1.3}div.cl{white-space:nowrap}
-figcaption{overflow-wrap:anywhere}figcaption b.layer{display:block;overflow:hidden;
-text-overflow:ellipsis;white-space:nowrap}
+figcaption{overflow-wrap:anywhere}figcaption b.layer{display:flex;justify-content:center;
+white-space:nowrap}figcaption b.layer span{overflow:hidden;text-overflow:ellipsis;min-width:0}
 img.t{width:var(--thumb);height:var(--thumb);image-rendering:pixelated;display:block;
 border:1px solid #ccc}
 .sw{display:inline-block;width:12px;height:12px;border:1px solid #888;vertical-align:-1px;
@@ -609,11 +609,18 @@ def _figure(src: str, caption: str = "") -> str:
     return f"<figure><img class='t' src='{_e(src)}' alt='' loading='lazy'>{cap}</figure>"
 
 
+#: Characters at the end of a layer's name that its caption always shows.
+_NAME_TAIL = 10
+
+
 def _caption(layer: str, row: dict[str, Any], with_layer: bool) -> str:
-    # A layer's name can be wider than its tile: one line, shortened with an ellipsis, the
-    # full name on hover, so that it never runs under the next tile's caption.
+    # A layer's name can be wider than its tile: one line whose head the CSS shortens with an
+    # ellipsis while its tail, where names of one network differ, stays; the full name on
+    # hover. So it never runs under the next tile's caption.
     shown = TIP_NAMES.get(layer, layer)
-    first = [f"<b class='layer' title='{_e(layer)}'>{_e(shown)}</b>"] if with_layer else []
+    head, tail = shown[:-_NAME_TAIL], shown[-_NAME_TAIL:]
+    name = f"<b class='layer' title='{_e(layer)}'><span>{_e(head)}</span>{_e(tail)}</b>"
+    first = [name] if with_layer else []
     if not math.isnan(row["energy_inside"]):
         hit = row["pointing_game"] == 1.0
         mark = f"<span class='{'good' if hit else 'bad'}'>{'✓' if hit else '✗'}</span>"
