@@ -1,0 +1,142 @@
+"""Compatibility rows: Hugging Face transformers segmentation models (docs/compatibility.md).
+
+Tiny random-init models built from their own configs (no download): the callback with no
+arguments in a tiny ``fit``, the layer it chooses, and Grad-CAM parity with a naive per-class
+loop in float64. Mask2Former is not a row yet: its logits are per-query class scores and masks,
+which need the query adapter of a later issue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from compat_rows import (
+    PARITY_ATOL,
+    UserModule,
+    fit_with_callback,
+    parity,
+    scenes,
+)
+from torch import nn
+
+from segcam_lightning.callback import GradCAMCallback
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NUM_CLASSES = 3
+SIZE = 32
+
+
+def segformer() -> nn.Module:
+    config = transformers.SegformerConfig(
+        num_labels=NUM_CLASSES,
+        hidden_sizes=[8, 16, 24, 32],
+        depths=[1, 1, 1, 1],
+        num_attention_heads=[1, 1, 1, 1],
+        decoder_hidden_size=16,
+    )
+    return transformers.SegformerForSemanticSegmentation(config)
+
+
+def _upernet(backbone: object, third_stage_channels: int) -> nn.Module:
+    config = transformers.UperNetConfig(
+        backbone_config=backbone,
+        num_labels=NUM_CLASSES,
+        hidden_size=16,
+        pool_scales=[1, 2],
+        use_auxiliary_head=True,  # its branch must not be chosen: it does not reach the logits
+        auxiliary_in_channels=third_stage_channels,  # the stage it reads
+        auxiliary_channels=8,
+    )
+    return transformers.UperNetForSemanticSegmentation(config)
+
+
+STAGES = ["stage1", "stage2", "stage3", "stage4"]
+
+
+def upernet_convnext() -> nn.Module:
+    return _upernet(
+        transformers.ConvNextConfig(
+            hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], out_features=STAGES
+        ),
+        third_stage_channels=24,
+    )
+
+
+def upernet_swin() -> nn.Module:
+    return _upernet(
+        transformers.SwinConfig(
+            image_size=SIZE,
+            patch_size=4,
+            embed_dim=8,
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 1, 1, 1],
+            window_size=2,
+            out_features=STAGES,
+        ),
+        third_stage_channels=32,  # Swin doubles embed_dim per stage: 8, 16, 32, 64
+    )
+
+
+def dpt() -> nn.Module:
+    config = transformers.DPTConfig(
+        image_size=SIZE,
+        patch_size=8,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=1,
+        intermediate_size=16,
+        backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[8, 8, 16, 16],
+        reassemble_factors=[4, 2, 1, 0.5],
+        fusion_hidden_size=16,
+        num_labels=NUM_CLASSES,
+        use_auxiliary_head=True,
+    )
+    return transformers.DPTForSemanticSegmentation(config)
+
+
+#: row -> (builder, the layer the default rule chooses: the last block before the head).
+ROWS: dict[str, tuple[Callable[[], nn.Module], str]] = {
+    # SegFormer's all-MLP decoder: the fused features after BatchNorm and ReLU (its dropout,
+    # an identity in eval mode, gives the same tensor; the innermost name is kept).
+    "segformer": (segformer, "decode_head.activation"),
+    # UperNet: the FPN bottleneck's output, never the auxiliary FCN head.
+    "upernet_convnext": (upernet_convnext, "decode_head.fpn_bottleneck.activation"),
+    "upernet_swin": (upernet_swin, "decode_head.fpn_bottleneck.activation"),
+    # DPT: the ViT's token layers ([B, N, D]) are not candidates; the head's conv block is.
+    "dpt": (dpt, "head.head.2"),
+}
+
+
+def build(row: str) -> nn.Module:
+    torch.manual_seed(0)
+    return ROWS[row][0]()
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_callback_with_no_arguments_logs_cams_at_the_default_layer(
+    tmp_path, caplog, row: str
+) -> None:
+    """Columns (a) and (b): the model's output object (a ``SemanticSegmenterOutput`` holding
+    only ``logits`` in eval mode) is read by the default adapter, so no argument is needed."""
+    module = UserModule(build(row), logits=lambda out: out.logits)
+    fit = fit_with_callback(
+        tmp_path, module, scenes(4, SIZE, NUM_CLASSES), GradCAMCallback(), caplog
+    )
+    layer = ROWS[row][1]
+    assert f"GradCAMCallback: explaining layer {layer!r}" in fit.log
+    assert fit.image_tags == {f"cam/{layer}/class_{k}" for k in range(NUM_CLASSES)}
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_gradcam_equals_a_naive_per_class_loop_in_float64(row: str) -> None:
+    """Column (c), at the default layer (see ``compat_rows.PARITY_ATOL``)."""
+    images, _ = scenes(2, SIZE, NUM_CLASSES, seed=1)
+    difference = parity(build(row), images, ROWS[row][1], lambda out: out.logits)
+    print(f"parity {row}: {difference:.1e}")
+    assert difference <= PARITY_ATOL
