@@ -345,6 +345,7 @@ class GradCAMCallback(Callback):
         self._channels: list[int] = []
         self._display: Callable[[Tensor], Tensor] = display_images
         self._warned = False
+        self._nonfinite_warned = False
 
     @property
     @override
@@ -569,6 +570,8 @@ class GradCAMCallback(Callback):
         kept = None
         with trainer.precision_plugin.forward_context():
             result = self._engine(local, classes=self._channels, masks=local_masks)
+            if not self._finite_logits(trainer, result.logits):
+                return
             if self._context and self._context_channels and local_masks is not None:
                 kept = objects_alone(
                     self._engine.model,
@@ -609,6 +612,22 @@ class GradCAMCallback(Callback):
                 self._check_shortcut(cams, masks, counted, iou, area, names)
         if trainer.is_global_zero:
             self._log_grids(trainer, pl_module, images, masks, preds, cams, names)
+
+    def _finite_logits(self, trainer: L.Trainer, logits: Tensor) -> bool:
+        """Whether the probe's logits are finite on every rank; warns once per run when they
+        are not (every rank decides alike, so collective calls stay in step)."""
+        finite = logits.isfinite().all().reshape(1).to(torch.int32)
+        if bool(_gather(trainer, finite).all()):
+            return True
+        if not self._nonfinite_warned:
+            self._nonfinite_warned = True
+            rank_zero_warn(
+                f"GradCAMCallback: the model's logits on the probe are not finite (NaN or inf) "
+                f"at step {trainer.global_step}: its weights diverged or overflow. The CAM grids "
+                "and scalars of such validations are skipped (they would be meaningless) and "
+                "logged again once the logits are finite; this is reported once per run."
+            )
+        return False
 
     def _log_alignment(
         self, pl_module: L.LightningModule, cams: Tensor, masks: Tensor, names: list[str]

@@ -32,7 +32,10 @@ Outputs under ``--out`` (default ``results``):
 - ``sanity.csv`` (``--sanity-check``) and ``faithfulness.csv`` (``--faithfulness``): one row
   per result of the randomisation test and of the deletion/insertion curves
   (:mod:`~segcam_lightning.audit.checks`); they are not per image, so not in ``metrics.csv``.
-- ``audit-state.json``: only while a run is partial; what ``--resume`` needs.
+- ``audit-state.json``: only while a run is going on or partial; what ``--resume`` needs (the
+  images whose files are all on disk, those files' sizes, a checksum).
+- ``audit.lock``: only while a run writes into ``--out`` (:mod:`~segcam_lightning.audit.lock`):
+  a second run into the same folder stops.
 
 Every file is written atomically (a temporary name, then a rename): it is complete or absent.
 Everything knowable before the first batch (checkpoints, names, paths, layers, channels, memory)

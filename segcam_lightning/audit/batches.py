@@ -174,6 +174,8 @@ class ModelBatch:
     cams: np.ndarray  # [B, L, K, *S] float32 in [0, 1]
     preds: np.ndarray  # [B, *S] int64 mask labels at the input's resolution, for display
     values: dict[str, np.ndarray]  # name -> [B, L, K] float32
+    #: [B] bool: the image's logits are all finite (NaN or inf: the checkpoint is broken there).
+    finite: np.ndarray | None = None
 
 
 @dataclass
@@ -200,7 +202,12 @@ class BatchResult:
             images=self.images[rows],
             masks=self.masks[rows] if self.masks is not None else None,
             models=[
-                ModelBatch(m.cams[rows], m.preds[rows], {k: v[rows] for k, v in m.values.items()})
+                ModelBatch(
+                    m.cams[rows],
+                    m.preds[rows],
+                    {k: v[rows] for k, v in m.values.items()},
+                    m.finite[rows] if m.finite is not None else None,
+                )
                 for m in self.models
             ],
             skipped=self.skipped,
@@ -268,6 +275,7 @@ def explain_batch(
                     cams=result.cams.cpu().numpy(),
                     preds=_display_labels(preds, spatial).cpu().numpy(),
                     values={k: v.cpu().numpy() for k, v in values.items()},
+                    finite=result.logits.flatten(1).isfinite().all(1).cpu().numpy(),
                 )
             )
     return BatchResult(

@@ -449,6 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
         "no interrupted audit in --out it starts afresh",
     )
     output.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="a checkpoint whose logits are not finite (NaN or inf: weights that overflow) is "
+        "marked broken in metrics.csv, summary.json and report.html and the others are "
+        "audited; without it the audit stops there with exit status 2",
+    )
+    output.add_argument(
         "--list-layers",
         action="store_true",
         help="print the layers a CAM can hook (name, type, output shape; the seed's tips "

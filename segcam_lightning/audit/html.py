@@ -65,6 +65,7 @@ def render_report(
     body = [
         "<h1>CAM audit</h1>",
         _partial_banner(summary),
+        _broken_banner(summary),
         f"<p class='meta'>{counts['processed']} of {counts['images']} "
         f"{'volume' if plan.volumes else 'image'}(s) audited"
         f"{skipped_note} · {_e(plan.settings.method)} at {_e(', '.join(plan.layout.layers))} · "
@@ -105,6 +106,17 @@ def _partial_banner(summary: dict[str, Any]) -> str:
         f"{done} of {counts['images']} image(s) finished, {summary['remaining']} not yet "
         "audited. Every table below covers the finished images only. Rerun the same command "
         "with <code>--resume</code> to finish it.</p>"
+    )
+
+
+def _broken_banner(summary: dict[str, Any]) -> str:
+    """One line per checkpoint whose logits were not finite (``--keep-going``)."""
+    return "".join(
+        f"<p class='partial'><b>Broken checkpoint {_e(b['checkpoint'])}</b>: its logits are not "
+        f"finite (NaN or inf) on {b['images']} image(s), e.g. "
+        f"{_e(', '.join(b['first_images']))}: its weights overflow. Those rows are marked "
+        "<code>broken</code> in metrics.csv and left out of every table.</p>"
+        for b in summary.get("broken_checkpoints", [])
     )
 
 

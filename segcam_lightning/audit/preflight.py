@@ -6,6 +6,11 @@ is touched, so that a mistake costs a message (exit 2), not a half-written folde
   batch would (a layer whose output is not one 4-D tensor, 5-D for volumes, a network whose
   input does not fit, fail here). For the U-Net a small one (any multiple of 16 fits it); for
   the user's own network one of the real size, since which sizes it accepts is its own affair.
+- A distributed run has at least one image per process (Lightning's predict sampler fails
+  otherwise).
+- Every checkpoint's logits on the blank image are finite (finite weights can overflow); with
+  ``--keep-going`` a checkpoint whose logits are not is audited and marked broken, as long as
+  another one is sound.
 - One batch fits in memory: the activations of that dry run, scaled to the real image size and
   batch size, plus the maps and images, against the memory available.
 - ``--sanity-check`` and ``--faithfulness`` can run: images, not volumes; the audited layers lie
@@ -27,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from segcam_lightning.audit.batches import AuditModel, explain_batch
+from segcam_lightning.audit.batches import AuditModel, BatchResult, explain_batch
 from segcam_lightning.audit.checks import check_quality_options
 from segcam_lightning.audit.paths import UnsafePathError
 from segcam_lightning.audit.settings import UsageError, list_layers_command
@@ -53,6 +58,7 @@ def check_before_writing(plan: AuditPlan) -> None:
     Raises:
         UsageError: with what failed and what to do about it.
     """
+    _check_processes(plan)
     report_names = plan.dataset.names[: plan.settings.report_images]
     try:
         plan.layout.check(plan.classes, report_names)
@@ -91,10 +97,29 @@ def _blank_batch(side: tuple[int, ...], channels: int, masks: bool) -> dict[str,
     return batch
 
 
+def _check_processes(plan: AuditPlan) -> None:
+    """A distributed audit needs at least one image per process: Lightning's predict sampler
+    fails (an assertion deep in a traceback) when a rank gets none."""
+    settings = plan.settings
+    if not settings.distributed:
+        return
+    processes = settings.devices * settings.num_nodes
+    images = len(plan.dataset)
+    if images >= processes:
+        return
+    what = "volume" if plan.volumes else "image"
+    raise UsageError(
+        f"--devices {settings.devices} --num-nodes {settings.num_nodes} start {processes} "
+        f"processes, but the data holds {images} {what}(s): each process needs at least one. "
+        f"Pass --devices {max(1, images // settings.num_nodes)} (or run without --devices and "
+        f"--strategy: one process audits {images} {what}(s) quickly), or give more data."
+    )
+
+
 def _dry_run(plan: AuditPlan, side: tuple[int, ...]) -> None:
     batch = _blank_batch(side, plan.dataset.channels, plan.dataset.has_masks)
     try:
-        explain_batch(plan.models, batch, plan.classes, plan.model_device)
+        result = explain_batch(plan.models, batch, plan.classes, plan.model_device)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         message = message.split(" Pick another")[0].split(" List the layers")[0]
@@ -108,6 +133,35 @@ def _dry_run(plan: AuditPlan, side: tuple[int, ...]) -> None:
             f"was written: {type(error).__name__}: {message} Run `{command}` to see every "
             f"layer's output shape, and pass --layers whose output is one {output}{size}."
         ) from None
+    _check_finite(plan, result)
+
+
+def _check_finite(plan: AuditPlan, result: BatchResult) -> None:
+    """Refuse checkpoints whose logits on the blank image are not finite (finite weights that
+    overflow, e.g. every parameter times 1e38); with ``--keep-going`` only when all are."""
+    broken = [
+        model
+        for model, batch in zip(plan.models, result.models, strict=True)
+        if batch.finite is not None and not batch.finite.all()
+    ]
+    if not broken or (plan.settings.keep_going and len(broken) < len(plan.models)):
+        return
+    model = broken[0]
+    largest = max(
+        (p.detach().abs().max().item() for p in model.net.parameters() if p.numel()),
+        default=float("nan"),
+    )
+    if len(broken) < len(plan.models):
+        others = ", or pass --keep-going to audit the others with this one marked broken"
+    else:
+        others = " (--keep-going has no other checkpoint to audit)"
+    raise UsageError(
+        f"Checkpoint {model.label} ({model.loaded.path}) gives non-finite logits (NaN or inf) "
+        f"on a blank image, so its maps and metrics would be meaningless; nothing was written. "
+        f"Its weights are finite but overflow float32 (largest |parameter| {largest:.3g}): "
+        f"audit another checkpoint (an earlier epoch, or retrain with a lower learning "
+        f"rate){others}."
+    )
 
 
 def _check_memory(plan: AuditPlan, side: tuple[int, ...]) -> None:

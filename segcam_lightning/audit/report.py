@@ -32,8 +32,8 @@ from segcam_lightning.audit.checks import (
 from segcam_lightning.audit.checks import describe as describe_checks
 from segcam_lightning.audit.html import render_report
 from segcam_lightning.audit.paths import write_atomic
-from segcam_lightning.audit.resume import save_state
-from segcam_lightning.audit.settings import CSV_COLUMNS, STATE_FILE, Stop, jsonable
+from segcam_lightning.audit.resume import Elapsed, save_state
+from segcam_lightning.audit.settings import BROKEN, CSV_COLUMNS, STATE_FILE, Stop, jsonable
 from segcam_lightning.audit.writer import LocalResult
 from segcam_lightning.quality.functional import shortcut_suspects
 
@@ -88,10 +88,17 @@ def finish(
     process_seconds: float,
     total_seconds: float,
     checks: QualityChecks | None = None,
+    parts: int = 1,
 ) -> AuditOutcome:
     """Merge the processes' results and write ``metrics.csv``, ``report.html`` and
     ``summary.json``, each atomically, and the quality checks' ``sanity.csv`` and
     ``faithfulness.csv`` when ``checks`` holds them.
+
+    ``process_seconds`` and ``total_seconds`` are the whole audit's, over its ``parts`` runs
+    (a resumed audit's earlier runs included). Rows of a checkpoint whose logits were not
+    finite (``run_status`` ``broken``) stay in ``metrics.csv`` and are left out of the means
+    and the shortcut rule; ``summary.json`` lists the checkpoint under
+    ``broken_checkpoints`` and the report says so first.
 
     A result that ``stopped`` early makes the run partial: :data:`STATE_FILE` is written first
     (for ``--resume``) and every file says ``partial``; the checks asked for are listed as
@@ -113,12 +120,13 @@ def finish(
     processed = sum(r.processed for r in results)
     missing = [] if stopped else _check_complete(plan, rows, skipped)
     report_images = sorted({tuple(item) for r in results for item in r.report_images})
-    means = class_means(rows, plan)
+    sound = [row for row in rows if row.get("run_status") != BROKEN]
+    means = class_means(sound, plan)
     layout = plan.layout
     layout.root.mkdir(parents=True, exist_ok=True)
     status = "partial" if stopped else "complete"
     if stopped:
-        save_state(plan, results, process_seconds)
+        save_state(plan, results, Elapsed(process_seconds, total_seconds, parts))
     write_metrics_csv(layout.file("metrics.csv"), rows, status)
     report_seconds = time.perf_counter() - start
     checks_seconds = sum(checks.seconds.values()) if checks is not None else 0.0
@@ -129,12 +137,16 @@ def finish(
         "report_s": report_seconds,
         "total_s": total_seconds + report_seconds,
         "images_per_s": processed / process_seconds if process_seconds > 0 else None,
+        "parts": parts,
     }
     summary = build_summary(plan, results, rows, skipped, means, timings)
     if missing:
         summary["missing"] = missing
+    broken = broken_checkpoints(rows)
+    if broken:
+        summary["broken_checkpoints"] = broken
     if plan.dataset.has_masks:
-        summary["shortcut_suspects"] = {**SHORTCUT_RULE, "suspects": shortcut_flags(rows, plan)}
+        summary["shortcut_suspects"] = {**SHORTCUT_RULE, "suspects": shortcut_flags(sound, plan)}
     if checks is not None:
         summary.update(checks_summary(plan, checks))
         if plan.settings.sanity_check:
@@ -161,8 +173,39 @@ def finish(
         stopped=stopped,
         skip_reasons=tuple(f"{s['source']}: {s['reason']}" for s in skipped[:3]),
         unit="volume" if plan.volumes else "image",
-        notes=tuple(describe_checks(summary)) + tuple(_shortcut_notes(summary)),
+        notes=(
+            tuple(_broken_notes(broken))
+            + tuple(describe_checks(summary))
+            + tuple(_shortcut_notes(summary))
+        ),
     )
+
+
+def broken_checkpoints(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The checkpoints whose logits were not finite on some image (their rows' ``run_status``
+    is ``broken``): label, how many images, the first few of them, and why."""
+    images: dict[str, list[Any]] = defaultdict(list)
+    for row in rows:
+        if row.get("run_status") == BROKEN and row["image"] not in images[row["checkpoint"]]:
+            images[row["checkpoint"]].append(row["image"])
+    return [
+        {
+            "checkpoint": label,
+            "images": len(names),
+            "first_images": names[:5],
+            "reason": "non-finite logits (NaN or inf): weights that overflow float32",
+        }
+        for label, names in images.items()
+    ]
+
+
+def _broken_notes(broken: Sequence[dict[str, Any]]) -> list[str]:
+    return [
+        f"Broken checkpoint {b['checkpoint']!r}: its logits are not finite (NaN or inf) on "
+        f"{b['images']} image(s); their rows are marked broken in metrics.csv and left out of "
+        "the means."
+        for b in broken
+    ]
 
 
 def _check_complete(
@@ -184,8 +227,13 @@ def _check_complete(
 
 def write_metrics_csv(path: Path, rows: Sequence[dict[str, Any]], status: str = "complete") -> None:
     """One row per image × class × layer × checkpoint, written atomically; undefined values are
-    empty cells, ``run_status`` is ``status`` on every row (see :func:`write_csv`)."""
-    write_csv(path, CSV_COLUMNS, [{**row, "run_status": status} for row in rows])
+    empty cells, ``run_status`` is ``status`` on every row but the broken ones (see
+    :func:`write_csv`)."""
+    write_csv(
+        path,
+        CSV_COLUMNS,
+        [{**row, "run_status": row.get("run_status", status)} for row in rows],
+    )
 
 
 def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:

@@ -15,11 +15,12 @@ import json
 import signal
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from segcam_lightning.audit.paths import write_atomic
+from segcam_lightning.audit.paths import UnsafePathError, safe_join, write_atomic
 from segcam_lightning.audit.settings import (
     PROG,
     STATE_FILE,
@@ -33,7 +34,7 @@ from segcam_lightning.audit.writer import LocalResult
 if TYPE_CHECKING:
     from segcam_lightning.audit.plan import AuditPlan
 
-_FORMAT = 1
+_FORMAT = 2
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -135,8 +136,31 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_state(plan: AuditPlan, results: Sequence[LocalResult], process_seconds: float) -> None:
-    """Write :data:`STATE_FILE`: the finished images of a partial run, for ``--resume``."""
+@dataclass(frozen=True)
+class Elapsed:
+    """The time an audit's earlier parts took (a resumed run adds its own).
+
+    Attributes:
+        process_s: seconds spent explaining and writing images.
+        total_s: seconds from start to end of each part, report included.
+        parts: how many runs the audit took so far.
+    """
+
+    process_s: float = 0.0
+    total_s: float = 0.0
+    parts: int = 0
+
+
+def save_state(
+    plan: AuditPlan, results: Sequence[LocalResult], elapsed: Elapsed = Elapsed()
+) -> None:
+    """Write :data:`STATE_FILE`: the finished images of a partial run, for ``--resume``.
+
+    Only images whose every file is on disk are in ``results``; their files are listed with
+    their sizes, and a SHA-256 of the whole state guards it against changes, so that
+    :func:`load_state` can check the state against the folder. The file is replaced
+    atomically: a failed write (a full disk) leaves the previous state.
+    """
     state = {
         "format": _FORMAT,
         "fingerprint": fingerprint(plan),
@@ -145,18 +169,33 @@ def save_state(plan: AuditPlan, results: Sequence[LocalResult], process_seconds:
         "report_images": [list(item) for r in results for item in r.report_images],
         "processed": sum(r.processed for r in results),
         "files": sum(r.files for r in results),
-        "process_s": process_seconds,
+        "written": {path: size for r in results for path, size in r.written.items()},
+        "process_s": elapsed.process_s,
+        "total_s": elapsed.total_s,
+        "parts": elapsed.parts,
     }
+    state["sha256"] = _state_digest(state)
     # NaN (undefined metrics) is kept as JSON's NaN extension: Python reads it back exactly.
     write_atomic(plan.layout.file(STATE_FILE), json.dumps(state))
 
 
-def load_state(plan: AuditPlan) -> tuple[LocalResult, float] | None:
-    """The finished part of an interrupted run in ``--out`` and its processing seconds;
+def _state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 of ``state`` without its own ``sha256`` (keys sorted: the order a reader keeps
+    does not matter)."""
+    body = {key: value for key, value in state.items() if key != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def load_state(plan: AuditPlan) -> tuple[LocalResult, Elapsed] | None:
+    """The finished part of an interrupted run in ``--out`` and the time its parts took;
     ``None`` when there is none (``--resume`` then starts afresh).
 
+    The state is checked against itself (its SHA-256, one row per finished image, checkpoint,
+    layer and class) and against the folder (every file it lists is there, with its size).
+
     Raises:
-        UsageError: for an unreadable state, or one whose run had other settings.
+        UsageError: for an unreadable state, one whose run had other settings, or one that does
+            not match itself or the folder.
     """
     path = plan.layout.file(STATE_FILE)
     if not path.is_file():
@@ -172,8 +211,10 @@ def load_state(plan: AuditPlan) -> tuple[LocalResult, float] | None:
             report_images=[(int(i), str(n)) for i, n in state["report_images"]],
             processed=int(state["processed"]),
             files=int(state["files"]),
+            written={str(k): int(v) for k, v in state["written"].items()},
         )
-        seconds = float(state["process_s"])
+        elapsed = Elapsed(float(state["process_s"]), float(state["total_s"]), int(state["parts"]))
+        digest = state["sha256"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise UsageError(
             f"Cannot resume: {path} is not a readable audit state ({one_line(error)}). Start "
@@ -192,7 +233,49 @@ def load_state(plan: AuditPlan) -> tuple[LocalResult, float] | None:
             "finished and the remaining images are comparable. Rerun with the interrupted run's "
             f"settings (see {path.name}), or start afresh with --overwrite."
         )
-    return previous, seconds
+    try:
+        problem = _mismatch(plan, state, digest, previous)
+    except (KeyError, TypeError, AttributeError) as error:
+        problem = f"{path.name} holds a malformed entry ({one_line(error)})"
+    if problem is not None:
+        raise UsageError(
+            f"Cannot resume the audit in {plan.layout.root}: {problem}, so the folder is not "
+            "what the interrupted run left and resuming could duplicate or lose results. Rerun "
+            "with --overwrite to start afresh (or use another --out)."
+        )
+    return previous, elapsed
+
+
+def _mismatch(
+    plan: AuditPlan, state: dict[str, Any], digest: Any, previous: LocalResult
+) -> str | None:
+    """What in a state read back does not match itself or the folder; ``None`` if nothing."""
+    name = STATE_FILE
+    if digest != _state_digest(state):
+        return f"{name} was changed after the run wrote it (its SHA-256 does not match)"
+    per_image = len(plan.layout.models) * len(plan.layout.layers) * len(plan.classes)
+    keys = {(r["checkpoint"], r["layer"], r["index"], r["class"]) for r in previous.rows}
+    if len(keys) != len(previous.rows):
+        return f"{name} holds {len(previous.rows) - len(keys)} duplicate row(s)"
+    indices = {row["index"] for row in previous.rows}
+    if len(previous.rows) != previous.processed * per_image or len(indices) != previous.processed:
+        return (
+            f"{name} holds {len(previous.rows)} row(s) of {len(indices)} image(s), but records "
+            f"{previous.processed} finished image(s) of {per_image} row(s) each"
+        )
+    skipped = {item["index"] for item in previous.skipped}
+    if len(skipped) != len(previous.skipped) or skipped & indices:
+        return f"{name} lists an image twice (skipped or audited)"
+    if len(previous.written) != previous.files:
+        return f"{name} lists {len(previous.written)} file(s), but records {previous.files}"
+    for relative, size in previous.written.items():
+        try:
+            on_disk = safe_join(plan.layout.root, *relative.split("/")).stat().st_size
+        except (OSError, UnsafePathError):
+            return f"{relative}, which {name} lists, is missing"
+        if on_disk != size:
+            return f"{relative} has {on_disk} bytes, {name} recorded {size}"
+    return None
 
 
 def nothing_to_resume(out: Path) -> str:

@@ -3,6 +3,7 @@ Lightning's ``Trainer.predict`` over several devices; then the final files."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -21,10 +22,17 @@ from typing_extensions import override
 from segcam_lightning.audit.batches import AuditModel, BatchResult, explain_batch
 from segcam_lightning.audit.checks import QualityChecks, run_checks
 from segcam_lightning.audit.data import make_loader
+from segcam_lightning.audit.lock import OutputLock, check_free
 from segcam_lightning.audit.plan import AuditPlan, prepare
 from segcam_lightning.audit.preflight import check_before_writing
 from segcam_lightning.audit.report import AuditOutcome, finish
-from segcam_lightning.audit.resume import StopSignals, load_state, nothing_to_resume
+from segcam_lightning.audit.resume import (
+    Elapsed,
+    StopSignals,
+    load_state,
+    nothing_to_resume,
+    save_state,
+)
 from segcam_lightning.audit.settings import (
     PROG,
     STATE_FILE,
@@ -41,12 +49,15 @@ from segcam_lightning.render import opencv_threads
 def run_audit(settings: AuditSettings) -> AuditOutcome | None:
     """Run a whole audit and write every output.
 
-    Everything knowable before the first batch is checked before ``--out`` is touched. Once
-    every image is done, the quality checks asked for run (``--sanity-check``,
-    ``--faithfulness``: :mod:`~segcam_lightning.audit.checks`). On SIGINT or SIGTERM
-    (:class:`StopSignals`), or a failure mid-run (checks included), the images done are written
-    and marked partial; the outcome's ``stopped`` says why. With ``settings.resume``, the images
-    an interrupted run in ``--out`` finished are kept and only the rest are audited.
+    Everything knowable before the first batch is checked before ``--out`` is touched. Then the
+    run takes ``--out``'s lock (:class:`~segcam_lightning.audit.lock.OutputLock`: a second run
+    into the same folder stops) and writes :data:`STATE_FILE` before its first batch, so that
+    a run stopped in any way (a full disk, a kill) can be resumed. Once every image is done,
+    the quality checks asked for run (``--sanity-check``, ``--faithfulness``:
+    :mod:`~segcam_lightning.audit.checks`). On SIGINT or SIGTERM (:class:`StopSignals`), or a
+    failure mid-run (checks included), the images done are written and marked partial; the
+    outcome's ``stopped`` says why. With ``settings.resume``, the images an interrupted run in
+    ``--out`` finished are kept and only the rest are audited; timings cover the whole audit.
 
     Returns:
         The outcome on global rank 0; ``None`` on the other ranks of a distributed run.
@@ -63,22 +74,45 @@ def run_audit(settings: AuditSettings) -> AuditOutcome | None:
         for note in plan.notes:  # what the run chose or assumed, before anything is written
             print(f"{PROG}: {note}", file=sys.stderr, flush=True)
     plan.load_seconds = time.perf_counter() - start
-    previous = load_state(plan) if settings.resume else None
-    if settings.distributed:
+    lock = OutputLock(settings.out)
+    if _launched_rank() == 0:
+        lock.acquire()
+    try:
+        if lock.took_over is not None:
+            print(
+                f"{PROG}: note: took over the stale lock of {lock.took_over.describe()} in "
+                f"{settings.out} (no such process is running).",
+                file=sys.stderr,
+            )
+        return _run_owned(plan, start)
+    finally:
+        lock.release()
+
+
+def _run_owned(plan: AuditPlan, start: float) -> AuditOutcome | None:
+    """:func:`run_audit` once the run holds ``--out``'s lock."""
+    if plan.settings.distributed:
         results = _run_distributed(plan)
         if results is None:
             return None
         process_seconds = time.perf_counter() - start - plan.load_seconds
         checks = run_checks(plan, results)
         return finish(plan, results, process_seconds, time.perf_counter() - start, checks)
+    loaded = load_state(plan) if plan.settings.resume else None
+    previous, before = loaded if loaded is not None else (None, Elapsed())
+    # The state exists before the first file is written: a run that cannot update it later
+    # (a full disk, a kill) leaves a folder that --resume still finishes.
+    save_state(plan, [previous] if previous is not None else [], before)
     with StopSignals() as signals:
-        result = audit_local(plan, previous[0] if previous else None, signals)
-        process_seconds = time.perf_counter() - start - plan.load_seconds
-        if previous:
-            result = previous[0].merged(result)
-            process_seconds += previous[1]
+        result = audit_local(plan, previous, signals)
+        process_seconds = time.perf_counter() - start - plan.load_seconds + before.process_s
+        if previous is not None:
+            result = previous.merged(result)
         checks = _checks_or_stop(plan, result, signals)
-        return _finish_or_keep(plan, result, process_seconds, time.perf_counter() - start, checks)
+        total_seconds = time.perf_counter() - start + before.total_s
+        return _finish_or_keep(
+            plan, result, process_seconds, total_seconds, checks, parts=before.parts + 1
+        )
 
 
 def _checks_or_stop(
@@ -106,24 +140,42 @@ def _finish_or_keep(
     process_seconds: float,
     total_seconds: float,
     checks: QualityChecks | None = None,
+    parts: int = 1,
 ) -> AuditOutcome:
     """:func:`finish`; if the final files cannot be written (a full disk), the run becomes
     partial and what can be written of it is, the resume state first."""
     try:
-        return finish(plan, [result], process_seconds, total_seconds, checks)
+        return finish(plan, [result], process_seconds, total_seconds, checks, parts)
     except OSError as error:
         failure = f"could not write the results in {plan.layout.root}: {one_line(error)}"
     result.stopped = Stop(failure, 1)
+    finished = result.processed + len(result.skipped)
+    done = f"{finished} of {len(plan.dataset)} image(s) finished"
     try:
-        finish(plan, [result], process_seconds, total_seconds)
-        kept = "the files written are marked partial"
+        finish(plan, [result], process_seconds, total_seconds, parts=parts)
+        kept = f"{done}; the files written are marked partial"
     except OSError:  # the same cause, most likely; the state file is written first
-        state = plan.layout.file(STATE_FILE)
-        kept = f"{state.name} keeps the finished images" if state.is_file() else "nothing is kept"
-    done = result.processed + len(result.skipped)
+        kept = f"{done}; {_kept(plan, finished)}"
     raise AuditError(
-        f"{failure} ({done} of {len(plan.dataset)} image(s) finished; {kept}). Fix the cause, "
-        "then finish with the same command and --resume."
+        f"{failure} ({kept}). Free space or fix the cause, then finish with the same command "
+        "and --resume."
+    )
+
+
+def _kept(plan: AuditPlan, finished: int) -> str:
+    """What the state file on disk keeps of the ``finished`` images, after the final files
+    could not be written."""
+    path = plan.layout.file(STATE_FILE)
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        kept = int(state["processed"]) + len(state["skipped"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no {path.name} could be written, so start afresh with --overwrite instead"
+    if kept == finished:
+        return f"{path.name} keeps them (their files are all on disk)"
+    return (
+        f"but {path.name} could not be updated: it keeps the {kept} image(s) it held before, "
+        "whose files are all on disk, and --resume redoes the rest"
     )
 
 
@@ -136,9 +188,11 @@ def _check_out(settings: AuditSettings) -> None:
             "--resume continues single-process audits; drop --devices/--num-nodes/--strategy to "
             "finish the run in one process, or start a distributed run afresh with --overwrite."
         )
-    if _launched_rank() != 0 or settings.overwrite:
+    if _launched_rank() != 0:
         return
-    if not (out.is_dir() and any(out.iterdir())):
+    if out.is_dir():
+        check_free(out)  # a live run's folder: say so before anything else
+    if settings.overwrite or not (out.is_dir() and any(out.iterdir())):
         return
     if (out / STATE_FILE).is_file():
         if settings.resume:
@@ -200,7 +254,10 @@ def audit_local(
                 disable=not plan.settings.progress,
             ) as bar:
                 for batch in loader:
-                    writer.submit(explain_batch(plan.models, batch, plan.classes, plan.device))
+                    explained = explain_batch(plan.models, batch, plan.classes, plan.device)
+                    if not plan.settings.keep_going:
+                        _check_finite(plan, explained)
+                    writer.submit(explained)
                     bar.update(len(batch["index"]))
                     if signals is not None and signals.received is not None:
                         break
@@ -208,6 +265,8 @@ def audit_local(
             if signals is None:
                 raise
             stopped = signals.stop(error)
+            if isinstance(error, NonFiniteLogits) and signals.received is None:
+                stopped = Stop(str(error), 2)
         finally:
             result = writer.close()
     if signals is None:
@@ -216,6 +275,29 @@ def audit_local(
         return result
     result.stopped = stopped or signals.stop(writer.failure)
     return result
+
+
+class NonFiniteLogits(Exception):
+    """A checkpoint's logits are not finite on an image (without ``--keep-going``)."""
+
+
+def _check_finite(plan: AuditPlan, batch: BatchResult) -> None:
+    """Stop before writing a batch on which a checkpoint's logits are not finite.
+
+    Raises:
+        NonFiniteLogits: naming the checkpoint and the first such image.
+    """
+    if not batch.indices:  # every image skipped: no engine ran
+        return
+    for model, result in zip(plan.models, batch.models, strict=True):
+        if result.finite is None or result.finite.all():
+            continue
+        name = batch.names[int(result.finite.argmin())]
+        raise NonFiniteLogits(
+            f"checkpoint {model.label} gives non-finite logits (NaN or inf) on image {name}, so "
+            "its maps and metrics there are meaningless (weights that overflow?); the batch "
+            "was not written. Pass --keep-going to mark its rows broken and audit on"
+        )
 
 
 def make_writer(plan: AuditPlan, overlap: bool | None = None) -> OutputWriter:

@@ -38,7 +38,9 @@ VALUE_NAMES = (
 )
 #: Columns of ``metrics.csv``; empty cells mean "not defined" (no ground truth, class absent).
 #: ``source`` is the image's path relative to ``--data`` (``synthetic:<i>`` for the synthetic
-#: data); ``run_status`` is ``complete``, or ``partial`` on every row of an interrupted run.
+#: data); ``run_status`` is ``complete``, or ``partial`` on every row of an interrupted run,
+#: or ``broken`` on the rows of a checkpoint whose logits are not finite on that image
+#: (``--keep-going``; left out of the means).
 #: ``pointing_game`` is 1 where the CAM's peak lies on the class: its mean over the images
 #: holding the class is the pointing-game score the callback logs.
 CSV_COLUMNS = (
@@ -52,8 +54,12 @@ CSV_COLUMNS = (
     *VALUE_NAMES,
     "run_status",
 )
+#: ``run_status`` of the rows of a checkpoint whose logits are not finite on the image.
+BROKEN = "broken"
 #: Where an interrupted run keeps what it finished, for ``--resume``; removed once complete.
 STATE_FILE = "audit-state.json"
+#: The lock a run holds on ``--out`` while it writes there (:mod:`~segcam_lightning.audit.lock`).
+LOCK_FILE = "audit.lock"
 #: Names the run writes directly under ``--out``; no checkpoint folder may take one of them,
 #: nor the names a report image's folder holds beside the checkpoint folders (a volume's tiles
 #: come one per view).
@@ -67,6 +73,7 @@ RESERVED_NAMES = (
     "summary.json",
     "report.html",
     STATE_FILE,
+    LOCK_FILE,
     "input.jpg",
     "truth.png",
     *(f"input_{view}.jpg" for view in VIEWS),
@@ -134,6 +141,8 @@ class AuditSettings:
     ``objects_alone`` run the quality checks after the main pass
     (:mod:`~segcam_lightning.audit.checks`);
     ``sanity_methods`` ``None`` is the audited ``method``, ``("all",)`` every method.
+    ``keep_going``: a checkpoint whose logits are not finite is marked broken and the others
+    are audited (else the run stops with exit status 2).
     """
 
     checkpoints: tuple[Path, ...]
@@ -170,6 +179,7 @@ class AuditSettings:
     render_threads: int | None = None
     overwrite: bool = False
     resume: bool = False
+    keep_going: bool = False
     progress: bool = True
     sanity_check: bool = False
     sanity_images: int = 16

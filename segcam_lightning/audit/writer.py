@@ -24,7 +24,7 @@ import torch
 
 from segcam_lightning.audit.batches import BatchResult
 from segcam_lightning.audit.paths import OutputLayout, write_atomic
-from segcam_lightning.audit.settings import JPEG_PARAMS, VALUE_NAMES, Stop
+from segcam_lightning.audit.settings import BROKEN, JPEG_PARAMS, VALUE_NAMES, Stop
 from segcam_lightning.render import (
     SEPARATOR,
     VIEWS,
@@ -39,8 +39,9 @@ from segcam_lightning.render import (
 class LocalResult:
     """What one process audited: metric rows, skipped items, counts (plain data, picklable).
 
-    An image counts (``processed``, its ``rows``) once all its files are written.
-    ``stopped`` says why the run ended before its last image (``None`` when it did not).
+    An image counts (``processed``, its ``rows``, its files in ``written``: path relative to
+    ``--out`` -> bytes) once all its files are written. ``stopped`` says why the run ended
+    before its last image (``None`` when it did not).
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -48,6 +49,7 @@ class LocalResult:
     report_images: list[tuple[int, str]] = field(default_factory=list)
     processed: int = 0
     files: int = 0
+    written: dict[str, int] = field(default_factory=dict)
     rank: int = 0
     seconds: float = 0.0
     stopped: Stop | None = None
@@ -64,6 +66,7 @@ class LocalResult:
             report_images=self.report_images + later.report_images,
             processed=self.processed + later.processed,
             files=self.files + later.files,
+            written={**self.written, **later.written},
             rank=later.rank,
             seconds=self.seconds + later.seconds,
             stopped=later.stopped,
@@ -74,7 +77,7 @@ class LocalResult:
 class _ImageJob:
     """One image's rendering job and what it adds to the result once its files are written."""
 
-    future: Future[int]
+    future: Future[dict[str, int]]
     index: int
     rows: list[dict[str, Any]]
     report_image: tuple[int, str] | None
@@ -189,11 +192,12 @@ class OutputWriter:
         while len(self._pending) > most:
             job = self._pending.popleft()
             try:
-                files = job.future.result()
+                written = job.future.result()
             except Exception as error:  # kept for the caller: the other images still count
                 self.failure = self.failure or error
                 continue
-            self.result.files += files
+            self.result.files += len(written)
+            self.result.written.update(written)
             self.result.processed += 1
             self.result.rows.extend(job.rows)
             if job.report_image is not None:
@@ -204,9 +208,11 @@ class OutputWriter:
             raise self.failure
 
     def _rows(self, batch: BatchResult, b: int) -> Iterable[dict[str, Any]]:
-        """Image ``b``'s rows: one per checkpoint × layer × class."""
+        """Image ``b``'s rows: one per checkpoint × layer × class; those of a checkpoint whose
+        logits are not finite on the image carry ``"run_status": "broken"``."""
         index, name, source = batch.indices[b], batch.names[b], batch.sources[b]
         for m, model in enumerate(batch.models):
+            broken = model.finite is not None and not bool(model.finite[b])
             for layer, layer_name in enumerate(self.layer_names):
                 for k, class_idx in enumerate(self.classes):
                     row = {
@@ -220,95 +226,108 @@ class OutputWriter:
                     }
                     for value_name in VALUE_NAMES:
                         row[value_name] = float(model.values[value_name][b, layer, k])
+                    if broken:
+                        row["run_status"] = BROKEN
                     yield row
 
-    def _write_image(self, batch: BatchResult, b: int) -> int:
-        """Image ``b``'s panels for every checkpoint, layer and class, and its report tiles."""
-        if batch.volumes:
-            return self._write_volume(batch, b)
+    def _write_image(self, batch: BatchResult, b: int) -> dict[str, int]:
+        """Write image ``b``'s files; returns them (path relative to the root -> bytes).
+
+        A failure (a full disk) removes the files of this image already written, so that
+        every image's files are on disk whole or not at all, and frees their space.
+        """
+        written: dict[Path, int] = {}
+        try:
+            if batch.volumes:
+                self._write_volume(batch, b, written)
+            else:
+                self._write_panels(batch, b, written)
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+        return {path.relative_to(self.layout.root).as_posix(): n for path, n in written.items()}
+
+    def _write_panels(self, batch: BatchResult, b: int, written: dict[Path, int]) -> None:
+        """Image ``b``'s panels for every checkpoint, layer and class, and its report tiles,
+        each recorded in ``written`` once on disk."""
         index, name, image = batch.indices[b], batch.names[b], batch.images[b]
         mask = batch.masks[b] if batch.masks is not None else None
         in_report = index < self.report_limit
         regions = batch.truth[b] if batch.truth is not None else None  # [K, H, W]
-        written = 0
         if in_report:
-            _imwrite(self.layout.input_tile(name), image, JPEG_PARAMS)
-            written += 1
+            _imwrite(written, self.layout.input_tile(name), image, JPEG_PARAMS)
             if mask is not None:
-                _imwrite(self.layout.truth_tile(name), colorize_mask(mask, self.colormap))
-                written += 1
+                truth = colorize_mask(mask, self.colormap)
+                _imwrite(written, self.layout.truth_tile(name), truth)
         for m, model in enumerate(batch.models):
             if in_report:
                 pred = colorize_mask(model.preds[b], self.colormap)
-                _imwrite(self.layout.prediction_tile(name, m), pred)
-                written += 1
+                _imwrite(written, self.layout.prediction_tile(name, m), pred)
             for layer in range(len(self.layer_names)):
                 panels, overlays = seed_panels(image, model.cams[b, layer], regions)
                 for k, class_idx in enumerate(self.classes):
-                    _imwrite(self.layout.panel(m, layer, class_idx, name), panels[k], JPEG_PARAMS)
-                    written += 1
+                    path = self.layout.panel(m, layer, class_idx, name)
+                    _imwrite(written, path, panels[k], JPEG_PARAMS)
                     if in_report:
                         tile = self.layout.overlay_tile(name, m, layer, class_idx)
-                        _imwrite(tile, overlays[k], JPEG_PARAMS)
-                        written += 1
-        return written
+                        _imwrite(written, tile, overlays[k], JPEG_PARAMS)
 
-    def _write_volume(self, batch: BatchResult, b: int) -> int:
+    def _write_volume(self, batch: BatchResult, b: int, written: dict[Path, int]) -> None:
         """Volume ``b``'s maps (``cams/<name>.npy``) and panels for every checkpoint, layer and
         class, and its report tiles: one per view, through the centre for the volume, its
-        ground truth and predictions, through each class's peak for its overlays."""
+        ground truth and predictions, through each class's peak for its overlays. Each file
+        is recorded in ``written`` once on disk."""
         index, name = batch.indices[b], batch.names[b]
         volume = torch.from_numpy(batch.images[b])  # [D, H, W] uint8
         size = (max(volume.shape), max(volume.shape))
         in_report = index < self.report_limit
         regions = torch.from_numpy(batch.truth[b]) if batch.truth is not None else None
         centre = tuple(n // 2 for n in volume.shape)
-        written = 0
         if in_report:
             for v, view in enumerate(VIEWS):
-                _imwrite(self.layout.input_tile(name, view), _grey(volume, centre, size)[v])
-            written += len(VIEWS)
+                path = self.layout.input_tile(name, view)
+                _imwrite(written, path, _grey(volume, centre, size)[v])
             if batch.masks is not None:
-                written += self._label_tiles(batch.masks[b], centre, size, name, None)
+                self._label_tiles(written, batch.masks[b], centre, size, name, None)
         for m, model in enumerate(batch.models):
             buffer = io.BytesIO()
             np.save(buffer, np.ascontiguousarray(model.cams[b], dtype=np.float32))
-            write_atomic(self.layout.cams(m, name), buffer.getvalue())
-            written += 1
+            path = self.layout.cams(m, name)
+            write_atomic(path, buffer.getvalue())
+            written[path] = buffer.getbuffer().nbytes
             if in_report:
-                written += self._label_tiles(model.preds[b], centre, size, name, m)
+                self._label_tiles(written, model.preds[b], centre, size, name, m)
             for layer in range(len(self.layer_names)):
                 for k, class_idx in enumerate(self.classes):
                     cam = torch.from_numpy(model.cams[b, layer, k])
                     region = regions[k] if regions is not None else None
                     panel, overlays = _volume_panel(volume, cam, region, size)
-                    _imwrite(self.layout.panel(m, layer, class_idx, name), panel, JPEG_PARAMS)
-                    written += 1
+                    path = self.layout.panel(m, layer, class_idx, name)
+                    _imwrite(written, path, panel, JPEG_PARAMS)
                     if in_report:
                         for view, overlay in zip(VIEWS, overlays, strict=True):
                             tile = self.layout.overlay_tile(name, m, layer, class_idx, view)
-                            _imwrite(tile, overlay, JPEG_PARAMS)
-                        written += len(VIEWS)
-        return written
+                            _imwrite(written, tile, overlay, JPEG_PARAMS)
 
     def _label_tiles(
         self,
+        written: dict[Path, int],
         labels: np.ndarray,
         at: Sequence[int],
         size: tuple[int, int],
         name: str,
         model: int | None,
-    ) -> int:
+    ) -> None:
         """The ground truth's (``model`` ``None``) or a model's predicted labels ``[D, H, W]``
-        sliced at ``at``, one coloured tile per view."""
+        sliced at ``at``, one coloured tile per view (recorded in ``written``)."""
         slices = volume_slices(torch.from_numpy(labels), at, size, labels=True)
         for view, tile in zip(VIEWS, slices, strict=True):
             if model is None:
                 path = self.layout.truth_tile(name, view)
             else:
                 path = self.layout.prediction_tile(name, model, view)
-            _imwrite(path, colorize_mask(tile.numpy(), self.colormap))
-        return len(VIEWS)
+            _imwrite(written, path, colorize_mask(tile.numpy(), self.colormap))
 
 
 def _grey(volume: torch.Tensor, at: Sequence[int], size: tuple[int, int]) -> np.ndarray:
@@ -354,10 +373,15 @@ def default_render_threads() -> int:
     return min(8, max(2, (cores or 2) // 2))
 
 
-def _imwrite(path: Path, rgb: np.ndarray, params: Sequence[int] = ()) -> None:
-    """Encode an RGB image by ``path``'s extension and write it atomically."""
+def _imwrite(
+    written: dict[Path, int], path: Path, rgb: np.ndarray, params: Sequence[int] = ()
+) -> None:
+    """Encode an RGB image by ``path``'s extension, write it atomically and record its size
+    in ``written``."""
     ok, encoded = cv2.imencode(path.suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), list(params))
     if not ok:
         raise OSError(f"cv2 could not encode {path.name} as {path.suffix} (image {rgb.shape}).")
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, encoded.tobytes())
+    data = encoded.tobytes()
+    write_atomic(path, data)
+    written[path] = len(data)
