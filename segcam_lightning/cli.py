@@ -220,7 +220,8 @@ def _is_own_class(path: str) -> bool:
         spec = importlib.util.find_spec(module_name)
     except (ImportError, ValueError):
         return False
-    package_dir = Path(importlib.util.find_spec(_OWN_PACKAGE).origin).parent  # type: ignore[union-attr,arg-type]
+    own = importlib.util.find_spec(_OWN_PACKAGE)
+    package_dir = Path(own.origin).parent if own is not None and own.origin else None
     if spec is None or spec.origin is None or package_dir not in Path(spec.origin).parents:
         return False
     found = getattr(importlib.import_module(module_name), attribute, None)

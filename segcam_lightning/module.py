@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardInde
 
 from segcam_lightning.cam.functional import predicted_classes
 from segcam_lightning.data.batch import split_batch
+from segcam_lightning.errors import check_unique_names
 from segcam_lightning.losses import DiceCELoss
 from segcam_lightning.models import build_unet
 
@@ -36,7 +37,7 @@ class SegmentationModule(L.LightningModule):
         base_width: width of the U-Net's first block (64 is the seed's network).
         in_channels: image channels.
         dims: 2 for images, 3 for volumes (the U-Net's convolutions; ignored with ``net``).
-        class_names: names used in logged metric keys; default ``class_0..``.
+        class_names: distinct names used in logged metric keys; default ``class_0..``.
         lr: learning rate.
         weight_decay: weight decay.
         optimizer: ``"adamw"`` or ``"sgd"`` (with ``momentum``, the seed's).
@@ -80,6 +81,8 @@ class SegmentationModule(L.LightningModule):
                 f"Expected {num_classes} `class_names`, one per class, but got {len(class_names)}:"
                 f" {list(class_names)}."
             )
+        if class_names is not None:
+            check_unique_names(class_names)
         for argument, value, choices in (
             ("optimizer", optimizer, OPTIMIZERS),
             ("scheduler", scheduler, SCHEDULERS),

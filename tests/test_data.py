@@ -242,10 +242,14 @@ def test_duplicate_stems(copy: Path) -> None:
         FolderSegmentation(copy)
 
 
-def test_unreadable_image_found_by_check(copy: Path) -> None:
+def test_unreadable_image_is_skipped_by_check(copy: Path) -> None:
     (copy / "images" / "0001.jpg").write_bytes(b"this is not a jpeg at all" * 10)
-    with pytest.raises(ValueError, match=r"could not read 1 file\(s\): .*0001\.jpg"):
-        FolderSegmentation(copy)
+    with pytest.warns(UserWarning, match=r"Skipped 1 of 4 image/mask pair.*: images/0001\.jpg\."):
+        ds = FolderSegmentation(copy)
+    assert [image.name for image, _ in ds.pairs] == ["0000.jpg", "0002.jpg", "0003.jpg"]
+    assert [
+        (path.name, "0001.jpg: the file is empty, corrupt" in reason) for path, reason in ds.skipped
+    ] == [("0001.jpg", True)]
 
 
 def test_unreadable_image_found_at_getitem(copy: Path) -> None:
@@ -258,8 +262,8 @@ def test_unreadable_image_found_at_getitem(copy: Path) -> None:
 
 def test_unreadable_mask(copy: Path) -> None:
     (copy / "masks" / "0003.png").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match=r"could not read 1 file\(s\): .*0003\.png"):
-        FolderSegmentation(copy)
+    with pytest.warns(UserWarning, match=r"Skipped 1 of 4 .*: masks/0003\.png\."):
+        assert len(FolderSegmentation(copy)) == 3
     ds = FolderSegmentation(copy, check=False)
     with pytest.raises(ValueError, match=r"could not read the mask .*0003\.png"):
         ds[3]

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from segcam_lightning.data.colormap import SEED_COLORMAP
-from segcam_lightning.data.folder import FolderSegmentation, pair_files
+from segcam_lightning.data.folder import FolderSegmentation, pair_files, skipped_message
 from segcam_lightning.data.split import split_indices
 from segcam_lightning.data.synthetic import (
     SPLIT_OFFSETS,
@@ -20,6 +21,7 @@ from segcam_lightning.data.synthetic import (
 )
 from segcam_lightning.data.synthetic3d import SYNTHETIC3D_CLASS_NAMES, SyntheticVolumes
 from segcam_lightning.data.transforms import RandomFlip
+from segcam_lightning.errors import MissingInputError, check_unique_names
 
 SYNTHETIC = "synthetic"
 SYNTHETIC3D = "synthetic3d"
@@ -45,8 +47,8 @@ class SegmentationDataModule(L.LightningDataModule):
         num_test: synthetic test samples.
         colormap: one ``[b, g, r]`` per class, in cv2's BGR order, matched exactly against the
             mask pixels. Default: the seed's ``[[0,0,0],[0,0,128],[0,128,0]]``.
-        class_names: one name per class; default ``class_0..`` (synthetic: soil, narrow_leaf,
-            round_leaf; synthetic3d: background, tube, blob).
+        class_names: one distinct name per class; default ``class_0..`` (synthetic: soil,
+            narrow_leaf, round_leaf; synthetic3d: background, tube, blob).
         val_fraction: share of a folder used for validation.
         test_fraction: share of a folder used for testing.
         split_seed: seed of the folder split; with the defaults (0.2, 0.2, 42) the split is the
@@ -92,7 +94,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.is_volumes = data == SYNTHETIC3D
         self.is_synthetic = data == SYNTHETIC or self.is_volumes
         if not self.is_synthetic and not Path(data).is_dir():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"Data folder {data!r} does not exist. Pass `--data.data synthetic` for the"
                 " embedded dataset (`synthetic3d` for volumes), or a folder with `images/` and"
                 " `masks/` (write an example with `segcam-synthetic --out data/synthetic`)."
@@ -115,6 +117,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 f"Expected one class name per colormap entry ({len(self.colormap)}), but got"
                 f" {len(class_names)}: {list(class_names)}."
             )
+        check_unique_names(class_names)
         self.class_names = list(class_names)
         # The model's hparams carry the (linked) class names; the unresolved default here would
         # make Lightning's hparam merge fail.
@@ -169,8 +172,9 @@ class SegmentationDataModule(L.LightningDataModule):
             return
         n = len(pair_files(hp.data))
         splits = split_indices(n, hp.val_fraction, hp.test_fraction, hp.split_seed)
+        datasets, skipped = {}, []
         for name, indices in zip(("train", "val", "test"), splits, strict=True):
-            self.datasets[name] = FolderSegmentation(
+            dataset = FolderSegmentation(
                 hp.data,
                 image_size=hp.image_size,
                 colormap=self.colormap,
@@ -179,7 +183,15 @@ class SegmentationDataModule(L.LightningDataModule):
                 transform=train_tf if name == "train" else None,
                 unknown_color_index=hp.unknown_color_index,
                 channel_order=hp.channel_order,
+                check=False,
             )
+            # Every file decoded once, here; undecodable pairs are left out, all splits named
+            # in one warning.
+            skipped += dataset.check(warn=False)
+            datasets[name] = dataset
+        if skipped:
+            rank_zero_warn(skipped_message(skipped, n, Path(hp.data)))
+        self.datasets = datasets
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         return DataLoader(

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from segcam_lightning.data.colormap import SEED_COLORMAP, Colormap, color_to_mask, validate_colormap
+from segcam_lightning.errors import ConfigurationError, MissingInputError, check_unique_names
 from segcam_lightning.text import listing, path_problem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -54,27 +56,28 @@ def pair_files(root: str | Path) -> list[tuple[Path, Path]]:
         ``(image_path, mask_path)`` pairs.
 
     Raises:
-        FileNotFoundError: if ``root``, ``images/`` or ``masks/`` is missing.
-        ValueError: if there are no images, two images or two masks share a stem, or some images
-            have no mask or some masks have no image.
+        MissingInputError: (a ``FileNotFoundError``) if ``root``, ``images/`` or ``masks/`` is
+            missing.
+        ConfigurationError: (a ``ValueError``) if there are no images, two images or two masks
+            share a stem, or some images have no mask or some masks have no image.
     """
     root = Path(root)
     if problem := path_problem(root, "folder"):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Dataset root {root} {problem}. Expected a folder with `images/` and `masks/` inside; "
             f"write an example with `segcam-synthetic --out {root}`."
         )
     image_dir, mask_dir = root / "images", root / "masks"
     for folder, content in ((image_dir, "the images"), (mask_dir, "one colour PNG mask per image")):
         if not folder.is_dir():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"Dataset folder {folder} is missing. Put {content} in `{folder.name}/` under "
                 f"{root} (layout: images/<name>.jpg and masks/<name>.png)."
             )
     images = _files_by_stem(image_dir, IMAGE_EXTENSIONS)
     masks = _files_by_stem(mask_dir, MASK_EXTENSIONS)
     if not images:
-        raise ValueError(
+        raise ConfigurationError(
             f"No images found in {image_dir} (looked for {' '.join(IMAGE_EXTENSIONS)}, any case)."
         )
     _check_matching(images, masks, image_dir, mask_dir)
@@ -87,7 +90,7 @@ def _files_by_stem(folder: Path, extensions: Sequence[str]) -> dict[str, Path]:
         if not (path.is_file() and path.suffix.lower() in extensions):
             continue
         if path.stem in found:
-            raise ValueError(
+            raise ConfigurationError(
                 f"{found[path.stem]} and {path} have the same name {path.stem!r}, so it is "
                 "ambiguous which one pairs with its mask. Rename or remove one of them."
             )
@@ -111,7 +114,7 @@ def _check_matching(
     if no_image:
         names = listing([masks[s].name for s in no_image], _MAX_LISTED)
         problems.append(f"{len(no_image)} mask(s) in {mask_dir} without an image: {names}")
-    raise ValueError(
+    raise ConfigurationError(
         "Images and masks must pair up by file name. Found "
         + "; and ".join(problems)
         + ". Add the missing files, or remove or rename the unpaired ones."
@@ -137,8 +140,10 @@ class FolderSegmentation(Dataset):
         unknown_color_index: class index given to mask pixels whose colour is not in the
             colormap (e.g. 255 with a loss that ignores it); by default such pixels are an error.
         channel_order: ``"rgb"`` (default) or ``"bgr"`` for the image tensor's channels.
-        check: scan every mask (and every image's header) once here, so that unreadable files
-            and unknown mask colours are reported before training rather than mid-epoch.
+        check: decode every image and mask once here (:meth:`check`): pairs with a file that
+            does not decode completely (corrupt, truncated) are skipped with one warning, and
+            masks of another size than their image or with unknown colours are reported before
+            training rather than mid-epoch.
         unknown_color_hint: the sentence that tells the reader of an unknown-colour error what
             to change, in the caller's own options; by default this class's arguments and
             train.py's ``--data.*`` options.
@@ -146,10 +151,13 @@ class FolderSegmentation(Dataset):
     Each sample is a dict with ``"image"`` ``[3, H, W]`` float32 in ``[0, 1]``, ``"mask"``
     ``[H, W]`` int64 class indices and ``"name"`` the image's file stem.
 
+    Attributes:
+        skipped: ``(file, reason)`` of every pair :meth:`check` left out.
+
     Raises:
         FileNotFoundError: if a folder is missing.
-        ValueError: for unpaired files, unreadable files, unknown mask colours (when
-            ``check``), and invalid arguments.
+        ValueError: for unpaired files, masks of another size than their image, unknown mask
+            colours or no decodable pair left (when ``check``), and invalid arguments.
     """
 
     def __init__(
@@ -171,13 +179,16 @@ class FolderSegmentation(Dataset):
         self.num_classes = len(self.colormap)
         self.class_names = _validate_class_names(class_names, self.num_classes)
         if channel_order not in ("rgb", "bgr"):
-            raise ValueError(f"Expected `channel_order` 'rgb' or 'bgr', but got {channel_order!r}.")
+            raise ConfigurationError(
+                f"Expected `channel_order` 'rgb' or 'bgr', but got {channel_order!r}."
+            )
         self.channel_order = channel_order
         self.unknown_color_index = unknown_color_index
         self.unknown_color_hint = unknown_color_hint or _TRAIN_COLOR_HINT
         self.transform = transform
         all_pairs = pair_files(self.root)
         self.pairs = _select(all_pairs, indices)
+        self.skipped: list[tuple[Path, str]] = []
         if check:
             self.check()
 
@@ -210,10 +221,10 @@ class FolderSegmentation(Dataset):
             ``[H, W]`` int64 class indices (``unknown_color_index`` for unknown colours).
 
         Raises:
-            ValueError: if the file is unreadable, or holds colours that are not in the colormap
-                and ``unknown_color_index`` is None.
+            ValueError: if the file does not decode completely, or holds colours that are not in
+                the colormap and ``unknown_color_index`` is None.
         """
-        bgr = _imread(path, "mask")
+        bgr = decode_image(path, "mask")
         height, width = self.image_size
         bgr = cv2.resize(bgr, (width, height), interpolation=cv2.INTER_NEAREST)
         mask, n_unknown, colors = color_to_mask(bgr, self.colormap, self.unknown_color_index)
@@ -221,33 +232,68 @@ class FolderSegmentation(Dataset):
             raise ValueError(self._unknown_message([(path, n_unknown, colors)], n_checked=1))
         return mask
 
-    def check(self) -> None:
-        """Scan all files once: image headers readable, masks readable with known colours.
+    def check(self, warn: bool = True) -> list[tuple[Path, str]]:
+        """Decode every image and mask once, completely: a pair with a file that does not
+        decode (corrupt, truncated, empty) is skipped, and the rest must fit together.
 
         Masks are checked at their original resolution, so colours that resizing would drop are
         still reported.
 
+        Args:
+            warn: warn once, naming the skipped files (a caller that checks several datasets
+                warns once for all of them instead).
+
+        Returns:
+            ``(file, reason)`` of every pair skipped now, also added to :attr:`skipped`.
+
         Raises:
-            ValueError: naming every unreadable file, or every mask with unknown colours.
+            ConfigurationError: naming every mask whose size differs from its image's, or every
+                mask with colours that are not in the colormap (unless
+                ``unknown_color_index``), or when no pair decodes.
         """
-        unreadable = [str(p) for p, _ in self.pairs if not _readable(p)]
-        bad_masks = []
-        for _, mask_path in self.pairs:
-            bgr = cv2.imread(str(mask_path), cv2.IMREAD_COLOR)
-            if bgr is None:
-                unreadable.append(str(mask_path))
+        kept, skipped, other_size, bad_masks = [], [], [], []
+        for image_path, mask_path in self.pairs:
+            try:
+                image = decode_image(image_path, "image")
+            except ValueError as error:
+                skipped.append((image_path, str(error)))
+                continue
+            try:
+                bgr = decode_image(mask_path, "mask")
+            except ValueError as error:
+                skipped.append((mask_path, str(error)))
+                continue
+            kept.append((image_path, mask_path))
+            if bgr.shape[:2] != image.shape[:2]:
+                other_size.append(
+                    f"{mask_path} ({bgr.shape[1]}x{bgr.shape[0]}; its image "
+                    f"{image_path.name} is {image.shape[1]}x{image.shape[0]})"
+                )
                 continue
             _, n_unknown, colors = color_to_mask(bgr, self.colormap)
             if n_unknown:
                 bad_masks.append((mask_path, n_unknown, colors))
-        if unreadable:
-            raise ValueError(
-                f"cv2 could not read {len(unreadable)} file(s): "
-                f"{listing(unreadable, _MAX_LISTED)}. They are empty, corrupt or not images; "
-                "replace them, or remove them with their partner image or mask."
+        if other_size:
+            raise ConfigurationError(
+                f"{len(other_size)} mask(s) are not the size of their image (width x height): "
+                f"{listing(other_size, _MAX_LISTED)}. A mask labels its image pixel by pixel; "
+                "resize or re-export these masks at their images' size, or remove the pairs."
             )
         if bad_masks and self.unknown_color_index is None:
-            raise ValueError(self._unknown_message(bad_masks, n_checked=len(self.pairs)))
+            raise ConfigurationError(self._unknown_message(bad_masks, n_checked=len(kept)))
+        if skipped and not kept:
+            raise ConfigurationError(
+                f"None of the {len(skipped)} image/mask pair(s) selected from {self.root} decodes "
+                f"completely: {skipped_listing(skipped, self.root)}. Replace them with readable "
+                "files."
+            )
+        self.pairs = kept
+        self.skipped.extend(skipped)
+        if skipped and warn:
+            warnings.warn(
+                skipped_message(skipped, len(kept) + len(skipped), self.root), stacklevel=2
+            )
+        return skipped
 
     def _unknown_message(
         self, bad: list[tuple[Path, int, set[tuple[int, int, int]]]], n_checked: int
@@ -291,30 +337,128 @@ def read_image(path: Path, image_size: tuple[int, int], channel_order: str = "bg
         ``[H, W, 3]`` uint8 in ``channel_order``.
 
     Raises:
-        ValueError: if cv2 cannot read the file.
+        ValueError: if the file does not decode completely (:func:`decode_image`).
     """
-    image = _imread(path, "image")
+    image = decode_image(path, "image")
     height, width = image_size
     image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
     return np.ascontiguousarray(image[..., ::-1]) if channel_order == "rgb" else image
 
 
-def _imread(path: Path, what: str) -> np.ndarray:
-    array = cv2.imread(str(path), cv2.IMREAD_COLOR)
+def decode_image(path: Path, what: str = "image") -> np.ndarray:
+    """Read one image file and decode it completely, as cv2 reads it in colour, or raise.
+
+    cv2 (libjpeg) decodes a truncated JPEG without an error: it prints "Premature end of JPEG
+    file" and returns the image with its missing part grey, which training and audits would
+    then use as data. So a JPEG's structure is walked first (:func:`jpeg_problem`): it must
+    reach its end-of-image marker. Other formats are refused when cv2 cannot decode them (PNG,
+    whose chunks are checksummed, fails as a whole when its data is cut or corrupt).
+
+    Args:
+        path: the image file.
+        what: ``"image"`` or ``"mask"``, for the message.
+
+    Returns:
+        ``[H, W, 3]`` uint8 BGR, exactly ``cv2.imread(path, cv2.IMREAD_COLOR)``.
+
+    Raises:
+        ValueError: if the file is missing, empty, truncated or corrupt, or not an image.
+    """
+    try:
+        with open(path, "rb") as file:
+            head = file.read(2)
+            problem = jpeg_problem(head + file.read()) if head == _JPEG_START else None
+    except OSError as error:
+        problem = f"it cannot be opened ({error.strerror or error})"
+    array = None if problem else cv2.imread(str(path), cv2.IMREAD_COLOR)
     if array is None:
+        reason = problem or "the file is empty, corrupt or not an image"
         raise ValueError(
-            f"cv2 could not read the {what} {path}: the file is missing, empty, corrupt or not an "
-            "image. Replace it, or remove it together with its partner image or mask."
+            f"cv2 could not read the {what} {path}: {reason}. Replace it, or remove it "
+            "together with its partner image or mask."
         )
     return array
 
 
-def _readable(path: Path) -> bool:
-    # Reads only the header: catches garbage and truncated-to-nothing files cheaply.
-    try:
-        return bool(cv2.haveImageReader(str(path)))
-    except cv2.error:
-        return False
+_JPEG_START = b"\xff\xd8"
+# Markers without a length: TEM and the restart markers RST0-7.
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def jpeg_problem(data: bytes) -> str | None:
+    """What keeps a JPEG file from decoding completely, or ``None`` when it does.
+
+    Walks the markers from start-of-image to end-of-image, skipping every segment by its length
+    (so thumbnails inside EXIF segments are passed over) and every entropy-coded scan to the
+    next marker (stuffed ``FF 00`` bytes and restart markers are data). A file that ends before
+    the end-of-image marker is truncated; bytes after that marker (some cameras append data)
+    are ignored, as decoders do. Searching the file's tail for ``FF D9`` instead would accept a
+    truncated file whose cut falls after an embedded thumbnail's end marker, and refuse files
+    with appended data.
+
+    Args:
+        data: the whole file.
+
+    Returns:
+        ``None``, or a short reason such as ``"it is truncated: ..."``.
+    """
+    size = len(data)
+    truncated = "it is truncated: the data ends before the JPEG's end-of-image marker"
+    if data[:2] != _JPEG_START:
+        return "it does not start with a JPEG start-of-image marker"
+    position = 2
+    while True:
+        if position >= size:
+            return truncated
+        if data[position] != 0xFF:
+            return f"it is corrupt: no JPEG marker at byte {position}"
+        while position < size and data[position] == 0xFF:  # fill bytes before a marker
+            position += 1
+        if position >= size:
+            return truncated
+        marker = data[position]
+        position += 1
+        if marker == 0xD9:
+            return None
+        if marker in _STANDALONE:
+            continue
+        if position + 2 > size:
+            return truncated
+        length = int.from_bytes(data[position : position + 2], "big")
+        if length < 2:
+            return f"it is corrupt: a JPEG segment of length {length} at byte {position}"
+        position += length
+        if marker != 0xDA:  # not a scan: the next marker follows the segment
+            continue
+        while True:  # the scan's entropy-coded data runs to the next marker
+            position = data.find(b"\xff", position)
+            if position < 0 or position + 1 >= size:
+                return truncated
+            following = data[position + 1]
+            if following == 0x00 or 0xD0 <= following <= 0xD7:
+                position += 2  # a stuffed 0xFF byte, or a restart marker: still data
+            elif following == 0xFF:
+                position += 1  # a fill byte before the marker
+            else:
+                break
+
+
+def skipped_message(skipped: Sequence[tuple[Path, str]], total: int, root: Path) -> str:
+    """The one warning line for pairs skipped because a file does not decode completely."""
+    return (
+        f"Skipped {len(skipped)} of {total} image/mask pair(s) under {root} whose files do not "
+        f"decode completely (corrupt or truncated): {skipped_listing(skipped, root)}. Replace "
+        "or remove them; training uses the other pairs."
+    )
+
+
+def skipped_listing(skipped: Sequence[tuple[Path, str]], root: Path) -> str:
+    """The skipped files, relative to ``root``, at most ten and a count of the rest."""
+    names = []
+    for path, _ in skipped:
+        path = Path(path)
+        names.append(path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path))
+    return listing(names, _MAX_LISTED)
 
 
 def _validate_size(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -332,10 +476,11 @@ def _validate_class_names(names: Sequence[str] | None, num_classes: int) -> tupl
         return tuple(f"class_{k}" for k in range(num_classes))
     names = tuple(names)
     if len(names) != num_classes:
-        raise ValueError(
+        raise ConfigurationError(
             f"Expected one class name per colormap entry ({num_classes}), but got {len(names)}: "
             f"{list(names)}."
         )
+    check_unique_names(names)
     return names
 
 
