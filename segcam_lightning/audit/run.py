@@ -3,11 +3,13 @@ Lightning's ``Trainer.predict`` over several devices; then the final files."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -34,6 +36,7 @@ from segcam_lightning.audit.resume import (
     save_state,
 )
 from segcam_lightning.audit.settings import (
+    LOCK_FILE,
     PROG,
     STATE_FILE,
     AuditError,
@@ -192,7 +195,8 @@ def _check_out(settings: AuditSettings) -> None:
         return
     if out.is_dir():
         check_free(out)  # a live run's folder: say so before anything else
-    if settings.overwrite or not (out.is_dir() and any(out.iterdir())):
+    # A stale lock alone (a run killed before it wrote anything) leaves the folder empty.
+    if settings.overwrite or not (out.is_dir() and any(_entries(out))):
         return
     if (out / STATE_FILE).is_file():
         if settings.resume:
@@ -207,6 +211,11 @@ def _check_out(settings: AuditSettings) -> None:
         f"--out {out} already holds files; old panels would mix with this run's. Choose a "
         "new or empty folder, or pass --overwrite (files with the same names are replaced)."
     )
+
+
+def _entries(out: Path) -> list[Path]:
+    """What ``out`` holds besides a lock."""
+    return [path for path in out.iterdir() if path.name != LOCK_FILE]
 
 
 def _launched_rank() -> int:
@@ -274,7 +283,19 @@ def audit_local(
             raise writer.failure
         return result
     result.stopped = stopped or signals.stop(writer.failure)
+    failure = writer.failure
+    if signals.received is None and isinstance(failure, OSError) and failure.errno in _DISK_FULL:
+        reason = result.stopped.reason if result.stopped else one_line(failure)
+        result.stopped = Stop(
+            f"{reason}; the files of the image(s) being written were removed, and "
+            f"{STATE_FILE} keeps the finished ones",
+            1,
+        )
     return result
+
+
+# A write that fails for want of space: the folder stays resumable once space is freed.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class NonFiniteLogits(Exception):
