@@ -130,6 +130,9 @@ class LoadedCheckpoint:
         layer_prefix: what precedes the layer names of the network a caller's LightningModule
             wraps when the module itself is run (``"model."``): names may leave it out.
         dims: 2 for a network of images, 3 for one of volumes.
+        data_saved: the file holds its data module's settings
+            (``datamodule_hyper_parameters``): size, normalisation and channel order are
+            known rather than assumed.
     """
 
     net: nn.Module
@@ -149,6 +152,7 @@ class LoadedCheckpoint:
     code: str | None = None
     layer_prefix: str = ""
     dims: int = 2
+    data_saved: bool = False
 
     def describe(self) -> str:
         """One line for logs and reports, e.g. ``"seed .pth, U-Net width 64, 3 classes, BGR"``
@@ -402,6 +406,7 @@ class _DataHyperparameters:
     image_mean: tuple[float, ...] | None = None
     image_std: tuple[float, ...] | None = None
     class_names: tuple[str, ...] | None = None
+    saved: bool = False
 
     def size(self, dims: int) -> tuple[int, ...] | None:
         """``image_size`` as ``dims`` sides, ``None`` when unknown or of another
@@ -423,9 +428,11 @@ def _data_hyperparameters(content: Mapping[str, Any]) -> _DataHyperparameters:
     """The data module's saved ``channel_order`` (``"rgb"`` when it saved none), ``image_size``,
     ``colormap``, ``image_mean``, ``image_std`` and ``class_names``; nothing else is read."""
     data = content.get("datamodule_hyper_parameters")
+    saved = isinstance(data, Mapping)
     data = data if isinstance(data, Mapping) else {}
     std = _floats_or_none(data.get("image_std"))
     return _DataHyperparameters(
+        saved=saved,
         channel_order=_channel_order_or_none(data.get("channel_order", "rgb")),
         image_size=_size_or_none(data.get("image_size")),
         colormap=_colormap_or_none(data.get("colormap")),
@@ -467,6 +474,7 @@ def _load_lightning(
         image_mean=data.image_mean,
         image_std=data.image_std,
         dims=int(net.dims),
+        data_saved=data.saved,
     )
 
 
@@ -728,6 +736,49 @@ def load_lightning_module(
     data = _data_hyperparameters(content)
     names = _names_or_none(getattr(module, "class_names", None))
     names = names or _names_or_none(_mapping(hparams).get("class_names")) or data.class_names
+    return _caller_network(
+        path,
+        network,
+        _Origin("lightning", name, data, names, content.get("epoch"), prefix),
+        options,
+    )
+
+
+def load_module_weights(
+    path: str | Path, module: nn.Module, **options: Unpack[CallerOptions]
+) -> LoadedCheckpoint:
+    """Load a Lightning checkpoint's weights into a LightningModule the caller built (from a
+    run's config), strictly, and take its network as :func:`load_lightning_module` does.
+
+    The file provides tensors and plain values only: its hyperparameters are not read, since
+    the module was instantiated from the config the caller named.
+
+    Raises:
+        FileNotFoundError: when ``path`` is not a file.
+        UnsafeCheckpointError: when loading would need arbitrary unpickling and not ``trust``.
+        CheckpointError: for files that are not Lightning checkpoints, weights that do not fit
+            the module, non-finite weights and output-count mismatches.
+    """
+    path = _existing_file(path)
+    name = options.get("code") or type(module).__name__
+    trust, map_location = options.get("trust", False), options.get("map_location", "cpu")
+    content = _torch_load(path, trust, map_location)
+    if _detect_kind(content, path) != "lightning":
+        raise CheckpointError(
+            f"{path} is a seed .pth or a bare state dict, but a run config describes a "
+            "LightningModule: pass the run's Lightning .ckpt (its checkpoints/ folder)."
+        )
+    problems = _state_problems(module.state_dict(), content["state_dict"])
+    if problems:
+        raise CheckpointError(
+            f"{path} does not fit {name} as the config builds it ({'; '.join(problems[:3])}): "
+            "pass the config.yaml of the run that saved this checkpoint."
+        )
+    module.load_state_dict(content["state_dict"], strict=True)
+    module.eval()
+    network, prefix = network_and_prefix(module)
+    data = _data_hyperparameters(content)
+    names = _names_or_none(getattr(module, "class_names", None)) or data.class_names
     return _caller_network(
         path,
         network,
@@ -1047,6 +1098,7 @@ def _caller_network(
         code=origin.code,
         layer_prefix=origin.layer_prefix,
         dims=dims,
+        data_saved=data.saved,
     )
     _check_num_classes(loaded, options.get("num_classes"))
     return loaded

@@ -48,6 +48,8 @@ def summary_of(out):
 
 
 def assert_one_line(err, start="explain.py: "):
+    """One line, after the notes on what the run chose or assumed (``explain.py: note: ...``)."""
+    err = "".join(line for line in err.splitlines(True) if not line.startswith("explain.py: note:"))
     assert err.startswith(start) and err.count("\n") == 1, err
     assert "Traceback" not in err
 

@@ -52,6 +52,8 @@ def report_text(out):
 
 
 def assert_one_line(err):
+    """One line, after the notes on what the run chose or assumed (``explain.py: note: ...``)."""
+    err = "".join(line for line in err.splitlines(True) if not line.startswith("explain.py: note:"))
     assert err.startswith("explain.py: error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err
 

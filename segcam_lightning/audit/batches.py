@@ -40,7 +40,9 @@ class AuditModel:
     Volumes are fed their own channels: ``bgr`` and ``gray`` do not apply to them.
     ``kind``: the resolved output kind (``"multiclass"``, ``"binary"``, ``"multilabel"``).
     ``layers``: the layer names as the outputs show them (the engine's may carry the
-    LightningModule's network prefix).
+    LightningModule's network prefix). ``direct``: where the inputs come from when the user's
+    own pipeline makes them (e.g. ``"--config run/config.yaml, split val"``): the data gives
+    the network's input itself, and :meth:`prepare_input` passes it through.
     """
 
     label: str
@@ -52,6 +54,7 @@ class AuditModel:
     layers: tuple[str, ...] = ()
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    direct: str | None = None
 
     @property
     def net(self) -> nn.Module:
@@ -67,6 +70,8 @@ class AuditModel:
         """What the network is fed: ``"RGB"``, ``"BGR"`` or ``"gray"`` (a volume's channel
         count), then its normalisation, e.g. ``"RGB, normalised: mean [0.485, 0.456, 0.406],
         std [0.229, 0.224, 0.225]"``."""
+        if self.direct is not None:
+            return f"as the data module gives it ({self.direct})"
         if self.volumes:
             channels = self.loaded.in_channels
             order = f"volume, {channels} channel{'s' if channels != 1 else ''}"
@@ -79,7 +84,10 @@ class AuditModel:
 
     def prepare_input(self, images: Tensor) -> Tensor:
         """The network's input from RGB images ``[B, 3, H, W]`` in [0, 1], or from volumes
-        ``[B, C, D, H, W]`` in [0, 1] (fed their channels as they are)."""
+        ``[B, C, D, H, W]`` in [0, 1] (fed their channels as they are). A model fed by the
+        user's pipeline (``direct``) gets its inputs as they are."""
+        if self.direct is not None:
+            return images
         per_channel = (1, -1) + (1,) * (images.ndim - 2)
         if self.volumes:
             x = images
@@ -260,9 +268,13 @@ def explain_batch(
         x = images.to(device, non_blocking=True).float()
         if images.dtype == torch.uint8:
             x = x.div_(255.0)
+        # The user's pipeline gives the network's input itself; the audit's own data gives
+        # pictures that each checkpoint's input is made from.
+        given = batch["input"][keep].to(device, non_blocking=True) if "input" in batch else None
         reference = None
         for model in models:
-            result = model.engine(model.prepare_input(x), classes=list(classes), masks=masks)
+            fed = given if given is not None else model.prepare_input(x)
+            result = model.engine(fed, classes=list(classes), masks=masks)
             preds = _predictions_at(
                 predicted_masks(result.logits, kind, model.engine.threshold), x.shape[2:]
             )
@@ -296,7 +308,13 @@ def _display(images: Tensor) -> Tensor:
     ``[B, C, D, H, W]`` in [0, 1] as their first channel in 8-bit grey ``[B, D, H, W]``."""
     if images.ndim == 4:
         return images.permute(0, 2, 3, 1).contiguous()
-    return images[:, 0].float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    volumes = images[:, 0].float()
+    if volumes.numel() and (volumes.amin() < 0 or volumes.amax() > 1):
+        # z-scored (or otherwise unscaled) volumes: one window per volume, for every view
+        low = volumes.amin(dim=(1, 2, 3), keepdim=True)
+        span = volumes.amax(dim=(1, 2, 3), keepdim=True) - low
+        volumes = torch.where(span > 0, (volumes - low) / span.clamp_min(1e-12), 0.0)
+    return volumes.clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
 def _predictions_at(preds: Tensor, size: Sequence[int]) -> Tensor:

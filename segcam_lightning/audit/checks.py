@@ -381,15 +381,19 @@ def run_checks(
 
 
 def _images(plan: AuditPlan, indices: Sequence[int]) -> tuple[Tensor, Tensor | None]:
-    """The images ``[N, 3, H, W]`` in [0, 1] and masks ``[N, H, W]`` (``None`` without ground
-    truth) of the dataset's ``indices``, read as the main pass read them."""
+    """The images ``[N, 3, H, W]`` in [0, 1] (the network's own inputs where the user's
+    pipeline gives them) and masks ``[N, H, W]`` (``None`` without ground truth) of the
+    dataset's ``indices``, read as the main pass read them."""
     samples = [plan.dataset[i] for i in indices]
     samples = [s for s in samples if s["ok"]]
     if not samples:
         size = plan.size
         empty = torch.zeros(0, 3, *size)
         return empty, torch.zeros(0, *size, dtype=torch.int64) if plan.dataset.has_masks else None
-    images = torch.stack([s["image"] for s in samples]).float().div_(255.0)
+    if "input" in samples[0]:  # the user's pipeline: the network's inputs as they come
+        images = torch.stack([s["input"] for s in samples]).float()
+    else:
+        images = torch.stack([s["image"] for s in samples]).float().div_(255.0)
     masks = torch.stack([s["mask"] for s in samples]) if plan.dataset.has_masks else None
     return images, masks
 

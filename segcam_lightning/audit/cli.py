@@ -8,11 +8,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 
 from segcam_lightning.audit.checks import ALL_METHODS, CONTEXT_RULE
+from segcam_lightning.audit.pipeline import SPLITS, is_run_config
 from segcam_lightning.audit.plan import default_layers, load_models, resolve_size
 from segcam_lightning.audit.run import run_audit
 from segcam_lightning.audit.settings import (
@@ -110,9 +113,42 @@ rerun the same command with --resume to finish it.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``explain.py`` argument parser (``--help`` shows an example per option)."""
-    parser = argparse.ArgumentParser(
+class _Help(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help with the description and examples kept as written."""
+
+
+class _Parser(ArgumentParser):
+    """jsonargparse's parser whose errors are one line (``explain.py: error: ...``, exit 2)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        first = str(message).strip().splitlines()[0] if str(message).strip() else "bad arguments"
+        sys.stderr.write(f"{PROG}: error: {first} (see {PROG} --help)\n")
+        self.exit(2)
+
+
+class _ConfigAction(ActionConfigFile):
+    """``--config FILE``: the audit's own settings (YAML keys named as the options, e.g.
+    ``layers: [d4.conv.conv.5]``), or a LightningCLI run's ``config.yaml``, whose ``model`` and
+    ``data`` sections the audit instantiates (:mod:`~segcam_lightning.audit.pipeline`). Given
+    several times, they merge in order, later values winning."""
+
+    def __call__(self, parser: Any, cfg: Any, values: Any, option_string: Any = None) -> None:
+        try:
+            content = yaml.safe_load(Path(values).read_text()) if Path(values).is_file() else None
+        except (OSError, ValueError, yaml.YAMLError):
+            content = None  # jsonargparse reports what is wrong with it
+        if is_run_config(content):
+            runs = cfg.get("run_config") or []
+            cfg["run_config"] = [*runs, str(values)]
+            return
+        super().__call__(parser, cfg, values, option_string)
+
+
+def build_parser() -> ArgumentParser:
+    """The ``explain.py`` argument parser (``--help`` shows an example per option), on
+    jsonargparse: ``--config`` takes YAML (a run's config.yaml or the audit's own settings)
+    and ``--print_config`` prints the resolved settings."""
+    parser = _Parser(
         prog=PROG,
         description=(
             "Audit segmentation checkpoints with per-class Grad-CAM: where does the model look\n"
@@ -124,13 +160,56 @@ def build_parser() -> argparse.ArgumentParser:
             "checkpoint provides weights and plain values."
         ),
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Help,
+    )
+    pipeline = parser.add_argument_group(
+        "your own pipeline (the images come from your data module, as in your validation)"
+    )
+    parser.add_argument(  # on the parser itself: jsonargparse adds --print_config beside it
+        "--config",
+        action=_ConfigAction,
+        help="a LightningCLI run's config.yaml (lightning_logs/version_N/config.yaml): its model "
+        "and data sections are instantiated as LightningCLI does, the checkpoint's weights "
+        "loaded into the model, and the images read by the data module's own dataloader "
+        "(--split); or a YAML of this command's own options (keys as the options, e.g. "
+        "'layers: [fuse2]'). Repeat to merge several, later ones winning",
+    )
+    pipeline.add_argument(
+        "--run_config",
+        action="append",
+        help=argparse.SUPPRESS,
+    )
+    pipeline.add_argument(
+        "--split",
+        default="val",
+        choices=tuple(SPLITS),
+        help="which of the data module's dataloaders to audit (default val: val_dataloader(), "
+        "after setup('validate'), as Trainer.validate reads it)",
+    )
+    pipeline.add_argument(
+        "--datamodule",
+        metavar="SPEC",
+        help="your LightningDataModule class, as pkg.mod:Class or path/to/file.py:Class, with "
+        "--module (without --config): built with the values the checkpoint saved "
+        "(datamodule_hyper_parameters, plain values only) and --datamodule-kwargs",
+    )
+    pipeline.add_argument(
+        "--datamodule-kwargs",
+        type=_json_object,
+        metavar="JSON",
+        help="arguments for the data module, over the saved ones or the config's data "
+        "section, e.g. --datamodule-kwargs '{\"batch_size\": 4}'",
+    )
+    pipeline.add_argument(
+        "--cli",
+        metavar="SPEC",
+        help="the LightningCLI subclass your training script uses, when it links arguments "
+        "(add_arguments_to_parser); default LightningCLI (this package's own for its classes)",
     )
     what = parser.add_argument_group("what to audit")
     what.add_argument(
         "--checkpoint",
         action="append",
-        type=Path,
         required=True,
         metavar="PATH",
         help="a Lightning .ckpt, a seed .pth ({'model_state_dict': ...}) or a state dict; "
@@ -268,6 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="volumes from .npy files: the values mapped to 0 and 1, outside clipped (e.g. a CT "
         "window, --intensity-range -1000 400); default each volume's own minimum and maximum, "
         "per channel",
+    )
+    meta.add_argument(
+        "--zscore",
+        action="store_true",
+        help="volumes from .npy files: each channel to mean 0 and standard deviation 1 over the "
+        "volume (MONAI's NormalizeIntensity(channel_wise=True)), for networks trained on "
+        "z-scored volumes",
     )
     meta.add_argument(
         "--channel-order",
@@ -422,8 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument(
         "--out",
-        type=Path,
-        default=Path("results"),
+        default="results",
         metavar="DIR",
         help="output folder (default results/, as the seed), e.g. --out audits/epoch50",
     )
@@ -502,7 +587,9 @@ def _probability(text: str) -> float:
     return value
 
 
-def _json_object(text: str) -> dict[str, Any]:
+def _json_object(text: Any) -> dict[str, Any]:
+    if isinstance(text, dict):  # from a YAML --config
+        return text
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -517,9 +604,9 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def _colormap_arg(text: str) -> tuple[tuple[int, int, int], ...]:
+def _colormap_arg(text: Any) -> tuple[tuple[int, int, int], ...]:
     try:
-        return validate_colormap(json.loads(text))
+        return validate_colormap(json.loads(text) if isinstance(text, str) else text)
     except (json.JSONDecodeError, TypeError, ValueError) as error:
         raise argparse.ArgumentTypeError(
             f"expected a JSON list of [b, g, r] triples such as '[[0,0,0],[0,0,128]]', but got "
@@ -527,7 +614,7 @@ def _colormap_arg(text: str) -> tuple[tuple[int, int, int], ...]:
         ) from None
 
 
-def settings_from_args(args: argparse.Namespace) -> AuditSettings:
+def settings_from_args(args: Namespace) -> AuditSettings:
     """:class:`AuditSettings` from parsed command-line arguments (one option per field; an
     option left out whose field has a default other than ``None`` keeps that default)."""
     values = {
@@ -539,7 +626,15 @@ def settings_from_args(args: argparse.Namespace) -> AuditSettings:
     nargs += ("sanity_methods",)
     for name in nargs:
         values[name] = tuple(values[name]) if values.get(name) else None
-    return AuditSettings(**values, checkpoints=tuple(args.checkpoint), progress=not args.quiet)
+    if values.get("colormap") is not None:
+        values["colormap"] = tuple(tuple(c) for c in values["colormap"])
+    values["out"] = Path(values.get("out") or "results")
+    values["run_config"] = tuple(Path(p) for p in (args.get("run_config") or ()))
+    checkpoints = args.checkpoint if isinstance(args.checkpoint, list) else [args.checkpoint]
+    paths = tuple(
+        Path(p) for item in checkpoints for p in ([item] if isinstance(item, str) else item)
+    )
+    return AuditSettings(**values, checkpoints=paths, progress=not args.quiet)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -558,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.list_layers:
             print(list_layers(settings))
             return 0
-        if settings.data is None:
+        if settings.data is None and not settings.pipeline:
             raise UsageError(
                 "--data is required: pass a seed-format folder (DIR/images + DIR/masks), a "
                 "folder of images, 'synthetic', or for volumes a folder of .npy volumes or "

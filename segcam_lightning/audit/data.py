@@ -52,6 +52,7 @@ class DataSpec:
         kind: the model's output kind, for messages.
         channels: the channels a network of volumes takes (a volume must have them).
         intensity_range: ``--intensity-range`` for ``.npy`` volumes.
+        zscore: ``--zscore`` for ``.npy`` volumes.
     """
 
     size: tuple[int, ...]
@@ -61,6 +62,7 @@ class DataSpec:
     kind: str = "multiclass"
     channels: int = 1
     intensity_range: tuple[float, float] | None = None
+    zscore: bool = False
 
     @property
     def volumes(self) -> bool:
@@ -317,6 +319,7 @@ def _volume_dataset(
         spec.channels,
         spec.num_labels,
         spec.intensity_range,
+        spec.zscore,
     )
     return _files_dataset(source, files, root, spec, has_masks=masks is not None)
 

@@ -190,7 +190,8 @@ def _skipped_section(skipped: Sequence[dict[str, Any]]) -> str:
 _MEAN_COLUMNS = (
     ("energy_inside", "energy inside GT", "share"),
     ("pointing_game", "pointing game", "share"),
-    ("iou", "IoU (prediction)", "share"),
+    ("dataset_iou", "IoU over the data", "share"),
+    ("iou", "IoU per image (mean)", "share"),
     ("raw_max", "raw CAM max", "sci"),
     ("pred_area", "predicted area", "pct"),
     ("gt_area", "GT area", "pct"),

@@ -8,6 +8,7 @@ it.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,15 @@ from torch import nn
 from segcam_lightning.audit.batches import AuditModel
 from segcam_lightning.audit.data import AuditDataset, DataSpec, build_dataset
 from segcam_lightning.audit.paths import OutputLayout, unique_components
+from segcam_lightning.audit.pipeline import (
+    Pipeline,
+    PipelineDataset,
+    build_pipeline,
+    data_display,
+    run_config_beside,
+)
 from segcam_lightning.audit.settings import (
+    DEFAULT_LAYER,
     RESERVED_NAMES,
     AuditSettings,
     UsageError,
@@ -39,6 +48,7 @@ from segcam_lightning.checkpoints import (
     default_size,
     load_checkpoint,
     load_lightning_module,
+    load_module_weights,
     load_network_weights,
 )
 from segcam_lightning.data.colormap import SEED_COLORMAP
@@ -114,7 +124,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_models(settings: AuditSettings) -> list[LoadedCheckpoint]:
+def load_models(
+    settings: AuditSettings,
+    pipeline: Pipeline | None = None,
+    size: tuple[int, ...] | None = None,
+) -> list[LoadedCheckpoint]:
     """Load every ``--checkpoint`` safely; all must take the same kind of input (images or
     volumes) and predict the same number of classes.
 
@@ -136,7 +150,10 @@ def load_models(settings: AuditSettings) -> list[LoadedCheckpoint]:
     loaded = []
     for path in settings.checkpoints:
         try:
-            loaded.append(_load(path, settings, code))
+            if pipeline is not None and pipeline.module is not None:
+                loaded.append(_load_into(path, settings, pipeline, size))
+            else:
+                loaded.append(_load(path, settings, code, size))
         except (FileNotFoundError, CheckpointError) as error:
             raise UsageError(str(error)) from None
     _check_same(
@@ -171,7 +188,9 @@ def _check_same(
         raise UsageError(f"The checkpoints {differ} ({found}); {advice}.")
 
 
-def _load(path: Path, settings: AuditSettings, code: UserCode | None) -> LoadedCheckpoint:
+def _load(
+    path: Path, settings: AuditSettings, code: UserCode | None, size: tuple[int, ...] | None
+) -> LoadedCheckpoint:
     if code is None:
         return load_checkpoint(path, settings.num_classes, settings.trust_checkpoint)
     options: CallerOptions = {
@@ -179,11 +198,24 @@ def _load(path: Path, settings: AuditSettings, code: UserCode | None) -> LoadedC
         "trust": settings.trust_checkpoint,
         "num_classes": settings.num_classes,
         "in_channels": settings.in_channels,
-        "size": settings.size,
+        "size": size or settings.size,
     }
     if code.option == "--module":
         return load_lightning_module(path, code.target, **options)
     return load_network_weights(path, code.build(), **options)
+
+
+def _load_into(
+    path: Path, settings: AuditSettings, pipeline: Pipeline, size: tuple[int, ...] | None
+) -> LoadedCheckpoint:
+    """A checkpoint's weights in a copy of the module the run config instantiated."""
+    options: CallerOptions = {
+        "code": pipeline.module_code,
+        "trust": settings.trust_checkpoint,
+        "num_classes": settings.num_classes,
+        "size": size,
+    }
+    return load_module_weights(path, copy.deepcopy(pipeline.module), **options)
 
 
 def prepare(settings: AuditSettings) -> AuditPlan:
@@ -198,16 +230,30 @@ def prepare(settings: AuditSettings) -> AuditPlan:
     start = time.perf_counter()
     check_intensity_range(settings.intensity_range)
     device = resolve_device(settings.device)
-    loaded = load_models(settings)
+    pipeline = build_pipeline(settings)
+    notes: list[str] = list(pipeline.notes) if pipeline is not None else []
+    fed = None
+    if pipeline is not None:
+        _check_no_folder_options(settings)
+        display = data_display(pipeline.datamodule, pipeline.module)
+        fed = PipelineDataset(pipeline.loader, pipeline.split, display, settings.limit)
+    loaded = load_models(settings, pipeline, fed.size if fed is not None else None)
     first = loaded[0]
     num_outputs = first.num_classes
     kind = _resolve_kind(settings.output_kind, num_outputs)
     classes = _resolve_classes(settings.classes, num_outputs, kind)
-    size = resolve_size(settings.size, loaded)
+    size = fed.size if fed is not None else resolve_size(settings.size, loaded)
     labels = unique_components(
         [c.path.stem for c in loaded], fallback="checkpoint", reserved=RESERVED_NAMES
     )
-    notes: list[str] = []
+    if pipeline is None:
+        notes += assumed_settings(settings, loaded)
+        beside = run_config_beside(settings.checkpoints[0])
+        if beside is not None:
+            notes.append(
+                f"{beside} sits beside the checkpoint; to audit through that run's own data "
+                f"pipeline pass --config {beside} (a config is never read unasked)"
+            )
     layers = settings.layers
     if not layers:
         layers = default_layers(first, size, settings)
@@ -215,23 +261,28 @@ def prepare(settings: AuditSettings) -> AuditPlan:
             f"layer {layers[0]}: the default, the last block before the output head on the path "
             "to the logits (--layers to choose others; --list-layers lists them)"
         )
+    direct = f"{pipeline.origin}, split {pipeline.split}" if pipeline is not None else None
     models = [
-        _audit_model(label, c, settings, _model_device(settings, device), kind, layers)
+        _audit_model(label, c, settings, _model_device(settings, device), kind, layers, direct)
         for label, c in zip(labels, loaded, strict=True)
     ]
     num_labels = 2 if kind == "binary" else num_outputs
     default_colormap = BINARY_COLORMAP if kind == "binary" else SEED_COLORMAP
     data_colormap = settings.colormap or first.colormap or default_colormap
-    spec = DataSpec(
-        size,
-        data_colormap,
-        num_labels,
-        limit=settings.limit,
-        kind=kind,
-        channels=first.in_channels,
-        intensity_range=settings.intensity_range,
-    )
-    dataset = build_dataset(settings.data or SYNTHETIC, spec)
+    if fed is not None:
+        dataset: AuditDataset | PipelineDataset = fed
+    else:
+        spec = DataSpec(
+            size,
+            data_colormap,
+            num_labels,
+            limit=settings.limit,
+            kind=kind,
+            channels=first.in_channels,
+            intensity_range=settings.intensity_range,
+            zscore=settings.zscore,
+        )
+        dataset = build_dataset(settings.data or SYNTHETIC, spec)
     if settings.target == "gt_region" and not dataset.has_masks:
         raise UsageError(
             f"--target gt_region explains each class inside its ground-truth region, but "
@@ -253,9 +304,76 @@ def prepare(settings: AuditSettings) -> AuditPlan:
         load_seconds=time.perf_counter() - start,
         output_kind=kind,
         label_names=label_names,
-        code=resolve_code(settings),
+        code=resolve_code(settings) or _pipeline_code(pipeline),
         notes=notes,
     )
+
+
+def _pipeline_code(pipeline: Pipeline | None) -> UserCode | None:
+    """The module class a run config named, as the code the report shows."""
+    if pipeline is None or pipeline.module is None:
+        return None
+    return UserCode("--config", pipeline.module_code, type(pipeline.module), None)
+
+
+#: Options of the audit's own data reader, which a user's pipeline replaces.
+_FOLDER_OPTIONS = ("size", "intensity_range", "image_mean", "image_std", "in_channels")
+
+
+def _check_no_folder_options(settings: AuditSettings) -> None:
+    """Refuse the folder reader's options when the user's data module reads the images.
+
+    Raises:
+        UsageError: naming the options and where the data module takes them.
+    """
+    given = [n for n in _FOLDER_OPTIONS if getattr(settings, n) is not None]
+    given += ["channel_order"] if settings.channel_order != "auto" else []
+    given += ["zscore"] if settings.zscore else []
+    if given:
+        flags = " ".join("--" + n.replace("_", "-") for n in given)
+        raise UsageError(
+            f"{flags}: the data module reads, resizes and normalises the images here, as in "
+            "training; set its own arguments instead (in the config's data section, or with "
+            "--datamodule-kwargs), or drop the data module to audit a folder."
+        )
+
+
+def assumed_settings(settings: AuditSettings, loaded: Sequence[LoadedCheckpoint]) -> list[str]:
+    """One line per setting the audit's own reader assumes because neither the command line
+    nor the checkpoint says it, with the option that fixes it."""
+    first = loaded[0]
+    if first.data_saved and first.image_size is not None:
+        return []  # the checkpoint's data module said how its images were made
+    notes = []
+    volumes = first.dims == 3
+    if settings.size is None and first.image_size is None:
+        side = default_size(first.dims)[0]
+        notes.append(
+            f"assumed size {side} (the checkpoint does not say its training size): pass --size"
+        )
+    normalisation = (settings.image_mean, settings.image_std, first.image_mean, first.image_std)
+    if not volumes and all(value is None for value in normalisation):
+        notes.append(
+            "assumed no normalisation (inputs in [0, 1]; the checkpoint does not say how its "
+            "images were normalised): pass --image-mean and --image-std"
+        )
+    if not volumes and settings.channel_order == "auto" and not first.data_saved:
+        order = first.channel_order or "rgb"
+        notes.append(
+            f"assumed {order.upper()} channel order (the checkpoint does not say): pass "
+            "--channel-order"
+        )
+    if volumes and settings.intensity_range is None and not settings.zscore:
+        notes.append(
+            "assumed each volume's own minimum and maximum as its intensity window: pass "
+            "--intensity-range LO HI (e.g. a CT window) or --zscore"
+        )
+    if notes:
+        notes.append(
+            "the run's own pipeline needs no assumptions: --config "
+            "lightning_logs/version_N/config.yaml (or --module with --datamodule)"
+        )
+    return notes
 
 
 def _resolve_kind(kind: str, num_outputs: int) -> str:
@@ -369,6 +487,8 @@ def default_layers(
         UsageError: when no layer qualifies.
     """
     net = loaded.net
+    if isinstance(net, UNet):
+        return (DEFAULT_LAYER,)  # what the rule gives for the blog U-Net, without a forward
     example = torch.zeros(1, loaded.in_channels, *size, device=next(_devices(net)))
     try:
         name = default_layer_name(net, example)
@@ -399,6 +519,7 @@ def _audit_model(
     device: torch.device,
     kind: str,
     layer_names: Sequence[str],
+    direct: str | None = None,
 ) -> AuditModel:
     net = loaded.net.to(device)
     resolved = [_layer_name(loaded, name, settings) for name in layer_names]
@@ -414,6 +535,16 @@ def _audit_model(
         )
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
+    if direct is not None:  # the user's pipeline makes the inputs: nothing to convert
+        return AuditModel(
+            label=label,
+            loaded=loaded,
+            engine=engine,
+            bgr=False,
+            kind=kind,
+            layers=tuple(shown for _, shown in resolved),
+            direct=direct,
+        )
     if loaded.dims == 2 and loaded.in_channels not in (1, 3):
         raise UsageError(
             f"{loaded.path} takes {loaded.in_channels}-channel images, but the audit reads images "

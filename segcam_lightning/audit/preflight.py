@@ -70,15 +70,20 @@ def check_before_writing(plan: AuditPlan) -> None:
         side = plan.size
     _dry_run(plan, side)
     _check_memory(plan, side)
-    batch = _blank_batch(side, plan.dataset.channels, plan.dataset.has_masks)
-    image = batch["image"].float().div(255.0)  # type: ignore[attr-defined]
+    batch = _plan_blank(plan, side, plan.dataset.has_masks)
+    # The user's pipeline gives the network's own input; the audit's reader gives pictures.
+    blank = batch.get("input", batch["image"].float().div(255.0))  # type: ignore[attr-defined]
+    image = blank
     check_quality_options(plan, image, batch.get("mask"))  # type: ignore[arg-type]
 
 
-def _blank_batch(side: tuple[int, ...], channels: int, masks: bool) -> dict[str, object]:
+def _blank_batch(
+    side: tuple[int, ...], channels: int, masks: bool, inputs: int | None = None
+) -> dict[str, object]:
     """One blank item, collated as the audit's DataLoader collates them: an image
     ``[1, 3, H, W]`` uint8 for ``side`` ``(H, W)``, a volume ``[1, channels, D, H, W]`` float32
-    for ``(D, H, W)``; its mask when ``masks``."""
+    for ``(D, H, W)``; its mask when ``masks``; with ``inputs``, the network's own input
+    ``[1, inputs, *side]`` as the user's pipeline gives it."""
     if len(side) == 3:
         image = torch.zeros(1, channels, *side)
     else:
@@ -92,9 +97,17 @@ def _blank_batch(side: tuple[int, ...], channels: int, masks: bool) -> dict[str,
         "reason": [""],
         "image": image,
     }
+    if inputs is not None:
+        batch["input"] = torch.zeros(1, inputs, *side)
     if masks:
         batch["mask"] = torch.zeros(1, *side, dtype=torch.int64)
     return batch
+
+
+def _plan_blank(plan: AuditPlan, side: tuple[int, ...], masks: bool) -> dict[str, object]:
+    """:func:`_blank_batch` for ``plan``'s data: with the network's input for a pipeline."""
+    inputs = plan.dataset.channels if plan.settings.pipeline else None
+    return _blank_batch(side, plan.dataset.channels, masks, inputs)
 
 
 def _check_processes(plan: AuditPlan) -> None:
@@ -117,7 +130,7 @@ def _check_processes(plan: AuditPlan) -> None:
 
 
 def _dry_run(plan: AuditPlan, side: tuple[int, ...]) -> None:
-    batch = _blank_batch(side, plan.dataset.channels, plan.dataset.has_masks)
+    batch = _plan_blank(plan, side, plan.dataset.has_masks)
     try:
         result = explain_batch(plan.models, batch, plan.classes, plan.model_device)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
@@ -208,7 +221,8 @@ def _activation_bytes(model: AuditModel, plan: AuditPlan, side: tuple[int, ...])
 
     leaves = [m for m in model.net.modules() if next(m.children(), None) is None]
     handles = [m.register_forward_hook(record) for m in leaves]
-    image = _blank_batch(side, plan.dataset.channels, masks=False)["image"]
+    blank = _plan_blank(plan, side, masks=False)
+    image = blank.get("input", blank["image"])
     try:
         with torch.no_grad():
             images = image.to(plan.model_device).float()  # type: ignore[attr-defined]

@@ -282,7 +282,10 @@ def class_means(rows: Sequence[dict[str, Any]], plan: AuditPlan) -> list[dict[st
     ``pointing_game``'s mean is the pointing-game score (the share of the images holding the
     class where the CAM's peak lies on it); ``images_with_class`` counts those images.
     ``chance`` is the class's mean area share over those images, the energy inside a map with
-    no information has; ``below_chance`` marks a mean energy inside below it.
+    no information has; ``below_chance`` marks a mean energy inside below it. ``dataset_iou``
+    is the IoU pooled over the images (intersections over unions summed over the data set, as
+    torchmetrics' ``JaccardIndex`` computes it in a validation), where ``iou`` averages each
+    image's IoU.
     """
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
@@ -306,8 +309,24 @@ def class_means(rows: Sequence[dict[str, Any]], plan: AuditPlan) -> list[dict[st
                 areas = [r["gt_area"] for r in group if r["gt_present"] == 1.0]
                 entry["chance"] = sum(areas) / len(areas) if areas else float("nan")
                 entry["below_chance"] = bool(entry["energy_inside"] < entry["chance"])
+                entry["dataset_iou"] = _dataset_iou(group)
                 means.append(entry)
     return means
+
+
+def _dataset_iou(rows: Sequence[dict[str, Any]]) -> float:
+    """IoU over all the images of ``rows`` from each image's IoU and area shares: an image's
+    intersection is ``iou (pred + gt) / (1 + iou)`` (every image has the same size); NaN where
+    no image predicts or holds the class."""
+    intersection = union = 0.0
+    for row in rows:
+        pred, gt, iou = row["pred_area"], row["gt_area"], row["iou"]
+        if any(math.isnan(v) for v in (pred, gt)):
+            continue
+        inter = 0.0 if math.isnan(iou) else iou * (pred + gt) / (1.0 + iou)
+        intersection += inter
+        union += pred + gt - inter
+    return intersection / union if union > 0 else float("nan")
 
 
 #: The shortcut rule's thresholds: the defaults of

@@ -75,7 +75,7 @@ def run_audit(settings: AuditSettings) -> AuditOutcome | None:
     check_before_writing(plan)
     if _launched_rank() == 0:
         for note in plan.notes:  # what the run chose or assumed, before anything is written
-            print(f"{PROG}: {note}", file=sys.stderr, flush=True)
+            print(f"{PROG}: note: {note}", file=sys.stderr, flush=True)
     plan.load_seconds = time.perf_counter() - start
     lock = OutputLock(settings.out)
     if _launched_rank() == 0:

@@ -143,6 +143,11 @@ class AuditSettings:
     ``sanity_methods`` ``None`` is the audited ``method``, ``("all",)`` every method.
     ``keep_going``: a checkpoint whose logits are not finite is marked broken and the others
     are audited (else the run stops with exit status 2).
+    ``run_config``: LightningCLI run configs (``--config``) whose ``model`` and ``data`` the
+    audit instantiates; ``datamodule``/``datamodule_kwargs``: the user's data module class and
+    its arguments (``--datamodule``); ``split``: the data module's dataloader audited;
+    ``cli``: the LightningCLI subclass that links the run's arguments; ``zscore``: volumes
+    from ``.npy`` files z-scored per channel.
     """
 
     checkpoints: tuple[Path, ...]
@@ -191,6 +196,18 @@ class AuditSettings:
     faithfulness_steps: int = 16
     objects_alone: bool = False
     objects_alone_images: int = 64
+    run_config: tuple[Path, ...] = ()
+    datamodule: str | None = None
+    datamodule_kwargs: dict[str, Any] | None = None
+    split: str = "val"
+    cli: str | None = None
+    zscore: bool = False
+
+    @property
+    def pipeline(self) -> bool:
+        """Whether the images come from the user's own data module (``--config`` with a run's
+        config, or ``--datamodule``) rather than from ``--data``."""
+        return bool(self.run_config) or self.datamodule is not None
 
     @property
     def distributed(self) -> bool:

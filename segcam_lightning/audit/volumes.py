@@ -7,9 +7,11 @@ The layout is the seed's with NumPy arrays: ``DIR/images/<name>.npy`` (``[D, H, 
 
 Each volume is scaled to [0, 1] per channel: from ``intensity_range`` ``(lo, hi)`` when given
 (values outside are clipped: a CT window such as ``-1000 400``), else from the volume's own
-minimum and maximum (a constant channel becomes 0). Then it is resized to the cube the network
-takes: trilinearly (``align_corners=False``), masks by nearest neighbour (``nearest-exact``), so
-labels are never blended; a volume already of that size is left as it is.
+minimum and maximum (a constant channel becomes 0); or, with ``zscore``, to mean 0 and standard
+deviation 1 per channel over the volume (MONAI's ``NormalizeIntensity(channel_wise=True)``).
+Then it is resized to the cube the network takes: trilinearly (``align_corners=False``), masks
+by nearest neighbour (``nearest-exact``), so labels are never blended; a volume already of that
+size is left as it is.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class VolumeSource:
         channels: the channels the network takes; a volume with others is refused.
         num_labels: mask labels run from 0 to ``num_labels - 1``.
         intensity_range: ``(lo, hi)`` mapped to [0, 1], or ``None`` for each volume's range.
+        zscore: z-score each channel over the volume instead.
     """
 
     images: tuple[Path, ...]
@@ -78,6 +81,7 @@ class VolumeSource:
     channels: int
     num_labels: int
     intensity_range: tuple[float, float] | None = None
+    zscore: bool = False
 
     def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         """``(volume [C, D, H, W] float32 in [0, 1], mask [D, H, W] int64 or None)``.
@@ -86,7 +90,7 @@ class VolumeSource:
             ValueError: for a file that is not a volume of the expected shape, dtype and labels
                 (the dataset then skips it, with this message).
         """
-        volume = read_volume(self.images[index], self.channels, self.intensity_range)
+        volume = read_volume(self.images[index], self.channels, self.intensity_range, self.zscore)
         mask = None
         if self.masks is not None:
             mask = read_mask(self.masks[index], volume.shape[1:], self.num_labels)
@@ -94,9 +98,13 @@ class VolumeSource:
 
 
 def read_volume(
-    path: Path, channels: int, intensity_range: tuple[float, float] | None = None
+    path: Path,
+    channels: int,
+    intensity_range: tuple[float, float] | None = None,
+    zscore: bool = False,
 ) -> np.ndarray:
-    """One ``.npy`` volume as ``[C, D, H, W]`` float32 in [0, 1] (see the module's scaling).
+    """One ``.npy`` volume as ``[C, D, H, W]`` float32 in [0, 1], or z-scored with ``zscore``
+    (see the module's scaling).
 
     Raises:
         ValueError: for an array that is not ``[D, H, W]`` or ``[C, D, H, W]`` with ``channels``
@@ -122,6 +130,11 @@ def read_volume(
         lo, hi = intensity_range
         return ((np.clip(volume, lo, hi) - lo) / (hi - lo)).astype(np.float32)
     axes = (1, 2, 3)
+    if zscore:
+        mean = volume.mean(axis=axes, keepdims=True, dtype=np.float64)
+        std = volume.std(axis=axes, keepdims=True, dtype=np.float64)
+        scaled = np.where(std > 0, (volume - mean) / np.where(std > 0, std, 1), 0)
+        return scaled.astype(np.float32)
     low = volume.min(axis=axes, keepdims=True)
     span = volume.max(axis=axes, keepdims=True) - low
     return np.where(span > 0, (volume - low) / np.where(span > 0, span, 1), 0).astype(np.float32)
