@@ -268,3 +268,14 @@ def test_parse_errors_are_one_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("explain.py: error: ") and err.count("\n") == 1, err
     assert "expected a positive integer" in err
+
+
+def test_list_layers_through_the_config(plants_run, capsys):
+    """--list-layers at the size the data module feeds, the default marked."""
+    run, checkpoint, _ = plants_run
+    args = ["--config", run / "config.yaml", "--checkpoint", checkpoint, "--list-layers"]
+    assert main([str(a) for a in args]) == 0
+    out = capsys.readouterr().out
+    assert f"1x3x{SIZE}x{SIZE} input" in out
+    (default,) = [line for line in out.splitlines() if line.endswith("<- default")]
+    assert default.split()[0] == "fuse2.2"

@@ -15,7 +15,13 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 
 from segcam_lightning.audit.checks import ALL_METHODS, CONTEXT_RULE
-from segcam_lightning.audit.pipeline import SPLITS, is_run_config
+from segcam_lightning.audit.pipeline import (
+    SPLITS,
+    PipelineDataset,
+    build_pipeline,
+    data_display,
+    is_run_config,
+)
 from segcam_lightning.audit.plan import default_layers, load_models, resolve_size
 from segcam_lightning.audit.run import run_audit
 from segcam_lightning.audit.settings import (
@@ -736,9 +742,16 @@ def list_layers(settings: AuditSettings) -> str:
         UsageError: for code or checkpoints that cannot be loaded.
     """
     blocks = []
-    for loaded in load_models(settings):
-        size = resolve_size(settings.size, [loaded])
+    pipeline = build_pipeline(settings)
+    fed = None
+    if pipeline is not None:  # the layers at the size the data module feeds
+        display = data_display(pipeline.datamodule, pipeline.module)
+        fed = PipelineDataset(pipeline.loader, pipeline.split, display, limit=1)
+    for loaded in load_models(settings, pipeline, fed.size if fed is not None else None):
+        size = fed.size if fed is not None else resolve_size(settings.size, [loaded])
         example = torch.zeros(1, loaded.in_channels, *size)
+        if fed is not None:
+            example = fed[0]["input"][None]
         infos = candidate_layers(loaded.net, example)
         width = max(len(i.name) for i in infos)
         type_width = max(len(i.type) for i in infos)
