@@ -10,13 +10,23 @@ Every row of ``docs/compatibility.md`` is one library model run through these he
 - column (b), the layer it chose (the ``cam/<layer>/<class>`` tags);
 - column (c), :func:`parity`: the engine's un-normalised Grad-CAM maps at that layer against
   :func:`naive_gradcam` (one forward and one backward per image and class, hooks as
-  pytorch-grad-cam keeps them), both in float64.
+  pytorch-grad-cam keeps them), both in float64;
+- column (d), :func:`audit_a_cli_run`: a LightningCLI ``fit`` in subclass mode of
+  :class:`RowModule` (the row's model named by its builder) on :class:`SceneData`, which saves
+  ``config.yaml`` and a checkpoint as a user's run does, then ``explain.py --config`` on them.
+  The classes are named by ``class_path`` ``compat_rows.RowModule``: pytest puts ``tests/`` on
+  ``sys.path`` (rootdir-based ``prepend`` import, no ``__init__.py``), so this module and the
+  row builders in ``test_compat_*`` import by name in the test process.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
+import json
 import logging
+import operator
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,11 +35,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hooked import activation_and_gradient
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from segcam_lightning.audit import main as explain
 from segcam_lightning.callback import GradCAMCallback
 from segcam_lightning.cam import CAMEngine
 from segcam_lightning.cam.layers import default_output_adapter
@@ -76,6 +88,52 @@ class UserModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class RowModule(UserModule):
+    """:class:`UserModule` with plain constructor arguments, as a LightningCLI config saves
+    them: the row's network is built by a function named by its import path.
+
+    Args:
+        build: ``module.function`` of a builder taking no arguments (a row's, e.g.
+            ``test_compat_monai.unet_2d``).
+        output: the attribute of the model's output that holds the logits (``"logits"`` for a
+            Hugging Face output object); ``None`` for the default adapter.
+    """
+
+    def __init__(self, build: str, output: str | None = None) -> None:
+        module_name, _, name = build.rpartition(".")
+        model = getattr(importlib.import_module(module_name), name)()
+        logits = operator.attrgetter(output) if output else default_output_adapter
+        super().__init__(model, logits)
+        self.save_hyperparameters()
+
+
+class SceneData(L.LightningDataModule):
+    """A user's data module of :func:`scenes`: 4 training scenes (seed 0) and 4 validation
+    scenes (seed 1), batches of 2.
+
+    Args:
+        size: side of the images or volumes.
+        num_classes: classes, background included.
+        channels: input channels.
+        spatial_dims: 2 (images) or 3 (volumes).
+    """
+
+    def __init__(self, size: int, num_classes: int, channels: int = 3, spatial_dims: int = 2):
+        super().__init__()
+        self.save_hyperparameters()
+
+    def _loader(self, seed: int) -> DataLoader:
+        h = self.hparams
+        data = scenes(4, h.size, h.num_classes, h.channels, h.spatial_dims, seed=seed)
+        return DataLoader(TensorDataset(*data), batch_size=2)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(seed=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(seed=1)
 
 
 def scenes(
@@ -147,6 +205,81 @@ def fit_with_callback(
     events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0})
     events.Reload()
     return FitResult(set(events.Tags()["images"]), caplog.text)
+
+
+def audit_a_cli_run(
+    tmp_path: Path,
+    builder: Callable[[], nn.Module],
+    data: dict[str, int],
+    output: str | None = None,
+) -> dict[str, Any]:
+    """Column (d): a LightningCLI run of the row, audited from its run folder.
+
+    ``LightningCLI(["fit", "--model=compat_rows.RowModule", ..., "--data=compat_rows.SceneData",
+    ...])`` in subclass mode, one epoch of 2 training batches and 1 validation batch in
+    ``tmp_path``, saves ``lightning_logs/version_0/config.yaml`` and its checkpoint as a
+    user's run does; then ``explain.py --config config.yaml --checkpoint <its .ckpt> --limit 4``
+    audits the data module's ``val_dataloader()``. Asserts exit code 0 and that the report
+    exists.
+
+    Args:
+        builder: the row's builder (a module-level function of a ``test_compat_*`` module),
+            named to :class:`RowModule` by its import path.
+        data: :class:`SceneData`'s arguments.
+        output: :class:`RowModule`'s ``output``.
+
+    Returns:
+        The audit's ``summary.json``.
+    """
+    build = f"{builder.__module__}.{builder.__name__}"
+    args = ["fit", "--model=compat_rows.RowModule", f"--model.build={build}"]
+    if output is not None:
+        args.append(f"--model.output={output}")
+    args += ["--data=compat_rows.SceneData", *(f"--data.{k}={v}" for k, v in data.items())]
+    args += [
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--seed_everything=0",
+    ]
+    argv = sys.argv
+    sys.argv = argv[:1]  # pytest's arguments are not LightningCLI's
+    try:
+        cli = LightningCLI(args=args, subclass_mode_model=True, subclass_mode_data=True)
+    finally:
+        sys.argv = argv
+    run = Path(cli.trainer.log_dir)
+    (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
+    out = tmp_path / "audit"
+    code = explain(
+        [
+            *("--config", str(run / "config.yaml"), "--checkpoint", str(checkpoint)),
+            *("--out", str(out), "--quiet", "--num-workers", "0", "--limit", "4"),
+        ]
+    )
+    assert code == 0
+    assert (out / "report.html").is_file()
+    return json.loads((out / "summary.json").read_text())
+
+
+def assert_audited(summary: dict[str, Any], layer: str, num_classes: int) -> None:
+    """Column (d)'s checks on an :func:`audit_a_cli_run` summary: the 4 validation items
+    audited (none skipped) through the data module, at ``layer`` (column (b)'s), every class."""
+    assert summary["status"] == "complete"
+    assert summary["counts"]["processed"] == 4 and summary["counts"]["skipped"] == 0
+    assert summary["settings"]["layers"] == [layer]
+    assert {(m["layer"], m["class"]) for m in summary["means"]} == {
+        (layer, k) for k in range(num_classes)
+    }
+    (model,) = summary["checkpoints"]
+    assert model["code"] == "compat_rows:RowModule"
+    assert model["input"].startswith("as the data module gives it (--config ")
 
 
 def naive_gradcam(

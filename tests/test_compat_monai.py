@@ -1,7 +1,8 @@
 """Compatibility rows: MONAI segmentation networks (docs/compatibility.md).
 
 Tiny random-init networks: the callback with no arguments in a tiny ``fit`` (2-D images and
-3-D volumes), the layer it chooses, and Grad-CAM parity with a naive per-class loop in float64.
+3-D volumes), the layer it chooses, Grad-CAM parity with a naive per-class loop in float64, and
+explain.py ``--config`` on a LightningCLI run.
 For the 3-D ``UNet``, also the alignment of the default layer's maps against the layer the
 rule chose before (a PReLU inside a residual unit), on a briefly trained network.
 
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from compat_rows import (
     PARITY_ATOL,
     UserModule,
+    assert_audited,
+    audit_a_cli_run,
     fit_with_callback,
     parity,
     scenes,
@@ -138,6 +141,20 @@ def test_gradcam_equals_a_naive_per_class_loop_in_float64(row: str) -> None:
     difference = parity(spec.model(), images, spec.layer)
     print(f"parity {row}: {difference:.1e}")
     assert difference <= PARITY_ATOL
+
+
+@pytest.mark.parametrize("row", rows())
+def test_explain_config_audits_a_lightningcli_run(tmp_path, row: str) -> None:
+    """Column (d): the run's config.yaml and checkpoint, audited at column (b)'s layer."""
+    spec = ROWS[row]
+    data = {
+        "size": spec.size,
+        "num_classes": spec.num_classes,
+        "channels": spec.channels,
+        "spatial_dims": spec.spatial_dims,
+    }
+    summary = audit_a_cli_run(tmp_path, spec.build, data)
+    assert_audited(summary, spec.layer, spec.num_classes)
 
 
 #: The layer the rule chose before the default-layer fix (a PReLU inside the last residual

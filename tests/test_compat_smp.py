@@ -13,7 +13,15 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from compat_rows import PARITY_ATOL, UserModule, fit_with_callback, parity, scenes
+from compat_rows import (
+    PARITY_ATOL,
+    UserModule,
+    assert_audited,
+    audit_a_cli_run,
+    fit_with_callback,
+    parity,
+    scenes,
+)
 from torch import nn
 
 from segcam_lightning.callback import GradCAMCallback
@@ -71,3 +79,11 @@ def test_gradcam_equals_a_naive_per_class_loop_in_float64(row: str) -> None:
     difference = parity(build(row), images, ROWS[row][1])
     print(f"parity {row}: {difference:.1e}")
     assert difference <= PARITY_ATOL
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_explain_config_audits_a_lightningcli_run(tmp_path, row: str) -> None:
+    """Column (d): the run's config.yaml and checkpoint, audited at column (b)'s layer."""
+    builder, layer = ROWS[row]
+    summary = audit_a_cli_run(tmp_path, builder, {"size": SIZE, "num_classes": NUM_CLASSES})
+    assert_audited(summary, layer, NUM_CLASSES)

@@ -1,9 +1,9 @@
 """Compatibility rows: Hugging Face transformers segmentation models (docs/compatibility.md).
 
 Tiny random-init models built from their own configs (no download): the callback with no
-arguments in a tiny ``fit``, the layer it chooses, and Grad-CAM parity with a naive per-class
-loop in float64. Mask2Former is not a row yet: its logits are per-query class scores and masks,
-which need the query adapter of a later issue.
+arguments in a tiny ``fit``, the layer it chooses, Grad-CAM parity with a naive per-class loop in
+float64, and explain.py ``--config`` on a LightningCLI run. Mask2Former is not a row yet: its
+logits are per-query class scores and masks, which need the query adapter of a later issue.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import torch
 from compat_rows import (
     PARITY_ATOL,
     UserModule,
+    assert_audited,
+    audit_a_cli_run,
     fit_with_callback,
     parity,
     scenes,
@@ -140,3 +142,12 @@ def test_gradcam_equals_a_naive_per_class_loop_in_float64(row: str) -> None:
     difference = parity(build(row), images, ROWS[row][1], lambda out: out.logits)
     print(f"parity {row}: {difference:.1e}")
     assert difference <= PARITY_ATOL
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_explain_config_audits_a_lightningcli_run(tmp_path, row: str) -> None:
+    """Column (d): the run's config.yaml and checkpoint, audited at column (b)'s layer."""
+    builder, layer = ROWS[row]
+    data = {"size": SIZE, "num_classes": NUM_CLASSES}
+    summary = audit_a_cli_run(tmp_path, builder, data, output="logits")
+    assert_audited(summary, layer, NUM_CLASSES)
