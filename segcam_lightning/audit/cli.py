@@ -333,7 +333,8 @@ def build_parser() -> ArgumentParser:
         "--class-names",
         nargs="+",
         metavar="NAME",
-        help="one name per class (default the checkpoint's or its data module's), e.g. "
+        help="one name per class (default the module's or its data module's class_names, else "
+        "a Hugging Face network's config.id2label), e.g. "
         "--class-names soil crop weed; for a binary model the background's and the "
         "foreground's, or only the foreground's (--class-names soil plant)",
     )
