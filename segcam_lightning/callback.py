@@ -48,6 +48,7 @@ from segcam_lightning.cam import (
     get_target,
     predicted_masks,
 )
+from segcam_lightning.cam import functional as FC
 from segcam_lightning.data.batch import BatchAdapter
 from segcam_lightning.errors import ConfigurationError, ConfigurationTypeError
 from segcam_lightning.metrics import (
@@ -587,7 +588,7 @@ class GradCAMCallback(Callback):
                     lockstep=trainer.world_size > 1,
                 )
         preds = predicted_masks(result.logits.float(), self._kind, self.threshold)
-        preds = _resize_labels(preds, images.shape[2:])
+        preds = FC.resize_labels(preds, images.shape[2:])
         cams = _gather(trainer, result.cams)[: len(images)].cpu()
         preds = _gather(trainer, preds)[: len(images)].cpu()
         del result
@@ -768,8 +769,8 @@ class GradCAMCallback(Callback):
             shown = self._display(images)
         else:
             shown = _display_volumes(self._display, images)
-        truth = _display_labels(masks, self._kind, spatial) if masks is not None else None
-        predicted = _display_labels(preds, self._kind, spatial)
+        truth = FC.label_map(masks, self._kind, spatial) if masks is not None else None
+        predicted = FC.label_map(preds, self._kind, spatial)
         num_labels = 2 if self._kind == "binary" else self._num_outputs
         colormap = [*_colormap(trainer, num_labels)[:num_labels], IGNORED_COLOR]
         legend = list(self._names.labels)
@@ -978,19 +979,6 @@ def _probe_hash(probe: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def _resize_labels(preds: Tensor, size: Sequence[int]) -> Tensor:
-    """Predictions at the logits' resolution to the input's (nearest: labels are not blended).
-
-    ``preds`` are labels ``[N, *S]`` or per-class masks ``[N, K, *S]``, ``len(size)`` = len(S).
-    """
-    if tuple(preds.shape[-len(size) :]) == tuple(size):
-        return preds
-    labels = preds.ndim == len(size) + 1
-    batched = preds.unsqueeze(1) if labels else preds
-    resized = torch.nn.functional.interpolate(batched.float(), size=tuple(size), mode="nearest")
-    return (resized.squeeze(1) if labels else resized).to(preds.dtype)
-
-
 def _regions_of(
     masks: Tensor, channels: list[int], kind: str, num_outputs: int, spatial: int
 ) -> Tensor:
@@ -1005,19 +993,6 @@ def _display_volumes(display: Callable[[Tensor], Tensor], volumes: Tensor) -> Te
     n, c, d, h, w = volumes.shape
     slices = display(volumes.permute(0, 2, 1, 3, 4).reshape(n * d, c, h, w))
     return slices.reshape(n, d, 3, h, w).permute(0, 2, 1, 3, 4)
-
-
-def _display_labels(masks: Tensor, kind: str, spatial: int = 2) -> Tensor:
-    """One label per pixel for the truth and prediction columns: labels as they are; per-class
-    masks by their highest true channel (overlapping multi-label classes show the last)."""
-    if masks.ndim == spatial + 1:
-        return masks.long().clone()
-    shape = (1, -1) + (1,) * spatial
-    channels = torch.arange(1, masks.shape[1] + 1, device=masks.device).view(shape)
-    labels = (masks.bool() * channels).amax(dim=1) - 1
-    if kind == "binary":
-        return (labels + 1).clamp(0, 1)
-    return labels.clamp_min(0)
 
 
 def _shard(n: int, world_size: int, rank: int) -> Tensor:

@@ -319,3 +319,26 @@ def test_class_regions_errors() -> None:
         FC.class_regions(labels[0], [0], 3, "multiclass")
     with pytest.raises(ValueError, match=r"Expected `classes` in \[0, 1\) .* but got \[1\]"):
         FC.class_regions(labels, [1], 1, "binary")
+
+
+def test_resize_labels_takes_the_value_under_each_pixel_centre() -> None:
+    """A stride-4 head's labels at the input's size: each input pixel takes the label of the
+    logit cell its centre falls in (``nearest-exact``), the rule the callback's grids and the
+    audit's panels share; per-class masks alike, dtypes kept."""
+    labels = torch.tensor([[[0, 1], [2, 3]]])  # [1, 2, 2]
+    up = FC.resize_labels(labels, (8, 8))
+    expected = labels.repeat_interleave(4, dim=1).repeat_interleave(4, dim=2)
+    assert up.dtype == labels.dtype and torch.equal(up, expected)
+    # 3 -> 7 pixels: nearest-exact maps pixel i to floor((i + 0.5) * 3 / 7).
+    row = FC.resize_labels(torch.tensor([[[0, 1, 2]]]), (1, 7))
+    assert row.tolist() == [[[0, 0, 1, 1, 1, 2, 2]]]
+    masks = torch.tensor([[[[True, False], [False, True]]]])  # [1, 1, 2, 2]
+    assert torch.equal(FC.resize_labels(masks, (4, 4))[0, 0, ::2, ::2], masks[0, 0])
+
+
+def test_label_map_shows_one_label_per_pixel() -> None:
+    per_class = torch.tensor([[[[1, 0]], [[1, 1]]]]).bool()  # [1, 2, 1, 2]: overlapping classes
+    assert FC.label_map(per_class, "multilabel").tolist() == [[[1, 1]]]
+    binary = torch.tensor([[[[0, 1]]]]).bool()
+    assert FC.label_map(binary, "binary").tolist() == [[[0, 1]]]
+    assert FC.label_map(torch.tensor([[[2, 0]]]), "multiclass").tolist() == [[[2, 0]]]

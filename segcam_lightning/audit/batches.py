@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from segcam_lightning.audit.settings import VALUE_NAMES
 from segcam_lightning.cam import CAMEngine, class_regions, predicted_masks
+from segcam_lightning.cam import functional as FC
 from segcam_lightning.checkpoints import LoadedCheckpoint
 from segcam_lightning.metrics import (
     energy_inside_regions,
@@ -275,7 +276,7 @@ def explain_batch(
         for model in models:
             fed = given if given is not None else model.prepare_input(x)
             result = model.engine(fed, classes=list(classes), masks=masks)
-            preds = _predictions_at(
+            preds = FC.resize_labels(
                 predicted_masks(result.logits, kind, model.engine.threshold), x.shape[2:]
             )
             num_outputs = result.logits.shape[1]
@@ -285,7 +286,7 @@ def explain_batch(
             results.append(
                 ModelBatch(
                     cams=result.cams.cpu().numpy(),
-                    preds=_display_labels(preds, spatial).cpu().numpy(),
+                    preds=FC.label_map(preds, kind, spatial).cpu().numpy(),
                     values={k: v.cpu().numpy() for k, v in values.items()},
                     finite=result.logits.flatten(1).isfinite().all(1).cpu().numpy(),
                 )
@@ -315,25 +316,3 @@ def _display(images: Tensor) -> Tensor:
         span = volumes.amax(dim=(1, 2, 3), keepdim=True) - low
         volumes = torch.where(span > 0, (volumes - low) / span.clamp_min(1e-12), 0.0)
     return volumes.clamp(0, 1).mul(255).round().to(torch.uint8)
-
-
-def _predictions_at(preds: Tensor, size: Sequence[int]) -> Tensor:
-    """Predictions (labels ``[B, *s]`` or per-class masks ``[B, K, *s]``) at the input's
-    ``size``: nearest-neighbour (``nearest-exact``, as the engine resizes masks), never blended."""
-    if tuple(preds.shape[-len(size) :]) == tuple(size):
-        return preds
-    labels = preds.ndim == len(size) + 1
-    batched = preds.unsqueeze(1) if labels else preds
-    resized = F.interpolate(batched.float(), size=tuple(size), mode="nearest-exact")
-    resized = resized.squeeze(1) if labels else resized
-    return resized.to(preds.dtype)
-
-
-def _display_labels(preds: Tensor, spatial: int) -> Tensor:
-    """One mask label per pixel: labels as they are; a multi-label model's per-class masks by
-    their highest predicted channel (0 where none is)."""
-    if preds.ndim == spatial + 1:
-        return preds
-    shape = (1, -1) + (1,) * spatial
-    channels = torch.arange(1, preds.shape[1] + 1, device=preds.device).view(shape)
-    return ((preds.long() * channels).amax(dim=1) - 1).clamp_min(0)

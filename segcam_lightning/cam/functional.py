@@ -33,11 +33,13 @@ __all__ = [
     "grid_label",
     "guided_gradcam",
     "hirescam_weights",
+    "label_map",
     "layercam_weights",
     "minmax_scale",
     "normalize_cams",
     "predicted_classes",
     "predicted_masks",
+    "resize_labels",
     "resolve_output_kind",
     "safe_divide",
     "scorecam_weights",
@@ -287,6 +289,32 @@ def _region_dims(size: Sequence[int] | None, spatial_dims: int | None) -> int:
 def _resize_nearest(masks: Tensor, size: Sequence[int]) -> Tensor:
     """Nearest-neighbour resize (``nearest-exact``) of ``[B, C, *S]`` as float32."""
     return F.interpolate(masks.float(), size=tuple(size), mode="nearest-exact")
+
+
+def resize_labels(preds: Tensor, size: Sequence[int]) -> Tensor:
+    """Labels ``[N, *S]`` or per-class masks ``[N, K, *S]`` at ``size`` (``len(size)`` =
+    ``len(S)``), nearest-neighbour as masks are resized for targets (``nearest-exact``: each
+    output pixel takes the value under its centre), never blended; the dtype is kept. The one
+    rule the callback's grids and the audit's panels and metrics share."""
+    if tuple(preds.shape[-len(size) :]) == tuple(size):
+        return preds
+    labels = preds.ndim == len(size) + 1
+    resized = _resize_nearest(preds.unsqueeze(1) if labels else preds, size)
+    return (resized.squeeze(1) if labels else resized).to(preds.dtype)
+
+
+def label_map(masks: Tensor, kind: str, spatial_dims: int = 2) -> Tensor:
+    """One label per pixel, for pictures: labels ``[N, *S]`` as they are; per-class masks
+    ``[N, K, *S]`` by their highest set channel (overlapping multi-label classes show the last,
+    a pixel with none 0); a binary model's one channel as 0 (background) and 1 (foreground)."""
+    if masks.ndim == spatial_dims + 1:
+        return masks.long().clone()
+    shape = (1, -1) + (1,) * spatial_dims
+    channels = torch.arange(1, masks.shape[1] + 1, device=masks.device).view(shape)
+    labels = (masks.bool() * channels).amax(dim=1) - 1
+    if kind == "binary":
+        return (labels + 1).clamp(0, 1)
+    return labels.clamp_min(0)
 
 
 def safe_divide(num: Tensor, den: Tensor) -> Tensor:
