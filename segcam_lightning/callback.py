@@ -804,23 +804,41 @@ class GradCAMCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        # The shortcut watch's streaks and warnings, so that a resumed run neither restarts
+        # its patience nor warns twice (EarlyStopping keeps its wait_count for this reason).
+        watch = {
+            "shortcut_streak": [
+                [layer, name, n] for (layer, name), n in self._shortcut_streak.items()
+            ],
+            "shortcut_warned": [
+                [layer, name] for layer, name in sorted(self._shortcut_warned, key=str)
+            ],
+        }
         if self.probe is None:
-            return {}
+            return watch
         return {
             "indices": self.probe["indices"].tolist(),
             "sha256": _probe_hash(self.probe),
             "settings": self._probe_settings(),
+            **watch,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Compare the checkpoint's probe with this run's (read at ``setup``); warn on change.
+        """Restore the shortcut watch's streaks and warnings; compare the checkpoint's probe
+        with this run's (read at ``setup``) and warn on change.
 
         The probe is defined by this run's settings and read again from the data, so a resumed
         run shows the same images when nothing changed. Checkpoints store the probe's indices
         and a content hash, not its tensors.
         """
-        if not state_dict or self.probe is None:
+        self._shortcut_streak = {
+            (layer, str(name)): int(n) for layer, name, n in state_dict.get("shortcut_streak", [])
+        }
+        self._shortcut_warned = {
+            (layer, str(name)) for layer, name in state_dict.get("shortcut_warned", [])
+        }
+        if "indices" not in state_dict or self.probe is None:
             return
         old_indices = [int(i) for i in state_dict.get("indices", [])]
         new_indices = self.probe["indices"].tolist()

@@ -302,7 +302,7 @@ def resume(tmp_path, callback, checkpoint, data_seed=0):
 def test_resume_reads_the_same_probe_and_the_checkpoint_holds_no_tensors(tmp_path, recwarn):
     first, checkpoint = checkpointed_run(tmp_path)
     state = torch.load(checkpoint, weights_only=True)["callbacks"][first.state_key]
-    assert set(state) == {"indices", "sha256", "settings"}
+    assert set(state) == {"indices", "sha256", "settings", "shortcut_streak", "shortcut_warned"}
     assert state["indices"] == first.probe["indices"].tolist()
     resumed = GradCAMCallback(num_probe=3, strict=True)
     resume(tmp_path, resumed, checkpoint)

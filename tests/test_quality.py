@@ -314,3 +314,39 @@ def test_shortcut_warning_fires_once_for_the_planted_class(tmp_path):
         tmp_path / "off", module, [quiet], shortcut="soil", max_epochs=3, limit_train_batches=1
     )
     assert not [m for m in messages if SHORTCUT_WARNING in m]
+
+
+def test_a_resumed_run_keeps_the_shortcut_watchs_streak_and_warns_once(tmp_path):
+    """The watch's streaks and warnings live in the callback's state_dict: a run stopped one
+    suspect step short of ``shortcut_patience`` (2) warns at its first step after resuming, and
+    a run resumed after the warning does not warn again."""
+
+    def run(folder, max_epochs, resume=None):
+        module = SegmentationModule(num_classes=3, net=WetSoilNet(), lr=0.0, class_names=NAMES)
+        callback = GradCAMCallback(
+            layers=["features"], num_probe=16, shortcut_reference=0.6, context_check=False
+        )
+        data = SegmentationDataModule(
+            image_size=SIZE, batch_size=8, num_train=8, num_val=16, num_test=16, shortcut="soil"
+        )
+        trainer = L.Trainer(
+            default_root_dir=folder,
+            accelerator="cpu",
+            max_epochs=max_epochs,
+            limit_train_batches=1,
+            logger=CSVLogger(folder),
+            callbacks=[callback],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, datamodule=data, ckpt_path=resume)
+        trainer.save_checkpoint(folder / "last.ckpt")
+        return [str(w.message) for w in caught if SHORTCUT_WARNING in str(w.message)]
+
+    assert run(tmp_path / "a", max_epochs=1) == []  # one suspect step of two
+    fired = run(tmp_path / "b", max_epochs=2, resume=tmp_path / "a" / "last.ckpt")
+    assert len(fired) == 1 and "'narrow_leaf' at layer 'features'" in fired[0], fired
+    assert run(tmp_path / "c", max_epochs=4, resume=tmp_path / "b" / "last.ckpt") == []
