@@ -183,6 +183,24 @@ def test_intensity_range_clips_and_scales(tmp_path):
     assert scaled[0, 0, 1, 0] == pytest.approx(0.5)
 
 
+def test_zscore_feeds_each_channel_standardised_and_shows_it_stretched(
+    volume_pth, scans, tmp_path, capsys
+):
+    """--zscore: each channel to mean 0 and standard deviation 1 over the volume (MONAI's
+    NormalizeIntensity(channel_wise=True)), fed to the network as is; the maps are the engine's
+    on those values, and nothing is said to be assumed about the window."""
+    raw = np.load(scans / "images" / "a.npy").astype(np.float64)
+    volume = read_volume(scans / "images" / "a.npy", channels=1, zscore=True)
+    assert volume.dtype == np.float32
+    np.testing.assert_allclose(volume[0], (raw - raw.mean()) / raw.std(), atol=1e-5)
+    out = tmp_path / "out"
+    args = ("--checkpoint", volume_pth, "--data", scans, "--size", SIDE, "--zscore")
+    assert audit(*args, "--layers", LAYER, out=out) == 0
+    assert "intensity window" not in capsys.readouterr().err
+    expected = engine_cams(volume_pth, torch.from_numpy(volume)[None])[0]
+    np.testing.assert_allclose(np.load(out / "cams" / "a.npy")[0], expected[0], atol=ATOL)
+
+
 def test_unreadable_volumes_are_skipped_with_the_reason(volume_pth, scans, tmp_path):
     data = tmp_path / "scans"
     (data / "images").mkdir(parents=True)
