@@ -1,4 +1,4 @@
-"""Measure the tables of docs/QUALITY.md: which CAM to believe on the default run.
+"""Measure the tables of benchmarks/quality/RESULTS.md: which CAM to believe on the default run.
 
 Sub-commands (each prints Markdown tables and writes ``<out>/<name>.json``):
 
@@ -14,7 +14,7 @@ Sub-commands (each prints Markdown tables and writes ``<out>/<name>.json``):
 - ``faithfulness``: deletion / insertion AUC over random order per class for every method ×
   target × layer (``--fill mean|blur``).
 - ``shortcut``: clean vs shortcut checkpoints, energy inside per layer and method.
-- ``report``: the compact tables of docs/QUALITY.md from the JSON files above.
+- ``report``: the compact tables of benchmarks/quality/RESULTS.md from the JSON files above.
 
 Usage::
 
@@ -497,7 +497,8 @@ def train(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    """Compact Markdown tables (docs/QUALITY.md) from the JSON files the other commands wrote."""
+    """Compact Markdown tables (benchmarks/quality/RESULTS.md) from the JSON files the other
+    commands wrote."""
     for path in args.files:
         payload = json.loads(Path(path).read_text())
         name = Path(path).stem

@@ -696,7 +696,7 @@ class GradCAMCallback(Callback):
                 f"IoU on the probe is {s.iou:.2f} ({s.num_images} probe images hold and predict "
                 f"{name!r}). The model takes {name!r} from around its objects, not from the "
                 "objects: a shortcut, unless the class is defined by its surroundings. Look at "
-                "the grids of an early layer, and see docs/QUALITY.md. `context_check=False` "
+                "the grids of an early layer, and see docs/which-map.md. `context_check=False` "
                 "turns this test off, `shortcut_warning=False` every shortcut warning."
             )
 
@@ -748,7 +748,7 @@ class GradCAMCallback(Callback):
                     f"{names[s.reference_index]!r}'s maps put {s.reference_energy:.2f} inside "
                     f"theirs at the same layer ({s.num_images} probe images hold and predict "
                     f"{name!r}). The model may decide {name!r} by something around the objects "
-                    "rather than the objects; look at the grids, and see docs/QUALITY.md. "
+                    "rather than the objects; look at the grids, and see docs/which-map.md. "
                     "`shortcut_warning=False` turns this off."
                 )
 

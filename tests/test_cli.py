@@ -84,7 +84,8 @@ def test_synthetic_config_enables_the_cam_callback():
 
 def test_shortcut_config_watches_e1_with_the_contrastive_target():
     """configs/shortcut.yaml: the planted-shortcut data and, besides the default callbacks, the
-    shortcut watch docs/QUALITY.md measures (e1, logit_margin, thresholds at chance)."""
+    shortcut watch benchmarks/quality/RESULTS.md measures (e1, logit_margin, thresholds at
+    chance)."""
     cli = build_cli(["--config", str(ROOT / "configs/shortcut.yaml")], run=False)
     assert cli.datamodule.hparams.shortcut == "soil"
     callbacks = [c for c in cli.trainer.callbacks if type(c).__name__ == "GradCAMCallback"]

@@ -201,7 +201,7 @@ def test_gradcam_deletion_beats_random_order_for_narrow_leaf(trained):
     deletion = {r.class_index: r for r in rows if r.curve == "deletion"}
     narrow = deletion[NARROW]
     # Beats random order by far: measured 0.41 of random's area here (the goal of 0.3 is for
-    # the default run, docs/QUALITY.md); 0.6 leaves room for other BLAS.
+    # the default run, benchmarks/quality/RESULTS.md); 0.6 leaves room for other BLAS.
     assert narrow.ratio < 0.6, narrow
     insertion = {r.class_index: r for r in rows if r.curve == "insertion"}
     assert insertion[NARROW].ratio > 1.0
@@ -252,8 +252,8 @@ class WetSoilNet(nn.Module):
 
     ``features`` holds its two feature maps, "wet soil nearby" and "green plant"; the head is
     a fixed 1x1 convolution. Trained tiny U-Nets learn the shortcut but keep their maps on the
-    plants (docs/QUALITY.md); this one's Grad-CAM at ``features`` is known to sit on the soil
-    for narrow_leaf, which is what the callback's warning is for.
+    plants (benchmarks/quality/RESULTS.md); this one's Grad-CAM at ``features`` is known to sit
+    on the soil for narrow_leaf, which is what the callback's warning is for.
     """
 
     def __init__(self, reach: int = 6) -> None:

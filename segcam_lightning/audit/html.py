@@ -278,7 +278,7 @@ def _shortcut_section(summary: dict[str, Any]) -> str:
         f"ground truth while its IoU is {s['iou']:.2f} and {_e(s['reference_class_name'])}'s "
         f"maps put {s['reference_energy']:.2f} inside theirs ({s['num_images']} images hold "
         f"and predict it). The model may decide {_e(s['class_name'])} by something around its "
-        "objects rather than the objects: look at its panels, and see docs/QUALITY.md.</li>"
+        "objects rather than the objects: look at its panels, and see docs/which-map.md.</li>"
         for s in suspects
     )
     return (
@@ -450,7 +450,7 @@ def _objects_alone_section(plan: AuditPlan, summary: dict[str, Any]) -> str:
         "own objects once the surroundings are flattened: it takes their label from around "
         "the objects. That is a shortcut unless the class is defined by its surroundings; "
         "a map that sits on such objects (next to the head it always does) shows where the "
-        "class is, not what decided it. See docs/QUALITY.md.</p>"
+        "class is, not what decided it. See docs/which-map.md.</p>"
         if suspects
         else "<p><b class='good'>Every judged class keeps its label alone.</b></p>"
     )

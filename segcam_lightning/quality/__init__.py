@@ -16,8 +16,8 @@
 - pure maths in :mod:`segcam_lightning.quality.functional`.
 
 Results are frozen dataclasses with ``to_dict()`` (plain, JSON-ready values) for reports,
-``metrics.csv`` and ``summary.json``. ``docs/QUALITY.md`` has the figures on the default run and
-which map to believe.
+``metrics.csv`` and ``summary.json``. ``docs/which-map.md`` says which map to believe and
+``benchmarks/quality/RESULTS.md`` has the figures on the default run.
 """
 
 # Each module's __all__ says what it offers; the package offers the same names.

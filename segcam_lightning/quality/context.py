@@ -8,9 +8,9 @@ truth and predicted on the untouched image) that it still predicts as the class.
 
 A model that recognises a plant by its shape keeps it (0.96-0.99 for the plant classes of the
 default run's clean twins); a model that reads the plant's class from the soil around it loses
-it (0.00 for the planted class on both measured shortcut runs: ``docs/QUALITY.md``, "Planted
-shortcut"). No map, layer or method is involved, so the test is also the check of what a
-layer's maps claim.
+it (0.00 for the planted class on both measured shortcut runs:
+``benchmarks/quality/RESULTS.md``, "Planted shortcut"). No map, layer or method is involved, so
+the test is also the check of what a layer's maps claim.
 
 Cost: one forward pass of the images that hold a class, per class.
 """
