@@ -20,7 +20,8 @@ How a call works (docs/architecture.md explains the facts behind each step):
    ``zero_grad()``: parameters' ``.grad`` are untouched. The head path skips these passes for
    Grad-CAM at a layer whose only way to the logits is a pointwise linear head (a 1×1
    convolution, as after the seed's ``d4``): its weights are ``Wᵀ · mean(dS/dlogits)`` for all
-   classes at once (see :class:`_Heads`).
+   classes at once (see :class:`~segcam_lightning.cam.capture._Heads`). The strategies live in
+   :mod:`segcam_lightning.cam.gradients`.
 4. CAM maths in float32 (float64 for a float64 model) under ``torch.no_grad()`` with autocast
    off: weights, weighted sum, ReLU at the layer's resolution, bilinear upsampling to the input
    size, raw maxima, normalisation. Everything stays on the model's device. A class whose
@@ -46,10 +47,8 @@ Example:
 
 from __future__ import annotations
 
-import warnings
-import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -58,12 +57,21 @@ import torch
 from torch import Tensor, nn
 
 from segcam_lightning.cam import functional as FC
+from segcam_lightning.cam.capture import _Capture, _GuidedReLU, _Heads
 from segcam_lightning.cam.functional import (
     NORMALIZE_MODES,
     OUTPUT_KINDS,
     NormalizeMode,
     OutputKind,
 )
+from segcam_lightning.cam.gradients import (
+    GradientCall,
+    _at_least_float32,
+    _NotReached,
+    layer_maps,
+    may_take_head_path,
+)
+from segcam_lightning.cam.gradients import auto_batches as auto_batches  # grad_mode="auto"
 from segcam_lightning.cam.layers import (
     _LIST_HINT,
     default_output_adapter,
@@ -74,18 +82,13 @@ from segcam_lightning.cam.layers import (
     preserve_rng,
     unwrap_compiled,
 )
-from segcam_lightning.cam.methods import _CAM, Probe, _GradientCAM, get_method
+from segcam_lightning.cam.methods import _CAM, get_method
 from segcam_lightning.cam.targets import Reading, Target, get_target
 
 __all__ = ["GRAD_MODES", "OUTPUT_KINDS", "CAMEngine", "CAMResult", "default_output_adapter"]
 
 GradMode = Literal["auto", "loop", "batched"]
 GRAD_MODES: tuple[str, ...] = ("auto", "loop", "batched")
-#: ``grad_mode="auto"`` batches the classes' gradients on CUDA for this many classes or more, up
-#: to this many input pixels per channel in the batch (4 images of 256²): where it was faster
-#: than the loop at the encoder and the decoder layers measured.
-BATCHED_MIN_CLASSES = 8
-BATCHED_MAX_ELEMENTS = 4 * 256 * 256
 
 
 @dataclass(frozen=True)
@@ -180,12 +183,13 @@ class CAMEngine:
             (``result.guided_cams``); implied by ``method="guided_gradcam"``. Needs a gradient
             method and one extra backward pass to the input per class.
         output_adapter: ``f(model_output) -> logits``; default :func:`default_output_adapter`.
-        grad_mode: how per-class gradients are taken: ``"loop"`` (one
-            ``autograd.grad`` per class, ``retain_graph`` between them), ``"batched"`` (one call
-            with ``is_grads_batched=True``) or ``"auto"`` (batched for small inputs on a CUDA
-            device, else the loop; see :meth:`_use_batched`). With ``"auto"``, Grad-CAM at a
-            layer that reaches the logits only through a 1×1 convolution (or is the logits)
-            takes no per-class gradient at all: the head path, see :class:`_Heads`.
+        grad_mode: how per-class gradients are taken: ``"loop"`` (one ``autograd.grad`` per
+            class, ``retain_graph`` between them), ``"batched"`` (one call with
+            ``is_grads_batched=True``) or ``"auto"`` (batched for small inputs on a CUDA device,
+            else the loop; see :func:`~segcam_lightning.cam.gradients.use_batched`). With
+            ``"auto"``, Grad-CAM at a layer that reaches the logits only through a 1×1
+            convolution (or is the logits) takes no per-class gradient at all: the head path,
+            see :class:`~segcam_lightning.cam.capture._Heads`.
 
     Raises:
         TypeError, ValueError: for invalid arguments; messages say what was expected.
@@ -311,13 +315,36 @@ class CAMEngine:
         )
 
     def _run(self, x: Tensor, wanted: list[int] | None, masks: Tensor | None) -> CAMResult:
+        """capture → score → gradients → maps (docs/architecture.md, "A call of the engine")."""
         # Score-CAM's masked forwards run inside the float32 block below: they get the caller's
         # autocast back, so they see the precision the main forward saw.
         device_type = x.device.type
         autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        capture, heads, guide, logits = self._capture(x)
+        forward = partial(self._forward_logits, autocast=autocast)
+        call = self._score(x, logits, wanted, masks, heads=heads, guide=guide, forward=forward)
+        with torch.no_grad(), torch.autocast(device_type, enabled=False):
+            found = layer_maps(call, capture)
+            cams, raw_max, present = self._maps(found.maps, call)
+        return CAMResult(
+            cams=cams.float(),
+            raw_max=raw_max.float(),
+            logits=logits.detach(),
+            scores=call.scores.detach().float(),
+            present=present,
+            layers=tuple(self.layer_names),
+            classes=tuple(call.classes.tolist()),
+            guided_backprop=found.guided_backprop,
+            output_kind=call.kind,
+        )
+
+    def _capture(self, x: Tensor) -> tuple[_Capture, _Heads | None, _GuidedReLU | None, Tensor]:
+        """One forward with the hooks on; the capture (its activations), the heads found, the
+        guided-backprop hooks and the logits."""
         capture = _Capture(self.layer_names, self._modules, self.method.needs_gradients, x.ndim)
         guide = _GuidedReLU(unwrap_compiled(self.model)) if self.guided else None
-        heads = _Heads(unwrap_compiled(self.model), capture, x.ndim) if self._may_skip() else None
+        may_skip = may_take_head_path(self.method, self.grad_mode, self.guided)
+        heads = _Heads(unwrap_compiled(self.model), capture, x.ndim) if may_skip else None
         with ExitStack() as stack:
             stack.enter_context(capture.hooks())
             if heads is not None:
@@ -330,221 +357,60 @@ class CAMEngine:
             stack.enter_context(torch.enable_grad() if guide is not None else torch.no_grad())
             output = self.model(x)
         capture.check_ran()
-        logits = self._adapt(output, x)
+        return capture, heads, guide, self._adapt(output, x)
+
+    def _score(
+        self,
+        x: Tensor,
+        logits: Tensor,
+        wanted: list[int] | None,
+        masks: Tensor | None,
+        *,
+        heads: _Heads | None,
+        guide: _GuidedReLU | None,
+        forward: Callable[[Tensor], Tensor],
+    ) -> GradientCall:
+        """The target's scores ``[B, K_all]`` of the logits, with a graph for gradient methods,
+        and what the gradient strategies read."""
         kind = FC.resolve_output_kind(self.output_kind, logits.shape[1])
         classes = _select_classes(wanted, logits.shape[1], x.device)
-        size = tuple(x.shape[2:])  # the input's H, W (D, H, W)
         if self.target.needs_masks:
-            _check_masks(masks, size, logits.shape)
+            _check_masks(masks, tuple(x.shape[2:]), logits.shape)
         read = Reading(kind, self.threshold)
         with torch.set_grad_enabled(self.method.needs_gradients):
             float_logits = _at_least_float32(logits)
             scores, present = self.target(float_logits, masks, read)
             # One scalar per class: summing over the batch gives each image its own gradient.
             class_scores = scores[:, classes].sum(dim=0).unbind()
-
-        guided_backprop = None
-        with torch.no_grad(), torch.autocast(device_type, enabled=False):
-            activations = [_at_least_float32(a.detach()) for a in capture.activations]
-            if isinstance(self.method, _GradientCAM):
-                if not scores.requires_grad:
-                    if not float_logits.requires_grad:
-                        # The capture switches grad mode on at the first hooked layer: logits
-                        # without a graph were computed from none of them.
-                        raise _NotReached(self.layer_names)
-                    raise RuntimeError(
-                        f"The target scores do not depend on the hooked layers "
-                        f"{self.layer_names}: the target returned scores without a graph. A "
-                        "target must compute its scores from the logits it receives with "
-                        "differentiable operations."
-                    )
-                flow = _GradientFlow(x.shape[0], len(classes), x.device)
-                weights = {} if heads is None else heads.weights(logits)
-                maps_at: dict[int, Tensor] = {}
-                if weights:
-                    # The head path: Grad-CAM weights without a backward pass.
-                    grads = self.target.mean_logit_gradients(float_logits, classes, masks, read)
-                    for i, head in weights.items():
-                        w = grads if head is None else grads @ head.to(grads.dtype)
-                        w = w.transpose(0, 1).to(activations[i].dtype)  # [K, B, C]
-                        flow.add_all(w)
-                        maps_at[i] = self.method.from_mean_gradients(  # type: ignore[attr-defined]
-                            activations[i], w
-                        ).transpose(0, 1)
-                rest = [i for i in range(len(activations)) if i not in maps_at]
-                if rest:
-                    layers = _Layers(
-                        [self.layer_names[i] for i in rest],
-                        [capture.activations[i] for i in rest],
-                        [activations[i] for i in rest],
-                    )
-                    batched = guide is None and self._use_batched(len(classes), x)
-                    if (
-                        guide is None
-                        and not batched
-                        and self._derive_one_class(kind, len(classes), scores.shape[1])
-                    ):
-                        found = self._gradient_maps_derived(scores, layers, classes, flow)
-                    else:
-                        found, guided_backprop = self._gradient_maps(
-                            scores, class_scores, layers, classes, x, guide, flow
-                        )
-                    maps_at.update(zip(rest, found, strict=True))
-                maps = [maps_at[i] for i in range(len(activations))]
-                flow.warn_if_blank(present[:, classes], classes, self.layer_names, kind)
-            else:
-                probe = Probe(
-                    images=x.detach(),
-                    forward=partial(self._forward_logits, autocast=autocast),
-                    score=self.target.scorer(_at_least_float32(logits.detach()), masks, read),
-                    baseline=scores.detach(),
-                    classes=classes,
-                )
-                maps = [self.method(a, probe) for a in activations]  # type: ignore[operator]
-            cams = torch.stack([FC.upsample(m, size) for m in maps], dim=1)  # [B, L, K, *size]
-            present = present[:, classes]
-            cams = cams * present.view(*present.shape[:1], 1, -1, *[1] * len(size))
-            raw_max = cams.flatten(3).amax(dim=-1)
-            cams = FC.normalize_cams(cams, self.normalize, spatial_dims=len(size))
-        return CAMResult(
-            cams=cams.float(),
-            raw_max=raw_max.float(),
-            logits=logits.detach(),
-            scores=scores.detach().float(),
+        return GradientCall(
+            method=self.method,
+            target=self.target,
+            grad_mode=self.grad_mode,
+            x=x,
+            logits=logits,
+            float_logits=float_logits,
+            scores=scores,
             present=present,
-            layers=tuple(self.layer_names),
-            classes=tuple(classes.tolist()),
-            guided_backprop=guided_backprop,
-            output_kind=kind,
+            class_scores=class_scores,
+            classes=classes,
+            masks=masks,
+            read=read,
+            kind=kind,
+            guide=guide,
+            heads=heads,
+            forward=forward,
         )
 
-    def _gradient_maps(
-        self,
-        scores: Tensor,
-        class_scores: Sequence[Tensor],
-        layers: _Layers,
-        classes: Tensor,
-        x: Tensor,
-        guide: _GuidedReLU | None,
-        flow: _GradientFlow,
-    ) -> tuple[list[Tensor], Tensor | None]:
-        """Per-layer maps ``[B, K, *s]`` (and guided backprop) from one set of backward passes."""
-        method: _GradientCAM = self.method  # type: ignore[assignment]
-        outputs, activations = layers.outputs, layers.activations
-        if guide is None and self._use_batched(len(classes), x):
-            eye = torch.eye(scores.shape[1], device=scores.device, dtype=scores.dtype)
-            cotangents = eye[classes].unsqueeze(1).expand(-1, scores.shape[0], -1).contiguous()
-            grads = torch.autograd.grad(
-                scores, outputs, cotangents, is_grads_batched=True, allow_unused=True
-            )
-            _check_connected(layers.names, grads)
-            for g in grads:
-                flow.add_all(g)
-            # [K, B, *s] -> [B, K, *s]
-            maps = [method(a, g.to(a.dtype)) for a, g in zip(activations, grads, strict=True)]
-            return [m.transpose(0, 1) for m in maps], None
-
-        per_layer: list[list[Tensor]] = [[] for _ in outputs]
-        guided: list[Tensor] = []
-        for j, score in enumerate(class_scores):
-            last = j == len(classes) - 1
-            grads = torch.autograd.grad(
-                score, outputs, retain_graph=not last or guide is not None, allow_unused=True
-            )
-            _check_connected(layers.names, grads)
-            for maps, a, g in zip(per_layer, activations, grads, strict=True):
-                flow.add(g, j)
-                maps.append(method(a, g.to(a.dtype)))
-            del grads
-            if guide is not None:
-                with guide.guiding():
-                    (grad_x,) = torch.autograd.grad(score, x, retain_graph=not last)
-                guided.append(grad_x.float())
-        maps = [torch.stack(m, dim=1) for m in per_layer]
-        return maps, (torch.stack(guided, dim=1) if guide is not None else None)
-
-    def _derive_one_class(self, kind: str, num_wanted: int, num_classes: int) -> bool:
-        """Whether to take K - 1 backward passes and derive the last class's gradient.
-
-        Possible when all K classes are wanted and the target's scores sum to a constant per
-        image (the gradients then sum to zero): softmax scores of a multiclass output, never
-        sigmoid ones. Not with ``grad_mode="batched"``, which takes all classes in one call,
-        nor with guided backprop, whose clamped backward is not linear.
-        """
-        return (
-            kind == "multiclass"
-            and self.target.scores_sum_to_constant
-            and self.grad_mode != "batched"
-            and num_wanted == num_classes > 1
-        )
-
-    def _gradient_maps_derived(
-        self, scores: Tensor, layers: _Layers, classes: Tensor, flow: _GradientFlow
-    ) -> list[Tensor]:
-        """Per-layer maps ``[B, K, *s]`` from K - 1 backward passes (all K classes wanted).
-
-        For scores that sum to a constant, ``sum_k dS_k/dA = 0``, so one class's gradient is
-        minus the sum of the others'. Each image derives its own highest-scoring class (never an
-        absent one, whose tiny gradient would drown in the others' rounding error); pass ``j``
-        takes, per image, the gradient of that image's ``j``-th remaining class with a one-hot
-        cotangent on ``scores``. Measured against K direct passes in the tests.
-        """
-        method: _GradientCAM = self.method  # type: ignore[assignment]
-        outputs, activations = layers.outputs, layers.activations
-        num = len(classes)
-        # Positions in `classes` per image: the K - 1 computed ones, then the derived one.
-        order = scores.detach()[:, classes].argsort(dim=1, stable=True)
-        per_layer: list[list[Tensor]] = [[] for _ in outputs]
-        total: list[Tensor | None] = [None] * len(outputs)
-        for j in range(num - 1):
-            cotangent = torch.zeros_like(scores)
-            cotangent.scatter_(1, classes[order[:, j : j + 1]], 1.0)
-            grads = torch.autograd.grad(
-                scores, outputs, cotangent, retain_graph=j < num - 2, allow_unused=True
-            )
-            _check_connected(layers.names, grads)
-            for i, (a, g) in enumerate(zip(activations, grads, strict=True)):
-                g = g.to(a.dtype)
-                flow.add(g, order[:, j])
-                per_layer[i].append(method(a, g))
-                # In place: the first gradient is not needed any more once its map is made.
-                total[i] = g if total[i] is None else total[i].add_(g)  # type: ignore[union-attr]
-            del grads
-        maps = []
-        for i, a in enumerate(activations):
-            flow.add(total[i], order[:, -1])  # type: ignore[arg-type]
-            per_layer[i].append(method(a, total[i].neg_()))  # type: ignore[union-attr]
-            stacked = torch.stack(per_layer[i], dim=1)  # [B, K, *s] in `order`
-            index = order.view(*order.shape, *[1] * (a.ndim - 2)).expand_as(stacked)
-            maps.append(torch.empty_like(stacked).scatter_(1, index, stacked))
-        return maps
-
-    def _use_batched(self, num_classes: int, x: Tensor) -> bool:
-        """Whether to take all classes' gradients in one ``is_grads_batched`` call.
-
-        ``auto`` batches on a CUDA device for :data:`BATCHED_MIN_CLASSES` classes or more when
-        the batch holds at most :data:`BATCHED_MAX_ELEMENTS` input pixels (voxels) per channel:
-        there the many small backward passes are bound by kernel launches, which one batched
-        call saves. Elsewhere it loops: batching runs the same convolutions on a K-times larger
-        batch, so on the CPU it saves no work and adds its own overhead, and on larger GPU
-        inputs it loses at encoder layers and holds all K gradients at once
-        (``benchmarks/RESULTS.md``, CAM engine on CPU and GPU).
-        """
-        if num_classes < 2 or self.grad_mode == "loop":
-            return False
-        return self.grad_mode == "batched" or auto_batches(
-            x.device.type, num_classes, x[:, 0].numel()
-        )
-
-    def _may_skip(self) -> bool:
-        """Whether a layer behind a pointwise head may take the head path (see :class:`_Heads`):
-        a method whose weights are the mean gradient (Grad-CAM), no guided backprop, and
-        ``grad_mode="auto"`` (``"loop"`` and ``"batched"`` always take per-class gradients)."""
-        return (
-            self.grad_mode == "auto"
-            and not self.guided
-            and getattr(self.method, "uses_mean_gradient", False)
-        )
+    def _maps(self, maps: list[Tensor], call: GradientCall) -> tuple[Tensor, Tensor, Tensor]:
+        """Upsampled to the input, zero where a class is absent, raw maxima, normalised:
+        ``cams [B, L, K, *size]``, ``raw_max [B, L, K]`` and ``present [B, K]``."""
+        size = tuple(call.x.shape[2:])  # the input's H, W (D, H, W)
+        cams = torch.stack([FC.upsample(m, size) for m in maps], dim=1)  # [B, L, K, *size]
+        present = call.present[:, call.classes]
+        cams = cams * present.view(*present.shape[:1], 1, -1, *[1] * len(size))
+        raw_max = cams.flatten(3).amax(dim=-1)
+        cams = FC.normalize_cams(cams, self.normalize, spatial_dims=len(size))
+        return cams, raw_max, present
 
     def _adapt(self, output: Any, images: Tensor) -> Tensor:
         """The logits in the model's output; they have as many dimensions as ``images``."""
@@ -571,304 +437,6 @@ class CAMEngine:
         with torch.no_grad(), torch.autocast(images.device.type, dtype=dtype, enabled=enabled):
             logits = self._adapt(self.model(images), images)
         return _at_least_float32(logits)
-
-
-class _NotReached(Exception):
-    """Hooked layers whose outputs the logits do not depend on; :meth:`CAMEngine.__call__`
-    turns it into a message that lists layers that do."""
-
-    def __init__(self, names: Sequence[str]) -> None:
-        super().__init__(", ".join(names))
-        self.names = list(names)
-
-
-def _check_connected(names: Sequence[str], grads: Sequence[Tensor | None]) -> None:
-    unreached = [name for name, grad in zip(names, grads, strict=True) if grad is None]
-    if unreached:
-        raise _NotReached(unreached)
-
-
-@dataclass(frozen=True)
-class _Layers:
-    """The hooked layers that take per-class gradients: names, kept outputs (the tensors the
-    gradients are taken w.r.t.) and their float32 (float64) detached copies for the maths."""
-
-    names: list[str]
-    outputs: list[Tensor]
-    activations: list[Tensor]
-
-
-_POINTWISE_CONVS = {4: nn.Conv2d, 5: nn.Conv3d}
-#: A module's hook dictionaries (``torch.nn.modules.module`` has the global ones, ``_global``
-#: before each name).
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-@contextmanager
-def _forward_hooks(hooks: Iterable[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
-    """Register each ``(module, hook)`` forward hook; all are removed on exit, also on error."""
-    handles = []
-    try:
-        for module, hook in hooks:
-            handles.append(module.register_forward_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-class _Heads:
-    """Finds hooked layers whose only way to the logits is a pointwise linear head.
-
-    Grad-CAM's weights at a layer ``A`` with ``logits = W · A + b`` at every position (a 1×1
-    convolution, stride 1, no padding, one group; or ``A`` is the logits, ``W = I``) are
-    ``mean_p dS/dA(p) = Wᵀ · mean_p dS/dlogits(p)``: one ``[K, K_all] × [K_all, C]`` product per
-    image from the target's :meth:`~segcam_lightning.cam.targets.Target.mean_logit_gradients`,
-    instead of a backward pass per class that writes a ``[B, C, h, w]`` gradient. Equal in exact
-    arithmetic; the tests compare both paths.
-
-    The structure is read from the forward, not assumed: a forward hook on every plain
-    ``nn.Conv2d`` (``nn.Conv3d`` for volumes) with a 1×1 kernel notes when one receives the very
-    tensor a hooked layer handed downstream, unmodified (same object, same version counter), and
-    :meth:`weights` accepts it only when its output is, unmodified, the tensor the output adapter
-    returns as logits. Subclasses of the convolutions (they may change the forward) and
-    parametrised weights are not recognised; those layers take the general path.
-    """
-
-    def __init__(self, model: nn.Module, capture: _Capture, ndim: int) -> None:
-        conv = _POINTWISE_CONVS.get(ndim)
-        # Global module hooks may change any output: then nothing is proven.
-        hooked = any(getattr(torch.nn.modules.module, f"_global{name}") for name in _HOOK_DICTS)
-        self.convs = [
-            m for m in model.modules() if conv is not None and not hooked and _is_pointwise(m, conv)
-        ]
-        self.capture = capture
-        # (layer index, head weight [K_all, C], weak reference to the output, its version)
-        self._found: list[tuple[int, Tensor, weakref.ref[Tensor], int]] = []
-
-    def hooks(self) -> AbstractContextManager[None]:
-        return _forward_hooks((module, self._hook) for module in self.convs)
-
-    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if not inputs or not isinstance(output, Tensor):
-            return
-        index = self.capture.handed_index(inputs[0])
-        if index is not None and not inputs[0]._backward_hooks:
-            weight = module.weight.detach().flatten(1)  # type: ignore[union-attr]
-            self._found.append((index, weight, weakref.ref(output), output._version))
-
-    def weights(self, logits: Tensor) -> dict[int, Tensor | None]:
-        """Layer index -> head weight ``[K_all, C]`` (``None``: the layer is the logits) for
-        every hooked layer the head path may serve."""
-        found: dict[int, Tensor | None] = {}
-        if getattr(logits, "_backward_hooks", None):
-            return found  # a tensor hook would change the gradients the loop takes
-        for index, weight, output, version in self._found:
-            if output() is logits and logits._version == version:
-                found[index] = weight
-        index = self.capture.handed_index(logits)
-        if index is not None:
-            found[index] = None
-        return found
-
-
-def _is_pointwise(module: nn.Module, conv: type[nn.Module]) -> bool:
-    """A plain convolution of type ``conv`` with a 1×1 kernel, stride 1, no padding, one group,
-    an ordinary weight (not parametrised) and no hooks of its own (a hook may replace its output
-    or its gradients)."""
-    if type(module) is not conv or any(getattr(module, name) for name in _HOOK_DICTS):
-        return False
-    padding = module.padding  # type: ignore[attr-defined]
-    return (
-        all(k == 1 for k in module.kernel_size)  # type: ignore[attr-defined]
-        and all(s == 1 for s in module.stride)  # type: ignore[attr-defined]
-        and (padding in ("valid", "same") or all(p == 0 for p in padding))
-        and module.groups == 1  # type: ignore[attr-defined]
-        and isinstance(module._parameters.get("weight"), Tensor)
-    )
-
-
-class _Capture:
-    """Forward hooks that keep each hooked layer's output for the gradients.
-
-    Args:
-        names, modules: the hooked layers.
-        track_grad: keep a graph from the earliest layer on (gradient methods).
-        ndim: the input's number of dimensions (4 for images, 5 for volumes), which every
-            hooked layer's output must have.
-    """
-
-    def __init__(
-        self, names: list[str], modules: list[nn.Module], track_grad: bool, ndim: int = 4
-    ) -> None:
-        self.names = names
-        self.modules = modules
-        self.track_grad = track_grad
-        self.ndim = ndim
-        self.activations: list[Tensor] = []
-        self._slots: list[Tensor | None] = [None] * len(names)
-        # What each layer handed downstream (weakly: downstream may free it), and its version
-        # counter then.
-        self._handed: list[tuple[weakref.ref[Tensor], int] | None] = [None] * len(names)
-
-    def hooks(self) -> AbstractContextManager[None]:
-        return _forward_hooks(
-            (module, partial(self._hook, index)) for index, module in enumerate(self.modules)
-        )
-
-    def _hook(self, index: int, module: nn.Module, _inputs: Any, output: Any) -> Tensor | None:
-        name = self.names[index]
-        if not isinstance(output, Tensor) or output.ndim != self.ndim:
-            got = list(output.shape) if isinstance(output, Tensor) else type(output).__name__
-            if self.ndim == 5:
-                expected = (
-                    "one tensor [B, C, d, h, w] with the input's 5 dimensions (the input is a "
-                    "volume [B, C, D, H, W])"
-                )
-            else:
-                expected = "one tensor [B, C, h, w]"
-            raise ValueError(
-                f"Layer {name!r} ({type(module).__name__}) returned {got}; a CAM layer must "
-                f"return {expected}. Pick another from "
-                "segcam_lightning.cam.candidate_layers(model, example_input)."
-            )
-        if self._slots[index] is not None:
-            raise RuntimeError(
-                f"Layer {name!r} ran more than once in one forward (a module used in several "
-                "places), so its activation is ambiguous. Pick a layer that runs once."
-            )
-        if not self.track_grad:
-            self._slots[index] = output.detach().clone()
-            return None
-        if output.requires_grad:
-            self._slots[index] = output
-        else:
-            # The earliest hooked layer: the forward ran without a graph so far, and nothing
-            # before this point is needed for gradients w.r.t. it. Record from here on.
-            torch.set_grad_enabled(True)
-            self._slots[index] = output.detach().requires_grad_(True)
-        # Downstream gets a copy, so in-place ops after the layer cannot change the kept
-        # activation (nor touch a leaf that requires grad).
-        handed = self._slots[index].clone()  # type: ignore[union-attr]
-        self._handed[index] = (weakref.ref(handed), handed._version)
-        return handed
-
-    def handed_index(self, tensor: Tensor) -> int | None:
-        """The index of the layer that handed ``tensor`` downstream, if it is still as handed
-        (not modified in place since), else ``None``."""
-        for index, entry in enumerate(self._handed):
-            if entry is not None and entry[0]() is tensor and tensor._version == entry[1]:
-                return index
-        return None
-
-    def check_ran(self) -> None:
-        missing = [name for name, slot in zip(self.names, self._slots, strict=True) if slot is None]
-        if missing:
-            raise RuntimeError(
-                f"Layer(s) {missing} did not run during the forward pass, so there is nothing to "
-                "explain. Pick layers the forward uses (see "
-                "segcam_lightning.cam.candidate_layers(model, example_input))."
-            )
-        self.activations = [slot for slot in self._slots if slot is not None]
-
-
-class _GradientFlow:
-    """Which images and classes got a non-zero gradient at some hooked layer, to warn about
-    blank maps.
-
-    A class's maps are blank (all zero) when its score's gradient is exactly zero at every
-    hooked layer: a constant score (a softmax over one channel, a target that ignores the
-    logits) or a saturated one (probabilities rounded to exactly 0 or 1). Nothing in the maps
-    says why, so :meth:`warn_if_blank` does. The check reads every gradient once (two
-    reductions, nothing written of the gradient's size): see benchmarks/RESULTS.md,
-    "Implementation notes", for what it costs.
-    """
-
-    def __init__(self, batch_size: int, num_classes: int, device: torch.device) -> None:
-        self.nonzero = torch.zeros(batch_size, num_classes, dtype=torch.bool, device=device)
-        self._rows = torch.arange(batch_size, device=device)
-
-    def add(self, grads: Tensor, positions: int | Tensor) -> None:
-        """Record gradients ``[B, C, *s]``: image ``b``'s is that of class ``positions[b]``
-        (a position in the call's ``classes``; an int for all images)."""
-        self.nonzero[self._rows, positions] |= _nonzero(grads.flatten(1))
-
-    def add_all(self, grads: Tensor) -> None:
-        """Record gradients ``[K, B, C, *s]`` of every class at once."""
-        self.nonzero |= _nonzero(grads.flatten(2)).T
-
-    def warn_if_blank(
-        self, present: Tensor, classes: Tensor, layers: Sequence[str], kind: str
-    ) -> None:
-        """One ``RuntimeWarning`` naming the classes that are present in some image but got a
-        zero gradient at every layer in every image where they are present."""
-        present_somewhere = present.any(dim=0)
-        flowing = (present & self.nonzero).any(dim=0)
-        blank = classes[present_somewhere & ~flowing].tolist()
-        if not blank:
-            return
-        warnings.warn(
-            f"The CAMs of class(es) {blank} are blank (all zero): their target score has exactly "
-            f"zero gradient w.r.t. the hooked layers {list(layers)} ({kind} output) wherever the "
-            "class is present, so the maps explain nothing. The score is constant or saturated: "
-            "e.g. a softmax over one output channel (for a one-channel sigmoid model pass "
-            "output_kind='binary'), a target that does not use the logits, or probabilities "
-            "rounded to exactly 0 or 1 everywhere. Use another target (e.g. 'logit_region', "
-            "which does not saturate), another layer, or check the model's logits for these "
-            "classes.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-
-
-def _nonzero(values: Tensor) -> Tensor:
-    """Whether any entry of the last dimension is non-zero (NaN counts): its maximum or minimum
-    is. Two reductions read the gradient and write nothing of its size, where ``abs().amax()``
-    wrote a copy (15% of a K = 19 call at 256² on the CPU); ``aminmax`` and ``ne(0).any()`` are
-    several times slower there."""
-    return values.amax(dim=-1).ne(0) | values.amin(dim=-1).ne(0)
-
-
-class _GuidedReLU:
-    """Guided backpropagation: ``nn.ReLU`` outputs pass back only positive gradients.
-
-    A forward hook registers a tensor hook on each ReLU output (this works with in-place ReLUs,
-    unlike module backward hooks). The tensor hooks act only inside :meth:`guiding`, so the same
-    graph also serves the ordinary gradients of the CAM; they die with the graph.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
-        self.active = False
-
-    def hooks(self) -> AbstractContextManager[None]:
-        return _forward_hooks((relu, self._hook) for relu in self.relus)
-
-    @contextmanager
-    def guiding(self) -> Iterator[None]:
-        self.active = True
-        try:
-            yield
-        finally:
-            self.active = False
-
-    def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
-        if isinstance(output, Tensor) and output.requires_grad:
-            output.register_hook(self._clamp)
-
-    def _clamp(self, grad: Tensor) -> Tensor | None:
-        return grad.clamp(min=0) if self.active else None
-
-
-def auto_batches(device_type: str, num_classes: int, elements: int) -> bool:
-    """``grad_mode="auto"``'s choice: batch the classes' gradients on CUDA for
-    :data:`BATCHED_MIN_CLASSES` classes or more and at most :data:`BATCHED_MAX_ELEMENTS` input
-    pixels per channel in the batch (``elements``)."""
-    return (
-        device_type == "cuda"
-        and num_classes >= BATCHED_MIN_CLASSES
-        and elements <= BATCHED_MAX_ELEMENTS
-    )
 
 
 def _resolve_layers(
@@ -980,11 +548,6 @@ def _select_classes(wanted: list[int] | None, num_classes: int, device: torch.de
             f"classes), but got {wanted}."
         )
     return torch.tensor(wanted, device=device, dtype=torch.long)
-
-
-def _at_least_float32(tensor: Tensor) -> Tensor:
-    """Half-precision tensors (autocast) to float32; float32 and float64 unchanged."""
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def _model_device(model: nn.Module, images: Tensor) -> torch.device:

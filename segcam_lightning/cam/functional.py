@@ -211,12 +211,11 @@ def class_regions(
         num_outputs: the model's number of output channels ``K``.
         kind: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"auto"``.
         size: ``(h, w)`` (``(d, h, w)``) of the regions; ``None`` keeps the masks' size. A
-            different size is
-            reached by nearest-neighbour resizing, so labels are never blended:
-            ``F.interpolate(mode="nearest-exact")``, where each output pixel takes the mask
-            value under its centre (``"nearest"`` would take each block's top-left pixel and
-            shift regions by half a block). This is how masks at the input's resolution meet
-            logits at a lower one (e.g. ``4 i + 2`` for logits at 1/4).
+            different size is reached by nearest-neighbour resizing, so labels are never
+            blended: ``F.interpolate(mode="nearest-exact")``, where each output pixel takes the
+            mask value under its centre (``"nearest"`` would take each block's top-left pixel
+            and shift regions by half a block). This is how masks at the input's resolution
+            meet logits at a lower one (e.g. ``4 i + 2`` for logits at 1/4).
         spatial_dims: 2 for images, 3 for volumes; ``None`` takes ``len(size)``, or 2 without
             a size. It tells labels ``[B, D, H, W]`` from per-class masks ``[B, K, H, W]``.
 
@@ -232,12 +231,7 @@ def class_regions(
         raise TypeError(f"Expected `masks` to be a torch.Tensor, but got {type(masks).__name__}.")
     kind = resolve_output_kind(kind, num_outputs)
     n = _region_dims(size, spatial_dims)
-    ids = torch.as_tensor(classes, dtype=torch.long).reshape(-1).tolist()
-    if any(not 0 <= k < num_outputs for k in ids):
-        raise ValueError(
-            f"Expected `classes` in [0, {num_outputs}) (the model's {num_outputs} output "
-            f"channel(s)), but got {ids}."
-        )
+    ids = _channel_ids(classes, num_outputs)
     labels_shape, per_class_shape = (
         shape_label("B", spatial_dims=n),
         shape_label("B", "K", spatial_dims=n),
@@ -269,6 +263,17 @@ def class_regions(
     if size is not None and tuple(size) != tuple(per_class.shape[2:]):
         per_class = _resize_nearest(per_class, size) != 0
     return per_class
+
+
+def _channel_ids(classes: Sequence[int] | Tensor, num_outputs: int) -> list[int]:
+    """``classes`` as a list of output channel indices, each in ``[0, num_outputs)``."""
+    ids = torch.as_tensor(classes, dtype=torch.long).reshape(-1).tolist()
+    if any(not 0 <= k < num_outputs for k in ids):
+        raise ValueError(
+            f"Expected `classes` in [0, {num_outputs}) (the model's {num_outputs} output "
+            f"channel(s)), but got {ids}."
+        )
+    return ids
 
 
 def _region_dims(size: Sequence[int] | None, spatial_dims: int | None) -> int:
