@@ -1,9 +1,11 @@
-"""The README's command blocks run in order on a fresh copy of the repository.
+"""The command blocks of the README and the docs pages run in order on a fresh copy of the repo.
 
-Every fenced ```bash block of README.md is run, top to bottom, with ``bash -e`` in a copy of the
-repository's tracked files (as a fresh clone has them, with this working tree's edits), and what
+Every fenced ```bash block of README.md and of the pages in docs/ is run, page by page in the order
+a reader follows them (:data:`PAGES`: the README, then the pages it links to), top to bottom, with
+``bash -e`` in a copy of the repository's tracked files (as a fresh clone has them, with this
+working tree's edits), and what
 the text says each command writes is checked afterwards. Sizes are made small by flags appended to
-the commands (:data:`SMALL`): the commands themselves are the README's, only fewer epochs, images
+the commands (:data:`SMALL`): the commands themselves are the pages', only fewer epochs, images
 and pixels, so the whole run takes a couple of minutes on a 2-core CPU.
 
 Not run, each with its reason:
@@ -15,8 +17,8 @@ Not run, each with its reason:
 - ``benchmarks/bench_callback.py``: a benchmark that trains the full default config twice
   (minutes by design, no option makes it small); ``bench_engine.py`` runs with ``--quick``.
 - a block right after an HTML comment ``<!-- readme-test: skip: REASON -->`` (invisible on the
-  rendered page): templates whose files are the reader's own (``model.pth``, ``my_data``) or
-  that need GPUs or a cluster.
+  rendered page): templates whose files are the reader's own (``model.pth``, ``my_data``), that
+  need GPUs or a cluster, or a checkpoint a benchmark trains for minutes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+
+#: The pages whose blocks run, in the order a reader follows them: the README (quick start, the
+#: example project, the try-out audit), then the pages it links to. Later blocks use what earlier
+#: ones wrote (the quick start's run, the example project's run, data written to disk).
+PAGES: list[str] = [
+    "README.md",
+    "docs/callback.md",
+    "docs/engine.md",
+    "docs/audit.md",
+    "docs/your-own-model.md",
+    "docs/volumes.md",
+    "docs/data.md",
+    "docs/which-map.md",
+    "docs/compatibility.md",
+    "docs/architecture.md",
+    "docs/development.md",
+]
 
 _FENCE = re.compile(r"^```(\w*)\s*$")
 _SKIP_MARK = re.compile(r"^<!--\s*readme-test:\s*skip:\s*(?P<reason>\S.*?)\s*-->\s*$")
@@ -81,7 +100,7 @@ NOT_RUN: list[tuple[str, str]] = [
 
 
 def readme_blocks(text: str) -> list[tuple[str, str | None]]:
-    """The README's ```bash blocks in order: ``(code, skip reason or None)``."""
+    """A page's ```bash blocks in order: ``(code, skip reason or None)``."""
     blocks: list[tuple[str, str | None]] = []
     lines = text.splitlines()
     i = 0
@@ -129,9 +148,26 @@ def small_script(code: str) -> tuple[str, list[str]]:
     return "\n".join(script), left_out
 
 
+def page_blocks() -> list[tuple[str, int, str, str | None]]:
+    """The ```bash blocks of :data:`PAGES` in reading order: ``(page, index, code, reason)``."""
+    return [
+        (page, index, code, reason)
+        for page in PAGES
+        for index, (code, reason) in enumerate(readme_blocks((ROOT / page).read_text("utf-8")))
+    ]
+
+
+def test_every_docs_page_is_read():
+    """A new page in docs/ joins :data:`PAGES` (its commands run), and the README stays short."""
+    assert sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")) == sorted(
+        PAGES[1:]
+    )
+    assert len(README.read_text(encoding="utf-8").splitlines()) <= 250
+
+
 def test_blocks_parse():
     """Every block is run or skipped with a reason, and the ones this test checks are found."""
-    blocks = readme_blocks(README.read_text(encoding="utf-8"))
+    blocks = [(code, reason) for _, _, code, reason in page_blocks()]
     assert len(blocks) >= 10
     scripts = "\n".join(small_script(code)[0] for code, reason in blocks if reason is None)
     for command in ("train.py fit", "explain.py", "segcam-synthetic", "project.py fit"):
@@ -188,7 +224,7 @@ def test_readme_commands_run_in_order(tmp_path):
     env.pop("SEGCAM_DEBUG", None)
 
     ran = 0
-    for index, (code, reason) in enumerate(readme_blocks(README.read_text(encoding="utf-8"))):
+    for page, index, code, reason in page_blocks():
         if reason is not None:
             continue
         script, _ = small_script(code)
@@ -203,18 +239,18 @@ def test_readme_commands_run_in_order(tmp_path):
             timeout=600,
         )
         assert done.returncode == 0, (
-            f"README bash block {index} failed (exit {done.returncode}):\n{script}\n"
+            f"{page}: bash block {index} failed (exit {done.returncode}):\n{script}\n"
             f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
         )
         # Every folder a command names with --out is written.
         for out in re.findall(r"--out (\S+)", script):
-            assert any((clone / out).iterdir()), f"block {index}: {out} is empty"
+            assert any((clone / out).iterdir()), f"{page}, block {index}: {out} is empty"
         ran += 1
     assert ran >= 10
 
     # "Each run writes lightning_logs/version_N/ with the TensorBoard events, the resolved
     # config.yaml and checkpoints/ (best-epoch=NN.ckpt by val/mIoU, and last.ckpt)": the quick
-    # start, the gradcam++ run, and the 3-D runs of the volumes sections.
+    # start, the gradcam++ run (docs/callback.md), and the 3-D runs of docs/volumes.md.
     runs = _runs(clone / "lightning_logs")
     assert len(runs) == 4
     for run in runs:
@@ -259,7 +295,7 @@ def test_readme_commands_run_in_order(tmp_path):
     maps = np.load(cams[0])
     assert maps.shape == (2, 3, 16, 16, 16) and maps.dtype == np.float32
 
-    # Data written to disk: the seed's folder format.
+    # Data written to disk: the blog post's folder format.
     for folder in ("synthetic", "synthetic-256", "synthetic-train", "shortcut", "plants_binary"):
         assert len(list((clone / "data" / folder / "images").iterdir())) == 4, folder
         assert len(list((clone / "data" / folder / "masks").glob("*.png"))) == 4, folder
