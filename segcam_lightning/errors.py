@@ -48,3 +48,8 @@ def check_unique_names(names: Sequence[str], argument: str = "class_names") -> N
 
 class MissingInputError(FileNotFoundError):
     """A file or folder the settings name that is not there; also a ``FileNotFoundError``."""
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs (``explain.py``'s options, the code they name,
+    the files they point at): ``explain.py`` prints it as one line and exits with 2."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["listing", "path_problem", "require_int"]
+__all__ = ["listing", "one_line", "path_problem", "require_int"]
 
 
 def listing(items: Sequence[object], most: int = 5) -> str:
@@ -48,3 +48,10 @@ def require_int(name: str, value: object, minimum: int = 0) -> int:
         )
         raise ValueError(f"Expected `{name}` to be {expected}, but got {value!r}.")
     return value
+
+
+def one_line(error: BaseException) -> str:
+    """``"Type: first line of the message"``, at most 300 characters."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {first}"[:300].rstrip(": ")

@@ -26,9 +26,9 @@ from segcam_lightning.audit.paths import (
 from segcam_lightning.audit.plan import prepare
 from segcam_lightning.audit.run import audit_local
 from segcam_lightning.audit.settings import CSV_COLUMNS
-from segcam_lightning.checkpoints import CheckpointError, UnsafeCheckpointError, load_checkpoint
 from segcam_lightning.data import FolderSegmentation, write_synthetic_dataset
 from segcam_lightning.data.synthetic import main as synthetic_command
+from segcam_lightning.loading import CheckpointError, UnsafeCheckpointError, load_checkpoint
 from segcam_lightning.models import UNet, build_unet
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,8 +22,9 @@ import segcam_lightning.audit.preflight as preflight
 from segcam_lightning.audit import main
 from segcam_lightning.audit.volumes import read_volume
 from segcam_lightning.cam import CAMEngine
-from segcam_lightning.checkpoints import CheckpointError, infer_unet_shape, load_checkpoint
 from segcam_lightning.data import SyntheticVolumes
+from segcam_lightning.loading import CheckpointError, load_checkpoint
+from segcam_lightning.loading.checkpoints import infer_unet_shape
 from segcam_lightning.models import UNet
 from segcam_lightning.render import SEPARATOR
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from segcam_lightning.audit import main
-from segcam_lightning.checkpoints import (
+from segcam_lightning.loading import (
     CheckpointError,
     UnsafeCheckpointError,
     load_checkpoint,

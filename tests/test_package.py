@@ -64,9 +64,25 @@ def test_no_import_cycle_among_the_package_modules():
     assert find_cycle(graph) is None, find_cycle(graph)
 
 
+def test_the_reach_follows_imports_through_modules():
+    assert reachable({"a": {"b"}, "b": {"c"}, "c": {"a"}}, "a") == {"a", "b", "c"}
+    assert reachable({"a": set(), "b": {"a"}}, "a") == set()
+
+
 def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through other package modules."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for target in graph[todo.pop()] - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
 
 
 def test_layering():
@@ -74,6 +90,16 @@ def test_layering():
     engine = {n: t for n, t in graph.items() if n.startswith("segcam_lightning.cam")}
     assert all(t.startswith("segcam_lightning.cam") for targets in engine.values() for t in targets)
     assert "segcam_lightning.module" not in graph["segcam_lightning.callback"]
+    # Directly or through other modules: the callback needs neither the LightningModule nor the
+    # audit; loading/ (checkpoints, user code) sits below the audit that calls it.
+    rules = {
+        "segcam_lightning.callback": ("segcam_lightning.module", "segcam_lightning.audit"),
+        "segcam_lightning.loading": ("segcam_lightning.audit", "segcam_lightning.callback"),
+    }
+    for start, forbidden in rules.items():
+        for name in [n for n in graph if n == start or n.startswith(f"{start}.")]:
+            upward = {t for t in reachable(graph, name) if t.startswith(forbidden)}
+            assert not upward, (name, upward)
     for low in ("segcam_lightning.metrics", "segcam_lightning.render", "segcam_lightning.paths"):
         upward = {
             t

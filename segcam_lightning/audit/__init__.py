@@ -2,12 +2,12 @@
 
 The same engine, rendering and metrics as :class:`~segcam_lightning.callback.GradCAMCallback`,
 run post hoc on one or several checkpoints (Lightning ``.ckpt``, the seed's ``.pth``, state
-dicts; loaded safely by :mod:`segcam_lightning.checkpoints`) over a folder of images (with or
+dicts; loaded safely by :mod:`segcam_lightning.loading`) over a folder of images (with or
 without masks) or the synthetic data; a network of volumes (the 3-D U-Net) over a folder of
 ``.npy`` volumes (:mod:`~segcam_lightning.audit.volumes`) or the synthetic volumes. The network
 is the package's U-Net, or the user's own: ``--module pkg.mod:MyLightningModule`` rebuilds
 Lightning checkpoints with that class, ``--model pkg.mod:factory`` loads weights into the
-network the factory builds (:mod:`~segcam_lightning.audit.user_code`); every output kind
+network the factory builds (:mod:`~segcam_lightning.loading.user_code`); every output kind
 (multiclass, binary, multi-label), normalised inputs and logits at a lower resolution are
 supported.
 
@@ -56,9 +56,9 @@ LightningModule run by ``Trainer.predict``; a
 the ranks' metric rows into ``metrics.csv``, ``summary.json`` and ``report.html``.
 
 Modules: :mod:`~segcam_lightning.audit.cli` (arguments, ``main``, ``--list-layers``),
-:mod:`~segcam_lightning.audit.settings`, :mod:`~segcam_lightning.audit.user_code` (the code
-``--module``/``--model`` name), :mod:`~segcam_lightning.audit.plan` (loading, engines, data: a
-resolved run), :mod:`~segcam_lightning.audit.preflight` (checks before writing),
+:mod:`~segcam_lightning.audit.settings`, :mod:`~segcam_lightning.audit.plan` (loading, engines,
+data: a resolved run; checkpoints and the code ``--module``/``--model`` name are loaded by
+:mod:`segcam_lightning.loading`), :mod:`~segcam_lightning.audit.preflight` (checks before writing),
 :mod:`~segcam_lightning.audit.run` (one process or ``Trainer.predict``),
 :mod:`~segcam_lightning.audit.data` and :mod:`~segcam_lightning.audit.volumes`,
 :mod:`~segcam_lightning.audit.batches` (engine calls and alignment values),
@@ -72,6 +72,7 @@ only; the rest is imported from those modules.
 
 from segcam_lightning.audit.cli import main
 from segcam_lightning.audit.run import run_audit
-from segcam_lightning.audit.settings import AuditSettings, UsageError
+from segcam_lightning.audit.settings import AuditSettings
+from segcam_lightning.errors import UsageError
 
 __all__ = ["AuditSettings", "UsageError", "main", "run_audit"]

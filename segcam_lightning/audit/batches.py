@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from segcam_lightning.audit.settings import VALUE_NAMES
 from segcam_lightning.cam import CAMEngine, class_regions, predicted_masks
 from segcam_lightning.cam import functional as FC
-from segcam_lightning.checkpoints import LoadedCheckpoint
+from segcam_lightning.loading import LoadedCheckpoint
 from segcam_lightning.metrics import (
     energy_inside_regions,
     ground_truth_regions,

@@ -38,8 +38,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from segcam_lightning.audit.settings import PROG, AuditSettings, UsageError, one_line
+from segcam_lightning.audit.settings import PROG, AuditSettings
 from segcam_lightning.cam.methods import METHOD_NAMES
+from segcam_lightning.errors import UsageError
 from segcam_lightning.quality import (
     DELETION_THRESHOLD,
     FULL_RHO_THRESHOLD,
@@ -55,6 +56,7 @@ from segcam_lightning.quality import (
     objects_alone_report,
     sanity_check,
 )
+from segcam_lightning.text import one_line
 
 if TYPE_CHECKING:
     from segcam_lightning.audit.batches import AuditModel

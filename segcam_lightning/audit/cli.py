@@ -31,7 +31,6 @@ from segcam_lightning.audit.settings import (
     TIP_NAMES,
     AuditError,
     AuditSettings,
-    UsageError,
 )
 from segcam_lightning.cam import (
     METHODS,
@@ -41,6 +40,7 @@ from segcam_lightning.cam import (
     candidate_layers,
 )
 from segcam_lightning.data.colormap import validate_colormap
+from segcam_lightning.errors import UsageError
 from segcam_lightning.models.unet import SEED_LAYERS
 from segcam_lightning.quality import DELETION_THRESHOLD, FILLS, FULL_RHO_THRESHOLD, RHO_THRESHOLD
 

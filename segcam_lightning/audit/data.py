@@ -19,13 +19,13 @@ from segcam_lightning.audit.settings import (
     SYNTHETIC_DEFAULT_COUNT,
     SYNTHETIC_TEST_SEED,
     AuditSettings,
-    UsageError,
 )
 from segcam_lightning.audit.volumes import VOLUME_SUFFIX, VolumeSource, pair_volumes, volume_files
 from segcam_lightning.data.datamodule import SYNTHETIC, SYNTHETIC3D
 from segcam_lightning.data.folder import IMAGE_EXTENSIONS, FolderSegmentation, read_image
 from segcam_lightning.data.synthetic import SYNTHETIC_CLASS_NAMES, SyntheticSegmentation
 from segcam_lightning.data.synthetic3d import SYNTHETIC3D_CLASS_NAMES, SyntheticVolumes
+from segcam_lightning.errors import UsageError
 from segcam_lightning.text import path_problem
 
 # The fix for unknown mask colours in explain.py's own options.

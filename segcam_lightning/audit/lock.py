@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from segcam_lightning.audit.settings import LOCK_FILE, PROG, UsageError
+from segcam_lightning.audit.settings import LOCK_FILE, PROG
+from segcam_lightning.errors import UsageError
 
 # A lock is created empty and filled at once; a reader that meets it empty waits this long
 # (seconds, in steps) for its owner's write before calling it unreadable.

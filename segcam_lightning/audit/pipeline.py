@@ -31,10 +31,12 @@ from lightning.pytorch.cli import LightningCLI
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from segcam_lightning.audit.settings import AuditSettings, UsageError, one_line
-from segcam_lightning.audit.user_code import import_spec
+from segcam_lightning.audit.settings import AuditSettings
 from segcam_lightning.data.batch import BatchAdapter
+from segcam_lightning.errors import UsageError
+from segcam_lightning.loading import import_spec
 from segcam_lightning.render import display_images
+from segcam_lightning.text import one_line
 
 __all__ = [
     "SPLITS",

@@ -1,6 +1,6 @@
 """An audit's plan: every choice resolved before anything runs or is written.
 
-:func:`prepare` loads the checkpoints (as data, :mod:`segcam_lightning.checkpoints`), builds the
+:func:`prepare` loads the checkpoints (as data, :mod:`segcam_lightning.loading`), builds the
 engines, the dataset and the output layout, and resolves classes, names, colours, sizes and
 normalisation; :class:`AuditPlan` holds the result for the modules that check, run and report
 it.
@@ -32,32 +32,33 @@ from segcam_lightning.audit.settings import (
     DEFAULT_LAYER,
     RESERVED_NAMES,
     AuditSettings,
-    UsageError,
     list_layers_command,
-    one_line,
 )
-from segcam_lightning.audit.user_code import UserCode, resolve_code
 from segcam_lightning.audit.volumes import check_intensity_range
 from segcam_lightning.audit.writer import default_render_threads
 from segcam_lightning.cam import CAMEngine, default_layer_name, resolve_output_kind
 from segcam_lightning.cam import find_layer as _find_layer
-from segcam_lightning.checkpoints import (
+from segcam_lightning.data.colormap import SEED_COLORMAP
+from segcam_lightning.data.datamodule import SYNTHETIC, SYNTHETIC3D
+from segcam_lightning.data.synthetic import SYNTHETIC_CLASS_NAMES
+from segcam_lightning.data.synthetic3d import SYNTHETIC3D_CLASS_NAMES
+from segcam_lightning.errors import UsageError
+from segcam_lightning.loading import (
     CallerOptions,
     CheckpointError,
     LoadedCheckpoint,
+    UserCode,
     default_size,
     load_checkpoint,
     load_lightning_module,
     load_module_weights,
     load_network_weights,
+    resolve_code,
 )
-from segcam_lightning.data.colormap import SEED_COLORMAP
-from segcam_lightning.data.datamodule import SYNTHETIC, SYNTHETIC3D
-from segcam_lightning.data.synthetic import SYNTHETIC_CLASS_NAMES
-from segcam_lightning.data.synthetic3d import SYNTHETIC3D_CLASS_NAMES
 from segcam_lightning.models import UNet
 from segcam_lightning.networks import NETWORK_ATTRIBUTES
 from segcam_lightning.render import class_palette
+from segcam_lightning.text import one_line
 
 
 @dataclass
@@ -141,7 +142,7 @@ def load_models(
         UsageError: for bad ``--module``/``--model`` code, and missing, unsafe, unreadable or
             mismatched checkpoints.
     """
-    code = resolve_code(settings)
+    code = resolve_code(settings.module, settings.model, settings.model_kwargs)
     if code is None and settings.in_channels is not None:
         raise UsageError(
             "--in-channels is for the networks of --module/--model; the U-Net's input channels "
@@ -304,7 +305,8 @@ def prepare(settings: AuditSettings) -> AuditPlan:
         load_seconds=time.perf_counter() - start,
         output_kind=kind,
         label_names=label_names,
-        code=resolve_code(settings) or _pipeline_code(pipeline),
+        code=resolve_code(settings.module, settings.model, settings.model_kwargs)
+        or _pipeline_code(pipeline),
         notes=notes,
     )
 
@@ -417,7 +419,7 @@ def resolve_size(size: int | None, loaded: Sequence[LoadedCheckpoint]) -> tuple[
     """The input size: ``(H, W)`` for networks of images, ``(D, H, W)`` for ones of volumes.
 
     ``--size`` (a square or a cube), else the first training size a checkpoint knows, else
-    :func:`~segcam_lightning.checkpoints.default_size` (256×256; 32³ for volumes). A U-Net's
+    :func:`~segcam_lightning.loading.default_size` (256×256; 32³ for volumes). A U-Net's
     sides must be multiples of 16; any other network's sizes are its own, checked by the dry
     run before writing.
 

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from segcam_lightning.audit.batches import AuditModel, BatchResult, explain_batch
 from segcam_lightning.audit.checks import check_quality_options
 from segcam_lightning.audit.paths import UnsafePathError
-from segcam_lightning.audit.settings import UsageError, list_layers_command
+from segcam_lightning.audit.settings import list_layers_command
+from segcam_lightning.errors import UsageError
 
 if TYPE_CHECKING:
     from segcam_lightning.audit.plan import AuditPlan

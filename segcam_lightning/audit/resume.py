@@ -21,15 +21,10 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from segcam_lightning.audit.paths import UnsafePathError, safe_join, write_atomic
-from segcam_lightning.audit.settings import (
-    PROG,
-    STATE_FILE,
-    SYNTHETIC_DATA,
-    Stop,
-    UsageError,
-    one_line,
-)
+from segcam_lightning.audit.settings import PROG, STATE_FILE, SYNTHETIC_DATA, Stop
 from segcam_lightning.audit.writer import LocalResult
+from segcam_lightning.errors import UsageError
+from segcam_lightning.text import one_line
 
 if TYPE_CHECKING:
     from segcam_lightning.audit.plan import AuditPlan

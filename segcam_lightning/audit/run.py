@@ -42,11 +42,11 @@ from segcam_lightning.audit.settings import (
     AuditError,
     AuditSettings,
     Stop,
-    UsageError,
-    one_line,
 )
 from segcam_lightning.audit.writer import LocalResult, OutputWriter
+from segcam_lightning.errors import UsageError
 from segcam_lightning.render import opencv_threads
+from segcam_lightning.text import one_line
 
 
 def run_audit(settings: AuditSettings) -> AuditOutcome | None:

@@ -97,17 +97,6 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def one_line(error: BaseException) -> str:
-    """``"Type: first line of the message"``, at most 300 characters."""
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{type(error).__name__}: {first}"[:300].rstrip(": ")
-
-
-class UsageError(Exception):
-    """A mistake in the command line or its inputs: :func:`main` prints it and exits with 2."""
-
-
 class AuditError(Exception):
     """A run that failed after it started writing: :func:`main` prints the one-line message,
     which says what was kept, and exits with 1."""

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segcam_lightning.audit.settings import UsageError
+from segcam_lightning.errors import UsageError
 from segcam_lightning.text import listing
 
 #: The suffix of volume files.

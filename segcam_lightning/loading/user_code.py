@@ -7,10 +7,10 @@ have it; its ``if __name__ == "__main__":`` block does not run). ``Name`` may be
 (``Outer.Inner``). The user picks the code; nothing read from a checkpoint does.
 
 - ``--module``: a LightningModule subclass; each checkpoint is rebuilt with its
-  ``load_from_checkpoint`` (:func:`~segcam_lightning.checkpoints.load_lightning_module`).
+  ``load_from_checkpoint`` (:func:`~segcam_lightning.loading.checkpoints.load_lightning_module`).
 - ``--model``: a callable returning an ``nn.Module`` (a factory function or the network's class),
   called with ``--model-kwargs``; each checkpoint's weights are loaded into a fresh network
-  (:func:`~segcam_lightning.checkpoints.load_network_weights`).
+  (:func:`~segcam_lightning.loading.checkpoints.load_network_weights`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from typing import Any
 import lightning as L
 from torch import nn
 
-from segcam_lightning.audit.settings import AuditSettings, UsageError, one_line
+from segcam_lightning.errors import UsageError
+from segcam_lightning.text import one_line
 
 _PRIVATE_PREFIX = "_segcam_user_code_"
 _EXAMPLES = {
@@ -89,53 +90,60 @@ class UserCode:
         return location
 
 
-def resolve_code(settings: AuditSettings) -> UserCode | None:
+def resolve_code(
+    module: str | None, model: str | None, model_kwargs: dict[str, Any] | None = None
+) -> UserCode | None:
     """Import the code ``--module`` or ``--model`` names (``None`` for the package's U-Net).
+
+    Args:
+        module: ``--module``'s spec, a LightningModule class.
+        model: ``--model``'s spec, a factory of the network.
+        model_kwargs: ``--model-kwargs``, the factory's arguments.
 
     Raises:
         UsageError: for a malformed spec, a file or module that cannot be imported, a missing
             name, or an object of the wrong kind; one line each.
     """
-    if settings.module is not None and settings.model is not None:
+    if module is not None and model is not None:
         raise UsageError(
             "--module and --model are alternatives: --module for a LightningModule class that "
             "rebuilds a Lightning .ckpt, --model for a factory that builds the network whose "
             "weights the file holds. Pass one."
         )
-    if settings.model_kwargs is not None and settings.model is None:
+    if model_kwargs is not None and model is None:
         raise UsageError(
             "--model-kwargs are the arguments of the --model factory; pass --model "
             "pkg.mod:factory with them (a --module class rebuilds itself from the checkpoint)."
         )
-    if settings.module is not None:
-        target, source = import_spec(settings.module, "--module")
+    if module is not None:
+        target, source = import_spec(module, "--module")
         if not (isinstance(target, type) and issubclass(target, L.LightningModule)):
             hint = (
                 f" For a function or nn.Module class that builds the network, pass --model "
-                f"{settings.module} with a state dict."
+                f"{module} with a state dict."
                 if callable(target)
                 else ""
             )
             raise UsageError(
-                f"--module {settings.module} is {_describe(target)}; expected a LightningModule "
+                f"--module {module} is {_describe(target)}; expected a LightningModule "
                 f"subclass (its load_from_checkpoint rebuilds the checkpoint).{hint}"
             )
-        return UserCode("--module", settings.module, target, source)
-    if settings.model is not None:
-        target, source = import_spec(settings.model, "--model")
+        return UserCode("--module", module, target, source)
+    if model is not None:
+        target, source = import_spec(model, "--model")
         if isinstance(target, type) and issubclass(target, L.LightningModule):
             raise UsageError(
-                f"--model {settings.model} is a LightningModule; pass it as --module "
-                f"{settings.model} to rebuild its Lightning checkpoints, or name the function "
+                f"--model {model} is a LightningModule; pass it as --module "
+                f"{model} to rebuild its Lightning checkpoints, or name the function "
                 "that builds its network with --model."
             )
         if not callable(target):
             raise UsageError(
-                f"--model {settings.model} is {_describe(target)}; expected a callable that "
+                f"--model {model} is {_describe(target)}; expected a callable that "
                 "returns the network (a function, or the network's class)."
             )
-        kwargs = dict(settings.model_kwargs or {})
-        return UserCode("--model", settings.model, target, source, kwargs)
+        kwargs = dict(model_kwargs or {})
+        return UserCode("--model", model, target, source, kwargs)
     return None
 
 
