@@ -731,17 +731,8 @@ def load_lightning_module(
         "network instead.",
         **overrides,
     )
-    module.eval()
-    network, prefix = network_and_prefix(module)
-    data = _data_hyperparameters(content)
-    names = _names_or_none(getattr(module, "class_names", None))
-    names = names or _names_or_none(_mapping(hparams).get("class_names")) or data.class_names
-    return _caller_network(
-        path,
-        network,
-        _Origin("lightning", name, data, names, content.get("epoch"), prefix),
-        options,
-    )
+    saved_names = _names_or_none(_mapping(hparams).get("class_names"))
+    return _module_network(path, module, name, content, options, saved_names)
 
 
 def load_module_weights(
@@ -775,14 +766,27 @@ def load_module_weights(
             "pass the config.yaml of the run that saved this checkpoint."
         )
     module.load_state_dict(content["state_dict"], strict=True)
+    return _module_network(path, module, name, content, options)
+
+
+def _module_network(
+    path: Path,
+    module: nn.Module,
+    name: str,
+    content: Mapping[str, Any],
+    options: CallerOptions,
+    saved_names: tuple[str, ...] | None = None,
+) -> LoadedCheckpoint:
+    """A loaded LightningModule's network (:func:`network_and_prefix`), in eval mode, with the
+    class names of the module, else ``saved_names``, else its data module's."""
     module.eval()
     network, prefix = network_and_prefix(module)
     data = _data_hyperparameters(content)
-    names = _names_or_none(getattr(module, "class_names", None)) or data.class_names
+    names = _names_or_none(getattr(module, "class_names", None)) or saved_names
     return _caller_network(
         path,
         network,
-        _Origin("lightning", name, data, names, content.get("epoch"), prefix),
+        _Origin("lightning", name, data, names or data.class_names, content.get("epoch"), prefix),
         options,
     )
 
