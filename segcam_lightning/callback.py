@@ -73,7 +73,13 @@ from segcam_lightning.quality.functional import (
     segmentation_statistics,
     shortcut_suspects,
 )
-from segcam_lightning.render import cam_grid, class_palette, display_images, volume_grid
+from segcam_lightning.render import (
+    cam_grid,
+    class_palette,
+    data_attribute,
+    display_images,
+    volume_grid,
+)
 
 COLORMAPS = {
     name.removeprefix("COLORMAP_").lower(): getattr(cv2, name)
@@ -478,9 +484,9 @@ class GradCAMCallback(Callback):
         if self.to_display is not None:
             return self.to_display
         data = trainer.datamodule
-        mean = self.image_mean if self.image_mean is not None else _data_attribute(data, "mean")
-        std = self.image_std if self.image_std is not None else _data_attribute(data, "std")
-        order = self.channel_order or _data_attribute(data, "channel_order") or "rgb"
+        mean = self.image_mean if self.image_mean is not None else data_attribute(data, "mean")
+        std = self.image_std if self.image_std is not None else data_attribute(data, "std")
+        order = self.channel_order or data_attribute(data, "channel_order") or "rgb"
         _check_choice("channel_order", order, ("rgb", "bgr"))
         return lambda images: display_images(images, mean, std, order)
 
@@ -1033,20 +1039,6 @@ def _gather(trainer: L.Trainer, tensor: Tensor) -> Tensor:
         return tensor
     gathered = trainer.strategy.all_gather(tensor.contiguous())
     return gathered.flatten(0, 1)
-
-
-def _data_attribute(data: Any, name: str) -> Any:
-    """``data.image_<name>`` / ``data.<name>`` or the same hyperparameter, else ``None``."""
-    if data is None:
-        return None
-    hparams = getattr(data, "hparams", {}) or {}
-    for key in (f"image_{name}", name):
-        value = getattr(data, key, None)
-        if value is None and isinstance(hparams, Mapping):
-            value = hparams.get(key)
-        if value is not None and not callable(value):
-            return value
-    return None
 
 
 def _names(

@@ -7,9 +7,10 @@ Everything here takes CPU arrays/tensors and returns ``uint8`` arrays ``[H, W, 3
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any
 
 import cv2
 import numpy as np
@@ -50,6 +51,22 @@ def class_palette(
     hsv = np.stack([hues, np.full_like(hues, 200), np.full_like(hues, 255)], -1)[None]
     palette = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0]
     return [(0, 0, 0)] + [tuple(int(v) for v in c) for c in palette[1:]]  # type: ignore[misc]
+
+
+def data_attribute(data: Any, name: str) -> Any:
+    """``data.image_<name>`` / ``data.<name>`` or the same hyperparameter, else ``None``: how a
+    data module (or module) says its images were normalised (``mean``, ``std``) and ordered
+    (``channel_order``), for :func:`display_images`."""
+    if data is None:
+        return None
+    hparams = getattr(data, "hparams", {}) or {}
+    for key in (f"image_{name}", name):
+        value = getattr(data, key, None)
+        if value is None and isinstance(hparams, Mapping):
+            value = hparams.get(key)
+        if value is not None and not callable(value):
+            return value
+    return None
 
 
 def display_images(

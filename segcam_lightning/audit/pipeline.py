@@ -35,7 +35,8 @@ from segcam_lightning.audit.settings import AuditSettings
 from segcam_lightning.data.batch import BatchAdapter
 from segcam_lightning.errors import UsageError
 from segcam_lightning.loading import import_spec
-from segcam_lightning.render import display_images
+from segcam_lightning.loading.checkpoints import names_code
+from segcam_lightning.render import data_attribute, display_images
 from segcam_lightning.text import one_line
 
 __all__ = [
@@ -381,7 +382,7 @@ def _saved_datamodule_values(path: Path) -> dict[str, Any]:
     if not isinstance(saved, Mapping):
         return {}
     values = {str(k): v for k, v in saved.items() if not str(k).startswith("_")}
-    coded = [k for k, v in values.items() if _names_code(v)]
+    coded = [k for k, v in values.items() if names_code(v)]
     if coded:
         raise UsageError(
             f"{path} saved data module values that name code ({', '.join(coded)}: a class_path); "
@@ -389,14 +390,6 @@ def _saved_datamodule_values(path: Path) -> dict[str, Any]:
             "--datamodule-kwargs, or use the run's config.yaml with --config."
         )
     return values
-
-
-def _names_code(value: Any) -> bool:
-    if isinstance(value, Mapping):
-        return "class_path" in value or any(_names_code(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_names_code(v) for v in value)
-    return False
 
 
 @contextlib.contextmanager
@@ -430,15 +423,8 @@ def data_display(*sources: Any) -> Display:
     normalised (``image_mean``/``mean``, ``image_std``/``std``, ``channel_order``)."""
 
     def attribute(name: str) -> Any:
-        for source in sources:
-            hparams = getattr(source, "hparams", {}) or {}
-            for key in (f"image_{name}", name):
-                value = getattr(source, key, None)
-                if value is None and isinstance(hparams, Mapping):
-                    value = hparams.get(key)
-                if value is not None and not callable(value) and not isinstance(value, Tensor):
-                    return value
-        return None
+        values = (data_attribute(source, name) for source in sources)
+        return next((v for v in values if v is not None), None)
 
     mean, std = attribute("mean"), attribute("std")
     order = attribute("channel_order")
@@ -503,10 +489,7 @@ class PipelineDataset(Dataset):
         try:
             images, masks = self.adapter(batch)
         except (TypeError, ValueError, KeyError) as error:
-            raise UsageError(
-                f"The {self.names[index] if index < len(getattr(self, 'names', [])) else 'first'}"
-                f" item of the split: {one_line(error)}"
-            ) from None
+            raise UsageError(f"Item {index} of the split: {one_line(error)}") from None
         return images.float(), masks
 
     def __getitem__(self, index: int) -> dict[str, Any]:

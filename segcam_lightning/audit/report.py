@@ -315,18 +315,12 @@ def class_means(rows: Sequence[dict[str, Any]], plan: AuditPlan) -> list[dict[st
 
 
 def _dataset_iou(rows: Sequence[dict[str, Any]]) -> float:
-    """IoU over all the images of ``rows`` from each image's IoU and area shares: an image's
-    intersection is ``iou (pred + gt) / (1 + iou)`` (every image has the same size); NaN where
-    no image predicts or holds the class."""
-    intersection = union = 0.0
-    for row in rows:
-        pred, gt, iou = row["pred_area"], row["gt_area"], row["iou"]
-        if any(math.isnan(v) for v in (pred, gt)):
-            continue
-        inter = 0.0 if math.isnan(iou) else iou * (pred + gt) / (1.0 + iou)
-        intersection += inter
-        union += pred + gt - inter
-    return intersection / union if union > 0 else float("nan")
+    """IoU of one class over all the images of ``rows`` (:func:`_pooled_iou` of their values)."""
+    columns = [
+        torch.tensor([[row[name]] for row in rows], dtype=torch.float64)
+        for name in ("iou", "pred_area", "gt_area")
+    ]
+    return float(_pooled_iou(*columns)[0]) if rows else float("nan")
 
 
 #: The shortcut rule's thresholds: the defaults of

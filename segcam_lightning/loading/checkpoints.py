@@ -908,19 +908,19 @@ def _module_hyperparameter_problem(key: Any, value: Any, module_class: type) -> 
         if isinstance(value, str) and (value in own or value.endswith(f".{own[1]}")):
             return ""
         return f"{_describe(value)}, another class than {module_class.__qualname__}"
-    if _names_code(value):
+    if names_code(value):
         return f"{_describe(value)} (names a class)"
     return ""
 
 
-def _names_code(value: Any, depth: int = 0) -> bool:
+def names_code(value: Any, depth: int = 0) -> bool:
     """Whether ``value`` holds a ``class_path`` entry (jsonargparse's way to name a class)."""
     if depth > 8:
         return True
     if isinstance(value, Mapping):
-        return _CLASS_SPEC in value or any(_names_code(v, depth + 1) for v in value.values())
+        return _CLASS_SPEC in value or any(names_code(v, depth + 1) for v in value.values())
     if isinstance(value, list | tuple):
-        return any(_names_code(v, depth + 1) for v in value)
+        return any(names_code(v, depth + 1) for v in value)
     return False
 
 
