@@ -21,6 +21,7 @@ from segcam_lightning.cam import (
     LogitMargin,
     LogitRegion,
     PixelTarget,
+    Readout,
     ScoreCAM,
     SoftmaxMean,
     candidate_layers,
@@ -621,8 +622,8 @@ def test_logit_margin_scores(images: torch.Tensor) -> None:
     # Sigmoid channels decide alone: the margin is the logit, as for logit_region.
     for kind in ("binary", "multilabel"):
         model = make_net() if kind == "multilabel" else UNet(num_classes=1, base_width=4).eval()
-        margin = CAMEngine(model, [D4], target="logit_margin", output_kind=kind)(images)
-        region = CAMEngine(model, [D4], target="logit_region", output_kind=kind)(images)
+        margin = CAMEngine(model, [D4], target="logit_margin", readout=Readout(kind))(images)
+        region = CAMEngine(model, [D4], target="logit_region", readout=Readout(kind))(images)
         torch.testing.assert_close(margin.scores, region.scores)
         torch.testing.assert_close(margin.cams, region.cams)
     with pytest.raises(ValueError, match="background"):
@@ -1010,5 +1011,5 @@ def test_softmax_mean_takes_k_minus_one_backward_passes(
     assert calls.count(True) == 3
     calls.clear()
     # Sigmoid probabilities do not sum to a constant: K passes for multi-label outputs.
-    CAMEngine(net, LAYERS, output_kind="multilabel")(images)
+    CAMEngine(net, LAYERS, readout=Readout("multilabel"))(images)
     assert calls.count(True) == 3

@@ -206,12 +206,12 @@ def test_resolve_output_kind_and_threshold_logit() -> None:
     with pytest.raises(
         ValueError,
         match=r"the softmax of one channel is the constant 1.*"
-        r"output_kind='binary'",
+        r"kind='binary'",
     ):
         FC.resolve_output_kind("multiclass", 1)
-    with pytest.raises(ValueError, match=r"output_kind='binary' expects one output channel.*has 3"):
+    with pytest.raises(ValueError, match=r"kind='binary' expects one output channel.*has 3"):
         FC.resolve_output_kind("binary", 3)
-    with pytest.raises(ValueError, match=r"Expected `output_kind` to be one of \('auto', "):
+    with pytest.raises(ValueError, match=r"Expected the output kind to be one of \('auto', "):
         FC.resolve_output_kind("sigmoid", 1)
     for bad in (0.0, 1.0, -0.2, True, "0.5"):
         with pytest.raises(ValueError, match=r"Expected `threshold` to be a float in \(0, 1\)"):
@@ -237,7 +237,7 @@ def test_predicted_masks_per_kind(gen: torch.Generator) -> None:
     assert FC.predicted_masks(one, "auto", 0.8).flatten().tolist() == [0, 0, 0, 0, 1]  # > 1.386
     with pytest.raises(ValueError, match=r"Expected logits of shape \[B, K, H, W\], but got \[5\]"):
         FC.predicted_masks(one.flatten(), "binary")
-    with pytest.raises(ValueError, match=r"output_kind='binary' expects one output channel"):
+    with pytest.raises(ValueError, match=r"kind='binary' expects one output channel"):
         FC.predicted_masks(logits, "binary")
 
 

@@ -27,10 +27,11 @@ from segcam_lightning.cam import (
     LogitMargin,
     LogitRegion,
     PixelTarget,
+    Readout,
     SoftmaxMean,
     Target,
 )
-from segcam_lightning.cam.targets import SOFTMAX, Reading
+from segcam_lightning.cam.readout import SOFTMAX
 from segcam_lightning.models import UNet
 
 D4, E4 = "d4.conv.conv.5", "e4.conv.conv.5"
@@ -63,7 +64,7 @@ def test_closed_forms_equal_autograd(kind: str, dims: int) -> None:
     logits[1] = logits[1].round()  # ties, as quantised (half-precision) logits have them
     labels = torch.randint(0, max(k, 2), (2, *size), generator=gen)
     labels[:, 0, 0] = 255  # an ignore index belongs to no class
-    reading = Reading(kind, 0.3)
+    reading = Readout(kind, 0.3)
     targets = [
         SoftmaxMean(),
         LogitRegion(),
@@ -120,7 +121,7 @@ def test_head_path_equals_per_class_gradients(
     for target in ("softmax_mean", "logit_region", "logit_margin", "gt_region", scaled_sum):
         for layers in ([D4], ["outputs"], [E4, D4]):
             for classes in subsets:
-                options = {"target": target, "normalize": "none", "output_kind": kind}
+                options = {"target": target, "normalize": "none", "readout": Readout(kind)}
                 calls.clear()
                 head = CAMEngine(net, layers, **options)(x, classes, masks=labels)
                 # Only e4 takes per-class passes (K - 1 of them where a class is derived).
@@ -283,8 +284,8 @@ class Tempered(SoftmaxMean):
     """A user's softmax target with a temperature: the closed form of SoftmaxMean is wrong for
     it, so the autograd default must be used."""
 
-    def __call__(self, logits, masks=None, reading=SOFTMAX):
-        return super().__call__(logits / 3, masks, reading)
+    def __call__(self, logits, masks=None, readout=SOFTMAX):
+        return super().__call__(logits / 3, masks, readout)
 
 
 def test_subclasses_that_change_the_maths_do_not_inherit_shortcuts(

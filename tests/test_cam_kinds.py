@@ -16,6 +16,7 @@ from segcam_lightning.cam import (
     CAMEngine,
     CAMResult,
     PixelTarget,
+    Readout,
     ScoreCAM,
 )
 from segcam_lightning.models import SEED_LAYERS, UNet
@@ -87,7 +88,7 @@ def test_auto_on_one_channel_is_binary_with_nonzero_maps(images: torch.Tensor) -
         assert result.present.all()
         assert (result.raw_max.amax(dim=1) > 0).all(), target  # every image, some layer
     # What the old code computed: the softmax of the one channel, constant, with a warning now.
-    with pytest.warns(RuntimeWarning, match=BLANK.format(r"\[0\]") + r".*output_kind='binary'"):
+    with pytest.warns(RuntimeWarning, match=BLANK.format(r"\[0\]") + r".*Readout\('binary'\)"):
         old = CAMEngine(net, LAYERS, target=lambda lg, m: lg.softmax(1).mean((2, 3)))(images)
     assert (old.raw_max == 0).all()
 
@@ -96,34 +97,36 @@ def test_output_kind_errors(images: torch.Tensor) -> None:
     one, three = make_unet(1), make_unet(3)
     with pytest.raises(
         ValueError,
-        match=r"output_kind='multiclass' needs at least two output channels, but the model has "
-        r"one: the softmax of one channel is the constant 1.*pass output_kind='binary'",
+        match=r"kind='multiclass' needs at least two output channels, but the model has "
+        r"one: the softmax of one channel is the constant 1.*pass Readout\(kind='binary'\)",
     ):
-        CAMEngine(one, [D4], output_kind="multiclass")(images)
+        CAMEngine(one, [D4], readout=Readout("multiclass"))(images)
     with pytest.raises(
-        ValueError, match=r"output_kind='binary' expects one output channel .* the model has 3"
+        ValueError, match=r"kind='binary' expects one output channel .* the model has 3"
     ):
-        CAMEngine(three, [D4], output_kind="binary")(images)
-    with pytest.raises(ValueError, match=r"Expected `output_kind` to be one of \('auto', "):
-        CAMEngine(three, [D4], output_kind="softmax")  # type: ignore[arg-type]
+        CAMEngine(three, [D4], readout=Readout("binary"))(images)
+    with pytest.raises(ValueError, match=r"Expected `kind` to be one of \('auto', "):
+        Readout("softmax")
     for bad in (0, 1.0, 1.5, None):
         with pytest.raises(ValueError, match=r"Expected `threshold` to be a float in \(0, 1\)"):
-            CAMEngine(one, [D4], threshold=bad)  # type: ignore[arg-type]
+            Readout("binary", threshold=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"Expected `readout` to be a segcam_lightning.cam.Readout"):
+        CAMEngine(one, [D4], readout="binary")  # type: ignore[arg-type]
     assert OUTPUT_KINDS == ("auto", "multiclass", "binary", "multilabel")
-    assert "output_kind='auto'" in repr(CAMEngine(one, [D4]))
+    assert "Readout(kind='auto'" in repr(CAMEngine(one, [D4]))
 
 
 def test_result_records_the_resolved_kind(images: torch.Tensor) -> None:
     three = make_unet(3)
     assert CAMEngine(three, [D4])(images).output_kind == "multiclass"
-    assert CAMEngine(three, [D4], output_kind="multilabel")(images).output_kind == "multilabel"
+    assert CAMEngine(three, [D4], readout=Readout("multilabel"))(images).output_kind == "multilabel"
     empty = torch.zeros(0)
     assert CAMResult(empty, empty, empty, empty, empty, (), ()).output_kind == "multiclass"
 
 
 def test_sigmoid_mean_scores(images: torch.Tensor) -> None:
     net = make_unet(3)
-    result = CAMEngine(net, [D4], output_kind="multilabel")(images)
+    result = CAMEngine(net, [D4], readout=Readout("multilabel"))(images)
     with torch.no_grad():
         expected = net(images).sigmoid().mean(dim=(2, 3))
     torch.testing.assert_close(result.scores, expected)
@@ -132,7 +135,9 @@ def test_sigmoid_mean_scores(images: torch.Tensor) -> None:
 @pytest.mark.parametrize("threshold", [0.5, 0.3, 0.8])
 def test_binary_logit_region_uses_the_threshold(images: torch.Tensor, threshold: float) -> None:
     net = binary_net(images)
-    result = CAMEngine(net, [D4], target="logit_region", threshold=threshold)(images)
+    result = CAMEngine(net, [D4], target="logit_region", readout=Readout(threshold=threshold))(
+        images
+    )
     with torch.no_grad():
         logits = net(images)[:, 0]
     region = logits.sigmoid() > threshold  # no logit here is within rounding of the boundary
@@ -144,7 +149,7 @@ def test_binary_logit_region_uses_the_threshold(images: torch.Tensor, threshold:
 
 def test_multilabel_logit_region_regions_overlap(images: torch.Tensor) -> None:
     net = make_unet(3)
-    result = CAMEngine(net, [D4], target="logit_region", output_kind="multilabel")(images)
+    result = CAMEngine(net, [D4], target="logit_region", readout=Readout("multilabel"))(images)
     with torch.no_grad():
         logits = net(images)
     region = logits > 0
@@ -172,7 +177,9 @@ def test_multilabel_gt_region_with_multi_hot_masks(images: torch.Tensor) -> None
     masks = torch.zeros(2, 3, 32, 32, dtype=torch.bool)
     masks[:, 0, :16] = True
     masks[:, 1, 8:24] = True  # overlaps class 0
-    result = CAMEngine(net, [D4], target="gt_region", output_kind="multilabel")(images, masks=masks)
+    result = CAMEngine(net, [D4], target="gt_region", readout=Readout("multilabel"))(
+        images, masks=masks
+    )
     with torch.no_grad():
         logits = net(images)
     torch.testing.assert_close(result.scores, (logits * masks).sum(dim=(2, 3)))
@@ -311,7 +318,7 @@ def test_no_warning_in_normal_use(images: torch.Tensor, num_classes: int, kind: 
         warnings.simplefilter("error")
         for target in ("softmax_mean", "logit_region", "gt_region"):
             for method in ("gradcam", "layercam"):
-                CAMEngine(net, LAYERS, method, target, output_kind=kind)(images, masks=masks)
+                CAMEngine(net, LAYERS, method, target, readout=Readout(kind))(images, masks=masks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,10 +343,10 @@ def test_kinds_and_low_resolution_on_cuda_equal_cpu(images: torch.Tensor, method
     ]
     for net, layers, kind in cases:
         for target in ("softmax_mean", "logit_region", "gt_region"):
-            cpu = CAMEngine(net.double(), layers, method, target, "none", output_kind=kind)(
+            cpu = CAMEngine(net.double(), layers, method, target, "none", readout=Readout(kind))(
                 images.double(), masks=labels
             )
-            gpu = CAMEngine(net.cuda(), layers, method, target, "none", output_kind=kind)(
+            gpu = CAMEngine(net.cuda(), layers, method, target, "none", readout=Readout(kind))(
                 images.double().cuda(), masks=labels.cuda()
             )
             assert gpu.cams.device.type == "cuda" and gpu.output_kind == cpu.output_kind
@@ -349,7 +356,7 @@ def test_kinds_and_low_resolution_on_cuda_equal_cpu(images: torch.Tensor, method
             net.float()
             with warnings.catch_warnings(), torch.autocast("cuda", dtype=torch.float16):
                 warnings.filterwarnings("error", "The CAMs of class", RuntimeWarning)
-                half = CAMEngine(net, layers, method, target, output_kind=kind)(
+                half = CAMEngine(net, layers, method, target, readout=Readout(kind))(
                     images.cuda(), masks=labels.cuda()
                 )
             assert half.cams.dtype == torch.float32 and half.cams.isfinite().all()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from hooked import activation_and_gradient
 from torch import nn
 
-from segcam_lightning.cam import CAMEngine, ScoreCAM
+from segcam_lightning.cam import CAMEngine, Readout, ScoreCAM
 from segcam_lightning.models import SEED_LAYERS, UNet
 
 SIZE = 64
@@ -436,7 +436,7 @@ def images32() -> torch.Tensor:
 
 @pytest.mark.parametrize("method", ["gradcam", "hirescam", "layercam"])
 def test_binary_cams_equal_naive_sigmoid_loop(images32: torch.Tensor, method: str) -> None:
-    """A one-channel model (``output_kind="auto"`` -> binary) explains its foreground channel
+    """A one-channel model (``readout=Readout("auto")`` -> binary) explains its foreground channel
     with the mean sigmoid probability."""
     torch.manual_seed(3)
     model = randomised_batchnorm(UNet(num_classes=1, base_width=4)).double()
@@ -451,7 +451,7 @@ def test_multilabel_cams_equal_naive_sigmoid_loop(images32: torch.Tensor, method
     torch.manual_seed(4)
     model = randomised_batchnorm(UNet(num_classes=3, base_width=4)).double()
     layers = list(SEED_LAYERS)
-    engine = CAMEngine(model, layers, method, output_kind="multilabel", normalize="none")
+    engine = CAMEngine(model, layers, method, readout=Readout("multilabel"), normalize="none")
     result = engine(images32)
     assert result.output_kind == "multilabel" and result.classes == (0, 1, 2)
     assert_equal_naive(result.cams, model, images32, layers, method, sigmoid_mean)

@@ -12,6 +12,7 @@ from test_cam_references import QuarterNet, randomised_batchnorm
 from test_quality import NAMES, WetSoilNet, samples
 from torch import nn
 
+from segcam_lightning.cam import Readout
 from segcam_lightning.quality import functional as QF
 from segcam_lightning.quality import objects_alone, objects_alone_report
 
@@ -86,12 +87,12 @@ def test_logits_at_a_quarter_of_the_image_and_the_ignore_index():
     images, masks = samples(4, 2)
     images = images.double()
     masks[:, :8] = 255
-    kept = objects_alone(model, images, masks, ignore_index=255)
+    kept = objects_alone(model, images, masks, readout=Readout(ignore_index=255))
     # An ignore index that is also a class's label: that class has no pixel left to score,
     # and the others are scored as before.
     labels = samples(4, 2)[1]
     plain = objects_alone(model, images, labels)
-    soil_ignored = objects_alone(model, images, labels, ignore_index=0)
+    soil_ignored = objects_alone(model, images, labels, readout=Readout(ignore_index=0))
     assert not plain[:, 0].isnan().all() and soil_ignored[:, 0].isnan().all()
     torch.testing.assert_close(soil_ignored[:, 1:], plain[:, 1:], equal_nan=True)
 

@@ -50,8 +50,8 @@ from segcam_lightning.cam.methods import (
     XGradCAM,
     get_method,
 )
+from segcam_lightning.cam.readout import Readout
 from segcam_lightning.cam.targets import (
-    SOFTMAX,
     TARGETS,
     BoxTarget,
     CallableTarget,
@@ -59,7 +59,6 @@ from segcam_lightning.cam.targets import (
     LogitMargin,
     LogitRegion,
     PixelTarget,
-    Reading,
     RegionTarget,
     SoftmaxMean,
     Target,
@@ -72,7 +71,6 @@ __all__ = [
     "METHODS",
     "NORMALIZE_MODES",
     "OUTPUT_KINDS",
-    "SOFTMAX",
     "TARGETS",
     "BoxTarget",
     "CAMEngine",
@@ -90,7 +88,7 @@ __all__ = [
     "LogitMargin",
     "LogitRegion",
     "PixelTarget",
-    "Reading",
+    "Readout",
     "RegionTarget",
     "ScoreCAM",
     "SoftmaxMean",

@@ -62,7 +62,6 @@ from segcam_lightning.cam.functional import (
     NORMALIZE_MODES,
     OUTPUT_KINDS,
     NormalizeMode,
-    OutputKind,
 )
 from segcam_lightning.cam.gradients import (
     GradientCall,
@@ -83,7 +82,8 @@ from segcam_lightning.cam.layers import (
     unwrap_compiled,
 )
 from segcam_lightning.cam.methods import _CAM, get_method
-from segcam_lightning.cam.targets import Reading, Target, get_target
+from segcam_lightning.cam.readout import Readout
+from segcam_lightning.cam.targets import Target, get_target
 
 __all__ = ["GRAD_MODES", "OUTPUT_KINDS", "CAMEngine", "CAMResult", "default_output_adapter"]
 
@@ -171,14 +171,13 @@ class CAMEngine:
             layer, shared by the classes) or ``"none"``; see
             :func:`~segcam_lightning.cam.functional.normalize_cams`. Maps are normalised after
             upsampling to the input size, as the seed did, so every map peaks at exactly 1.
-        output_kind: how the logits' channels are read, one of :data:`OUTPUT_KINDS`:
-            ``"multiclass"`` (softmax over K >= 2 channels), ``"binary"`` (one sigmoid channel;
-            ``classes`` is ``(0,)`` and its map explains the foreground, label 1),
-            ``"multilabel"`` (K independent sigmoids, overlapping classes) or ``"auto"`` (one
-            channel is binary, more are multiclass; multi-label must be asked for). Resolved at
-            call time from the logits; ``"multiclass"`` on one channel raises.
-        threshold: probability in ``(0, 1)`` above which a sigmoid pixel is predicted (binary,
-            multilabel): ``logit_region`` uses ``logit > log(t / (1 - t))``.
+        readout: how the logits' channels are read (a
+            :class:`~segcam_lightning.cam.readout.Readout`): ``kind`` ``"multiclass"`` (softmax
+            over K >= 2 channels), ``"binary"`` (one sigmoid channel; ``classes`` is ``(0,)``
+            and its map explains the foreground, label 1), ``"multilabel"`` (K independent
+            sigmoids) or ``"auto"`` (the default: one channel is binary, more are multiclass),
+            resolved at call time from the logits; ``threshold``, the probability above which
+            a sigmoid pixel is predicted (``logit_region`` uses ``logit > log(t / (1 - t))``).
         guided: also return guided backpropagation (``result.guided_backprop``) and guided CAMs
             (``result.guided_cams``); implied by ``method="guided_gradcam"``. Needs a gradient
             method and one extra backward pass to the input per class.
@@ -207,8 +206,7 @@ class CAMEngine:
         target: str | Target | Callable[..., Any] = "softmax_mean",
         normalize: NormalizeMode = "minmax",
         *,
-        output_kind: OutputKind = "auto",
-        threshold: float = 0.5,
+        readout: Readout | None = None,
         guided: bool = False,
         output_adapter: Callable[[Any], Tensor] | None = None,
         grad_mode: GradMode = "auto",
@@ -226,13 +224,12 @@ class CAMEngine:
                 f"Expected `normalize` to be one of {NORMALIZE_MODES}, but got {normalize!r}."
             )
         self.normalize: NormalizeMode = normalize
-        if output_kind not in OUTPUT_KINDS:
-            raise ValueError(
-                f"Expected `output_kind` to be one of {OUTPUT_KINDS}, but got {output_kind!r}."
+        if readout is not None and not isinstance(readout, Readout):
+            raise TypeError(
+                "Expected `readout` to be a segcam_lightning.cam.Readout (e.g. "
+                f"Readout('binary', threshold=0.5)) or None, but got {type(readout).__name__}."
             )
-        self.output_kind: OutputKind = output_kind
-        FC.threshold_logit(threshold)  # validates
-        self.threshold = float(threshold)
+        self.readout = readout if readout is not None else Readout()
         if not isinstance(guided, bool):
             raise TypeError(f"Expected `guided` to be a bool, but got {type(guided).__name__}.")
         self.guided = guided or self.method.guided
@@ -257,7 +254,7 @@ class CAMEngine:
         return (
             f"CAMEngine(layers={self.layer_names}, method={self.method!r}, "
             f"target={self.target!r}, normalize={self.normalize!r}, "
-            f"output_kind={self.output_kind!r}, guided={self.guided})"
+            f"readout={self.readout!r}, guided={self.guided})"
         )
 
     def __call__(
@@ -372,11 +369,11 @@ class CAMEngine:
     ) -> GradientCall:
         """The target's scores ``[B, K_all]`` of the logits, with a graph for gradient methods,
         and what the gradient strategies read."""
-        kind = FC.resolve_output_kind(self.output_kind, logits.shape[1])
+        read = self.readout.resolved(logits.shape[1])
+        kind = read.kind
         classes = _select_classes(wanted, logits.shape[1], x.device)
         if self.target.needs_masks:
             _check_masks(masks, tuple(x.shape[2:]), logits.shape)
-        read = Reading(kind, self.threshold)
         with torch.set_grad_enabled(self.method.needs_gradients):
             float_logits = _at_least_float32(logits)
             scores, present = self.target(float_logits, masks, read)

@@ -124,20 +124,20 @@ def resolve_output_kind(kind: str, num_outputs: int) -> str:
             constant 1, so every gradient is zero) or ``"binary"`` with more than one.
     """
     if kind not in OUTPUT_KINDS:
-        raise ValueError(f"Expected `output_kind` to be one of {OUTPUT_KINDS}, but got {kind!r}.")
+        raise ValueError(f"Expected the output kind to be one of {OUTPUT_KINDS}, but got {kind!r}.")
     if kind == "auto":
         return "binary" if num_outputs == 1 else "multiclass"
     if kind == "multiclass" and num_outputs == 1:
         raise ValueError(
-            "output_kind='multiclass' needs at least two output channels, but the model has one: "
+            "kind='multiclass' needs at least two output channels, but the model has one: "
             "the softmax of one channel is the constant 1, so every score has zero gradient and "
             "every CAM would be blank. For a one-channel sigmoid model pass "
-            "output_kind='binary' (or 'auto')."
+            "Readout(kind='binary') (or 'auto')."
         )
     if kind == "binary" and num_outputs != 1:
         raise ValueError(
-            f"output_kind='binary' expects one output channel (the foreground logit), but the "
-            f"model has {num_outputs}. Pass output_kind='multiclass' for a softmax over the "
+            f"kind='binary' expects one output channel (the foreground logit), but the "
+            f"model has {num_outputs}. Pass Readout(kind='multiclass') for a softmax over the "
             "channels or 'multilabel' for independent sigmoids."
         )
     return kind

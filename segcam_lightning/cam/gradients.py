@@ -27,7 +27,8 @@ from torch import Tensor
 
 from segcam_lightning.cam.capture import _Capture, _GuidedReLU, _Heads
 from segcam_lightning.cam.methods import _CAM, Probe, _GradientCAM
-from segcam_lightning.cam.targets import Reading, Target
+from segcam_lightning.cam.readout import Readout
+from segcam_lightning.cam.targets import Target
 
 #: ``grad_mode="auto"`` batches the classes' gradients on CUDA for this many classes or more, up
 #: to this many input pixels per channel in the batch (4 images of 256²): where it was faster
@@ -65,7 +66,7 @@ class GradientCall:
     class_scores: Sequence[Tensor]
     classes: Tensor
     masks: Tensor | None
-    read: Reading
+    read: Readout
     kind: str
     guide: _GuidedReLU | None
     heads: _Heads | None
@@ -359,7 +360,7 @@ class _GradientFlow:
             f"zero gradient w.r.t. the hooked layers {list(layers)} ({kind} output) wherever the "
             "class is present, so the maps explain nothing. The score is constant or saturated: "
             "e.g. a softmax over one output channel (for a one-channel sigmoid model pass "
-            "output_kind='binary'), a target that does not use the logits, or probabilities "
+            "Readout('binary')), a target that does not use the logits, or probabilities "
             "rounded to exactly 0 or 1 everywhere. Use another target (e.g. 'logit_region', "
             "which does not saturate), another layer, or check the model's logits for these "
             "classes.",

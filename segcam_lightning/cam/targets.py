@@ -39,7 +39,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -47,9 +46,9 @@ from torch import Tensor
 
 from segcam_lightning.cam import functional as FC
 from segcam_lightning.cam._registry import resolve
+from segcam_lightning.cam.readout import SOFTMAX, Readout
 
 __all__ = [
-    "SOFTMAX",
     "TARGETS",
     "BoxTarget",
     "CallableTarget",
@@ -57,7 +56,6 @@ __all__ = [
     "LogitMargin",
     "LogitRegion",
     "PixelTarget",
-    "Reading",
     "RegionTarget",
     "SoftmaxMean",
     "Target",
@@ -86,30 +84,12 @@ class TargetOutput(NamedTuple):
     present: Tensor
 
 
-@dataclass(frozen=True)
-class Reading:
-    """How the logits' channels are read.
-
-    Attributes:
-        kind: the engine's resolved output kind (``"multiclass"``, ``"binary"`` or
-            ``"multilabel"``).
-        threshold: the probability above which a sigmoid pixel is predicted; see
-            :func:`~segcam_lightning.cam.functional.predicted_masks`.
-    """
-
-    kind: str = "multiclass"
-    threshold: float = 0.5
-
-
-#: A softmax over the channels: how multiclass logits are read.
-SOFTMAX = Reading()
-
-
 class Target(ABC):
-    """Base of all targets: ``target(logits [B, K, H, W], masks, reading)``.
+    """Base of all targets: ``target(logits [B, K, H, W], masks, readout)``.
 
-    Logits of volumes are ``[B, K, D, H, W]``; scores are ``[B, K]`` either way. ``reading``
-    (a :class:`Reading`) says how the channels are read: softmax or sigmoids, and the threshold.
+    Logits of volumes are ``[B, K, D, H, W]``; scores are ``[B, K]`` either way. ``readout``
+    (a :class:`~segcam_lightning.cam.readout.Readout`) says how the channels are read: softmax
+    or sigmoids, and the threshold.
     """
 
     name: str = "target"
@@ -123,7 +103,7 @@ class Target(ABC):
 
     @abstractmethod
     def __call__(
-        self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
+        self, logits: Tensor, masks: Tensor | None = None, readout: Readout = SOFTMAX
     ) -> TargetOutput:
         """Reduce logits ``[B, K, H, W]`` to scores ``[B, K]`` (and ``present`` ``[B, K]``)."""
 
@@ -132,7 +112,7 @@ class Target(ABC):
         logits: Tensor,
         classes: Tensor,
         masks: Tensor | None = None,
-        reading: Reading = SOFTMAX,
+        readout: Readout = SOFTMAX,
     ) -> Tensor:
         """Spatial means of the score gradients w.r.t. the logits, for every image at once.
 
@@ -148,7 +128,7 @@ class Target(ABC):
         Args:
             logits: ``[B, K, *S]`` float logits (no graph needed).
             classes: ``[K_sel]`` long indices of the classes wanted.
-            masks, reading: as for the call.
+            masks, readout: as for the call.
 
         Returns:
             ``[B, K_sel, K]`` in the logits' dtype.
@@ -158,7 +138,7 @@ class Target(ABC):
         """
         leaf = logits.detach().requires_grad_(True)
         with torch.enable_grad():
-            scores = self(leaf, masks, reading).scores
+            scores = self(leaf, masks, readout).scores
             if not scores.requires_grad:
                 raise RuntimeError(
                     f"The scores of target {self.name!r} do not depend on the logits: it "
@@ -176,7 +156,7 @@ class Target(ABC):
         return torch.stack(rows, dim=1)
 
     def scorer(
-        self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
+        self, logits: Tensor, masks: Tensor | None = None, readout: Readout = SOFTMAX
     ) -> Scorer:
         """Scores for re-run copies of the images (Score-CAM's masked forwards).
 
@@ -185,7 +165,7 @@ class Target(ABC):
                 something from them (a region) fixes it here, so masked copies are scored on the
                 same pixels as the original.
             masks: the ground-truth masks given to the call, if any.
-            reading: as for the call.
+            readout: as for the call.
 
         Returns:
             A function ``(logits [n, K, H, W], source [n]) -> scores [n, K]`` where ``source``
@@ -195,7 +175,7 @@ class Target(ABC):
 
         def score(out: Tensor, source: Tensor) -> Tensor:
             selected = None if masks is None else masks[source]
-            return self(out, selected, reading).scores
+            return self(out, selected, readout).scores
 
         return score
 
@@ -217,10 +197,10 @@ class SoftmaxMean(Target):
     scores_sum_to_constant = True
 
     def __call__(
-        self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
+        self, logits: Tensor, masks: Tensor | None = None, readout: Readout = SOFTMAX
     ) -> TargetOutput:
         n = FC.spatial_dims_of(logits)
-        probs = logits.softmax(dim=1) if reading.kind == "multiclass" else logits.sigmoid()
+        probs = logits.softmax(dim=1) if readout.kind == "multiclass" else logits.sigmoid()
         scores = probs.mean(dim=tuple(range(-n, 0)))
         return TargetOutput(scores, torch.ones_like(scores, dtype=torch.bool))
 
@@ -229,7 +209,7 @@ class SoftmaxMean(Target):
         logits: Tensor,
         classes: Tensor,
         masks: Tensor | None = None,
-        reading: Reading = SOFTMAX,
+        readout: Readout = SOFTMAX,
     ) -> Tensor:
         """Closed form of :meth:`Target.mean_logit_gradients`, one matrix product.
 
@@ -240,13 +220,13 @@ class SoftmaxMean(Target):
         softmax's backward computes it, not as the difference of two sums.
         """
         if not _own(self, SoftmaxMean, "__call__"):
-            return super().mean_logit_gradients(logits, classes, masks, reading)
+            return super().mean_logit_gradients(logits, classes, masks, readout)
         probs = logits.detach().flatten(2)
         n = probs.shape[-1]
-        probs = probs.softmax(dim=1) if reading.kind == "multiclass" else probs.sigmoid()
+        probs = probs.softmax(dim=1) if readout.kind == "multiclass" else probs.sigmoid()
         wanted = probs[:, classes]  # [B, K_sel, N]
         diagonal = (wanted * (1 - wanted)).sum(dim=-1) / n**2
-        if reading.kind == "multiclass":
+        if readout.kind == "multiclass":
             grads = torch.bmm(wanted, probs.transpose(1, 2)).div_(-(n**2))
         else:
             grads = probs.new_zeros(probs.shape[0], len(classes), probs.shape[1])
@@ -263,14 +243,14 @@ class RegionTarget(Target):
     """
 
     @abstractmethod
-    def region(self, logits: Tensor, masks: Tensor | None, reading: Reading = SOFTMAX) -> Tensor:
+    def region(self, logits: Tensor, masks: Tensor | None, readout: Readout = SOFTMAX) -> Tensor:
         """Region weights ``[B, K, *S]`` (0/1) for the given logits ``[B, K, *S]``."""
 
     def __call__(
-        self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
+        self, logits: Tensor, masks: Tensor | None = None, readout: Readout = SOFTMAX
     ) -> TargetOutput:
         FC.spatial_dims_of(logits)
-        region = self.region(logits, masks, reading).to(logits.dtype)
+        region = self.region(logits, masks, readout).to(logits.dtype)
         scores = _spatial_sum(logits * region)
         present = region.flatten(2).ne(0).any(dim=-1)
         return TargetOutput(scores, present)
@@ -280,24 +260,24 @@ class RegionTarget(Target):
         logits: Tensor,
         classes: Tensor,
         masks: Tensor | None = None,
-        reading: Reading = SOFTMAX,
+        readout: Readout = SOFTMAX,
     ) -> Tensor:
         """Closed form of :meth:`Target.mean_logit_gradients`: ``d score_k / d logit_j(p)`` is
         ``δ_kj region_k(p)``, so ``G`` is diagonal with the region's mean. Built-in regions
         only: a subclass's own region may depend on the logits differentiably."""
         if not _own(self, RegionTarget, "__call__") or type(self).region not in _FIXED_REGIONS:
-            return super().mean_logit_gradients(logits, classes, masks, reading)
+            return super().mean_logit_gradients(logits, classes, masks, readout)
         logits = logits.detach()
-        region = self.region(logits, masks, reading)[:, classes].to(logits.dtype)
+        region = self.region(logits, masks, readout)[:, classes].to(logits.dtype)
         grads = logits.new_zeros(logits.shape[0], len(classes), logits.shape[1])
         rows = torch.arange(len(classes), device=grads.device)
         grads[:, rows, classes] = region.flatten(2).mean(dim=-1)
         return grads
 
     def scorer(
-        self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
+        self, logits: Tensor, masks: Tensor | None = None, readout: Readout = SOFTMAX
     ) -> Scorer:
-        region = self.region(logits, masks, reading)
+        region = self.region(logits, masks, readout)
         region = region.to(logits.dtype).detach()
 
         def score(out: Tensor, source: Tensor) -> Tensor:
@@ -315,10 +295,10 @@ class LogitRegion(RegionTarget):
 
     name = "logit_region"
 
-    def region(self, logits: Tensor, masks: Tensor | None, reading: Reading = SOFTMAX) -> Tensor:
+    def region(self, logits: Tensor, masks: Tensor | None, readout: Readout = SOFTMAX) -> Tensor:
         k = logits.shape[1]
-        predicted = FC.predicted_masks(logits.detach(), reading.kind, reading.threshold)
-        return FC.class_regions(predicted, range(k), k, reading.kind, spatial_dims=logits.ndim - 2)
+        predicted = FC.predicted_masks(logits.detach(), readout.kind, readout.threshold)
+        return FC.class_regions(predicted, range(k), k, readout.kind, spatial_dims=logits.ndim - 2)
 
 
 class LogitMargin(LogitRegion):
@@ -381,22 +361,22 @@ class LogitMargin(LogitRegion):
         return logits - logits.gather(1, self._rivals(logits.detach()))
 
     def __call__(
-        self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
+        self, logits: Tensor, masks: Tensor | None = None, readout: Readout = SOFTMAX
     ) -> TargetOutput:
-        if reading.kind != "multiclass":
-            return super().__call__(logits, masks, reading)
+        if readout.kind != "multiclass":
+            return super().__call__(logits, masks, readout)
         FC.spatial_dims_of(logits)
-        region = self.region(logits, masks, reading).to(logits.dtype)
+        region = self.region(logits, masks, readout).to(logits.dtype)
         scores = _spatial_sum(self._margins(logits) * region)
         present = region.flatten(2).ne(0).any(dim=-1)
         return TargetOutput(scores, present)
 
     def scorer(
-        self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
+        self, logits: Tensor, masks: Tensor | None = None, readout: Readout = SOFTMAX
     ) -> Scorer:
-        if reading.kind != "multiclass":
-            return super().scorer(logits, masks, reading)
-        region = self.region(logits, masks, reading).to(logits.dtype).detach()
+        if readout.kind != "multiclass":
+            return super().scorer(logits, masks, readout)
+        region = self.region(logits, masks, readout).to(logits.dtype).detach()
 
         def score(out: Tensor, source: Tensor) -> Tensor:
             return _spatial_sum(self._margins(out) * region[source])
@@ -408,15 +388,15 @@ class LogitMargin(LogitRegion):
         logits: Tensor,
         classes: Tensor,
         masks: Tensor | None = None,
-        reading: Reading = SOFTMAX,
+        readout: Readout = SOFTMAX,
     ) -> Tensor:
         """Closed form of :meth:`Target.mean_logit_gradients`: ``+1`` for the class and ``-1``
         for its strongest competitor at the pixel, inside the region."""
-        if reading.kind != "multiclass" or not _own(self, LogitMargin, "__call__", "_margins"):
-            return super().mean_logit_gradients(logits, classes, masks, reading)
+        if readout.kind != "multiclass" or not _own(self, LogitMargin, "__call__", "_margins"):
+            return super().mean_logit_gradients(logits, classes, masks, readout)
         logits = logits.detach()
         b, k = logits.shape[:2]
-        region = self.region(logits, masks, reading).to(logits.dtype).flatten(2)  # [B, K, N]
+        region = self.region(logits, masks, readout).to(logits.dtype).flatten(2)  # [B, K, N]
         n = region.shape[-1]
         rivals = self._rivals(logits).flatten(2)  # [B, K, N]
         grads = logits.new_zeros(b, len(classes), k)
@@ -444,7 +424,7 @@ class GTRegion(RegionTarget):
     name = "gt_region"
     needs_masks = True
 
-    def region(self, logits: Tensor, masks: Tensor | None, reading: Reading = SOFTMAX) -> Tensor:
+    def region(self, logits: Tensor, masks: Tensor | None, readout: Readout = SOFTMAX) -> Tensor:
         b, k, *size = logits.shape
         n = len(size)
         labels, per_class = (
@@ -462,7 +442,7 @@ class GTRegion(RegionTarget):
                 f"Expected `masks` for a batch of {b} images ({labels} or {per_class} with "
                 f"B = {b}), but got {list(masks.shape)}."
             )
-        return FC.class_regions(masks, range(k), k, reading.kind, size=size).to(logits.device)
+        return FC.class_regions(masks, range(k), k, readout.kind, size=size).to(logits.device)
 
 
 class _WindowTarget(RegionTarget):
@@ -483,7 +463,7 @@ class _WindowTarget(RegionTarget):
     def _window(self, shape: tuple[int, ...]) -> tuple[slice, ...]:
         """One slice per spatial dimension of a grid of ``shape``; raises outside it."""
 
-    def region(self, logits: Tensor, masks: Tensor | None, reading: Reading = SOFTMAX) -> Tensor:
+    def region(self, logits: Tensor, masks: Tensor | None, readout: Readout = SOFTMAX) -> Tensor:
         shape = tuple(logits.shape[2:])
         grid = FC.grid_label(shape)
         if len(shape) == 3 and not self._has_depth:
@@ -613,9 +593,9 @@ class CallableTarget(Target):
         self.name = getattr(fn, "__name__", type(fn).__name__)
 
     def __call__(
-        self, logits: Tensor, masks: Tensor | None = None, reading: Reading = SOFTMAX
+        self, logits: Tensor, masks: Tensor | None = None, readout: Readout = SOFTMAX
     ) -> TargetOutput:
-        del reading
+        del readout
         out = self.fn(logits, masks)
         present = None
         if isinstance(out, tuple) and len(out) == 2:

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from segcam_lightning.cam.functional import class_regions, predicted_masks, resolve_output_kind
+from segcam_lightning.cam.functional import class_regions, predicted_masks
 from segcam_lightning.cam.layers import force_eager
+from segcam_lightning.cam.readout import Readout
 from segcam_lightning.networks import example_logits
 from segcam_lightning.quality import functional as QF
 
@@ -38,15 +39,13 @@ def objects_alone(
     masks: Tensor,
     classes: Sequence[int] | None = None,
     *,
-    output_kind: str = "auto",
-    threshold: float = 0.5,
-    ignore_index: int | None = None,
+    readout: Readout | None = None,
     output_adapter: Callable[[Any], Tensor] | None = None,
     batch_size: int = 16,
     logits: Tensor | None = None,
     lockstep: bool = False,
 ) -> Tensor:
-    """Share of each class's segmented pixels the model keeps when the class's objects are
+    r"""Share of each class's segmented pixels the model keeps when the class's objects are
     shown alone.
 
     Args:
@@ -57,9 +56,10 @@ def objects_alone(
         masks: ground truth: labels ``[N, *S]`` or per-class masks ``[N, K_out, *S]``, at the
             images' size.
         classes: output channels to test; default all (``(0,)`` for a binary model).
-        output_kind, threshold: how logits are read, as the engine does.
-        ignore_index: mask label of unlabelled pixels: they belong to no object, so they are
-            flattened, and they are not scored.
+        readout: how logits are read, as the engine does (default
+            :class:`~segcam_lightning.cam.Readout`\ ``()``); its ``ignore_index`` labels
+            unlabelled pixels: they belong to no object, so they are flattened, and they are
+            not scored.
         output_adapter: ``f(model_output) -> logits``.
         batch_size: images per forward pass.
         logits: the model's logits on the untouched ``images`` when the caller has them (saves
@@ -78,9 +78,7 @@ def objects_alone(
         images,
         masks,
         classes,
-        output_kind=output_kind,
-        threshold=threshold,
-        ignore_index=ignore_index,
+        readout=readout,
         output_adapter=output_adapter,
         batch_size=batch_size,
         logits=logits,
@@ -134,9 +132,7 @@ def objects_alone_report(
     class_names: Sequence[str] | None = None,
     kept_threshold: float = 0.5,
     iou_threshold: float = 0.5,
-    output_kind: str = "auto",
-    threshold: float = 0.5,
-    ignore_index: int | None = None,
+    readout: Readout | None = None,
     output_adapter: Callable[[Any], Tensor] | None = None,
     batch_size: int = 16,
     labels: dict[str, str] | None = None,
@@ -154,9 +150,7 @@ def objects_alone_report(
         images,
         masks,
         classes,
-        output_kind=output_kind,
-        threshold=threshold,
-        ignore_index=ignore_index,
+        readout=readout,
         output_adapter=output_adapter,
         batch_size=batch_size,
     )
@@ -198,9 +192,7 @@ def _objects_alone(
     masks: Tensor,
     classes: Sequence[int] | None,
     *,
-    output_kind: str,
-    threshold: float,
-    ignore_index: int | None,
+    readout: Readout | None,
     output_adapter: Callable[[Any], Tensor] | None,
     batch_size: int,
     logits: Tensor | None = None,
@@ -217,9 +209,11 @@ def _objects_alone(
     if logits is None:
         logits = _logits(model, images, output_adapter, batch_size)
     logits = logits.float()
-    kind = resolve_output_kind(output_kind, logits.shape[1])
+    read = (readout or Readout()).resolved(logits.shape[1])
     wanted = list(classes) if classes is not None else list(range(logits.shape[1]))
-    regions = _Regions(masks, logits, wanted, kind, threshold, ignore_index, images.ndim - 2)
+    regions = _Regions(
+        masks, logits, wanted, read.kind, read.threshold, read.ignore_index, images.ndim - 2
+    )
     before = (regions.truth & regions.predicted_before).flatten(2)  # [N, K, P]
     kept = torch.full(before.shape[:2], float("nan"), device=device)
     for k in range(len(wanted)):
