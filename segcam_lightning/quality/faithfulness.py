@@ -22,16 +22,17 @@ first) and curve, plus ``2 (steps + 1)`` for the random order shared by all clas
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from segcam_lightning.cam import default_output_adapter
-from segcam_lightning.cam.functional import class_regions, predicted_masks, resolve_output_kind
+from segcam_lightning.cam import Readout, default_output_adapter
+from segcam_lightning.cam.functional import class_regions, predicted_masks
 from segcam_lightning.cam.layers import eval_mode, preserve_rng
 from segcam_lightning.quality import functional as QF
 
@@ -124,8 +125,7 @@ def deletion_insertion(
     blur_sigma: float | None = None,
     seed: int = 0,
     batch_size: int = 16,
-    output_kind: str = "auto",
-    threshold: float = 0.5,
+    readout: Readout | None = None,
     output_adapter: Callable[[Any], Tensor] | None = None,
     deletion_threshold: float = DELETION_THRESHOLD,
     labels: dict[str, str] | None = None,
@@ -149,7 +149,8 @@ def deletion_insertion(
         seed: seed of the random order (shared by the classes) and of each class's
             tie-breaking (see :func:`class_generator`).
         batch_size: images per forward pass.
-        output_kind, threshold: how logits are read, as the engine does.
+        readout: how logits are read, as the engine does (default ``Readout()``); its
+            ``ignore_index`` needs nothing here: an ignored label lies in no class's region.
         output_adapter: ``f(model_output) -> logits``.
         deletion_threshold: deletion passes at ``AUC_map / AUC_random`` at most this.
         labels: added to every row (e.g. ``{"method": "gradcam", "layer": "d4.conv.conv.5"}``).
@@ -160,6 +161,31 @@ def deletion_insertion(
     Raises:
         ValueError: for maps that do not match the images, an unknown fill or steps < 1.
     """
+    wanted = _checked_classes(images, maps, classes, fill, steps)
+    device = _device(model, images)
+    images, maps = images.to(device).float(), maps.to(device)
+    filled = _filled(images, fill, blur_sigma)
+    scorer = _Scorer.of(model, images, output_adapter, batch_size, readout)
+    regions, gt_pixels = _scored_regions(scorer, images, masks, wanted)
+    curves = _Curves(scorer, images, filled, _counts(images, steps), wanted, regions, gt_pixels)
+    # The random order serves every class: one forward per point scores them all.
+    random = curves.random(seed)
+    names = [QF.class_name(class_names, k) for k in wanted]
+    rows: list[FaithfulnessRow] = []
+    for k, (class_index, name) in enumerate(zip(wanted, names, strict=True)):
+        index = regions[:, k].flatten(1).any(dim=-1).nonzero().flatten()  # the counted images
+        by_map, by_random, by_gt = curves.of_class(k, index, maps, random, seed)
+        about = (class_index, name, fill, steps, int(index.numel()))
+        for mode in CURVES:
+            found = (by_map.get(mode), by_random.get(mode), by_gt.get(mode))
+            rows.append(_row(mode, *about, *found, deletion_threshold, labels))
+    return rows
+
+
+def _checked_classes(
+    images: Tensor, maps: Tensor, classes: Sequence[int] | None, fill: str, steps: int
+) -> list[int]:
+    """The output channel of each map, once the images, maps, fill and steps are checked."""
     if images.ndim != 4 or maps.ndim != 4 or maps.shape[0] != images.shape[0]:
         raise ValueError(
             f"Expected images [N, C, H, W] and maps [N, K, H, W], but got {list(images.shape)} "
@@ -179,101 +205,164 @@ def deletion_insertion(
         raise ValueError(
             f"Expected one map per class in {wanted}, but got {maps.shape[1]} maps per image."
         )
-    adapter = output_adapter or default_output_adapter
-    device = _device(model, images)
-    images = images.to(device).float()
-    maps = maps.to(device)
-    n, _, h, w = images.shape
-    if fill == "mean":
-        filled = QF.mean_fill(images)
-    else:
-        filled = QF.blur_images(images, blur_sigma if blur_sigma is not None else h / 16)
-    counts = [round(j * h * w / steps) for j in range(steps + 1)]
-    generator = torch.Generator().manual_seed(int(seed))
+    return wanted
 
-    def probabilities(batch: Tensor) -> Tensor:
+
+def _filled(images: Tensor, fill: str, blur_sigma: float | None) -> Tensor:
+    """The images fully filled: each one's mean colour, or blurred (σ default ``H / 16``)."""
+    if fill == "mean":
+        return QF.mean_fill(images)
+    return QF.blur_images(images, blur_sigma if blur_sigma is not None else images.shape[-2] / 16)
+
+
+def _counts(images: Tensor, steps: int) -> list[int]:
+    """Pixels perturbed at each of the ``steps + 1`` points: ``round(j H W / steps)``."""
+    h, w = images.shape[-2:]
+    return [round(j * h * w / steps) for j in range(steps + 1)]
+
+
+@contextlib.contextmanager
+def _quiet(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Forwards that leave nothing behind: no graph, eval mode, flags and RNG restored."""
+    with torch.inference_mode(False), torch.no_grad(), eval_mode(model), preserve_rng(device):
+        yield
+
+
+@dataclass(frozen=True)
+class _Scorer:
+    """The model's probabilities ``[N, K_out, h, w]`` of a batch of images, in forwards of
+    ``batch_size`` images (see :func:`_quiet`), read as ``readout`` says.
+
+    Attributes:
+        num_outputs, size: the logits' channels ``K_out`` and size ``(h, w)``.
+    """
+
+    model: nn.Module
+    adapter: Callable[[Any], Tensor]
+    batch_size: int
+    device: torch.device
+    readout: Readout
+    num_outputs: int
+    size: tuple[int, ...]
+
+    @classmethod
+    def of(
+        cls,
+        model: nn.Module,
+        images: Tensor,
+        output_adapter: Callable[[Any], Tensor] | None,
+        batch_size: int,
+        readout: Readout | None,
+    ) -> _Scorer:
+        """The scorer of ``model``: its readout resolved, its channels and size read, on the
+        first image's logits."""
+        adapter = output_adapter or default_output_adapter
+        with _quiet(model, images.device):
+            first = adapter(model(images[:1])).float()
+        read = (readout or Readout()).resolved(first.shape[1])
+        size = tuple(first.shape[-2:])
+        return cls(model, adapter, batch_size, images.device, read, first.shape[1], size)
+
+    @property
+    def kind(self) -> str:
+        return self.readout.kind
+
+    def __call__(self, batch: Tensor) -> Tensor:
         parts = []
-        with torch.inference_mode(False), torch.no_grad(), eval_mode(model), preserve_rng(device):
-            for start in range(0, batch.shape[0], batch_size):
-                logits = adapter(model(batch[start : start + batch_size])).float()
-                parts.append(_probabilities(logits, kind))
+        with _quiet(self.model, self.device):
+            for start in range(0, batch.shape[0], self.batch_size):
+                logits = self.adapter(self.model(batch[start : start + self.batch_size])).float()
+                parts.append(_probabilities(logits, self.kind))
         return torch.cat(parts)
 
-    with torch.inference_mode(False), torch.no_grad(), eval_mode(model), preserve_rng(device):
-        first = adapter(model(images[:1])).float()
-    kind = resolve_output_kind(output_kind, first.shape[1])
-    outputs, size = first.shape[1], tuple(first.shape[-2:])
-    if masks is not None:
-        regions = class_regions(masks.to(device), wanted, outputs, kind, size=size)
-        gt_pixels = class_regions(masks.to(device), wanted, outputs, kind, size=(h, w))
-    else:
-        start = probabilities(images)
-        predicted = _predicted_regions(start, kind, threshold)
-        regions = class_regions(predicted, wanted, outputs, kind, size=size)
-        gt_pixels = None
-    counted = regions.flatten(2).any(dim=-1)  # [N, K]
 
-    def scores(batch: Tensor, index: Tensor, k: int) -> Tensor:
-        """Mean probability of class ``wanted[k]`` over its region: ``[len(index)]``."""
-        probs = probabilities(batch)[:, _channel(wanted[k], kind)]
-        region = regions[index, k].float()
-        return (probs * region).flatten(1).sum(1) / region.flatten(1).sum(1)
+def _scored_regions(
+    scorer: _Scorer, images: Tensor, masks: Tensor | None, wanted: list[int]
+) -> tuple[Tensor, Tensor | None]:
+    """Each class's scored region ``[N, K, h, w]`` at the logits' size (its ground truth, or
+    the prediction on the untouched images) and its ground-truth pixels ``[N, K, H, W]`` at
+    the images' size (``None`` without masks)."""
+    outputs, kind = scorer.num_outputs, scorer.kind
+    if masks is None:
+        predicted = _predicted_regions(scorer(images), scorer.readout)
+        return class_regions(predicted, wanted, outputs, kind, size=scorer.size), None
+    masks = masks.to(images.device)
+    regions = class_regions(masks, wanted, outputs, kind, size=scorer.size)
+    return regions, class_regions(masks, wanted, outputs, kind, size=tuple(images.shape[-2:]))
 
-    def curves(order: Tensor, index: Tensor, k: int) -> dict[str, Tensor]:
-        x, base = images[index], filled[index]
+
+@dataclass(frozen=True)
+class _Curves:
+    """What every curve is read from: the scorer, the images and their fill, the pixels
+    perturbed at each point, the classes, each one's scored region ``[N, K, h, w]`` and its
+    ground-truth pixels ``[N, K, H, W]`` (or ``None``).
+
+    A curve is ``[n, steps + 1]``: the class's mean probability over its region in each of
+    the ``n`` counted images, at each point.
+    """
+
+    scorer: _Scorer
+    images: Tensor
+    filled: Tensor
+    counts: list[int]
+    wanted: list[int]
+    regions: Tensor
+    gt_pixels: Tensor | None
+
+    def random(self, seed: int) -> dict[str, list[Tensor]]:
+        """Every image's probabilities ``[N, K_out, h, w]`` at each point of each mode, pixels
+        in a random order drawn from ``seed``."""
+        images, filled = self.images, self.filled
+        n, _, h, w = images.shape
+        generator = torch.Generator().manual_seed(int(seed))
+        order = QF.random_order(n, h * w, generator, images.device)
+        return {
+            mode: [self.scorer(QF.perturbed(images, filled, order, c, mode)) for c in self.counts]
+            for mode in CURVES
+        }
+
+    def of_class(
+        self, k: int, index: Tensor, maps: Tensor, random: dict[str, list[Tensor]], seed: int
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """Class ``k``'s curves over the counted images ``index``, per mode: in the order of its
+        maps, in random order (read from :meth:`random`'s probabilities) and ground truth
+        first (``{}`` without masks); all ``{}`` when no image counts."""
+        if not index.numel():
+            return {}, {}, {}
+        # Each class draws its tie-breaking from its own generator: its curves do not
+        # depend on which other classes were asked for.
+        own = class_generator(seed, self.wanted[k])
+        by_map = self.of_order(QF.ranked_order(maps[index, k].float(), own), index, k)
+        by_gt = {}
+        if self.gt_pixels is not None:
+            by_gt = self.of_order(QF.gt_first_order(self.gt_pixels[index, k], own), index, k)
+        channel, region = self._channel(k), self.regions[index, k].float()
+        by_random = {
+            mode: torch.stack([_region_mean(p[index, channel], region) for p in points], dim=1)
+            for mode, points in random.items()
+        }
+        return by_map, by_random, by_gt
+
+    def of_order(self, order: Tensor, index: Tensor, k: int) -> dict[str, Tensor]:
+        """Class ``k``'s curves per mode when the images ``index`` take pixels in ``order``."""
+        x, base = self.images[index], self.filled[index]
+        channel, region = self._channel(k), self.regions[index, k].float()
         out = {}
         for mode in CURVES:
-            points = [scores(QF.perturbed(x, base, order, c, mode), index, k) for c in counts]
-            out[mode] = torch.stack(points, dim=1)  # [n_k, steps + 1]
+            points = []
+            for c in self.counts:
+                probs = self.scorer(QF.perturbed(x, base, order, c, mode))
+                points.append(_region_mean(probs[:, channel], region))
+            out[mode] = torch.stack(points, dim=1)  # [n, steps + 1]
         return out
 
-    # The random order serves every class: one forward per point scores them all.
-    random = QF.random_order(n, h * w, generator, device)
-    random_curves: dict[str, list[Tensor]] = {mode: [] for mode in CURVES}
-    for mode in CURVES:
-        for c in counts:
-            probs = probabilities(QF.perturbed(images, filled, random, c, mode))
-            random_curves[mode].append(probs)
+    def _channel(self, k: int) -> int:
+        return _channel(self.wanted[k], self.scorer.kind)
 
-    names = [QF.class_name(class_names, k) for k in wanted]
-    rows: list[FaithfulnessRow] = []
-    for k, (class_index, name) in enumerate(zip(wanted, names, strict=True)):
-        index = counted[:, k].nonzero().flatten()
-        by_map = by_gt = None
-        if index.numel():
-            # Each class draws its tie-breaking from its own generator: its curves do not
-            # depend on which other classes were asked for.
-            own = class_generator(seed, class_index)
-            by_map = curves(QF.ranked_order(maps[index, k].float(), own), index, k)
-            if gt_pixels is not None:
-                by_gt = curves(QF.gt_first_order(gt_pixels[index, k], own), index, k)
-        for mode in CURVES:
-            if index.numel():
-                region = regions[index, k].float()
-                channel = _channel(class_index, kind)
-                by_random = torch.stack(
-                    [
-                        (p[index, channel] * region).flatten(1).sum(1) / region.flatten(1).sum(1)
-                        for p in random_curves[mode]
-                    ],
-                    dim=1,
-                )
-            rows.append(
-                _row(
-                    mode,
-                    class_index,
-                    name,
-                    fill,
-                    steps,
-                    int(index.numel()),
-                    by_map[mode] if by_map is not None else None,
-                    by_random if index.numel() else None,
-                    by_gt[mode] if by_gt is not None else None,
-                    deletion_threshold,
-                    labels,
-                )
-            )
-    return rows
+
+def _region_mean(probs: Tensor, region: Tensor) -> Tensor:
+    """Mean probability ``[n]`` of ``probs`` ``[n, h, w]`` over a float 0/1 ``region``."""
+    return (probs * region).flatten(1).sum(1) / region.flatten(1).sum(1)
 
 
 def class_generator(seed: int, class_index: int) -> torch.Generator:
@@ -341,12 +430,12 @@ def _probabilities(logits: Tensor, kind: str) -> Tensor:
     return logits.softmax(dim=1) if kind == "multiclass" else logits.sigmoid()
 
 
-def _predicted_regions(probs: Tensor, kind: str, threshold: float) -> Tensor:
+def _predicted_regions(probs: Tensor, readout: Readout) -> Tensor:
     """Predicted labels ``[N, h, w]`` (multiclass) or masks ``[N, K, h, w]`` from
     probabilities."""
-    if kind == "multiclass":
-        return predicted_masks(probs.log(), kind)
-    return probs > threshold
+    if readout.kind == "multiclass":
+        return predicted_masks(probs.log(), readout.kind)
+    return probs > readout.threshold
 
 
 def _channel(class_index: int, kind: str) -> int:

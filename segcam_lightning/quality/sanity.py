@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from segcam_lightning.cam import CAMEngine
+from segcam_lightning.cam import CAMEngine, Readout
 from segcam_lightning.cam.functional import class_regions
 from segcam_lightning.cam.layers import eval_mode, preserve_rng
 from segcam_lightning.metrics import energy_inside_regions
@@ -431,7 +432,7 @@ def method_maps(
         masks: ground truth for ``target="gt_region"`` (or ``None``).
         classes: output channels; ``None`` for all.
         batch_size: images per engine call.
-        engine_options: other engine arguments (``output_kind``, ``threshold``, ...).
+        engine_options: other engine arguments (``readout``, ...).
 
     Returns:
         ``(maps, present, classes, num_outputs, kind)``: ``maps`` keyed ``(method label,
@@ -484,9 +485,7 @@ def sanity_check(
     rho_threshold: float = RHO_THRESHOLD,
     full_rho_threshold: float = FULL_RHO_THRESHOLD,
     batch_size: int = 16,
-    output_kind: str = "auto",
-    threshold: float = 0.5,
-    ignore_index: int | None = None,
+    readout: Readout | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> SanityReport:
     """Model-parameter randomisation test of CAM methods, on a copy of the model.
@@ -518,13 +517,85 @@ def sanity_check(
         rho_threshold: pass at median |ρ| at most this, cascade to the layer's block.
         full_rho_threshold: the same for the full randomisation.
         batch_size: images per engine call.
-        output_kind, threshold: as the engine takes them.
-        ignore_index: a label value outside every class (label masks).
+        readout: how the engine reads the logits (default ``Readout()``); pixels of its
+            ``ignore_index`` (label masks) are left out of the energy inside.
         progress: called with a line of text per randomised model (e.g. ``print``).
 
     Returns:
         A :class:`SanityReport`.
     """
+    plan = _cascade(model, images, layers, seeds, cascade, stages, initializer)
+    device = next(model.parameters()).device
+    masks = masks.to(device) if masks is not None else None
+    read = readout or Readout()
+    explain = _Explainer(model, list(layers), images.to(device), masks, batch_size, read)
+    limits = (rho_threshold, full_rho_threshold)
+    rows = _rows(plan, explain, methods, targets, classes, class_names, limits, progress)
+    return SanityReport(
+        rows=rows,
+        stages=plan.stages,
+        initializer=plan.initializer_name,
+        seeds=tuple(int(s) for s in seeds),
+        num_images=int(images.shape[0]),
+        rho_threshold=rho_threshold,
+        full_rho_threshold=full_rho_threshold,
+        settings={
+            "layers": list(layers),
+            "methods": [_method_name(m) for m in methods],
+            "targets": list(targets),
+            "cascade": cascade,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class _Cascade:
+    """The randomisations of one check.
+
+    Attributes:
+        stages: module names, output side first.
+        layer_stage: each audited layer's stage (see :func:`layer_stages`).
+        depths: how many stages each randomisation re-initialises, in order.
+        seeds: the re-initialisation seeds, as given.
+        initializer_name, initializer: the re-initialisation.
+    """
+
+    stages: list[str]
+    layer_stage: dict[str, int]
+    depths: Sequence[int]
+    seeds: tuple[Any, ...]
+    initializer_name: str
+    initializer: Initializer
+
+    def labels(self, layer: str, depth: int, limits: tuple[float, float]) -> dict[str, Any]:
+        """A layer's row labels at one depth: ``randomized``, ``depth``, whether the
+        re-initialised stages reach the layer's block (``reaches``) and the pass threshold
+        (``limits`` is ``(rho_threshold, full_rho_threshold)``; NaN when they do not reach)."""
+        stage = self.layer_stage.get(layer, len(self.stages) - 1)
+        full = depth == len(self.stages)
+        # Guided backprop runs through every stage: each step of the cascade counts.
+        reaches = depth > stage if layer != INPUT else True
+        limit = limits[1] if full else limits[0]
+        return {
+            "randomized": FULL if full else _span(self.stages, depth),
+            "depth": depth,
+            "reaches": reaches,
+            "threshold": limit if reaches else float("nan"),
+        }
+
+
+def _cascade(
+    model: nn.Module,
+    images: Tensor,
+    layers: Sequence[str],
+    seeds: Sequence[int],
+    cascade: str,
+    stages: Sequence[str] | None,
+    initializer: str | Initializer,
+) -> _Cascade:
+    """The randomisations :func:`sanity_check` runs, once its arguments are checked:
+    ``cascade="layers"`` re-initialises down to each layer's block and the whole network,
+    ``"all"`` every depth."""
     if images.ndim != 4:
         raise ValueError(f"Expected images [N, C, H, W], but got {list(images.shape)}.")
     if not seeds:
@@ -539,91 +610,132 @@ def sanity_check(
         if cascade == "all"
         else sorted({i + 1 for i in layer_stage.values()} | {len(stage_list)})
     )
-    device = next(model.parameters()).device
-    images = images.to(device)
-    masks = masks.to(device) if masks is not None else None
-    engine_options = {"output_kind": output_kind, "threshold": threshold}
+    return _Cascade(stage_list, layer_stage, depths, tuple(seeds), init_name, init)
 
+
+@dataclass(frozen=True)
+class _Explainer:
+    """The trained model, and what every map of one check is computed with."""
+
+    model: nn.Module
+    layers: list[str]
+    images: Tensor
+    masks: Tensor | None
+    batch_size: int
+    readout: Readout
+
+    def maps(
+        self, model: nn.Module, method: Any, target: str, classes: Sequence[int] | None
+    ) -> tuple[dict[tuple[str, str], Tensor], Tensor, list[int], int, str]:
+        """:func:`method_maps` of ``model`` (the trained one or a randomised copy)."""
+        options = {"readout": self.readout}
+        return method_maps(
+            model,
+            self.layers,
+            method,
+            target,
+            self.images,
+            self.masks,
+            classes,
+            self.batch_size,
+            options,
+        )
+
+
+def _rows(
+    plan: _Cascade,
+    explain: _Explainer,
+    methods: Sequence[Any],
+    targets: Sequence[str],
+    classes: Sequence[int] | None,
+    class_names: Sequence[str] | None,
+    limits: tuple[float, float],
+    progress: Callable[[str], None] | None,
+) -> list[SanityRow]:
+    """Every method and target's rows. The first explanation settles the classes (all of the
+    model's when none are given); the others explain the same ones."""
     wanted = list(classes) if classes is not None else None
-
+    ignore_index = explain.readout.ignore_index
     rows: list[SanityRow] = []
     for method in methods:
         for target in targets:
-            label = _method_name(method)
-            trained, present, wanted, outputs, kind = method_maps(
-                model, layers, method, target, images, masks, wanted, batch_size, engine_options
+            trained, present, wanted, outputs, kind = explain.maps(
+                explain.model, method, target, wanted
             )
             names = [QF.class_name(class_names, k) for k in wanted]
-            regions, valid, counted = _regions(masks, present, wanted, kind, outputs, ignore_index)
-            randomized: dict[int, list[dict[tuple[str, str], Tensor]]] = {}
-            for depth in depths:
-                modules = stage_list[:depth]
-                randomized[depth] = []
-                for seed in seeds:
-                    clone = randomized_copy(model, modules, seed, init)
-                    maps, *_ = method_maps(
-                        clone,
-                        layers,
-                        method,
-                        target,
-                        images,
-                        masks,
-                        wanted,
-                        batch_size,
-                        engine_options,
-                    )
-                    randomized[depth].append(maps)
-                    del clone
-                    if progress is not None:
-                        progress(f"sanity {label}/{target}: {_span(stage_list, depth)} seed {seed}")
-            for (map_label, layer), before in trained.items():
-                stage = layer_stage.get(layer, len(stage_list) - 1)
-                for depth in depths:
-                    after = [m[(map_label, layer)] for m in randomized[depth]]
-                    full = depth == len(stage_list)
-                    # Guided backprop runs through every stage: each step of the cascade counts.
-                    reaches = depth > stage if layer != INPUT else True
-                    limit = full_rho_threshold if full else rho_threshold
-                    for k, (class_index, name) in enumerate(zip(wanted, names, strict=True)):
-                        rows.append(
-                            _row(
-                                before[:, k],
-                                [a[:, k] for a in after],
-                                counted[:, k],
-                                regions[:, k] if regions is not None else None,
-                                valid,
-                                method=map_label,
-                                target=target,
-                                layer=layer,
-                                class_index=class_index,
-                                class_name=name,
-                                randomized=FULL if full else _span(stage_list, depth),
-                                depth=depth,
-                                reaches=reaches,
-                                seeds=tuple(seeds),
-                                threshold=limit if reaches else float("nan"),
-                            )
-                        )
-    return SanityReport(
-        rows=rows,
-        stages=stage_list,
-        initializer=init_name,
-        seeds=tuple(int(s) for s in seeds),
-        num_images=int(images.shape[0]),
-        rho_threshold=rho_threshold,
-        full_rho_threshold=full_rho_threshold,
-        settings={
-            "layers": list(layers),
-            "methods": [_method_name(m) for m in methods],
-            "targets": list(targets),
-            "cascade": cascade,
-        },
-    )
+            truth = _regions(explain.masks, present, wanted, kind, outputs, ignore_index)
+            randomized = _randomized_maps(plan, explain, method, target, wanted, progress)
+            for ((label, layer), before), depth in itertools.product(trained.items(), plan.depths):
+                after = [maps[(label, layer)] for maps in randomized[depth]]
+                rows += _class_rows(
+                    before,
+                    after,
+                    truth,
+                    wanted,
+                    names,
+                    seeds=plan.seeds,
+                    method=label,
+                    target=target,
+                    layer=layer,
+                    **plan.labels(layer, depth, limits),
+                )
+    return rows
+
+
+def _randomized_maps(
+    plan: _Cascade,
+    explain: _Explainer,
+    method: Any,
+    target: str,
+    classes: Sequence[int],
+    progress: Callable[[str], None] | None,
+) -> dict[int, list[dict[tuple[str, str], Tensor]]]:
+    """Each depth's maps, one ``(label, layer)``-keyed dict per seed, from re-initialised
+    copies of the trained model; ``progress`` hears of each copy."""
+    label = _method_name(method)
+    randomized: dict[int, list[dict[tuple[str, str], Tensor]]] = {}
+    for depth in plan.depths:
+        randomized[depth] = []
+        for seed in plan.seeds:
+            clone = randomized_copy(explain.model, plan.stages[:depth], seed, plan.initializer)
+            maps, *_ = explain.maps(clone, method, target, classes)
+            randomized[depth].append(maps)
+            del clone
+            if progress is not None:
+                progress(f"sanity {label}/{target}: {_span(plan.stages, depth)} seed {seed}")
+    return randomized
+
+
+def _class_rows(
+    before: Tensor,
+    after: list[Tensor],
+    truth: tuple[Tensor | None, Tensor | None, Tensor],
+    classes: Sequence[int],
+    names: Sequence[str],
+    **labels: Any,
+) -> list[SanityRow]:
+    """One row per class ``k``: its trained maps ``before[:, k]`` against each seed's
+    ``after[s][:, k]``; ``truth`` is :func:`_regions`'s, ``labels`` go to :func:`_row`."""
+    regions, valid, counted = truth
+    return [
+        _row(
+            before[:, k],
+            [a[:, k] for a in after],
+            counted[:, k],
+            regions[:, k] if regions is not None else None,
+            valid,
+            class_index=class_index,
+            class_name=name,
+            **labels,
+        )
+        for k, (class_index, name) in enumerate(zip(classes, names, strict=True))
+    ]
 
 
 def _full_name(model: nn.Module, layer: str) -> str:
-    """A layer's name as in ``model.named_modules()``: given relative to the trunk (seed-style
-    ``d4.conv.conv.5`` on a LightningModule holding the U-Net as ``net``) or already full."""
+    """A layer's name as in ``model.named_modules()``: given relative to the trunk (as the
+    blog U-Net's ``d4.conv.conv.5`` on a LightningModule holding the U-Net as ``net``) or
+    already full."""
     named = dict(model.named_modules())
     if layer in named:
         return layer
