@@ -252,7 +252,7 @@ def test_several_checkpoints_are_compared(lightning_ckpt, seed_pth, weeds, tmp_p
 def test_list_layers_marks_the_seed_tips(seed_pth, capsys):
     assert main(["--checkpoint", str(seed_pth), "--list-layers", "--size", "32"]) == 0
     text = capsys.readouterr().out
-    assert "d4.conv.conv.5" in text and "<- seed tip d4" in text and "<- seed tip e1" in text
+    assert "d4.conv.conv.5" in text and "<- blog U-Net tip d4" in text and "<- blog U-Net tip e1" in text
     assert "[1, 4, 32, 32]" in text  # d4's output shape at width 4
 
 
@@ -510,7 +510,7 @@ def test_pipelined_writer_writes_what_the_batch_by_batch_writer_writes(
     # batch first. Both must write the same files with the same bytes and count them.
 
     def run(out, overlap):
-        settings = AuditSettings(
+        settings = AuditSettings.from_options(
             checkpoints=(seed_pth,),
             data=str(weeds),
             out=out,
@@ -521,7 +521,7 @@ def test_pipelined_writer_writes_what_the_batch_by_batch_writer_writes(
             render_threads=threads,
             progress=False,
         )
-        return audit_local(prepare(settings), overlap=overlap)
+        return audit_local(prepare(settings), settings.source, settings.run, overlap=overlap)
 
     a, b = run(tmp_path / "a", overlap=True), run(tmp_path / "b", overlap=False)
     assert a.processed == b.processed == NUM_IMAGES

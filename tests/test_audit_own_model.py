@@ -166,7 +166,7 @@ def test_a_file_network_with_low_resolution_dict_logits_at_any_size(tiny, weeds,
 
 def test_the_resume_fingerprint_covers_the_code(tiny, weeds, tmp_path):
     spec, folder = tiny
-    settings = AuditSettings(
+    settings = AuditSettings.from_options(
         checkpoints=(folder / "tiny3.pt",),
         data=str(weeds),
         out=tmp_path,

@@ -229,7 +229,7 @@ TODAY = [
 @pytest.mark.parametrize(("args", "field", "value"), TODAY, ids=[a[0] for a, _, _ in TODAY])
 def test_every_option_keeps_its_meaning(args, field, value):
     parsed = build_parser().parse_args(["--checkpoint", "a.ckpt", *args])
-    assert getattr(settings_from_args(parsed), field) == value
+    assert settings_from_args(parsed).options()[field] == value
 
 
 def test_checkpoints_repeat_and_list_layers_parse():
@@ -249,16 +249,16 @@ def test_audit_settings_from_yaml_merge_and_print(tmp_path, capsys):
         ["--config", str(first), "--config", str(second), "--method", "layercam"]
     )
     settings = settings_from_args(parsed)
-    assert settings.layers == ("fuse2",) and settings.batch_size == 6
-    assert settings.image_mean == (0.5,) and settings.sanity_check
-    assert settings.method == "layercam" and settings.checkpoints == (Path("x.ckpt"),)
+    assert settings.explain.layers == ("fuse2",) and settings.source.batch_size == 6
+    assert settings.inputs.image_mean == (0.5,) and settings.checks.sanity_check
+    assert settings.explain.method == "layercam" and settings.checkpoints == (Path("x.ckpt"),)
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["--config", str(first), "--print_config"])
     assert exit_info.value.code == 0
     printed = tmp_path / "printed.yaml"
     printed.write_text(capsys.readouterr().out)
     again = settings_from_args(build_parser().parse_args(["--config", str(printed)]))
-    assert again.layers == ("fuse2",) and again.batch_size == 5
+    assert again.explain.layers == ("fuse2",) and again.source.batch_size == 5
 
 
 def test_parse_errors_are_one_line(capsys):

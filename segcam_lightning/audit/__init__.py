@@ -1,8 +1,8 @@
 """``explain.py`` / ``segcam-explain``: audit checkpoints with the CAM engine over a whole dataset.
 
-The same engine, rendering and metrics as :class:`~segcam_lightning.callback.GradCAMCallback`,
-run post hoc on one or several checkpoints (Lightning ``.ckpt``, the seed's ``.pth``, state
-dicts; loaded safely by :mod:`segcam_lightning.loading`) over a folder of images (with or
+The same engine, rendering and metrics as :class:`~segcam_lightning.callbacks.GradCAMCallback`,
+run post hoc on one or several checkpoints (Lightning ``.ckpt``, the original script's ``.pth``,
+state dicts; loaded safely by :mod:`segcam_lightning.loading`) over a folder of images (with or
 without masks) or the synthetic data; a network of volumes (the 3-D U-Net) over a folder of
 ``.npy`` volumes (:mod:`~segcam_lightning.audit.volumes`) or the synthetic volumes. The network
 is the package's U-Net, or the user's own: ``--module pkg.mod:MyLightningModule`` rebuilds
@@ -13,10 +13,11 @@ supported.
 
 Outputs under ``--out`` (default ``results``):
 
-- ``gradcam/<class_idx>/<name>.jpg``: the seed's panel (image | overlay | binary ground truth,
-  10 px white gaps; image | overlay without masks) for one layer; ``gradcam/<layer>/<class_idx>/``
-  with several layers; ``<checkpoint>/gradcam/...`` per checkpoint with several checkpoints. A
-  volume's panel stacks three, the axial, coronal and sagittal slices through the CAM's peak.
+- ``gradcam/<class_idx>/<name>.jpg``: the original script's panel (image | overlay | binary
+  ground truth, 10 px white gaps; image | overlay without masks) for one layer;
+  ``gradcam/<layer>/<class_idx>/`` with several layers; ``<checkpoint>/gradcam/...`` per
+  checkpoint with several checkpoints. A volume's panel stacks three, the axial, coronal and
+  sagittal slices through the CAM's peak.
 - ``cams/<name>.npy`` (volumes only): the maps, float32 ``[L, K, D, H, W]``.
 - ``report.html``: settings, skipped files, a metrics table per class (energy inside below
   chance marked), shortcut suspects, attention drift between checkpoints, the quality checks'

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segcam_lightning.audit.settings import VALUE_NAMES
-from segcam_lightning.cam import CAMEngine, class_regions, predicted_masks
+from segcam_lightning.cam import CAMEngine, Readout, class_regions
 from segcam_lightning.cam import functional as FC
+from segcam_lightning.cam.readout import SOFTMAX
 from segcam_lightning.loading import LoadedCheckpoint
 from segcam_lightning.metrics import (
     energy_inside_regions,
@@ -39,7 +40,8 @@ class AuditModel:
     network was trained with, per input channel in the order it is fed (one value: every
     channel), applied after the channel order and grey conversion; ``None`` feeds [0, 1].
     Volumes are fed their own channels: ``bgr`` and ``gray`` do not apply to them.
-    ``kind``: the resolved output kind (``"multiclass"``, ``"binary"``, ``"multilabel"``).
+    ``readout``: how the output channels are read, resolved (its ``kind`` ``"multiclass"``,
+    ``"binary"`` or ``"multilabel"``).
     ``layers``: the layer names as the outputs show them (the engine's may carry the
     LightningModule's network prefix). ``direct``: where the inputs come from when the user's
     own pipeline makes them (e.g. ``"--config run/config.yaml, split val"``): the data gives
@@ -51,7 +53,7 @@ class AuditModel:
     engine: CAMEngine
     bgr: bool
     gray: bool = False
-    kind: str = "multiclass"
+    readout: Readout = SOFTMAX
     layers: tuple[str, ...] = ()
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
@@ -111,6 +113,7 @@ def alignment_values(
     predicted: Tensor,
     truth: Tensor | None,
     reference: Tensor | None = None,
+    counts: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Per image, layer and class: how the CAMs and predictions sit on the ground truth.
 
@@ -127,6 +130,7 @@ def alignment_values(
             (:func:`~segcam_lightning.cam.class_regions` of the predictions).
         truth: bool ``[B, K, *S]``, each class's ground-truth region, or ``None``.
         reference: another checkpoint's ``cams`` of the same images, or ``None``.
+        counts: :func:`region_counts` of ``predicted`` and ``truth``, if already counted.
 
     Returns:
         ``{name: [B, L, K] float32}`` for each of :data:`VALUE_NAMES`, NaN where undefined:
@@ -144,14 +148,13 @@ def alignment_values(
     pixels = predicted[0, 0].numel()
     # Counts of boolean maps, not means of float copies, and one pass over all layers: this
     # runs once per batch beside the engine (benchmarks/RESULTS.md, Implementation notes).
-    pred_count = _count(predicted, spatial)
+    counts = counts if counts is not None else region_counts(predicted, truth, spatial)
+    pred_count = counts["predicted"]
     per_class = {"pred_area": pred_count / pixels}
     values = {name: nan for name in VALUE_NAMES}
     values["raw_max"] = raw_max.float()
     if truth is not None:
-        gt_count = _count(truth, spatial)
-        inter = _count(predicted & truth, spatial)
-        union = pred_count + gt_count - inter
+        gt_count, inter, union = counts["truth"], counts["intersection"], counts["union"]
         per_class["iou"] = torch.where(union > 0, inter / union.clamp_min(1), float("nan"))
         per_class["gt_area"] = gt_count / pixels
         present = (gt_count > 0).unsqueeze(1)  # [B, 1, K]
@@ -170,6 +173,19 @@ def alignment_values(
     return values
 
 
+def region_counts(predicted: Tensor, truth: Tensor | None, spatial: int) -> dict[str, Tensor]:
+    """Pixels (voxels) per image and class ``[B, K]`` (int32) of the ``predicted`` regions
+    and, with ``truth``, of the ground truth, their intersection and their union:
+    :data:`~segcam_lightning.audit.tallies.COUNT_NAMES`."""
+    pred_count = _count(predicted, spatial)
+    if truth is None:
+        return {"predicted": pred_count}
+    gt_count = _count(truth, spatial)
+    inter = _count(predicted & truth, spatial)
+    union = pred_count + gt_count - inter
+    return {"predicted": pred_count, "truth": gt_count, "intersection": inter, "union": union}
+
+
 def _count(regions: Tensor, spatial: int) -> Tensor:
     """Pixels (voxels) in each boolean map ``[..., *S]`` of ``spatial`` dimensions; int32 sums
     are ~3x faster than int64 ones."""
@@ -185,6 +201,8 @@ class ModelBatch:
     values: dict[str, np.ndarray]  # name -> [B, L, K] float32
     #: [B] bool: the image's logits are all finite (NaN or inf: the checkpoint is broken there).
     finite: np.ndarray | None = None
+    #: name -> [B, K] pixel counts (:func:`region_counts`); ``None`` without ground truth.
+    counts: dict[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -216,6 +234,7 @@ class BatchResult:
                     m.preds[rows],
                     {k: v[rows] for k, v in m.values.items()},
                     m.finite[rows] if m.finite is not None else None,
+                    {k: v[rows] for k, v in m.counts.items()} if m.counts is not None else None,
                 )
                 for m in self.models
             ],
@@ -260,7 +279,8 @@ def explain_batch(
     images = batch["image"][keep]
     spatial = images.ndim - 2
     masks = batch["mask"][keep].to(device, non_blocking=True) if "mask" in batch else None
-    kind = models[0].kind
+    readout = models[0].readout
+    kind = readout.kind
     truth = None
     if masks is not None:
         truth = ground_truth_regions(masks, list(classes), kind, spatial_dims=spatial)[0]
@@ -276,12 +296,13 @@ def explain_batch(
         for model in models:
             fed = given if given is not None else model.prepare_input(x)
             result = model.engine(fed, classes=list(classes), masks=masks)
-            preds = FC.resize_labels(
-                predicted_masks(result.logits, kind, model.engine.threshold), x.shape[2:]
-            )
+            preds = FC.resize_labels(readout.predicted(result.logits), x.shape[2:])
             num_outputs = result.logits.shape[1]
             predicted = class_regions(preds, list(classes), num_outputs, kind, spatial_dims=spatial)
-            values = alignment_values(result.cams, result.raw_max, predicted, truth, reference)
+            counts = region_counts(predicted, truth, spatial)
+            values = alignment_values(
+                result.cams, result.raw_max, predicted, truth, reference, counts
+            )
             reference = result.cams if reference is None else reference
             results.append(
                 ModelBatch(
@@ -289,6 +310,11 @@ def explain_batch(
                     preds=FC.label_map(preds, kind, spatial).cpu().numpy(),
                     values={k: v.cpu().numpy() for k, v in values.items()},
                     finite=result.logits.flatten(1).isfinite().all(1).cpu().numpy(),
+                    counts=(
+                        {k: v.cpu().numpy() for k, v in counts.items()}
+                        if truth is not None
+                        else None
+                    ),
                 )
             )
     return BatchResult(

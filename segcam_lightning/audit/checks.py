@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from segcam_lightning.audit.settings import PROG, AuditSettings
+from segcam_lightning.audit.settings import PROG, CheckSettings
 from segcam_lightning.cam.methods import METHOD_NAMES
 from segcam_lightning.errors import UsageError
 from segcam_lightning.quality import (
@@ -157,40 +157,44 @@ class QualityChecks:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def requested(settings: AuditSettings) -> list[str]:
+def requested(checks: CheckSettings) -> list[str]:
     """The ``summary.json`` keys of the checks the settings ask for."""
     asked = {
-        "--sanity-check": settings.sanity_check,
-        "--faithfulness": settings.faithfulness,
-        "--objects-alone": settings.objects_alone,
+        "--sanity-check": checks.sanity_check,
+        "--faithfulness": checks.faithfulness,
+        "--objects-alone": checks.objects_alone,
     }
     return [CHECK_KEYS[option] for option, on in asked.items() if on]
 
 
-def sanity_methods(settings: AuditSettings) -> list[str]:
+def sanity_methods(checks: CheckSettings, method: str) -> list[str]:
     """The methods ``--sanity-check`` tests: ``--sanity-methods`` (``all``: every method), else
-    the audited one."""
-    names = settings.sanity_methods or (settings.method,)
+    the audited ``method``."""
+    names = checks.sanity_methods or (method,)
     return list(ALL_METHODS) if "all" in names else list(dict.fromkeys(names))
 
 
 # ---------------------------------------------------------------------- before writing
 
 
-def check_quality_options(plan: AuditPlan, blank: Tensor, masks: Tensor | None) -> None:
+def check_quality_options(
+    plan: AuditPlan, checks: CheckSettings, batch_size: int, blank: Tensor, masks: Tensor | None
+) -> None:
     """Refuse what the checks cannot do, before anything is written: volumes, networks without
     a cascade of blocks for the audited layers, and methods or networks the checks' functions
     reject on one blank input (a dry run: one engine call per method, one deletion step).
 
     Args:
         plan: the run.
+        checks: the checks asked for.
+        batch_size: ``--batch-size``, which the checks' passes use.
         blank: one blank image ``[1, 3, H, W]`` in [0, 1], as the main pass's dry run uses.
         masks: its blank mask ``[1, H, W]``, or ``None`` without ground truth.
 
     Raises:
         UsageError: one line: what was expected, what arrived, what to do.
     """
-    options = [o for o, key in CHECK_KEYS.items() if key in requested(plan.settings)]
+    options = [o for o, key in CHECK_KEYS.items() if key in requested(checks)]
     if not options:
         return
     given = " and ".join(options)
@@ -201,8 +205,7 @@ def check_quality_options(plan: AuditPlan, blank: Tensor, masks: Tensor | None) 
             "quality checks are not run on volumes here. Drop "
             f"{given} to audit the volumes."
         )
-    settings = plan.settings
-    if settings.objects_alone and masks is None:
+    if checks.objects_alone and masks is None:
         raise UsageError(
             "--objects-alone shows each class's ground-truth objects alone, but the data has no "
             "masks. Drop --objects-alone, or pass --data with a masks/ folder."
@@ -210,7 +213,7 @@ def check_quality_options(plan: AuditPlan, blank: Tensor, masks: Tensor | None) 
     for model in plan.models:
         x = model.prepare_input(blank.to(plan.model_device))
         layers = list(model.engine.layer_names)
-        if settings.sanity_check:
+        if checks.sanity_check:
             try:
                 layer_stages(model.net, layers, cascade_stages(model.net, x))
             except ValueError as error:
@@ -221,20 +224,22 @@ def check_quality_options(plan: AuditPlan, blank: Tensor, masks: Tensor | None) 
                     "parameters), output side first, and needs each layer inside one. Drop "
                     "--sanity-check for this network, or pass --layers inside its blocks."
                 ) from None
-        methods = sanity_methods(settings) if settings.sanity_check else []
-        if settings.faithfulness and settings.method not in methods:
-            methods.append(settings.method)
+        audited = plan.explanation.method
+        methods = sanity_methods(checks, audited) if checks.sanity_check else []
+        if checks.faithfulness and audited not in methods:
+            methods.append(audited)
         try:
             for method in methods:
                 maps = _maps(plan, model, method, x, masks, batch_size=1)
-                if settings.faithfulness and method == settings.method:
+                if checks.faithfulness and method == audited:
                     # Every layer's maps have the image's shape: one layer tries them all.
                     layer_maps = next(iter(maps.values()))
-                    _deletion_insertion(plan, model, x, layer_maps, masks, steps=1)
-            if settings.objects_alone and masks is not None:
-                _objects_alone(plan, model, x, masks)
+                    fill = checks.faithfulness_fill
+                    _deletion_insertion(plan, model, x, layer_maps, masks, 1, fill, batch_size)
+            if checks.objects_alone and masks is not None:
+                _objects_alone(plan, model, x, masks, batch_size)
         except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as error:
-            advice = " or pass other --sanity-methods" if settings.sanity_check else ""
+            advice = " or pass other --sanity-methods" if checks.sanity_check else ""
             raise UsageError(
                 f"{given} cannot run on {model.loaded.path}: a dry run on one blank image failed "
                 f"({_first_sentence(error)}), so nothing was written. Drop {given}{advice}."
@@ -256,9 +261,9 @@ def _maps(
 ) -> dict[tuple[str, str], Tensor]:
     """:func:`~segcam_lightning.quality.method_maps` of one method at the audited layers, for
     the audited target and classes: ``[N, K, H, W]`` maps keyed ``(method label, layer)``."""
-    options = {"output_kind": plan.output_kind, "threshold": plan.settings.threshold}
+    options = {"readout": plan.readout}
     layers = list(model.engine.layer_names)
-    target = plan.settings.target
+    target = plan.explanation.target
     maps, *_ = method_maps(
         model.net, layers, method, target, x, masks, plan.classes, batch_size, options
     )
@@ -272,11 +277,12 @@ def _deletion_insertion(
     maps: Tensor,
     masks: Tensor | None,
     steps: int,
+    fill: str,
+    batch_size: int,
     labels: dict[str, str] | None = None,
 ) -> list[FaithfulnessRow]:
     """:func:`~segcam_lightning.quality.deletion_insertion` of one layer's maps ``[N, K, H, W]``
-    with the run's fill, classes, names and output kind."""
-    settings = plan.settings
+    with the run's classes, names and readout."""
     return deletion_insertion(
         model.net,
         x,
@@ -285,16 +291,15 @@ def _deletion_insertion(
         plan.classes,
         class_names=plan.class_names,
         steps=steps,
-        fill=settings.faithfulness_fill,
-        batch_size=settings.batch_size,
-        output_kind=plan.output_kind,
-        threshold=settings.threshold,
+        fill=fill,
+        batch_size=batch_size,
+        readout=plan.readout,
         labels=labels,
     )
 
 
 def _objects_alone(
-    plan: AuditPlan, model: AuditModel, x: Tensor, masks: Tensor
+    plan: AuditPlan, model: AuditModel, x: Tensor, masks: Tensor, batch_size: int
 ) -> list[ObjectsAloneRow]:
     """:func:`~segcam_lightning.quality.objects_alone_report` with the run's classes, names,
     output kind and :data:`CONTEXT_RULE`."""
@@ -306,9 +311,8 @@ def _objects_alone(
         class_names=plan.class_names,
         kept_threshold=CONTEXT_RULE["kept_threshold"],
         iou_threshold=CONTEXT_RULE["iou_threshold"],
-        output_kind=plan.output_kind,
-        threshold=plan.settings.threshold,
-        batch_size=plan.settings.batch_size,
+        readout=plan.readout,
+        batch_size=batch_size,
         labels={"checkpoint": model.label},
     )
 
@@ -319,67 +323,72 @@ def _objects_alone(
 def run_checks(
     plan: AuditPlan,
     results: Sequence[LocalResult],
+    checks: CheckSettings,
+    batch_size: int,
     signals: StopSignals | None = None,
+    progress: bool = True,
 ) -> QualityChecks | None:
     """Run the requested checks for every checkpoint on the first audited images.
 
     Args:
         plan: the run.
         results: the main pass's results (every image finished).
+        checks: the checks asked for, and on how many images.
+        batch_size: ``--batch-size``, which the checks' passes use.
         signals: the run's stop signals: a signal received ends the checks at the next step
             with ``KeyboardInterrupt`` (the caller marks the run partial; ``--resume`` reruns
             the checks).
+        progress: print a line as each step starts.
 
     Returns:
         The results, or ``None`` when no check is requested.
     """
-    settings = plan.settings
-    if not requested(settings):
+    if not requested(checks):
         return None
     indices = sorted({row["index"] for r in results for row in r.rows})
     wanted = max(
-        settings.sanity_images if settings.sanity_check else 0,
-        settings.faithfulness_images if settings.faithfulness else 0,
-        settings.objects_alone_images if settings.objects_alone else 0,
+        checks.sanity_images if checks.sanity_check else 0,
+        checks.faithfulness_images if checks.faithfulness else 0,
+        checks.objects_alone_images if checks.objects_alone else 0,
     )
     images, masks = _images(plan, indices[:wanted])
-    checks = QualityChecks()
+    done = QualityChecks()
 
     def step(line: str) -> None:
         if signals is not None and signals.received is not None:
             raise KeyboardInterrupt
-        if settings.progress:
+        if progress:
             print(f"{PROG}: {line}", file=sys.stderr, flush=True)
 
-    if settings.sanity_check:
+    if checks.sanity_check:
         start = time.perf_counter()
-        n = min(settings.sanity_images, len(images))
-        checks.sanity_images = n
+        n = min(checks.sanity_images, len(images))
+        done.sanity_images = n
         for model in plan.models:
-            report = _sanity(
-                plan, model, images[:n], masks[:n] if masks is not None else None, step
-            )
-            checks.sanity.append((model.label, report))
-        checks.seconds["sanity_check"] = time.perf_counter() - start
-    if settings.faithfulness:
+            truth = masks[:n] if masks is not None else None
+            report = _sanity(plan, model, images[:n], truth, checks, batch_size, step)
+            done.sanity.append((model.label, report))
+        done.seconds["sanity_check"] = time.perf_counter() - start
+    if checks.faithfulness:
         start = time.perf_counter()
-        n = min(settings.faithfulness_images, len(images))
-        checks.faithfulness_images = n
+        n = min(checks.faithfulness_images, len(images))
+        done.faithfulness_images = n
         for model in plan.models:
-            checks.faithfulness += _faithfulness(
-                plan, model, images[:n], masks[:n] if masks is not None else None, step
+            truth = masks[:n] if masks is not None else None
+            done.faithfulness += _faithfulness(
+                plan, model, images[:n], truth, checks, batch_size, step
             )
-        checks.seconds["faithfulness"] = time.perf_counter() - start
-    if settings.objects_alone and masks is not None:
+        done.seconds["faithfulness"] = time.perf_counter() - start
+    if checks.objects_alone and masks is not None:
         start = time.perf_counter()
-        n = min(settings.objects_alone_images, len(images))
-        checks.objects_alone_images = n
+        n = min(checks.objects_alone_images, len(images))
+        done.objects_alone_images = n
         for model in plan.models:
             step(f"{model.label}: the objects-alone test on {n} image(s)")
             x = model.prepare_input(images[:n].to(plan.model_device))
-            checks.objects_alone += _objects_alone(plan, model, x, masks[:n])
-        checks.seconds["objects_alone"] = time.perf_counter() - start
-    return checks
+            done.objects_alone += _objects_alone(plan, model, x, masks[:n], batch_size)
+        done.seconds["objects_alone"] = time.perf_counter() - start
+    return done
 
 
 def _images(plan: AuditPlan, indices: Sequence[int]) -> tuple[Tensor, Tensor | None]:
@@ -410,23 +419,23 @@ def _sanity(
     model: AuditModel,
     images: Tensor,
     masks: Tensor | None,
+    checks: CheckSettings,
+    batch_size: int,
     step: Callable[[str], None],
 ) -> SanityReport:
-    settings = plan.settings
     step(f"randomisation test of {model.label} on {len(images)} image(s)")
     report = sanity_check(
         model.net,
         model.prepare_input(images.to(plan.model_device)),
         masks,
         layers=list(model.engine.layer_names),
-        methods=sanity_methods(settings),
-        targets=[settings.target],
-        seeds=tuple(range(settings.sanity_seeds)),
+        methods=sanity_methods(checks, plan.explanation.method),
+        targets=[plan.explanation.target],
+        seeds=tuple(range(checks.sanity_seeds)),
         classes=plan.classes,
         class_names=plan.class_names,
-        batch_size=settings.batch_size,
-        output_kind=plan.output_kind,
-        threshold=settings.threshold,
+        batch_size=batch_size,
+        readout=plan.readout,
         progress=lambda line: step(f"{model.label}: {line}"),
     )
     shown = _shown(model)
@@ -440,24 +449,27 @@ def _faithfulness(
     model: AuditModel,
     images: Tensor,
     masks: Tensor | None,
+    checks: CheckSettings,
+    batch_size: int,
     step: Callable[[str], None],
 ) -> list[FaithfulnessRow]:
-    settings = plan.settings
     x = model.prepare_input(images.to(plan.model_device))
-    maps = _maps(plan, model, settings.method, x, masks, settings.batch_size)
+    maps = _maps(plan, model, plan.explanation.method, x, masks, batch_size)
     shown = _shown(model)
     rows: list[FaithfulnessRow] = []
     for (method, layer), layer_maps in maps.items():
         name = shown.get(layer, layer)
         step(f"{model.label}: deletion and insertion, {method} at {name}")
-        labels = {"checkpoint": model.label, "method": method, "target": settings.target}
+        labels = {"checkpoint": model.label, "method": method, "target": plan.explanation.target}
         rows += _deletion_insertion(
             plan,
             model,
             x,
             layer_maps,
             masks,
-            settings.faithfulness_steps,
+            checks.faithfulness_steps,
+            checks.faithfulness_fill,
+            batch_size,
             labels={**labels, "layer": name},
         )
     return rows
@@ -493,9 +505,10 @@ def sanity_verdicts(checks: QualityChecks) -> list[dict[str, Any]]:
     return verdicts
 
 
-def checks_summary(plan: AuditPlan, checks: QualityChecks) -> dict[str, Any]:
+def checks_summary(
+    plan: AuditPlan, settings: CheckSettings, checks: QualityChecks
+) -> dict[str, Any]:
     """``summary.json``'s ``sanity_check`` and ``faithfulness`` entries (those that ran)."""
-    settings = plan.settings
     out: dict[str, Any] = {}
     if settings.sanity_check:
         verdicts = sanity_verdicts(checks)
@@ -503,8 +516,8 @@ def checks_summary(plan: AuditPlan, checks: QualityChecks) -> dict[str, Any]:
         out["sanity_check"] = {
             "images": checks.sanity_images,
             "seeds": list(range(settings.sanity_seeds)),
-            "methods": sanity_methods(settings),
-            "target": settings.target,
+            "methods": sanity_methods(settings, plan.explanation.method),
+            "target": plan.explanation.target,
             "layers": list(plan.layout.layers),
             "initializer": first.initializer if first else "variance_preserving",
             "rho_threshold": first.rho_threshold if first else RHO_THRESHOLD,
@@ -519,8 +532,8 @@ def checks_summary(plan: AuditPlan, checks: QualityChecks) -> dict[str, Any]:
     if settings.faithfulness:
         out["faithfulness"] = {
             "images": checks.faithfulness_images,
-            "method": settings.method,
-            "target": settings.target,
+            "method": plan.explanation.method,
+            "target": plan.explanation.target,
             "fill": settings.faithfulness_fill,
             "steps": settings.faithfulness_steps,
             "deletion_threshold": DELETION_THRESHOLD,

@@ -6,9 +6,8 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 import yaml
@@ -26,6 +25,7 @@ from segcam_lightning.audit.plan import default_layers, load_models, resolve_siz
 from segcam_lightning.audit.run import run_audit
 from segcam_lightning.audit.settings import (
     DEFAULT_LAYER,
+    OPTION_FIELDS,
     PROG,
     SYNTHETIC_DEFAULT_COUNT,
     TIP_NAMES,
@@ -46,7 +46,8 @@ from segcam_lightning.quality import DELETION_THRESHOLD, FILLS, FULL_RHO_THRESHO
 
 _EPILOG = """\
 examples:
-  # audit the last checkpoint of a train.py run on a seed-format folder (images/ + masks/)
+  # audit the last checkpoint of a train.py run on a folder of images/ + masks/ (the original
+  # script's layout)
   explain.py --checkpoint lightning_logs/version_0/checkpoints/last.ckpt --data data/weeds
 
   # a checkpoint saved by the original blog script, on its own data, four layers
@@ -61,7 +62,7 @@ examples:
   explain.py --checkpoint lightning_logs/version_1/checkpoints/last.ckpt --data synthetic3d
   explain.py --checkpoint last.ckpt --data scans/ --intensity-range -1000 400
 
-  # list the layers a CAM can use (names, types, output shapes; the seed's tips marked)
+  # list the layers a CAM can use (names, types, output shapes; the blog U-Net's tips marked)
   explain.py --checkpoint model.pth --list-layers
 
   # the randomisation test for every method, and deletion/insertion curves of the audited maps
@@ -87,7 +88,7 @@ examples:
       --image-mean 0.485 0.456 0.406 --image-std 0.229 0.224 0.225
 
 outputs (OUT = --out):
-  OUT/gradcam/<class_idx>/<name>.jpg          the seed's panel: image | overlay | GT mask
+  OUT/gradcam/<class_idx>/<name>.jpg          the original script's panel: image | overlay | GT
                                               (volumes: axial, coronal and sagittal rows
                                               through the class's CAM peak)
   OUT/gradcam/<layer>/<class_idx>/<name>.jpg  with several --layers
@@ -150,415 +151,54 @@ class _ConfigAction(ActionConfigFile):
         super().__call__(parser, cfg, values, option_string)
 
 
+_DESCRIPTION = (
+    "Audit segmentation checkpoints with per-class Grad-CAM: where does the model look\n"
+    "for each class, on every image of a dataset? Writes the blog U-Net's CAM panels, an HTML\n"
+    "report, metrics.csv and summary.json. Checkpoints are loaded with\n"
+    "torch.load(weights_only=True): a file that could run code is refused. The network\n"
+    "is the package's U-Net, or your own: --module names your LightningModule class,\n"
+    "--model the function that builds your network. Only the code you name runs; the\n"
+    "checkpoint provides weights and plain values."
+)
+_PIPELINE = "your own pipeline (the images come from your data module, as in your validation)"
+_WHAT = "what to audit"
+_CAM = "CAM"
+_META = (
+    "for checkpoints that do not carry it (the original script's .pth, state dicts, your own "
+    "modules)"
+)
+_RUN = "running"
+_QUALITY = "quality checks (after the main pass, once per checkpoint; images only)"
+_OUTPUT = "output"
+#: The option groups of ``--help``, in order.
+_GROUP_TITLES = (_PIPELINE, _WHAT, _CAM, _META, _RUN, _QUALITY, _OUTPUT)
+
+
+class _Option(NamedTuple):
+    """One command-line option: its ``--help`` group (``None``: the parser itself), flag, help
+    and the other keywords of ``add_argument`` (type, default, choices, ...)."""
+
+    group: str | None
+    flag: str
+    help: str
+    keywords: dict[str, Any]
+
+
+def _option(group: str | None, flag: str, help: str, **keywords: Any) -> _Option:
+    return _Option(group, flag, help, keywords)
+
+
 def build_parser() -> ArgumentParser:
-    """The ``explain.py`` argument parser (``--help`` shows an example per option), on
-    jsonargparse: ``--config`` takes YAML (a run's config.yaml or the audit's own settings)
-    and ``--print_config`` prints the resolved settings."""
-    parser = _Parser(
-        prog=PROG,
-        description=(
-            "Audit segmentation checkpoints with per-class Grad-CAM: where does the model look\n"
-            "for each class, on every image of a dataset? Writes the seed's CAM panels, an HTML\n"
-            "report, metrics.csv and summary.json. Checkpoints are loaded with\n"
-            "torch.load(weights_only=True): a file that could run code is refused. The network\n"
-            "is the package's U-Net, or your own: --module names your LightningModule class,\n"
-            "--model the function that builds your network. Only the code you name runs; the\n"
-            "checkpoint provides weights and plain values."
-        ),
-        epilog=_EPILOG,
-        formatter_class=_Help,
-    )
-    pipeline = parser.add_argument_group(
-        "your own pipeline (the images come from your data module, as in your validation)"
-    )
-    parser.add_argument(  # on the parser itself: jsonargparse adds --print_config beside it
-        "--config",
-        action=_ConfigAction,
-        help="a LightningCLI run's config.yaml (lightning_logs/version_N/config.yaml): its model "
-        "and data sections are instantiated as LightningCLI does, the checkpoint's weights "
-        "loaded into the model, and the images read by the data module's own dataloader "
-        "(--split); or a YAML of this command's own options (keys as the options, e.g. "
-        "'layers: [fuse2]'). Repeat to merge several, later ones winning",
-    )
-    pipeline.add_argument(
-        "--run_config",
-        action="append",
-        help=argparse.SUPPRESS,
-    )
-    pipeline.add_argument(
-        "--split",
-        default="val",
-        choices=tuple(SPLITS),
-        help="which of the data module's dataloaders to audit (default val: val_dataloader(), "
-        "after setup('validate'), as Trainer.validate reads it)",
-    )
-    pipeline.add_argument(
-        "--datamodule",
-        metavar="SPEC",
-        help="your LightningDataModule class, as pkg.mod:Class or path/to/file.py:Class, with "
-        "--module (without --config): built with the values the checkpoint saved "
-        "(datamodule_hyper_parameters, plain values only) and --datamodule-kwargs",
-    )
-    pipeline.add_argument(
-        "--datamodule-kwargs",
-        type=_json_object,
-        metavar="JSON",
-        help="arguments for the data module, over the saved ones or the config's data "
-        "section, e.g. --datamodule-kwargs '{\"batch_size\": 4}'",
-    )
-    pipeline.add_argument(
-        "--cli",
-        metavar="SPEC",
-        help="the LightningCLI subclass your training script uses, when it links arguments "
-        "(add_arguments_to_parser); default LightningCLI (this package's own for its classes)",
-    )
-    what = parser.add_argument_group("what to audit")
-    what.add_argument(
-        "--checkpoint",
-        action="append",
-        required=True,
-        metavar="PATH",
-        help="a Lightning .ckpt, a seed .pth ({'model_state_dict': ...}) or a state dict; "
-        "repeat to compare checkpoints (e.g. --checkpoint e5.ckpt --checkpoint e50.ckpt)",
-    )
-    what.add_argument(
-        "--module",
-        metavar="SPEC",
-        help="your LightningModule class, as package.module:Class or path/to/file.py:Class; each "
-        "--checkpoint (a Lightning .ckpt) is rebuilt by Class.load_from_checkpoint, and the "
-        "network explained is the module if it defines forward, else its net/model/network. "
-        "E.g. --module examples/binary_plants/project.py:PlantSegmenter",
-    )
-    what.add_argument(
-        "--model",
-        metavar="SPEC",
-        help="a function (or nn.Module class) that builds your network, as package.module:name "
-        "or path/to/file.py:name; each --checkpoint's weights (a state dict, the seed's "
-        "{'model_state_dict': ...}, or a Lightning .ckpt's state_dict with a 'model.'/'net.' "
-        "prefix removed) are loaded into it strictly. "
-        "E.g. --model examples/binary_plants/project.py:build_model",
-    )
-    what.add_argument(
-        "--model-kwargs",
-        type=_json_object,
-        metavar="JSON",
-        help="keyword arguments for the --model function, e.g. --model-kwargs '{\"width\": 16}'",
-    )
-    what.add_argument(
-        "--data",
-        metavar="DIR|synthetic|synthetic3d",
-        help="a seed-format folder (DIR/images/*.jpg + DIR/masks/*.png), a folder of images "
-        "without masks (DIR/images/ or DIR itself; no ground-truth metrics), or 'synthetic' "
-        f"(the synthetic test split, --limit images, default {SYNTHETIC_DEFAULT_COUNT}). For a "
-        "network of volumes: a folder of volumes (DIR/images/<name>.npy, [D, H, W] or "
-        "[C, D, H, W], with DIR/masks/<name>.npy integer labels [D, H, W] for ground truth) "
-        "or 'synthetic3d' (the synthetic test volumes). Example: --data data/weeds",
-    )
-    _count_option(
-        what,
-        "--limit",
-        "audit only the first N images in file-name order (e.g. --limit 100)",
-    )
-    cam = parser.add_argument_group("CAM")
-    cam.add_argument(
-        "--layers",
-        nargs="+",
-        metavar="NAME",
-        help=f"layers to explain (default {DEFAULT_LAYER}, the seed's, in a U-Net; in another "
-        "network the last layer before the output head); several are shown side by side, e.g. "
-        "--layers e4.conv.conv.5 d4.conv.conv.5. A LightningModule's net./model. prefix may be "
-        "left out. See --list-layers",
-    )
-    cam.add_argument(
-        "--method",
-        default="gradcam",
-        choices=sorted(METHODS),
-        help="CAM method (default gradcam, the seed's), e.g. --method layercam",
-    )
-    cam.add_argument(
-        "--target",
-        default="softmax_mean",
-        choices=sorted(TARGETS),
-        help="class score the CAM explains (default softmax_mean: mean softmax probability of "
-        "the class over all pixels, the seed's), e.g. --target logit_region",
-    )
-    cam.add_argument(
-        "--normalize",
-        default="minmax",
-        choices=NORMALIZE_MODES,
-        help="map scaling: minmax (each map to [0, 1], the seed's), global (one scale per image "
-        "and layer, so weak classes look weak) or none",
-    )
-    cam.add_argument(
-        "--output-kind",
-        default="auto",
-        choices=OUTPUT_KINDS,
-        help="how the network's output channels are read: multiclass (softmax over K >= 2), "
-        "binary (one sigmoid channel: one class, the foreground, mask label 1), multilabel "
-        "(independent sigmoids) or auto (one channel binary, more multiclass; the default)",
-    )
-    cam.add_argument(
-        "--threshold",
-        type=_probability,
-        default=0.5,
-        metavar="P",
-        help="binary and multilabel: the probability above which a pixel is predicted (default "
-        "0.5), e.g. --threshold 0.3",
-    )
-    cam.add_argument(
-        "--classes",
-        nargs="+",
-        type=_non_negative_int,
-        metavar="K",
-        help="class indices (output channels) to explain (default all), e.g. --classes 1 2",
-    )
-    meta = parser.add_argument_group(
-        "for checkpoints that do not carry it (seed .pth, state dicts, your own modules)"
-    )
-    meta.add_argument(
-        "--num-classes",
-        type=_positive_int,
-        metavar="K",
-        help="expected class count; a checkpoint with another count is an error (--num-classes 3)",
-    )
-    meta.add_argument(
-        "--colormap",
-        type=_colormap_arg,
-        metavar="JSON",
-        help="the masks' colours, one [b, g, r] per class in cv2's BGR order (default the "
-        "checkpoint's, else the seed's; for a binary model black background, white foreground), "
-        "e.g. --colormap '[[0,0,0],[0,0,128],[0,128,0]]' or, binary, '[[0,0,0],[255,255,255]]'",
-    )
-    meta.add_argument(
-        "--class-names",
-        nargs="+",
-        metavar="NAME",
-        help="one name per class (default the module's or its data module's class_names, else "
-        "a Hugging Face network's config.id2label), e.g. "
-        "--class-names soil crop weed; for a binary model the background's and the "
-        "foreground's, or only the foreground's (--class-names soil plant)",
-    )
-    meta.add_argument(
-        "--size",
-        type=_positive_int,
-        metavar="PX",
-        help="square input size, or a volume's cube side (default the checkpoint's training "
-        "size, else 256 as the seed; 32 for volumes): a multiple of 16 for the U-Net, any size "
-        "your own network accepts; images and volumes are resized to it. E.g. --size 256",
-    )
-    meta.add_argument(
-        "--intensity-range",
-        nargs=2,
-        type=float,
-        metavar=("LO", "HI"),
-        help="volumes from .npy files: the values mapped to 0 and 1, outside clipped (e.g. a CT "
-        "window, --intensity-range -1000 400); default each volume's own minimum and maximum, "
-        "per channel",
-    )
-    meta.add_argument(
-        "--zscore",
-        action="store_true",
-        help="volumes from .npy files: each channel to mean 0 and standard deviation 1 over the "
-        "volume (MONAI's NormalizeIntensity(channel_wise=True)), for networks trained on "
-        "z-scored volumes",
-    )
-    meta.add_argument(
-        "--channel-order",
-        default="auto",
-        choices=("auto", "rgb", "bgr"),
-        help="channel order the model expects (auto: bgr for the U-Net's seed .pth and state "
-        "dicts, since the seed fed cv2's BGR arrays; the training data's for Lightning "
-        "checkpoints; rgb for --model state dicts)",
-    )
-    meta.add_argument(
-        "--image-mean",
-        nargs="+",
-        type=float,
-        metavar="M",
-        help="the mean the training images were normalised with, per channel in the order the "
-        "network is fed, or one value (default the checkpoint data module's image_mean, else "
-        "none: the network gets images in [0, 1]); e.g. --image-mean 0.485 0.456 0.406",
-    )
-    meta.add_argument(
-        "--image-std",
-        nargs="+",
-        type=float,
-        metavar="S",
-        help="the standard deviation of that normalisation (default the data module's "
-        "image_std); e.g. --image-std 0.229 0.224 0.225. Panels show the images themselves",
-    )
-    meta.add_argument(
-        "--in-channels",
-        type=_positive_int,
-        choices=(1, 3),
-        metavar="C",
-        help="input channels of your own network (--module/--model) when its first layer is not "
-        "a convolution that says (1: fed grey images, 3: colour)",
-    )
-    meta.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="load checkpoints that need arbitrary unpickling (weights_only=False). Unpickling "
-        "can run code from the file: only for files from a source you trust",
-    )
-    run = parser.add_argument_group("running")
-    run.add_argument(
-        "--batch-size", type=_positive_int, default=8, metavar="B", help="default 8, e.g. 32"
-    )
-    run.add_argument(
-        "--num-workers",
-        type=_non_negative_int,
-        default=2,
-        metavar="N",
-        help="DataLoader worker processes reading images (default 2; 0 reads in the main process)",
-    )
-    run.add_argument(
-        "--device",
-        default="auto",
-        choices=("auto", "cpu", "cuda"),
-        help="where the model runs (auto: cuda if available)",
-    )
-    run.add_argument(
-        "--devices",
-        type=_positive_int,
-        default=1,
-        metavar="N",
-        help="devices per node for a distributed audit through Lightning (e.g. --devices 4 "
-        "--strategy ddp); each image is processed and written once",
-    )
-    run.add_argument(
-        "--num-nodes", type=_positive_int, default=1, metavar="N", help="nodes (default 1)"
-    )
-    run.add_argument(
-        "--strategy",
-        default="auto",
-        choices=("auto", "ddp"),
-        help="Lightning strategy for --devices > 1 (auto picks ddp)",
-    )
-    _count_option(
-        run,
-        "--render-threads",
-        "threads rendering and writing images (default: half the CPU cores, 2 to 8); on a "
-        "GPU they work while the next batch is explained, on the CPU between batches",
-    )
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
-    quality = parser.add_argument_group(
-        "quality checks (after the main pass, once per checkpoint; images only)"
-    )
-    quality.add_argument(
-        "--sanity-check",
-        action="store_true",
-        help="the randomisation test (Adebayo et al. 2018): re-initialise a copy of the network "
-        "(variance-preserving) from the head down to each --layers block and as a whole, and "
-        "compare each map with the trained one (Spearman rho, SSIM, energy inside, all-zero "
-        f"maps); a map passes at median |rho| <= {RHO_THRESHOLD} ({FULL_RHO_THRESHOLD} for the "
-        "whole network). Verdicts in report.html, summary.json['sanity_check'] and sanity.csv",
-    )
-    _count_option(
-        quality,
-        "--sanity-images",
-        "the first N audited images the randomisation test uses (default 16)",
-    )
-    _count_option(
-        quality,
-        "--sanity-seeds",
-        "re-initialisations per randomisation, seeds 0..N-1 (default 3)",
-    )
-    quality.add_argument(
-        "--sanity-methods",
-        nargs="+",
-        choices=("all", *ALL_METHODS),
-        metavar="METHOD",
-        help="methods to test (default the --method audited; 'all' for every method: "
-        f"{', '.join(ALL_METHODS)}), e.g. --sanity-methods gradcam guided_gradcam",
-    )
-    quality.add_argument(
-        "--faithfulness",
-        action="store_true",
-        help="deletion and insertion curves per class for the audited maps at each layer, their "
-        "AUC next to a random order and ground truth first; deletion passes at AUC <= "
-        f"{DELETION_THRESHOLD} of random order's. In report.html, summary.json['faithfulness'] "
-        "and faithfulness.csv. Off by default: (steps + 1) forward passes per class, order and "
-        "curve",
-    )
-    quality.add_argument(
-        "--faithfulness-fill",
-        choices=FILLS,
-        help="what a deleted pixel becomes: mean (each image's mean colour; the default) or blur",
-    )
-    _count_option(
-        quality,
-        "--faithfulness-images",
-        "the first N audited images the curves use (default 16)",
-    )
-    _count_option(
-        quality,
-        "--faithfulness-steps",
-        "points per curve minus one (default 16)",
-    )
-    quality.add_argument(
-        "--objects-alone",
-        action="store_true",
-        help="the objects-alone test: each class's objects shown alone (every other pixel "
-        "flattened to their mean colour), the share of its segmented pixels the model keeps; "
-        f"a class segmented well (IoU >= {CONTEXT_RULE['iou_threshold']:g}) that keeps less than "
-        f"{CONTEXT_RULE['kept_threshold']:g} takes its label from around its objects (a "
-        "shortcut, unless the class is defined by its surroundings). Needs masks. In "
-        "report.html and summary.json['objects_alone']. Off by default: one forward pass per "
-        "class",
-    )
-    _count_option(
-        quality,
-        "--objects-alone-images",
-        "the first N audited images the objects-alone test uses (default 64)",
-    )
-    output = parser.add_argument_group("output")
-    output.add_argument(
-        "--out",
-        default="results",
-        metavar="DIR",
-        help="output folder (default results/, as the seed), e.g. --out audits/epoch50",
-    )
-    output.add_argument(
-        "--report-images",
-        type=_non_negative_int,
-        default=50,
-        metavar="N",
-        help="show the first N images of the dataset in report.html (default 50; metrics and "
-        "panels cover every image)",
-    )
-    output.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into a non-empty --out folder (files with the same names are replaced)",
-    )
-    output.add_argument(
-        "--resume",
-        action="store_true",
-        help="finish an interrupted audit in --out: its finished images are kept, the rest are "
-        "audited, and the final files are those an uninterrupted run writes. Needs the same "
-        "checkpoints, data and CAM settings (batch size, workers and device may change); with "
-        "no interrupted audit in --out it starts afresh",
-    )
-    output.add_argument(
-        "--keep-going",
-        action="store_true",
-        help="a checkpoint whose logits are not finite (NaN or inf: weights that overflow) is "
-        "marked broken in metrics.csv, summary.json and report.html and the others are "
-        "audited; without it the audit stops there with exit status 2",
-    )
-    output.add_argument(
-        "--list-layers",
-        action="store_true",
-        help="print the layers a CAM can hook (name, type, output shape; the seed's tips "
-        "e1/e4/b/d4 marked) and exit",
-    )
+    """The ``explain.py`` argument parser from :data:`_OPTIONS` (``--help`` shows an example per
+    option), on jsonargparse: ``--config`` takes YAML (a run's config.yaml or the audit's own
+    settings) and ``--print_config`` prints the resolved settings."""
+    parser = _Parser(prog=PROG, description=_DESCRIPTION, epilog=_EPILOG, formatter_class=_Help)
+    groups = {title: parser.add_argument_group(title) for title in _GROUP_TITLES}
+    for option in _OPTIONS:
+        # --config goes on the parser itself: jsonargparse adds --print_config beside it
+        where = parser if option.group is None else groups[option.group]
+        where.add_argument(option.flag, help=option.help, **option.keywords)
     return parser
-
-
-def _count_option(group: argparse._ArgumentGroup, flag: str, help: str) -> None:
-    """Adds the option ``flag N`` taking a positive integer, default ``None``, to ``group``."""
-    group.add_argument(flag, type=_positive_int, metavar="N", help=help)
 
 
 def _positive_int(text: str) -> int:
@@ -621,13 +261,470 @@ def _colormap_arg(text: Any) -> tuple[tuple[int, int, int], ...]:
         ) from None
 
 
+#: Every option of ``explain.py``, in ``--help``'s order within each group.
+_OPTIONS = (
+    _option(
+        None,
+        "--config",
+        "a LightningCLI run's config.yaml (lightning_logs/version_N/config.yaml): its model "
+        "and data sections are instantiated as LightningCLI does, the checkpoint's weights "
+        "loaded into the model, and the images read by the data module's own dataloader "
+        "(--split); or a YAML of this command's own options (keys as the options, e.g. "
+        "'layers: [fuse2]'). Repeat to merge several, later ones winning",
+        action=_ConfigAction,
+    ),
+    _option(
+        _PIPELINE,
+        "--run_config",
+        argparse.SUPPRESS,
+        action="append",
+    ),
+    _option(
+        _PIPELINE,
+        "--split",
+        "which of the data module's dataloaders to audit (default val: val_dataloader(), "
+        "after setup('validate'), as Trainer.validate reads it)",
+        default="val",
+        choices=tuple(SPLITS),
+    ),
+    _option(
+        _PIPELINE,
+        "--datamodule",
+        "your LightningDataModule class, as pkg.mod:Class or path/to/file.py:Class, with "
+        "--module (without --config): built with the values the checkpoint saved "
+        "(datamodule_hyper_parameters, plain values only) and --datamodule-kwargs",
+        metavar="SPEC",
+    ),
+    _option(
+        _PIPELINE,
+        "--datamodule-kwargs",
+        "arguments for the data module, over the saved ones or the config's data "
+        "section, e.g. --datamodule-kwargs '{\"batch_size\": 4}'",
+        type=_json_object,
+        metavar="JSON",
+    ),
+    _option(
+        _PIPELINE,
+        "--cli",
+        "the LightningCLI subclass your training script uses, when it links arguments "
+        "(add_arguments_to_parser); default LightningCLI (this package's own for its classes)",
+        metavar="SPEC",
+    ),
+    _option(
+        _WHAT,
+        "--checkpoint",
+        "a Lightning .ckpt, the original script's .pth ({'model_state_dict': ...}) or a state "
+        "dict; "
+        "repeat to compare checkpoints (e.g. --checkpoint e5.ckpt --checkpoint e50.ckpt)",
+        action="append",
+        required=True,
+        metavar="PATH",
+    ),
+    _option(
+        _WHAT,
+        "--module",
+        "your LightningModule class, as package.module:Class or path/to/file.py:Class; each "
+        "--checkpoint (a Lightning .ckpt) is rebuilt by Class.load_from_checkpoint, and the "
+        "network explained is the module if it defines forward, else its net/model/network. "
+        "E.g. --module examples/binary_plants/project.py:PlantSegmenter",
+        metavar="SPEC",
+    ),
+    _option(
+        _WHAT,
+        "--model",
+        "a function (or nn.Module class) that builds your network, as package.module:name "
+        "or path/to/file.py:name; each --checkpoint's weights (a state dict, the original script's "
+        "{'model_state_dict': ...}, or a Lightning .ckpt's state_dict with a 'model.'/'net.' "
+        "prefix removed) are loaded into it strictly. "
+        "E.g. --model examples/binary_plants/project.py:build_model",
+        metavar="SPEC",
+    ),
+    _option(
+        _WHAT,
+        "--model-kwargs",
+        "keyword arguments for the --model function, e.g. --model-kwargs '{\"width\": 16}'",
+        type=_json_object,
+        metavar="JSON",
+    ),
+    _option(
+        _WHAT,
+        "--data",
+        "a folder in the original script's layout (DIR/images/*.jpg + DIR/masks/*.png), a folder "
+        "of images "
+        "without masks (DIR/images/ or DIR itself; no ground-truth metrics), or 'synthetic' "
+        f"(the synthetic test split, --limit images, default {SYNTHETIC_DEFAULT_COUNT}). For a "
+        "network of volumes: a folder of volumes (DIR/images/<name>.npy, [D, H, W] or "
+        "[C, D, H, W], with DIR/masks/<name>.npy integer labels [D, H, W] for ground truth) "
+        "or 'synthetic3d' (the synthetic test volumes). Example: --data data/weeds",
+        metavar="DIR|synthetic|synthetic3d",
+    ),
+    _option(
+        _WHAT,
+        "--limit",
+        "audit only the first N images in file-name order (e.g. --limit 100)",
+        type=_positive_int,
+        metavar="N",
+    ),
+    _option(
+        _CAM,
+        "--layers",
+        f"layers to explain (default {DEFAULT_LAYER}, the blog U-Net's, in a U-Net; in another "
+        "network the last layer before the output head); several are shown side by side, e.g. "
+        "--layers e4.conv.conv.5 d4.conv.conv.5. A LightningModule's net./model. prefix may be "
+        "left out. See --list-layers",
+        nargs="+",
+        metavar="NAME",
+    ),
+    _option(
+        _CAM,
+        "--method",
+        "CAM method (default gradcam, the original script's), e.g. --method layercam",
+        default="gradcam",
+        choices=sorted(METHODS),
+    ),
+    _option(
+        _CAM,
+        "--target",
+        "class score the CAM explains (default softmax_mean: mean softmax probability of "
+        "the class over all pixels, the original script's), e.g. --target logit_region",
+        default="softmax_mean",
+        choices=sorted(TARGETS),
+    ),
+    _option(
+        _CAM,
+        "--normalize",
+        "map scaling: minmax (each map to [0, 1], the original script's), global (one scale per "
+        "image "
+        "and layer, so weak classes look weak) or none",
+        default="minmax",
+        choices=NORMALIZE_MODES,
+    ),
+    _option(
+        _CAM,
+        "--output-kind",
+        "how the network's output channels are read: multiclass (softmax over K >= 2), "
+        "binary (one sigmoid channel: one class, the foreground, mask label 1), multilabel "
+        "(independent sigmoids) or auto (one channel binary, more multiclass; the default)",
+        default="auto",
+        choices=OUTPUT_KINDS,
+    ),
+    _option(
+        _CAM,
+        "--threshold",
+        "binary and multilabel: the probability above which a pixel is predicted (default "
+        "0.5), e.g. --threshold 0.3",
+        type=_probability,
+        default=0.5,
+        metavar="P",
+    ),
+    _option(
+        _CAM,
+        "--classes",
+        "class indices (output channels) to explain (default all), e.g. --classes 1 2",
+        nargs="+",
+        type=_non_negative_int,
+        metavar="K",
+    ),
+    _option(
+        _META,
+        "--num-classes",
+        "expected class count; a checkpoint with another count is an error (--num-classes 3)",
+        type=_positive_int,
+        metavar="K",
+    ),
+    _option(
+        _META,
+        "--colormap",
+        "the masks' colours, one [b, g, r] per class in cv2's BGR order (default the "
+        "checkpoint's, else the blog U-Net's; for a binary model black background, white "
+        "foreground), "
+        "e.g. --colormap '[[0,0,0],[0,0,128],[0,128,0]]' or, binary, '[[0,0,0],[255,255,255]]'",
+        type=_colormap_arg,
+        metavar="JSON",
+    ),
+    _option(
+        _META,
+        "--class-names",
+        "one name per class (default the module's or its data module's class_names, else "
+        "a Hugging Face network's config.id2label), e.g. "
+        "--class-names soil crop weed; for a binary model the background's and the "
+        "foreground's, or only the foreground's (--class-names soil plant)",
+        nargs="+",
+        metavar="NAME",
+    ),
+    _option(
+        _META,
+        "--size",
+        "square input size, or a volume's cube side (default the checkpoint's training "
+        "size, else 256 as the original script; 32 for volumes): a multiple of 16 for the U-Net, "
+        "any size "
+        "your own network accepts; images and volumes are resized to it. E.g. --size 256",
+        type=_positive_int,
+        metavar="PX",
+    ),
+    _option(
+        _META,
+        "--intensity-range",
+        "volumes from .npy files: the values mapped to 0 and 1, outside clipped (e.g. a CT "
+        "window, --intensity-range -1000 400); default each volume's own minimum and maximum, "
+        "per channel",
+        nargs=2,
+        type=float,
+        metavar=("LO", "HI"),
+    ),
+    _option(
+        _META,
+        "--zscore",
+        "volumes from .npy files: each channel to mean 0 and standard deviation 1 over the "
+        "volume (MONAI's NormalizeIntensity(channel_wise=True)), for networks trained on "
+        "z-scored volumes",
+        action="store_true",
+    ),
+    _option(
+        _META,
+        "--channel-order",
+        "channel order the model expects (auto: bgr for the original script's .pth and "
+        "the U-Net's state dicts, since the original script fed cv2's BGR arrays; the training "
+        "data's for Lightning "
+        "checkpoints; rgb for --model state dicts)",
+        default="auto",
+        choices=("auto", "rgb", "bgr"),
+    ),
+    _option(
+        _META,
+        "--image-mean",
+        "the mean the training images were normalised with, per channel in the order the "
+        "network is fed, or one value (default the checkpoint data module's image_mean, else "
+        "none: the network gets images in [0, 1]); e.g. --image-mean 0.485 0.456 0.406",
+        nargs="+",
+        type=float,
+        metavar="M",
+    ),
+    _option(
+        _META,
+        "--image-std",
+        "the standard deviation of that normalisation (default the data module's "
+        "image_std); e.g. --image-std 0.229 0.224 0.225. Panels show the images themselves",
+        nargs="+",
+        type=float,
+        metavar="S",
+    ),
+    _option(
+        _META,
+        "--in-channels",
+        "input channels of your own network (--module/--model) when its first layer is not "
+        "a convolution that says (1: fed grey images, 3: colour)",
+        type=_positive_int,
+        choices=(1, 3),
+        metavar="C",
+    ),
+    _option(
+        _META,
+        "--trust-checkpoint",
+        "load checkpoints that need arbitrary unpickling (weights_only=False). Unpickling "
+        "can run code from the file: only for files from a source you trust",
+        action="store_true",
+    ),
+    _option(
+        _RUN,
+        "--batch-size",
+        "default 8, e.g. 32",
+        type=_positive_int,
+        default=8,
+        metavar="B",
+    ),
+    _option(
+        _RUN,
+        "--num-workers",
+        "DataLoader worker processes reading images (default 2; 0 reads in the main process)",
+        type=_non_negative_int,
+        default=2,
+        metavar="N",
+    ),
+    _option(
+        _RUN,
+        "--device",
+        "where the model runs (auto: cuda if available)",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+    ),
+    _option(
+        _RUN,
+        "--devices",
+        "devices per node for a distributed audit through Lightning (e.g. --devices 4 "
+        "--strategy ddp); each image is processed and written once",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+    ),
+    _option(
+        _RUN,
+        "--num-nodes",
+        "nodes (default 1)",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+    ),
+    _option(
+        _RUN,
+        "--strategy",
+        "Lightning strategy for --devices > 1 (auto picks ddp)",
+        default="auto",
+        choices=("auto", "ddp"),
+    ),
+    _option(
+        _RUN,
+        "--render-threads",
+        "threads rendering and writing images (default: half the CPU cores, 2 to 8); on a "
+        "GPU they work while the next batch is explained, on the CPU between batches",
+        type=_positive_int,
+        metavar="N",
+    ),
+    _option(
+        _RUN,
+        "--quiet",
+        "no progress bar",
+        action="store_true",
+    ),
+    _option(
+        _QUALITY,
+        "--sanity-check",
+        "the randomisation test (Adebayo et al. 2018): re-initialise a copy of the network "
+        "(variance-preserving) from the head down to each --layers block and as a whole, and "
+        "compare each map with the trained one (Spearman rho, SSIM, energy inside, all-zero "
+        f"maps); a map passes at median |rho| <= {RHO_THRESHOLD} ({FULL_RHO_THRESHOLD} for the "
+        "whole network). Verdicts in report.html, summary.json['sanity_check'] and sanity.csv",
+        action="store_true",
+    ),
+    _option(
+        _QUALITY,
+        "--sanity-images",
+        "the first N audited images the randomisation test uses (default 16)",
+        type=_positive_int,
+        metavar="N",
+    ),
+    _option(
+        _QUALITY,
+        "--sanity-seeds",
+        "re-initialisations per randomisation, seeds 0..N-1 (default 3)",
+        type=_positive_int,
+        metavar="N",
+    ),
+    _option(
+        _QUALITY,
+        "--sanity-methods",
+        "methods to test (default the --method audited; 'all' for every method: "
+        f"{', '.join(ALL_METHODS)}), e.g. --sanity-methods gradcam guided_gradcam",
+        nargs="+",
+        choices=("all", *ALL_METHODS),
+        metavar="METHOD",
+    ),
+    _option(
+        _QUALITY,
+        "--faithfulness",
+        "deletion and insertion curves per class for the audited maps at each layer, their "
+        "AUC next to a random order and ground truth first; deletion passes at AUC <= "
+        f"{DELETION_THRESHOLD} of random order's. In report.html, summary.json['faithfulness'] "
+        "and faithfulness.csv. Off by default: (steps + 1) forward passes per class, order and "
+        "curve",
+        action="store_true",
+    ),
+    _option(
+        _QUALITY,
+        "--faithfulness-fill",
+        "what a deleted pixel becomes: mean (each image's mean colour; the default) or blur",
+        choices=FILLS,
+    ),
+    _option(
+        _QUALITY,
+        "--faithfulness-images",
+        "the first N audited images the curves use (default 16)",
+        type=_positive_int,
+        metavar="N",
+    ),
+    _option(
+        _QUALITY,
+        "--faithfulness-steps",
+        "points per curve minus one (default 16)",
+        type=_positive_int,
+        metavar="N",
+    ),
+    _option(
+        _QUALITY,
+        "--objects-alone",
+        "the objects-alone test: each class's objects shown alone (every other pixel "
+        "flattened to their mean colour), the share of its segmented pixels the model keeps; "
+        f"a class segmented well (IoU >= {CONTEXT_RULE['iou_threshold']:g}) that keeps less than "
+        f"{CONTEXT_RULE['kept_threshold']:g} takes its label from around its objects (a "
+        "shortcut, unless the class is defined by its surroundings). Needs masks. In "
+        "report.html and summary.json['objects_alone']. Off by default: one forward pass per "
+        "class",
+        action="store_true",
+    ),
+    _option(
+        _QUALITY,
+        "--objects-alone-images",
+        "the first N audited images the objects-alone test uses (default 64)",
+        type=_positive_int,
+        metavar="N",
+    ),
+    _option(
+        _OUTPUT,
+        "--out",
+        "output folder (default results/, as the original script), e.g. --out audits/epoch50",
+        default="results",
+        metavar="DIR",
+    ),
+    _option(
+        _OUTPUT,
+        "--report-images",
+        "show the first N images of the dataset in report.html (default 50; metrics and "
+        "panels cover every image)",
+        type=_non_negative_int,
+        default=50,
+        metavar="N",
+    ),
+    _option(
+        _OUTPUT,
+        "--overwrite",
+        "write into a non-empty --out folder (files with the same names are replaced)",
+        action="store_true",
+    ),
+    _option(
+        _OUTPUT,
+        "--resume",
+        "finish an interrupted audit in --out: its finished images are kept, the rest are "
+        "audited, and the final files are those an uninterrupted run writes. Needs the same "
+        "checkpoints, data and CAM settings (batch size, workers and device may change); with "
+        "no interrupted audit in --out it starts afresh",
+        action="store_true",
+    ),
+    _option(
+        _OUTPUT,
+        "--keep-going",
+        "a checkpoint whose logits are not finite (NaN or inf: weights that overflow) is "
+        "marked broken in metrics.csv, summary.json and report.html and the others are "
+        "audited; without it the audit stops there with exit status 2",
+        action="store_true",
+    ),
+    _option(
+        _OUTPUT,
+        "--list-layers",
+        "print the layers a CAM can hook (name, type, output shape; the blog U-Net's tips "
+        "e1/e4/b/d4 marked) and exit",
+        action="store_true",
+    ),
+)
+
+
 def settings_from_args(args: Namespace) -> AuditSettings:
-    """:class:`AuditSettings` from parsed command-line arguments (one option per field; an
-    option left out whose field has a default other than ``None`` keeps that default)."""
+    """:class:`AuditSettings` from parsed command-line arguments (one option per settings
+    field, :data:`~segcam_lightning.audit.settings.OPTION_FIELDS`; an option left out keeps
+    its field's default)."""
     values = {
-        f.name: getattr(args, f.name)
-        for f in fields(AuditSettings)
-        if hasattr(args, f.name) and not (getattr(args, f.name) is None and f.default is not None)
+        name: getattr(args, name)
+        for name in OPTION_FIELDS
+        if hasattr(args, name) and getattr(args, name) is not None
     }
     nargs = ("layers", "classes", "class_names", "image_mean", "image_std", "intensity_range")
     nargs += ("sanity_methods",)
@@ -638,10 +735,11 @@ def settings_from_args(args: Namespace) -> AuditSettings:
     values["out"] = Path(values.get("out") or "results")
     values["run_config"] = tuple(Path(p) for p in (args.get("run_config") or ()))
     checkpoints = args.checkpoint if isinstance(args.checkpoint, list) else [args.checkpoint]
-    paths = tuple(
+    values["checkpoints"] = tuple(
         Path(p) for item in checkpoints for p in ([item] if isinstance(item, str) else item)
     )
-    return AuditSettings(**values, checkpoints=paths, progress=not args.quiet)
+    values["progress"] = not args.quiet
+    return AuditSettings.from_options(**values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -660,10 +758,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.list_layers:
             print(list_layers(settings))
             return 0
-        if settings.data is None and not settings.pipeline:
+        if settings.source.data is None and not settings.source.pipeline:
             raise UsageError(
-                "--data is required: pass a seed-format folder (DIR/images + DIR/masks), a "
-                "folder of images, 'synthetic', or for volumes a folder of .npy volumes or "
+                "--data is required: pass a folder in the original script's layout (DIR/images "
+                "+ DIR/masks), a folder of images, 'synthetic', or for volumes a folder of .npy "
+                "volumes or "
                 "'synthetic3d' (e.g. --data data/weeds)."
             )
         outcome = run_audit(settings)
@@ -736,8 +835,8 @@ def _check_check_options(args: argparse.Namespace) -> None:
 
 
 def list_layers(settings: AuditSettings) -> str:
-    """The ``--list-layers`` table of every checkpoint: name, type, output shape, seed tips (for
-    the U-Net) or the default layer (for your own network).
+    """The ``--list-layers`` table of every checkpoint: name, type, output shape, the blog
+    U-Net's tips (for the U-Net) or the default layer (for your own network).
 
     Raises:
         UsageError: for code or checkpoints that cannot be loaded.
@@ -749,7 +848,7 @@ def list_layers(settings: AuditSettings) -> str:
         display = data_display(pipeline.datamodule, pipeline.module)
         fed = PipelineDataset(pipeline.loader, pipeline.split, display, limit=1)
     for loaded in load_models(settings, pipeline, fed.size if fed is not None else None):
-        size = fed.size if fed is not None else resolve_size(settings.size, [loaded])
+        size = fed.size if fed is not None else resolve_size(settings.inputs.size, [loaded])
         example = torch.zeros(1, loaded.in_channels, *size)
         if fed is not None:
             example = fed[0]["input"][None]
@@ -757,7 +856,7 @@ def list_layers(settings: AuditSettings) -> str:
         width = max(len(i.name) for i in infos)
         type_width = max(len(i.type) for i in infos)
         prefix = loaded.layer_prefix
-        default = default_layers(loaded, size, settings)[0]
+        default = default_layers(loaded, size, settings.network)[0]
         lines = [
             f"{loaded.path} ({loaded.describe()}); output shapes for a "
             f"{'x'.join(str(n) for n in example.shape)} input:",
@@ -766,7 +865,9 @@ def list_layers(settings: AuditSettings) -> str:
         for info in infos:
             short = info.name.removeprefix(prefix) if prefix else info.name
             tip = TIP_NAMES.get(short) if loaded.code is None else None
-            mark = f"  <- seed tip {tip}" if tip else "  <- default" if short == default else ""
+            mark = (
+                f"  <- blog U-Net tip {tip}" if tip else "  <- default" if short == default else ""
+            )
             if not info.reaches_logits:
                 mark += "  (does not reach the logits)"
             shape = list(info.output_shape)

@@ -1,5 +1,5 @@
-"""The audit's data: seed-format folders, image folders, volume folders and the synthetic
-images and volumes; unreadable items become skipped ones."""
+"""The audit's data: folders in the original script's layout, image folders, volume folders and
+the synthetic images and volumes; unreadable items become skipped ones."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from segcam_lightning.audit.settings import (
     PROG,
     SYNTHETIC_DEFAULT_COUNT,
     SYNTHETIC_TEST_SEED,
-    AuditSettings,
+    DataSource,
 )
 from segcam_lightning.audit.volumes import VOLUME_SUFFIX, VolumeSource, pair_volumes, volume_files
 from segcam_lightning.data.datamodule import SYNTHETIC, SYNTHETIC3D
@@ -179,8 +179,8 @@ class AuditDataset(Dataset):
 
 
 def build_dataset(data: str, spec: DataSpec) -> AuditDataset:
-    """The audit's dataset for ``--data``: the synthetic images or volumes, a seed-format
-    folder, a folder of images, or a folder of ``.npy`` volumes
+    """The audit's dataset for ``--data``: the synthetic images or volumes, a folder in the
+    original script's layout     folder, a folder of images, or a folder of ``.npy`` volumes
     (:mod:`~segcam_lightning.audit.volumes`).
 
     Raises:
@@ -193,7 +193,8 @@ def build_dataset(data: str, spec: DataSpec) -> AuditDataset:
     root = Path(data)
     if problem := path_problem(root, "folder"):
         raise UsageError(
-            f"--data {root} {problem}. Pass a folder with images/ and masks/ (the seed's layout), "
+            f"--data {root} {problem}. Pass a folder with images/ and masks/ (the original "
+            "script's layout), "
             f"a folder of images, '{SYNTHETIC}', or for volumes {_VOLUME_DATA}; write an example "
             f"with `segcam-synthetic --out {root}`."
         )
@@ -347,7 +348,7 @@ def _init_worker(_worker_id: int) -> None:
         cv2.setNumThreads(1)
 
 
-def make_loader(dataset: Dataset, settings: AuditSettings, pin: bool) -> DataLoader:
+def make_loader(dataset: Dataset, source: DataSource, pin: bool) -> DataLoader:
     """The audit's DataLoader: in order, ``--batch-size``, ``--num-workers``.
 
     Iterate it inside :func:`~segcam_lightning.render.opencv_threads` ``(1)``: forked workers
@@ -355,10 +356,10 @@ def make_loader(dataset: Dataset, settings: AuditSettings, pin: bool) -> DataLoa
     OpenCV's pool blocks for ever in ``cv2.setNumThreads`` (OpenCV's pthreads backend; seen
     with ``os.fork`` alone), so a worker only calls it when it did not inherit 1.
     """
-    workers = settings.num_workers
+    workers = source.num_workers
     return DataLoader(
         dataset,
-        batch_size=settings.batch_size,
+        batch_size=source.batch_size,
         shuffle=False,
         num_workers=workers,
         pin_memory=pin,

@@ -68,9 +68,9 @@ def render_report(
         _broken_banner(summary),
         f"<p class='meta'>{counts['processed']} of {counts['images']} "
         f"{'volume' if plan.volumes else 'image'}(s) audited"
-        f"{skipped_note} · {_e(plan.settings.method)} at {_e(', '.join(plan.layout.layers))} · "
-        f"target {_e(plan.settings.target)} · {_e(_kind_text(plan))} · "
-        f"data: {_e(str(plan.settings.data))} · "
+        f"{skipped_note} · {_e(plan.explanation.method)} at {_e(', '.join(plan.layout.layers))} · "
+        f"target {_e(plan.explanation.target)} · {_e(_kind_text(plan))} · "
+        f"data: {_e(str(plan.data))} · "
         f"{'x'.join(map(str, plan.size))}{' volumes' if plan.volumes else ''}</p>",
         _notes(plan),
         _legend(plan),
@@ -136,9 +136,9 @@ def _fmt(value: float, kind: str = "share") -> str:
 
 def _kind_text(plan: AuditPlan) -> str:
     """How the outputs are read, e.g. ``"binary (sigmoid > 0.5)"``."""
-    if plan.output_kind == "multiclass":
+    if plan.readout.kind == "multiclass":
         return "multiclass (softmax)"
-    return f"{plan.output_kind} (sigmoid > {plan.settings.threshold:g})"
+    return f"{plan.readout.kind} (sigmoid > {plan.readout.threshold:g})"
 
 
 def _notes(plan: AuditPlan) -> str:
@@ -154,7 +154,7 @@ def _legend(plan: AuditPlan) -> str:
     for k, name in enumerate(plan.label_names or plan.class_names):
         b, g, r = plan.colormap[k]
         items.append(f"<span class='sw' style='background:rgb({r},{g},{b})'></span>{k}: {_e(name)}")
-    title = "Mask labels" if plan.output_kind == "binary" else "Classes"
+    title = "Mask labels" if plan.readout.kind == "binary" else "Classes"
     return f"<p>{title}:" + "".join(items) + "</p>"
 
 
@@ -548,7 +548,7 @@ def _image_sections(
     )
     intro = (
         f"<h2>Images</h2><p class='meta'>The first {shown} of {total} audited {what}(s) (dataset "
-        f"indices below {plan.settings.report_images}); every {what}'s panels are in "
+        f"indices below {plan.report_images}); every {what}'s panels are in "
         f"{_e(plan.layout.panel_pattern())}.{views} Captions: E = share of CAM energy inside the "
         "class's ground truth, ✓/✗ = pointing game, max = raw CAM maximum.</p>"
     )

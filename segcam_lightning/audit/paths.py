@@ -44,7 +44,8 @@ class OutputLayout:
     volumes: bool = False
 
     def panel(self, model: int, layer: int, class_idx: int, name: str) -> Path:
-        """The seed's panel: ``[<checkpoint>/]gradcam/[<layer>/]<class_idx>/<name>.jpg``."""
+        """The original script's panel: "
+        "``[<checkpoint>/]gradcam/[<layer>/]<class_idx>/<name>.jpg``."""
         parts = [*self._model_parts(model), "gradcam"]
         if len(self.layers) > 1:
             parts.append(safe_component(self.layers[layer]))

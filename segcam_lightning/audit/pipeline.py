@@ -115,29 +115,32 @@ def build_pipeline(settings: AuditSettings) -> Pipeline | None:
         UsageError: for configs or classes that cannot be read or instantiated, and splits the
             data module has no dataloader for; one line each.
     """
-    if settings.split not in SPLITS:
-        raise UsageError(f"--split {settings.split!r}: expected one of {list(SPLITS)}.")
-    if settings.run_config:
-        if settings.data is not None:
+    if settings.source.split not in SPLITS:
+        raise UsageError(f"--split {settings.source.split!r}: expected one of {list(SPLITS)}.")
+    if settings.source.run_config:
+        if settings.source.data is not None:
             raise UsageError(
-                f"--data {settings.data} and a run config ({settings.run_config[0]}) both say "
+                f"--data {settings.source.data} and a run config "
+                f"({settings.source.run_config[0]}) both say "
                 "which images to audit: the run config's data module reads them. Drop --data, "
                 "or drop the run config to audit a folder."
             )
         return _from_run_config(settings)
-    if settings.datamodule is not None:
-        if settings.module is None:
+    if settings.source.datamodule is not None:
+        if settings.network.module is None:
             raise UsageError(
-                f"--datamodule {settings.datamodule} needs --module (the LightningModule class "
+                f"--datamodule {settings.source.datamodule} needs --module (the LightningModule "
+                "class "
                 "whose checkpoints are audited) or --config with the run's config.yaml."
             )
-        if settings.data is not None:
+        if settings.source.data is not None:
             raise UsageError(
-                f"--data {settings.data} and --datamodule {settings.datamodule} both say which "
+                f"--data {settings.source.data} and --datamodule {settings.source.datamodule} "
+                "both say which "
                 "images to audit; pass one."
             )
         return _from_datamodule(settings)
-    if settings.datamodule_kwargs is not None:
+    if settings.source.datamodule_kwargs is not None:
         raise UsageError(
             "--datamodule-kwargs are the arguments of --datamodule's class; pass --datamodule "
             "pkg.mod:Class with them."
@@ -146,36 +149,37 @@ def build_pipeline(settings: AuditSettings) -> Pipeline | None:
 
 
 def _from_run_config(settings: AuditSettings) -> Pipeline:
-    values = _merged_configs(settings.run_config)
-    origin = "--config " + " ".join(str(p) for p in settings.run_config)
+    values = _merged_configs(settings.source.run_config)
+    origin = "--config " + " ".join(str(p) for p in settings.source.run_config)
     notes: list[str] = []
     model_class, model_code, model_args = _section_class(
-        values, "model", settings.module, L.LightningModule, origin, notes
+        values, "model", settings.network.module, L.LightningModule, origin, notes
     )
     data_class, _, data_args = _section_class(
-        values, "data", settings.datamodule, L.LightningDataModule, origin, notes
+        values, "data", settings.source.datamodule, L.LightningDataModule, origin, notes
     )
-    if settings.datamodule_kwargs:
-        data_args = {**data_args, **settings.datamodule_kwargs}
+    if settings.source.datamodule_kwargs:
+        data_args = {**data_args, **settings.source.datamodule_kwargs}
     cli_class = _cli_class(settings, model_class, data_class, notes)
     args: dict[str, Any] = {"model": model_args, "data": data_args}
     if "seed_everything" in values:
         args["seed_everything"] = values["seed_everything"]
     module, datamodule = _instantiate(cli_class, model_class, data_class, args, origin)
-    loader = _split_loader(datamodule, settings.split, origin)
-    return Pipeline(module, model_code, datamodule, loader, settings.split, origin, notes)
+    loader = _split_loader(datamodule, settings.source.split, origin)
+    return Pipeline(module, model_code, datamodule, loader, settings.source.split, origin, notes)
 
 
 def _from_datamodule(settings: AuditSettings) -> Pipeline:
-    data_class, _ = import_spec(str(settings.datamodule), "--datamodule")
+    data_class, _ = import_spec(str(settings.source.datamodule), "--datamodule")
     if not (isinstance(data_class, type) and issubclass(data_class, L.LightningDataModule)):
         raise UsageError(
-            f"--datamodule {settings.datamodule} is not a LightningDataModule subclass; name "
+            f"--datamodule {settings.source.datamodule} is not a LightningDataModule subclass; "
+            "name "
             "the class your training used, as pkg.mod:Class or path/to/file.py:Class."
         )
     saved = _saved_datamodule_values(settings.checkpoints[0])
-    values = {**saved, **(settings.datamodule_kwargs or {})}
-    origin = f"--datamodule {settings.datamodule}"
+    values = {**saved, **(settings.source.datamodule_kwargs or {})}
+    origin = f"--datamodule {settings.source.datamodule}"
     notes = []
     if saved:
         notes.append(
@@ -192,8 +196,10 @@ def _from_datamodule(settings: AuditSettings) -> Pipeline:
             "arguments with --datamodule-kwargs JSON, e.g. --datamodule-kwargs "
             "'{\"image_size\": 64}'."
         ) from None
-    loader = _split_loader(datamodule, settings.split, origin)
-    return Pipeline(None, str(settings.module), datamodule, loader, settings.split, origin, notes)
+    loader = _split_loader(datamodule, settings.source.split, origin)
+    return Pipeline(
+        None, str(settings.network.module), datamodule, loader, settings.source.split, origin, notes
+    )
 
 
 def _merged_configs(paths: Sequence[Path]) -> dict[str, Any]:
@@ -277,10 +283,10 @@ def _cli_class(
     """The LightningCLI subclass that links the sections as the training run did: ``--cli``,
     else the package's for its own classes (it links the data's classes to the model), else
     LightningCLI itself."""
-    if settings.cli is not None:
-        target, _ = import_spec(settings.cli, "--cli")
+    if settings.source.cli is not None:
+        target, _ = import_spec(settings.source.cli, "--cli")
         if not (isinstance(target, type) and issubclass(target, LightningCLI)):
-            raise UsageError(f"--cli {settings.cli} is not a LightningCLI subclass.")
+            raise UsageError(f"--cli {settings.source.cli} is not a LightningCLI subclass.")
         return target
     own = {f"{c.__module__}.{c.__qualname__}" for c in (model_class, data_class)}
     if own <= set(_PACKAGE_CLASSES):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,15 @@ from segcam_lightning.audit.settings import (
     DEFAULT_LAYER,
     RESERVED_NAMES,
     AuditSettings,
+    Explanation,
+    Labels,
+    NetworkCode,
+    Preprocessing,
     list_layers_command,
 )
 from segcam_lightning.audit.volumes import check_intensity_range
 from segcam_lightning.audit.writer import default_render_threads
-from segcam_lightning.cam import CAMEngine, default_layer_name, resolve_output_kind
+from segcam_lightning.cam import CAMEngine, Readout, default_layer_name
 from segcam_lightning.cam import find_layer as _find_layer
 from segcam_lightning.data.colormap import SEED_COLORMAP
 from segcam_lightning.data.datamodule import SYNTHETIC, SYNTHETIC3D
@@ -65,15 +69,35 @@ from segcam_lightning.text import one_line
 class AuditPlan:
     """A run with every choice resolved: models, data, classes, colours, layout.
 
-    ``classes`` are output channels (``[0]`` for a binary model) and ``class_names`` name them;
-    ``label_names`` and ``colormap`` go by mask label (a binary model's masks have two labels:
-    background and foreground). ``size`` is ``(H, W)``, or ``(D, H, W)`` for volumes. ``code``
-    is the user's ``--module``/``--model``, else ``None``. ``notes``: one line per setting the
-    run chose or assumed by itself (the default layer, an assumed normalisation), which
-    explain.py prints first and the report's header lists.
+    The plan holds what it resolved, not the settings it was made from; a module that needs a
+    settings group (the run's options, the checks) is handed that group.
+
+    Attributes:
+        models: one per checkpoint, each with its engine.
+        dataset: the images (or volumes) audited.
+        classes: output channels explained (``[0]`` for a binary model).
+        class_names: the name of every output channel.
+        colormap: BGR colours by mask label.
+        size: ``(H, W)``, or ``(D, H, W)`` for volumes.
+        device: where the engines run.
+        layout: where every output goes.
+        readout: how the output channels are read, resolved (``kind`` never ``"auto"``).
+        explanation: what is explained: method, target, normalisation, and the layers and
+            classes as resolved (the default layer when none was given).
+        data: ``--data`` as given; ``None`` when the user's pipeline gives the images.
+        intensity_range: the window a folder's ``.npy`` volumes are scaled from (``None``:
+            each volume's own).
+        report_images: images with a dataset index below this are shown in the report.
+        render_threads: threads rendering and writing images.
+        distributed: the run goes through Lightning's ``Trainer.predict``.
+        load_seconds: time spent loading, checks included.
+        label_names: the mask labels' names (a binary model's masks have two labels:
+            background and foreground).
+        code: the user's ``--module``/``--model`` (or a run config's module), else ``None``.
+        notes: one line per setting the run chose or assumed by itself (the default layer, an
+            assumed normalisation), which explain.py prints first and the report's header lists.
     """
 
-    settings: AuditSettings
     models: list[AuditModel]
     dataset: AuditDataset
     classes: list[int]
@@ -82,16 +106,17 @@ class AuditPlan:
     size: tuple[int, ...]
     device: torch.device
     layout: OutputLayout
+    readout: Readout
+    explanation: Explanation
+    data: str | None = None
+    intensity_range: tuple[float, float] | None = None
+    report_images: int = 50
+    render_threads: int = field(default_factory=default_render_threads)
+    distributed: bool = False
     load_seconds: float = 0.0
-    output_kind: str = "multiclass"
     label_names: list[str] | None = None
     code: UserCode | None = None
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def render_threads(self) -> int:
-        """``--render-threads``, or :func:`default_render_threads` when not given."""
-        return self.settings.render_threads or default_render_threads()
 
     @property
     def volumes(self) -> bool:
@@ -99,10 +124,15 @@ class AuditPlan:
         return len(self.size) == 3
 
     @property
+    def piped(self) -> bool:
+        """Whether the user's own pipeline gives the images (and the network's inputs)."""
+        return isinstance(self.dataset, PipelineDataset)
+
+    @property
     def model_device(self) -> torch.device:
         """Where the networks are: :attr:`device`, or the CPU in a distributed run (each rank
         moves its copy to its own device)."""
-        return _model_device(self.settings, self.device)
+        return torch.device("cpu") if self.distributed else self.device
 
 
 #: A binary model's masks when nothing says otherwise (BGR): background black, foreground white.
@@ -142,8 +172,8 @@ def load_models(
         UsageError: for bad ``--module``/``--model`` code, and missing, unsafe, unreadable or
             mismatched checkpoints.
     """
-    code = resolve_code(settings.module, settings.model, settings.model_kwargs)
-    if code is None and settings.in_channels is not None:
+    code = _user_code(settings.network)
+    if code is None and settings.network.in_channels is not None:
         raise UsageError(
             "--in-channels is for the networks of --module/--model; the U-Net's input channels "
             "are read from its weights. Drop --in-channels."
@@ -192,14 +222,15 @@ def _check_same(
 def _load(
     path: Path, settings: AuditSettings, code: UserCode | None, size: tuple[int, ...] | None
 ) -> LoadedCheckpoint:
+    network = settings.network
     if code is None:
-        return load_checkpoint(path, settings.num_classes, settings.trust_checkpoint)
+        return load_checkpoint(path, network.num_classes, network.trust_checkpoint)
     options: CallerOptions = {
         "code": code.spec,
-        "trust": settings.trust_checkpoint,
-        "num_classes": settings.num_classes,
-        "in_channels": settings.in_channels,
-        "size": size or settings.size,
+        "trust": network.trust_checkpoint,
+        "num_classes": network.num_classes,
+        "in_channels": network.in_channels,
+        "size": size or settings.inputs.size,
     }
     if code.option == "--module":
         return load_lightning_module(path, code.target, **options)
@@ -212,8 +243,8 @@ def _load_into(
     """A checkpoint's weights in a copy of the module the run config instantiated."""
     options: CallerOptions = {
         "code": pipeline.module_code,
-        "trust": settings.trust_checkpoint,
-        "num_classes": settings.num_classes,
+        "trust": settings.network.trust_checkpoint,
+        "num_classes": settings.network.num_classes,
         "size": size,
     }
     return load_module_weights(path, copy.deepcopy(pipeline.module), **options)
@@ -229,86 +260,121 @@ def prepare(settings: AuditSettings) -> AuditPlan:
         UsageError: for any mistake in the settings or inputs, with what to do about it.
     """
     start = time.perf_counter()
-    check_intensity_range(settings.intensity_range)
-    device = resolve_device(settings.device)
-    pipeline = build_pipeline(settings)
-    notes: list[str] = list(pipeline.notes) if pipeline is not None else []
-    fed = None
-    if pipeline is not None:
-        _check_no_folder_options(settings)
-        display = data_display(pipeline.datamodule, pipeline.module)
-        fed = PipelineDataset(pipeline.loader, pipeline.split, display, settings.limit)
+    check_intensity_range(settings.inputs.intensity_range)
+    device = resolve_device(settings.run.device)
+    pipeline, fed, notes = _read_pipeline(settings)
     loaded = load_models(settings, pipeline, fed.size if fed is not None else None)
     first = loaded[0]
     num_outputs = first.num_classes
-    kind = _resolve_kind(settings.output_kind, num_outputs)
-    classes = _resolve_classes(settings.classes, num_outputs, kind)
-    size = fed.size if fed is not None else resolve_size(settings.size, loaded)
+    readout = _resolve_readout(settings.readout, num_outputs)
+    kind = readout.kind
+    classes = _resolve_classes(settings.explain.classes, num_outputs, kind)
+    size = fed.size if fed is not None else resolve_size(settings.inputs.size, loaded)
     labels = unique_components(
         [c.path.stem for c in loaded], fallback="checkpoint", reserved=RESERVED_NAMES
     )
     if pipeline is None:
-        notes += assumed_settings(settings, loaded)
-        beside = run_config_beside(settings.checkpoints[0])
-        if beside is not None:
-            notes.append(
-                f"{beside} sits beside the checkpoint; to audit through that run's own data "
-                f"pipeline pass --config {beside} (a config is never read unasked)"
-            )
-    layers = settings.layers
+        notes += _reader_notes(settings, loaded)
+    layers = settings.explain.layers
     if not layers:
-        layers = default_layers(first, size, settings)
+        layers = default_layers(first, size, settings.network)
         notes.append(
             f"layer {layers[0]}: the default, the last block before the output head on the path "
             "to the logits (--layers to choose others; --list-layers lists them)"
         )
     direct = f"{pipeline.origin}, split {pipeline.split}" if pipeline is not None else None
+    model_device = torch.device("cpu") if settings.run.distributed else device
     models = [
-        _audit_model(label, c, settings, _model_device(settings, device), kind, layers, direct)
+        _audit_model(label, c, settings, model_device, readout, layers, direct)
         for label, c in zip(labels, loaded, strict=True)
     ]
     num_labels = 2 if kind == "binary" else num_outputs
     default_colormap = BINARY_COLORMAP if kind == "binary" else SEED_COLORMAP
-    data_colormap = settings.colormap or first.colormap or default_colormap
-    if fed is not None:
-        dataset: AuditDataset | PipelineDataset = fed
-    else:
-        spec = DataSpec(
-            size,
-            data_colormap,
-            num_labels,
-            limit=settings.limit,
-            kind=kind,
-            channels=first.in_channels,
-            intensity_range=settings.intensity_range,
-            zscore=settings.zscore,
-        )
-        dataset = build_dataset(settings.data or SYNTHETIC, spec)
-    if settings.target == "gt_region" and not dataset.has_masks:
+    data_colormap = settings.labels.colormap or first.colormap or default_colormap
+    dataset = fed or _read_data(settings, first, size, data_colormap, num_labels, kind)
+    if settings.explain.target == "gt_region" and not dataset.has_masks:
         raise UsageError(
             f"--target gt_region explains each class inside its ground-truth region, but "
-            f"{settings.data} has no masks/. Use --target softmax_mean or logit_region."
+            f"{settings.source.data} has no masks/. Use --target softmax_mean or logit_region."
         )
-    class_names, label_names = _resolve_names(settings, first, num_outputs, kind)
+    class_names, label_names = _resolve_names(
+        settings.labels, first, num_outputs, kind, data=settings.source.data
+    )
     layout = OutputLayout(settings.out, tuple(labels), models[0].layers, volumes=len(size) == 3)
-    colormap = class_palette(data_colormap, num_labels)
     return AuditPlan(
-        settings,
         models,
         dataset,
         classes,
         class_names,
-        colormap,
+        class_palette(data_colormap, num_labels),
         size,
         device,
         layout,
+        readout,
+        replace(settings.explain, layers=tuple(models[0].layers), classes=tuple(classes)),
+        data=settings.source.data,
+        intensity_range=settings.inputs.intensity_range,
+        report_images=settings.run.report_images,
+        render_threads=settings.run.render_threads or default_render_threads(),
+        distributed=settings.run.distributed,
         load_seconds=time.perf_counter() - start,
-        output_kind=kind,
         label_names=label_names,
-        code=resolve_code(settings.module, settings.model, settings.model_kwargs)
-        or _pipeline_code(pipeline),
+        code=_user_code(settings.network) or _pipeline_code(pipeline),
         notes=notes,
     )
+
+
+def _read_pipeline(
+    settings: AuditSettings,
+) -> tuple[Pipeline | None, PipelineDataset | None, list[str]]:
+    """The user's pipeline (``--config`` run config, ``--datamodule``), the dataset its
+    dataloader gives, and its notes; ``(None, None, [])`` for the audit's own reader."""
+    pipeline = build_pipeline(settings)
+    if pipeline is None:
+        return None, None, []
+    _check_no_folder_options(settings)
+    display = data_display(pipeline.datamodule, pipeline.module)
+    fed = PipelineDataset(pipeline.loader, pipeline.split, display, settings.source.limit)
+    return pipeline, fed, list(pipeline.notes)
+
+
+def _reader_notes(settings: AuditSettings, loaded: Sequence[LoadedCheckpoint]) -> list[str]:
+    """What the audit's own reader assumes, and a run config found beside the checkpoint."""
+    notes = assumed_settings(settings.inputs, loaded)
+    beside = run_config_beside(settings.checkpoints[0])
+    if beside is not None:
+        notes.append(
+            f"{beside} sits beside the checkpoint; to audit through that run's own data "
+            f"pipeline pass --config {beside} (a config is never read unasked)"
+        )
+    return notes
+
+
+def _read_data(
+    settings: AuditSettings,
+    first: LoadedCheckpoint,
+    size: tuple[int, ...],
+    colormap: Sequence[Sequence[int]],
+    num_labels: int,
+    kind: str,
+) -> AuditDataset:
+    """The audit's own reader of ``--data``."""
+    spec = DataSpec(
+        size,
+        colormap,
+        num_labels,
+        limit=settings.source.limit,
+        kind=kind,
+        channels=first.in_channels,
+        intensity_range=settings.inputs.intensity_range,
+        zscore=settings.inputs.zscore,
+    )
+    return build_dataset(settings.source.data or SYNTHETIC, spec)
+
+
+def _user_code(network: NetworkCode) -> UserCode | None:
+    """The code ``--module``/``--model`` name, else ``None``."""
+    return resolve_code(network.module, network.model, network.model_kwargs)
 
 
 def _pipeline_code(pipeline: Pipeline | None) -> UserCode | None:
@@ -319,7 +385,7 @@ def _pipeline_code(pipeline: Pipeline | None) -> UserCode | None:
 
 
 #: Options of the audit's own data reader, which a user's pipeline replaces.
-_FOLDER_OPTIONS = ("size", "intensity_range", "image_mean", "image_std", "in_channels")
+_FOLDER_OPTIONS = ("size", "intensity_range", "image_mean", "image_std")
 
 
 def _check_no_folder_options(settings: AuditSettings) -> None:
@@ -328,9 +394,11 @@ def _check_no_folder_options(settings: AuditSettings) -> None:
     Raises:
         UsageError: naming the options and where the data module takes them.
     """
-    given = [n for n in _FOLDER_OPTIONS if getattr(settings, n) is not None]
-    given += ["channel_order"] if settings.channel_order != "auto" else []
-    given += ["zscore"] if settings.zscore else []
+    inputs = settings.inputs
+    given = [n for n in _FOLDER_OPTIONS if getattr(inputs, n) is not None]
+    given += ["in_channels"] if settings.network.in_channels is not None else []
+    given += ["channel_order"] if inputs.channel_order != "auto" else []
+    given += ["zscore"] if inputs.zscore else []
     if given:
         flags = " ".join("--" + n.replace("_", "-") for n in given)
         raise UsageError(
@@ -340,7 +408,7 @@ def _check_no_folder_options(settings: AuditSettings) -> None:
         )
 
 
-def assumed_settings(settings: AuditSettings, loaded: Sequence[LoadedCheckpoint]) -> list[str]:
+def assumed_settings(settings: Preprocessing, loaded: Sequence[LoadedCheckpoint]) -> list[str]:
     """One line per setting the audit's own reader assumes because neither the command line
     nor the checkpoint says it, with the option that fixes it."""
     first = loaded[0]
@@ -378,9 +446,15 @@ def assumed_settings(settings: AuditSettings, loaded: Sequence[LoadedCheckpoint]
     return notes
 
 
-def _resolve_kind(kind: str, num_outputs: int) -> str:
+def _resolve_readout(readout: Readout, num_outputs: int) -> Readout:
+    """``--output-kind`` decided (``auto``) and checked against the network's channels.
+
+    Raises:
+        UsageError: for a kind the network's channels do not fit.
+    """
+    kind = readout.kind
     try:
-        return resolve_output_kind(kind, num_outputs)
+        return readout.resolved(num_outputs)
     except ValueError:
         if kind == "multiclass":
             raise UsageError(
@@ -445,7 +519,11 @@ def resolve_size(size: int | None, loaded: Sequence[LoadedCheckpoint]) -> tuple[
 
 
 def _resolve_names(
-    settings: AuditSettings, first: LoadedCheckpoint, num_outputs: int, kind: str
+    settings: Labels,
+    first: LoadedCheckpoint,
+    num_outputs: int,
+    kind: str,
+    data: str | None = None,
 ) -> tuple[list[str], list[str]]:
     """The class names (one per output channel) and the mask labels' names.
 
@@ -470,7 +548,7 @@ def _resolve_names(
             f"{num_outputs} classes; pass one name per class."
         )
     synthetic = {SYNTHETIC: SYNTHETIC_CLASS_NAMES, SYNTHETIC3D: SYNTHETIC3D_CLASS_NAMES}
-    saved = first.class_names or synthetic.get(settings.data or "")
+    saved = first.class_names or synthetic.get(data or "")
     names = class_names_of(
         first.net, given=given, num_outputs=num_outputs, binary=kind == "binary", saved=saved
     )
@@ -478,7 +556,7 @@ def _resolve_names(
 
 
 def default_layers(
-    loaded: LoadedCheckpoint, size: tuple[int, ...], settings: AuditSettings
+    loaded: LoadedCheckpoint, size: tuple[int, ...], network: NetworkCode
 ) -> tuple[str, ...]:
     """The layer explained without ``--layers``: the output of the last block before the
     output head on the path to the logits (:func:`~segcam_lightning.cam.default_layer_name`,
@@ -497,16 +575,10 @@ def default_layers(
     except (ValueError, RuntimeError) as error:
         raise UsageError(
             f"Could not choose a default layer in the {type(net).__name__} of {loaded.path} "
-            f"({one_line(error)}). Pass --layers; `{list_layers_command(settings, loaded.path)}` "
+            f"({one_line(error)}). Pass --layers; `{list_layers_command(network, loaded.path)}` "
             "lists them."
         ) from None
     return (name.removeprefix(loaded.layer_prefix),)
-
-
-def _model_device(settings: AuditSettings, device: torch.device) -> torch.device:
-    """Where the networks are put: ``device``; the CPU for a distributed run, whose ranks each
-    move their copy to their own device (Lightning does)."""
-    return torch.device("cpu") if settings.distributed else device
 
 
 def _devices(net: nn.Module) -> Any:
@@ -519,21 +591,21 @@ def _audit_model(
     loaded: LoadedCheckpoint,
     settings: AuditSettings,
     device: torch.device,
-    kind: str,
+    readout: Readout,
     layer_names: Sequence[str],
     direct: str | None = None,
 ) -> AuditModel:
     net = loaded.net.to(device)
-    resolved = [_layer_name(loaded, name, settings) for name in layer_names]
+    resolved = [_layer_name(loaded, name, settings.network) for name in layer_names]
+    explain = settings.explain
     try:
         engine = CAMEngine(
             net,
             [hooked for hooked, _ in resolved],
-            settings.method,
-            settings.target,
-            settings.normalize,
-            output_kind=kind,
-            threshold=settings.threshold,
+            explain.method,
+            explain.target,
+            explain.normalize,
+            readout=readout,
         )
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
@@ -543,7 +615,7 @@ def _audit_model(
             loaded=loaded,
             engine=engine,
             bgr=False,
-            kind=kind,
+            readout=readout,
             layers=tuple(shown for _, shown in resolved),
             direct=direct,
         )
@@ -553,17 +625,17 @@ def _audit_model(
             "as 3-channel colour (and feeds 1-channel networks their grey conversion). Audit a "
             "network trained on colour or grey images."
         )
-    order = settings.channel_order
+    order = settings.inputs.channel_order
     if order == "auto":
         order = loaded.channel_order or "rgb"
-    mean, std = _normalisation(settings, loaded)
+    mean, std = _normalisation(settings.inputs, loaded)
     return AuditModel(
         label=label,
         loaded=loaded,
         engine=engine,
         bgr=order == "bgr",
         gray=loaded.in_channels == 1,
-        kind=kind,
+        readout=readout,
         layers=tuple(shown for _, shown in resolved),
         mean=mean,
         std=std,
@@ -571,7 +643,7 @@ def _audit_model(
 
 
 def _normalisation(
-    settings: AuditSettings, loaded: LoadedCheckpoint
+    settings: Preprocessing, loaded: LoadedCheckpoint
 ) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
     """``--image-mean``/``--image-std``, else the checkpoint's, checked against the channels
     the network is fed."""
@@ -595,7 +667,7 @@ def _normalisation(
     return mean, std
 
 
-def _layer_name(loaded: LoadedCheckpoint, name: str, settings: AuditSettings) -> tuple[str, str]:
+def _layer_name(loaded: LoadedCheckpoint, name: str, network: NetworkCode) -> tuple[str, str]:
     """``(name as the network calls it, name as the outputs show it)``.
 
     A LightningModule-style prefix (``net.``, ``model.``, ``network.``) may be given or left
@@ -615,7 +687,7 @@ def _layer_name(loaded: LoadedCheckpoint, name: str, settings: AuditSettings) ->
         message = str(error).split(" List the layers")[0]
         raise UsageError(
             f"--layers: {message} (in {loaded.path}). Run "
-            f"`{list_layers_command(settings, loaded.path)}` to see every layer a CAM can use, "
+            f"`{list_layers_command(network, loaded.path)}` to see every layer a CAM can use, "
             "with its output shape."
         ) from None
     return name, name

@@ -35,7 +35,12 @@ from torch import Tensor, nn
 from segcam_lightning.audit.batches import AuditModel, BatchResult, explain_batch
 from segcam_lightning.audit.checks import check_quality_options
 from segcam_lightning.audit.paths import UnsafePathError
-from segcam_lightning.audit.settings import list_layers_command
+from segcam_lightning.audit.settings import (
+    AuditSettings,
+    NetworkCode,
+    RunOptions,
+    list_layers_command,
+)
 from segcam_lightning.errors import UsageError
 
 if TYPE_CHECKING:
@@ -44,7 +49,7 @@ if TYPE_CHECKING:
 # The dry run's side: small enough to cost milliseconds, a multiple of 16 for the U-Net.
 _DRY_SIDE = {2: 32, 3: 16}
 # Activations kept for the backward pass and their gradients, measured at ~1.0-1.4x the sum of
-# the leaf modules' outputs for the seed U-Net (widths 4-64, 128-512 px); 1.5x for headroom.
+# the leaf modules' outputs for the blog U-Net (widths 4-64, 128-512 px); 1.5x for headroom.
 _GRAPH_FACTOR = 1.5
 # Per pixel and map: the engine's maps, their normalised copy and the CPU copy (float32).
 _MAP_BYTES = 3 * 4
@@ -53,14 +58,16 @@ _MAP_BYTES = 3 * 4
 _IMAGE_BYTES = 3 + 2 * 3 * 4 + 2 * 8
 
 
-def check_before_writing(plan: AuditPlan) -> None:
-    """Run every check that needs no output: paths, a dry run of the engines, memory.
+def check_before_writing(plan: AuditPlan, settings: AuditSettings) -> None:
+    """Run every check that needs no output: paths, a dry run of the engines, memory, and
+    the quality checks' options (``settings``: the run's, for its processes, ``--keep-going``,
+    ``--batch-size`` and the checks asked for).
 
     Raises:
         UsageError: with what failed and what to do about it.
     """
-    _check_processes(plan)
-    report_names = plan.dataset.names[: plan.settings.report_images]
+    _check_processes(plan, settings.run)
+    report_names = plan.dataset.names[: plan.report_images]
     try:
         plan.layout.check(plan.classes, report_names)
     except UnsafePathError as error:
@@ -69,13 +76,15 @@ def check_before_writing(plan: AuditPlan) -> None:
         side = tuple(min(n, _DRY_SIDE[len(plan.size)]) for n in plan.size)
     else:
         side = plan.size
-    _dry_run(plan, side)
-    _check_memory(plan, side)
+    _dry_run(plan, side, settings.network, settings.run.keep_going)
+    _check_memory(plan, side, settings.source.batch_size)
     batch = _plan_blank(plan, side, plan.dataset.has_masks)
     # The user's pipeline gives the network's own input; the audit's reader gives pictures.
     blank = batch.get("input", batch["image"].float().div(255.0))  # type: ignore[attr-defined]
     image = blank
-    check_quality_options(plan, image, batch.get("mask"))  # type: ignore[arg-type]
+    masks = batch.get("mask")
+    batch_size = settings.source.batch_size
+    check_quality_options(plan, settings.checks, batch_size, image, masks)  # type: ignore[arg-type]
 
 
 def _blank_batch(
@@ -107,14 +116,13 @@ def _blank_batch(
 
 def _plan_blank(plan: AuditPlan, side: tuple[int, ...], masks: bool) -> dict[str, object]:
     """:func:`_blank_batch` for ``plan``'s data: with the network's input for a pipeline."""
-    inputs = plan.dataset.channels if plan.settings.pipeline else None
+    inputs = plan.dataset.channels if plan.piped else None
     return _blank_batch(side, plan.dataset.channels, masks, inputs)
 
 
-def _check_processes(plan: AuditPlan) -> None:
+def _check_processes(plan: AuditPlan, settings: RunOptions) -> None:
     """A distributed audit needs at least one image per process: Lightning's predict sampler
     fails (an assertion deep in a traceback) when a rank gets none."""
-    settings = plan.settings
     if not settings.distributed:
         return
     processes = settings.devices * settings.num_nodes
@@ -130,14 +138,16 @@ def _check_processes(plan: AuditPlan) -> None:
     )
 
 
-def _dry_run(plan: AuditPlan, side: tuple[int, ...]) -> None:
+def _dry_run(
+    plan: AuditPlan, side: tuple[int, ...], network: NetworkCode, keep_going: bool
+) -> None:
     batch = _plan_blank(plan, side, plan.dataset.has_masks)
     try:
         result = explain_batch(plan.models, batch, plan.classes, plan.model_device)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         message = message.split(" Pick another")[0].split(" List the layers")[0]
-        command = list_layers_command(plan.settings, plan.models[0].loaded.path)
+        command = list_layers_command(network, plan.models[0].loaded.path)
         size = " and --size (a size the network accepts)" if plan.code is not None else ""
         volumes = len(side) == 3
         what = "volume" if volumes else "image"
@@ -147,10 +157,10 @@ def _dry_run(plan: AuditPlan, side: tuple[int, ...]) -> None:
             f"was written: {type(error).__name__}: {message} Run `{command}` to see every "
             f"layer's output shape, and pass --layers whose output is one {output}{size}."
         ) from None
-    _check_finite(plan, result)
+    _check_finite(plan, result, keep_going)
 
 
-def _check_finite(plan: AuditPlan, result: BatchResult) -> None:
+def _check_finite(plan: AuditPlan, result: BatchResult, keep_going: bool) -> None:
     """Refuse checkpoints whose logits on the blank image are not finite (finite weights that
     overflow, e.g. every parameter times 1e38); with ``--keep-going`` only when all are."""
     broken = [
@@ -158,7 +168,7 @@ def _check_finite(plan: AuditPlan, result: BatchResult) -> None:
         for model, batch in zip(plan.models, result.models, strict=True)
         if batch.finite is not None and not batch.finite.all()
     ]
-    if not broken or (plan.settings.keep_going and len(broken) < len(plan.models)):
+    if not broken or (keep_going and len(broken) < len(plan.models)):
         return
     model = broken[0]
     largest = max(
@@ -178,12 +188,12 @@ def _check_finite(plan: AuditPlan, result: BatchResult) -> None:
     )
 
 
-def _check_memory(plan: AuditPlan, side: tuple[int, ...]) -> None:
+def _check_memory(plan: AuditPlan, side: tuple[int, ...], batch_size: int) -> None:
     pixels_measured = math.prod(side)
     activations = max(_activation_bytes(m, plan, side) for m in plan.models)
     maps = len(plan.models) * len(plan.layout.layers) * len(plan.classes)
     per_pixel = _GRAPH_FACTOR * activations / pixels_measured + maps * _MAP_BYTES + _IMAGE_BYTES
-    images = max(1, min(plan.settings.batch_size, len(plan.dataset)))
+    images = max(1, min(batch_size, len(plan.dataset)))
     per_image = per_pixel * math.prod(plan.size)
     needed = per_image * images
     available, where = available_memory(plan.device)

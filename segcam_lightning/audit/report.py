@@ -13,13 +13,11 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
+from segcam_lightning.audit import tallies as tally
 from segcam_lightning.audit.checks import (
     FAITHFULNESS_COLUMNS,
     SANITY_COLUMNS,
@@ -33,7 +31,15 @@ from segcam_lightning.audit.checks import describe as describe_checks
 from segcam_lightning.audit.html import render_report
 from segcam_lightning.audit.paths import write_atomic
 from segcam_lightning.audit.resume import Elapsed, save_state
-from segcam_lightning.audit.settings import BROKEN, CSV_COLUMNS, STATE_FILE, Stop, jsonable
+from segcam_lightning.audit.settings import (
+    BROKEN,
+    CSV_COLUMNS,
+    STATE_FILE,
+    AuditSettings,
+    CheckSettings,
+    Stop,
+    jsonable,
+)
 from segcam_lightning.audit.writer import LocalResult
 from segcam_lightning.quality.functional import shortcut_suspects
 
@@ -84,6 +90,7 @@ class AuditOutcome:
 
 def finish(
     plan: AuditPlan,
+    settings: AuditSettings,
     results: Sequence[LocalResult],
     process_seconds: float,
     total_seconds: float,
@@ -94,10 +101,11 @@ def finish(
     ``summary.json``, each atomically, and the quality checks' ``sanity.csv`` and
     ``faithfulness.csv`` when ``checks`` holds them.
 
-    ``process_seconds`` and ``total_seconds`` are the whole audit's, over its ``parts`` runs
-    (a resumed audit's earlier runs included). Rows of a checkpoint whose logits were not
-    finite (``run_status`` ``broken``) stay in ``metrics.csv`` and are left out of the means
-    and the shortcut rule; ``summary.json`` lists the checkpoint under
+    ``settings`` are the run's (``summary.json`` lists them; their ``checks`` say which checks
+    were asked for). ``process_seconds`` and ``total_seconds`` are the whole audit's, over its
+    ``parts`` runs (a resumed audit's earlier runs included). Rows of a checkpoint whose logits
+    were not finite (``run_status`` ``broken``) stay in ``metrics.csv`` and are left out of the
+    means, the pooled IoU and the shortcut rule; ``summary.json`` lists the checkpoint under
     ``broken_checkpoints`` and the report says so first.
 
     A result that ``stopped`` early makes the run partial: :data:`STATE_FILE` is written first
@@ -107,27 +115,19 @@ def finish(
     """
     start = time.perf_counter()
     stopped = next((r.stopped for r in results if r.stopped is not None), None)
-    rows = sorted(
-        (row for r in results for row in r.rows),
-        key=lambda row: (
-            row["index"],
-            plan.layout.models.index(row["checkpoint"]),
-            plan.layout.layers.index(row["layer"]),
-            plan.classes.index(row["class"]),
-        ),
-    )
+    rows = _sorted_rows(plan, results)
     skipped = sorted((s for r in results for s in r.skipped), key=lambda s: s["index"])
     processed = sum(r.processed for r in results)
     missing = [] if stopped else _check_complete(plan, rows, skipped)
     report_images = sorted({tuple(item) for r in results for item in r.report_images})
+    tallies = [t for r in results for t in r.tallies]
     sound = [row for row in rows if row.get("run_status") != BROKEN]
-    means = class_means(sound, plan)
+    means = class_means(sound, plan, tallies)
     layout = plan.layout
     layout.root.mkdir(parents=True, exist_ok=True)
-    status = "partial" if stopped else "complete"
     if stopped:
         save_state(plan, results, Elapsed(process_seconds, total_seconds, parts))
-    write_metrics_csv(layout.file("metrics.csv"), rows, status)
+    write_metrics_csv(layout.file("metrics.csv"), rows, "partial" if stopped else "complete")
     report_seconds = time.perf_counter() - start
     checks_seconds = sum(checks.seconds.values()) if checks is not None else 0.0
     timings = {
@@ -139,25 +139,15 @@ def finish(
         "images_per_s": processed / process_seconds if process_seconds > 0 else None,
         "parts": parts,
     }
-    summary = build_summary(plan, results, rows, skipped, means, timings)
+    summary = build_summary(plan, settings, results, rows, skipped, means, timings)
     if missing:
         summary["missing"] = missing
     broken = broken_checkpoints(rows)
     if broken:
         summary["broken_checkpoints"] = broken
     if plan.dataset.has_masks:
-        summary["shortcut_suspects"] = {**SHORTCUT_RULE, "suspects": shortcut_flags(sound, plan)}
-    if checks is not None:
-        summary.update(checks_summary(plan, checks))
-        if plan.settings.sanity_check:
-            write_csv(layout.file("sanity.csv"), SANITY_COLUMNS, sanity_csv_rows(checks))
-            summary["outputs"]["sanity"] = "sanity.csv"
-        if plan.settings.faithfulness:
-            rows_f = faithfulness_csv_rows(checks)
-            write_csv(layout.file("faithfulness.csv"), FAITHFULNESS_COLUMNS, rows_f)
-            summary["outputs"]["faithfulness"] = "faithfulness.csv"
-    elif requested(plan.settings):
-        summary["pending_checks"] = requested(plan.settings)
+        summary["shortcut_suspects"] = {**SHORTCUT_RULE, "suspects": shortcut_flags(tallies, plan)}
+    _write_checks(plan, settings.checks, checks, summary)
     html_text = render_report(plan, rows, skipped, means, report_images, summary)
     write_atomic(layout.file("report.html"), html_text)
     write_atomic(layout.file("summary.json"), json.dumps(jsonable(summary), indent=2) + "\n")
@@ -179,6 +169,41 @@ def finish(
             + tuple(_shortcut_notes(summary))
         ),
     )
+
+
+def _sorted_rows(plan: AuditPlan, results: Sequence[LocalResult]) -> list[dict[str, Any]]:
+    """Every process's rows by image, checkpoint, layer and class."""
+    return sorted(
+        (row for r in results for row in r.rows),
+        key=lambda row: (
+            row["index"],
+            plan.layout.models.index(row["checkpoint"]),
+            plan.layout.layers.index(row["layer"]),
+            plan.classes.index(row["class"]),
+        ),
+    )
+
+
+def _write_checks(
+    plan: AuditPlan,
+    asked: CheckSettings,
+    checks: QualityChecks | None,
+    summary: dict[str, Any],
+) -> None:
+    """The quality checks' entries in ``summary`` and their CSV files; the checks ``asked``
+    for are ``pending_checks`` when they did not run (a partial run)."""
+    if checks is None:
+        if requested(asked):
+            summary["pending_checks"] = requested(asked)
+        return
+    summary.update(checks_summary(plan, asked, checks))
+    if asked.sanity_check:
+        write_csv(plan.layout.file("sanity.csv"), SANITY_COLUMNS, sanity_csv_rows(checks))
+        summary["outputs"]["sanity"] = "sanity.csv"
+    if asked.faithfulness:
+        rows = faithfulness_csv_rows(checks)
+        write_csv(plan.layout.file("faithfulness.csv"), FAITHFULNESS_COLUMNS, rows)
+        summary["outputs"]["faithfulness"] = "faithfulness.csv"
 
 
 def broken_checkpoints(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -276,7 +301,9 @@ _MEAN_NAMES = (
 )
 
 
-def class_means(rows: Sequence[dict[str, Any]], plan: AuditPlan) -> list[dict[str, Any]]:
+def class_means(
+    rows: Sequence[dict[str, Any]], plan: AuditPlan, tallies: Sequence[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
     """Means over images per checkpoint × layer × class (NaN cells left out; NaN if none).
 
     ``pointing_game``'s mean is the pointing-game score (the share of the images holding the
@@ -284,16 +311,21 @@ def class_means(rows: Sequence[dict[str, Any]], plan: AuditPlan) -> list[dict[st
     ``chance`` is the class's mean area share over those images, the energy inside a map with
     no information has; ``below_chance`` marks a mean energy inside below it. ``dataset_iou``
     is the IoU pooled over the images (intersections over unions summed over the data set, as
-    torchmetrics' ``JaccardIndex`` computes it in a validation), where ``iou`` averages each
-    image's IoU.
+    torchmetrics' ``JaccardIndex`` computes it in a validation) from the run's pixel counts
+    (``tallies``, :mod:`~segcam_lightning.audit.tallies`; NaN without them), where ``iou``
+    averages each image's IoU.
     """
+    pooled = {
+        label: tally.pooled_iou(tally.sound(tallies, label), len(plan.classes)).tolist()
+        for label in plan.layout.models
+    }
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[(row["checkpoint"], row["layer"], row["class"])].append(row)
     means = []
     for label in plan.layout.models:
         for layer in plan.layout.layers:
-            for k in plan.classes:
+            for position, k in enumerate(plan.classes):
                 group = groups.get((label, layer, k), [])
                 entry: dict[str, Any] = {
                     "checkpoint": label,
@@ -309,18 +341,9 @@ def class_means(rows: Sequence[dict[str, Any]], plan: AuditPlan) -> list[dict[st
                 areas = [r["gt_area"] for r in group if r["gt_present"] == 1.0]
                 entry["chance"] = sum(areas) / len(areas) if areas else float("nan")
                 entry["below_chance"] = bool(entry["energy_inside"] < entry["chance"])
-                entry["dataset_iou"] = _dataset_iou(group)
+                entry["dataset_iou"] = pooled[label][position]
                 means.append(entry)
     return means
-
-
-def _dataset_iou(rows: Sequence[dict[str, Any]]) -> float:
-    """IoU of one class over all the images of ``rows`` (:func:`_pooled_iou` of their values)."""
-    columns = [
-        torch.tensor([[row[name]] for row in rows], dtype=torch.float64)
-        for name in ("iou", "pred_area", "gt_area")
-    ]
-    return float(_pooled_iou(*columns)[0]) if rows else float("nan")
 
 
 #: The shortcut rule's thresholds: the defaults of
@@ -332,65 +355,40 @@ SHORTCUT_RULE = {
 }
 
 
-def shortcut_flags(rows: Sequence[dict[str, Any]], plan: AuditPlan) -> list[dict[str, Any]]:
+def shortcut_flags(tallies: Sequence[dict[str, Any]], plan: AuditPlan) -> list[dict[str, Any]]:
     """Classes the model segments well whose maps lie mostly outside them, per checkpoint and
-    layer: :func:`~segcam_lightning.quality.functional.shortcut_suspects` on the audit's
-    per-image values (:data:`SHORTCUT_RULE`).
+    layer: :func:`~segcam_lightning.quality.functional.shortcut_suspects` on the run's pixel
+    counts and energies (``tallies``, :mod:`~segcam_lightning.audit.tallies`;
+    :data:`SHORTCUT_RULE`).
 
     Only images where the class is both in the ground truth and predicted count; the IoU is
     pooled over the images (intersections over unions, as the callback computes it on its
-    probe), recovered from each image's IoU and areas.
+    probe). Images where a checkpoint's logits were not finite are left out.
     """
-    groups: dict[tuple[str, str], dict[int, dict[int, dict[str, Any]]]] = defaultdict(dict)
-    for row in rows:
-        groups[(row["checkpoint"], row["layer"])].setdefault(row["index"], {})[row["class"]] = row
     flags = []
-    for (label, layer), images in groups.items():
-        table = [[images[i][k] for k in plan.classes] for i in sorted(images)]
-        values = torch.tensor(
-            [
-                [
-                    [r["energy_inside"], r["gt_present"], r["pred_area"], r["gt_area"], r["iou"]]
-                    for r in line
-                ]
-                for line in table
-            ],
-            dtype=torch.float64,
-        )  # [N, K, 5]
-        energy, present, pred, area, iou = values.unbind(-1)
-        counted = (present == 1) & (pred > 0)
-        suspects = shortcut_suspects(
-            energy.nan_to_num(0.0), counted, _pooled_iou(iou, pred, area), area, **SHORTCUT_RULE
-        )
-        for s in suspects:
-            k, ref = plan.classes[s.class_index], plan.classes[s.reference_index]
-            flags.append(
-                {
-                    "checkpoint": label,
-                    "layer": layer,
-                    "class": k,
-                    "class_name": plan.class_names[k],
-                    "energy_inside": s.energy_inside,
-                    "iou": s.iou,
-                    "num_images": s.num_images,
-                    "reference_class": ref,
-                    "reference_class_name": plan.class_names[ref],
-                    "reference_energy": s.reference_energy,
-                }
-            )
+    for label in plan.layout.models:
+        entries = tally.sound(tallies, label)
+        if not entries:
+            continue
+        for position, layer in enumerate(plan.layout.layers):
+            energy, counted, iou, area = tally.shortcut_inputs(entries, position)
+            for s in shortcut_suspects(energy, counted, iou, area, **SHORTCUT_RULE):
+                k, ref = plan.classes[s.class_index], plan.classes[s.reference_index]
+                flags.append(
+                    {
+                        "checkpoint": label,
+                        "layer": layer,
+                        "class": k,
+                        "class_name": plan.class_names[k],
+                        "energy_inside": s.energy_inside,
+                        "iou": s.iou,
+                        "num_images": s.num_images,
+                        "reference_class": ref,
+                        "reference_class_name": plan.class_names[ref],
+                        "reference_energy": s.reference_energy,
+                    }
+                )
     return flags
-
-
-def _pooled_iou(iou: Tensor, pred: Tensor, area: Tensor) -> Tensor:
-    """``[K]`` IoU over all images from per-image IoUs and area shares ``[N, K]``: each image's
-    intersection is ``iou (pred + gt) / (1 + iou)`` (every image has the same size); NaN where
-    no image predicts or holds the class."""
-    defined = ~iou.isnan()
-    iou = iou.nan_to_num(0.0)
-    inter = torch.where(defined, iou * (pred + area) / (1 + iou), 0.0)
-    union = torch.where(defined, pred + area - inter, 0.0)
-    total = union.sum(0)
-    return torch.where(total > 0, inter.sum(0) / total.clamp_min(1e-12), float("nan")).float()
 
 
 def _shortcut_notes(summary: dict[str, Any]) -> list[str]:
@@ -405,22 +403,24 @@ def _shortcut_notes(summary: dict[str, Any]) -> list[str]:
 
 def build_summary(
     plan: AuditPlan,
+    settings: AuditSettings,
     results: Sequence[LocalResult],
     rows: Sequence[dict[str, Any]],
     skipped: Sequence[dict[str, Any]],
     means: Sequence[dict[str, Any]],
     timings: dict[str, Any],
 ) -> dict[str, Any]:
-    """The contents of ``summary.json``."""
-    settings = {
+    """The contents of ``summary.json``; its ``settings`` are the run's by option name
+    (:meth:`AuditSettings.options`) and what the plan resolved."""
+    shown = {
         key: (str(value) if isinstance(value, Path) else value)
-        for key, value in asdict(plan.settings).items()
+        for key, value in settings.options().items()
     }
-    settings["checkpoints"] = [str(p) for p in plan.settings.checkpoints]
-    settings.update(
+    shown["checkpoints"] = [str(p) for p in settings.checkpoints]
+    shown.update(
         image_size=list(plan.size),
         volumes=plan.volumes,
-        output_kind=plan.output_kind,
+        output_kind=plan.readout.kind,
         classes=plan.classes,
         class_names=plan.class_names,
         layers=list(plan.layout.layers),
@@ -471,7 +471,7 @@ def build_summary(
             {"rank": r.rank, "processed": r.processed, "files": r.files, "seconds": r.seconds}
             for r in results
         ],
-        "settings": settings,
+        "settings": shown,
         "notes": list(plan.notes),
         "timings": timings,
         "outputs": _outputs(plan),

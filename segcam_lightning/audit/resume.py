@@ -2,10 +2,11 @@
 
 On SIGINT (Ctrl-C) or SIGTERM, the run finishes the batch in hand and writes its files for the
 images done, marked partial; a second signal stops at once. The finished images' rows, skipped
-items and report entries are saved in :data:`~segcam_lightning.audit.settings.STATE_FILE`
-(full-precision JSON, written atomically) with a fingerprint of everything that decides the
-results. ``--resume`` reads it back, refuses when the fingerprint differs, and audits only the
-rest: the final files are those an uninterrupted run writes.
+items, report entries and pixel counts (:mod:`~segcam_lightning.audit.tallies`) are saved in
+:data:`~segcam_lightning.audit.settings.STATE_FILE` (full-precision JSON, written atomically)
+with a fingerprint of everything that decides the results. ``--resume`` reads it back, refuses
+when the fingerprint differs, and audits only the rest: the final files are those an
+uninterrupted run writes.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from segcam_lightning.text import one_line
 if TYPE_CHECKING:
     from segcam_lightning.audit.plan import AuditPlan
 
-_FORMAT = 2
+#: 3: the per-image pixel counts (``tallies``) are kept beside the rows.
+_FORMAT = 3
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -85,28 +87,28 @@ def fingerprint(plan: AuditPlan) -> dict[str, Any]:
     arguments. Batch size, workers, threads, device and progress may change between the two
     runs.
     """
-    settings = plan.settings
+    explanation = plan.explanation
     sources = "\n".join(plan.dataset.sources).encode("utf-8")
-    data = settings.data
+    data = plan.data
     return {
         "checkpoints": [{"label": m.label, "sha256": _sha256(m.loaded.path)} for m in plan.models],
         "data": data if data is None or data in SYNTHETIC_DATA else str(Path(data).resolve()),
         "images": len(plan.dataset),
         "sources_sha256": hashlib.sha256(sources).hexdigest(),
         "layers": list(plan.layout.layers),
-        "method": settings.method,
-        "target": settings.target,
-        "normalize": settings.normalize,
+        "method": explanation.method,
+        "target": explanation.target,
+        "normalize": explanation.normalize,
         "code": _code_fingerprint(plan),
-        "output_kind": plan.output_kind,
-        "threshold": settings.threshold,
+        "output_kind": plan.readout.kind,
+        "threshold": plan.readout.threshold,
         "classes": list(plan.classes),
         "class_names": list(plan.class_names),
         "colormap": [list(c) for c in plan.colormap],
         "size": list(plan.size),
-        "intensity_range": list(settings.intensity_range) if settings.intensity_range else None,
+        "intensity_range": list(plan.intensity_range) if plan.intensity_range else None,
         "inputs": [m.input_description for m in plan.models],
-        "report_images": settings.report_images,
+        "report_images": plan.report_images,
     }
 
 
@@ -165,6 +167,7 @@ def save_state(
         "processed": sum(r.processed for r in results),
         "files": sum(r.files for r in results),
         "written": {path: size for r in results for path, size in r.written.items()},
+        "tallies": [item for r in results for item in r.tallies],
         "process_s": elapsed.process_s,
         "total_s": elapsed.total_s,
         "parts": elapsed.parts,
@@ -207,6 +210,7 @@ def load_state(plan: AuditPlan) -> tuple[LocalResult, Elapsed] | None:
             processed=int(state["processed"]),
             files=int(state["files"]),
             written={str(k): int(v) for k, v in state["written"].items()},
+            tallies=list(state["tallies"]),
         )
         elapsed = Elapsed(float(state["process_s"]), float(state["total_s"]), int(state["parts"]))
         digest = state["sha256"]
@@ -261,6 +265,11 @@ def _mismatch(
     skipped = {item["index"] for item in previous.skipped}
     if len(skipped) != len(previous.skipped) or skipped & indices:
         return f"{name} lists an image twice (skipped or audited)"
+    if plan.dataset.has_masks and len(previous.tallies) != previous.processed:
+        return (
+            f"{name} holds the pixel counts of {len(previous.tallies)} image(s), but records "
+            f"{previous.processed} finished image(s)"
+        )
     if len(previous.written) != previous.files:
         return f"{name} lists {len(previous.written)} file(s), but records {previous.files}"
     for relative, size in previous.written.items():

@@ -41,6 +41,8 @@ from segcam_lightning.audit.settings import (
     STATE_FILE,
     AuditError,
     AuditSettings,
+    DataSource,
+    RunOptions,
     Stop,
 )
 from segcam_lightning.audit.writer import LocalResult, OutputWriter
@@ -59,7 +61,7 @@ def run_audit(settings: AuditSettings) -> AuditOutcome | None:
     the quality checks asked for run (``--sanity-check``, ``--faithfulness``:
     :mod:`~segcam_lightning.audit.checks`). On SIGINT or SIGTERM (:class:`StopSignals`), or a
     failure mid-run (checks included), the images done are written and marked partial; the
-    outcome's ``stopped`` says why. With ``settings.resume``, the images an interrupted run in
+    outcome's ``stopped`` says why. With ``settings.run.resume``, the images an interrupted run in
     ``--out`` finished are kept and only the rest are audited; timings cover the whole audit.
 
     Returns:
@@ -72,7 +74,7 @@ def run_audit(settings: AuditSettings) -> AuditOutcome | None:
     start = time.perf_counter()
     _check_out(settings)
     plan = prepare(settings)
-    check_before_writing(plan)
+    check_before_writing(plan, settings)
     if _launched_rank() == 0:
         for note in plan.notes:  # what the run chose or assumed, before anything is written
             print(f"{PROG}: note: {note}", file=sys.stderr, flush=True)
@@ -87,46 +89,58 @@ def run_audit(settings: AuditSettings) -> AuditOutcome | None:
                 f"{settings.out} (no such process is running).",
                 file=sys.stderr,
             )
-        return _run_owned(plan, start)
+        return _run_owned(plan, settings, start)
     finally:
         lock.release()
 
 
-def _run_owned(plan: AuditPlan, start: float) -> AuditOutcome | None:
+def _run_owned(plan: AuditPlan, settings: AuditSettings, start: float) -> AuditOutcome | None:
     """:func:`run_audit` once the run holds ``--out``'s lock."""
-    if plan.settings.distributed:
-        results = _run_distributed(plan)
+    if settings.run.distributed:
+        results = _run_distributed(plan, settings)
         if results is None:
             return None
         process_seconds = time.perf_counter() - start - plan.load_seconds
-        checks = run_checks(plan, results)
-        return finish(plan, results, process_seconds, time.perf_counter() - start, checks)
-    loaded = load_state(plan) if plan.settings.resume else None
+        checks = _run_checks(plan, settings, results)
+        seconds = time.perf_counter() - start
+        return finish(plan, settings, results, process_seconds, seconds, checks)
+    loaded = load_state(plan) if settings.run.resume else None
     previous, before = loaded if loaded is not None else (None, Elapsed())
     # The state exists before the first file is written: a run that cannot update it later
     # (a full disk, a kill) leaves a folder that --resume still finishes.
     save_state(plan, [previous] if previous is not None else [], before)
     with StopSignals() as signals:
-        result = audit_local(plan, previous, signals)
+        result = audit_local(plan, settings.source, settings.run, previous, signals)
         process_seconds = time.perf_counter() - start - plan.load_seconds + before.process_s
         if previous is not None:
             result = previous.merged(result)
-        checks = _checks_or_stop(plan, result, signals)
+        checks = _checks_or_stop(plan, settings, result, signals)
         total_seconds = time.perf_counter() - start + before.total_s
         return _finish_or_keep(
-            plan, result, process_seconds, total_seconds, checks, parts=before.parts + 1
+            plan, settings, result, process_seconds, total_seconds, checks, before.parts + 1
         )
 
 
+def _run_checks(
+    plan: AuditPlan,
+    settings: AuditSettings,
+    results: Sequence[LocalResult],
+    signals: StopSignals | None = None,
+) -> QualityChecks | None:
+    """:func:`run_checks` with the run's checks, batch size and progress setting."""
+    batch_size, progress = settings.source.batch_size, settings.run.progress
+    return run_checks(plan, results, settings.checks, batch_size, signals, progress)
+
+
 def _checks_or_stop(
-    plan: AuditPlan, result: LocalResult, signals: StopSignals
+    plan: AuditPlan, settings: AuditSettings, result: LocalResult, signals: StopSignals
 ) -> QualityChecks | None:
     """The quality checks of a run whose images are all done; a signal or a failure during
     them makes the run partial (``result.stopped``), and ``--resume`` runs them again."""
     if result.stopped is not None:
         return None
     try:
-        return run_checks(plan, [result], signals)
+        return _run_checks(plan, settings, [result], signals)
     except (Exception, KeyboardInterrupt) as error:
         stop = signals.stop(error) or Stop(one_line(error), 1)
         if stop.signal_name is None:
@@ -139,6 +153,7 @@ def _checks_or_stop(
 
 def _finish_or_keep(
     plan: AuditPlan,
+    settings: AuditSettings,
     result: LocalResult,
     process_seconds: float,
     total_seconds: float,
@@ -148,14 +163,14 @@ def _finish_or_keep(
     """:func:`finish`; if the final files cannot be written (a full disk), the run becomes
     partial and what can be written of it is, the resume state first."""
     try:
-        return finish(plan, [result], process_seconds, total_seconds, checks, parts)
+        return finish(plan, settings, [result], process_seconds, total_seconds, checks, parts)
     except OSError as error:
         failure = f"could not write the results in {plan.layout.root}: {one_line(error)}"
     result.stopped = Stop(failure, 1)
     finished = result.processed + len(result.skipped)
     done = f"{finished} of {len(plan.dataset)} image(s) finished"
     try:
-        finish(plan, [result], process_seconds, total_seconds, parts=parts)
+        finish(plan, settings, [result], process_seconds, total_seconds, parts=parts)
         kept = f"{done}; the files written are marked partial"
     except OSError:  # the same cause, most likely; the state file is written first
         kept = f"{done}; {_kept(plan, finished)}"
@@ -186,7 +201,7 @@ def _check_out(settings: AuditSettings) -> None:
     out = settings.out
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a folder for the results.")
-    if settings.resume and settings.distributed:
+    if settings.run.resume and settings.run.distributed:
         raise UsageError(
             "--resume continues single-process audits; drop --devices/--num-nodes/--strategy to "
             "finish the run in one process, or start a distributed run afresh with --overwrite."
@@ -196,16 +211,16 @@ def _check_out(settings: AuditSettings) -> None:
     if out.is_dir():
         check_free(out)  # a live run's folder: say so before anything else
     # A stale lock alone (a run killed before it wrote anything) leaves the folder empty.
-    if settings.overwrite or not (out.is_dir() and any(_entries(out))):
+    if settings.run.overwrite or not (out.is_dir() and any(_entries(out))):
         return
     if (out / STATE_FILE).is_file():
-        if settings.resume:
+        if settings.run.resume:
             return
         raise UsageError(
             f"--out {out} holds an interrupted audit ({STATE_FILE}). Finish it with the same "
             "command and --resume, or start afresh with --overwrite (or another --out)."
         )
-    if settings.resume:
+    if settings.run.resume:
         raise UsageError(nothing_to_resume(out))
     raise UsageError(
         f"--out {out} already holds files; old panels would mix with this run's. Choose a "
@@ -229,6 +244,8 @@ def _launched_rank() -> int:
 
 def audit_local(
     plan: AuditPlan,
+    source: DataSource,
+    run: RunOptions,
     previous: LocalResult | None = None,
     signals: StopSignals | None = None,
     overlap: bool | None = None,
@@ -239,6 +256,8 @@ def audit_local(
 
     Args:
         plan: the run.
+        source: how the images are batched (``--batch-size``, ``--num-workers``).
+        run: the run's options (``--quiet``, ``--keep-going``).
         previous: what an interrupted run finished (``--resume``): those images are not redone,
             and are not in the returned result.
         signals: the run's :class:`StopSignals`. With them, a signal ends the run after the
@@ -251,7 +270,7 @@ def audit_local(
     if previous is not None:
         done = previous.finished()
         dataset = Subset(plan.dataset, [i for i in range(len(plan.dataset)) if i not in done])
-    loader = make_loader(dataset, plan.settings, pin=plan.device.type == "cuda")
+    loader = make_loader(dataset, source, pin=plan.device.type == "cuda")
     stopped = None
     with opencv_threads(1):
         writer.open()
@@ -260,11 +279,11 @@ def audit_local(
                 total=len(dataset),
                 unit="img",
                 desc="audit",
-                disable=not plan.settings.progress,
+                disable=not run.progress,
             ) as bar:
                 for batch in loader:
                     explained = explain_batch(plan.models, batch, plan.classes, plan.device)
-                    if not plan.settings.keep_going:
+                    if not run.keep_going:
                         _check_finite(plan, explained)
                     writer.submit(explained)
                     bar.update(len(batch["index"]))
@@ -335,31 +354,31 @@ def make_writer(plan: AuditPlan, overlap: bool | None = None) -> OutputWriter:
         plan.classes,
         plan.class_names,
         plan.colormap,
-        plan.settings.report_images,
+        plan.report_images,
         plan.render_threads,
         overlap=plan.device.type != "cpu" if overlap is None else overlap,
     )
 
 
-def _run_distributed(plan: AuditPlan) -> list[LocalResult] | None:
-    settings = plan.settings
+def _run_distributed(plan: AuditPlan, settings: AuditSettings) -> list[LocalResult] | None:
+    run = settings.run
     module = _AuditModule(plan.models, plan.classes)
     callback = _AuditPredictionWriter(make_writer(plan))
-    accelerator = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[settings.device]
+    accelerator = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[run.device]
     trainer = L.Trainer(
         accelerator=accelerator,
-        devices=settings.devices,
-        num_nodes=settings.num_nodes,
-        strategy=settings.strategy,
+        devices=run.devices,
+        num_nodes=run.num_nodes,
+        strategy=run.strategy,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=settings.progress,
+        enable_progress_bar=run.progress,
         callbacks=[callback],
         default_root_dir=settings.out,
     )
     pin = accelerator != "cpu" and torch.cuda.is_available()
-    loader = make_loader(plan.dataset, settings, pin=pin)
+    loader = make_loader(plan.dataset, settings.source, pin=pin)
     with opencv_threads(1):  # see make_loader
         trainer.predict(module, dataloaders=loader, return_predictions=False)
     return callback.gathered if trainer.is_global_zero else None

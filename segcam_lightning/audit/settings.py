@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import cv2
 
+from segcam_lightning.cam import Readout
 from segcam_lightning.data.datamodule import SYNTHETIC, SYNTHETIC3D
 from segcam_lightning.data.synthetic import SPLIT_OFFSETS
 from segcam_lightning.models.unet import SEED_LAYERS
@@ -80,7 +83,7 @@ RESERVED_NAMES = (
     *(f"truth_{view}.png" for view in VIEWS),
 )
 TIP_NAMES = dict(zip(SEED_LAYERS, ("e1", "e4", "b", "d4"), strict=True))
-JPEG_PARAMS = [cv2.IMWRITE_JPEG_QUALITY, 95]  # cv2's default, which the seed used
+JPEG_PARAMS = [cv2.IMWRITE_JPEG_QUALITY, 95]  # cv2's default, which the blog U-Net's script used
 
 
 def jsonable(value: Any) -> Any:
@@ -118,63 +121,172 @@ class Stop:
 
 
 @dataclass(frozen=True)
-class AuditSettings:
-    """Everything an audit run needs; :func:`build_parser` documents each field.
+class DataSource:
+    """Where the audited images come from, and how they are batched.
 
-    ``None`` means "take it from the checkpoint" (or the default given in ``--help``); ``layers``
-    ``None`` is the network's default layer (the seed's ``d4.conv.conv.5`` for the U-Net).
-    ``module``/``model`` name the user's code (``"pkg.mod:Name"``), ``None`` for the U-Net.
-    ``size`` is the side of the square images or cubic volumes the network is fed;
-    ``intensity_range`` the ``(lo, hi)`` a folder's ``.npy`` volumes are scaled from (``None``:
-    each volume's own minimum and maximum, per channel). ``sanity_check``, ``faithfulness`` and
-    ``objects_alone`` run the quality checks after the main pass
-    (:mod:`~segcam_lightning.audit.checks`);
-    ``sanity_methods`` ``None`` is the audited ``method``, ``("all",)`` every method.
-    ``keep_going``: a checkpoint whose logits are not finite is marked broken and the others
-    are audited (else the run stops with exit status 2).
-    ``run_config``: LightningCLI run configs (``--config``) whose ``model`` and ``data`` the
-    audit instantiates; ``datamodule``/``datamodule_kwargs``: the user's data module class and
-    its arguments (``--datamodule``); ``split``: the data module's dataloader audited;
-    ``cli``: the LightningCLI subclass that links the run's arguments; ``zscore``: volumes
-    from ``.npy`` files z-scored per channel.
+    Attributes:
+        data: ``--data``: a folder of images (with ``masks/`` for ground truth), a folder of
+            ``.npy`` volumes, ``"synthetic"`` or ``"synthetic3d"``; ``None`` with a pipeline.
+        run_config: ``--config`` files that are LightningCLI run configs: their ``model`` and
+            ``data`` sections are instantiated (:mod:`~segcam_lightning.audit.pipeline`).
+        datamodule: ``--datamodule``: the user's LightningDataModule class (``"pkg.mod:Class"``).
+        datamodule_kwargs: ``--datamodule-kwargs``: arguments for the data module.
+        split: ``--split``: which of the data module's dataloaders is audited.
+        cli: ``--cli``: the LightningCLI subclass that links the run's arguments.
+        limit: ``--limit``: audit only the first N images; ``None`` for all.
+        batch_size: ``--batch-size``: images per engine call.
+        num_workers: ``--num-workers``: DataLoader worker processes.
     """
 
-    checkpoints: tuple[Path, ...]
     data: str | None = None
-    out: Path = Path("results")
-    layers: tuple[str, ...] | None = None
-    method: str = "gradcam"
-    target: str = "softmax_mean"
-    normalize: str = "minmax"
-    output_kind: str = "auto"
-    threshold: float = 0.5
-    classes: tuple[int, ...] | None = None
+    run_config: tuple[Path, ...] = ()
+    datamodule: str | None = None
+    datamodule_kwargs: dict[str, Any] | None = None
+    split: str = "val"
+    cli: str | None = None
     limit: int | None = None
     batch_size: int = 8
     num_workers: int = 2
-    device: str = "auto"
+
+    @property
+    def pipeline(self) -> bool:
+        """Whether the images come from the user's own data module (``--config`` with a run's
+        config, or ``--datamodule``) rather than from ``--data``."""
+        return bool(self.run_config) or self.datamodule is not None
+
+
+@dataclass(frozen=True)
+class NetworkCode:
+    """The user's code that rebuilds the network, and what the checkpoints need said.
+
+    Attributes:
+        module: ``--module``: the user's LightningModule class (``"pkg.mod:Name"``); ``None``
+            for the package's U-Net.
+        model: ``--model``: a function (or ``nn.Module`` class) that builds the network.
+        model_kwargs: ``--model-kwargs``: its keyword arguments.
+        trust_checkpoint: ``--trust-checkpoint``: allow arbitrary unpickling.
+        in_channels: ``--in-channels``: the user's network's input channels (1 or 3).
+        num_classes: ``--num-classes``: the class count the checkpoints must predict.
+    """
+
+    module: str | None = None
+    model: str | None = None
+    model_kwargs: dict[str, Any] | None = None
+    trust_checkpoint: bool = False
+    in_channels: int | None = None
     num_classes: int | None = None
-    colormap: tuple[tuple[int, int, int], ...] | None = None
-    class_names: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the audit's own reader makes the network's inputs (not used with a pipeline).
+
+    Attributes:
+        size: ``--size``: the side of the square images or cubic volumes the network is fed;
+            ``None``: the checkpoint's training size.
+        intensity_range: ``--intensity-range``: the ``(lo, hi)`` a folder's ``.npy`` volumes
+            are scaled from; ``None``: each volume's own minimum and maximum, per channel.
+        channel_order: ``--channel-order``: ``"auto"``, ``"rgb"`` or ``"bgr"``.
+        image_mean: ``--image-mean``: the training normalisation's mean per channel.
+        image_std: ``--image-std``: its standard deviation per channel.
+        zscore: ``--zscore``: volumes from ``.npy`` files z-scored per channel.
+    """
+
     size: int | None = None
     intensity_range: tuple[float, float] | None = None
     channel_order: str = "auto"
     image_mean: tuple[float, ...] | None = None
     image_std: tuple[float, ...] | None = None
-    in_channels: int | None = None
-    module: str | None = None
-    model: str | None = None
-    model_kwargs: dict[str, Any] | None = None
-    trust_checkpoint: bool = False
+    zscore: bool = False
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What is explained, and how.
+
+    Attributes:
+        layers: ``--layers``: the layers explained; ``None`` is the network's default layer
+            (the blog U-Net's ``d4.conv.conv.5`` for the U-Net).
+        method: ``--method``: the CAM method.
+        target: ``--target``: the class score explained.
+        normalize: ``--normalize``: how maps are scaled.
+        classes: ``--classes``: the output channels explained; ``None`` for all.
+    """
+
+    layers: tuple[str, ...] | None = None
+    method: str = "gradcam"
+    target: str = "softmax_mean"
+    normalize: str = "minmax"
+    classes: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Labels:
+    """How classes are named and coloured when the checkpoints do not say.
+
+    Attributes:
+        class_names: ``--class-names``: one name per class (binary: the background's and the
+            foreground's, or the foreground's).
+        colormap: ``--colormap``: the masks' BGR colours, one per mask label.
+    """
+
+    class_names: tuple[str, ...] | None = None
+    colormap: tuple[tuple[int, int, int], ...] | None = None
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the run goes: devices, the output folder's handling, rendering and the report.
+
+    Attributes:
+        device: ``--device``: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        devices: ``--devices``: devices per node (a distributed run when not 1).
+        num_nodes: ``--num-nodes``: nodes.
+        strategy: ``--strategy``: Lightning's strategy (``"auto"`` or ``"ddp"``).
+        overwrite: ``--overwrite``: write into a non-empty ``--out``.
+        resume: ``--resume``: finish an interrupted audit in ``--out``.
+        keep_going: ``--keep-going``: a checkpoint whose logits are not finite is marked
+            broken and the others are audited (else the run stops with exit status 2).
+        progress: a progress bar (``--quiet`` turns it off).
+        render_threads: ``--render-threads``; ``None``: half the CPU cores, 2 to 8.
+        report_images: ``--report-images``: images shown in ``report.html``.
+    """
+
+    device: str = "auto"
     devices: int = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    report_images: int = 50
-    render_threads: int | None = None
     overwrite: bool = False
     resume: bool = False
     keep_going: bool = False
     progress: bool = True
+    render_threads: int | None = None
+    report_images: int = 50
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the run goes through Lightning's ``Trainer.predict``."""
+        return self.devices != 1 or self.num_nodes != 1 or self.strategy != "auto"
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """The quality checks run after the main pass (:mod:`~segcam_lightning.audit.checks`).
+
+    Attributes:
+        sanity_check: ``--sanity-check``: the randomisation test.
+        sanity_images: ``--sanity-images``: the first N audited images it uses.
+        sanity_seeds: ``--sanity-seeds``: re-initialisations per randomisation.
+        sanity_methods: ``--sanity-methods``: methods tested; ``None`` is the audited
+            ``method``, ``("all",)`` every method.
+        faithfulness: ``--faithfulness``: deletion and insertion curves.
+        faithfulness_fill: ``--faithfulness-fill``: what a deleted pixel becomes.
+        faithfulness_images: ``--faithfulness-images``: the first N audited images used.
+        faithfulness_steps: ``--faithfulness-steps``: points per curve minus one.
+        objects_alone: ``--objects-alone``: the objects-alone test.
+        objects_alone_images: ``--objects-alone-images``: the first N audited images used.
+    """
+
     sanity_check: bool = False
     sanity_images: int = 16
     sanity_seeds: int = 3
@@ -185,32 +297,144 @@ class AuditSettings:
     faithfulness_steps: int = 16
     objects_alone: bool = False
     objects_alone_images: int = 64
-    run_config: tuple[Path, ...] = ()
-    datamodule: str | None = None
-    datamodule_kwargs: dict[str, Any] | None = None
-    split: str = "val"
-    cli: str | None = None
-    zscore: bool = False
-
-    @property
-    def pipeline(self) -> bool:
-        """Whether the images come from the user's own data module (``--config`` with a run's
-        config, or ``--datamodule``) rather than from ``--data``."""
-        return bool(self.run_config) or self.datamodule is not None
-
-    @property
-    def distributed(self) -> bool:
-        """Whether the run goes through Lightning's ``Trainer.predict``."""
-        return self.devices != 1 or self.num_nodes != 1 or self.strategy != "auto"
 
 
-def list_layers_command(settings: AuditSettings, path: Path) -> str:
+#: Each option's settings field, by the option's name (``--batch-size`` is ``batch_size``),
+#: in the order ``summary.json`` lists them: ``(group, field)``, the group ``None`` for a field
+#: of :class:`AuditSettings` itself. ``output_kind`` and ``threshold`` are the readout's
+#: ``kind`` and ``threshold``.
+OPTION_FIELDS: dict[str, tuple[str | None, str]] = {
+    "checkpoints": (None, "checkpoints"),
+    "data": ("source", "data"),
+    "out": (None, "out"),
+    "layers": ("explain", "layers"),
+    "method": ("explain", "method"),
+    "target": ("explain", "target"),
+    "normalize": ("explain", "normalize"),
+    "output_kind": ("readout", "kind"),
+    "threshold": ("readout", "threshold"),
+    "classes": ("explain", "classes"),
+    "limit": ("source", "limit"),
+    "batch_size": ("source", "batch_size"),
+    "num_workers": ("source", "num_workers"),
+    "device": ("run", "device"),
+    "num_classes": ("network", "num_classes"),
+    "colormap": ("labels", "colormap"),
+    "class_names": ("labels", "class_names"),
+    "size": ("inputs", "size"),
+    "intensity_range": ("inputs", "intensity_range"),
+    "channel_order": ("inputs", "channel_order"),
+    "image_mean": ("inputs", "image_mean"),
+    "image_std": ("inputs", "image_std"),
+    "in_channels": ("network", "in_channels"),
+    "module": ("network", "module"),
+    "model": ("network", "model"),
+    "model_kwargs": ("network", "model_kwargs"),
+    "trust_checkpoint": ("network", "trust_checkpoint"),
+    "devices": ("run", "devices"),
+    "num_nodes": ("run", "num_nodes"),
+    "strategy": ("run", "strategy"),
+    "report_images": ("run", "report_images"),
+    "render_threads": ("run", "render_threads"),
+    "overwrite": ("run", "overwrite"),
+    "resume": ("run", "resume"),
+    "keep_going": ("run", "keep_going"),
+    "progress": ("run", "progress"),
+    **{f.name: ("checks", f.name) for f in fields(CheckSettings)},
+    "run_config": ("source", "run_config"),
+    "datamodule": ("source", "datamodule"),
+    "datamodule_kwargs": ("source", "datamodule_kwargs"),
+    "split": ("source", "split"),
+    "cli": ("source", "cli"),
+    "zscore": ("inputs", "zscore"),
+}
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """Everything an audit run needs, in groups; :func:`~segcam_lightning.audit.cli.main`
+    makes it from the command line (:meth:`from_options`), whose ``--help`` documents each
+    option.
+
+    ``None`` in a group means "take it from the checkpoint" (or the default given in
+    ``--help``).
+
+    Attributes:
+        checkpoints: ``--checkpoint``: the files audited, in order.
+        out: ``--out``: the output folder.
+        source: where the images come from (:class:`DataSource`).
+        network: the user's code and what the checkpoints need said (:class:`NetworkCode`).
+        inputs: how the audit's own reader makes the inputs (:class:`Preprocessing`).
+        explain: what is explained, and how (:class:`Explanation`).
+        readout: how the output channels are read (``--output-kind`` is its ``kind``,
+            ``--threshold`` its ``threshold``); ``"auto"`` until the plan resolves it.
+        labels: class names and colours (:class:`Labels`).
+        run: devices, the output folder's handling, rendering (:class:`RunOptions`).
+        checks: the quality checks (:class:`CheckSettings`).
+    """
+
+    checkpoints: tuple[Path, ...]
+    out: Path = Path("results")
+    source: DataSource = field(default_factory=DataSource)
+    network: NetworkCode = field(default_factory=NetworkCode)
+    inputs: Preprocessing = field(default_factory=Preprocessing)
+    explain: Explanation = field(default_factory=Explanation)
+    readout: Readout = field(default_factory=Readout)
+    labels: Labels = field(default_factory=Labels)
+    run: RunOptions = field(default_factory=RunOptions)
+    checks: CheckSettings = field(default_factory=CheckSettings)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> AuditSettings:
+        """Settings from values named as the options (:data:`OPTION_FIELDS`: ``data``,
+        ``batch_size``, ``output_kind``, ...); those not given keep their defaults.
+
+        Raises:
+            TypeError: for a name that is no option.
+        """
+        unknown = sorted(set(options) - set(OPTION_FIELDS))
+        if unknown:
+            raise TypeError(f"AuditSettings.from_options() got unknown options {unknown}.")
+        groups: dict[str, dict[str, Any]] = defaultdict(dict)
+        top: dict[str, Any] = {}
+        for name, value in options.items():
+            group, attribute = OPTION_FIELDS[name]
+            if group is None:
+                top[attribute] = value
+            else:
+                groups[group][attribute] = value
+        made = {name: _GROUPS[name](**values) for name, values in groups.items()}
+        return cls(**top, **made)
+
+    def options(self) -> dict[str, Any]:
+        """The settings by option name, in :data:`OPTION_FIELDS`' order (the flat ``settings``
+        of ``summary.json``)."""
+        values = {}
+        for name, (group, attribute) in OPTION_FIELDS.items():
+            holder = self if group is None else getattr(self, group)
+            values[name] = getattr(holder, attribute)
+        return values
+
+
+_GROUPS: dict[str, Callable[..., Any]] = {
+    "source": DataSource,
+    "network": NetworkCode,
+    "inputs": Preprocessing,
+    "explain": Explanation,
+    "readout": Readout,
+    "labels": Labels,
+    "run": RunOptions,
+    "checks": CheckSettings,
+}
+
+
+def list_layers_command(network: NetworkCode, path: Path) -> str:
     """The ``--list-layers`` command for ``path`` with the run's ``--module``/``--model``."""
     code = ""
-    if settings.module:
-        code = f" --module {settings.module}"
-    elif settings.model:
-        code = f" --model {settings.model}"
-        if settings.model_kwargs:
-            code += f" --model-kwargs '{json.dumps(settings.model_kwargs)}'"
+    if network.module:
+        code = f" --module {network.module}"
+    elif network.model:
+        code = f" --model {network.model}"
+        if network.model_kwargs:
+            code += f" --model-kwargs '{json.dumps(network.model_kwargs)}'"
     return f"{PROG}{code} --checkpoint {path} --list-layers"

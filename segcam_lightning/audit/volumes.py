@@ -1,6 +1,6 @@
 """Volumes from a folder of ``.npy`` files: pairing, intensity scaling and resizing.
 
-The layout is the seed's with NumPy arrays: ``DIR/images/<name>.npy`` (``[D, H, W]`` or
+The layout is the original script's with NumPy arrays: ``DIR/images/<name>.npy`` (``[D, H, W]`` or
 ``[C, D, H, W]``, any integer or float dtype) and, for ground truth, ``DIR/masks/<name>.npy``
 (integer labels ``[D, H, W]``), paired by file stem. Arrays are read with
 ``numpy.load(allow_pickle=False)``: numbers only, nothing in a file runs.

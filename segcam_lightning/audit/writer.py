@@ -1,9 +1,9 @@
 """Panels and report tiles rendered in a thread pool; metric rows collected per process.
 
-A volume's panel stacks three seed panels, one per view (axial, coronal, sagittal: the slices
-through the class's CAM peak), 10 px white gaps between them; its maps are also saved as
-``cams/<name>.npy``: float32 ``[L, K, D, H, W]`` (layers, classes), the engine's maps as they
-are.
+A volume's panel stacks three of the original script's panels, one per view (axial, coronal,
+sagittal: the slices through the class's CAM peak), 10 px white gaps between them; its maps are
+also saved as ``cams/<name>.npy``: float32 ``[L, K, D, H, W]`` (layers, classes), the engine's
+maps as they are.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from segcam_lightning.audit.batches import BatchResult
 from segcam_lightning.audit.paths import OutputLayout, write_atomic
 from segcam_lightning.audit.settings import BROKEN, JPEG_PARAMS, VALUE_NAMES, Stop
+from segcam_lightning.audit.tallies import image_tally
 from segcam_lightning.render import (
     SEPARATOR,
     VIEWS,
@@ -40,7 +41,8 @@ class LocalResult:
     """What one process audited: metric rows, skipped items, counts (plain data, picklable).
 
     An image counts (``processed``, its ``rows``, its files in ``written``: path relative to
-    ``--out`` -> bytes) once all its files are written. ``stopped`` says why the run ended
+    ``--out`` -> bytes, its pixel counts in ``tallies``: :mod:`~segcam_lightning.audit.tallies`)
+    once all its files are written. ``stopped`` says why the run ended
     before its last image (``None`` when it did not).
     """
 
@@ -50,6 +52,7 @@ class LocalResult:
     processed: int = 0
     files: int = 0
     written: dict[str, int] = field(default_factory=dict)
+    tallies: list[dict[str, Any]] = field(default_factory=list)
     rank: int = 0
     seconds: float = 0.0
     stopped: Stop | None = None
@@ -67,6 +70,7 @@ class LocalResult:
             processed=self.processed + later.processed,
             files=self.files + later.files,
             written={**self.written, **later.written},
+            tallies=self.tallies + later.tallies,
             rank=later.rank,
             seconds=self.seconds + later.seconds,
             stopped=later.stopped,
@@ -81,6 +85,7 @@ class _ImageJob:
     index: int
     rows: list[dict[str, Any]]
     report_image: tuple[int, str] | None
+    tally: dict[str, Any] | None = None
 
 
 class OutputWriter:
@@ -163,7 +168,8 @@ class OutputWriter:
             self._wait(8 * self.threads - 1)  # a few images per thread in flight: flat memory
             future = self._pool.submit(self._write_image, batch, b)
             report = (index, name) if index < self.report_limit else None
-            self._pending.append(_ImageJob(future, index, list(self._rows(batch, b)), report))
+            rows = list(self._rows(batch, b))
+            self._pending.append(_ImageJob(future, index, rows, report, self._tally(batch, b)))
         if not self.overlap:
             self._wait(0)
             self._raise_failure()
@@ -202,6 +208,25 @@ class OutputWriter:
             self.result.rows.extend(job.rows)
             if job.report_image is not None:
                 self.result.report_images.append(job.report_image)
+            if job.tally is not None:
+                self.result.tallies.append(job.tally)
+
+    def _tally(self, batch: BatchResult, b: int) -> dict[str, Any] | None:
+        """Image ``b``'s pixel counts per checkpoint (:func:`image_tally`)."""
+        if not batch.models:
+            return None
+        models = batch.models
+        return image_tally(
+            batch.indices[b],
+            int(np.prod(models[0].cams.shape[3:])),
+            self.layout.models,
+            [
+                {k: v[b] for k, v in m.counts.items()} if m.counts is not None else None
+                for m in models
+            ],
+            [m.values["energy_inside"][b] for m in models],
+            [m.finite is not None and not bool(m.finite[b]) for m in models],
+        )
 
     def _raise_failure(self) -> None:
         if self.failure is not None:
@@ -340,8 +365,9 @@ def _grey(volume: torch.Tensor, at: Sequence[int], size: tuple[int, int]) -> np.
 def _volume_panel(
     volume: torch.Tensor, cam: torch.Tensor, region: torch.Tensor | None, size: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One class's panel of a volume: the seed's panel (image | overlay | ground truth) of the
-    axial, coronal and sagittal slices through the map's peak, stacked with white gaps.
+    """One class's panel of a volume: the original script's panel (image | overlay | ground
+    truth) of the axial, coronal and sagittal slices through the map's peak, stacked with white
+    gaps.
 
     Args:
         volume: ``[D, H, W]`` uint8 grey.
