@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from segcam_lightning.cam import CAMEngine, Readout
+from segcam_lightning.metrics import energy_inside_regions
 from segcam_lightning.models import UNet
 from segcam_lightning.module import SegmentationModule
 from segcam_lightning.quality import (
@@ -132,3 +134,36 @@ def test_identity_randomisation_is_a_failed_test_and_the_report_is_plain_data():
     plain = report.to_dict()
     assert plain["rows"][0]["seeds"] == [0] and plain["stages"] == UNET_STAGES
     assert plain["rows"][0]["threshold"] == 0.3
+
+
+def test_ignored_pixels_leave_each_images_energy_inside_and_nothing_else():
+    """With ``Readout(ignore_index=255)`` each map's energy inside counts its own image's valid
+    pixels: the mean of the per-image shares, computed here from the engine's maps."""
+    torch.manual_seed(0)
+    net = UNet(num_classes=3, base_width=4)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    masks = torch.randint(0, 3, (4, 32, 32), generator=torch.Generator().manual_seed(1))
+    masks[0, :16] = 255
+    masks[2, :, 8:] = 255
+    readout = Readout(ignore_index=255)
+    report = sanity_check(
+        net,
+        images,
+        masks,
+        ["d4.conv.conv.5"],
+        ["layercam"],
+        seeds=(0, 1),
+        classes=[1, 2],
+        initializer=lambda module, generator: None,
+        readout=readout,
+    )
+    result = CAMEngine(net, ["d4.conv.conv.5"], "layercam", readout=readout)(images, classes=[1, 2])
+    cams = result.cams[:, 0]
+    for row in report.rows:
+        k = [1, 2].index(row.class_index)
+        region = masks == row.class_index
+        use = region.flatten(1).any(1) & result.present[:, k] & cams[:, k].flatten(1).any(1)
+        shares = energy_inside_regions(cams[use, k], region[use], masks[use] != 255)
+        assert row.num_images == int(use.sum()) > 0
+        assert row.energy_trained == pytest.approx(float(shares.mean()), abs=1e-6)
+        assert row.energy_randomized == pytest.approx(row.energy_trained, abs=1e-6)

@@ -758,14 +758,15 @@ def _regions(
     num_outputs: int,
     ignore_index: int | None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor]:
-    """GT regions ``[N, K, H, W]`` (or ``None``), valid pixels and the images that count per
-    class ``[N, K]`` (the class in the ground truth, else where the target found it)."""
+    """GT regions ``[N, K, H, W]`` (or ``None``), valid pixels ``[N, H, W]`` (label masks with
+    an ``ignore_index``, else ``None``) and the images that count per class ``[N, K]`` (the
+    class in the ground truth, else where the target found it)."""
     if masks is None:
         return None, None, present
     regions = class_regions(masks, list(classes), num_outputs, kind).cpu()
     valid = None
     if ignore_index is not None and masks.ndim == 3:
-        valid = (masks != ignore_index).unsqueeze(1).cpu()
+        valid = (masks != ignore_index).cpu()
     counted = regions.flatten(2).any(dim=-1) & present
     return regions, valid, counted
 
