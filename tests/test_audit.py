@@ -252,7 +252,8 @@ def test_several_checkpoints_are_compared(lightning_ckpt, seed_pth, weeds, tmp_p
 def test_list_layers_marks_the_seed_tips(seed_pth, capsys):
     assert main(["--checkpoint", str(seed_pth), "--list-layers", "--size", "32"]) == 0
     text = capsys.readouterr().out
-    assert "d4.conv.conv.5" in text and "<- blog U-Net tip d4" in text and "<- blog U-Net tip e1" in text
+    assert "d4.conv.conv.5" in text
+    assert "<- blog U-Net tip d4" in text and "<- blog U-Net tip e1" in text
     assert "[1, 4, 32, 32]" in text  # d4's output shape at width 4
 
 

@@ -264,17 +264,7 @@ def explain_batch(
     """
     ok = torch.as_tensor(batch["ok"], dtype=torch.bool).cpu()
     indices = [int(i) for i in torch.as_tensor(batch["index"]).tolist()]
-    skipped = [
-        {
-            "index": indices[i],
-            "name": batch["name"][i],
-            "source": batch["source"][i],
-            "path": batch["path"][i],
-            "reason": r,
-        }
-        for i, r in enumerate(batch["reason"])
-        if not ok[i]
-    ]
+    skipped = _skipped(batch, ok, indices)
     keep = ok.nonzero().flatten().tolist()
     images = batch["image"][keep]
     spatial = images.ndim - 2
@@ -328,6 +318,21 @@ def explain_batch(
         truth=truth.cpu().numpy() if truth is not None else None,
         volumes=spatial == 3,
     )
+
+
+def _skipped(batch: dict[str, Any], ok: Tensor, indices: Sequence[int]) -> list[dict[str, Any]]:
+    """The batch's unreadable items, each with its index, name, source, path and reason."""
+    return [
+        {
+            "index": indices[i],
+            "name": batch["name"][i],
+            "source": batch["source"][i],
+            "path": batch["path"][i],
+            "reason": r,
+        }
+        for i, r in enumerate(batch["reason"])
+        if not ok[i]
+    ]
 
 
 def _display(images: Tensor) -> Tensor:

@@ -128,17 +128,9 @@ def finish(
     if stopped:
         save_state(plan, results, Elapsed(process_seconds, total_seconds, parts))
     write_metrics_csv(layout.file("metrics.csv"), rows, "partial" if stopped else "complete")
-    report_seconds = time.perf_counter() - start
     checks_seconds = sum(checks.seconds.values()) if checks is not None else 0.0
-    timings = {
-        "load_s": plan.load_seconds,
-        "process_s": process_seconds,
-        "checks_s": checks_seconds,
-        "report_s": report_seconds,
-        "total_s": total_seconds + report_seconds,
-        "images_per_s": processed / process_seconds if process_seconds > 0 else None,
-        "parts": parts,
-    }
+    timings = _timings(plan, processed, process_seconds, total_seconds, checks_seconds, start)
+    timings["parts"] = parts
     summary = build_summary(plan, settings, results, rows, skipped, means, timings)
     if missing:
         summary["missing"] = missing
@@ -169,6 +161,26 @@ def finish(
             + tuple(_shortcut_notes(summary))
         ),
     )
+
+
+def _timings(
+    plan: AuditPlan,
+    processed: int,
+    process_seconds: float,
+    total_seconds: float,
+    checks_seconds: float,
+    start: float,
+) -> dict[str, Any]:
+    """``summary.json``'s ``timings``; the report's time counts from ``start``."""
+    report_seconds = time.perf_counter() - start
+    return {
+        "load_s": plan.load_seconds,
+        "process_s": process_seconds,
+        "checks_s": checks_seconds,
+        "report_s": report_seconds,
+        "total_s": total_seconds + report_seconds,
+        "images_per_s": processed / process_seconds if process_seconds > 0 else None,
+    }
 
 
 def _sorted_rows(plan: AuditPlan, results: Sequence[LocalResult]) -> list[dict[str, Any]]:
