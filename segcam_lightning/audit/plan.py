@@ -291,7 +291,10 @@ def prepare(settings: AuditSettings) -> AuditPlan:
     num_labels = 2 if kind == "binary" else num_outputs
     default_colormap = BINARY_COLORMAP if kind == "binary" else SEED_COLORMAP
     data_colormap = settings.labels.colormap or first.colormap or default_colormap
-    dataset = fed or _read_data(settings, first, size, data_colormap, num_labels, kind)
+    if fed is not None:
+        dataset: AuditDataset | PipelineDataset = fed
+    else:
+        dataset = _read_data(settings, first, size, data_colormap, num_labels, kind)
     if settings.explain.target == "gt_region" and not dataset.has_masks:
         raise UsageError(
             f"--target gt_region explains each class inside its ground-truth region, but "
