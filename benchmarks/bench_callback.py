@@ -1,11 +1,12 @@
-"""Overhead of GradCAMCallback on the default training run, measured in one process.
+"""Overhead of GradCAMCallback and ShortcutMonitor on the default training run, in one process.
 
-Runs ``fit`` on ``configs/synthetic.yaml`` as shipped (callback on: d4 + e4, 8 probe images, every
-epoch) and on the same config with the callback removed, alternating the order over
-``--repeats`` rounds, and prints the wall-time ratio (with / without) of each round and the
-median. Each fit starts from the same seed, so both do the same training work. It also times
-the callback's own work inside the run (every ``log_cams`` call: CAMs, the objects-alone test,
-grids, scalars) and prints it as a share of that fit: a figure that does not move with the
+Runs ``fit`` on ``configs/synthetic.yaml`` as shipped (GradCAMCallback on d4 + e4 and
+ShortcutMonitor, 8 probe images, every epoch) and on the same config with both removed,
+alternating the order over ``--repeats`` rounds, and prints the wall-time ratio (with /
+without) of each round and the median. Each fit starts from the same seed, so both do the same
+training work. It also times the callbacks' own work inside the run (every ``log_cams`` call:
+CAMs, grids, scalars, the map watch; every monitor's validation end: the objects-alone test)
+and prints it as a share of that fit: a figure that does not move with the
 machine's run-to-run noise, which on a shared VM can exceed the callback's cost.
 
     python benchmarks/bench_callback.py                  # the full default run, twice
@@ -32,7 +33,7 @@ CONFIG = ROOT / "configs" / "synthetic.yaml"
 def fit_seconds(
     with_callback: bool, max_epochs: int | None, workdir: Path
 ) -> tuple[float, float, float]:
-    """``(fit seconds, val/mIoU, seconds spent in the callbacks' log_cams)``."""
+    """``(fit seconds, val/mIoU, seconds spent in the callbacks' own work)``."""
     args = ["--config", str(CONFIG), "--trainer.enable_progress_bar=false"]
     args += [
         f"--trainer.default_root_dir={workdir}",
@@ -41,14 +42,15 @@ def fit_seconds(
     if max_epochs is not None:
         args.append(f"--trainer.max_epochs={max_epochs}")  # the cosine schedule follows it
     cli = build_cli(args, run=False)
+    ours = ("GradCAMCallback", "ShortcutMonitor")
     if not with_callback:
-        cli.trainer.callbacks = [
-            c for c in cli.trainer.callbacks if type(c).__name__ != "GradCAMCallback"
-        ]
+        cli.trainer.callbacks = [c for c in cli.trainer.callbacks if type(c).__name__ not in ours]
     inside = [0.0]
     for callback in cli.trainer.callbacks:
         if type(callback).__name__ == "GradCAMCallback":
             callback.log_cams = _timed(callback.log_cams, inside)
+        if type(callback).__name__ == "ShortcutMonitor":  # the objects-alone test
+            callback.on_validation_epoch_end = _timed(callback.on_validation_epoch_end, inside)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - start

@@ -71,7 +71,7 @@ def predict(model, batch, device: torch.device) -> None:
 def inference_seconds(plan, settings: AuditSettings) -> float:
     """Forward + per-pixel class + predictions to the CPU over the audit's DataLoader."""
     model = plan.models[0]
-    loader = make_loader(plan.dataset, settings, pin=plan.device.type == "cuda")
+    loader = make_loader(plan.dataset, settings.source, pin=plan.device.type == "cuda")
     sync(plan.device)
     start = time.perf_counter()
     with opencv_threads(1):  # the audit's setting, see make_loader
@@ -96,7 +96,7 @@ def paired_seconds(plan, settings: AuditSettings) -> tuple[float, float]:
     with opencv_threads(1):
         writer.open()
         try:
-            for i, batch in enumerate(make_loader(plan.dataset, settings, pin=False)):
+            for i, batch in enumerate(make_loader(plan.dataset, settings.source, pin=False)):
                 inference = partial(predict, model, device=plan.device)
                 steps = (("inference", inference), ("audit", audit))
                 for name, step in steps if i % 2 == 0 else steps[::-1]:
@@ -108,14 +108,14 @@ def paired_seconds(plan, settings: AuditSettings) -> tuple[float, float]:
     return seconds["inference"], seconds["audit"]
 
 
-def audit_seconds(plan) -> tuple[float, float, object]:
+def audit_seconds(plan, settings: AuditSettings) -> tuple[float, float, object]:
     sync(plan.device)
     start = time.perf_counter()
-    result = audit_local(plan)
+    result = audit_local(plan, settings.source, settings.run)
     sync(plan.device)
     seconds = time.perf_counter() - start
     start = time.perf_counter()
-    finish(plan, [result], seconds, seconds)
+    finish(plan, settings, [result], seconds, seconds)
     return seconds, time.perf_counter() - start, result
 
 
@@ -160,7 +160,7 @@ def main() -> None:
         torch.manual_seed(0)
         net = UNet(3, base_width=args.width)
         torch.save({"epoch": 0, "model_state_dict": net.state_dict()}, tmp / "model.pth")
-        settings = AuditSettings(
+        settings = AuditSettings.from_options(
             checkpoints=(tmp / "model.pth",),
             data=str(data),
             out=tmp / "out",
@@ -200,7 +200,7 @@ def main() -> None:
                 if kind == "inference":
                     seconds[kind] = inference_seconds(plan, settings)
                 else:
-                    seconds[kind], finish_s, result = audit_seconds(plan)
+                    seconds[kind], finish_s, result = audit_seconds(plan, settings)
                     report.append(finish_s)
                     files = result.files
             rates = {k: args.num / v for k, v in seconds.items()}

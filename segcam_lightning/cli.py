@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -21,10 +22,12 @@ import torch
 from jsonargparse import Namespace
 from jsonargparse.typing import import_object
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
 
 # Imported so that jsonargparse knows the callback by its short name too
-# (`--trainer.callbacks+=GradCAMCallback`, `--trainer.callbacks.help GradCAMCallback`).
-from segcam_lightning.callback import GradCAMCallback  # noqa: F401
+# (`--trainer.callbacks+=GradCAMCallback`, `--trainer.callbacks.help ShortcutMonitor`).
+from segcam_lightning.callbacks import GradCAMCallback, ShortcutMonitor  # noqa: F401
+from segcam_lightning.callbacks.gradcam import MOVED
 from segcam_lightning.data import SegmentationDataModule
 from segcam_lightning.errors import ConfigurationError, MissingInputError
 from segcam_lightning.module import SegmentationModule
@@ -93,6 +96,20 @@ class SegCamCLI(LightningCLI):
             sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
             raise
 
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as LightningCLI does; a GradCAMCallback setting of the earlier flat
+        constructor (``num_probe``, ``shortcut_energy``, ...) is reported in one line that
+        names its new place, instead of jsonargparse's list of "Union subtypes" errors."""
+        parsers = [parser, *getattr(self, "_subcommand_parsers", {}).values()]
+        for each in parsers:
+            each.error = _moved_first(each.error)  # type: ignore[method-assign]
+        try:
+            super().parse_arguments(parser, args)
+        finally:
+            for each in parsers:
+                del each.error
+
     def instantiate_classes(self) -> None:
         """Instantiate as LightningCLI does; a class that rejects its settings is reported in
         one line (``error: <class>: <its message>``, exit 2) instead of jsonargparse's
@@ -106,7 +123,8 @@ class SegCamCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         for class_path, init_args in _class_configs(config):
             try:
-                import_object(class_path)(**init_args)
+                target = import_object(class_path)
+                target(**_with_groups(target, init_args))
             except (TypeError, ValueError) as own:
                 return f"{class_path}: {own}"
             except Exception:  # not the culprit, or not instantiable alone
@@ -212,7 +230,7 @@ def _nested_class_paths(value: Any, dotted: bool) -> Iterator[str]:
 
 def _is_own_class(path: str) -> bool:
     """Whether ``path`` names a class defined in this package (its modules, never another's:
-    ``segcam_lightning.callback.Tensor`` is torch's)."""
+    ``segcam_lightning.callbacks.gradcam.Tensor`` is torch's)."""
     module_name, _, attribute = path.rpartition(".")
     if module_name != _OWN_PACKAGE and not module_name.startswith(_OWN_PACKAGE + "."):
         return False
@@ -261,6 +279,47 @@ def _refusal(path: Path, refused: list[tuple[str, str]], own_path: str) -> str:
         f"name it yourself. If you trust that code, pass it: `--model.{key}={name}` (or "
         f"`model: {key}: class_path: {name}` in the config)."
     )
+
+
+def _moved_first(report: Any) -> Any:
+    """``report`` (a parser's ``error``) with a moved GradCAMCallback setting's message first."""
+
+    def error(message: str, *rest: Any, **options: Any) -> Any:
+        return report(_moved_setting(str(message)) or message, *rest, **options)
+
+    return error
+
+
+def _moved_setting(message: str) -> str | None:
+    """The one-line message for a GradCAMCallback setting that has moved, if ``message``
+    (jsonargparse's) is about one."""
+    if "GradCAMCallback" not in message:
+        return None
+    for name, place in MOVED.items():
+        if re.search(rf"['\"]{name}['\"]\s*:|\b{name}=", message):
+            return (
+                f"GradCAMCallback `{name}` has moved: pass {place} (in YAML, e.g. "
+                "`probe: {num_images: 8}` under the callback's init_args; see docs/callback.md, "
+                "'Settings')."
+            )
+    return None
+
+
+def _with_groups(target: Any, init_args: dict[str, Any]) -> dict[str, Any]:
+    """``init_args`` with each plain dict built into the dataclass its parameter takes (a
+    callback's ``probe: {num_images: 4}`` into a ``ProbeSpec``), as jsonargparse builds them."""
+    try:
+        hints = typing.get_type_hints(target.__init__)
+    except Exception:  # unresolvable annotations: pass the values as they are
+        return init_args
+    built = dict(init_args)
+    for name, value in init_args.items():
+        hint = hints.get(name)
+        options = typing.get_args(hint) if typing.get_args(hint) else (hint,)
+        groups = [t for t in options if dataclasses.is_dataclass(t) and isinstance(t, type)]
+        if isinstance(value, dict) and len(groups) == 1:
+            built[name] = groups[0](**value)
+    return built
 
 
 def _class_configs(config: Any) -> Iterator[tuple[str, dict[str, Any]]]:

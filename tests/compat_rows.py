@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from segcam_lightning.audit import main as explain
-from segcam_lightning.callback import GradCAMCallback
+from segcam_lightning.callbacks import GradCAMCallback
 from segcam_lightning.cam import CAMEngine
 from segcam_lightning.cam.layers import default_output_adapter
 

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from segcam_lightning.callback import GradCAMCallback
+from segcam_lightning.callbacks import GradCAMCallback, ProbeSpec
 from segcam_lightning.data import SegmentationDataModule
 from segcam_lightning.module import SegmentationModule
 
@@ -21,7 +21,9 @@ def main(out: Path, devices: int) -> None:
     L.seed_everything(0)
     data = SegmentationDataModule(image_size=32, batch_size=2, num_train=8, num_val=8)
     model = SegmentationModule(num_classes=3, base_width=4, class_names=data.class_names)
-    callback = GradCAMCallback(layers=["d4.conv.conv.5", "b.conv.5"], num_probe=5, strict=True)
+    callback = GradCAMCallback(
+        layers=["d4.conv.conv.5", "b.conv.5"], strict=True, probe=ProbeSpec(num_images=5)
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -36,7 +38,7 @@ def main(out: Path, devices: int) -> None:
     )
     trainer.validate(model, datamodule=data, verbose=False)
     if trainer.is_global_zero:
-        cams = {"images": callback.probe["images"], "cams": callback.last_cams}
+        cams = {"images": callback.probe.images, "cams": callback.last_cams}
         torch.save(cams, out / "cams.pt")
     trainer.fit(model, datamodule=data)
 

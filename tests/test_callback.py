@@ -16,7 +16,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from segcam_lightning.callback import GradCAMCallback
+from segcam_lightning.callbacks import DisplaySpec, GradCAMCallback, ProbeSpec, ShortcutMonitor
+from segcam_lightning.callbacks.gradcam import MOVED
+from segcam_lightning.cam import Readout
 from segcam_lightning.data import SegmentationDataModule
 from segcam_lightning.module import SegmentationModule
 
@@ -55,7 +57,7 @@ def read_events(trainer):
 
 
 def test_fit_logs_a_grid_per_layer_and_class_at_every_epoch(tmp_path):
-    callback = GradCAMCallback(layers=list(LAYERS), num_probe=3, strict=True)
+    callback = GradCAMCallback(layers=list(LAYERS), strict=True, probe=ProbeSpec(num_images=3))
     trainer, model, data = make_run(tmp_path, [callback], max_epochs=3)
     trainer.fit(model, datamodule=data)
     events = read_events(trainer)
@@ -108,17 +110,17 @@ def test_training_is_bitwise_identical_with_and_without_callback(tmp_path):
 
 
 def test_validate_in_inference_mode_logs_cams(tmp_path):
-    callback = GradCAMCallback(num_probe=2, strict=True)
+    callback = GradCAMCallback(strict=True, probe=ProbeSpec(num_images=2))
     trainer, model, data = make_run(tmp_path, [callback])  # Trainer(inference_mode=True)
     trainer.validate(model, datamodule=data, verbose=False)
     events = read_events(trainer)
     # The default layer is the last one before the output head.
     assert {f"cam/d4.conv.conv.5/{name}" for name in CLASSES} == set(events.Tags()["images"])
-    assert not callback.probe["images"].is_inference()
+    assert not callback.probe.images.is_inference()
 
 
 def test_bf16_mixed_precision(tmp_path):
-    callback = GradCAMCallback(num_probe=2, strict=True)
+    callback = GradCAMCallback(strict=True, probe=ProbeSpec(num_images=2))
     trainer, model, data = make_run(tmp_path, [callback], precision="bf16-mixed", max_epochs=1)
     trainer.fit(model, datamodule=data)
     assert callback.last_cams.dtype == torch.float32
@@ -192,9 +194,13 @@ def test_two_callbacks_on_one_layer_need_tags(tmp_path):
         trainer.fit(model, datamodule=data)
     assert trainer.global_step == 0
     tagged = [
-        GradCAMCallback(layers=[LAYERS[0]], num_probe=2, strict=True, tag="grad"),
+        GradCAMCallback(layers=[LAYERS[0]], strict=True, tag="grad", probe=ProbeSpec(num_images=2)),
         GradCAMCallback(
-            layers=[LAYERS[0]], num_probe=2, strict=True, method="hirescam", tag="hires"
+            layers=[LAYERS[0]],
+            strict=True,
+            method="hirescam",
+            tag="hires",
+            probe=ProbeSpec(num_images=2),
         ),
     ]
     trainer, model, data = make_run(tmp_path / "tagged", tagged, max_epochs=1)
@@ -209,12 +215,9 @@ def test_two_callbacks_on_one_layer_need_tags(tmp_path):
     }
     assert values["grad"].value != values["hires"].value  # two methods, two measurements
     assert tagged[0].state_key != tagged[1].state_key
-    # The objects-alone test reads no map: the first callback runs it, the second does not.
-    context = {t.split("/")[1] for t in events.Tags()["scalars"] if t.startswith("cam_context/")}
-    assert context == {"grad"}
     # Other loggers: the tag is one more folder.
     logger = CSVLogger(tmp_path, name="csv")
-    callback = GradCAMCallback(num_probe=2, strict=True, tag="grad")
+    callback = GradCAMCallback(strict=True, tag="grad", probe=ProbeSpec(num_images=2))
     trainer, model, data = make_run(tmp_path / "csv", [callback], logger=logger, max_epochs=1)
     trainer.fit(model, datamodule=data)
     files = sorted(Path(logger.log_dir, "cam").rglob("*.png"))
@@ -223,41 +226,49 @@ def test_two_callbacks_on_one_layer_need_tags(tmp_path):
     ]
 
 
-@pytest.mark.parametrize(
-    ("checks", "runs"),
-    [
-        ((None, None), (True, False)),  # the first that says None
-        ((False, None), (False, True)),
-        ((None, True), (False, True)),  # None steps aside for True
-        ((False, False), (False, False)),
-    ],
-)
-def test_which_callback_runs_the_objects_alone_test(checks, runs):
-    callbacks = [
-        GradCAMCallback(layers=[layer], context_check=c)
-        for layer, c in zip(LAYERS, checks, strict=True)
-    ]
-    trainer = L.Trainer(callbacks=list(callbacks), logger=False, enable_progress_bar=False)
-    assert tuple(c._runs_context(trainer) for c in callbacks) == runs
+@pytest.mark.parametrize("name", sorted(MOVED))
+def test_old_argument_names_say_where_they_went(name):
+    with pytest.raises(TypeError, match=rf"GradCAMCallback\(`{name}`=...\) has moved: pass "):
+        GradCAMCallback(**{name: 1})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'layer'"):
+        GradCAMCallback(layer="d4")
 
 
-def test_one_callback_runs_the_objects_alone_test(tmp_path):
-    """The chosen callback logs ``cam_context/<class>/kept_alone``; two callbacks asked for it
-    under the same tags are refused at setup."""
-    first = GradCAMCallback(layers=[LAYERS[0]], num_probe=2, strict=True, context_check=False)
-    second = GradCAMCallback(layers=[LAYERS[1]], num_probe=2, strict=True)
-    trainer, model, data = make_run(tmp_path / "second", [first, second], max_epochs=1)
+def test_the_monitor_shares_the_probe_and_runs_the_objects_alone_test(tmp_path, caplog):
+    """GradCAMCallback and ShortcutMonitor with default probes read one probe (the same
+    object); the monitor logs ``cam_context/<class>/kept_alone``. The monitor runs the test
+    alone too; two monitors running it are refused at setup."""
+    callback = GradCAMCallback(layers=[LAYERS[0]], strict=True)
+    monitor = ShortcutMonitor()
+    trainer, model, data = make_run(tmp_path / "both", [callback, monitor], max_epochs=1)
     trainer.fit(model, datamodule=data)
-    assert (first._context, second._context) == (False, True)
+    assert monitor.probe is callback.probe
     tags = {t for t in read_events(trainer).Tags()["scalars"] if t.startswith("cam_context/")}
     # Logged for the classes the one-epoch model predicts on the probe.
     assert tags and tags <= {f"cam_context/{name}/kept_alone" for name in CLASSES}
-    both = [GradCAMCallback(layers=[layer], context_check=True) for layer in LAYERS[:2]]
-    trainer, model, data = make_run(tmp_path / "both", both)
-    with pytest.raises(ValueError, match="two callbacks run the objects-alone test"):
+    alone = ShortcutMonitor()
+    trainer, model, data = make_run(tmp_path / "alone", [alone], max_epochs=1)
+    trainer.fit(model, datamodule=data)
+    assert tags == {t for t in read_events(trainer).Tags()["scalars"] if "cam_context/" in t}
+    twins = [ShortcutMonitor(), ShortcutMonitor(maps=False)]
+    trainer, model, data = make_run(tmp_path / "twins", twins)
+    with pytest.raises(ValueError, match="two monitors run the objects-alone test"):
         trainer.fit(model, datamodule=data)
-    with pytest.raises(ValueError, match="context_check"):
-        GradCAMCallback(context_check="yes")
+    with pytest.raises(ValueError, match="Expected `maps` to be True, False or a list"):
+        ShortcutMonitor(maps="d4")
+
+
+def test_a_callback_without_monitor_says_how_to_add_one(tmp_path, caplog):
+    callback = GradCAMCallback(layers=[LAYERS[0]], strict=True, probe=ProbeSpec(num_images=2))
+    trainer, model, data = make_run(tmp_path, [callback], max_epochs=2)
+    with caplog.at_level("INFO", logger="lightning.pytorch.utilities.rank_zero"):
+        trainer.fit(model, datamodule=data)
+    told = [r.getMessage() for r in caplog.records if "ShortcutMonitor" in r.getMessage()]
+    assert told == [
+        "GradCAMCallback: no ShortcutMonitor watches these maps; add `ShortcutMonitor()` "
+        "(segcam_lightning.callbacks) to the Trainer's callbacks for the shortcut warnings "
+        "(docs/callback.md)."
+    ]
 
 
 def test_no_logger_warns(tmp_path):
@@ -268,7 +279,7 @@ def test_no_logger_warns(tmp_path):
 
 def test_other_loggers_get_png_files(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
-    callback = GradCAMCallback(num_probe=2, strict=True)
+    callback = GradCAMCallback(strict=True, probe=ProbeSpec(num_images=2))
     trainer, model, data = make_run(tmp_path, [callback], logger=logger)
     trainer.fit(model, datamodule=data)
     files = sorted(Path(logger.log_dir, "cam").rglob("*.png"))
@@ -280,7 +291,7 @@ def test_other_loggers_get_png_files(tmp_path):
 
 def checkpointed_run(tmp_path, num_probe=3):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    first = GradCAMCallback(num_probe=num_probe, strict=True)
+    first = GradCAMCallback(strict=True, probe=ProbeSpec(num_images=num_probe))
     trainer, model, data = make_run(
         tmp_path, [first, checkpoint], max_epochs=1, enable_checkpointing=True
     )
@@ -302,43 +313,44 @@ def resume(tmp_path, callback, checkpoint, data_seed=0):
 def test_resume_reads_the_same_probe_and_the_checkpoint_holds_no_tensors(tmp_path, recwarn):
     first, checkpoint = checkpointed_run(tmp_path)
     state = torch.load(checkpoint, weights_only=True)["callbacks"][first.state_key]
-    assert set(state) == {"indices", "sha256", "settings", "shortcut_streak", "shortcut_warned"}
-    assert state["indices"] == first.probe["indices"].tolist()
-    resumed = GradCAMCallback(num_probe=3, strict=True)
+    assert set(state) == {"indices", "sha256", "settings"}
+    assert state["indices"] == first.probe.indices.tolist()
+    resumed = GradCAMCallback(strict=True, probe=ProbeSpec(num_images=3))
     resume(tmp_path, resumed, checkpoint)
-    assert torch.equal(resumed.probe["images"], first.probe["images"])
+    assert torch.equal(resumed.probe.images, first.probe.images)
     assert not [w for w in recwarn if "GradCAMCallback" in str(w.message)]
 
 
 def test_resume_with_other_probe_settings_says_which_probe_wins(tmp_path):
     first, checkpoint = checkpointed_run(tmp_path)
-    old = first.probe["indices"].tolist()
-    resumed = GradCAMCallback(num_probe=2, strict=True)
-    message = rf"This run's probe is used.*pass `probe_indices=\[{', '.join(map(str, old))}\]`"
+    old = first.probe.indices.tolist()
+    resumed = GradCAMCallback(strict=True, probe=ProbeSpec(num_images=2))
+    indices = ", ".join(map(str, old))
+    message = rf"This run's probe is used.*pass `probe=ProbeSpec\(indices=\[{indices}\]\)`"
     with pytest.warns(UserWarning, match=message):
         resume(tmp_path, resumed, checkpoint)
-    assert len(resumed.probe["indices"]) == 2
+    assert len(resumed.probe.indices) == 2
 
 
 def test_resume_warns_when_the_probe_images_changed(tmp_path):
     first, checkpoint = checkpointed_run(tmp_path)
-    resumed = GradCAMCallback(num_probe=3, strict=True)
+    resumed = GradCAMCallback(strict=True, probe=ProbeSpec(num_images=3))
     with pytest.warns(UserWarning, match="content hash differs"):
         resume(tmp_path, resumed, checkpoint, data_seed=7)  # another validation set
-    assert torch.equal(resumed.probe["indices"], first.probe["indices"])
+    assert torch.equal(resumed.probe.indices, first.probe.indices)
 
 
 def test_probe_is_drawn_with_its_own_generator(tmp_path):
     expected = sorted(torch.randperm(8, generator=torch.Generator().manual_seed(3))[:4].tolist())
     for seed in (0, 1):  # the global seed does not matter
-        callback = GradCAMCallback(num_probe=4, probe_seed=3, strict=True)
+        callback = GradCAMCallback(strict=True, probe=ProbeSpec(num_images=4, seed=3))
         trainer, model, data = make_run(tmp_path / str(seed), [callback], seed=seed, max_epochs=1)
         trainer.fit(model, datamodule=data)
-        assert callback.probe["indices"].tolist() == expected
+        assert callback.probe.indices.tolist() == expected
 
 
 def test_no_leaks_over_many_epochs(tmp_path):
-    callback = GradCAMCallback(num_probe=2, log_alignment=False, strict=True)
+    callback = GradCAMCallback(log_alignment=False, strict=True, probe=ProbeSpec(num_images=2))
     trainer, model, data = make_run(tmp_path, [callback], max_epochs=1)
     trainer.fit(model, datamodule=data)
     model.log = lambda *args, **kwargs: None  # outside a loop: the objects-alone scalars
@@ -348,7 +360,8 @@ def test_no_leaks_over_many_epochs(tmp_path):
         counts.append(_live_tensors())
     assert counts[-1] == counts[1], counts
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
-    assert all(t.device.type == "cpu" for t in callback.probe.values())
+    probe = callback.probe
+    assert all(t.device.type == "cpu" for t in (probe.indices, probe.images, probe.masks))
 
 
 def _live_tensors():
@@ -367,27 +380,33 @@ def _live_tensors():
         ({"method": "gradcan"}, "`method` to be one of"),
         ({"method": "Grad-CAM++"}, None),  # the engine's aliases are accepted
         ({"target": "nope"}, "`target` to be one of"),
-        ({"normalize": "max"}, "`normalize` to be one of"),
-        ({"colormap": "rainbowz"}, "`colormap` to be one of"),
+        ({"display": {"normalize": "max"}}, "`normalize` to be one of"),
+        ({"display": {"colormap": "rainbowz"}}, "`colormap` to be one of"),
         ({"classes": [-1]}, "non-empty list of class indices"),
-        ({"output_kind": "softmax"}, "`output_kind` to be one of"),
-        ({"threshold": 1.0}, "`threshold` in \\(0, 1\\)"),
-        ({"channel_order": "hsv"}, "`channel_order` to be one of"),
-        ({"dataloader_idx": -1}, "`dataloader_idx` to be a non-negative int"),
-        ({"probe_indices": []}, "non-empty list of validation-set indices"),
-        ({"num_probe": 0}, "`num_probe` to be at least 1"),
+        ({"readout": {"kind": "softmax"}}, "`kind` to be one of"),
+        ({"readout": {"threshold": 1.0}}, "`threshold` to be a float in \\(0, 1\\)"),
+        ({"display": {"channel_order": "hsv"}}, "`channel_order` to be one of"),
+        ({"probe": {"dataloader_idx": -1}}, "`dataloader_idx` to be a non-negative int"),
+        ({"probe": {"indices": []}}, "non-empty list of validation-set indices"),
+        ({"probe": {"num_images": 0}}, "`num_images` to be an int of at least 1"),
         ({"every_n_epochs": 0}, "`every_n_epochs` to be at least 1"),
-        ({"alpha": 1.5}, "`alpha` in \\[0, 1\\]"),
+        ({"display": {"alpha": 1.5}}, "`alpha` in \\[0, 1\\]"),
         ({"tag": "a/b"}, "`tag` to be None or a short name"),
         ({"tag": ""}, "`tag` to be None or a short name"),
     ],
 )
 def test_argument_errors(kwargs, match):
+    groups = {"probe": ProbeSpec, "display": DisplaySpec, "readout": Readout}
+    built = lambda: GradCAMCallback(  # noqa: E731  (the groups raise when they are built)
+        **{k: groups[k](**v) if k in groups else v for k, v in kwargs.items()}
+    )
     if match is None:
-        GradCAMCallback(**kwargs)
+        built()
         return
     with pytest.raises(ValueError, match=match):
-        GradCAMCallback(**kwargs)
+        built()
+    with pytest.raises(TypeError, match="Expected `probe` to be a ProbeSpec or None"):
+        GradCAMCallback(probe={"num_images": 2})
 
 
 def test_classes_past_the_model_fail_at_setup(tmp_path):

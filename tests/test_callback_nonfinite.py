@@ -7,7 +7,7 @@ import lightning as L
 import torch
 from test_callback import CLASSES, make_run, read_events
 
-from segcam_lightning.callback import GradCAMCallback
+from segcam_lightning.callbacks import GradCAMCallback, ProbeSpec
 
 LAYER = "d4.conv.conv.5"
 
@@ -36,7 +36,7 @@ def test_non_finite_logits_skip_that_validations_grids_with_one_warning(tmp_path
     saved = {}
     callbacks = [
         Overflow([1, 2], saved),
-        GradCAMCallback(layers=[LAYER], num_probe=2, strict=True),
+        GradCAMCallback(layers=[LAYER], strict=True, probe=ProbeSpec(num_images=2)),
         Overflow([1, 2], saved, restore=True),
     ]
     trainer, model, data = make_run(tmp_path, callbacks, max_epochs=4)

@@ -15,7 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from segcam_lightning.callback import GradCAMCallback
+from segcam_lightning.callbacks import GradCAMCallback, ProbeSpec
+from segcam_lightning.cam import Readout
 from segcam_lightning.data import SyntheticSegmentation
 from segcam_lightning.models import UNet
 
@@ -165,7 +166,9 @@ def title_height():
 def test_binary_project_with_tuples_and_imagenet_normalisation(tmp_path):
     module = UserModule(UNet(num_classes=1, base_width=4), task="binary")
     data = PlantsData(masks="binary", normalise=True)
-    callback = GradCAMCallback(num_probe=2, strict=True)  # the one line a user adds
+    callback = GradCAMCallback(
+        strict=True, probe=ProbeSpec(num_images=2)
+    )  # the one line a user adds
     trainer = fit(tmp_path, module, data, callback)
     events = read_events(trainer)
     # One output channel: the foreground, named after the data's second class.
@@ -183,7 +186,7 @@ def test_normalised_probe_renders_the_same_input_pixels_as_the_raw_one(tmp_path)
     columns = []
     for normalise in (False, True):
         module = UserModule(UNet(num_classes=3, base_width=4))
-        callback = GradCAMCallback(num_probe=2, strict=True)
+        callback = GradCAMCallback(strict=True, probe=ProbeSpec(num_images=2))
         trainer = L.Trainer(
             default_root_dir=tmp_path,
             accelerator="cpu",
@@ -205,8 +208,8 @@ def test_low_resolution_dict_output_with_ground_truth_target(tmp_path):
         layers=["features.3"],
         target="gt_region",
         output_adapter=lambda out: out["out"],
-        num_probe=2,
         strict=True,
+        probe=ProbeSpec(num_images=2),
     )
     trainer = fit(tmp_path, module, PlantsData(), callback)
     assert callback.last_cams.shape == (2, 1, 3, SIZE, SIZE)  # CAMs at input resolution
@@ -219,7 +222,9 @@ def test_low_resolution_dict_output_with_ground_truth_target(tmp_path):
 
 def test_multilabel_outputs_with_one_hot_masks(tmp_path):
     module = UserModule(UNet(num_classes=3, base_width=4))
-    callback = GradCAMCallback(output_kind="multilabel", num_probe=2, strict=True)
+    callback = GradCAMCallback(
+        strict=True, probe=ProbeSpec(num_images=2), readout=Readout(kind="multilabel")
+    )
     trainer = fit(tmp_path, module, PlantsData(masks="one_hot"), callback)
     events = read_events(trainer)
     assert len(events.Tags()["images"]) == 3
@@ -228,7 +233,9 @@ def test_multilabel_outputs_with_one_hot_masks(tmp_path):
 
 def test_ignored_pixels_are_gray_and_left_out(tmp_path):
     module = UserModule(UNet(num_classes=3, base_width=4))
-    callback = GradCAMCallback(ignore_index=255, num_probe=2, strict=True)
+    callback = GradCAMCallback(
+        strict=True, probe=ProbeSpec(num_images=2), readout=Readout(ignore_index=255)
+    )
     trainer = fit(tmp_path, module, PlantsData(masks="ignore_border"), callback)
     image = grid(read_events(trainer), "cam/d4.conv.conv.5/soil")
     truth = image[title_height() : title_height() + SIZE, SIZE + 4 : 2 * SIZE + 4]
@@ -239,27 +246,34 @@ def test_ignored_pixels_are_gray_and_left_out(tmp_path):
 
 def test_the_probe_comes_from_the_chosen_validation_loader(tmp_path):
     module = UserModule(UNet(num_classes=3, base_width=4))
-    callback = GradCAMCallback(probe_indices=[0, 3], dataloader_idx=1, strict=True)
+    callback = GradCAMCallback(strict=True, probe=ProbeSpec(indices=[0, 3], dataloader_idx=1))
     fit(tmp_path, module, PlantsData(val_loaders=2), callback)
     second = Plants(4, 2)  # the second validation loader's data
     expected = torch.stack([second[0][0], second[3][0]])
-    assert torch.equal(callback.probe["images"], expected)
-    with pytest.raises(ValueError, match="`dataloader_idx=2`, but there are 2 validation"):
-        fit(tmp_path / "bad", module, PlantsData(val_loaders=2), GradCAMCallback(dataloader_idx=2))
+    assert torch.equal(callback.probe.images, expected)
+    with pytest.raises(
+        ValueError, match=r"`ProbeSpec\(dataloader_idx=2\)`, but there are 2 validation"
+    ):
+        fit(
+            tmp_path / "bad",
+            module,
+            PlantsData(val_loaders=2),
+            GradCAMCallback(probe=ProbeSpec(dataloader_idx=2)),
+        )
 
 
 def test_probe_dataloader_of_the_users_choice(tmp_path):
     module = UserModule(UNet(num_classes=3, base_width=4))
     own = DataLoader(Plants(5, 9), batch_size=3)
-    callback = GradCAMCallback(probe_dataloader=own, probe_indices=[4], strict=True)
+    callback = GradCAMCallback(strict=True, probe=ProbeSpec(dataloader=own, indices=[4]))
     fit(tmp_path, module, PlantsData(), callback)
-    assert torch.equal(callback.probe["images"][0], Plants(5, 9)[4][0])
+    assert torch.equal(callback.probe.images[0], Plants(5, 9)[4][0])
 
 
 def test_probe_indices_past_the_data_fail_at_setup(tmp_path):
     module = UserModule(UNet(num_classes=3, base_width=4))
-    callback = GradCAMCallback(probe_indices=[1, 9])
-    with pytest.raises(ValueError, match=r"`probe_indices` \[9\] reach past the validation set"):
+    callback = GradCAMCallback(probe=ProbeSpec(indices=[1, 9]))
+    with pytest.raises(ValueError, match=r"indices \[9\] reach past the validation set"):
         fit(tmp_path, module, PlantsData(), callback)
 
 
@@ -267,7 +281,7 @@ def test_class_names_never_become_paths_outside_the_log_dir(tmp_path):
     names = ["../../x/escape", "a/b", ".."]
     module = UserModule(UNet(num_classes=3, base_width=4))
     logger = CSVLogger(tmp_path / "logs", name="csv")
-    callback = GradCAMCallback(num_probe=1, strict=True)
+    callback = GradCAMCallback(strict=True, probe=ProbeSpec(num_images=1))
     fit(tmp_path, module, PlantsData(class_names=names), callback, logger=logger)
     written = sorted(p for p in tmp_path.rglob("*.png"))
     log_dir = Path(logger.log_dir).resolve()

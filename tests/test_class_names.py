@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from segcam_lightning.callback import GradCAMCallback
+from segcam_lightning.callbacks import GradCAMCallback, ProbeSpec
 from segcam_lightning.networks import class_names_of
 
 SIZE = 32
@@ -97,21 +97,25 @@ def segformer():
 
 
 def test_a_segformers_id2label_names_the_tags(tmp_path, segformer, one_thread):
-    callback = GradCAMCallback(layers=[LAYER], num_probe=2, strict=True)
+    callback = GradCAMCallback(layers=[LAYER], strict=True, probe=ProbeSpec(num_images=2))
     tags = image_tags(tmp_path, callback, SegformerModule(segformer), RandomScenes())
     assert tags == {f"cam/{LAYER}/{name}" for name in ID2LABEL.values()}
 
 
 def test_the_callbacks_class_names_win(tmp_path, segformer, one_thread):
     names = ["a", "b", "c", "d"]
-    callback = GradCAMCallback(layers=[LAYER], num_probe=1, class_names=names, strict=True)
+    callback = GradCAMCallback(
+        layers=[LAYER], class_names=names, strict=True, probe=ProbeSpec(num_images=1)
+    )
     data = RandomScenes(class_names=["w", "x", "y", "z"])
     tags = image_tags(tmp_path, callback, SegformerModule(segformer), data)
     assert tags == {f"cam/{LAYER}/{name}" for name in names}
 
 
 def test_class_names_that_do_not_fit_the_outputs_fail_at_setup(tmp_path, segformer, one_thread):
-    callback = GradCAMCallback(layers=[LAYER], num_probe=1, class_names=["a", "b"])
+    callback = GradCAMCallback(
+        layers=[LAYER], class_names=["a", "b"], probe=ProbeSpec(num_images=1)
+    )
     with pytest.raises(ValueError, match=r"`class_names`: Got 2 class names .* 4 output channels"):
         image_tags(tmp_path, callback, SegformerModule(segformer), RandomScenes())
 

@@ -94,10 +94,13 @@ def test_shortcut_config_watches_e1_with_the_contrastive_target():
         ["d3.conv.conv.5"],
         ["e1.conv.conv.5"],
     ]
-    watch = callbacks[-1]
-    assert (watch.method, watch.target) == ("gradcam", "logit_margin")
-    assert (watch.shortcut_energy, watch.shortcut_reference) == (0.1, 0.4)
-    assert watch.shortcut_warning
+    assert (callbacks[-1].method, callbacks[-1].target) == ("gradcam", "logit_margin")
+    monitors = [c for c in cli.trainer.callbacks if type(c).__name__ == "ShortcutMonitor"]
+    assert [(m.maps, m.objects_alone) for m in monitors] == [
+        (["d4.conv.conv.5", "e4.conv.conv.5", "d3.conv.conv.5"], True),
+        (["e1.conv.conv.5"], False),
+    ]
+    assert (monitors[-1].energy, monitors[-1].reference, monitors[-1].warn) == (0.1, 0.4, True)
 
 
 def test_settings_a_callback_rejects_are_one_line_and_exit_2(tmp_path, capsys):
@@ -105,7 +108,7 @@ def test_settings_a_callback_rejects_are_one_line_and_exit_2(tmp_path, capsys):
         "fit",
         "--config",
         str(ROOT / "configs/synthetic.yaml"),
-        "--trainer.callbacks+=segcam_lightning.callback.GradCAMCallback",
+        "--trainer.callbacks+=segcam_lightning.callbacks.GradCAMCallback",
         "--trainer.callbacks.layers=[]",
         f"--trainer.default_root_dir={tmp_path}",
     ]
@@ -114,7 +117,7 @@ def test_settings_a_callback_rejects_are_one_line_and_exit_2(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert (
-        "error: segcam_lightning.callback.GradCAMCallback: Expected `layers` to be a non-empty"
+        "error: segcam_lightning.callbacks.GradCAMCallback: Expected `layers` to be a non-empty"
         in err
     )
     assert "Traceback" not in err and "Union subtypes" not in err
@@ -140,3 +143,25 @@ def test_callback_help_by_short_name_and_override_from_the_command_line(capsys):
     cli = build_cli(args, run=False)
     (callback,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "GradCAMCallback"]
     assert callback.method == "layercam"
+
+
+def test_a_moved_callback_setting_names_its_new_place(tmp_path, capsys):
+    """A config of the earlier flat GradCAMCallback (``num_probe: 8``) fails in one line that
+    says where the setting went, not with jsonargparse's list of errors."""
+    config = (ROOT / "configs/synthetic.yaml").read_text()
+    old = config.replace(
+        "        probe:\n          num_images: 8\n        every_n_epochs",
+        "        num_probe: 8\n        every_n_epochs",
+    )
+    assert old != config
+    path = tmp_path / "old.yaml"
+    path.write_text(old)
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "error: GradCAMCallback `num_probe` has moved: pass probe=ProbeSpec(num_images=...) (in "
+        "YAML, e.g. `probe: {num_images: 8}` under the callback's init_args; see "
+        "docs/callback.md, 'Settings')."
+    )

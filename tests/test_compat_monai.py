@@ -31,7 +31,7 @@ from compat_rows import (
 )
 from torch import Tensor, nn
 
-from segcam_lightning.callback import GradCAMCallback
+from segcam_lightning.callbacks import GradCAMCallback
 from segcam_lightning.cam import CAMEngine, default_layer_name
 from segcam_lightning.metrics import cam_energy_inside
 

@@ -24,7 +24,7 @@ from compat_rows import (
 )
 from torch import nn
 
-from segcam_lightning.callback import GradCAMCallback
+from segcam_lightning.callbacks import GradCAMCallback
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 

@@ -23,7 +23,7 @@ from compat_rows import (
 )
 from torch import nn
 
-from segcam_lightning.callback import GradCAMCallback
+from segcam_lightning.callbacks import GradCAMCallback
 
 transformers = pytest.importorskip("transformers")
 

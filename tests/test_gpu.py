@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from segcam_lightning.audit import main as explain
-from segcam_lightning.callback import GradCAMCallback
+from segcam_lightning.callbacks import GradCAMCallback, ProbeSpec
 from segcam_lightning.cam import CAMEngine
 from segcam_lightning.data import SegmentationDataModule, write_synthetic_dataset
 from segcam_lightning.models import UNet
@@ -31,7 +31,7 @@ def test_callback_on_the_gpu(tmp_path, precision):
     L.seed_everything(0)
     data = SegmentationDataModule(image_size=SIZE, batch_size=4, num_train=16, num_val=8)
     model = SegmentationModule(num_classes=3, base_width=8, class_names=data.class_names)
-    callback = GradCAMCallback(layers=LAYERS, num_probe=4, strict=True)
+    callback = GradCAMCallback(layers=LAYERS, strict=True, probe=ProbeSpec(num_images=4))
     trainer = L.Trainer(
         default_root_dir=tmp_path,
         accelerator="gpu",

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import segcam_lightning
 
 PACKAGE = Path(segcam_lightning.__file__).resolve().parent
@@ -85,28 +87,46 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
+#: The package's layers, bottom up: a module imports its own layer's and lower layers' only.
+LAYERS = (
+    ("", "cam"),  # the engine (and the package's lazy top level)
+    ("errors", "text", "paths", "metrics", "networks", "models", "losses", "data", "render"),
+    ("quality",),
+    ("module", "callbacks", "loading"),
+    ("cli", "audit"),
+)
+
+
+def layer_of(module: str) -> int:
+    """The layer of ``segcam_lightning.<part>...``."""
+    part = module.split(".")[1] if "." in module else ""
+    return next(i for i, names in enumerate(LAYERS) if part in names)
+
+
 def test_layering():
     graph = internal_imports()
+    assert {layer_of(n) for n in graph} <= set(range(len(LAYERS))), "a module in no layer"
+    upward = [(n, t) for n, targets in graph.items() for t in targets if layer_of(t) > layer_of(n)]
+    assert upward == []
     engine = {n: t for n, t in graph.items() if n.startswith("segcam_lightning.cam")}
     assert all(t.startswith("segcam_lightning.cam") for targets in engine.values() for t in targets)
-    assert "segcam_lightning.module" not in graph["segcam_lightning.callback"]
-    # Directly or through other modules: the callback needs neither the LightningModule nor the
-    # audit; loading/ (checkpoints, user code) sits below the audit that calls it.
+    # Directly or through other modules: the callbacks need neither the LightningModule nor the
+    # audit; loading/ (checkpoints, user code) needs neither the audit nor the callbacks.
     rules = {
-        "segcam_lightning.callback": ("segcam_lightning.module", "segcam_lightning.audit"),
-        "segcam_lightning.loading": ("segcam_lightning.audit", "segcam_lightning.callback"),
+        "segcam_lightning.callbacks": ("segcam_lightning.module", "segcam_lightning.audit"),
+        "segcam_lightning.loading": ("segcam_lightning.audit", "segcam_lightning.callbacks"),
     }
     for start, forbidden in rules.items():
         for name in [n for n in graph if n == start or n.startswith(f"{start}.")]:
-            upward = {t for t in reachable(graph, name) if t.startswith(forbidden)}
-            assert not upward, (name, upward)
-    for low in ("segcam_lightning.metrics", "segcam_lightning.render", "segcam_lightning.paths"):
-        upward = {
-            t
-            for t in graph[low]
-            if t.startswith(("segcam_lightning.callback", "segcam_lightning.audit"))
-        }
-        assert not upward, (low, upward)
+            reached = {t for t in reachable(graph, name) if t.startswith(forbidden)}
+            assert not reached, (name, reached)
+
+
+def test_the_layer_rule_sees_an_upward_import():
+    assert layer_of("segcam_lightning.cam.engine") < layer_of("segcam_lightning.callbacks.probe")
+    assert layer_of("segcam_lightning") == 0
+    with pytest.raises(StopIteration):
+        layer_of("segcam_lightning.somewhere_new")
 
 
 def test_engine_imports_neither_lightning_nor_cv2():
@@ -126,7 +146,7 @@ def test_top_level_exports_are_the_package_objects():
         SegmentationDataModule,
         SegmentationModule,
     )
-    from segcam_lightning.callback import GradCAMCallback as Callback
+    from segcam_lightning.callbacks import GradCAMCallback as Callback
     from segcam_lightning.data.batch import BatchAdapter as Adapter
     from segcam_lightning.data.datamodule import SegmentationDataModule as DataModule
     from segcam_lightning.module import SegmentationModule as Module

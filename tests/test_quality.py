@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from scipy.stats import spearmanr
 from torch import nn
 
-from segcam_lightning.callback import GradCAMCallback
+from segcam_lightning.callbacks import GradCAMCallback, ProbeSpec, ShortcutMonitor
 from segcam_lightning.cam import CAMEngine
 from segcam_lightning.data import SegmentationDataModule
 from segcam_lightning.data.synthetic import SyntheticSegmentation
@@ -74,9 +74,12 @@ def clean_run(one_thread, tmp_path_factory):
     """The tiny clean run, with the callback (and its shortcut warning) on d4 and e4."""
     L.seed_everything(0)
     module = SegmentationModule(num_classes=3, base_width=WIDTH, lr=6e-3, class_names=NAMES)
-    callback = GradCAMCallback(layers=[D4, "e4.conv.conv.5"], num_probe=16, strict=True)
+    callback = GradCAMCallback(
+        layers=[D4, "e4.conv.conv.5"], strict=True, probe=ProbeSpec(num_images=16)
+    )
+    monitor = ShortcutMonitor(probe=ProbeSpec(num_images=16))
     folder = tmp_path_factory.mktemp("clean")
-    messages = tiny_run(folder, module, [callback], max_epochs=12)
+    messages = tiny_run(folder, module, [callback, monitor], max_epochs=12)
     return module.net.eval(), messages, folder
 
 
@@ -237,8 +240,9 @@ def test_objects_alone_warning_fires_in_a_tiny_shortcut_run(tmp_path):
     epoch on, IoU 0.71-0.91; round_leaf keeps 0.96-1.00. The warning names narrow_leaf once."""
     L.seed_everything(0)
     module = SegmentationModule(num_classes=3, base_width=WIDTH, lr=6e-3, class_names=NAMES)
-    callback = GradCAMCallback(layers=[D4], num_probe=16, strict=True)
-    messages = tiny_run(tmp_path, module, [callback], shortcut="soil", max_epochs=8)
+    callback = GradCAMCallback(layers=[D4], strict=True, probe=ProbeSpec(num_images=16))
+    monitor = ShortcutMonitor(probe=ProbeSpec(num_images=16))
+    messages = tiny_run(tmp_path, module, [callback, monitor], shortcut="soil", max_epochs=8)
     fired = [m for m in messages if SHORTCUT_WARNING in m]
     assert len(fired) == 1, fired
     assert "class 'narrow_leaf' may be learned from a shortcut: shown alone" in fired[0]
@@ -286,46 +290,49 @@ def test_shortcut_warning_fires_once_for_the_planted_class(tmp_path):
     threshold of 0.6 here instead of the default 0.7.
     """
     module = SegmentationModule(num_classes=3, net=WetSoilNet(), lr=0.0, class_names=NAMES)
-    callback = GradCAMCallback(
-        layers=["features"], num_probe=16, strict=True, shortcut_reference=0.6
-    )
+    probe = ProbeSpec(num_images=16)
+    callback = GradCAMCallback(layers=["features"], strict=True, probe=probe)
+    monitor = ShortcutMonitor(reference=0.6, probe=probe)
     messages = tiny_run(
-        tmp_path, module, [callback], shortcut="soil", max_epochs=3, limit_train_batches=1
+        tmp_path, module, [callback, monitor], shortcut="soil", max_epochs=3, limit_train_batches=1
     )
     fired = [m for m in messages if SHORTCUT_WARNING in m]
     assert len(fired) == 2, fired  # the maps' warning and the objects-alone test's
     [maps] = [m for m in fired if "'narrow_leaf' at layer 'features'" in m]
     assert next(m for m in fired if m != maps).startswith(
-        "GradCAMCallback: class 'narrow_leaf' may be learned from a shortcut: shown alone"
+        "ShortcutMonitor: class 'narrow_leaf' may be learned from a shortcut: shown alone"
     )
     # The objects-alone test off: the maps' warning alone.
     module = SegmentationModule(num_classes=3, net=WetSoilNet(), lr=0.0, class_names=NAMES)
-    callback = GradCAMCallback(
-        layers=["features"], num_probe=16, shortcut_reference=0.6, context_check=False
-    )
+    callback = GradCAMCallback(layers=["features"], probe=probe)
+    monitor = ShortcutMonitor(reference=0.6, objects_alone=False, probe=probe)
     messages = tiny_run(
-        tmp_path / "maps", module, [callback], shortcut="soil", max_epochs=3, limit_train_batches=1
+        tmp_path / "maps",
+        module,
+        [callback, monitor],
+        shortcut="soil",
+        max_epochs=3,
+        limit_train_batches=1,
     )
     assert [m for m in messages if SHORTCUT_WARNING in m] == [maps]
     # Off switch: the same run without the warnings.
-    quiet = GradCAMCallback(layers=["features"], num_probe=16, shortcut_warning=False)
+    quiet = [GradCAMCallback(layers=["features"], probe=probe), ShortcutMonitor(warn=False)]
     module = SegmentationModule(num_classes=3, net=WetSoilNet(), lr=0.0, class_names=NAMES)
     messages = tiny_run(
-        tmp_path / "off", module, [quiet], shortcut="soil", max_epochs=3, limit_train_batches=1
+        tmp_path / "off", module, quiet, shortcut="soil", max_epochs=3, limit_train_batches=1
     )
     assert not [m for m in messages if SHORTCUT_WARNING in m]
 
 
 def test_a_resumed_run_keeps_the_shortcut_watchs_streak_and_warns_once(tmp_path):
-    """The watch's streaks and warnings live in the callback's state_dict: a run stopped one
-    suspect step short of ``shortcut_patience`` (2) warns at its first step after resuming, and
+    """The watch's streaks and warnings live in the monitor's state_dict: a run stopped one
+    suspect step short of ``patience`` (2) warns at its first step after resuming, and
     a run resumed after the warning does not warn again."""
 
     def run(folder, max_epochs, resume=None):
         module = SegmentationModule(num_classes=3, net=WetSoilNet(), lr=0.0, class_names=NAMES)
-        callback = GradCAMCallback(
-            layers=["features"], num_probe=16, shortcut_reference=0.6, context_check=False
-        )
+        callback = GradCAMCallback(layers=["features"], probe=ProbeSpec(num_images=16))
+        monitor = ShortcutMonitor(reference=0.6, objects_alone=False)
         data = SegmentationDataModule(
             image_size=SIZE, batch_size=8, num_train=8, num_val=16, num_test=16, shortcut="soil"
         )
@@ -335,7 +342,7 @@ def test_a_resumed_run_keeps_the_shortcut_watchs_streak_and_warns_once(tmp_path)
             max_epochs=max_epochs,
             limit_train_batches=1,
             logger=CSVLogger(folder),
-            callbacks=[callback],
+            callbacks=[callback, monitor],
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from segcam_lightning.callback import GradCAMCallback
+from segcam_lightning.callbacks import GradCAMCallback, ProbeSpec
 from segcam_lightning.cli import SegCamCLI, _is_own_class
 from segcam_lightning.data import SegmentationDataModule
 from segcam_lightning.errors import ConfigurationError
@@ -157,10 +157,10 @@ def test_a_checkpoint_weights_only_refuses_is_one_configuration_error(tmp_path):
 
 def test_own_classes_are_this_packages_classes_only():
     assert _is_own_class("segcam_lightning.module.SegmentationModule")
-    assert _is_own_class("segcam_lightning.callback.GradCAMCallback")
-    assert not _is_own_class("segcam_lightning.callback.Tensor")  # torch's, imported there
+    assert _is_own_class("segcam_lightning.callbacks.gradcam.GradCAMCallback")
+    assert not _is_own_class("segcam_lightning.callbacks.gradcam.Tensor")  # torch's, imported there
     assert not _is_own_class("segcam_lightning.no_such_module.Thing")
-    assert not _is_own_class("segcam_lightning.callback.os.system")
+    assert not _is_own_class("segcam_lightning.callbacks.gradcam.os.system")
     assert not _is_own_class("segcam_lightning_evil.Thing")
 
 
@@ -224,7 +224,7 @@ def test_probe_masks_of_another_size_than_the_images_are_refused_at_setup(tmp_pa
     trainer = L.Trainer(
         default_root_dir=tmp_path,
         logger=False,
-        callbacks=[GradCAMCallback(num_probe=2)],
+        callbacks=[GradCAMCallback(probe=ProbeSpec(num_images=2))],
         enable_progress_bar=False,
         enable_model_summary=False,
     )

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from segcam_lightning.callback import GradCAMCallback
+from segcam_lightning.callbacks import GradCAMCallback, ProbeSpec
 from segcam_lightning.render import VOLUME_TILE, display_images
 
 SIDE = 16
@@ -60,7 +60,7 @@ def test_the_callbacks_coronal_tiles_have_no_bands(tmp_path, one_thread):
     volumes = zscored_volumes()
     masks = (volumes[:, 0] > 0.5).long()
     data = DataLoader(TensorDataset(volumes, masks), batch_size=2)
-    callback = GradCAMCallback(layers=["0"], num_probe=2, strict=True)
+    callback = GradCAMCallback(layers=["0"], strict=True, probe=ProbeSpec(num_images=2))
     trainer = L.Trainer(
         default_root_dir=tmp_path,
         accelerator="cpu",

@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import BinaryJaccardIndex
 
-from segcam_lightning import GradCAMCallback
+from segcam_lightning import GradCAMCallback, ProbeSpec
 from segcam_lightning.data import SyntheticSegmentation
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -186,7 +186,7 @@ def train(
             ModelCheckpoint(save_last=True),
             # The one line segcam-lightning needs: it finds self.model, reads the tuples,
             # sees one sigmoid channel and takes ImageNet's mean/std from the datamodule.
-            GradCAMCallback(layers=["fuse2", "down2"], num_probe=6),
+            GradCAMCallback(layers=["fuse2", "down2"], probe=ProbeSpec(num_images=6)),
         ],
         log_every_n_steps=log_every_n_steps,
     )

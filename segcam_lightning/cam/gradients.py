@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from segcam_lightning.cam.capture import _Capture, _GuidedReLU, _Heads
-from segcam_lightning.cam.methods import _CAM, Probe, _GradientCAM
+from segcam_lightning.cam.methods import _CAM, Rerun, _GradientCAM
 from segcam_lightning.cam.readout import Readout
 from segcam_lightning.cam.targets import Target
 
@@ -184,15 +184,15 @@ def derives_one_class(call: GradientCall) -> bool:
 
 def without_gradients(call: GradientCall, layers: Layers, flow: _GradientFlow) -> LayerMaps:
     """Gradient-free methods (EigenCAM, Score-CAM): the maps from the activations and, for
-    Score-CAM, masked forwards through the probe. ``flow`` is not used."""
-    probe = Probe(
+    Score-CAM, masked forwards through the rerun context. ``flow`` is not used."""
+    rerun = Rerun(
         images=call.x.detach(),
         forward=call.forward,
         score=call.target.scorer(_at_least_float32(call.logits.detach()), call.masks, call.read),
         baseline=call.scores.detach(),
         classes=call.classes,
     )
-    return LayerMaps([call.method(a, probe) for a in layers.activations])  # type: ignore[operator]
+    return LayerMaps([call.method(a, rerun) for a in layers.activations])  # type: ignore[operator]
 
 
 def head_path(call: GradientCall, layers: Layers, flow: _GradientFlow) -> LayerMaps:

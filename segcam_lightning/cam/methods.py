@@ -3,7 +3,7 @@
 Gradient methods subclass :class:`_GradientCAM` and override :meth:`_GradientCAM._get_weights`;
 the base class owns the weighted sum and the ReLU. The engine calls them once per class with the
 layer's activations ``A`` ``[B, C, h, w]`` and the gradients ``dY/dA`` of that class's score.
-Gradient-free methods (:class:`ScoreCAM`, :class:`EigenCAM`) receive a :class:`Probe` instead, to
+Gradient-free methods (:class:`ScoreCAM`, :class:`EigenCAM`) receive a :class:`Rerun` instead, to
 re-run the model or to ignore classes altogether.
 
 Volumes work the same way with one more spatial dimension: activations ``[B, C, d, h, w]``,
@@ -37,7 +37,7 @@ __all__ = [
     "GuidedGradCAM",
     "HiResCAM",
     "LayerCAM",
-    "Probe",
+    "Rerun",
     "ScoreCAM",
     "XGradCAM",
     "get_method",
@@ -45,7 +45,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class Probe:
+class Rerun:
     """What a gradient-free method may use besides the activations.
 
     Shapes are those of images; a volume has ``D`` before ``H, W``.
@@ -73,7 +73,7 @@ class _CAM:
     Attributes:
         name: registry name.
         needs_gradients: gradient methods get ``(activations, gradients)`` per class; the others
-            get ``(activations, probe)`` once.
+            get ``(activations, rerun)`` once.
         guided: also compute guided backpropagation (see :class:`GuidedGradCAM`).
     """
 
@@ -298,7 +298,7 @@ class ScoreCAM(_CAM):
         self.max_channels = max_channels
         self.batch_size = batch_size
 
-    def __call__(self, activations: Tensor, probe: Probe) -> Tensor:
+    def __call__(self, activations: Tensor, rerun: Rerun) -> Tensor:
         """Maps ``[B, K_sel, *s]`` from activations ``[B, C, *s]`` (``s`` = ``h, w`` or
         ``d, h, w``)."""
         b, c, *spatial = activations.shape
@@ -312,14 +312,14 @@ class ScoreCAM(_CAM):
             selected = activations
         masks = FC.minmax_scale(selected, spatial_dims=n).reshape(b * m, 1, *spatial)
         source = torch.arange(b, device=activations.device).repeat_interleave(m)
-        size = tuple(probe.images.shape[2:])
-        increase = activations.new_empty(b * m, probe.classes.numel())
-        baseline = probe.baseline[:, probe.classes]
+        size = tuple(rerun.images.shape[2:])
+        increase = activations.new_empty(b * m, rerun.classes.numel())
+        baseline = rerun.baseline[:, rerun.classes]
         for start in range(0, b * m, self.batch_size):
             rows = slice(start, min(start + self.batch_size, b * m))
-            mask = FC.upsample(masks[rows], size).to(probe.images.dtype)
-            logits = probe.forward(probe.images[source[rows]] * mask)
-            scores = probe.score(logits, source[rows])[:, probe.classes]
+            mask = FC.upsample(masks[rows], size).to(rerun.images.dtype)
+            logits = rerun.forward(rerun.images[source[rows]] * mask)
+            scores = rerun.score(logits, source[rows])[:, rerun.classes]
             increase[rows] = scores - baseline[source[rows]]
         weights = FC.scorecam_weights(increase.reshape(b, m, -1).transpose(1, 2))  # [B, K, M]
         return self._combine(weights, selected.unsqueeze(1), n)
@@ -341,10 +341,10 @@ class EigenCAM(_CAM):
     name = "eigencam"
     needs_gradients = False
 
-    def __call__(self, activations: Tensor, probe: Probe) -> Tensor:
+    def __call__(self, activations: Tensor, rerun: Rerun) -> Tensor:
         """Maps ``[B, K_sel, *s]`` (the same for every class) from ``[B, C, *s]``."""
         cam = FC.eigencam_map(activations).unsqueeze(1).clamp_(min=0)
-        return cam.expand(-1, probe.classes.numel(), *cam.shape[2:]).contiguous()
+        return cam.expand(-1, rerun.classes.numel(), *cam.shape[2:]).contiguous()
 
 
 #: Methods available by name (``"gradcampp"`` is an alias of ``"gradcam++"``).

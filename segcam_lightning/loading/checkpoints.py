@@ -856,7 +856,7 @@ def network_and_prefix(module: nn.Module) -> tuple[nn.Module, str]:
     """The network a CAM forward runs for a LightningModule, and the prefix its layer names may
     leave out.
 
-    The rule of :class:`~segcam_lightning.callback.GradCAMCallback`: the module itself when it
+    The rule of :class:`~segcam_lightning.callbacks.GradCAMCallback`: the module itself when it
     defines ``forward`` (then the prefix is its network attribute's, e.g. ``"net."``, when it
     has one), else its ``net``, ``model`` or ``network`` attribute (prefix ``""``).
 

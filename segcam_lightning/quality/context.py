@@ -207,7 +207,7 @@ def _objects_alone(
     device = next((p.device for p in model.parameters()), images.device)
     images, masks = images.to(device), masks.to(device)
     if logits is None:
-        logits = _logits(model, images, output_adapter, batch_size)
+        logits = eager_logits(model, images, output_adapter, batch_size)
     logits = logits.float()
     read = (readout or Readout()).resolved(logits.shape[1])
     wanted = list(classes) if classes is not None else list(range(logits.shape[1]))
@@ -222,7 +222,7 @@ def _objects_alone(
         if index.numel() == 0:
             continue
         alone = QF.isolate(images[index], regions.objects[index, k])
-        out = _logits(model, alone, output_adapter, batch_size).float()
+        out = eager_logits(model, alone, output_adapter, batch_size).float()
         after = regions.predicted(out, index)
         share = QF.kept_share(before[index, k], after[:, k].flatten(1))
         kept[index, k] = torch.where(counted[index], share, float("nan"))
@@ -269,7 +269,7 @@ class _Regions:
         return out & (self.valid if index is None else self.valid[index])
 
 
-def _logits(
+def eager_logits(
     model: nn.Module,
     images: Tensor,
     output_adapter: Callable[[Any], Tensor] | None,

@@ -1,0 +1,535 @@
+"""GradCAMCallback: watch, epoch by epoch, where the model looks for each class.
+
+At the end of validation (every ``every_n_epochs``) the callback runs the CAM engine on a fixed
+probe batch taken from the validation data, logs one grid per layer and class (input, ground
+truth, prediction, CAM overlay, a row per probe image) and alignment scalars, all at
+``trainer.global_step`` so TensorBoard's step slider shows the attention evolving. A
+:class:`~segcam_lightning.callbacks.ShortcutMonitor` in the same Trainer receives each step's
+maps.
+
+It never changes training: the engine takes gradients with respect to activations only
+(parameters' ``.grad`` untouched, no DDP all-reduce armed), puts every module in eval mode for the
+call and restores each flag, forks the RNG, and keeps the probe and all results on the CPU
+between calls.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from segcam_lightning.callbacks._checks import check_callable, is_index
+from segcam_lightning.callbacks.display import DisplaySpec, GridLabels, log_grids
+from segcam_lightning.callbacks.probe import Probe, ProbeSpec, gather, shared_probe
+from segcam_lightning.callbacks.share import CAMStep, ModelReading, share_of
+from segcam_lightning.cam import CAMEngine, Readout, class_regions, get_method, get_target
+from segcam_lightning.cam import functional as FC
+from segcam_lightning.errors import ConfigurationError, ConfigurationTypeError
+from segcam_lightning.metrics import CAMEnergyInside, PointingGame
+from segcam_lightning.networks import (
+    ClassNames,
+    class_names_of,
+    default_layer,
+    example_logits,
+    network_of,
+    resolve_layer,
+)
+
+__all__ = ["GradCAMCallback"]
+
+#: Where each argument of the earlier flat constructor went.
+MOVED = {
+    **{
+        old: f"probe=ProbeSpec({new}=...)"
+        for old, new in (
+            ("num_probe", "num_images"),
+            ("probe_indices", "indices"),
+            ("probe_seed", "seed"),
+            ("dataloader_idx", "dataloader_idx"),
+            ("probe_dataloader", "dataloader"),
+            ("batch_adapter", "batch_adapter"),
+        )
+    },
+    **{
+        old: f"display=DisplaySpec({old}=...)"
+        for old in (
+            "alpha",
+            "colormap",
+            "normalize",
+            "image_mean",
+            "image_std",
+            "channel_order",
+            "to_display",
+        )
+    },
+    "output_kind": "readout=Readout(kind=...)",
+    "threshold": "readout=Readout(threshold=...)",
+    "ignore_index": "readout=Readout(ignore_index=...)",
+    **{
+        old: f"ShortcutMonitor({new}=...), a callback of its own next to GradCAMCallback"
+        for old, new in (
+            ("shortcut_warning", "warn"),
+            ("shortcut_energy", "energy"),
+            ("shortcut_iou", "iou"),
+            ("shortcut_reference", "reference"),
+            ("shortcut_patience", "patience"),
+            ("context_check", "objects_alone"),
+            ("context_kept", "kept"),
+        )
+    },
+}
+
+#: What a ``tag`` may hold: one path component, readable in TensorBoard.
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+
+
+class GradCAMCallback(Callback):
+    """Log per-class CAM grids and CAM-alignment scalars during training.
+
+    Args:
+        layers: layer names to explain, as in ``model.named_modules()`` of the network
+            (``"d4.conv.conv.5"``) or of the LightningModule (``"net.d4.conv.conv.5"``).
+            Default: the last block before the output head on every path to the logits.
+        method: CAM method name (see ``segcam_lightning.cam.METHODS``).
+        target: how a class's score is read from the logits (see
+            ``segcam_lightning.cam.TARGETS``); ``"softmax_mean"`` is the blog U-Net's (the mean
+            sigmoid for binary and multi-label outputs).
+        classes: output channels to show; default all (a binary model has one, the foreground).
+        probe: which validation images are explained, and how batches are read
+            (:class:`~segcam_lightning.callbacks.ProbeSpec`; default 8 drawn with seed 0).
+        display: how the grids look (:class:`~segcam_lightning.callbacks.DisplaySpec`: the
+            overlay, the colour map, how maps are scaled and inputs un-normalised).
+        readout: how the outputs are read (:class:`~segcam_lightning.cam.Readout`: multi-class,
+            binary or multi-label, the sigmoid threshold, the mask label that is no class).
+        every_n_epochs: run at the end of every n-th validation epoch.
+        log_alignment: log ``cam_alignment/<layer>/<class>/energy_inside`` (share of CAM energy
+            inside the class's ground truth) and ``.../pointing_game`` (the CAM's peak lies on
+            the class).
+        output_adapter: ``f(model_output) -> logits [B, K, H, W]`` for models returning dicts,
+            tuples or objects (default: a tensor, a dict's ``"out"``, a tuple's first item).
+        class_names: one name per output channel (binary: the foreground's, or the
+            background's and the foreground's), for tags and legends. Default: the module's
+            ``class_names``, else the datamodule's, else the network's Hugging Face
+            ``config.id2label``, else ``class_<k>``.
+        tag: a name for this callback's TensorBoard tags, needed when several callbacks watch
+            the same layer (e.g. one per method or target): its images go to
+            ``cam/<tag>/<layer>/<class>`` and its scalars to ``cam_alignment/<tag>/<layer>/...``.
+        strict: raise when the CAM step fails during training; by default the failure is
+            reported once, with its traceback, and training goes on. Mistakes in the settings
+            are reported at ``setup()`` either way.
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[GradCAMCallback(layers=["d4.conv.conv.5"])])
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str] | None = None,
+        method: str = "gradcam",
+        target: str = "softmax_mean",
+        classes: Sequence[int] | None = None,
+        *,
+        probe: ProbeSpec | None = None,
+        display: DisplaySpec | None = None,
+        readout: Readout | None = None,
+        every_n_epochs: int = 1,
+        log_alignment: bool = True,
+        output_adapter: Callable[[Any], Tensor] | None = None,
+        class_names: Sequence[str] | None = None,
+        tag: str | None = None,
+        strict: bool = False,
+        **moved: Any,
+    ) -> None:
+        super().__init__()
+        _refuse_moved(moved)
+        self.layers = _checked_layers(layers)
+        get_method(method)  # the engine's own checks, with its list of names
+        get_target(target)
+        if classes is not None and (not classes or not all(is_index(c) for c in classes)):
+            raise ValueError(
+                f"Expected `classes` to be a non-empty list of class indices, but got {classes!r}."
+            )
+        for name, value, kind in (
+            ("probe", probe, ProbeSpec),
+            ("display", display, DisplaySpec),
+            ("readout", readout, Readout),
+        ):
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(
+                    f"Expected `{name}` to be a {kind.__name__} or None, but got "
+                    f"{type(value).__name__}: e.g. `{name}={kind.__name__}()`."
+                )
+        if isinstance(every_n_epochs, bool) or not is_index(every_n_epochs) or every_n_epochs < 1:
+            raise ValueError(
+                f"Expected `every_n_epochs` to be at least 1, but got {every_n_epochs}."
+            )
+        check_callable("output_adapter", output_adapter)
+        if tag is not None and not (isinstance(tag, str) and _TAG.fullmatch(tag)):
+            raise ValueError(
+                "Expected `tag` to be None or a short name of letters, digits, '_', '-' and '.' "
+                f"starting with a letter or digit (e.g. 'hirescam'), but got {tag!r}."
+            )
+        self.method, self.target = method, target
+        self.classes = list(classes) if classes is not None else None
+        self.probe_spec = probe or ProbeSpec()
+        self.display = display or DisplaySpec()
+        self.readout = readout or Readout()
+        self.every_n_epochs = every_n_epochs
+        self.log_alignment = log_alignment
+        self.output_adapter = output_adapter
+        self.class_names = _checked_names(class_names)
+        self.tag = tag
+        self.strict = strict
+        #: The probe (read at setup); CAMs ``[N, L, K, *S]`` of the last logged step, on the CPU.
+        self.probe: Probe | None = None
+        self.last_cams: Tensor | None = None
+        self._engine: CAMEngine | None = None
+        self._layer_labels: list[str] = []
+        self._names = ClassNames([], [])
+        self._read = self.readout
+        self._num_outputs = 0
+        self._channels: list[int] = []
+        self._display: Callable[[Tensor], Tensor] = lambda images: images
+        self._warned = self._nonfinite_warned = self._told = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        tagged = {"tag": self.tag} if self.tag is not None else {}
+        return self._generate_state_key(
+            layers=self.layers, method=self.method, target=self.target, **tagged
+        )
+
+    # ------------------------------------------------------------------ setup: fail early
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage not in ("fit", "validate"):
+            return  # the callback only runs at the end of validation
+        network = _network(pl_module)
+        self._display = self.display.display_fn(trainer.datamodule)
+        self.probe = shared_probe(trainer, stage, self.probe_spec, "GradCAMCallback")
+        if self.target == "gt_region" and self.probe.masks is None:
+            raise ConfigurationError(
+                "GradCAMCallback `target='gt_region'` explains each class inside its ground "
+                "truth, but the probe batches hold no masks. Use target='softmax_mean' or "
+                "'logit_region', or pass `probe=ProbeSpec(batch_adapter=BatchAdapter(mask_key="
+                "...))`."
+            )
+        # The network's own device: at setup Lightning may already report the accelerator as
+        # the module's device while the weights are still on the CPU.
+        device = next((p.device for p in network.parameters()), pl_module.device)
+        example = self.probe.images[:1].to(device)
+        try:
+            logits = example_logits(network, example, self.output_adapter)
+        except ValueError as error:
+            raise ConfigurationError(f"GradCAMCallback: {error}") from None
+        names = self.layers or [default_layer(pl_module, example, self.output_adapter)]
+        if self.layers is None:
+            rank_zero_info(
+                f"GradCAMCallback: explaining layer {names[0]!r}, the last block before the "
+                "output head on the path to the logits; pass `layers=[...]` to choose others."
+            )
+        try:
+            modules = [resolve_layer(pl_module, name) for name in names]
+        except ValueError as error:
+            raise ConfigurationError(f"GradCAMCallback: {error}") from None
+        self._layer_labels = list(names)
+        share = share_of(trainer)
+        what = f"method {self.method!r}, target {self.target!r}"
+        share.register_tags(self, self.tag, self._layer_labels, what)
+        self._engine = CAMEngine(
+            network,
+            modules,
+            self.method,
+            self.target,
+            normalize=self.display.normalize,
+            readout=self.readout,
+            output_adapter=self.output_adapter,
+        )
+        self._check_engine(example, self.probe.masks, logits.shape[1])
+        self._names = _names(trainer, pl_module, self.class_names, self._num_outputs, self._read)
+        share.readings[self] = ModelReading(self.readout, self.output_adapter, self.class_names)
+        if not trainer.loggers:
+            rank_zero_warn(
+                "GradCAMCallback: the Trainer has no logger, so there is nowhere to log CAMs and"
+                " the callback will do nothing. Pass a logger, e.g."
+                " `Trainer(logger=TensorBoardLogger('lightning_logs'))`."
+            )
+
+    def _check_engine(self, example: Tensor, masks: Tensor | None, num_outputs: int) -> None:
+        """One engine call on the first probe image: every layer, class and mask checked now."""
+        assert self._engine is not None
+        if self.classes is not None and max(self.classes) >= num_outputs:
+            raise ConfigurationError(
+                f"GradCAMCallback `classes` {self.classes} reach past the model's {num_outputs}"
+                f" output channel(s); use indices in 0..{num_outputs - 1}."
+            )
+        _check_mask_size(example, masks)
+        one_class = self.classes[:1] if self.classes is not None else [0]
+        first_mask = masks[:1].to(example.device) if masks is not None else None
+        try:
+            self._engine(example, classes=one_class, masks=first_mask)
+        except (TypeError, ValueError, RuntimeError) as error:
+            # The engine's input checks are settings that cannot work; a RuntimeError may be a
+            # bug in the network, so it keeps its type (and its traceback under train.py).
+            kind = {ValueError: ConfigurationError, TypeError: ConfigurationTypeError}
+            error_type = next((k for t, k in kind.items() if isinstance(error, t)), type(error))
+            raise error_type(f"GradCAMCallback could not compute CAMs at setup: {error}") from None
+        self._read = self.readout.resolved(num_outputs)
+        self._num_outputs = num_outputs
+        self._channels = self.classes if self.classes is not None else list(range(num_outputs))
+        if masks is None:
+            if self.log_alignment:
+                rank_zero_warn(
+                    "GradCAMCallback: the probe batches hold no masks, so the grids show no"
+                    " ground truth and no alignment scalars are logged. Pass"
+                    " `probe=ProbeSpec(batch_adapter=BatchAdapter(mask_key=...))` if the masks"
+                    " are there."
+                )
+            return
+        try:
+            kind, spatial = self._read.kind, example.ndim - 2
+            class_regions(masks[:1], self._channels, num_outputs, kind, spatial_dims=spatial)
+        except (TypeError, ValueError) as error:
+            raise ConfigurationError(
+                f"GradCAMCallback: the probe's masks {list(masks.shape)} do not fit the model's "
+                f"{num_outputs} {self._read.kind} output(s): {error}"
+            ) from None
+
+    # ------------------------------------------------------------------ each validation end
+
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.loggers or not self._due(trainer):
+            return
+        try:
+            self.log_cams(trainer, pl_module)
+        except Exception:
+            if self.strict:
+                raise
+            if not self._warned:
+                self._warned = True
+                rank_zero_warn(
+                    f"GradCAMCallback failed at step {trainer.global_step}; training goes on"
+                    " without CAMs (pass `strict=True` to raise instead). Further failures are"
+                    f" not reported.\n{traceback.format_exc()}"
+                )
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        if trainer.state.fn != "fit":
+            return True
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def log_cams(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Compute the probe batch's CAMs on every rank, hand them to the Trainer's
+        ShortcutMonitor and log them from global rank 0."""
+        if self._engine is None or self.probe is None:
+            raise RuntimeError("GradCAMCallback.log_cams() called before setup().")
+        images, masks = self.probe.images, self.probe.masks
+        shard = self.probe.shard(trainer)
+        local = trainer.precision_plugin.convert_input(images[shard].to(pl_module.device))
+        local_masks = masks[shard].to(pl_module.device) if masks is not None else None
+        with trainer.precision_plugin.forward_context():
+            result = self._engine(local, classes=self._channels, masks=local_masks)
+        if not self._finite_logits(trainer, result.logits):
+            return
+        preds = FC.resize_labels(self._read.predicted(result.logits.float()), images.shape[2:])
+        cams = gather(trainer, result.cams, len(images)).cpu()
+        preds = gather(trainer, preds, len(images)).cpu()
+        del result
+        self.last_cams = cams
+        names = [self._names.channels[c] for c in self._channels]
+        if self.log_alignment and masks is not None:
+            self._log_alignment(pl_module, cams, masks, names)
+        self._publish(trainer, cams, masks, preds, names)
+        if trainer.is_global_zero:
+            labels = GridLabels(
+                [self._tagged(layer) for layer in self._layer_labels],
+                self._channels,
+                names,
+                self._names.labels,
+                self._read.kind,
+                self._num_outputs,
+                self._read.ignore_index,
+            )
+            shown = self.display.show(self._display, images)
+            log_grids(trainer, self.display, shown, masks, preds, cams, labels)
+
+    def _publish(
+        self,
+        trainer: L.Trainer,
+        cams: Tensor,
+        masks: Tensor | None,
+        preds: Tensor,
+        names: list[str],
+    ) -> None:
+        """Hand the step to the Trainer's listeners; say once how to add one when none is."""
+        share = share_of(trainer)
+        if not share.listeners:
+            if not self._told:
+                self._told = True
+                rank_zero_info(
+                    "GradCAMCallback: no ShortcutMonitor watches these maps; add "
+                    "`ShortcutMonitor()` (segcam_lightning.callbacks) to the Trainer's callbacks "
+                    "for the shortcut warnings (docs/callback.md)."
+                )
+            return
+        step = CAMStep(
+            self.tag,
+            self._layer_labels,
+            self.method,
+            self.target,
+            self._channels,
+            names,
+            self._read,
+            self._num_outputs,
+            cams,
+            masks,
+            preds,
+        )
+        share.publish(trainer, step)
+
+    def _finite_logits(self, trainer: L.Trainer, logits: Tensor) -> bool:
+        """Whether the probe's logits are finite on every rank; warns once per run when they
+        are not (every rank decides alike, so collective calls stay in step)."""
+        finite = logits.isfinite().all().reshape(1).to(torch.int32)
+        if bool(gather(trainer, finite).all()):
+            return True
+        if not self._nonfinite_warned:
+            self._nonfinite_warned = True
+            rank_zero_warn(
+                f"GradCAMCallback: the model's logits on the probe are not finite (NaN or inf) "
+                f"at step {trainer.global_step}: its weights diverged or overflow. The CAM grids "
+                "and scalars of such validations are skipped (they would be meaningless) and "
+                "logged again once the logits are finite; this is reported once per run."
+            )
+        return False
+
+    def _log_alignment(
+        self, pl_module: L.LightningModule, cams: Tensor, masks: Tensor, names: list[str]
+    ) -> None:
+        # Every rank holds the gathered CAMs, so every rank computes the same values: no sync.
+        options = {
+            "kind": self._read.kind,
+            "ignore_index": self._read.ignore_index,
+            "sync_on_compute": False,
+        }
+        for i, layer in enumerate(self._layer_labels):
+            for kind, metric in (
+                ("energy_inside", CAMEnergyInside(self._channels, **options)),
+                ("pointing_game", PointingGame(self._channels, **options)),
+            ):
+                values = metric(cams[:, i], masks)
+                tag = "/".join(self._tagged(layer))
+                for name, value in zip(names, values.reshape(-1).tolist(), strict=True):
+                    if not math.isnan(value):  # class absent from every probe image
+                        pl_module.log(f"cam_alignment/{tag}/{name}/{kind}", value)
+
+    def _tagged(self, layer: str) -> tuple[str, ...]:
+        """A layer's label in tags and paths: ``(tag, layer)`` when there is a tag."""
+        return (layer,) if self.tag is None else (self.tag, layer)
+
+    # ------------------------------------------------------------------ resume
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self.probe.state_dict(self.probe_spec) if self.probe is not None else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Compare the checkpoint's probe with this run's (read at ``setup``) and warn on a
+        change. Checkpoints store the probe's indices and a content hash, not its tensors."""
+        if self.probe is not None:
+            self.probe.compare(state_dict, self.probe_spec, "GradCAMCallback")
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _refuse_moved(moved: dict[str, Any]) -> None:
+    """Name the new place of arguments of the earlier flat constructor; refuse others."""
+    for name in moved:
+        if name in MOVED:
+            raise TypeError(
+                f"GradCAMCallback(`{name}`=...) has moved: pass {MOVED[name]} (see "
+                "docs/callback.md, 'Settings')."
+            )
+        raise TypeError(f"GradCAMCallback() got an unexpected keyword argument {name!r}.")
+
+
+def _checked_layers(layers: Sequence[str] | str | None) -> list[str] | None:
+    if isinstance(layers, str):
+        layers = [layers]
+    if layers is not None and (not layers or not all(isinstance(n, str) for n in layers)):
+        raise ValueError(
+            f"Expected `layers` to be a non-empty list of layer names, but got {layers!r}."
+            " Leave it unset to use the last layer before the output head."
+        )
+    return list(layers) if layers is not None else None
+
+
+def _checked_names(class_names: Sequence[str] | None) -> list[str] | None:
+    if class_names is not None and (
+        isinstance(class_names, str)
+        or not class_names
+        or not all(isinstance(n, str) and n for n in class_names)
+        or len(set(class_names)) != len(class_names)
+    ):
+        raise ValueError(
+            "Expected `class_names` to be None or a list of distinct, non-empty strings, one "
+            f"per output channel (e.g. ['soil', 'leaf']), but got {class_names!r}."
+        )
+    return list(class_names) if class_names is not None else None
+
+
+def _network(pl_module: L.LightningModule) -> torch.nn.Module:
+    try:
+        return network_of(pl_module)
+    except ValueError as error:
+        raise ConfigurationError(f"GradCAMCallback: {error}") from None
+
+
+def _check_mask_size(example: Tensor, masks: Tensor | None) -> None:
+    spatial = example.ndim - 2
+    if masks is not None and masks.shape[-spatial:] != example.shape[-spatial:]:
+        size, mask_size = list(example.shape[-spatial:]), list(masks.shape[-spatial:])
+        raise ConfigurationError(
+            f"GradCAMCallback: the probe's masks are {mask_size} but its images {size} "
+            f"(masks {list(masks.shape)}, images {list(example.shape[1:])} each); the grids, "
+            "the alignment scalars and the objects-alone test read each mask pixel at its "
+            "image pixel. Give the masks their images' size in the dataset (resize them "
+            "with nearest-neighbour interpolation), or pass `probe=ProbeSpec(batch_adapter=...)` "
+            "if the probe reads another tensor as the masks."
+        )
+
+
+def _names(
+    trainer: L.Trainer,
+    pl_module: L.LightningModule,
+    given: Sequence[str] | None,
+    num_outputs: int,
+    readout: Readout,
+) -> ClassNames:
+    """The names of the classes and mask labels (see :func:`~segcam_lightning.networks.
+    class_names_of` for where they come from)."""
+    try:
+        return class_names_of(
+            pl_module,
+            trainer.datamodule,
+            given,
+            num_outputs=num_outputs,
+            binary=readout.kind == "binary",
+        )
+    except ValueError as error:
+        raise ValueError(f"GradCAMCallback `class_names`: {error}") from None
