@@ -50,7 +50,7 @@ from segcam_lightning.audit.data import make_loader
 from segcam_lightning.audit.plan import prepare
 from segcam_lightning.audit.report import finish
 from segcam_lightning.audit.run import audit_local, make_writer
-from segcam_lightning.cam import predicted_classes
+from segcam_lightning.cam.functional import predicted_classes
 from segcam_lightning.data import write_synthetic_dataset
 from segcam_lightning.models import UNet
 from segcam_lightning.render import opencv_threads

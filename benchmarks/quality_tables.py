@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from segcam_lightning.cam import predicted_classes
+from segcam_lightning.cam.functional import predicted_classes
 from segcam_lightning.cam.methods import METHOD_NAMES, ScoreCAM
 from segcam_lightning.data.synthetic import (
     SPLIT_OFFSETS,

@@ -4,9 +4,9 @@ Every function takes CAMs ``[B, K, H, W]`` (one map per class in ``classes``; ``
 for volumes), ground truth at the same resolution and the output channels the ``K`` maps belong
 to. Ground truth is either integer labels ``[B, H, W]`` or per-class masks ``[B, K_out, H, W]``
 (one-hot, or multi-hot for multi-label models; with a depth dimension for volumes). Regions come
-from :func:`segcam_lightning.cam.class_regions`, so binary models (one output channel, foreground
-label 1) and ignored pixels (a label such as 255 given as ``ignore_index``) are read the same way
-everywhere. Ignored pixels take no part: they count
+from :func:`segcam_lightning.cam.functional.class_regions`, so binary models (one output
+channel, foreground label 1) and ignored pixels (a label such as 255 given as
+``ignore_index``) are read the same way everywhere. Ignored pixels take no part: they count
 neither in a map's energy nor as its peak.
 
 An image counts for a class only if the class is in its ground truth; a class seen in no image

@@ -16,8 +16,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from segcam_lightning.cam import default_layer_name, default_output_adapter, find_layer
-from segcam_lightning.cam.layers import eval_mode, preserve_rng
+from segcam_lightning.cam import find_layer
+from segcam_lightning.cam.layers import (
+    default_layer_name,
+    default_output_adapter,
+    eval_mode,
+    preserve_rng,
+)
 
 __all__ = [
     "NETWORK_ATTRIBUTES",
@@ -240,7 +245,8 @@ def default_layer(
     The output of the last block before the output head on the path to the logits ``adapter``
     picks from the forward of :func:`network_of` (``module``): never an auxiliary head's
     branch, nor a module inside a residual unit (see
-    :func:`segcam_lightning.cam.default_layer_name`); e.g. the blog U-Net's ``d4.conv.conv.5``.
+    :func:`segcam_lightning.cam.layers.default_layer_name`); e.g. the blog U-Net's
+    ``d4.conv.conv.5``.
     Named as the network calls it (without the module's ``net.`` prefix) where it lies inside
     the network.
 

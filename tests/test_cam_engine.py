@@ -17,21 +17,17 @@ from segcam_lightning.cam import (
     BoxTarget,
     CAMEngine,
     GradCAM,
-    LayerInfo,
-    LogitMargin,
-    LogitRegion,
     PixelTarget,
     Readout,
     ScoreCAM,
-    SoftmaxMean,
     candidate_layers,
-    default_output_adapter,
     find_layer,
     get_method,
     get_target,
 )
 from segcam_lightning.cam.engine import auto_batches
-from segcam_lightning.cam.targets import GTRegion
+from segcam_lightning.cam.layers import LayerInfo, default_output_adapter
+from segcam_lightning.cam.targets import GTRegion, LogitMargin, LogitRegion, SoftmaxMean
 from segcam_lightning.models import SEED_LAYERS, UNet
 
 LAYERS = list(SEED_LAYERS)

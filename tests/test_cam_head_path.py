@@ -19,19 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from segcam_lightning.cam import (
-    BoxTarget,
-    CAMEngine,
-    GradCAM,
-    GTRegion,
-    LogitMargin,
-    LogitRegion,
-    PixelTarget,
-    Readout,
-    SoftmaxMean,
-    Target,
-)
+from segcam_lightning.cam import BoxTarget, CAMEngine, GradCAM, PixelTarget, Readout, Target
 from segcam_lightning.cam.readout import SOFTMAX
+from segcam_lightning.cam.targets import GTRegion, LogitMargin, LogitRegion, SoftmaxMean
 from segcam_lightning.models import UNet
 
 D4, E4 = "d4.conv.conv.5", "e4.conv.conv.5"

@@ -10,15 +10,8 @@ import pytest
 import torch
 from test_cam_references import QuarterNet, randomised_batchnorm
 
-from segcam_lightning.cam import (
-    OUTPUT_KINDS,
-    BoxTarget,
-    CAMEngine,
-    CAMResult,
-    PixelTarget,
-    Readout,
-    ScoreCAM,
-)
+from segcam_lightning.cam import BoxTarget, CAMEngine, CAMResult, PixelTarget, Readout, ScoreCAM
+from segcam_lightning.cam.functional import OUTPUT_KINDS
 from segcam_lightning.models import SEED_LAYERS, UNet
 
 LAYERS = list(SEED_LAYERS)

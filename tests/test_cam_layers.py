@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from segcam_lightning.cam import CAMEngine, candidate_layers, default_layer_name
+from segcam_lightning.cam import CAMEngine, candidate_layers
+from segcam_lightning.cam.layers import default_layer_name
 from segcam_lightning.models import UNet
 
 D4 = "d4.conv.conv.5"

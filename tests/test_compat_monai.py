@@ -32,7 +32,8 @@ from compat_rows import (
 from torch import Tensor, nn
 
 from segcam_lightning.callbacks import GradCAMCallback
-from segcam_lightning.cam import CAMEngine, default_layer_name
+from segcam_lightning.cam import CAMEngine
+from segcam_lightning.cam.layers import default_layer_name
 from segcam_lightning.metrics import cam_energy_inside
 
 monai_nets = pytest.importorskip("monai.networks.nets")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from segcam_lightning.cam import predicted_classes
+from segcam_lightning.cam.functional import predicted_classes
 from segcam_lightning.cli import build_cli
 from segcam_lightning.data import (
     SYNTHETIC3D_CLASS_NAMES,

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segcam_lightning.audit.settings import VALUE_NAMES
-from segcam_lightning.cam import CAMEngine, Readout, class_regions
+from segcam_lightning.cam import CAMEngine, Readout
 from segcam_lightning.cam import functional as FC
+from segcam_lightning.cam.functional import class_regions
 from segcam_lightning.cam.readout import SOFTMAX
 from segcam_lightning.loading import LoadedCheckpoint
 from segcam_lightning.metrics import (
@@ -127,7 +128,7 @@ def alignment_values(
             ``D, H, W`` for volumes).
         raw_max: ``[B, L, K]`` maxima before normalisation.
         predicted: bool ``[B, K, *S]``, each class's predicted region at the maps' resolution
-            (:func:`~segcam_lightning.cam.class_regions` of the predictions).
+            (:func:`~segcam_lightning.cam.functional.class_regions` of the predictions).
         truth: bool ``[B, K, *S]``, each class's ground-truth region, or ``None``.
         reference: another checkpoint's ``cams`` of the same images, or ``None``.
         counts: :func:`region_counts` of ``predicted`` and ``truth``, if already counted.

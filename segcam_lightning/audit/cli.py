@@ -32,13 +32,8 @@ from segcam_lightning.audit.settings import (
     AuditError,
     AuditSettings,
 )
-from segcam_lightning.cam import (
-    METHODS,
-    NORMALIZE_MODES,
-    OUTPUT_KINDS,
-    TARGETS,
-    candidate_layers,
-)
+from segcam_lightning.cam import METHODS, TARGETS, candidate_layers
+from segcam_lightning.cam.functional import NORMALIZE_MODES, OUTPUT_KINDS
 from segcam_lightning.data.colormap import validate_colormap
 from segcam_lightning.errors import UsageError
 from segcam_lightning.models.unet import SEED_LAYERS

@@ -40,8 +40,9 @@ from segcam_lightning.audit.settings import (
 )
 from segcam_lightning.audit.volumes import check_intensity_range
 from segcam_lightning.audit.writer import default_render_threads
-from segcam_lightning.cam import CAMEngine, Readout, default_layer_name
+from segcam_lightning.cam import CAMEngine, Readout
 from segcam_lightning.cam import find_layer as _find_layer
+from segcam_lightning.cam.layers import default_layer_name
 from segcam_lightning.data.colormap import SEED_COLORMAP
 from segcam_lightning.data.datamodule import SYNTHETIC, SYNTHETIC3D
 from segcam_lightning.data.synthetic import SYNTHETIC_CLASS_NAMES
@@ -562,7 +563,7 @@ def default_layers(
     loaded: LoadedCheckpoint, size: tuple[int, ...], network: NetworkCode
 ) -> tuple[str, ...]:
     """The layer explained without ``--layers``: the output of the last block before the
-    output head on the path to the logits (:func:`~segcam_lightning.cam.default_layer_name`,
+    output head on the path to the logits (:func:`~segcam_lightning.cam.layers.default_layer_name`,
     the callback's rule), e.g. ``d4.conv.conv.5`` in the blog U-Net; named without
     :attr:`LoadedCheckpoint.layer_prefix`.
 

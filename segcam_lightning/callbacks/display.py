@@ -18,8 +18,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from segcam_lightning.callbacks._checks import check_callable, check_choice, check_share
-from segcam_lightning.cam import NORMALIZE_MODES, class_regions
 from segcam_lightning.cam import functional as FC
+from segcam_lightning.cam.functional import NORMALIZE_MODES, class_regions
 from segcam_lightning.paths import safe_component, safe_join
 from segcam_lightning.render import (
     cam_grid,

@@ -32,8 +32,9 @@ from segcam_lightning.callbacks._checks import check_callable, is_index
 from segcam_lightning.callbacks.display import DisplaySpec, GridLabels, log_grids
 from segcam_lightning.callbacks.probe import Probe, ProbeSpec, gather, shared_probe
 from segcam_lightning.callbacks.share import CAMStep, ModelReading, share_of
-from segcam_lightning.cam import CAMEngine, Readout, class_regions, get_method, get_target
+from segcam_lightning.cam import CAMEngine, Readout, get_method, get_target
 from segcam_lightning.cam import functional as FC
+from segcam_lightning.cam.functional import class_regions
 from segcam_lightning.errors import ConfigurationError, ConfigurationTypeError
 from segcam_lightning.metrics import CAMEnergyInside, PointingGame
 from segcam_lightning.networks import (

@@ -34,8 +34,9 @@ from typing_extensions import override
 from segcam_lightning.callbacks._checks import check_callable, check_positive, check_share
 from segcam_lightning.callbacks.probe import Probe, ProbeSpec, gather, shared_probe
 from segcam_lightning.callbacks.share import CAMStep, share_of
-from segcam_lightning.cam import Readout, class_regions
+from segcam_lightning.cam import Readout
 from segcam_lightning.cam import functional as FC
+from segcam_lightning.cam.functional import class_regions
 from segcam_lightning.errors import ConfigurationError
 from segcam_lightning.metrics import cam_energy_inside, ground_truth_regions
 from segcam_lightning.networks import class_names_of, network_of

@@ -8,12 +8,15 @@ Images ``[B, C, H, W]`` and volumes ``[B, C, D, H, W]`` (3-D models) alike: maps
 - methods (``methods.py``): :class:`GradCAM`, :class:`HiResCAM`, :class:`XGradCAM`,
   :class:`GradCAMpp`, :class:`LayerCAM`, :class:`ScoreCAM`, :class:`EigenCAM`,
   :class:`GuidedGradCAM`.
-- targets (``targets.py``): :class:`SoftmaxMean`, :class:`LogitRegion`, :class:`LogitMargin`,
-  :class:`GTRegion`, :class:`PixelTarget`, :class:`BoxTarget`, or any callable.
+- targets (``targets.py``): by name (:data:`TARGETS`: ``"softmax_mean"``, ``"logit_region"``,
+  ``"logit_margin"``, ``"gt_region"``), :class:`PixelTarget`, :class:`BoxTarget`, a
+  :class:`Target` of your own, or any callable.
+- :class:`Readout` (``readout.py``): how the outputs are read (multi-class, binary,
+  multi-label; the sigmoid threshold; the mask label that is no class).
 - :func:`find_layer`, :func:`candidate_layers` (``layers.py``).
-- pure maths in :mod:`segcam_lightning.cam.functional`, among them :func:`predicted_masks` and
-  :func:`class_regions` (what the model predicts, and ground truth as per-class regions, for
-  each output kind in :data:`OUTPUT_KINDS`).
+- pure maths in the module :mod:`segcam_lightning.cam.functional` (``from segcam_lightning.cam
+  import functional as FC``), among them ``FC.predicted_masks`` and ``FC.class_regions`` (what
+  the model predicts, and ground truth as per-class regions, for each output kind).
 
 Example:
     >>> import torch
@@ -26,17 +29,8 @@ Example:
 """
 
 from segcam_lightning.cam import functional
-from segcam_lightning.cam.engine import GRAD_MODES, CAMEngine, CAMResult, default_output_adapter
-from segcam_lightning.cam.functional import (
-    NORMALIZE_MODES,
-    OUTPUT_KINDS,
-    class_regions,
-    normalize_cams,
-    predicted_classes,
-    predicted_masks,
-    resolve_output_kind,
-)
-from segcam_lightning.cam.layers import LayerInfo, candidate_layers, default_layer_name, find_layer
+from segcam_lightning.cam.engine import CAMEngine, CAMResult
+from segcam_lightning.cam.layers import candidate_layers, find_layer
 from segcam_lightning.cam.methods import (
     METHODS,
     CustomCAM,
@@ -51,60 +45,29 @@ from segcam_lightning.cam.methods import (
     get_method,
 )
 from segcam_lightning.cam.readout import Readout
-from segcam_lightning.cam.targets import (
-    TARGETS,
-    BoxTarget,
-    CallableTarget,
-    GTRegion,
-    LogitMargin,
-    LogitRegion,
-    PixelTarget,
-    RegionTarget,
-    SoftmaxMean,
-    Target,
-    TargetOutput,
-    get_target,
-)
+from segcam_lightning.cam.targets import TARGETS, BoxTarget, PixelTarget, Target, get_target
 
 __all__ = [
-    "GRAD_MODES",
     "METHODS",
-    "NORMALIZE_MODES",
-    "OUTPUT_KINDS",
     "TARGETS",
     "BoxTarget",
     "CAMEngine",
     "CAMResult",
-    "CallableTarget",
     "CustomCAM",
     "EigenCAM",
-    "GTRegion",
     "GradCAM",
     "GradCAMpp",
     "GuidedGradCAM",
     "HiResCAM",
     "LayerCAM",
-    "LayerInfo",
-    "LogitMargin",
-    "LogitRegion",
     "PixelTarget",
     "Readout",
-    "RegionTarget",
     "ScoreCAM",
-    "SoftmaxMean",
     "Target",
-    "TargetOutput",
     "XGradCAM",
     "candidate_layers",
-    "class_regions",
-    "default_layer_name",
-    "default_output_adapter",
     "find_layer",
     "functional",
     "get_method",
     "get_target",
-    "normalize_cams",
-    "predicted_classes",
-    "predicted_masks",
-    "resolve_output_kind",
 ]

@@ -60,8 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from segcam_lightning import networks
-from segcam_lightning.cam import default_output_adapter
-from segcam_lightning.cam.layers import eval_mode, preserve_rng
+from segcam_lightning.cam.layers import default_output_adapter, eval_mode, preserve_rng
 from segcam_lightning.models import UNet
 from segcam_lightning.text import listing, path_problem
 

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from segcam_lightning.cam import Readout, default_output_adapter
+from segcam_lightning.cam import Readout
 from segcam_lightning.cam.functional import class_regions, predicted_masks
-from segcam_lightning.cam.layers import eval_mode, preserve_rng
+from segcam_lightning.cam.layers import default_output_adapter, eval_mode, preserve_rng
 from segcam_lightning.quality import functional as QF
 
 __all__ = [
