@@ -27,11 +27,11 @@ def test_synthetic_config_parses():
     assert scheduler.T_max == cli.trainer.max_epochs == 6
 
 
-def test_seed_weeds_config_parses(tmp_path):
+def test_blog_weeds_config_parses(tmp_path):
     write_synthetic_dataset(tmp_path / "weeds", num_samples=5, image_size=32)
     args = [
         "--config",
-        str(ROOT / "configs/seed_weeds.yaml"),
+        str(ROOT / "configs/blog_weeds.yaml"),
         "--data.data",
         str(tmp_path / "weeds"),
     ]
