@@ -371,9 +371,8 @@ class _GradientFlow:
 
 def _nonzero(values: Tensor) -> Tensor:
     """Whether any entry of the last dimension is non-zero (NaN counts): its maximum or minimum
-    is. Two reductions read the gradient and write nothing of its size, where ``abs().amax()``
-    wrote a copy (15% of a K = 19 call at 256² on the CPU); ``aminmax`` and ``ne(0).any()`` are
-    several times slower there."""
+    is. Two reductions read the gradient and write nothing of its size (the measured choice:
+    benchmarks/RESULTS.md, "Implementation notes")."""
     return values.amax(dim=-1).ne(0) | values.amin(dim=-1).ne(0)
 
 
