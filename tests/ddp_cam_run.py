@@ -1,8 +1,8 @@
 """Run by test_callback.py: CAMs of the same weights on N CPU processes (gloo), then a short fit.
 
 Usage: python ddp_cam_run.py OUT_DIR NUM_PROCESSES
-Writes OUT_DIR/cams.pt (probe images and CAMs from `trainer.validate`, from global rank 0) and
-TensorBoard events under OUT_DIR/tb.
+Writes OUT_DIR/cams.pt (probe images, CAMs and the objects-alone test's shares kept from
+`trainer.validate`, from global rank 0) and TensorBoard events under OUT_DIR/tb.
 """
 
 import sys
@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from segcam_lightning.callbacks import GradCAMCallback, ProbeSpec
+from segcam_lightning.callbacks import GradCAMCallback, ProbeSpec, ShortcutMonitor
 from segcam_lightning.data import SegmentationDataModule
 from segcam_lightning.module import SegmentationModule
 
@@ -24,13 +24,14 @@ def main(out: Path, devices: int) -> None:
     callback = GradCAMCallback(
         layers=["d4.conv.conv.5", "b.conv.5"], strict=True, probe=ProbeSpec(num_images=5)
     )
+    monitor = ShortcutMonitor(probe=ProbeSpec(num_images=5))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         max_epochs=2,
         logger=TensorBoardLogger(out, name="tb"),
-        callbacks=[callback],
+        callbacks=[callback, monitor],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
@@ -38,7 +39,12 @@ def main(out: Path, devices: int) -> None:
     )
     trainer.validate(model, datamodule=data, verbose=False)
     if trainer.is_global_zero:
-        cams = {"images": callback.probe.images, "cams": callback.last_cams}
+        cams = {
+            "images": callback.probe.images,
+            "cams": callback.last_cams,
+            "kept": monitor.last_kept,
+            "tested": torch.tensor(monitor.tested),
+        }
         torch.save(cams, out / "cams.pt")
     trainer.fit(model, datamodule=data)
 

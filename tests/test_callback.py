@@ -437,3 +437,6 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     one, two = outputs[1], outputs[2]
     assert torch.equal(one["images"], two["images"])
     assert torch.allclose(one["cams"], two["cams"], atol=1e-5)
+    # The monitor's objects-alone test, sharded and gathered alike (lockstep forwards).
+    assert torch.equal(one["tested"], two["tested"]) and one["tested"].numel() > 0
+    assert torch.allclose(one["kept"], two["kept"], atol=1e-5, equal_nan=True)

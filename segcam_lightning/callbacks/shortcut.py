@@ -125,6 +125,10 @@ class ShortcutMonitor(Callback):
         self.streak: dict[tuple[str, str, str], int] = {}
         self.warned: set[tuple[str, str, str]] = set()
         self.probe: Probe | None = None
+        #: The last objects-alone test's shares kept ``[N, K]`` (NaN: not counted) for the
+        #: classes in ``tested``, on the CPU (every rank has them).
+        self.last_kept: Tensor | None = None
+        self.tested: list[int] = []
         self._test: _ObjectsAlone | None = None
 
     @property
@@ -196,6 +200,7 @@ class ShortcutMonitor(Callback):
         kept, counted, iou, area = test.run(trainer, pl_module)
         if kept is None:
             return
+        self.last_kept, self.tested = kept, list(test.channels)
         counted = counted & ~kept.isnan()
         _, means, _ = judged_classes(kept, counted, area)
         for k, name in enumerate(test.tested_names):
