@@ -1,4 +1,4 @@
-"""Time the CAM engine against one forward pass, the seed's loop and a K-pass baseline.
+"""Time the CAM engine against one forward pass, the blog post's loop and a K-pass baseline.
 
 For each U-Net width and layer set (e1, e4, b, d4 and all four together), with B images of
 size² and K classes, everything is measured in one run (median of ``--repeats``) and printed as
@@ -14,8 +14,8 @@ ratios to one plain forward pass (eval mode, ``torch.no_grad``):
   K - 1 (the classes' gradients sum to zero, see ``CAMEngine``), so it can go below it;
 - ``kpass``: pytorch-grad-cam's scheme, per class: forward with graph, ``zero_grad``, full
   ``backward`` of the batch-summed target (parameter gradients included), CAM maths on CPU;
-- ``seed``: the seed's loop, per image and class: forward, ``zero_grad``, ``backward``, CAM
-  (all layers of a set hooked in the same pass, which is kinder to the seed than it was);
+- ``blog``: the blog post's loop, per image and class: forward, ``zero_grad``, ``backward``, CAM
+  (all layers of a set hooked in the same pass, which is kinder to the blog's loop than it was);
 - ``pgc``: pytorch-grad-cam itself, when importable (skipped otherwise);
 - on CUDA, the peak memory the engine and the K-pass baseline allocate beyond the model.
 
@@ -144,7 +144,7 @@ def kpass_baseline(model: nn.Module, x: torch.Tensor, modules: list[nn.Module], 
         cam_on_cpu(acts, grads, tuple(x.shape[2:]))
 
 
-def seed_loop(model: nn.Module, x: torch.Tensor, modules: list[nn.Module], k: int) -> None:
+def blog_loop(model: nn.Module, x: torch.Tensor, modules: list[nn.Module], k: int) -> None:
     for b in range(x.shape[0]):
         for c in range(k):
             with capture(modules) as (acts, grads):
@@ -233,8 +233,8 @@ def bench_width(args: argparse.Namespace, width: int, device: torch.device) -> l
         def kpass(modules: list[nn.Module] = modules) -> None:
             kpass_baseline(model, x, modules, k)
 
-        def seed(modules: list[nn.Module] = modules) -> None:
-            seed_loop(model, x, modules, k)
+        def blog(modules: list[nn.Module] = modules) -> None:
+            blog_loop(model, x, modules, k)
 
         engines = {
             mode: CAMEngine(model, layers, "gradcam", grad_mode=mode)
@@ -257,9 +257,9 @@ def bench_width(args: argparse.Namespace, width: int, device: torch.device) -> l
         # have warmed up the same kernels): the wide model stays benchmarkable on a laptop CPU.
         warm = args.repeats > 1
         row["kpass"] = median_time(kpass, args.repeats, device, warm) / t_fwd
-        row["seed"] = (
-            median_time(seed, args.seed_repeats, device, warm) / t_fwd
-            if not args.skip_seed
+        row["blog"] = (
+            median_time(blog, args.blog_repeats, device, warm) / t_fwd
+            if not args.skip_blog
             else float("nan")
         )
         pgc = pytorch_grad_cam_fn(model, x, modules, k)
@@ -385,7 +385,7 @@ def scaling_line(r: dict) -> str:
 
 
 SCALING_HEAD = "    input   K   fwd ms |    d4 d4 loop d4 bat    e4 e4 bat  kpass | x kpass"
-TABLE_HEAD = "width layers | engine batched  floor  kpass    seed    pgc | x kpass  x seed"
+TABLE_HEAD = "width layers | engine batched  floor  kpass    blog    pgc | x kpass  x blog"
 
 
 def print_scaling(rows: list[dict], device: torch.device) -> None:
@@ -442,14 +442,14 @@ def print_rows(
 def table_line(r: dict) -> str:
     return (
         f"{r['width']:>5} {r['layers']:>6} | {r['auto']:6.2f} "
-        f"{r['batched']:7.2f} {r['floor']:6.2f} {r['kpass']:6.2f} {fmt(r['seed'], 7)} "
-        f"{fmt(r['pgc'], 6)} | {r['kpass'] / r['auto']:7.2f} {fmt(r['seed'] / r['auto'], 7)}"
+        f"{r['batched']:7.2f} {r['floor']:6.2f} {r['kpass']:6.2f} {fmt(r['blog'], 7)} "
+        f"{fmt(r['pgc'], 6)} | {r['kpass'] / r['auto']:7.2f} {fmt(r['blog'] / r['auto'], 7)}"
     )
 
 
 def print_table(rows: list[dict], device: torch.device) -> None:
     print_rows(TABLE_HEAD, rows, table_line, ("engine", "kpass"), device)
-    print("(times are ratios to one no-grad forward; 'x kpass'/'x seed' are speed-ups)")
+    print("(times are ratios to one no-grad forward; 'x kpass'/'x blog' are speed-ups)")
     if all(r["pgc"] != r["pgc"] for r in rows):
         print("(pytorch-grad-cam is not installed: its column is skipped)")
 
@@ -494,8 +494,8 @@ def main() -> None:
         "--sets", nargs="+", choices=list(LAYER_SETS), default=list(LAYER_SETS), help="layer sets"
     )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed-repeats", type=int, default=1, help="the seed loop is slow")
-    parser.add_argument("--skip-seed", action="store_true")
+    parser.add_argument("--blog-repeats", type=int, default=1, help="the blog post's loop is slow")
+    parser.add_argument("--skip-blog", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check it runs")
     parser.add_argument(

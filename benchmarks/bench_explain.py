@@ -7,7 +7,7 @@ workers), so **data loading is included in both**:
   audit uses) + the predictions copied to the CPU, under ``torch.inference_mode()``;
 - ``audit``: :func:`segcam_lightning.audit.audit_local`, i.e. what ``explain.py`` does per image:
   the engine (Grad-CAM at ``d4.conv.conv.5``, softmax-mean target, every class), the metrics,
-  and the seed panels (plus report tiles for the first ``--report-images``, default 8) rendered
+  and the blog's panels (plus report tiles for the first ``--report-images``, default 8) rendered
   and written as JPEG/PNG by the render threads, timed until the last file is on disk. On a GPU
   the threads render a batch while the next is explained; on the CPU each batch's files are
   written before the next engine call (PyTorch already uses every core there).
@@ -21,7 +21,7 @@ benchmarks/RESULTS.md.
 
 Checkpoint loading and the end-of-run files (``metrics.csv``, ``summary.json``,
 ``report.html``; once per run, not per image) are timed separately and shown, not in the ratio.
-The model is a seed-format ``.pth`` of a randomly initialised U-Net (speed does not depend on
+The model is a blog-format ``.pth`` of a randomly initialised U-Net (speed does not depend on
 the weights). Rounds alternate the order; the ratio is audit images/s over inference images/s
 (goal ≥ 0.75).
 

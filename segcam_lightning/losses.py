@@ -8,7 +8,7 @@ from torch import nn
 
 
 class DiceCELoss(nn.Module):
-    """Soft Dice loss plus cross-entropy, as the seed trained with.
+    """Soft Dice loss plus cross-entropy, as the blog post trained with.
 
     ``loss = ce_weight * CE(logits, mask) + dice_weight * (1 - mean_c Dice_c)`` where
     ``Dice_c = (2 Σ p_c y_c + eps) / (Σ p_c + Σ y_c + eps)`` over the batch, ``p`` the softmax

@@ -25,7 +25,7 @@ SCHEDULERS = ("cosine", "plateau", "none")
 class SegmentationModule(L.LightningModule):
     """Semantic segmentation with Dice + cross-entropy loss and per-class IoU/Dice metrics.
 
-    The network is ``self.net``; with the default U-Net its layers keep the seed's names under
+    The network is ``self.net``; with the default U-Net its layers keep the blog U-Net's names under
     that prefix (``net.d4.conv.conv.5``). Hyperparameters are saved as plain values, so a
     checkpoint reloads with ``SegmentationModule.load_from_checkpoint(path, weights_only=True)``.
 
@@ -34,17 +34,17 @@ class SegmentationModule(L.LightningModule):
 
     Args:
         num_classes: number of classes ``K`` (background included).
-        base_width: width of the U-Net's first block (64 is the seed's network).
+        base_width: width of the U-Net's first block (64 is the blog U-Net's).
         in_channels: image channels.
         dims: 2 for images, 3 for volumes (the U-Net's convolutions; ignored with ``net``).
         class_names: distinct names used in logged metric keys; default ``class_0..``.
         lr: learning rate.
         weight_decay: weight decay.
-        optimizer: ``"adamw"`` or ``"sgd"`` (with ``momentum``, the seed's).
+        optimizer: ``"adamw"`` or ``"sgd"`` (with ``momentum``, the blog post's).
         momentum: momentum of SGD.
         scheduler: ``"cosine"`` (cosine decay over the Trainer's ``max_epochs``, stepped each
             epoch: it follows ``--trainer.max_epochs``), ``"plateau"`` (×0.1 after 5 epochs
-            without a lower ``val/loss``, the seed's) or ``"none"``.
+            without a lower ``val/loss``, the blog post's) or ``"none"``.
         dice_weight: weight of the Dice term of the loss.
         ce_weight: weight of the cross-entropy term.
         ignore_index: mask value excluded from loss and metrics (e.g. 255), or ``None``.

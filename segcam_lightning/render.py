@@ -1,8 +1,8 @@
-"""Overlays, seed panels and labelled grids of CAMs: uint8 RGB images out, OpenCV inside.
+"""Overlays, the blog's panels and labelled grids of CAMs: uint8 RGB images out, OpenCV inside.
 
 Everything here takes CPU arrays/tensors and returns ``uint8`` arrays ``[H, W, 3]`` in RGB order
 (what TensorBoard and PNG writers expect after ``cv2.cvtColor``). Colour maps are OpenCV's
-(``cv2.COLORMAP_*``); the seed's overlay is ``addWeighted(image, 0.4, JET(cam), 0.6)``.
+(``cv2.COLORMAP_*``); the blog's overlay is ``addWeighted(image, 0.4, JET(cam), 0.6)``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import cv2
 import numpy as np
 import torch
 
-from segcam_lightning.data.colormap import SEED_COLORMAP, mask_to_color
+from segcam_lightning.data.colormap import BLOG_COLORMAP, mask_to_color
 
-SEPARATOR = 10  # the seed's white gap between panel tiles, in pixels
+SEPARATOR = 10  # the blog's white gap between panel tiles, in pixels
 
 
 @contextmanager
@@ -42,11 +42,11 @@ def class_palette(
     colormap: Sequence[Sequence[int]] | None, num_classes: int
 ) -> list[tuple[int, int, int]]:
     """BGR colours for ``num_classes`` classes: the data's ``colormap`` when it has one per
-    class, else the seed's for up to three classes, else black and evenly spaced hues."""
+    class, else the blog's for up to three classes, else black and evenly spaced hues."""
     if colormap is not None and len(colormap) >= num_classes:
         return [tuple(int(v) for v in c) for c in colormap]  # type: ignore[misc]
-    if num_classes <= len(SEED_COLORMAP):
-        return [tuple(c) for c in SEED_COLORMAP]  # type: ignore[misc]
+    if num_classes <= len(BLOG_COLORMAP):
+        return [tuple(c) for c in BLOG_COLORMAP]  # type: ignore[misc]
     hues = np.linspace(0, 179, num_classes, endpoint=False).astype(np.uint8)
     hsv = np.stack([hues, np.full_like(hues, 200), np.full_like(hues, 255)], -1)[None]
     palette = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0]
@@ -190,13 +190,13 @@ def overlay_cam(
     alpha: float = 0.4,
     colormap: int | np.ndarray = cv2.COLORMAP_JET,
 ) -> np.ndarray:
-    """Blend a CAM over an image as the seed did: ``alpha * image + (1 - alpha) * heatmap``.
+    """Blend a CAM over an image as the blog post did: ``alpha * image + (1 - alpha) * heatmap``.
 
     Args:
         image: RGB uint8 ``[H, W, 3]``.
         cam: map ``[H, W]`` in [0, 1], same size as ``image``.
-        alpha: weight of the image (seed: 0.4).
-        colormap: an OpenCV colour map id (seed: ``cv2.COLORMAP_JET``).
+        alpha: weight of the image (blog: 0.4).
+        colormap: an OpenCV colour map id (blog: ``cv2.COLORMAP_JET``).
     """
     heatmap = colorize_cam(cam, colormap)
     return cv2.addWeighted(image, alpha, heatmap, 1.0 - alpha, 0)
@@ -221,13 +221,13 @@ def hstack_with_separators(tiles: Sequence[np.ndarray], gap: int = SEPARATOR) ->
     return np.concatenate(parts, axis=1)
 
 
-def seed_panel(image: np.ndarray, overlay: np.ndarray, binary_mask: np.ndarray) -> np.ndarray:
-    """The seed's panel: image | overlay | binary GT mask (white on black), 10 px white gaps."""
+def blog_panel(image: np.ndarray, overlay: np.ndarray, binary_mask: np.ndarray) -> np.ndarray:
+    """The blog's panel: image | overlay | binary GT mask (white on black), 10 px white gaps."""
     gt = np.repeat((binary_mask.astype(bool) * 255).astype(np.uint8)[..., None], 3, axis=-1)
     return hstack_with_separators([image, overlay, gt])
 
 
-def seed_panels(
+def blog_panels(
     image: np.ndarray,
     cams: np.ndarray,
     binary_masks: np.ndarray | None = None,
@@ -235,19 +235,19 @@ def seed_panels(
     colormap: int | np.ndarray = cv2.COLORMAP_JET,
     gap: int = SEPARATOR,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Every class's seed panel of one image at once (one OpenCV call per step, not per class).
+    """Every class's blog panel of one image at once (one OpenCV call per step, not per class).
 
     Args:
         image: RGB uint8 ``[H, W, 3]``.
         cams: ``[N, H, W]`` maps in [0, 1].
         binary_masks: ``[N, H, W]`` ground-truth regions, or ``None`` (panels are then
             image | overlay).
-        alpha: weight of the image in the overlays (seed: 0.4).
+        alpha: weight of the image in the overlays (blog: 0.4).
         colormap: an OpenCV colour map id.
         gap: white pixels between tiles.
 
     Returns:
-        ``(panels [N, H, W_panel, 3], overlays [N, H, W, 3])``, equal to :func:`seed_panel` (or
+        ``(panels [N, H, W_panel, 3], overlays [N, H, W, 3])``, equal to :func:`blog_panel` (or
         :func:`hstack_with_separators` without masks) and :func:`overlay_cam` per map.
     """
     n, h, w = cams.shape

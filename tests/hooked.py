@@ -1,5 +1,5 @@
 """What the naive reference loops in the tests share: a layer's output and its gradient, kept by
-hooks the way pytorch-grad-cam and the seed keep them."""
+hooks the way pytorch-grad-cam and the blog post keep them."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager

@@ -1,4 +1,4 @@
-"""explain.py end to end: checkpoints of every kind, outputs where the seed put them, a report
+"""explain.py end to end: checkpoints of every kind, outputs where the blog put them, a report
 whose images exist, one metrics row per image × class × layer × checkpoint, safe loading, bad
 inputs with clear messages, and a 2-process DDP run that matches the 1-process one."""
 
@@ -42,8 +42,8 @@ CLASSES = 3
 
 @pytest.fixture(scope="module")
 def weeds(tmp_path_factory):
-    """A seed-format folder (images/*.jpg, masks/*.png in the seed's colormap), written by the
-    synthetic-data command (``segcam-synthetic``'s entry point)."""
+    """A folder in the blog's format (images/*.jpg, masks/*.png in the blog's colormap), written
+    by the synthetic-data command (``segcam-synthetic``'s entry point)."""
     root = tmp_path_factory.mktemp("data") / "weeds"
     argv = ["--out", str(root), "--num", str(NUM_IMAGES), "--size", str(SIZE)]
     assert synthetic_command(argv) == 0
@@ -58,8 +58,8 @@ def lightning_ckpt(tmp_path_factory, train_script):
     return version / "checkpoints" / "last.ckpt"
 
 
-def save_seed_checkpoint(path, net, loss=0.25):
-    """The seed's layout: {"epoch", "model_state_dict", "optimizer_state_dict", "loss"}."""
+def save_blog_checkpoint(path, net, loss=0.25):
+    """The blog script's layout: {"epoch", "model_state_dict", "optimizer_state_dict", "loss"}."""
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
     state = {
         "epoch": 7,
@@ -72,10 +72,10 @@ def save_seed_checkpoint(path, net, loss=0.25):
 
 
 @pytest.fixture(scope="module")
-def seed_pth(tmp_path_factory):
+def blog_pth(tmp_path_factory):
     torch.manual_seed(0)
     net = UNet(CLASSES, base_width=4)
-    return save_seed_checkpoint(tmp_path_factory.mktemp("seed") / "model.pth", net)
+    return save_blog_checkpoint(tmp_path_factory.mktemp("blog") / "model.pth", net)
 
 
 def audit(*args, out):
@@ -133,7 +133,7 @@ def names(folder):
 # --------------------------------------------------------------------------- end to end
 
 
-def test_lightning_checkpoint_audit_writes_the_seed_layout_report_and_metrics(
+def test_lightning_checkpoint_audit_writes_the_blog_layout_report_and_metrics(
     lightning_ckpt, weeds, tmp_path
 ):
     out = tmp_path / "results"
@@ -153,7 +153,7 @@ def test_lightning_checkpoint_audit_writes_the_seed_layout_report_and_metrics(
         ]
     )
     assert status == 0
-    for k in range(CLASSES):  # the seed's results/gradcam/<class_idx>/<name>.jpg
+    for k in range(CLASSES):  # the blog script's results/gradcam/<class_idx>/<name>.jpg
         for name in names(weeds):
             panel = cv2.imread(str(out / "gradcam" / str(k) / f"{name}.jpg"))
             assert panel.shape == (SIZE, 3 * SIZE + 2 * 10, 3)  # image | overlay | GT, 10 px gaps
@@ -179,12 +179,12 @@ def test_lightning_checkpoint_audit_writes_the_seed_layout_report_and_metrics(
     assert summary["timings"]["images_per_s"] > 0
 
 
-def test_seed_checkpoint_is_fed_bgr_and_writes_one_folder_per_layer(seed_pth, weeds, tmp_path):
+def test_blog_checkpoint_is_fed_bgr_and_writes_one_folder_per_layer(blog_pth, weeds, tmp_path):
     out = tmp_path / "results"
     layers = ["e4.conv.conv.5", "d4.conv.conv.5"]
     assert (
         audit(
-            "--checkpoint", seed_pth, "--data", weeds, "--size", SIZE, "--layers", *layers, out=out
+            "--checkpoint", blog_pth, "--data", weeds, "--size", SIZE, "--layers", *layers, out=out
         )
         == 0
     )
@@ -195,8 +195,8 @@ def test_seed_checkpoint_is_fed_bgr_and_writes_one_folder_per_layer(seed_pth, we
     assert not (out / "gradcam" / "0").exists()
     rows = read_rows(out)
     assert len(rows) == NUM_IMAGES * CLASSES * len(layers)
-    # The seed trained on cv2's BGR arrays: the audit must predict what the seed's model does.
-    net = load_checkpoint(seed_pth).net
+    # The blog U-Net trained on cv2's BGR arrays: the audit must predict what its model does.
+    net = load_checkpoint(blog_pth).net
     data = FolderSegmentation(weeds, image_size=SIZE, channel_order="bgr")
     with torch.no_grad():
         preds = net(torch.stack([data[i]["image"] for i in range(len(data))])).argmax(1)
@@ -209,17 +209,17 @@ def test_seed_checkpoint_is_fed_bgr_and_writes_one_folder_per_layer(seed_pth, we
     assert_report_images_exist(out)
 
 
-def test_real_seed_checkpoint_is_recognised_and_audited_where_the_seed_writes(weeds, tmp_path):
-    path = save_seed_checkpoint(tmp_path / "seed.pth", build_unet(3))  # the blog's full U-Net
+def test_real_blog_checkpoint_is_recognised_and_audited_where_the_blog_writes(weeds, tmp_path):
+    path = save_blog_checkpoint(tmp_path / "blog.pth", build_unet(3))  # the blog's full U-Net
     loaded = load_checkpoint(path)
-    assert (loaded.kind, loaded.base_width, loaded.num_classes) == ("seed", 64, 3)
+    assert (loaded.kind, loaded.base_width, loaded.num_classes) == ("blog", 64, 3)
     assert loaded.channel_order == "bgr" and loaded.epoch == 7
     assert not loaded.net.training
     out = tmp_path / "results"
     assert audit("--checkpoint", path, "--data", weeds, "--size", SIZE, out=out) == 0
     written = {p.relative_to(out).as_posix() for p in (out / "gradcam").rglob("*.jpg")}
     expected = {f"gradcam/{k}/{name}.jpg" for k in range(CLASSES) for name in names(weeds)}
-    assert written == expected  # the seed's results/gradcam/<class_idx>/<name>.jpg, nothing else
+    assert written == expected  # the blog's results/gradcam/<class_idx>/<name>.jpg, nothing else
     assert len(read_rows(out)) == NUM_IMAGES * CLASSES
     assert_report_images_exist(out)
 
@@ -231,9 +231,9 @@ def test_bare_state_dict_with_a_prefix_loads(tmp_path):
     assert (loaded.kind, loaded.base_width, loaded.num_classes) == ("state_dict", 2, 4)
 
 
-def test_several_checkpoints_are_compared(lightning_ckpt, seed_pth, weeds, tmp_path):
+def test_several_checkpoints_are_compared(lightning_ckpt, blog_pth, weeds, tmp_path):
     out = tmp_path / "results"
-    args = ["--checkpoint", lightning_ckpt, "--checkpoint", seed_pth, "--data", weeds]
+    args = ["--checkpoint", lightning_ckpt, "--checkpoint", blog_pth, "--data", weeds]
     assert audit(*args, "--layers", "b.conv.5", "d4.conv.conv.5", out=out) == 0
     for label in ("last", "model"):
         for layer in ("b.conv.5", "d4.conv.conv.5"):
@@ -249,8 +249,8 @@ def test_several_checkpoints_are_compared(lightning_ckpt, seed_pth, weeds, tmp_p
     assert_report_images_exist(out)
 
 
-def test_list_layers_marks_the_seed_tips(seed_pth, capsys):
-    assert main(["--checkpoint", str(seed_pth), "--list-layers", "--size", "32"]) == 0
+def test_list_layers_marks_the_blog_tips(blog_pth, capsys):
+    assert main(["--checkpoint", str(blog_pth), "--list-layers", "--size", "32"]) == 0
     text = capsys.readouterr().out
     assert "d4.conv.conv.5" in text
     assert "<- blog U-Net tip d4" in text and "<- blog U-Net tip e1" in text
@@ -289,7 +289,7 @@ def test_checkpoint_that_would_run_code_is_refused_and_never_runs(how, tmp_path,
 
 
 def test_trust_checkpoint_loads_with_a_warning(tmp_path):
-    path = save_seed_checkpoint(tmp_path / "np.pth", UNet(3, 2), loss=np.float64(0.25))
+    path = save_blog_checkpoint(tmp_path / "np.pth", UNet(3, 2), loss=np.float64(0.25))
     with pytest.raises(UnsafeCheckpointError, match="numpy"):
         load_checkpoint(path)
     with pytest.warns(UserWarning, match="weights_only=False"):
@@ -308,7 +308,7 @@ def test_safe_names_and_paths(tmp_path):
     assert safe_join(tmp_path, "a", "b.jpg") == tmp_path / "a" / "b.jpg"
 
 
-def test_hostile_file_names_never_escape_out(seed_pth, tmp_path):
+def test_hostile_file_names_never_escape_out(blog_pth, tmp_path):
     root = tmp_path / "hostile"
     write_synthetic_dataset(root, num_samples=3, image_size=SIZE)
     for i, stem in enumerate(["...", "-rf a b", "x\\..\\..\\y"]):
@@ -316,7 +316,7 @@ def test_hostile_file_names_never_escape_out(seed_pth, tmp_path):
             (root / folder / f"{i:04d}{ext}").rename(root / folder / f"{stem}{ext}")
     before = {p for p in tmp_path.rglob("*") if p.is_file()}
     out = tmp_path / "nested" / "results"
-    assert audit("--checkpoint", seed_pth, "--data", root, "--size", SIZE, out=out) == 0
+    assert audit("--checkpoint", blog_pth, "--data", root, "--size", SIZE, out=out) == 0
     created = {p for p in tmp_path.rglob("*") if p.is_file()} - before
     assert created and all(p.resolve().is_relative_to(out.resolve()) for p in created)
     assert sorted(p.name for p in (out / "gradcam" / "0").iterdir()) == [
@@ -330,12 +330,12 @@ def test_hostile_file_names_never_escape_out(seed_pth, tmp_path):
 # --------------------------------------------------------------------------- bad inputs
 
 
-def test_corrupt_image_is_skipped_listed_and_the_rest_audited(seed_pth, weeds, tmp_path):
+def test_corrupt_image_is_skipped_listed_and_the_rest_audited(blog_pth, weeds, tmp_path):
     data = tmp_path / "weeds"
     write_synthetic_dataset(data, num_samples=NUM_IMAGES, image_size=SIZE)
     (data / "images" / "0001.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "results"
-    assert audit("--checkpoint", seed_pth, "--data", data, "--size", SIZE, out=out) == 0
+    assert audit("--checkpoint", blog_pth, "--data", data, "--size", SIZE, out=out) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["processed"] == NUM_IMAGES - 1
     assert [s["name"] for s in summary["skipped"]] == ["0001"]
@@ -346,25 +346,25 @@ def test_corrupt_image_is_skipped_listed_and_the_rest_audited(seed_pth, weeds, t
     assert_report_images_exist(out)
 
 
-def test_no_readable_image_exits_1(seed_pth, tmp_path, capsys):
+def test_no_readable_image_exits_1(blog_pth, tmp_path, capsys):
     data = tmp_path / "broken"
     write_synthetic_dataset(data, num_samples=2, image_size=SIZE)
     for image in (data / "images").iterdir():
         image.write_bytes(b"")
-    assert audit("--checkpoint", seed_pth, "--data", data, "--size", SIZE, out=tmp_path / "o") == 1
+    assert audit("--checkpoint", blog_pth, "--data", data, "--size", SIZE, out=tmp_path / "o") == 1
     *notes, err = capsys.readouterr().err.splitlines()
     assert any(n.startswith("explain.py: note: layer d4.conv.conv.5: the default") for n in notes)
     assert err.startswith("explain.py: error: no image could be audited (2 skipped; the first: ")
     assert "images/0000.jpg: ValueError: cv2 could not read the image" in err  # the reason
 
 
-def test_folder_without_masks_is_audited_without_ground_truth(seed_pth, weeds, tmp_path):
+def test_folder_without_masks_is_audited_without_ground_truth(blog_pth, weeds, tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
     for image in (weeds / "images").iterdir():
         (plain / image.name).write_bytes(image.read_bytes())
     out = tmp_path / "results"
-    assert audit("--checkpoint", seed_pth, "--data", plain, "--size", SIZE, out=out) == 0
+    assert audit("--checkpoint", blog_pth, "--data", plain, "--size", SIZE, out=out) == 0
     panel = cv2.imread(str(out / "gradcam" / "0" / "0000.jpg"))
     assert panel.shape == (SIZE, 2 * SIZE + 10, 3)  # image | overlay: no GT column
     rows = read_rows(out)
@@ -385,10 +385,10 @@ def test_folder_without_masks_is_audited_without_ground_truth(seed_pth, weeds, t
     ],
 )
 def test_usage_errors_print_one_paragraph_and_exit_2(
-    seed_pth, weeds, tmp_path, capsys, args, message
+    blog_pth, weeds, tmp_path, capsys, args, message
 ):
     out = tmp_path / "results"
-    assert audit("--checkpoint", seed_pth, "--data", weeds, "--size", SIZE, *args, out=out) == 2
+    assert audit("--checkpoint", blog_pth, "--data", weeds, "--size", SIZE, *args, out=out) == 2
     err = capsys.readouterr().err
     assert err.startswith("explain.py: error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err
@@ -396,28 +396,28 @@ def test_usage_errors_print_one_paragraph_and_exit_2(
     assert not out.exists()  # nothing written
 
 
-def test_missing_checkpoint_and_data_are_clear(seed_pth, tmp_path, capsys):
+def test_missing_checkpoint_and_data_are_clear(blog_pth, tmp_path, capsys):
     assert (
         audit("--checkpoint", tmp_path / "nope.ckpt", "--data", "synthetic", out=tmp_path / "o")
         == 2
     )
     assert "nope.ckpt does not exist" in capsys.readouterr().err
-    assert audit("--checkpoint", seed_pth, "--data", tmp_path / "missing", out=tmp_path / "o") == 2
+    assert audit("--checkpoint", blog_pth, "--data", tmp_path / "missing", out=tmp_path / "o") == 2
     assert "missing does not exist" in capsys.readouterr().err
 
 
-def test_existing_results_are_not_mixed_without_overwrite(seed_pth, tmp_path, capsys):
+def test_existing_results_are_not_mixed_without_overwrite(blog_pth, tmp_path, capsys):
     out = tmp_path / "results"
     out.mkdir()
     (out / "old.txt").write_text("x")
-    assert audit("--checkpoint", seed_pth, "--data", "synthetic", "--size", SIZE, out=out) == 2
+    assert audit("--checkpoint", blog_pth, "--data", "synthetic", "--size", SIZE, out=out) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 
 def test_non_unet_state_dict_names_what_was_found(tmp_path):
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "linear.pt")
     with pytest.raises(
-        CheckpointError, match=r"Expected the seed U-Net's weights.*\[weight, bias\]"
+        CheckpointError, match=r"Expected the blog U-Net's weights.*\[weight, bias\]"
     ):
         load_checkpoint(tmp_path / "linear.pt")
     net = UNet(3, base_width=4)
@@ -488,11 +488,11 @@ print("three audits done")
 """
 
 
-def test_repeated_audits_with_workers_in_one_process_finish(seed_pth, weeds, tmp_path):
+def test_repeated_audits_with_workers_in_one_process_finish(blog_pth, weeds, tmp_path):
     # Rendering threads use OpenCV's thread pool; a DataLoader worker forked afterwards must not
     # touch that pool's state (calling cv2.setNumThreads there can hang). A notebook or a
     # benchmark audits several times in one process.
-    cmd = [sys.executable, "-c", REPEATED_AUDITS, str(seed_pth), str(weeds), str(tmp_path)]
+    cmd = [sys.executable, "-c", REPEATED_AUDITS, str(blog_pth), str(weeds), str(tmp_path)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired:
@@ -505,14 +505,14 @@ def test_repeated_audits_with_workers_in_one_process_finish(seed_pth, weeds, tmp
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_pipelined_writer_writes_what_the_batch_by_batch_writer_writes(
-    seed_pth, weeds, tmp_path, threads
+    blog_pth, weeds, tmp_path, threads
 ):
     # A GPU audit renders a batch while the next is explained (overlap); a CPU audit writes each
     # batch first. Both must write the same files with the same bytes and count them.
 
     def run(out, overlap):
         settings = AuditSettings.from_options(
-            checkpoints=(seed_pth,),
+            checkpoints=(blog_pth,),
             data=str(weeds),
             out=out,
             layers=("e4.conv.conv.5", "d4.conv.conv.5"),

@@ -21,7 +21,7 @@ from test_audit import (
     audit,
     files_under,
     read_rows,
-    save_seed_checkpoint,
+    save_blog_checkpoint,
 )
 
 import segcam_lightning.audit.run as audit_run
@@ -57,13 +57,13 @@ def assert_one_line(err, start="explain.py: "):
 @pytest.fixture(scope="module")
 def model_pth(tmp_path_factory):
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("seed") / "model.pth"
-    return save_seed_checkpoint(path, UNet(CLASSES, base_width=4))
+    path = tmp_path_factory.mktemp("blog") / "model.pth"
+    return save_blog_checkpoint(path, UNet(CLASSES, base_width=4))
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """A seed-format folder of NUM_IMAGES synthetic images and masks."""
+    """A blog-format folder of NUM_IMAGES synthetic images and masks."""
     root = tmp_path_factory.mktemp("data") / "weeds"
     return write_synthetic_dataset(root, num_samples=NUM_IMAGES, image_size=SIZE)
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from test_audit import CLASSES, NUM_IMAGES, SIZE, audit, files_under, read_rows
-from test_audit import save_seed_checkpoint as save_seed
+from test_audit import save_blog_checkpoint as save_blog
 
 import segcam_lightning.audit.report as audit_report
 import segcam_lightning.audit.resume as audit_resume
@@ -72,8 +72,8 @@ def assert_same_as_reference(out, reference):
 @pytest.fixture(scope="module")
 def model_pth(tmp_path_factory):
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("seed") / "model.pth"
-    return save_seed(path, UNet(CLASSES, base_width=4))
+    path = tmp_path_factory.mktemp("blog") / "model.pth"
+    return save_blog(path, UNet(CLASSES, base_width=4))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def huge_pth(tmp_path_factory):
         for parameter in net.parameters():
             parameter.mul_(1e38)
     assert all(parameter.isfinite().all() for parameter in net.parameters())
-    return save_seed(tmp_path_factory.mktemp("huge") / "huge.pth", net)
+    return save_blog(tmp_path_factory.mktemp("huge") / "huge.pth", net)
 
 
 @pytest.fixture(scope="module")

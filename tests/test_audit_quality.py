@@ -20,7 +20,7 @@ import segcam_lightning.audit.report as audit_report
 from segcam_lightning.audit import main
 from segcam_lightning.audit.checks import FAITHFULNESS_COLUMNS, SANITY_COLUMNS
 from segcam_lightning.audit.settings import CSV_COLUMNS
-from segcam_lightning.data import SEED_COLORMAP, mask_to_color
+from segcam_lightning.data import BLOG_COLORMAP, mask_to_color
 from segcam_lightning.data.synthetic import SyntheticSegmentation
 from segcam_lightning.models import UNet
 
@@ -248,7 +248,7 @@ def wet_soil(tmp_path_factory):
         image, mask = data.render(i)
         cv2.imwrite(str(root / "data" / "images" / f"{i:04d}.png"), image[..., ::-1])
         cv2.imwrite(
-            str(root / "data" / "masks" / f"{i:04d}.png"), mask_to_color(mask, SEED_COLORMAP)
+            str(root / "data" / "masks" / f"{i:04d}.png"), mask_to_color(mask, BLOG_COLORMAP)
         )
     return root / "wet_soil.pt", root / "data"
 

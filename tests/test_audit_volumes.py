@@ -108,7 +108,7 @@ def engine_cams(checkpoint, volumes, layers=(LAYER,)):
 
 
 def assert_volume_outputs(out, names, checkpoint_layers=1):
-    """Panels (three seed rows of 16² slices), one ``.npy`` per volume, report tiles."""
+    """Panels (three blog-panel rows of 16² slices), one ``.npy`` per volume, report tiles."""
     panel_side = 3 * SIDE + 2 * SEPARATOR
     for k in range(CLASSES):
         assert sorted(p.stem for p in (out / "gradcam" / str(k)).iterdir()) == sorted(names)
@@ -228,12 +228,12 @@ def test_unreadable_volumes_are_skipped_with_the_reason(volume_pth, scans, tmp_p
     [
         ("volume_pth", "synthetic", "--data synthetic holds images, but the network takes volumes"),
         (
-            "seed_2d",
+            "blog_2d",
             "synthetic3d",
             "--data synthetic3d holds volumes, but the network takes images",
         ),
         ("volume_pth", "images_folder", "No volumes found"),
-        ("seed_2d", "scans", "holds volumes (.npy files), but the network takes images"),
+        ("blog_2d", "scans", "holds volumes (.npy files), but the network takes images"),
         ("volume_pth", "unpaired", "1 volume(s) without a mask: lonely.npy"),
     ],
 )
@@ -241,9 +241,9 @@ def test_data_of_the_other_kind_is_refused_before_writing(
     checkpoint, data, message, volume_pth, scans, tmp_path, capsys
 ):
     paths = {"volume_pth": volume_pth, "scans": scans}
-    if checkpoint == "seed_2d":
-        paths["seed_2d"] = tmp_path / "seed.pt"
-        torch.save(UNet(CLASSES, base_width=2).state_dict(), paths["seed_2d"])
+    if checkpoint == "blog_2d":
+        paths["blog_2d"] = tmp_path / "blog.pt"
+        torch.save(UNet(CLASSES, base_width=2).state_dict(), paths["blog_2d"])
     (tmp_path / "images_folder").mkdir()
     cv2.imwrite(str(tmp_path / "images_folder" / "x.png"), np.zeros((16, 16, 3), np.uint8))
     unpaired = tmp_path / "unpaired"

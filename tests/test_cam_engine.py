@@ -28,9 +28,9 @@ from segcam_lightning.cam import (
 from segcam_lightning.cam.engine import auto_batches
 from segcam_lightning.cam.layers import LayerInfo, default_output_adapter
 from segcam_lightning.cam.targets import GTRegion, LogitMargin, LogitRegion, SoftmaxMean
-from segcam_lightning.models import SEED_LAYERS, UNet
+from segcam_lightning.models import BLOG_LAYERS, UNet
 
-LAYERS = list(SEED_LAYERS)
+LAYERS = list(BLOG_LAYERS)
 D4 = "d4.conv.conv.5"
 
 
@@ -958,7 +958,7 @@ def test_reprs(net: UNet) -> None:
 
 
 def plain_softmax_mean(logits: torch.Tensor, masks: object) -> torch.Tensor:
-    """The seed's target without the sum-to-one flag: the engine takes K backward passes."""
+    """The blog's target without the sum-to-one flag: the engine takes K backward passes."""
     return logits.softmax(dim=1).mean(dim=(-2, -1))
 
 

@@ -101,12 +101,12 @@ def test_minmax_is_scale_invariant(gen: torch.Generator, factor: float) -> None:
     torch.testing.assert_close(FC.minmax_scale(maps * factor), FC.minmax_scale(maps))
 
 
-def test_minmax_seed_eps_is_not_scale_invariant(gen: torch.Generator) -> None:
-    """Why the seed's ``(m - min) / (max - min + 1e-8)`` is not used (docs/architecture.md,
+def test_minmax_blog_eps_is_not_scale_invariant(gen: torch.Generator) -> None:
+    """Why the blog's ``(m - min) / (max - min + 1e-8)`` is not used (docs/architecture.md,
     fact 9: raw maps of ~1e-6 would be visibly shrunk by the eps)."""
     maps = torch.rand(8, 8, generator=gen) * 1e-6
-    seed = (maps - maps.min()) / (maps.max() - maps.min() + 1e-8)
-    assert seed.max() < 0.999
+    blog = (maps - maps.min()) / (maps.max() - maps.min() + 1e-8)
+    assert blog.max() < 0.999
     assert FC.minmax_scale(maps).max() == 1.0
 
 

@@ -12,9 +12,9 @@ from test_cam_references import QuarterNet, randomised_batchnorm
 
 from segcam_lightning.cam import BoxTarget, CAMEngine, CAMResult, PixelTarget, Readout, ScoreCAM
 from segcam_lightning.cam.functional import OUTPUT_KINDS
-from segcam_lightning.models import SEED_LAYERS, UNet
+from segcam_lightning.models import BLOG_LAYERS, UNet
 
-LAYERS = list(SEED_LAYERS)
+LAYERS = list(BLOG_LAYERS)
 D4 = "d4.conv.conv.5"
 BLANK = r"The CAMs of class\(es\) {} are blank \(all zero\)"
 

@@ -1,7 +1,7 @@
-"""The engine against independent references: the seed's naive loop, torchcam and captum.
+"""The engine against independent references: the blog U-Net's naive loop, torchcam and captum.
 
-All comparisons run on the seed-compatible U-Net (width 8, 64², B=2, K=3, BatchNorm statistics
-randomised so it behaves like a trained network) at the seed's four layers, which are in-place
+All comparisons run on the blog-compatible U-Net (width 8, 64², B=2, K=3, BatchNorm statistics
+randomised so it behaves like a trained network) at the blog's four layers, which are in-place
 ReLUs. Raw CAMs are ~1e-6 with the softmax-mean target, so maps are compared after dividing
 both sides by the reference's maximum (the same operation on both sides), with ``atol=1e-5``.
 """
@@ -20,7 +20,7 @@ from hooked import activation_and_gradient
 from torch import nn
 
 from segcam_lightning.cam import CAMEngine, Readout, ScoreCAM
-from segcam_lightning.models import SEED_LAYERS, UNet
+from segcam_lightning.models import BLOG_LAYERS, UNet
 
 SIZE = 64
 M = TypeVar("M", bound=nn.Module)
@@ -98,13 +98,13 @@ def upsample(cams: torch.Tensor) -> torch.Tensor:
     return F.interpolate(cams[:, None], (SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0]
 
 
-def seed_gradcam(model: nn.Module, image: torch.Tensor, layer: str, class_idx: int) -> torch.Tensor:
-    """The seed's loop body for one image and one class, step by step as the seed wrote it
+def blog_gradcam(model: nn.Module, image: torch.Tensor, layer: str, class_idx: int) -> torch.Tensor:
+    """The blog's loop body for one image and one class, step by step as the blog wrote it
     (un-normalised).
 
     Forward hook keeping the activation and a tensor hook for its gradient, ``zero_grad``,
     score = mean softmax probability, ``backward``, GAP weights, ReLU, bilinear upsampling.
-    The seed then normalises with ``(cam - min) / (max - min + 1e-8)``; that step is left to
+    The blog then normalises with ``(cam - min) / (max - min + 1e-8)``; that step is left to
     the caller so the eps (1 % of these ~1e-6 maps) does not hide differences.
     """
     with activation_and_gradient(model, layer) as store:
@@ -118,27 +118,27 @@ def seed_gradcam(model: nn.Module, image: torch.Tensor, layer: str, class_idx: i
     return cam[0, 0]
 
 
-def seed_maps(model: nn.Module, images: torch.Tensor, layer: str) -> torch.Tensor:
-    """The seed's loop over every image and class: ``[B, K, H, W]``."""
-    model = copy.deepcopy(model)  # the seed's loop writes .grad; keep the fixture clean
+def blog_maps(model: nn.Module, images: torch.Tensor, layer: str) -> torch.Tensor:
+    """The blog's loop over every image and class: ``[B, K, H, W]``."""
+    model = copy.deepcopy(model)  # the blog's loop writes .grad; keep the fixture clean
     return torch.stack(
         [
-            torch.stack([seed_gradcam(model, img[None], layer, k) for k in range(3)])
+            torch.stack([blog_gradcam(model, img[None], layer, k) for k in range(3)])
             for img in images
         ]
     )
 
 
-@pytest.mark.parametrize("layer", SEED_LAYERS)
-def test_gradcam_equals_seed_loop(net: UNet, images: torch.Tensor, layer: str) -> None:
+@pytest.mark.parametrize("layer", BLOG_LAYERS)
+def test_gradcam_equals_blog_loop(net: UNet, images: torch.Tensor, layer: str) -> None:
     """Float64 on both sides, so the comparison sees the algorithm, not float32 rounding.
 
     (The engine does its maths in float64 for a float64 model.) ``normalize="none"`` maps are
-    compared after dividing both by the seed's maximum, then the min-max output against the
-    seed's min-max without its ``+1e-8`` (which shifts these ~1e-6 maps by ~1 %).
+    compared after dividing both by the blog loop's maximum, then the min-max output against the
+    blog's min-max without its ``+1e-8`` (which shifts these ~1e-6 maps by ~1 %).
     """
     net64, images64 = copy.deepcopy(net).double(), images.double()
-    ref = seed_maps(net64, images64, layer)
+    ref = blog_maps(net64, images64, layer)
     raw = CAMEngine(net64, [layer], method="gradcam", normalize="none")(images64)
     assert_maps_close(raw.cams[:, 0], ref.float())
 
@@ -151,24 +151,24 @@ def test_gradcam_equals_seed_loop(net: UNet, images: torch.Tensor, layer: str) -
 
 @pytest.mark.parametrize(
     ("layer", "atol"),
-    [*((n, 1e-5) for n in SEED_LAYERS[:2]), ("b.conv.5", 2e-4), ("d4.conv.conv.5", 1e-5)],
+    [*((n, 1e-5) for n in BLOG_LAYERS[:2]), ("b.conv.5", 2e-4), ("d4.conv.conv.5", 1e-5)],
 )
-def test_gradcam_float32_close_to_seed_loop(
+def test_gradcam_float32_close_to_blog_loop(
     net: UNet, images: torch.Tensor, layer: str, atol: float
 ) -> None:
     """The same in float32. At the bottleneck, 128 channels nearly cancel in the weighted sum:
-    measured against a float64 run, the seed's own float32 maps are off by 2.6e-5 of their
+    measured against a float64 run, the blog loop's own float32 maps are off by 2.6e-5 of their
     maximum and ours by 5.2e-5 (1e-6 or less at the other layers), hence 2e-4 there."""
-    ref = seed_maps(net, images, layer)
+    ref = blog_maps(net, images, layer)
     result = CAMEngine(net, [layer], method="gradcam", normalize="none")(images)
     assert_maps_close(result.cams[:, 0], ref, atol=atol)
 
 
-def test_all_seed_layers_in_one_call_equal_seed_loop(net: UNet, images: torch.Tensor) -> None:
+def test_all_blog_layers_in_one_call_equal_blog_loop(net: UNet, images: torch.Tensor) -> None:
     net64, images64 = copy.deepcopy(net).double(), images.double()
-    result = CAMEngine(net64, list(SEED_LAYERS), normalize="none")(images64)
-    for li, layer in enumerate(SEED_LAYERS):
-        assert_maps_close(result.cams[:, li], seed_maps(net64, images64, layer).float())
+    result = CAMEngine(net64, list(BLOG_LAYERS), normalize="none")(images64)
+    for li, layer in enumerate(BLOG_LAYERS):
+        assert_maps_close(result.cams[:, li], blog_maps(net64, images64, layer).float())
 
 
 def torchcam_maps(
@@ -191,7 +191,7 @@ def torchcam_maps(
 # ill-conditioned (channels nearly cancel in the weighted sum), so two correct float32
 # computations that round differently (here: the engine derives one class's gradient from the
 # others', see CAMEngine) differ by up to ~3e-5 of the map's maximum at `b.conv.5`.
-@pytest.mark.parametrize("layer", SEED_LAYERS)
+@pytest.mark.parametrize("layer", BLOG_LAYERS)
 @pytest.mark.parametrize(
     ("ours", "theirs"),
     [("gradcam", "GradCAM"), ("xgradcam", "XGradCAM"), ("layercam", "LayerCAM")],
@@ -239,7 +239,7 @@ def scaled_softmax_mean(logits: torch.Tensor, masks: object) -> torch.Tensor:
     return GRADCAMPP_SCALE * logits.softmax(dim=1).mean(dim=(2, 3))
 
 
-@pytest.mark.parametrize("layer", SEED_LAYERS)
+@pytest.mark.parametrize("layer", BLOG_LAYERS)
 def test_gradcampp_matches_closed_form_on_torchcam_gradients(
     net: UNet, images: torch.Tensor, layer: str, torchcam_methods: object
 ) -> None:
@@ -259,7 +259,7 @@ def test_gradcampp_matches_closed_form_on_torchcam_gradients(
     assert_maps_close(result.cams[:, 0], upsample(ref.flatten(0, 1)).unflatten(0, (2, 3)))
 
 
-@pytest.mark.parametrize("layer", SEED_LAYERS)
+@pytest.mark.parametrize("layer", BLOG_LAYERS)
 def test_torchcam_gradcampp_variant_matches_torchcam(
     net: UNet, images: torch.Tensor, layer: str, torchcam_methods: object
 ) -> None:
@@ -298,7 +298,7 @@ def test_scorecam_matches_torchcam(
     assert_maps_close(result.cams[:, 0], upsample(ref.flatten(0, 1)).unflatten(0, (2, 3)))
 
 
-@pytest.mark.parametrize("layer", SEED_LAYERS)
+@pytest.mark.parametrize("layer", BLOG_LAYERS)
 def test_gradcam_matches_captum_layer_gradcam(
     net: UNet, images: torch.Tensor, layer: str, captum_attr: object
 ) -> None:
@@ -440,7 +440,7 @@ def test_binary_cams_equal_naive_sigmoid_loop(images32: torch.Tensor, method: st
     with the mean sigmoid probability."""
     torch.manual_seed(3)
     model = randomised_batchnorm(UNet(num_classes=1, base_width=4)).double()
-    layers = list(SEED_LAYERS)
+    layers = list(BLOG_LAYERS)
     result = CAMEngine(model, layers, method=method, normalize="none")(images32)
     assert result.output_kind == "binary" and result.classes == (0,)
     assert_equal_naive(result.cams, model, images32, layers, method, sigmoid_mean)
@@ -450,7 +450,7 @@ def test_binary_cams_equal_naive_sigmoid_loop(images32: torch.Tensor, method: st
 def test_multilabel_cams_equal_naive_sigmoid_loop(images32: torch.Tensor, method: str) -> None:
     torch.manual_seed(4)
     model = randomised_batchnorm(UNet(num_classes=3, base_width=4)).double()
-    layers = list(SEED_LAYERS)
+    layers = list(BLOG_LAYERS)
     engine = CAMEngine(model, layers, method, readout=Readout("multilabel"), normalize="none")
     result = engine(images32)
     assert result.output_kind == "multilabel" and result.classes == (0, 1, 2)

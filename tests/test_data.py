@@ -1,4 +1,5 @@
-"""Tests for segcam_lightning.data: synthetic data, seed folders, splits, colormaps, flips."""
+"""Tests for segcam_lightning.data: synthetic data, blog-format folders, splits, colormaps,
+flips."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from segcam_lightning.data import SegmentationDataModule
 from segcam_lightning.data.colormap import (
-    SEED_COLORMAP,
+    BLOG_COLORMAP,
     color_to_mask,
     mask_to_color,
     validate_colormap,
@@ -72,7 +73,7 @@ def test_synthetic_sample_shapes_dtypes_and_ranges() -> None:
     torch.testing.assert_close(sample["image"], torch.from_numpy(image).permute(2, 0, 1) / 255.0)
     assert (ds.class_names, ds.colormap, ds.num_classes) == (
         SYNTHETIC_CLASS_NAMES,
-        SEED_COLORMAP,
+        BLOG_COLORMAP,
         3,
     )
     assert SyntheticSegmentation(12345, SIZE).name(7) == "00007"
@@ -145,7 +146,7 @@ def test_write_synthetic_dataset_layout(written: Path) -> None:
         f"{i:04d}.png" for i in range(N_WRITTEN)
     ]
     colors = cv2.imread(str(written / "masks" / "0000.png"), cv2.IMREAD_COLOR).reshape(-1, 3)
-    assert {tuple(c) for c in np.unique(colors, axis=0).tolist()} <= set(SEED_COLORMAP)
+    assert {tuple(c) for c in np.unique(colors, axis=0).tolist()} <= set(BLOG_COLORMAP)
 
 
 def test_folder_round_trip_matches_render(written: Path) -> None:
@@ -324,7 +325,7 @@ def test_folder_rejects_bad_arguments(written: Path, kwargs: dict, match: str) -
     ("n", "val", "test"),
     [(n, 0.2, 0.2) for n in (5, 7, 10, 33, 60, 101)] + [(10, 0.1, 0.3), (101, 0.25, 0.15)],
 )
-def test_split_equals_seed_sklearn_split(n: int, val: float, test: float) -> None:
+def test_split_equals_blog_sklearn_split(n: int, val: float, test: float) -> None:
     from sklearn.model_selection import train_test_split
 
     items = list(range(n))
@@ -364,18 +365,18 @@ def test_split_rejects_bad_arguments(args: tuple, match: str) -> None:
 
 def test_colormap_round_trip_and_unknown_colours() -> None:
     mask = np.random.default_rng(0).integers(0, 3, (17, 23))
-    bgr = mask_to_color(mask, SEED_COLORMAP)
+    bgr = mask_to_color(mask, BLOG_COLORMAP)
     assert bgr.dtype == np.uint8 and bgr.shape == (17, 23, 3)
     assert bgr[mask == 1][0].tolist() == [0, 0, 128]
-    back, n_unknown, unknown = color_to_mask(bgr, SEED_COLORMAP)
+    back, n_unknown, unknown = color_to_mask(bgr, BLOG_COLORMAP)
     np.testing.assert_array_equal(back, mask)
     assert back.dtype == np.int64 and (n_unknown, unknown) == (0, set())
     bgr[0, :3] = (1, 2, 3)
     bgr[1, 0] = (0, 128, 1)
-    back, n_unknown, unknown = color_to_mask(bgr, SEED_COLORMAP)
+    back, n_unknown, unknown = color_to_mask(bgr, BLOG_COLORMAP)
     assert (n_unknown, unknown) == (4, {(1, 2, 3), (0, 128, 1)})
     assert (back[0, :3] == -1).all() and back[1, 0] == -1
-    back, _, _ = color_to_mask(bgr, SEED_COLORMAP, unknown_index=255)
+    back, _, _ = color_to_mask(bgr, BLOG_COLORMAP, unknown_index=255)
     assert (back[0, :3] == 255).all()
 
 
@@ -385,9 +386,9 @@ def test_colormap_errors() -> None:
     with pytest.raises(ValueError, match="at least one"):
         validate_colormap([])
     with pytest.raises(ValueError, match=r"class indices in \[0, 3\) .* holds \[3\]"):
-        mask_to_color(np.array([[0, 3]]), SEED_COLORMAP)
+        mask_to_color(np.array([[0, 3]]), BLOG_COLORMAP)
     with pytest.raises(ValueError, match=r"shape \[H, W, 3\]"):
-        color_to_mask(np.zeros((4, 4), np.uint8), SEED_COLORMAP)
+        color_to_mask(np.zeros((4, 4), np.uint8), BLOG_COLORMAP)
 
 
 # ----------------------------------------------------------------------------- transforms

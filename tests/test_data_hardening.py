@@ -13,7 +13,7 @@ import pytest
 
 from segcam_lightning.audit.data import DataSpec, build_dataset
 from segcam_lightning.data import SegmentationDataModule
-from segcam_lightning.data.colormap import SEED_COLORMAP
+from segcam_lightning.data.colormap import BLOG_COLORMAP
 from segcam_lightning.data.folder import FolderSegmentation, decode_image, jpeg_problem
 from segcam_lightning.data.synthetic import write_synthetic_dataset
 from segcam_lightning.errors import ConfigurationError
@@ -105,7 +105,7 @@ def test_a_dataset_whose_every_pair_is_bad_is_refused(folder):
 
 def test_the_audit_marks_the_truncated_jpeg_and_the_corrupt_png_skipped(folder):
     spoil(folder)
-    dataset = build_dataset(str(folder), DataSpec((SIZE, SIZE), SEED_COLORMAP, 3))
+    dataset = build_dataset(str(folder), DataSpec((SIZE, SIZE), BLOG_COLORMAP, 3))
     items = {item["name"]: item for item in (dataset[i] for i in range(len(dataset)))}
     assert not items["0008"]["ok"] and "it is truncated" in items["0008"]["reason"]
     assert not items["0002"]["ok"] and "0002.png" in items["0002"]["reason"]

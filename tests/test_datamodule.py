@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from segcam_lightning.data import (
-    SEED_COLORMAP,
+    BLOG_COLORMAP,
     SegmentationDataModule,
     split_indices,
     write_synthetic_dataset,
@@ -23,7 +23,7 @@ def test_synthetic_splits_are_disjoint_streams():
     assert batch["image"].shape == (4, 3, 32, 32) and batch["mask"].shape == (4, 32, 32)
 
 
-def test_folder_uses_the_seed_split(tmp_path):
+def test_folder_uses_the_blog_split(tmp_path):
     root = write_synthetic_dataset(tmp_path / "d", num_samples=10, image_size=32)
     data = SegmentationDataModule(
         data=str(root), image_size=32, batch_size=2, class_names=["bg", "a", "b"]
@@ -34,7 +34,7 @@ def test_folder_uses_the_seed_split(tmp_path):
     for split, indices in (("train", train), ("val", val), ("test", test)):
         dataset = data.datasets[split]
         assert [dataset[i]["name"] for i in range(len(dataset))] == [names[i] for i in indices]
-    assert data.colormap == list(SEED_COLORMAP)
+    assert data.colormap == list(BLOG_COLORMAP)
     assert data.datasets["train"].transform is not None
     assert data.datasets["val"].transform is None
 

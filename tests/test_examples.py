@@ -72,7 +72,7 @@ def at_root(monkeypatch):
 
 @pytest.fixture(scope="module")
 def plants_data(project, tmp_path_factory):
-    """write_data's seed-format folder: 32 px images, black/white binary masks."""
+    """write_data's folder in the blog's format: 32 px images, black/white binary masks."""
     root = tmp_path_factory.mktemp("plants_data") / "plants"
     return project.write_data(root, num=NUM_IMAGES, image_size=32)
 

@@ -1,12 +1,14 @@
-"""Rendering: the seed's overlay and panel, and the labelled grid."""
+"""Rendering: the blog's overlay and panel, and the labelled grid."""
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from segcam_lightning.data.colormap import SEED_COLORMAP
+from segcam_lightning.data.colormap import BLOG_COLORMAP
 from segcam_lightning.render import (
+    blog_panel,
+    blog_panels,
     cam_grid,
     colorize_cam,
     colorize_mask,
@@ -15,37 +17,35 @@ from segcam_lightning.render import (
     opencv_threads,
     overlay_cam,
     peak_voxel,
-    seed_panel,
-    seed_panels,
     to_uint8_image,
     volume_grid,
     volume_slices,
 )
 
 
-def test_overlay_is_the_seeds_blend():
+def test_overlay_is_the_blogs_blend():
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)
     cam = rng.random((16, 20)).astype(np.float32)
-    # The seed, in BGR: addWeighted(image, 0.4, applyColorMap(uint8(255 * cam), JET), 0.6, 0).
+    # The blog post, in BGR: addWeighted(image, 0.4, applyColorMap(uint8(255 * cam), JET), 0.6, 0).
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     heat = cv2.applyColorMap(np.uint8(255 * cam), cv2.COLORMAP_JET)
     expected = cv2.cvtColor(cv2.addWeighted(bgr, 0.4, heat, 0.6, 0), cv2.COLOR_BGR2RGB)
     np.testing.assert_array_equal(overlay_cam(rgb, torch.from_numpy(cam)), expected)
 
 
-def test_seed_panel_layout():
+def test_blog_panel_layout():
     image = np.zeros((8, 6, 3), np.uint8)
     mask = np.zeros((8, 6), bool)
     mask[2:4] = True
-    panel = seed_panel(image, image, mask)
+    panel = blog_panel(image, image, mask)
     assert panel.shape == (8, 6 * 3 + 2 * 10, 3)
     assert (panel[:, 6:16] == 255).all()  # white separator
     assert (panel[2:4, -6:] == 255).all() and (panel[:2, -6:] == 0).all()
 
 
 def test_mask_colours_follow_bgr_colormap():
-    rgb = colorize_mask(torch.tensor([[0, 1, 2]]), SEED_COLORMAP)
+    rgb = colorize_mask(torch.tensor([[0, 1, 2]]), BLOG_COLORMAP)
     assert rgb[0].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]  # black, red, green
 
 
@@ -57,7 +57,7 @@ def test_to_uint8_image():
 def test_grid_has_a_title_row_and_a_row_per_image():
     images, cams = torch.rand(2, 3, 32, 40), torch.rand(2, 3, 32, 40)
     masks = torch.randint(0, 3, (2, 32, 40))
-    grid = cam_grid(images, cams, ["a", "b", "c"], SEED_COLORMAP, masks=masks, preds=masks, gap=4)
+    grid = cam_grid(images, cams, ["a", "b", "c"], BLOG_COLORMAP, masks=masks, preds=masks, gap=4)
     columns = 6  # input, ground truth, prediction, 3 overlays
     assert grid.shape[1] == columns * 40 + (columns - 1) * 4
     bar = max(16, min(32, 40 // 6))
@@ -68,9 +68,9 @@ def test_grid_has_a_title_row_and_a_row_per_image():
 def test_grid_footer_keys_the_class_colours_and_the_cam_colours():
     images, cams = torch.rand(1, 3, 64, 96), torch.rand(1, 1, 64, 96)
     masks = torch.zeros(1, 64, 96, dtype=torch.long)
-    plain = cam_grid(images, cams, ["a"], SEED_COLORMAP, masks=masks, preds=masks)
+    plain = cam_grid(images, cams, ["a"], BLOG_COLORMAP, masks=masks, preds=masks)
     keyed = cam_grid(
-        images, cams, ["a"], SEED_COLORMAP, masks=masks, preds=masks, legend=["x", "y", "z"]
+        images, cams, ["a"], BLOG_COLORMAP, masks=masks, preds=masks, legend=["x", "y", "z"]
     )
     bar = max(16, min(32, 96 // 6))
     footer = keyed[-bar:]
@@ -79,7 +79,7 @@ def test_grid_footer_keys_the_class_colours_and_the_cam_colours():
     saturation = bar_row.max(axis=-1).astype(int) - bar_row.min(axis=-1)
     coloured = bar_row[saturation > 60]  # the bar, not the gray digits beside it
     assert coloured[0, 2] > coloured[0, 0] and coloured[-1, 0] > coloured[-1, 2]
-    # The key draws each label's colour (SEED_COLORMAP[1] is dark red, RGB 128, 0, 0).
+    # The key draws each label's colour (BLOG_COLORMAP[1] is dark red, RGB 128, 0, 0).
     assert ((footer[:, : 3 * 96] == (128, 0, 0)).all(axis=-1)).any()
     assert not ((plain[-bar:, : 3 * 96] == (128, 0, 0)).all(axis=-1)).any()
 
@@ -122,8 +122,8 @@ def test_the_key_wraps_to_show_every_class_and_stays_inside_the_grid(legend):
 
 def test_grid_notes_mark_tiles():
     images, cams = torch.zeros(1, 3, 64, 64), torch.zeros(1, 1, 64, 64)
-    marked = cam_grid(images, cams, ["a"], SEED_COLORMAP, notes=[["absent"]])
-    clean = cam_grid(images, cams, ["a"], SEED_COLORMAP, notes=[[""]])
+    marked = cam_grid(images, cams, ["a"], BLOG_COLORMAP, notes=[["absent"]])
+    clean = cam_grid(images, cams, ["a"], BLOG_COLORMAP, notes=[[""]])
     bar = max(16, min(32, 64 // 6))
     tile = (slice(bar, bar + 64), slice(64 + 4, 2 * 64 + 4))
     assert (marked[tile] != clean[tile]).any()
@@ -132,7 +132,7 @@ def test_grid_notes_mark_tiles():
 
 def test_grid_rejects_mismatched_names():
     with pytest.raises(ValueError, match="one class name per CAM channel"):
-        cam_grid(torch.rand(1, 3, 8, 8), torch.rand(1, 2, 8, 8), ["a"], SEED_COLORMAP)
+        cam_grid(torch.rand(1, 3, 8, 8), torch.rand(1, 2, 8, 8), ["a"], BLOG_COLORMAP)
 
 
 def test_opencv_threads_is_restored_even_after_an_error():
@@ -154,17 +154,17 @@ def test_colorize_cam_is_opencvs_colour_map_in_rgb(colormap):
 
 
 @pytest.mark.parametrize("with_masks", [True, False])
-def test_seed_panels_equal_one_panel_at_a_time(with_masks):
+def test_blog_panels_equal_one_panel_at_a_time(with_masks):
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (12, 9, 3), dtype=np.uint8)
     cams = rng.random((4, 12, 9)).astype(np.float32)
     masks = rng.random((4, 12, 9)) > 0.5 if with_masks else None
-    panels, overlays = seed_panels(image, cams, masks)
+    panels, overlays = blog_panels(image, cams, masks)
     for k in range(4):
         overlay = overlay_cam(image, cams[k])
         np.testing.assert_array_equal(overlays[k], overlay)
         expected = (
-            seed_panel(image, overlay, masks[k])
+            blog_panel(image, overlay, masks[k])
             if with_masks
             else hstack_with_separators([image, overlay])
         )
@@ -234,7 +234,7 @@ def test_peak_voxel_and_volume_grid():
     assert peak_voxel(torch.zeros(8, 8, 8)) == (4, 4, 4)
     volumes, cams = torch.rand(2, 3, 8, 8, 8), torch.stack([cam, cam.flip(0)])
     masks = torch.randint(0, 3, (2, 8, 8, 8))
-    grid = volume_grid(volumes, cams, "a", SEED_COLORMAP, masks=masks, preds=masks)
+    grid = volume_grid(volumes, cams, "a", BLOG_COLORMAP, masks=masks, preds=masks)
     # 8-voxel slices are shown 12 times larger: the smallest multiple of 8 reaching 96 px.
     tile = 96
     bar = max(16, min(32, tile // 6))
@@ -242,5 +242,5 @@ def test_peak_voxel_and_volume_grid():
     assert grid.shape == (bar + 6 * tile + 6 * 4 + bar, 4 * tile + 3 * 4, 3)
     # Labels are resized by nearest neighbour: the GT column holds only the colormap's colours.
     gt = grid[bar : bar + tile, tile + 4 : 2 * tile + 4].reshape(-1, 3)
-    colours = {tuple(int(c) for c in colour[::-1]) for colour in SEED_COLORMAP}
+    colours = {tuple(int(c) for c in colour[::-1]) for colour in BLOG_COLORMAP}
     assert {tuple(int(c) for c in px) for px in gt} <= colours

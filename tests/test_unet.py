@@ -1,14 +1,14 @@
-"""The U-Net keeps the seed's names, structure and state_dict layout."""
+"""The U-Net keeps the blog U-Net's names, structure and state_dict layout."""
 
 import pytest
 import torch
 from torch import nn
 
-from segcam_lightning.models import SEED_LAYERS, UNet, build_unet
+from segcam_lightning.models import BLOG_LAYERS, UNet, build_unet
 
 
-# The blog post's U-Net, copied as the seed wrote it: the independent reference for key names.
-class seed_conv_block(nn.Module):
+# The blog post's U-Net, copied as the blog post wrote it: the independent reference for key names.
+class blog_conv_block(nn.Module):
     def __init__(self, in_c, out_c):
         super().__init__()
         self.conv = nn.Sequential(
@@ -21,46 +21,46 @@ class seed_conv_block(nn.Module):
         )
 
 
-class seed_encoder_block(nn.Module):
+class blog_encoder_block(nn.Module):
     def __init__(self, in_c, out_c):
         super().__init__()
-        self.conv = seed_conv_block(in_c, out_c)
+        self.conv = blog_conv_block(in_c, out_c)
         self.pool = nn.MaxPool2d((2, 2))
 
 
-class seed_decoder_block(nn.Module):
+class blog_decoder_block(nn.Module):
     def __init__(self, in_c, out_c):
         super().__init__()
         self.up = nn.ConvTranspose2d(in_c, out_c, kernel_size=2, stride=2, padding=0)
-        self.conv = seed_conv_block(out_c + out_c, out_c)
+        self.conv = blog_conv_block(out_c + out_c, out_c)
 
 
-class seed_build_unet(nn.Module):
+class blog_build_unet(nn.Module):
     def __init__(self, num_classes):
         super().__init__()
-        self.e1 = seed_encoder_block(3, 64)
-        self.e2 = seed_encoder_block(64, 128)
-        self.e3 = seed_encoder_block(128, 256)
-        self.e4 = seed_encoder_block(256, 512)
-        self.b = seed_conv_block(512, 1024)
-        self.d1 = seed_decoder_block(1024, 512)
-        self.d2 = seed_decoder_block(512, 256)
-        self.d3 = seed_decoder_block(256, 128)
-        self.d4 = seed_decoder_block(128, 64)
+        self.e1 = blog_encoder_block(3, 64)
+        self.e2 = blog_encoder_block(64, 128)
+        self.e3 = blog_encoder_block(128, 256)
+        self.e4 = blog_encoder_block(256, 512)
+        self.b = blog_conv_block(512, 1024)
+        self.d1 = blog_decoder_block(1024, 512)
+        self.d2 = blog_decoder_block(512, 256)
+        self.d3 = blog_decoder_block(256, 128)
+        self.d4 = blog_decoder_block(128, 64)
         self.outputs = nn.Conv2d(64, num_classes, kernel_size=1, padding=0)
 
 
-def test_seed_state_dict_loads_strictly():
-    seed_state = seed_build_unet(num_classes=3).state_dict()
+def test_blog_state_dict_loads_strictly():
+    blog_state = blog_build_unet(num_classes=3).state_dict()
     ours = build_unet(num_classes=3)
-    assert list(ours.state_dict()) == list(seed_state)
-    ours.load_state_dict(seed_state, strict=True)
-    for key, value in seed_state.items():
+    assert list(ours.state_dict()) == list(blog_state)
+    ours.load_state_dict(blog_state, strict=True)
+    for key, value in blog_state.items():
         assert torch.equal(ours.state_dict()[key], value), key
 
 
-@pytest.mark.parametrize("name", SEED_LAYERS)
-def test_seed_layer_names_are_last_inplace_relu(name):
+@pytest.mark.parametrize("name", BLOG_LAYERS)
+def test_blog_layer_names_are_last_inplace_relu(name):
     module = dict(UNet(num_classes=3, base_width=4).named_modules())[name]
     assert isinstance(module, nn.ReLU)
     assert module.inplace
@@ -110,7 +110,7 @@ def test_3d_unet_keeps_the_names_with_3d_layers():
         else:
             assert value.shape == expected, key
     modules = dict(volume.named_modules())
-    for name in SEED_LAYERS:
+    for name in BLOG_LAYERS:
         assert isinstance(modules[name], nn.ReLU) and modules[name].inplace
     assert isinstance(modules["e1.conv.conv.0"], nn.Conv3d)
     assert isinstance(modules["e1.conv.conv.1"], nn.BatchNorm3d)
@@ -127,7 +127,7 @@ def test_3d_unet_maps_volumes_to_logits_at_input_resolution():
         dict(net.named_modules())[name].register_forward_hook(
             lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape))
         )
-        for name in SEED_LAYERS
+        for name in BLOG_LAYERS
     ]
     with torch.no_grad():
         out = net(torch.rand(2, 1, 16, 32, 48))

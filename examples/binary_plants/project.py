@@ -198,7 +198,7 @@ def train(
 
 
 def write_data(out: Path, num: int = 32, image_size: int = 64, seed: int = 2) -> Path:
-    """Held-out images and binary masks in the seed's folder format (for ``explain.py``).
+    """Held-out images and binary masks in the blog's folder format (for ``explain.py``).
 
     Masks are painted with :data:`COLORMAP` (soil black, plant white); images are RGB JPEGs.
     """

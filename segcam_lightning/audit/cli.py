@@ -36,7 +36,7 @@ from segcam_lightning.cam import METHODS, TARGETS, candidate_layers
 from segcam_lightning.cam.functional import NORMALIZE_MODES, OUTPUT_KINDS
 from segcam_lightning.data.colormap import validate_colormap
 from segcam_lightning.errors import UsageError
-from segcam_lightning.models.unet import SEED_LAYERS
+from segcam_lightning.models.unet import BLOG_LAYERS
 from segcam_lightning.quality import DELETION_THRESHOLD, FILLS, FULL_RHO_THRESHOLD, RHO_THRESHOLD
 
 _EPILOG = """\
@@ -868,7 +868,7 @@ def list_layers(settings: AuditSettings) -> str:
             shape = list(info.output_shape)
             lines.append(f"  {info.name:<{width}}  {info.type:<{type_width}}  {shape}{mark}")
         if loaded.code is None:
-            lines.append(f"Use them as e.g. --layers {' '.join(SEED_LAYERS)}")
+            lines.append(f"Use them as e.g. --layers {' '.join(BLOG_LAYERS)}")
         else:
             left_out = f" (the prefix {prefix!r} may be left out)" if prefix else ""
             lines.append(f"Use them as e.g. --layers {default}{left_out}")

@@ -43,7 +43,7 @@ from segcam_lightning.audit.writer import default_render_threads
 from segcam_lightning.cam import CAMEngine, Readout
 from segcam_lightning.cam import find_layer as _find_layer
 from segcam_lightning.cam.layers import default_layer_name
-from segcam_lightning.data.colormap import SEED_COLORMAP
+from segcam_lightning.data.colormap import BLOG_COLORMAP
 from segcam_lightning.data.datamodule import SYNTHETIC, SYNTHETIC3D
 from segcam_lightning.data.synthetic import SYNTHETIC_CLASS_NAMES
 from segcam_lightning.data.synthetic3d import SYNTHETIC3D_CLASS_NAMES
@@ -290,7 +290,7 @@ def prepare(settings: AuditSettings) -> AuditPlan:
         for label, c in zip(labels, loaded, strict=True)
     ]
     num_labels = 2 if kind == "binary" else num_outputs
-    default_colormap = BINARY_COLORMAP if kind == "binary" else SEED_COLORMAP
+    default_colormap = BINARY_COLORMAP if kind == "binary" else BLOG_COLORMAP
     data_colormap = settings.labels.colormap or first.colormap or default_colormap
     if fed is not None:
         dataset: AuditDataset | PipelineDataset = fed

@@ -16,7 +16,7 @@ import cv2
 from segcam_lightning.cam import Readout
 from segcam_lightning.data.datamodule import SYNTHETIC, SYNTHETIC3D
 from segcam_lightning.data.synthetic import SPLIT_OFFSETS
-from segcam_lightning.models.unet import SEED_LAYERS
+from segcam_lightning.models.unet import BLOG_LAYERS
 from segcam_lightning.render import VIEWS
 
 #: The command's name in messages: ``segcam-explain`` when run as the console script.
@@ -82,7 +82,7 @@ RESERVED_NAMES = (
     *(f"input_{view}.jpg" for view in VIEWS),
     *(f"truth_{view}.png" for view in VIEWS),
 )
-TIP_NAMES = dict(zip(SEED_LAYERS, ("e1", "e4", "b", "d4"), strict=True))
+TIP_NAMES = dict(zip(BLOG_LAYERS, ("e1", "e4", "b", "d4"), strict=True))
 JPEG_PARAMS = [cv2.IMWRITE_JPEG_QUALITY, 95]  # cv2's default, which the blog U-Net's script used
 
 

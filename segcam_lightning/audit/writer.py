@@ -29,9 +29,9 @@ from segcam_lightning.audit.tallies import image_tally
 from segcam_lightning.render import (
     SEPARATOR,
     VIEWS,
+    blog_panels,
     colorize_mask,
     peak_voxel,
-    seed_panels,
     volume_slices,
 )
 
@@ -290,7 +290,7 @@ class OutputWriter:
                 pred = colorize_mask(model.preds[b], self.colormap)
                 _imwrite(written, self.layout.prediction_tile(name, m), pred)
             for layer in range(len(self.layer_names)):
-                panels, overlays = seed_panels(image, model.cams[b, layer], regions)
+                panels, overlays = blog_panels(image, model.cams[b, layer], regions)
                 for k, class_idx in enumerate(self.classes):
                     path = self.layout.panel(m, layer, class_idx, name)
                     _imwrite(written, path, panels[k], JPEG_PARAMS)
@@ -385,7 +385,7 @@ def _volume_panel(
     rows, overlays = [], []
     for v in range(len(VIEWS)):
         masks = truth[v : v + 1] if truth is not None else None
-        panels, overlay = seed_panels(images[v], maps[v : v + 1], masks)
+        panels, overlay = blog_panels(images[v], maps[v : v + 1], masks)
         rows.append(panels[0])
         overlays.append(overlay[0])
     gap = np.full((SEPARATOR, rows[0].shape[1], 3), 255, dtype=np.uint8)

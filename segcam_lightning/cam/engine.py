@@ -9,7 +9,7 @@ How a call works (docs/architecture.md explains the facts behind each step):
 2. One forward with forward hooks on the requested layers. The forward starts under
    ``torch.no_grad()``; the first hooked layer to run turns the graph on and makes its output a
    leaf, so nothing before the earliest layer is recorded (parameters may all be frozen). Each
-   hook hands a copy of the output downstream, so later in-place ops (the seed's layers *are*
+   hook hands a copy of the output downstream, so later in-place ops (the blog U-Net's layers *are*
    ``ReLU(inplace=True)``) cannot change what was captured. Module backward hooks are not used:
    they fail on in-place ops (pytorch#61519).
 3. The target reduces the logits (at the model's output resolution, which may be lower than the
@@ -19,7 +19,7 @@ How a call works (docs/architecture.md explains the facts behind each step):
    (images are independent in eval mode) for all layers at once. Never ``.backward()``, never
    ``zero_grad()``: parameters' ``.grad`` are untouched. The head path skips these passes for
    Grad-CAM at a layer whose only way to the logits is a pointwise linear head (a 1×1
-   convolution, as after the seed's ``d4``): its weights are ``Wᵀ · mean(dS/dlogits)`` for all
+   convolution, as after the blog U-Net's ``d4``): its weights are ``Wᵀ · mean(dS/dlogits)`` for all
    classes at once (see :class:`~segcam_lightning.cam.capture._Heads`). The strategies live in
    :mod:`segcam_lightning.cam.gradients`.
 4. CAM maths in float32 (float64 for a float64 model) under ``torch.no_grad()`` with autocast
@@ -170,7 +170,7 @@ class CAMEngine:
         normalize: ``"minmax"`` (each map to ``[0, 1]``), ``"global"`` (one scale per image and
             layer, shared by the classes) or ``"none"``; see
             :func:`~segcam_lightning.cam.functional.normalize_cams`. Maps are normalised after
-            upsampling to the input size, as the seed did, so every map peaks at exactly 1.
+            upsampling to the input size, as the blog post did, so every map peaks at exactly 1.
         readout: how the logits' channels are read (a
             :class:`~segcam_lightning.cam.readout.Readout`): ``kind`` ``"multiclass"`` (softmax
             over K >= 2 channels), ``"binary"`` (one sigmoid channel; ``classes`` is ``(0,)``

@@ -476,7 +476,7 @@ def normalize_cams(cams: Tensor, mode: NormalizeMode = "minmax", spatial_dims: i
     ``spatial_dims=3``).
 
     Modes:
-        ``"minmax"``: every map on its own to ``[0, 1]`` (the seed's choice) via
+        ``"minmax"``: every map on its own to ``[0, 1]`` (the blog post's choice) via
             :func:`minmax_scale`, over all its pixels (voxels).
         ``"global"``: one scale per image and layer, shared by all its classes: maps are divided
             by the largest value over the classes, so a weak class looks weak. Layers keep

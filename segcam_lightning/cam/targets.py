@@ -3,7 +3,7 @@
 A classifier's CAM explains one logit. A segmentation model has one logit per class *per pixel*,
 so a target says how to reduce them to one score per class and image:
 
-- :class:`SoftmaxMean` (``"softmax_mean"``): the seed's choice, the mean softmax probability of
+- :class:`SoftmaxMean` (``"softmax_mean"``): the blog post's choice, the mean softmax probability of
   the class over all pixels (for sigmoid outputs, the mean sigmoid probability).
 - :class:`LogitRegion` (``"logit_region"``): Seg-Grad-CAM (Vinogradova et al., 2020,
   https://arxiv.org/abs/2002.11434): the class logit summed over the pixels predicted as that
@@ -184,7 +184,7 @@ class Target(ABC):
 
 
 class SoftmaxMean(Target):
-    """The seed's target: mean probability of class ``c`` over all pixels.
+    """The blog post's target: mean probability of class ``c`` over all pixels.
 
     Multiclass: ``score[b, c] = 1/(H·W) · sum_ij softmax(logits[b, :, i, j])_c``; the scores of
     an image sum to 1 over the classes (``scores_sum_to_constant``). Binary and multilabel

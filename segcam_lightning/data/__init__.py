@@ -1,7 +1,7 @@
-"""Datasets: embedded synthetic plants, seed-format folders, the seed's split, augmentation."""
+"""Datasets: embedded synthetic plants, blog-format folders, the blog's split, augmentation."""
 
 from segcam_lightning.data.batch import BatchAdapter, split_batch
-from segcam_lightning.data.colormap import SEED_COLORMAP, color_to_mask, mask_to_color
+from segcam_lightning.data.colormap import BLOG_COLORMAP, color_to_mask, mask_to_color
 from segcam_lightning.data.datamodule import SegmentationDataModule
 from segcam_lightning.data.folder import FolderSegmentation, pair_files
 from segcam_lightning.data.split import split_indices
@@ -14,7 +14,7 @@ from segcam_lightning.data.synthetic3d import SYNTHETIC3D_CLASS_NAMES, Synthetic
 from segcam_lightning.data.transforms import RandomFlip
 
 __all__ = [
-    "SEED_COLORMAP",
+    "BLOG_COLORMAP",
     "SYNTHETIC3D_CLASS_NAMES",
     "SYNTHETIC_CLASS_NAMES",
     "BatchAdapter",

@@ -2,16 +2,17 @@
 
 A colormap is a sequence of ``(b, g, r)`` triples, one per class: entry ``k`` is the colour of
 class ``k`` in a mask *as cv2 reads it* (``cv2.imread(path, cv2.IMREAD_COLOR)`` gives BGR).
-This is how the seed matched its masks, so its colormap ``[[0, 0, 0], [0, 0, 128], [0, 128, 0]]``
-means black, red (RGB ``128, 0, 0``) and green — not black, blue and green.
+This is how the blog post matched its masks, so its colormap
+``[[0, 0, 0], [0, 0, 128], [0, 128, 0]]`` means black, red (RGB ``128, 0, 0``) and green — not
+black, blue and green.
 
 Example:
     >>> import numpy as np
     >>> mask = np.array([[0, 1], [2, 1]])
-    >>> bgr = mask_to_color(mask, SEED_COLORMAP)
+    >>> bgr = mask_to_color(mask, BLOG_COLORMAP)
     >>> bgr[0, 1].tolist()  # class 1 is red: BGR (0, 0, 128)
     [0, 0, 128]
-    >>> back, n_unknown, unknown = color_to_mask(bgr, SEED_COLORMAP)
+    >>> back, n_unknown, unknown = color_to_mask(bgr, BLOG_COLORMAP)
     >>> bool((back == mask).all()), n_unknown, unknown
     (True, 0, set())
 """
@@ -22,8 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-#: The seed's colormap in cv2's BGR order: class 0 black, class 1 red, class 2 green.
-SEED_COLORMAP: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (0, 0, 128), (0, 128, 0))
+#: The blog's colormap in cv2's BGR order: class 0 black, class 1 red, class 2 green.
+BLOG_COLORMAP: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (0, 0, 128), (0, 128, 0))
 
 Colormap = Sequence[Sequence[int]]
 

@@ -1,4 +1,4 @@
-"""SegmentationDataModule: the embedded synthetic data (images or volumes) or a seed-format
+"""SegmentationDataModule: the embedded synthetic data (images or volumes) or a blog-format
 folder, one interface."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from segcam_lightning.data.colormap import SEED_COLORMAP
+from segcam_lightning.data.colormap import BLOG_COLORMAP
 from segcam_lightning.data.folder import FolderSegmentation, pair_files, skipped_message
 from segcam_lightning.data.split import split_indices
 from segcam_lightning.data.synthetic import (
@@ -34,7 +34,7 @@ class SegmentationDataModule(L.LightningDataModule):
         data: ``"synthetic"`` for the embedded generated dataset, ``"synthetic3d"`` for its 3-D
             counterpart (one-channel volumes ``[1, D, H, W]`` of tubes and blobs, masks
             ``[D, H, W]``; train it with ``model.dims: 3`` and ``model.in_channels: 1``), or a
-            folder with ``images/`` and ``masks/`` (the seed's format, masks coloured by
+            folder with ``images/`` and ``masks/`` (the blog's format, masks coloured by
             ``colormap``).
         image_size: square side images and masks are generated at or resized to; the cube's
             side for ``"synthetic3d"`` (32 to 64, a multiple of 16 for the U-Net).
@@ -46,14 +46,14 @@ class SegmentationDataModule(L.LightningDataModule):
         num_val: synthetic validation samples.
         num_test: synthetic test samples.
         colormap: one ``[b, g, r]`` per class, in cv2's BGR order, matched exactly against the
-            mask pixels. Default: the seed's ``[[0,0,0],[0,0,128],[0,128,0]]``.
+            mask pixels. Default: the blog's ``[[0,0,0],[0,0,128],[0,128,0]]``.
         class_names: one distinct name per class; default ``class_0..`` (synthetic: soil,
             narrow_leaf, round_leaf; synthetic3d: background, tube, blob).
         val_fraction: share of a folder used for validation.
         test_fraction: share of a folder used for testing.
         split_seed: seed of the folder split; with the defaults (0.2, 0.2, 42) the split is the
-            seed's own ``train_test_split(random_state=42)`` applied twice.
-        channel_order: ``"rgb"`` or ``"bgr"`` (the seed's models were trained on cv2's BGR).
+            blog post's own ``train_test_split(random_state=42)`` applied twice.
+        channel_order: ``"rgb"`` or ``"bgr"`` (the blog U-Net's models were trained on cv2's BGR).
         unknown_color_index: class index given to mask colours missing from ``colormap``
             (e.g. 255 with ``ignore_index: 255`` on the model); default ``None`` raises.
         shortcut: a planted shortcut of the synthetic data (``"soil"``: the class is set by
@@ -100,7 +100,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 " `masks/` (write an example with `segcam-synthetic --out data/synthetic`)."
             )
         synthetic_names = SYNTHETIC3D_CLASS_NAMES if self.is_volumes else SYNTHETIC_CLASS_NAMES
-        self.colormap = [tuple(int(v) for v in c) for c in (colormap or SEED_COLORMAP)]
+        self.colormap = [tuple(int(v) for v in c) for c in (colormap or BLOG_COLORMAP)]
         if self.is_synthetic and len(self.colormap) != len(synthetic_names):
             raise ValueError(
                 f"The {data} data has {len(synthetic_names)} classes, but `colormap` has"

@@ -1,7 +1,7 @@
-"""Image/mask folders in the seed's format: ``<root>/images/*`` and ``<root>/masks/*.png``.
+"""Image/mask folders in the blog's format: ``<root>/images/*`` and ``<root>/masks/*.png``.
 
 Images and masks are paired by file stem (``images/a.jpg`` ↔ ``masks/a.png``) and read exactly as
-the seed read them, with cv2: images in colour (BGR), resized with bilinear interpolation and
+the blog post read them, with cv2: images in colour (BGR), resized with bilinear interpolation and
 scaled by 1/255 without mean/std normalisation; masks in colour, resized with nearest-neighbour
 interpolation, and each pixel's BGR colour matched exactly against the colormap.
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segcam_lightning.data.colormap import SEED_COLORMAP, Colormap, color_to_mask, validate_colormap
+from segcam_lightning.data.colormap import BLOG_COLORMAP, Colormap, color_to_mask, validate_colormap
 from segcam_lightning.errors import ConfigurationError, MissingInputError, check_unique_names
 from segcam_lightning.text import listing, path_problem
 
@@ -46,8 +46,8 @@ def pair_files(root: str | Path) -> list[tuple[Path, Path]]:
     """Pair ``root/images/<stem>.<ext>`` with ``root/masks/<stem>.png``.
 
     Image extensions are ``.jpg .jpeg .png .bmp .tif .tiff`` (any case); other files are ignored.
-    Pairs are sorted by image file name, which is the order of the seed's
-    ``sorted(glob("images/*.jpg"))``, so seed splits select the same files.
+    Pairs are sorted by image file name, which is the order of the blog's
+    ``sorted(glob("images/*.jpg"))``, so the blog's splits select the same files.
 
     Args:
         root: dataset folder holding ``images/`` and ``masks/``.
@@ -122,17 +122,17 @@ def _check_matching(
 
 
 class FolderSegmentation(Dataset):
-    """Segmentation dataset read from a seed-format folder.
+    """Segmentation dataset read from a folder in the blog's format.
 
-    The seed's models were trained on **BGR** input (it fed ``cv2.imread`` arrays straight to the
+    The blog's models were trained on **BGR** input (it fed ``cv2.imread`` arrays straight to the
     network). This dataset returns RGB by default, like the rest of this package; pass
-    ``channel_order="bgr"`` to feed a model trained by the seed exactly what it saw.
+    ``channel_order="bgr"`` to feed a model trained by the original script exactly what it saw.
 
     Args:
         root: folder with ``images/`` and ``masks/``; see ``pair_files`` for the pairing rules.
         image_size: output size, an int for square images or ``(height, width)``.
         colormap: one ``(b, g, r)`` triple per class, matched exactly against the masks' pixels
-            as cv2 reads them (BGR). The seed's ``[[0,0,0],[0,0,128],[0,128,0]]`` by default.
+            as cv2 reads them (BGR). The blog's ``[[0,0,0],[0,0,128],[0,128,0]]`` by default.
         class_names: one name per class; ``("class_0", "class_1", ...)`` by default.
         indices: positions in the sorted pairs to keep (e.g. one split from ``split_indices``);
             all pairs by default.
@@ -164,7 +164,7 @@ class FolderSegmentation(Dataset):
         self,
         root: str | Path,
         image_size: int | tuple[int, int] = 256,
-        colormap: Colormap = SEED_COLORMAP,
+        colormap: Colormap = BLOG_COLORMAP,
         class_names: Sequence[str] | None = None,
         indices: Sequence[int] | None = None,
         transform: Callable[[dict], dict] | None = None,
@@ -207,7 +207,7 @@ class FolderSegmentation(Dataset):
         return self.transform(sample) if self.transform is not None else sample
 
     def read_image(self, path: Path) -> np.ndarray:
-        """Read and resize one image as the seed did.
+        """Read and resize one image as the blog post did.
 
         Returns:
             ``[H, W, 3]`` uint8 in ``channel_order``.
@@ -326,12 +326,12 @@ def _colors(colors: set[tuple[int, int, int]]) -> str:
 
 
 def read_image(path: Path, image_size: tuple[int, int], channel_order: str = "bgr") -> np.ndarray:
-    """One image read and resized as the seed did: cv2 colour read, bilinear resize.
+    """One image read and resized as the blog post did: cv2 colour read, bilinear resize.
 
     Args:
         path: the image file.
         image_size: ``(height, width)``.
-        channel_order: ``"bgr"`` (cv2's, the seed's) or ``"rgb"``.
+        channel_order: ``"bgr"`` (cv2's, the blog's) or ``"rgb"``.
 
     Returns:
         ``[H, W, 3]`` uint8 in ``channel_order``.

@@ -1,6 +1,6 @@
-"""Train/validation/test split that reproduces the seed's, without scikit-learn.
+"""Train/validation/test split that reproduces the blog post's, without scikit-learn.
 
-The seed split its sorted file list with scikit-learn, twice::
+The original script split its sorted file list with scikit-learn, twice::
 
     split_size = int(0.2 * n)
     train_x, valid_x = train_test_split(items, test_size=split_size, random_state=42)
@@ -8,7 +8,7 @@ The seed split its sorted file list with scikit-learn, twice::
 
 ``train_test_split`` with a fixed ``random_state`` draws ``RandomState(seed).permutation(n)``
 and takes the first ``test_size`` entries as its test part and the rest as its train part.
-``split_indices`` does the same with numpy alone, so with its defaults it returns the seed's
+``split_indices`` does the same with numpy alone, so with its defaults it returns the blog's
 exact split (same files in the same order) for any ``n``.
 """
 
@@ -20,18 +20,18 @@ import numpy as np
 def split_indices(
     n: int, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 42
 ) -> tuple[list[int], list[int], list[int]]:
-    """Split ``range(n)`` into train, validation and test indices, as the seed did.
+    """Split ``range(n)`` into train, validation and test indices, as the blog post did.
 
     The validation part is split off first, then the test part from what remains, each with a
-    fresh ``np.random.RandomState(seed)``. Both sizes are computed from ``n`` as the seed did:
+    fresh ``np.random.RandomState(seed)``. Both sizes are computed from ``n`` as the blog post did:
     ``int(val_fraction * n)`` and ``int(test_fraction * n)``. With the defaults this is exactly
-    the seed's 60/20/20 split.
+    the blog's 60/20/20 split.
 
     Args:
         n: number of items (e.g. sorted image/mask pairs).
         val_fraction: fraction of ``n`` for validation, in ``[0, 1)``.
         test_fraction: fraction of ``n`` for testing, in ``[0, 1)``.
-        seed: random seed (the seed used 42).
+        seed: random seed (the blog post used 42).
 
     Returns:
         ``(train, val, test)`` lists of indices into ``range(n)``, disjoint and together

@@ -9,7 +9,7 @@ shape alone does not find the plants either. Sizes are set for 128² and scale w
 
 Every sample is a pure function of ``(seed, index)``: the same on any worker, process or
 machine, in any order. ``write_synthetic_dataset`` (or the ``segcam-synthetic`` command) writes
-the same samples to disk in the seed's folder format.
+the same samples to disk in the blog's folder format.
 
 ``shortcut="soil"`` plants a shortcut for checking explanations (see :data:`SHORTCUTS`): every
 plant takes either shape at random, whatever its class, and ``narrow_leaf`` plants grow in a
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segcam_lightning.data.colormap import SEED_COLORMAP, Colormap, mask_to_color, validate_colormap
+from segcam_lightning.data.colormap import BLOG_COLORMAP, Colormap, mask_to_color, validate_colormap
 from segcam_lightning.text import require_int
 
 SYNTHETIC_CLASS_NAMES = ("soil", "narrow_leaf", "round_leaf")
@@ -128,7 +128,7 @@ class SyntheticSegmentation(GeneratedDataset):
     """
 
     class_names = SYNTHETIC_CLASS_NAMES
-    colormap = SEED_COLORMAP
+    colormap = BLOG_COLORMAP
     num_classes = len(SYNTHETIC_CLASS_NAMES)
 
     def __init__(
@@ -428,11 +428,11 @@ def write_synthetic_dataset(
     num_samples: int,
     image_size: int = 256,
     seed: int = 0,
-    colormap: Colormap = SEED_COLORMAP,
+    colormap: Colormap = BLOG_COLORMAP,
     overwrite: bool = False,
     shortcut: str | None = None,
 ) -> Path:
-    """Write synthetic samples to disk in the seed's folder format.
+    """Write synthetic samples to disk in the blog's folder format.
 
     Writes ``root/images/0000.jpg`` (JPEG quality 95, BGR via cv2) and ``root/masks/0000.png``
     (colour PNG painted with ``colormap``), one pair per sample, and nothing else. Sample ``i`` is
@@ -443,7 +443,7 @@ def write_synthetic_dataset(
         num_samples: number of image/mask pairs.
         image_size: side of the square images.
         seed: dataset seed.
-        colormap: ``(b, g, r)`` per class, at least 3 entries; the seed's by default.
+        colormap: ``(b, g, r)`` per class, at least 3 entries; the blog's by default.
         overwrite: allow writing into ``images/`` or ``masks/`` folders that already hold files
             (files with the same names are replaced, others are left alone).
         shortcut: ``None``, or a planted shortcut in :data:`SHORTCUTS` (``configs/shortcut.yaml``'s
@@ -489,9 +489,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segcam-synthetic",
         description=(
-            "Write the synthetic weeds-on-soil dataset to disk in the seed's folder format:\n"
+            "Write the synthetic weeds-on-soil dataset to disk in the blog's folder format:\n"
             "  OUT/images/NNNN.jpg  RGB images (written by cv2, JPEG quality 95)\n"
-            "  OUT/masks/NNNN.png   colour masks in the seed's BGR colormap\n"
+            "  OUT/masks/NNNN.png   colour masks in the blog's BGR colormap\n"
             "                       [[0,0,0],[0,0,128],[0,128,0]]: soil black,\n"
             "                       narrow_leaf red, round_leaf green\n"
             "These are the samples the in-memory synthetic dataset generates for the same\n"
@@ -567,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  images: {root / 'images'}/{first}.jpg .. {last}.jpg (JPEG quality 95)")
     print(f"  masks:  {root / 'masks'}/{first}.png .. {last}.png (colour PNG)")
     classes = ", ".join(
-        f"{k} {name} BGR{SEED_COLORMAP[k]}" for k, name in enumerate(SYNTHETIC_CLASS_NAMES)
+        f"{k} {name} BGR{BLOG_COLORMAP[k]}" for k, name in enumerate(SYNTHETIC_CLASS_NAMES)
     )
     print(f"  classes: {classes}")
     return 0

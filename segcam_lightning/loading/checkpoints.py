@@ -1,4 +1,4 @@
-"""Safe loading of the checkpoints an audit meets: Lightning ``.ckpt``, the seed's ``.pth``, bare
+"""Safe loading of the checkpoints an audit meets: Lightning ``.ckpt``, the blog's ``.pth``, bare
 state dicts, and the networks of the caller's own code.
 
 Every file is read with ``torch.load(..., weights_only=True)``: tensors, containers and plain
@@ -8,7 +8,7 @@ unpickling is refused with an explanation; ``trust=True`` (``--trust-checkpoint`
 :class:`CheckpointError` whose message is one line.
 
 Nothing read from a checkpoint decides what is imported or instantiated. :func:`load_checkpoint`
-always builds the seed-compatible :class:`~segcam_lightning.models.UNet`, from type-checked
+always builds the blog-compatible :class:`~segcam_lightning.models.UNet`, from type-checked
 integers, and loads it strictly. :func:`load_lightning_module` and :func:`load_network_weights`
 run code the *caller* names (``explain.py --module`` / ``--model``): a LightningModule class
 rebuilt by its own ``load_from_checkpoint``, or a network built by a factory; the file still
@@ -27,13 +27,13 @@ The three layouts:
   image size, colormap, channel order and normalisation it was trained with. With ``trust=True``
   the module is rebuilt by Lightning's ``load_from_checkpoint`` instead, which imports what the
   hyperparameters name.
-- **Seed** (the blog script): ``{"epoch", "model_state_dict", "optimizer_state_dict", "loss"}``.
+- **Blog** (the original script): ``{"epoch", "model_state_dict", "optimizer_state_dict", "loss"}``.
 - **Bare state dict** (``torch.save(model.state_dict(), path)``).
 
 The U-Net's width, input channels, class count and dimensionality are read from tensor shapes
 (``e1.conv.conv.0.weight`` is ``[w, C_in, 3, 3]``, ``outputs.weight`` is ``[K, w, 1, 1]``; a 3-D
 U-Net's are ``[w, C_in, 3, 3, 3]`` and ``[K, w, 1, 1, 1]``) and the weights are loaded strictly.
-The seed trained on cv2's BGR arrays, so seed files and state dicts of images report
+The blog post trained on cv2's BGR arrays, so blog files and state dicts of images report
 ``channel_order="bgr"``. A caller's network reports the output channels of one forward pass, and
 the input channels and dimensionality of its first convolution (``Conv3d``: volumes).
 
@@ -78,14 +78,14 @@ __all__ = [
     "network_and_prefix",
 ]
 
-CheckpointKind = Literal["lightning", "seed", "state_dict"]
+CheckpointKind = Literal["lightning", "blog", "state_dict"]
 _FIRST_CONV = "e1.conv.conv.0.weight"
 _HEAD = "outputs.weight"
 _STRIPPABLE_PREFIXES = ("module.", "_orig_mod.", "net.", "model.")
 # What may precede a caller's network's names in a file: a LightningModule's network attribute,
 # DataParallel's and torch.compile's wrappers.
 _NETWORK_PREFIXES = ("model.", "net.", "network.", "module.", "_orig_mod.")
-# The input size of a network when nothing says otherwise: the seed's; the synthetic volumes'.
+# The input size of a network when nothing says otherwise: the blog's; the synthetic volumes'.
 DEFAULT_SIZE = (256, 256)
 DEFAULT_VOLUME_SIZE = (32, 32, 32)
 
@@ -107,14 +107,14 @@ class LoadedCheckpoint:
             ``[B, K, h, w]`` (a caller's network may predict at a lower resolution), or volumes
             ``[B, C_in, D, H, W]`` to ``[B, K, d, h, w]`` when ``dims`` is 3. For a Lightning
             checkpoint of the package this is the module's ``net``, so layer names are the
-            seed's (``d4.conv.conv.5``).
+            blog U-Net's (``d4.conv.conv.5``).
         path: the file it was read from.
-        kind: ``"lightning"``, ``"seed"`` or ``"state_dict"``: the file's layout.
+        kind: ``"lightning"``, ``"blog"`` or ``"state_dict"``: the file's layout.
         num_classes: ``K``, the network's output channels (1 for a binary sigmoid model).
         in_channels: ``C_in``.
         base_width: the U-Net's first block width, when known.
         class_names: one name per class, when the checkpoint carries them.
-        channel_order: ``"rgb"`` or ``"bgr"``: what the network was trained on (the seed fed
+        channel_order: ``"rgb"`` or ``"bgr"``: what the network was trained on (the blog post fed
             cv2's BGR arrays); ``None`` when unknown, and for volumes (fed their channels).
         image_size: the training image size ``(height, width)``, or a volume's
             ``(depth, height, width)``, when known.
@@ -154,9 +154,9 @@ class LoadedCheckpoint:
     data_saved: bool = False
 
     def describe(self) -> str:
-        """One line for logs and reports, e.g. ``"seed .pth, U-Net width 64, 3 classes, BGR"``
+        """One line for logs and reports, e.g. ``"blog .pth, U-Net width 64, 3 classes, BGR"``
         or ``"Lightning .ckpt, SmallSegNet by project.py:PlantSegmenter, 1 output channel"``."""
-        kind = {"lightning": "Lightning .ckpt", "seed": "seed .pth", "state_dict": "state dict"}
+        kind = {"lightning": "Lightning .ckpt", "blog": "blog .pth", "state_dict": "state dict"}
         parts = [kind[self.kind]]
         if self.code is not None:
             parts.append(f"{type(self.net).__name__} by {self.code}")
@@ -181,7 +181,7 @@ def load_checkpoint(
     trust: bool = False,
     map_location: str | torch.device = "cpu",
 ) -> LoadedCheckpoint:
-    """Load a Lightning ``.ckpt``, a seed ``.pth`` or a bare U-Net state dict, safely.
+    """Load a Lightning ``.ckpt``, the blog U-Net's ``.pth`` or a bare U-Net state dict, safely.
 
     Args:
         path: the checkpoint file.
@@ -199,7 +199,7 @@ def load_checkpoint(
         FileNotFoundError: when ``path`` does not exist or is not a file.
         UnsafeCheckpointError: when loading would need arbitrary unpickling and not ``trust``.
         CheckpointError: for files that cannot be read, unknown layouts, hyperparameters that are
-            not plain values, networks that are not the seed U-Net, non-finite weights and
+            not plain values, networks that are not the blog U-Net, non-finite weights and
             class-count mismatches; the message names what was expected and what was found.
     """
     path = _existing_file(path)
@@ -208,8 +208,8 @@ def load_checkpoint(
     if kind == "lightning":
         loaded = _load_lightning(path, content, trust, map_location)
     else:
-        state = content["model_state_dict"] if kind == "seed" else content
-        epoch = content.get("epoch") if kind == "seed" else None
+        state = content["model_state_dict"] if kind == "blog" else content
+        epoch = content.get("epoch") if kind == "blog" else None
         loaded = _load_unet_state(path, kind, state, epoch, trust)
     _check_num_classes(loaded, num_classes)
     _check_finite(path, loaded.net)
@@ -222,7 +222,7 @@ def _existing_file(path: str | Path) -> Path:
     if problem := path_problem(path, "file"):
         raise FileNotFoundError(
             f"Checkpoint {path} {problem}. Pass a Lightning .ckpt (train.py writes them to "
-            "lightning_logs/version_N/checkpoints/), a seed .pth or a saved state dict."
+            "lightning_logs/version_N/checkpoints/), a blog-script .pth or a saved state dict."
         )
     return path
 
@@ -339,8 +339,8 @@ def _unreadable_message(path: Path, error: BaseException) -> str:
         reason = _first_line(error)
     return (
         f"Could not read {path} as a PyTorch checkpoint: the file is corrupt, truncated or not "
-        f"written by torch.save ({reason}). Pass a Lightning .ckpt, a seed .pth or a saved state "
-        "dict."
+        f"written by torch.save ({reason}). Pass a Lightning .ckpt, a blog-script .pth or a saved "
+        "state dict."
     )
 
 
@@ -351,7 +351,7 @@ def _detect_kind(content: Any, path: Path) -> CheckpointKind:
         ):
             return "lightning"
         if "model_state_dict" in content:
-            return "seed"
+            return "blog"
         if content and all(isinstance(v, Tensor) for v in content.values()):
             return "state_dict"
         keys = f"[{listing([str(k) for k in content])}]"
@@ -360,8 +360,8 @@ def _detect_kind(content: Any, path: Path) -> CheckpointKind:
         found = f"a {type(content).__name__}"
     raise CheckpointError(
         f"{path} holds {found}; expected a Lightning checkpoint (keys 'state_dict' and "
-        "'hyper_parameters'), the seed's dict (key 'model_state_dict') or a state dict (names "
-        "to tensors). A whole pickled model (torch.save(model)) is not supported: save its "
+        "'hyper_parameters'), the blog script's dict (key 'model_state_dict') or a state dict "
+        "(names to tensors). A whole pickled model (torch.save(model)) is not supported: save its "
         "state_dict() instead."
     )
 
@@ -637,7 +637,7 @@ def _rebuilt_unet(module: nn.Module, path: Path) -> UNet:
     if not isinstance(net, UNet):
         raise CheckpointError(
             f"{path} rebuilt a {type(module).__name__} whose `net` is "
-            f"{type(net).__name__}, not the seed U-Net this tool audits."
+            f"{type(net).__name__}, not the blog U-Net this tool audits."
         )
     return net
 
@@ -709,7 +709,7 @@ def load_lightning_module(
     if _detect_kind(content, path) != "lightning":
         raise CheckpointError(
             f"--module {name} rebuilds Lightning checkpoints (a dict with 'state_dict' and "
-            f"'hyper_parameters'), but {path} is a seed .pth or a bare state dict. Pass "
+            f"'hyper_parameters'), but {path} is a blog-script .pth or a bare state dict. Pass "
             "--model pkg.mod:factory (a function that builds the network) with this file instead."
         )
     hparams = content.get("hyper_parameters")
@@ -755,7 +755,7 @@ def load_module_weights(
     content = _torch_load(path, trust, map_location)
     if _detect_kind(content, path) != "lightning":
         raise CheckpointError(
-            f"{path} is a seed .pth or a bare state dict, but a run config describes a "
+            f"{path} is a blog-script .pth or a bare state dict, but a run config describes a "
             "LightningModule: pass the run's Lightning .ckpt (its checkpoints/ folder)."
         )
     problems = _state_problems(module.state_dict(), content["state_dict"])
@@ -795,9 +795,9 @@ def load_network_weights(
 ) -> LoadedCheckpoint:
     """Load a file's weights into the caller's network ``net`` (``explain.py --model``), strictly.
 
-    The file may be a bare state dict, the seed's ``{"model_state_dict": ...}`` or a Lightning
-    checkpoint (its ``state_dict``, and its data module's plain values). A prefix in front of the
-    network's names (``model.``, ``net.``, ``network.``, ``module.``, ``_orig_mod.``, also
+    The file may be a bare state dict, the blog script's ``{"model_state_dict": ...}`` or a
+    Lightning checkpoint (its ``state_dict``, and its data module's plain values). A prefix in front
+    of the network's names (``model.``, ``net.``, ``network.``, ``module.``, ``_orig_mod.``, also
     nested) is removed when that matches more of the network's tensors; then every tensor must
     match: nothing missing, nothing unexpected, the same shapes. Output channels are counted as
     in :func:`load_lightning_module`.
@@ -827,7 +827,7 @@ def load_network_weights(
         data = _data_hyperparameters(content)
         names = _names_or_none(_mapping(content.get("hyper_parameters")).get("class_names"))
         names, epoch = names or data.class_names, content.get("epoch")
-    elif kind == "seed":
+    elif kind == "blog":
         state, epoch = content["model_state_dict"], content.get("epoch")
     else:
         state = content
@@ -963,7 +963,7 @@ class UNetShape(NamedTuple):
 
 
 def infer_unet_shape(state: Mapping[str, Any]) -> UNetShape:
-    """The seed U-Net's width, input channels, classes, name prefix and dimensionality from a
+    """The blog U-Net's width, input channels, classes, name prefix and dimensionality from a
     state dict: ``e1.conv.conv.0.weight`` is ``[w, C_in, 3, 3]`` (``[w, C_in, 3, 3, 3]`` in a
     3-D U-Net), ``outputs.weight`` is ``[K, w, 1, 1]`` (``[K, w, 1, 1, 1]``).
 
@@ -975,9 +975,9 @@ def infer_unet_shape(state: Mapping[str, Any]) -> UNetShape:
     prefix = first[0][: -len(_FIRST_CONV)] if first else ""
     if not first or prefix not in ("", *_STRIPPABLE_PREFIXES):
         raise CheckpointError(
-            f"Expected the seed U-Net's weights (tensors named '{_FIRST_CONV}' ... "
+            f"Expected the blog U-Net's weights (tensors named '{_FIRST_CONV}' ... "
             f"'{_HEAD}'), but found {len(state)} tensors named "
-            f"[{listing([str(k) for k in state])}]. This tool audits the seed-compatible U-Net "
+            f"[{listing([str(k) for k in state])}]. This tool audits the blog-compatible U-Net "
             "(segcam_lightning.models.UNet); for other networks use segcam_lightning.cam directly."
         )
     conv, head = state.get(prefix + _FIRST_CONV), state.get(prefix + _HEAD)
@@ -1014,7 +1014,7 @@ def _load_unet_state(
         num_classes=shape.num_classes,
         in_channels=shape.in_channels,
         base_width=shape.base_width,
-        channel_order="bgr" if shape.dims == 2 else None,  # the seed fed cv2's BGR images
+        channel_order="bgr" if shape.dims == 2 else None,  # the blog post fed cv2's BGR images
         epoch=_int_or_none(epoch),
         trusted=trust,
         dims=shape.dims,
@@ -1029,10 +1029,10 @@ def _unet_from_state(path: Path, state: Mapping[str, Any], shape: UNetShape) -> 
     if problems:
         what = "3-D U-Net" if shape.dims == 3 else "U-Net"
         raise CheckpointError(
-            f"{path} does not match the seed {what} with base width {shape.base_width} and "
+            f"{path} does not match the blog-layout {what} with base width {shape.base_width} and "
             f"{shape.num_classes} classes (inferred from its first convolution and output head): "
             f"of the {len(net.state_dict())} expected tensors, {'; '.join(problems)}. Only the "
-            "seed-compatible U-Net (segcam_lightning.models.UNet) can be audited from a state "
+            "blog-compatible U-Net (segcam_lightning.models.UNet) can be audited from a state "
             "dict; for another network, name the code that builds it with --model pkg.mod:factory."
         )
     net.load_state_dict(state, strict=True)
@@ -1113,7 +1113,7 @@ def _first_conv(net: nn.Module) -> nn.modules.conv._ConvNd | None:
 
 
 def default_size(dims: int) -> tuple[int, ...]:
-    """The input size assumed when nothing says: the seed's 256×256 for images, 32³ for volumes
+    """The input size assumed when nothing says: the blog's 256×256 for images, 32³ for volumes
     (the synthetic volumes' side)."""
     return DEFAULT_SIZE if dims == 2 else DEFAULT_VOLUME_SIZE
 

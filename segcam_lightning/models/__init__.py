@@ -1,5 +1,5 @@
 """Segmentation networks."""
 
-from segcam_lightning.models.unet import SEED_LAYERS, UNet, build_unet
+from segcam_lightning.models.unet import BLOG_LAYERS, UNet, build_unet
 
-__all__ = ["SEED_LAYERS", "UNet", "build_unet"]
+__all__ = ["BLOG_LAYERS", "UNet", "build_unet"]

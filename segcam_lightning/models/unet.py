@@ -1,8 +1,8 @@
-"""U-Net with the seed's module names, so the seed's checkpoints and layer names keep working.
+"""U-Net with the blog post's module names, so its checkpoints and layer names keep working.
 
 The structure and attribute names follow the original blog-post U-Net exactly
 (``e1..e4``, ``b``, ``d1..d4``, ``outputs``; every ``conv_block.conv`` is a Sequential whose
-index 5 is the last in-place ReLU). ``base_width`` scales every width; 64 is the seed.
+index 5 is the last in-place ReLU). ``base_width`` scales every width; 64 is the blog's.
 
 ``dims=3`` builds the same network for volumes, with the same module names and the 3-D layers
 (``Conv3d``, ``BatchNorm3d``, ``MaxPool3d``, ``ConvTranspose3d``) in place of the 2-D ones.
@@ -15,8 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-#: The layers the seed's Grad-CAM tips point at, from the first encoder block to the last decoder.
-SEED_LAYERS = ("e1.conv.conv.5", "e4.conv.conv.5", "b.conv.5", "d4.conv.conv.5")
+#: The layers the blog's Grad-CAM tips point at, from the first encoder block to the last decoder.
+BLOG_LAYERS = ("e1.conv.conv.5", "e4.conv.conv.5", "b.conv.5", "d4.conv.conv.5")
 
 
 class _Layers(NamedTuple):
@@ -91,12 +91,12 @@ class decoder_block(nn.Module):
 
 
 class UNet(nn.Module):
-    """The seed's U-Net: four encoder blocks, a bottleneck, four decoder blocks, a 1×1 head.
+    """The blog U-Net: four encoder blocks, a bottleneck, four decoder blocks, a 1×1 head.
 
     Args:
         num_classes: number of output channels ``K``.
         base_width: width of the first block; the others are 2×, 4×, 8× and 16× it. 64 is the
-            seed (31 M parameters); 16 trains on a laptop CPU in minutes.
+            blog's (31 M parameters); 16 trains on a laptop CPU in minutes.
         in_channels: channels of the input image.
         dims: 2 for images, 3 for volumes (3-D convolutions, pooling and upsampling; the module
             names stay the same, so ``"d4.conv.conv.5"`` is the last decoder ReLU either way).
@@ -156,6 +156,6 @@ class UNet(nn.Module):
 
 
 def build_unet(num_classes: int, base_width: int = 64, in_channels: int = 3, dims: int = 2) -> UNet:
-    """Build the seed-compatible U-Net (same call as the seed's ``build_unet(num_classes)``);
+    """Build the blog-compatible U-Net (same call as the blog's ``build_unet(num_classes)``);
     ``dims=3`` builds its 3-D counterpart for volumes ``[B, C, D, H, W]``."""
     return UNet(num_classes=num_classes, base_width=base_width, in_channels=in_channels, dims=dims)
