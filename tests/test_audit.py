@@ -212,7 +212,7 @@ def test_blog_checkpoint_is_fed_bgr_and_writes_one_folder_per_layer(blog_pth, we
 def test_real_blog_checkpoint_is_recognised_and_audited_where_the_blog_writes(weeds, tmp_path):
     path = save_blog_checkpoint(tmp_path / "blog.pth", build_unet(3))  # the blog's full U-Net
     loaded = load_checkpoint(path)
-    assert (loaded.kind, loaded.base_width, loaded.num_classes) == ("blog", 64, 3)
+    assert (loaded.layout, loaded.base_width, loaded.num_classes) == ("blog", 64, 3)
     assert loaded.channel_order == "bgr" and loaded.epoch == 7
     assert not loaded.net.training
     out = tmp_path / "results"
@@ -228,7 +228,7 @@ def test_bare_state_dict_with_a_prefix_loads(tmp_path):
     net = UNet(4, base_width=2)
     torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, tmp_path / "sd.pt")
     loaded = load_checkpoint(tmp_path / "sd.pt")
-    assert (loaded.kind, loaded.base_width, loaded.num_classes) == ("state_dict", 2, 4)
+    assert (loaded.layout, loaded.base_width, loaded.num_classes) == ("state_dict", 2, 4)
 
 
 def test_several_checkpoints_are_compared(lightning_ckpt, blog_pth, weeds, tmp_path):

@@ -108,7 +108,7 @@ def test_plain_lightning_checkpoint_is_rebuilt_from_its_values(net, tmp_path):
         **CLI_MARKER,
     )
     loaded = load_checkpoint(path)
-    assert (loaded.kind, loaded.num_classes, loaded.base_width) == ("lightning", 3, 2)
+    assert (loaded.layout, loaded.num_classes, loaded.base_width) == ("lightning", 3, 2)
     assert loaded.class_names == tuple(names) and loaded.image_size == (32, 32)
     assert loaded.epoch == 4 and not loaded.trusted
     for key, value in net.state_dict().items():
@@ -287,7 +287,7 @@ def test_own_network_weights_load_under_any_prefix_and_mismatches_are_listed(tmp
                 "hyper_parameters": {}}, tmp_path / "nested.ckpt")  # fmt: skip
     fresh = TinyModule().net
     loaded = load_network_weights(tmp_path / "nested.ckpt", fresh, size=(8, 8))
-    assert loaded.net is fresh and loaded.kind == "lightning" and loaded.epoch == 2
+    assert loaded.net is fresh and loaded.layout == "lightning" and loaded.epoch == 2
     for key, value in net.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
     state = {**net.state_dict(), "extra.weight": torch.ones(1)}

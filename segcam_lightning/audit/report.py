@@ -463,7 +463,7 @@ def build_summary(
             {
                 "label": m.label,
                 "path": str(m.loaded.path),
-                "kind": m.loaded.kind,
+                "kind": m.loaded.layout,
                 "description": m.loaded.describe(),
                 "num_classes": m.loaded.num_classes,
                 "base_width": m.loaded.base_width,

@@ -39,7 +39,7 @@ the input channels and dimensionality of its first convolution (``Conv3d``: volu
 
 Example:
     >>> loaded = load_checkpoint("lightning_logs/version_0/checkpoints/last.ckpt")  # doctest: +SKIP
-    >>> loaded.kind, loaded.num_classes, loaded.channel_order  # doctest: +SKIP
+    >>> loaded.layout, loaded.num_classes, loaded.channel_order  # doctest: +SKIP
     ('lightning', 3, 'rgb')
 """
 
@@ -78,7 +78,7 @@ __all__ = [
     "network_and_prefix",
 ]
 
-CheckpointKind = Literal["lightning", "blog", "state_dict"]
+CheckpointLayout = Literal["lightning", "blog", "state_dict"]
 _FIRST_CONV = "e1.conv.conv.0.weight"
 _HEAD = "outputs.weight"
 _STRIPPABLE_PREFIXES = ("module.", "_orig_mod.", "net.", "model.")
@@ -109,7 +109,7 @@ class LoadedCheckpoint:
             checkpoint of the package this is the module's ``net``, so layer names are the
             blog U-Net's (``d4.conv.conv.5``).
         path: the file it was read from.
-        kind: ``"lightning"``, ``"blog"`` or ``"state_dict"``: the file's layout.
+        layout: ``"lightning"``, ``"blog"`` or ``"state_dict"``: the file's layout.
         num_classes: ``K``, the network's output channels (1 for a binary sigmoid model).
         in_channels: ``C_in``.
         base_width: the U-Net's first block width, when known.
@@ -136,7 +136,7 @@ class LoadedCheckpoint:
 
     net: nn.Module
     path: Path
-    kind: CheckpointKind
+    layout: CheckpointLayout
     num_classes: int
     in_channels: int
     base_width: int | None = None
@@ -156,8 +156,8 @@ class LoadedCheckpoint:
     def describe(self) -> str:
         """One line for logs and reports, e.g. ``"blog .pth, U-Net width 64, 3 classes, BGR"``
         or ``"Lightning .ckpt, SmallSegNet by project.py:PlantSegmenter, 1 output channel"``."""
-        kind = {"lightning": "Lightning .ckpt", "blog": "blog .pth", "state_dict": "state dict"}
-        parts = [kind[self.kind]]
+        names = {"lightning": "Lightning .ckpt", "blog": "blog .pth", "state_dict": "state dict"}
+        parts = [names[self.layout]]
         if self.code is not None:
             parts.append(f"{type(self.net).__name__} by {self.code}")
         if self.base_width is not None:
@@ -204,13 +204,13 @@ def load_checkpoint(
     """
     path = _existing_file(path)
     content = _torch_load(path, trust, map_location)
-    kind = _detect_kind(content, path)
-    if kind == "lightning":
+    layout = _detect_layout(content, path)
+    if layout == "lightning":
         loaded = _load_lightning(path, content, trust, map_location)
     else:
-        state = content["model_state_dict"] if kind == "blog" else content
-        epoch = content.get("epoch") if kind == "blog" else None
-        loaded = _load_unet_state(path, kind, state, epoch, trust)
+        state = content["model_state_dict"] if layout == "blog" else content
+        epoch = content.get("epoch") if layout == "blog" else None
+        loaded = _load_unet_state(path, layout, state, epoch, trust)
     _check_num_classes(loaded, num_classes)
     _check_finite(path, loaded.net)
     loaded.net.eval()
@@ -344,7 +344,7 @@ def _unreadable_message(path: Path, error: BaseException) -> str:
     )
 
 
-def _detect_kind(content: Any, path: Path) -> CheckpointKind:
+def _detect_layout(content: Any, path: Path) -> CheckpointLayout:
     if isinstance(content, Mapping):
         if "state_dict" in content and (
             "pytorch-lightning_version" in content or "hyper_parameters" in content
@@ -460,7 +460,7 @@ def _load_lightning(
     return LoadedCheckpoint(
         net=net,
         path=path,
-        kind="lightning",
+        layout="lightning",
         num_classes=int(net.num_classes),
         in_channels=int(net.e1.conv.conv[0].in_channels),
         base_width=int(net.base_width),
@@ -706,7 +706,7 @@ def load_lightning_module(
     name = options.get("code") or module_class.__name__
     trust, map_location = options.get("trust", False), options.get("map_location", "cpu")
     content = _torch_load(path, trust, map_location)
-    if _detect_kind(content, path) != "lightning":
+    if _detect_layout(content, path) != "lightning":
         raise CheckpointError(
             f"--module {name} rebuilds Lightning checkpoints (a dict with 'state_dict' and "
             f"'hyper_parameters'), but {path} is a blog-script .pth or a bare state dict. Pass "
@@ -753,7 +753,7 @@ def load_module_weights(
     name = options.get("code") or type(module).__name__
     trust, map_location = options.get("trust", False), options.get("map_location", "cpu")
     content = _torch_load(path, trust, map_location)
-    if _detect_kind(content, path) != "lightning":
+    if _detect_layout(content, path) != "lightning":
         raise CheckpointError(
             f"{path} is a blog-script .pth or a bare state dict, but a run config describes a "
             "LightningModule: pass the run's Lightning .ckpt (its checkpoints/ folder)."
@@ -820,14 +820,14 @@ def load_network_weights(
     path = _existing_file(path)
     name = options.get("code") or type(net).__name__
     content = _torch_load(path, options.get("trust", False), options.get("map_location", "cpu"))
-    kind = _detect_kind(content, path)
+    layout = _detect_layout(content, path)
     data, names, epoch = _DataHyperparameters(), None, None
-    if kind == "lightning":
+    if layout == "lightning":
         state = content.get("state_dict")
         data = _data_hyperparameters(content)
         names = _names_or_none(_mapping(content.get("hyper_parameters")).get("class_names"))
         names, epoch = names or data.class_names, content.get("epoch")
-    elif kind == "blog":
+    elif layout == "blog":
         state, epoch = content["model_state_dict"], content.get("epoch")
     else:
         state = content
@@ -848,7 +848,7 @@ def load_network_weights(
         )
     net.load_state_dict(state, strict=True)
     net.eval()
-    return _caller_network(path, net, _Origin(kind, name, data, names, epoch), options)
+    return _caller_network(path, net, _Origin(layout, name, data, names, epoch), options)
 
 
 def network_and_prefix(module: nn.Module) -> tuple[nn.Module, str]:
@@ -997,7 +997,7 @@ def infer_unet_shape(state: Mapping[str, Any]) -> UNetShape:
 
 
 def _load_unet_state(
-    path: Path, kind: CheckpointKind, state: Any, epoch: Any, trust: bool
+    path: Path, layout: CheckpointLayout, state: Any, epoch: Any, trust: bool
 ) -> LoadedCheckpoint:
     if not isinstance(state, Mapping) or not state:
         raise CheckpointError(
@@ -1010,7 +1010,7 @@ def _load_unet_state(
     return LoadedCheckpoint(
         net=_unet_from_state(path, state, shape),
         path=path,
-        kind=kind,
+        layout=layout,
         num_classes=shape.num_classes,
         in_channels=shape.in_channels,
         base_width=shape.base_width,
@@ -1063,7 +1063,7 @@ def _state_problems(expected: Mapping[str, Tensor], state: Mapping[str, Any]) ->
 class _Origin:
     """Where a caller's network came from: the file's layout and plain values, and the code."""
 
-    kind: CheckpointKind
+    layout: CheckpointLayout
     code: str
     data: _DataHyperparameters
     class_names: tuple[str, ...] | None
@@ -1087,7 +1087,7 @@ def _caller_network(
     loaded = LoadedCheckpoint(
         net=net,
         path=path,
-        kind=origin.kind,
+        layout=origin.layout,
         num_classes=_count_outputs(path, net, origin.code, channels, side, guessed),
         in_channels=channels,
         class_names=origin.class_names,
@@ -1153,7 +1153,7 @@ def _check_num_classes(loaded: LoadedCheckpoint, num_classes: int | None) -> Non
         return
     if loaded.code is not None:
         where = f"the network built by {loaded.code} has {loaded.num_classes} output channels"
-    elif loaded.kind == "lightning":
+    elif loaded.layout == "lightning":
         where = "its saved hyperparameters"
     else:
         where = f"its output head '{_HEAD}' has {loaded.num_classes} output channels"
