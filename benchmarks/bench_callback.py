@@ -4,10 +4,12 @@ Runs ``fit`` on ``configs/synthetic.yaml`` as shipped (GradCAMCallback on d4 + e
 ShortcutMonitor, 8 probe images, every epoch) and on the same config with both removed,
 alternating the order over ``--repeats`` rounds, and prints the wall-time ratio (with /
 without) of each round and the median. Each fit starts from the same seed, so both do the same
-training work. It also times the callbacks' own work inside the run (every ``log_cams`` call:
-CAMs, grids, scalars, the map watch; every monitor's validation end: the objects-alone test)
-and prints it as a share of that fit: a figure that does not move with the
-machine's run-to-run noise, which on a shared VM can exceed the callback's cost.
+training work. It also times the callbacks' work on the training thread (every ``log_cams``
+call: CAMs, gather, scalars, the map watch, handing the grids to the picture worker; every
+monitor's validation end: the objects-alone test) and prints it as a share of that fit: a
+figure that does not move with the machine's run-to-run noise, which on a shared VM can exceed
+the callbacks' cost. The picture worker's time (drawing, encoding and writing the grids, beside
+training) is printed too.
 
     python benchmarks/bench_callback.py                  # the full default run, twice
     python benchmarks/bench_callback.py --max-epochs 2   # shorter
@@ -24,7 +26,11 @@ from pathlib import Path
 
 import torch
 
+from segcam_lightning.callbacks import gradcam
 from segcam_lightning.cli import build_cli
+
+#: The grids' drawing, encoding and writing, which GradCAMCallback hands to its picture worker.
+DRAW = gradcam.log_grids
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "synthetic.yaml"
@@ -32,8 +38,9 @@ CONFIG = ROOT / "configs" / "synthetic.yaml"
 
 def fit_seconds(
     with_callback: bool, max_epochs: int | None, workdir: Path
-) -> tuple[float, float, float]:
-    """``(fit seconds, val/mIoU, seconds spent in the callbacks' own work)``."""
+) -> tuple[float, float, float, float]:
+    """``(fit seconds, val/mIoU, seconds of the callbacks' work on the training thread, seconds
+    of the picture worker's)``."""
     args = ["--config", str(CONFIG), "--trainer.enable_progress_bar=false"]
     args += [
         f"--trainer.default_root_dir={workdir}",
@@ -45,7 +52,8 @@ def fit_seconds(
     ours = ("GradCAMCallback", "ShortcutMonitor")
     if not with_callback:
         cli.trainer.callbacks = [c for c in cli.trainer.callbacks if type(c).__name__ not in ours]
-    inside = [0.0]
+    inside, worker = [0.0], [0.0]
+    gradcam.log_grids = _timed(DRAW, worker)  # what the picture worker runs
     for callback in cli.trainer.callbacks:
         if type(callback).__name__ == "GradCAMCallback":
             callback.log_cams = _timed(callback.log_cams, inside)
@@ -54,7 +62,7 @@ def fit_seconds(
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - start
-    return seconds, float(cli.trainer.callback_metrics["val/mIoU"]), inside[0]
+    return seconds, float(cli.trainer.callback_metrics["val/mIoU"]), inside[0], worker[0]
 
 
 def _timed(method, total: list[float]):
@@ -84,7 +92,7 @@ def main() -> None:
             seconds = {}
             for with_callback in order:
                 workdir = Path(tmp) / f"r{round_}-{int(with_callback)}"
-                seconds[with_callback], miou, inside = fit_seconds(
+                seconds[with_callback], miou, inside, worker = fit_seconds(
                     with_callback, args.max_epochs, workdir
                 )
                 label = "with callback   " if with_callback else "without callback"
@@ -93,11 +101,17 @@ def main() -> None:
                 )
                 if with_callback:
                     shares.append(inside / seconds[True])
-                    print(f"round {round_}: inside the callback {inside:.1f} s ({shares[-1]:.1%})")
+                    print(
+                        f"round {round_}: on the training thread {inside:.1f} s "
+                        f"({shares[-1]:.1%}); on the picture worker {worker:.1f} s"
+                    )
             ratios.append(seconds[True] / seconds[False])
             print(f"round {round_}: ratio {ratios[-1]:.3f}")
     print(f"median ratio (with / without): {statistics.median(ratios):.3f}  (goal <= 1.03)")
-    print(f"median time inside the callback: {statistics.median(shares):.1%} of the fit")
+    print(
+        f"median time of the callbacks on the training thread: {statistics.median(shares):.1%} "
+        "of the fit (goal <= 1%)"
+    )
 
 
 if __name__ == "__main__":

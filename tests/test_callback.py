@@ -357,6 +357,7 @@ def test_no_leaks_over_many_epochs(tmp_path):
     counts = []
     for _ in range(4):
         callback.log_cams(trainer, model)
+        callback.flush_pictures()  # the grids are drawn on the picture worker
         counts.append(_live_tensors())
     assert counts[-1] == counts[1], counts
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())

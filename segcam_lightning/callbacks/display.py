@@ -125,9 +125,11 @@ def log_grids(
     preds: Tensor,
     cams: Tensor,
     labels: GridLabels,
+    step: int,
 ) -> None:
-    """Draw and write one grid per layer and class: input, ground truth, prediction and the
-    overlay, a row per probe image (three slices through the map's peak for volumes)."""
+    """Draw and write one grid per layer and class at ``step``: input, ground truth, prediction
+    and the overlay, a row per probe image (three slices through the map's peak for volumes).
+    Runs on the callback's picture worker: it reads no training state but the loggers."""
     spatial, kind, k_out = shown.ndim - 2, labels.kind, labels.num_outputs
     truth = FC.label_map(masks, kind, spatial) if masks is not None else None
     predicted = FC.label_map(preds, kind, spatial)
@@ -141,7 +143,6 @@ def log_grids(
     absent = ~_held(preds, labels.channels, kind, k_out, spatial)
     if masks is not None:
         absent &= ~_held(masks, labels.channels, kind, k_out, spatial)
-    step = log_step(trainer)
     options = {"masks": truth, "preds": predicted, "alpha": spec.alpha, "legend": legend}
     options["cam_colormap"] = COLORMAPS[spec.colormap.lower()]
     for i, layer in enumerate(labels.layers):

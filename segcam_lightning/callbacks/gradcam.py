@@ -19,6 +19,7 @@ import math
 import re
 import traceback
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -29,9 +30,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from segcam_lightning.callbacks._checks import check_callable, is_index
-from segcam_lightning.callbacks.display import DisplaySpec, GridLabels, log_grids
+from segcam_lightning.callbacks.display import DisplaySpec, GridLabels, log_grids, log_step
 from segcam_lightning.callbacks.probe import Probe, ProbeSpec, gather, shared_probe
 from segcam_lightning.callbacks.share import CAMStep, ModelReading, share_of
+from segcam_lightning.callbacks.worker import PictureWorker
 from segcam_lightning.cam import CAMEngine, Readout, get_method, get_target
 from segcam_lightning.cam import functional as FC
 from segcam_lightning.cam.functional import class_regions
@@ -201,7 +203,13 @@ class GradCAMCallback(Callback):
         self._num_outputs = 0
         self._channels: list[int] = []
         self._display: Callable[[Tensor], Tensor] = lambda images: images
+        #: Draws, encodes and writes the grids off the training thread (made at first use).
+        self._pictures: PictureWorker | None = None
         self._warned = self._nonfinite_warned = self._told = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The picture worker's thread and queue stay in their process (ddp_spawn pickles).
+        return {**self.__dict__, "_pictures": None}
 
     @property
     @override
@@ -319,13 +327,17 @@ class GradCAMCallback(Callback):
         except Exception:
             if self.strict:
                 raise
-            if not self._warned:
-                self._warned = True
-                rank_zero_warn(
-                    f"GradCAMCallback failed at step {trainer.global_step}; training goes on"
-                    " without CAMs (pass `strict=True` to raise instead). Further failures are"
-                    f" not reported.\n{traceback.format_exc()}"
-                )
+            self._report_failure(trainer)
+
+    def _report_failure(self, trainer: L.Trainer) -> None:
+        """Warn once per run about a failed CAM step (the exception being handled)."""
+        if not self._warned:
+            self._warned = True
+            rank_zero_warn(
+                f"GradCAMCallback failed at step {trainer.global_step}; training goes on"
+                " without CAMs (pass `strict=True` to raise instead). Further failures are"
+                f" not reported.\n{traceback.format_exc()}"
+            )
 
     def _due(self, trainer: L.Trainer) -> bool:
         if trainer.state.fn != "fit":
@@ -337,6 +349,8 @@ class GradCAMCallback(Callback):
         ShortcutMonitor and log them from global rank 0."""
         if self._engine is None or self.probe is None:
             raise RuntimeError("GradCAMCallback.log_cams() called before setup().")
+        if self._pictures is not None:
+            self._pictures.raise_failure()  # an earlier step's pictures failed: say so now
         images, masks = self.probe.images, self.probe.masks
         shard = self.probe.shard(trainer)
         local = trainer.precision_plugin.convert_input(images[shard].to(pl_module.device))
@@ -352,7 +366,8 @@ class GradCAMCallback(Callback):
         self.last_cams = cams
         names = [self._names.channels[c] for c in self._channels]
         if self.log_alignment and masks is not None:
-            self._log_alignment(pl_module, cams, masks, names)
+            tags = ["/".join(self._tagged(layer)) for layer in self._layer_labels]
+            _log_alignment(pl_module, cams, masks, tags, self._channels, names, self._read)
         self._publish(trainer, cams, masks, preds, names)
         if trainer.is_global_zero:
             labels = GridLabels(
@@ -365,7 +380,46 @@ class GradCAMCallback(Callback):
                 self._read.ignore_index,
             )
             shown = self.display.show(self._display, images)
-            log_grids(trainer, self.display, shown, masks, preds, cams, labels)
+            draw = partial(log_grids, trainer, self.display, shown, masks, preds, cams, labels)
+            self._worker().submit(partial(draw, log_step(trainer)))
+
+    def _worker(self) -> PictureWorker:
+        if self._pictures is None:
+            self._pictures = PictureWorker(
+                on_full=lambda: rank_zero_info(
+                    "GradCAMCallback: the grids of earlier validations are still being written "
+                    "(a slow disk or logger); training waits for them. Said once."
+                )
+            )
+        return self._pictures
+
+    def flush_pictures(self) -> None:
+        """Wait until the grids of every step so far are written; raise a failure of the
+        picture worker, if any (``teardown`` does this at the end of ``fit``/``validate``)."""
+        if self._pictures is not None:
+            self._pictures.flush()
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Wait for the last grids; report a failure as the CAM step does."""
+        if self._pictures is None:
+            return
+        try:
+            self.flush_pictures()
+        except Exception:
+            if self.strict:
+                raise
+            self._report_failure(trainer)
+        finally:
+            self._pictures.close()
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """Keep every grid logged before the exception (Ctrl-C included): write what is queued."""
+        if self._pictures is not None:
+            self._pictures.close()
 
     def _publish(
         self,
@@ -417,26 +471,6 @@ class GradCAMCallback(Callback):
             )
         return False
 
-    def _log_alignment(
-        self, pl_module: L.LightningModule, cams: Tensor, masks: Tensor, names: list[str]
-    ) -> None:
-        # Every rank holds the gathered CAMs, so every rank computes the same values: no sync.
-        options = {
-            "kind": self._read.kind,
-            "ignore_index": self._read.ignore_index,
-            "sync_on_compute": False,
-        }
-        for i, layer in enumerate(self._layer_labels):
-            for kind, metric in (
-                ("energy_inside", CAMEnergyInside(self._channels, **options)),
-                ("pointing_game", PointingGame(self._channels, **options)),
-            ):
-                values = metric(cams[:, i], masks)
-                tag = "/".join(self._tagged(layer))
-                for name, value in zip(names, values.reshape(-1).tolist(), strict=True):
-                    if not math.isnan(value):  # class absent from every probe image
-                        pl_module.log(f"cam_alignment/{tag}/{name}/{kind}", value)
-
     def _tagged(self, layer: str) -> tuple[str, ...]:
         """A layer's label in tags and paths: ``(tag, layer)`` when there is a tag."""
         return (layer,) if self.tag is None else (self.tag, layer)
@@ -456,6 +490,30 @@ class GradCAMCallback(Callback):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _log_alignment(
+    pl_module: L.LightningModule,
+    cams: Tensor,
+    masks: Tensor,
+    tags: Sequence[str],
+    channels: list[int],
+    names: Sequence[str],
+    read: Readout,
+) -> None:
+    """Log ``cam_alignment/<tag>/<class>/energy_inside`` and ``.../pointing_game`` of each
+    layer's maps ``cams [N, L, K, *S]``. Every rank holds the gathered maps and computes the
+    same values: no sync."""
+    options = {"kind": read.kind, "ignore_index": read.ignore_index, "sync_on_compute": False}
+    for i, tag in enumerate(tags):
+        for kind, metric in (
+            ("energy_inside", CAMEnergyInside(channels, **options)),
+            ("pointing_game", PointingGame(channels, **options)),
+        ):
+            values = metric(cams[:, i], masks)
+            for name, value in zip(names, values.reshape(-1).tolist(), strict=True):
+                if not math.isnan(value):  # class absent from every probe image
+                    pl_module.log(f"cam_alignment/{tag}/{name}/{kind}", value)
 
 
 def _refuse_moved(moved: dict[str, Any]) -> None:
