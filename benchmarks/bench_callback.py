@@ -5,11 +5,11 @@ ShortcutMonitor, 8 probe images, every epoch) and on the same config with both r
 alternating the order over ``--repeats`` rounds, and prints the wall-time ratio (with /
 without) of each round and the median. Each fit starts from the same seed, so both do the same
 training work. It also times the callbacks' work on the training thread (every ``log_cams``
-call: CAMs, gather, scalars, the map watch, handing the grids to the picture worker; every
+call: CAMs, gather, scalars, the map watch, drawing the grids; every
 monitor's validation end: the objects-alone test) and prints it as a share of that fit: a
 figure that does not move with the machine's run-to-run noise, which on a shared VM can exceed
-the callbacks' cost. The picture worker's time (drawing, encoding and writing the grids, beside
-training) is printed too.
+the callbacks' cost. The picture worker's time (encoding and writing the grids, beside training)
+is printed too.
 
     python benchmarks/bench_callback.py                  # the full default run, twice
     python benchmarks/bench_callback.py --max-epochs 2   # shorter
@@ -29,8 +29,8 @@ import torch
 from segcam_lightning.callbacks import gradcam
 from segcam_lightning.cli import build_cli
 
-#: The grids' drawing, encoding and writing, which GradCAMCallback hands to its picture worker.
-DRAW = gradcam.log_grids
+#: The grids' encoding and writing, which GradCAMCallback hands to its picture worker.
+WRITE = gradcam.write_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "synthetic.yaml"
@@ -53,7 +53,7 @@ def fit_seconds(
     if not with_callback:
         cli.trainer.callbacks = [c for c in cli.trainer.callbacks if type(c).__name__ not in ours]
     inside, worker = [0.0], [0.0]
-    gradcam.log_grids = _timed(DRAW, worker)  # what the picture worker runs
+    gradcam.write_images = _timed(WRITE, worker)  # what the picture worker runs
     for callback in cli.trainer.callbacks:
         if type(callback).__name__ == "GradCAMCallback":
             callback.log_cams = _timed(callback.log_cams, inside)

@@ -1,4 +1,4 @@
-"""The callback's pictures are drawn, encoded and written off the training thread.
+"""The callback's pictures are encoded and written off the training thread.
 
 The worker changes no picture (the same bytes as drawn on the training thread), a failure in it
 reaches the user, and Ctrl-C keeps every grid of the validations before it.
@@ -40,7 +40,7 @@ def test_a_failure_in_the_worker_reaches_the_user(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("segcam_lightning.callbacks.display.cam_grid", broken)
+    monkeypatch.setattr("segcam_lightning.callbacks.display.write_image", broken)
     callback = GradCAMCallback(strict=True, probe=ProbeSpec(num_images=2))
     trainer, model, data = make_run(tmp_path / "strict", [callback], max_epochs=2)
     with pytest.raises(RuntimeError, match=r"the picture worker failed: OSError\('disk full'\)"):

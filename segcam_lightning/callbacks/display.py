@@ -2,7 +2,8 @@
 
 :class:`DisplaySpec` groups the settings of the pictures: the overlay's weight and colour map,
 how each map is scaled, and how normalised inputs are turned back into the pictures they are.
-:func:`log_grids` draws one grid per layer and class and writes it to every logger.
+:func:`draw_grids` draws one grid per layer and class; :func:`write_images` encodes them and
+writes them to every logger (on the callback's picture worker).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from segcam_lightning.render import (
     volume_grid,
 )
 
-__all__ = ["COLORMAPS", "DisplaySpec", "log_grids"]
+__all__ = ["COLORMAPS", "DisplaySpec", "draw_grids", "write_images"]
 
 COLORMAPS = {
     name.removeprefix("COLORMAP_").lower(): getattr(cv2, name)
@@ -117,7 +118,7 @@ class GridLabels:
     ignore_index: int | None
 
 
-def log_grids(
+def draw_grids(
     trainer: L.Trainer,
     spec: DisplaySpec,
     shown: Tensor,
@@ -125,11 +126,9 @@ def log_grids(
     preds: Tensor,
     cams: Tensor,
     labels: GridLabels,
-    step: int,
-) -> None:
-    """Draw and write one grid per layer and class at ``step``: input, ground truth, prediction
-    and the overlay, a row per probe image (three slices through the map's peak for volumes).
-    Runs on the callback's picture worker: it reads no training state but the loggers."""
+) -> list[tuple[tuple[str, ...], np.ndarray]]:
+    """One grid per layer and class, with its tag: input, ground truth, prediction and the
+    overlay, a row per probe image (three slices through the map's peak for volumes)."""
     spatial, kind, k_out = shown.ndim - 2, labels.kind, labels.num_outputs
     truth = FC.label_map(masks, kind, spatial) if masks is not None else None
     predicted = FC.label_map(preds, kind, spatial)
@@ -145,6 +144,7 @@ def log_grids(
         absent &= ~_held(masks, labels.channels, kind, k_out, spatial)
     options = {"masks": truth, "preds": predicted, "alpha": spec.alpha, "legend": legend}
     options["cam_colormap"] = COLORMAPS[spec.colormap.lower()]
+    grids = []
     for i, layer in enumerate(labels.layers):
         for k, name in enumerate(labels.names):
             notes = [["absent" if gone else ""] for gone in absent[:, k].tolist()]
@@ -153,7 +153,17 @@ def log_grids(
             else:
                 maps = cams[:, i, k : k + 1]
                 grid = cam_grid(shown, maps, [name], colormap, notes=notes, **options)
-            write_image(trainer, (*layer, name), grid, step)
+            grids.append(((*layer, name), grid))
+    return grids
+
+
+def write_images(
+    trainer: L.Trainer, images: list[tuple[tuple[str, ...], np.ndarray]], step: int
+) -> None:
+    """Encode and write drawn grids at ``step`` (the picture worker runs this: PNG encoding
+    and the loggers' I/O, no OpenCV thread pool, so forked DataLoader workers stay safe)."""
+    for tag, image in images:
+        write_image(trainer, tag, image, step)
 
 
 def log_step(trainer: L.Trainer) -> int:
@@ -183,7 +193,7 @@ def write_image(trainer: L.Trainer, tag: tuple[str, ...], image: np.ndarray, ste
             safe_component(name, "class") + ".png",
         )
         path.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(path), np.ascontiguousarray(image[..., ::-1]))  # RGB to BGR
         log_image = getattr(logger, "log_image", None)
         if callable(log_image):
             log_image(key=key, images=[image], step=step)

@@ -30,7 +30,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from segcam_lightning.callbacks._checks import check_callable, is_index
-from segcam_lightning.callbacks.display import DisplaySpec, GridLabels, log_grids, log_step
+from segcam_lightning.callbacks.display import (
+    DisplaySpec,
+    GridLabels,
+    draw_grids,
+    log_step,
+    write_images,
+)
 from segcam_lightning.callbacks.probe import Probe, ProbeSpec, gather, shared_probe
 from segcam_lightning.callbacks.share import CAMStep, ModelReading, share_of
 from segcam_lightning.callbacks.worker import PictureWorker
@@ -380,8 +386,8 @@ class GradCAMCallback(Callback):
                 self._read.ignore_index,
             )
             shown = self.display.show(self._display, images)
-            draw = partial(log_grids, trainer, self.display, shown, masks, preds, cams, labels)
-            self._worker().submit(partial(draw, log_step(trainer)))
+            drawn = draw_grids(trainer, self.display, shown, masks, preds, cams, labels)
+            self._worker().submit(partial(write_images, trainer, drawn, log_step(trainer)))
 
     def _worker(self) -> PictureWorker:
         if self._pictures is None:

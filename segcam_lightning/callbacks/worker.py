@@ -1,7 +1,7 @@
-"""A background worker for the pictures: training does not wait for grids to be drawn and encoded.
+"""A background worker for the pictures: training does not wait for grids to be encoded and written.
 
-:class:`PictureWorker` runs jobs (drawing a step's grids, encoding them, handing them to the
-loggers) one after another on a daemon thread, in the order they came. Its queue is bounded: a
+:class:`PictureWorker` runs jobs (encoding a step's grids, handing them to the loggers) one
+after another on a daemon thread, in the order they came. Its queue is bounded: a
 slow disk slows the worker, and when the queue is full the training thread waits (said once),
 so memory never grows without bound and nothing is dropped. The first failure of a job is kept
 and raised on the training thread at the next :meth:`~PictureWorker.submit` or
@@ -10,7 +10,10 @@ and raised on the training thread at the next :meth:`~PictureWorker.submit` or
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
+import sys
 import threading
 import traceback
 from collections.abc import Callable
@@ -27,9 +30,16 @@ class PictureWorker:
         max_pending: jobs that may wait in the queue; a further :meth:`submit` blocks until the
             worker takes one.
         on_full: called once, the first time :meth:`submit` has to wait.
+        nice: the thread's scheduling niceness on Linux (higher yields the CPU to training).
     """
 
-    def __init__(self, max_pending: int = 2, on_full: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        max_pending: int = 2,
+        on_full: Callable[[], None] | None = None,
+        nice: int = 10,
+    ) -> None:
+        self._nice = nice
         self._jobs: queue.Queue[object] = queue.Queue(maxsize=max_pending)
         self._on_full = on_full
         self._told = False
@@ -73,6 +83,9 @@ class PictureWorker:
             ) from error
 
     def _run(self) -> None:
+        if sys.platform.startswith("linux"):  # this thread only: training keeps the cores
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
         while True:
             job = self._jobs.get()
             try:
