@@ -292,11 +292,12 @@ def _moved_first(report: Any) -> Any:
 
 def _moved_setting(message: str) -> str | None:
     """The one-line message for a GradCAMCallback setting that has moved, if ``message``
-    (jsonargparse's) is about one."""
+    (jsonargparse's) rejects one. Only the keys jsonargparse refuses count: the nested groups'
+    own fields (``readout: {threshold: 0.3}``) carry some of the old names."""
     if "GradCAMCallback" not in message:
         return None
     for name, place in MOVED.items():
-        if re.search(rf"['\"]{name}['\"]\s*:|\b{name}=", message):
+        if re.search(rf"Option '{name}' is not accepted|Key '{name}' is not expected", message):
             return (
                 f"GradCAMCallback `{name}` has moved: pass {place} (in YAML, e.g. "
                 "`probe: {num_images: 8}` under the callback's init_args; see docs/callback.md, "

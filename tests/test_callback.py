@@ -441,3 +441,20 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     # The monitor's objects-alone test, sharded and gathered alike (lockstep forwards).
     assert torch.equal(one["tested"], two["tested"]) and one["tested"].numel() > 0
     assert torch.allclose(one["kept"], two["kept"], atol=1e-5, equal_nan=True)
+
+
+def test_a_failing_objects_alone_test_is_reported_once_or_raised(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the test broke")
+
+    monkeypatch.setattr("segcam_lightning.callbacks.shortcut.objects_alone", broken)
+    monitor = ShortcutMonitor(probe=ProbeSpec(num_images=2))
+    trainer, model, data = make_run(tmp_path / "lenient", [monitor], max_epochs=2)
+    with pytest.warns(UserWarning, match="the objects-alone test failed at step") as record:
+        trainer.fit(model, datamodule=data)
+    assert len([w for w in record if "objects-alone test failed" in str(w.message)]) == 1
+    assert trainer.current_epoch == 2
+    strict = ShortcutMonitor(probe=ProbeSpec(num_images=2), strict=True)
+    trainer, model, data = make_run(tmp_path / "strict", [strict], max_epochs=2)
+    with pytest.raises(RuntimeError, match="the test broke"):
+        trainer.fit(model, datamodule=data)

@@ -40,6 +40,7 @@ def test_a_failure_in_the_worker_reaches_the_user(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
+    # The runs log to TensorBoard only, whose images the worker writes.
     monkeypatch.setattr("segcam_lightning.callbacks.display.write_image", broken)
     callback = GradCAMCallback(strict=True, probe=ProbeSpec(num_images=2))
     trainer, model, data = make_run(tmp_path / "strict", [callback], max_epochs=2)

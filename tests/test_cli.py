@@ -165,3 +165,21 @@ def test_a_moved_callback_setting_names_its_new_place(tmp_path, capsys):
         "YAML, e.g. `probe: {num_images: 8}` under the callback's init_args; see "
         "docs/callback.md, 'Settings')."
     )
+
+
+def test_a_new_style_config_with_a_typo_gets_jsonargparses_own_error(tmp_path, capsys):
+    """Nested groups hold some of the earlier names (``readout: {threshold: ...}``): only a key
+    jsonargparse refuses is reported as moved."""
+    config = (ROOT / "configs/synthetic.yaml").read_text()
+    typo = config.replace(
+        "        every_n_epochs: 1\nmodel",
+        "        readout:\n          threshold: 0.3\n        every_n_epoch: 1\nmodel",
+    )
+    assert typo != config
+    path = tmp_path / "typo.yaml"
+    path.write_text(typo)
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert "has moved" not in err
+    assert "every_n_epoch" in err

@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import lightning as L
 import numpy as np
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor
 
 from segcam_lightning.callbacks._checks import check_callable, check_choice, check_share
@@ -158,12 +158,21 @@ def draw_grids(
 
 
 def write_images(
-    trainer: L.Trainer, images: list[tuple[tuple[str, ...], np.ndarray]], step: int
+    trainer: L.Trainer,
+    images: list[tuple[tuple[str, ...], np.ndarray]],
+    step: int,
+    tensorboard: bool,
 ) -> None:
-    """Encode and write drawn grids at ``step`` (the picture worker runs this: PNG encoding
-    and the loggers' I/O, no OpenCV thread pool, so forked DataLoader workers stay safe)."""
+    """Encode and write drawn grids at ``step``: to the TensorBoard loggers (``tensorboard``;
+    the picture worker runs this: PNG encoding and I/O, no OpenCV thread pool, so DataLoader
+    workers forked meanwhile stay safe, and TensorBoard takes steps in any order) or to the
+    others (on the training thread, in step order: W&B refuses a step older than its last)."""
+    loggers = [
+        logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger) == tensorboard
+    ]
     for tag, image in images:
-        write_image(trainer, tag, image, step)
+        for logger in loggers:
+            write_image(trainer, logger, tag, image, step)
 
 
 def log_step(trainer: L.Trainer) -> int:
@@ -174,29 +183,30 @@ def log_step(trainer: L.Trainer) -> int:
     return int(stepped) if isinstance(stepped, int) else trainer.global_step
 
 
-def write_image(trainer: L.Trainer, tag: tuple[str, ...], image: np.ndarray, step: int) -> None:
+def write_image(
+    trainer: L.Trainer, logger: Logger, tag: tuple[str, ...], image: np.ndarray, step: int
+) -> None:
     """TensorBoard ``add_image`` under ``cam/<tag parts>``; other loggers get a PNG in their
     log dir (one folder per part: ``[callback tag/]layer/class.png``) and ``log_image``."""
     *layer, name = tag
     key = "/".join(("cam", *tag))
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
-            continue
-        folder = getattr(logger, "log_dir", None) or logger.save_dir or trainer.default_root_dir
-        # Layer and class names come from the user's model and data: one safe component each.
-        path = safe_join(
-            Path(folder),
-            "cam",
-            f"step_{step:07d}",
-            *[safe_component(part, "layer") for part in layer],
-            safe_component(name, "class") + ".png",
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(path), np.ascontiguousarray(image[..., ::-1]))  # RGB to BGR
-        log_image = getattr(logger, "log_image", None)
-        if callable(log_image):
-            log_image(key=key, images=[image], step=step)
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
+        return
+    folder = getattr(logger, "log_dir", None) or logger.save_dir or trainer.default_root_dir
+    # Layer and class names come from the user's model and data: one safe component each.
+    path = safe_join(
+        Path(folder),
+        "cam",
+        f"step_{step:07d}",
+        *[safe_component(part, "layer") for part in layer],
+        safe_component(name, "class") + ".png",
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.ascontiguousarray(image[..., ::-1]))  # RGB to BGR
+    log_image = getattr(logger, "log_image", None)
+    if callable(log_image):
+        log_image(key=key, images=[image], step=step)
 
 
 def _held(masks: Tensor, channels: Sequence[int], kind: str, num_outputs: int, spatial: int):

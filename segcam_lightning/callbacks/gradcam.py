@@ -355,8 +355,6 @@ class GradCAMCallback(Callback):
         ShortcutMonitor and log them from global rank 0."""
         if self._engine is None or self.probe is None:
             raise RuntimeError("GradCAMCallback.log_cams() called before setup().")
-        if self._pictures is not None:
-            self._pictures.raise_failure()  # an earlier step's pictures failed: say so now
         images, masks = self.probe.images, self.probe.masks
         shard = self.probe.shard(trainer)
         local = trainer.precision_plugin.convert_input(images[shard].to(pl_module.device))
@@ -387,7 +385,9 @@ class GradCAMCallback(Callback):
             )
             shown = self.display.show(self._display, images)
             drawn = draw_grids(trainer, self.display, shown, masks, preds, cams, labels)
-            self._worker().submit(partial(write_images, trainer, drawn, log_step(trainer)))
+            step = log_step(trainer)
+            write_images(trainer, drawn, step, tensorboard=False)  # in step order, here
+            self._worker().submit(partial(write_images, trainer, drawn, step, tensorboard=True))
 
     def _worker(self) -> PictureWorker:
         if self._pictures is None:

@@ -21,6 +21,7 @@ nor warns twice (EarlyStopping keeps its ``wait_count`` for this reason).
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,9 +63,9 @@ class ShortcutMonitor(Callback):
             explain, a list of layer names for those only, ``False`` not at all.
         objects_alone: run the objects-alone test at the end of validation and log
             ``cam_context/<class>/kept_alone``, the share of a class's segmented probe pixels
-            its objects keep alone. Costs one probe forward pass per class; background classes
-            (half of the probe images that hold them, or more) are left out: the rule never
-            judges them.
+            its objects keep alone. Costs one probe forward pass per class the probe holds;
+            a background (half of the counted images' area, or more) is neither logged nor
+            judged.
         warn: warn about suspects; ``False`` still logs the objects-alone scalars.
         energy: a class is a map suspect below this share of its maps inside its ground truth...
         iou: ...while its IoU on the probe is at least this (both watches)...
@@ -77,6 +78,8 @@ class ShortcutMonitor(Callback):
         readout: how the outputs are read; default: the first GradCAMCallback's, else
             ``Readout()``.
         output_adapter: ``f(model_output) -> logits``; default: the first GradCAMCallback's.
+        strict: raise when the objects-alone test fails during training; by default the
+            failure is reported once, with its traceback, and training goes on.
 
     Example:
         >>> trainer = L.Trainer(callbacks=[GradCAMCallback(), ShortcutMonitor()])
@@ -96,6 +99,7 @@ class ShortcutMonitor(Callback):
         probe: ProbeSpec | None = None,
         readout: Readout | None = None,
         output_adapter: Callable[[Any], Tensor] | None = None,
+        strict: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(maps, str) or not (
@@ -116,11 +120,9 @@ class ShortcutMonitor(Callback):
         self.objects_alone, self.warn = bool(objects_alone), bool(warn)
         self.energy, self.iou, self.reference, self.kept = energy, iou, reference, kept
         self.patience, self.every_n_epochs = patience, every_n_epochs
-        self.probe_spec, self.readout, self.output_adapter = (
-            probe or ProbeSpec(),
-            readout,
-            output_adapter,
-        )
+        self.probe_spec = probe or ProbeSpec()
+        self.readout, self.output_adapter, self.strict = readout, output_adapter, strict
+        self._failed = False
         #: Consecutive suspect steps per (watch, layer label, class), and those warned about.
         self.streak: dict[tuple[str, str, str], int] = {}
         self.warned: set[tuple[str, str, str]] = set()
@@ -196,15 +198,33 @@ class ShortcutMonitor(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._test is None or trainer.sanity_checking or not self._due(trainer):
             return
-        test = self._test
+        try:
+            self.test_objects_alone(trainer, pl_module, self._test)
+        except Exception:
+            if self.strict:
+                raise
+            if not self._failed:
+                self._failed = True
+                rank_zero_warn(
+                    f"ShortcutMonitor: the objects-alone test failed at step "
+                    f"{trainer.global_step}; training goes on without it (pass `strict=True` to "
+                    f"raise instead). Further failures are not reported.\n{traceback.format_exc()}"
+                )
+
+    def test_objects_alone(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, test: _ObjectsAlone
+    ) -> None:
+        """Run the test on the probe, log each class's share kept alone and warn about the
+        classes that stay suspects ``patience`` validations in a row."""
         kept, counted, iou, area = test.run(trainer, pl_module)
         if kept is None:
             return
         self.last_kept, self.tested = kept, list(test.channels)
         counted = counted & ~kept.isnan()
-        _, means, _ = judged_classes(kept, counted, area)
+        # Logged where counted at all, backgrounds left out by the rule's own area test.
+        _, means, shown = judged_classes(kept, counted, area, min_images=1)
         for k, name in enumerate(test.tested_names):
-            if counted[:, k].any():
+            if shown[k]:
                 pl_module.log(f"cam_context/{name}/kept_alone", float(means[k]))
         if not self.warn:
             return
@@ -335,8 +355,8 @@ class _ObjectsAlone:
         readout: Readout,
         adapter: Callable[[Any], Tensor] | None,
     ) -> _ObjectsAlone:
-        """Read one probe image's logits and choose the classes: no background (half of the
-        probe images that hold it, or more), which the rule never judges."""
+        """Read one probe image's logits and choose the classes: those the probe's ground truth
+        holds at all."""
         assert probe.masks is not None
         device = next((p.device for p in network.parameters()), torch.device("cpu"))
         try:
@@ -351,9 +371,8 @@ class _ObjectsAlone:
             probe.masks, channels, read.kind, read.ignore_index, spatial
         )
         truth = (truth & valid if valid is not None else truth).flatten(2)
-        held = truth.any(-1)
-        _, _, judged = judged_classes(truth.float().mean(-1), held, truth.float().mean(-1), 1)
-        test.channels = [c for c in channels if bool(judged[c])]
+        held = truth.any(-1).any(0)  # the rule decides, step by step, which of them it judges
+        test.channels = [c for c in channels if bool(held[c])]
         return test
 
     @property

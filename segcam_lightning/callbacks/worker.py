@@ -4,8 +4,8 @@
 after another on a daemon thread, in the order they came. Its queue is bounded: a
 slow disk slows the worker, and when the queue is full the training thread waits (said once),
 so memory never grows without bound and nothing is dropped. The first failure of a job is kept
-and raised on the training thread at the next :meth:`~PictureWorker.submit` or
-:meth:`~PictureWorker.flush`; the jobs after it still run.
+and raised on the training thread by the next :meth:`~PictureWorker.submit` (after queueing its
+job) or :meth:`~PictureWorker.flush`; the jobs after it still run.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class PictureWorker:
         self._thread: threading.Thread | None = None
 
     def submit(self, job: Callable[[], None]) -> None:
-        """Queue ``job``; first raise a failure of an earlier job, if any."""
-        self.raise_failure()
+        """Queue ``job``, then raise a failure of an earlier job, if any (``job`` is queued
+        either way: nothing is dropped)."""
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="segcam-pictures", daemon=True)
             self._thread.start()
@@ -60,6 +60,7 @@ class PictureWorker:
                 self._told = True
                 self._on_full()
             self._jobs.put(job)
+        self.raise_failure()
 
     def flush(self) -> None:
         """Wait until every queued job has run; raise the first failure, if any."""
