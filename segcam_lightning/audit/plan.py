@@ -40,7 +40,7 @@ from segcam_lightning.audit.settings import (
 )
 from segcam_lightning.audit.volumes import check_intensity_range
 from segcam_lightning.audit.writer import default_render_threads
-from segcam_lightning.cam import CAMEngine, Readout
+from segcam_lightning.cam import CAMEngine, Readout, get_target
 from segcam_lightning.cam import find_layer as _find_layer
 from segcam_lightning.cam.layers import default_layer_name
 from segcam_lightning.data.colormap import BLOG_COLORMAP
@@ -296,9 +296,9 @@ def prepare(settings: AuditSettings) -> AuditPlan:
         dataset: AuditDataset | PipelineDataset = fed
     else:
         dataset = _read_data(settings, first, size, data_colormap, num_labels, kind)
-    if settings.explain.target == "gt_region" and not dataset.has_masks:
+    if get_target(settings.explain.target).needs_masks and not dataset.has_masks:
         raise UsageError(
-            f"--target gt_region explains each class inside its ground-truth region, but "
+            f"--target {settings.explain.target} reads each class's ground truth, but "
             f"{settings.source.data} has no masks/. Use --target softmax_mean or logit_region."
         )
     class_names, label_names = _resolve_names(

@@ -234,10 +234,10 @@ class GradCAMCallback(Callback):
         network = _network(pl_module)
         self._display = self.display.display_fn(trainer.datamodule)
         self.probe = shared_probe(trainer, stage, self.probe_spec, "GradCAMCallback")
-        if self.target == "gt_region" and self.probe.masks is None:
+        if get_target(self.target).needs_masks and self.probe.masks is None:
             raise ConfigurationError(
-                "GradCAMCallback `target='gt_region'` explains each class inside its ground "
-                "truth, but the probe batches hold no masks. Use target='softmax_mean' or "
+                f"GradCAMCallback `target={self.target!r}` reads each class's ground truth, "
+                "but the probe batches hold no masks. Use target='softmax_mean' or "
                 "'logit_region', or pass `probe=ProbeSpec(batch_adapter=BatchAdapter(mask_key="
                 "...))`."
             )

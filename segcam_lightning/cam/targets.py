@@ -11,6 +11,10 @@ so a target says how to reduce them to one score per class and image:
 - :class:`LogitMargin` (``"logit_margin"``): contrastive, the class logit minus its strongest
   competitor's (the background competes with no object class) over the predicted region.
 - :class:`GTRegion` (``"gt_region"``): the same over the ground-truth pixels of the class.
+- :class:`FalsePositives` (``"false_positive"``), :class:`FalseNegatives`
+  (``"false_negative"``), :class:`Confusion` (``Confusion(true_class=k)``): the class logit, or
+  with ``contrastive=True`` the chosen class's logit minus the true class's, over where the
+  model is wrong about the class.
 - :class:`PixelTarget`, :class:`BoxTarget`: the class logit at one pixel or summed over a box.
 - any callable ``f(logits, masks) -> scores`` or ``-> (scores, present)``.
 
@@ -52,6 +56,9 @@ __all__ = [
     "TARGETS",
     "BoxTarget",
     "CallableTarget",
+    "Confusion",
+    "FalseNegatives",
+    "FalsePositives",
     "GTRegion",
     "LogitMargin",
     "LogitRegion",
@@ -433,7 +440,7 @@ class GTRegion(RegionTarget):
         )
         if masks is None:
             raise ValueError(
-                "Target 'gt_region' needs ground-truth masks: call the engine as "
+                f"Target {self.name!r} needs ground-truth masks: call the engine as "
                 f"`engine(images, masks=masks)` with integer labels {labels} or per-class masks "
                 f"{per_class}, but got masks=None."
             )
@@ -443,6 +450,168 @@ class GTRegion(RegionTarget):
                 f"B = {b}), but got {list(masks.shape)}."
             )
         return FC.class_regions(masks, range(k), k, readout.kind, size=size).to(logits.device)
+
+
+class _MistakeTarget(GTRegion):
+    """Base of the error-region targets: where the prediction and the ground truth disagree,
+    both read on the logits' grid (the masks resized as for ``gt_region``).
+
+    With ``contrastive=True`` (multiclass outputs) a pixel scores the predicted class's logit
+    minus the true class's, so the map shows what made the model choose the wrong class over
+    the right one; otherwise it scores the channel's own logit, as ``logit_region`` does.
+    Binary and multi-label outputs have independent channels, each its own decision against
+    "not this class": there the contrastive score is the plain one.
+
+    Pixels that belong to no class (a label such as an ignore index) are in no error region.
+    Subclasses define :meth:`_select` (the region of each channel) and :meth:`_contrast` (which
+    classes a pixel of that region compares).
+    """
+
+    def __init__(self, contrastive: bool = False) -> None:
+        if not isinstance(contrastive, bool):
+            raise TypeError(f"Expected `contrastive` to be a bool, but got {contrastive!r}.")
+        self.contrastive = contrastive
+
+    def _grids(
+        self, logits: Tensor, masks: Tensor | None, readout: Readout
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``truth``, ``predicted`` ``[B, K, *S]`` (bool) and ``valid`` ``[B, 1, *S]`` on the
+        logits' grid."""
+        truth = GTRegion.region(self, logits, masks, readout).bool()
+        predicted = LogitRegion.region(self, logits, masks, readout).bool().to(truth.device)
+        assert masks is not None  # GTRegion.region refuses None
+        size, n = tuple(logits.shape[2:]), logits.ndim - 2
+        if masks.ndim == n + 1:  # labels: the ones that name a class count
+            labels = FC.resize_labels(masks.to(truth.device), size)
+            classes = 2 if readout.kind == "binary" else logits.shape[1]
+            valid = ((labels >= 0) & (labels < classes)).unsqueeze(1)
+        else:
+            valid = torch.ones_like(truth[:, :1])
+        return truth, predicted, valid
+
+    @abstractmethod
+    def _select(self, truth: Tensor, predicted: Tensor, valid: Tensor) -> Tensor:
+        """Each channel's region ``[B, K, *S]`` (bool)."""
+
+    @abstractmethod
+    def _contrast(self, truth: Tensor, predicted: Tensor, channels: int) -> tuple[Tensor, Tensor]:
+        """``(chosen, true)`` ``[B, K, *S]`` long: per channel and pixel, the class the model
+        chose and the class it should have chosen (multiclass)."""
+
+    def region(self, logits: Tensor, masks: Tensor | None, readout: Readout = SOFTMAX) -> Tensor:
+        return self._select(*self._grids(logits, masks, readout))
+
+    def __call__(
+        self, logits: Tensor, masks: Tensor | None = None, readout: Readout = SOFTMAX
+    ) -> TargetOutput:
+        if not self.contrastive or readout.kind != "multiclass":
+            return super().__call__(logits, masks, readout)
+        FC.spatial_dims_of(logits)
+        truth, predicted, valid = self._grids(logits, masks, readout)
+        region = self._select(truth, predicted, valid).to(logits.dtype)
+        chosen, true = self._contrast(truth, predicted, logits.shape[1])
+        margins = logits.gather(1, chosen) - logits.gather(1, true)
+        present = region.flatten(2).ne(0).any(dim=-1)
+        return TargetOutput(_spatial_sum(margins * region), present)
+
+    def scorer(
+        self, logits: Tensor, masks: Tensor | None = None, readout: Readout = SOFTMAX
+    ) -> Scorer:
+        if not self.contrastive or readout.kind != "multiclass":
+            return super().scorer(logits, masks, readout)
+        truth, predicted, valid = self._grids(logits.detach(), masks, readout)
+        region = self._select(truth, predicted, valid).to(logits.dtype)
+        chosen, true = self._contrast(truth, predicted, logits.shape[1])
+
+        def score(out: Tensor, source: Tensor) -> Tensor:
+            margins = out.gather(1, chosen[source]) - out.gather(1, true[source])
+            return _spatial_sum(margins * region[source])
+
+        return score
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(contrastive={self.contrastive})"
+
+
+def _class_index(regions: Tensor) -> Tensor:
+    """``[B, 1, *S]`` long: each pixel's class among the bool ``regions [B, K, *S]`` (the first
+    set one; 0 where none is set, where no region reads it)."""
+    return regions.to(torch.uint8).argmax(dim=1, keepdim=True)
+
+
+class FalsePositives(_MistakeTarget):
+    """Class ``k``'s false positives: pixels predicted as ``k`` whose ground truth is not ``k``.
+
+    Plain: ``k``'s logit over them, what makes the model call them ``k``. Contrastive: ``k``'s
+    logit minus the true class's, what makes it prefer ``k`` to the right class.
+    """
+
+    name = "false_positive"
+
+    def _select(self, truth: Tensor, predicted: Tensor, valid: Tensor) -> Tensor:
+        return predicted & ~truth & valid
+
+    def _contrast(self, truth: Tensor, predicted: Tensor, channels: int) -> tuple[Tensor, Tensor]:
+        chosen = torch.arange(channels, device=truth.device).view(1, -1, *[1] * (truth.ndim - 2))
+        return chosen.expand_as(truth), _class_index(truth).expand_as(truth)
+
+
+class FalseNegatives(_MistakeTarget):
+    """Class ``k``'s false negatives: pixels whose ground truth is ``k`` predicted as something
+    else.
+
+    Plain: ``k``'s logit over them, the evidence for ``k`` that was not enough. Contrastive: the
+    predicted class's logit minus ``k``'s, what made the model choose the other class.
+    """
+
+    name = "false_negative"
+
+    def _select(self, truth: Tensor, predicted: Tensor, valid: Tensor) -> Tensor:
+        return truth & ~predicted
+
+    def _contrast(self, truth: Tensor, predicted: Tensor, channels: int) -> tuple[Tensor, Tensor]:
+        true = torch.arange(channels, device=truth.device).view(1, -1, *[1] * (truth.ndim - 2))
+        return _class_index(predicted).expand_as(truth), true.expand_as(truth)
+
+
+class Confusion(_MistakeTarget):
+    """The confusion of ``true_class`` with every other class: channel ``j``'s region is where
+    the ground truth is ``true_class`` and the model predicts ``j`` (and not ``true_class``'s
+    own channel, whose region is empty).
+
+    Plain: ``j``'s logit over it. Contrastive: ``j``'s logit minus ``true_class``'s, what makes
+    the model take ``true_class`` for ``j``.
+
+    Args:
+        true_class: the ground-truth class whose pixels are mislabelled.
+        contrastive: see :class:`FalsePositives`.
+    """
+
+    name = "confusion"
+
+    def __init__(self, true_class: int, contrastive: bool = False) -> None:
+        if isinstance(true_class, bool) or not isinstance(true_class, int) or true_class < 0:
+            raise ValueError(
+                f"Expected `true_class` to be a class index (int >= 0), but got {true_class!r}."
+            )
+        super().__init__(contrastive)
+        self.true_class = true_class
+
+    def _select(self, truth: Tensor, predicted: Tensor, valid: Tensor) -> Tensor:
+        k = self.true_class
+        if k >= truth.shape[1]:
+            raise ValueError(
+                f"Confusion(true_class={k}) names a class the logits do not have: they have "
+                f"{truth.shape[1]} channels."
+            )
+        return truth[:, k : k + 1] & predicted & ~truth
+
+    def _contrast(self, truth: Tensor, predicted: Tensor, channels: int) -> tuple[Tensor, Tensor]:
+        chosen = torch.arange(channels, device=truth.device).view(1, -1, *[1] * (truth.ndim - 2))
+        return chosen.expand_as(truth), torch.full_like(chosen, self.true_class).expand_as(truth)
+
+    def __repr__(self) -> str:
+        return f"Confusion(true_class={self.true_class}, contrastive={self.contrastive})"
 
 
 class _WindowTarget(RegionTarget):
@@ -636,6 +805,8 @@ TARGETS: dict[str, type[Target]] = {
     "logit_region": LogitRegion,
     "logit_margin": LogitMargin,
     "gt_region": GTRegion,
+    "false_positive": FalsePositives,
+    "false_negative": FalseNegatives,
 }
 
 
