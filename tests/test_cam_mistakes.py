@@ -150,7 +150,7 @@ def test_volume_false_negatives_equal_a_per_class_backward():
         (grad,) = torch.autograd.grad((logits[:, k] * region).sum(), store["a"], retain_graph=True)
         weights = grad.mean(dim=(2, 3, 4), keepdim=True)
         cam = F.relu((weights * store["a"]).sum(1, keepdim=True))
-        cam = F.interpolate(cam, size=(16, 16, 16), mode="trilinear", align_corners=False)
+        cam = F.interpolate(cam, size=(16, 16, 16), mode="trilinear", align_corners=False).detach()
         ours, scale = result.cams[0, 0, k].double(), cam.abs().max()
         assert bool(result.present[0, k]) == bool(region.any())
         scales.append(float(scale))
