@@ -332,7 +332,7 @@ class CAMEngine:
             layers=tuple(self.layer_names),
             classes=tuple(call.classes.tolist()),
             guided_backprop=found.guided_backprop,
-            output_kind=call.kind,
+            output_kind=call.read.kind,
         )
 
     def _capture(self, x: Tensor) -> tuple[_Capture, _Heads | None, _GuidedReLU | None, Tensor]:
@@ -370,7 +370,6 @@ class CAMEngine:
         """The target's scores ``[B, K_all]`` of the logits, with a graph for gradient methods,
         and what the gradient strategies read."""
         read = self.readout.resolved(logits.shape[1])
-        kind = read.kind
         classes = _select_classes(wanted, logits.shape[1], x.device)
         if self.target.needs_masks:
             _check_masks(masks, tuple(x.shape[2:]), logits.shape)
@@ -392,7 +391,6 @@ class CAMEngine:
             classes=classes,
             masks=masks,
             read=read,
-            kind=kind,
             guide=guide,
             heads=heads,
             forward=forward,

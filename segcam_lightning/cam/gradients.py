@@ -49,7 +49,7 @@ class GradientCall:
         scores, present: the target's ``[B, K_all]`` scores and presence.
         class_scores: per wanted class, its scores summed over the batch (one scalar each).
         classes: the ``K`` wanted class indices.
-        masks, read, kind: the target's ground truth, reading and the resolved output kind.
+        masks, read: the target's ground truth and the reading (its kind resolved).
         guide: guided backprop's ReLU hooks, or ``None``.
         heads: the pointwise heads the forward found, or ``None`` (no head path).
         forward: float32 logits of a batch without a graph (Score-CAM's re-runs).
@@ -67,7 +67,6 @@ class GradientCall:
     classes: Tensor
     masks: Tensor | None
     read: Readout
-    kind: str
     guide: _GuidedReLU | None
     heads: _Heads | None
     forward: Callable[[Tensor], Tensor]
@@ -126,7 +125,7 @@ def layer_maps(call: GradientCall, capture: _Capture) -> LayerMaps:
         found = strategy(call, layers.subset(rest), flow)
         maps_at.update(zip(rest, found.maps, strict=True))
         guided_backprop = found.guided_backprop
-    flow.warn_if_blank(call.present[:, call.classes], call.classes, layers.names, call.kind)
+    flow.warn_if_blank(call.present[:, call.classes], call.classes, layers.names, call.read.kind)
     return LayerMaps([maps_at[i] for i in range(len(activations))], guided_backprop)
 
 
@@ -175,7 +174,7 @@ def derives_one_class(call: GradientCall) -> bool:
     nor with guided backprop, whose clamped backward is not linear.
     """
     return (
-        call.kind == "multiclass"
+        call.read.kind == "multiclass"
         and call.target.scores_sum_to_constant
         and call.grad_mode != "batched"
         and len(call.classes) == call.scores.shape[1] > 1
