@@ -145,21 +145,29 @@ def test_callback_help_by_short_name_and_override_from_the_command_line(capsys):
     assert callback.method == "layercam"
 
 
+def fit_edited_config(tmp_path, capsys, old: str, new: str) -> tuple[int, str]:
+    """``train.py fit`` on configs/synthetic.yaml with ``old`` replaced by ``new``: the exit
+    status and what it wrote to stderr."""
+    config = (ROOT / "configs/synthetic.yaml").read_text()
+    edited = config.replace(old, new)
+    assert edited != config
+    path = tmp_path / "edited.yaml"
+    path.write_text(edited)
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path}"])
+    return exit_info.value.code, capsys.readouterr().err
+
+
 def test_a_moved_callback_setting_names_its_new_place(tmp_path, capsys):
     """A config of the earlier flat GradCAMCallback (``num_probe: 8``) fails in one line that
     says where the setting went, not with jsonargparse's list of errors."""
-    config = (ROOT / "configs/synthetic.yaml").read_text()
-    old = config.replace(
+    code, err = fit_edited_config(
+        tmp_path,
+        capsys,
         "        probe:\n          num_images: 8\n        every_n_epochs",
         "        num_probe: 8\n        every_n_epochs",
     )
-    assert old != config
-    path = tmp_path / "old.yaml"
-    path.write_text(old)
-    with pytest.raises(SystemExit) as exit_info:
-        build_cli(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path}"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    assert code == 2
     assert err.strip().splitlines()[-1] == (
         "error: GradCAMCallback `num_probe` has moved: pass probe=ProbeSpec(num_images=...) (in "
         "YAML, e.g. `probe: {num_images: 8}` under the callback's init_args; see "
@@ -170,16 +178,11 @@ def test_a_moved_callback_setting_names_its_new_place(tmp_path, capsys):
 def test_a_new_style_config_with_a_typo_gets_jsonargparses_own_error(tmp_path, capsys):
     """Nested groups hold some of the earlier names (``readout: {threshold: ...}``): only a key
     jsonargparse refuses is reported as moved."""
-    config = (ROOT / "configs/synthetic.yaml").read_text()
-    typo = config.replace(
+    _, err = fit_edited_config(
+        tmp_path,
+        capsys,
         "        every_n_epochs: 1\nmodel",
         "        readout:\n          threshold: 0.3\n        every_n_epoch: 1\nmodel",
     )
-    assert typo != config
-    path = tmp_path / "typo.yaml"
-    path.write_text(typo)
-    with pytest.raises(SystemExit):
-        build_cli(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path}"])
-    err = capsys.readouterr().err
     assert "has moved" not in err
     assert "every_n_epoch" in err
