@@ -7,13 +7,15 @@ Every hook lives only inside its ``hooks()`` context: none outlives an engine ca
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from segcam_lightning.cam.tokens import ChannelsFirst, TokenLayout, resolve_layout
 
 _POINTWISE_CONVS = {4: nn.Conv2d, 5: nn.Conv3d}
 #: A module's hook dictionaries (``torch.nn.modules.module`` has the global ones, ``_global``
@@ -108,21 +110,36 @@ def _is_pointwise(module: nn.Module, conv: type[nn.Module]) -> bool:
 class _Capture:
     """Forward hooks that keep each hooked layer's output for the gradients.
 
+    A token layer's output (``[B, N, C]``, channels-last ``[B, h, w, C]``; see
+    :mod:`segcam_lightning.cam.tokens`) is kept as its grid ``[B, C, h, w]``, the tensor whose
+    gradient is taken, and downstream gets a tensor rebuilt from that grid in the output's own
+    layout (extra tokens from the output), so the gradients flow through the grid. Token layers
+    never take the head path: they hand nothing a pointwise convolution could be proven on.
+
     Args:
         names, modules: the hooked layers.
         track_grad: keep a graph from the earliest layer on (gradient methods).
-        ndim: the input's number of dimensions (4 for images, 5 for volumes), which every
-            hooked layer's output must have.
+        input_shape: the input's shape ``[B, C, H, W]`` (``[B, C, D, H, W]``), against which
+            each output's layout is inferred.
+        reshape: layer name -> its layout, where the engine was told (``CAMEngine(reshape=)``).
     """
 
     def __init__(
-        self, names: list[str], modules: list[nn.Module], track_grad: bool, ndim: int = 4
+        self,
+        names: list[str],
+        modules: list[nn.Module],
+        track_grad: bool,
+        input_shape: Sequence[int],
+        reshape: Mapping[str, TokenLayout] | None = None,
     ) -> None:
         self.names = names
         self.modules = modules
         self.track_grad = track_grad
-        self.ndim = ndim
+        self.input_shape = tuple(input_shape)
+        self.reshape = dict(reshape or {})
         self.activations: list[Tensor] = []
+        #: Each layer's layout as resolved in the forward (``ChannelsFirst`` for plain layers).
+        self.layouts: list[TokenLayout | None] = [None] * len(names)
         self._slots: list[Tensor | None] = [None] * len(names)
         # What each layer handed downstream (weakly: downstream may free it), and its version
         # counter then.
@@ -133,40 +150,40 @@ class _Capture:
             (module, partial(self._hook, index)) for index, module in enumerate(self.modules)
         )
 
+    def _layout(self, index: int, module: nn.Module, output: Any) -> TokenLayout:
+        name = self.names[index]
+        given = self.reshape.get(name)
+        return resolve_layout(name, type(module).__name__, output, self.input_shape, given)
+
     def _hook(self, index: int, module: nn.Module, _inputs: Any, output: Any) -> Tensor | None:
         name = self.names[index]
-        if not isinstance(output, Tensor) or output.ndim != self.ndim:
-            got = list(output.shape) if isinstance(output, Tensor) else type(output).__name__
-            if self.ndim == 5:
-                expected = (
-                    "one tensor [B, C, d, h, w] with the input's 5 dimensions (the input is a "
-                    "volume [B, C, D, H, W])"
-                )
-            else:
-                expected = "one tensor [B, C, h, w]"
-            raise ValueError(
-                f"Layer {name!r} ({type(module).__name__}) returned {got}; a CAM layer must "
-                f"return {expected}. Pick another from "
-                "segcam_lightning.cam.candidate_layers(model, example_input)."
-            )
+        layout = self._layout(index, module, output)
         if self._slots[index] is not None:
             raise RuntimeError(
                 f"Layer {name!r} ran more than once in one forward (a module used in several "
                 "places), so its activation is ambiguous. Pick a layer that runs once."
             )
+        self.layouts[index] = layout
+        plain = isinstance(layout, ChannelsFirst)
         if not self.track_grad:
-            self._slots[index] = output.detach().clone()
+            self._slots[index] = layout.to_grid(output.detach()).clone()
             return None
         if output.requires_grad:
-            self._slots[index] = output
+            grid = output if plain else layout.to_grid(output)
         else:
             # The earliest hooked layer: the forward ran without a graph so far, and nothing
             # before this point is needed for gradients w.r.t. it. Record from here on.
             torch.set_grad_enabled(True)
-            self._slots[index] = output.detach().requires_grad_(True)
+            grid = layout.to_grid(output.detach())
+            grid = (grid if plain else grid.clone()).requires_grad_(True)
+        self._slots[index] = grid
+        if not plain:
+            # Rebuilt from the grid in the output's layout (never a view of the grid), so
+            # in-place ops downstream cannot change the kept activation either.
+            return layout.from_grid(grid, output)
         # Downstream gets a copy, so in-place ops after the layer cannot change the kept
         # activation (nor touch a leaf that requires grad).
-        handed = self._slots[index].clone()  # type: ignore[union-attr]
+        handed = grid.clone()
         self._handed[index] = (weakref.ref(handed), handed._version)
         return handed
 

@@ -47,7 +47,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from segcam_lightning.cam import functional as FC
+from segcam_lightning.cam.adapters import get_output_adapter
 from segcam_lightning.cam.capture import _Capture, _GuidedReLU, _Heads
 from segcam_lightning.cam.functional import (
     NORMALIZE_MODES,
@@ -84,6 +85,7 @@ from segcam_lightning.cam.layers import (
 from segcam_lightning.cam.methods import _CAM, get_method
 from segcam_lightning.cam.readout import Readout
 from segcam_lightning.cam.targets import Target, get_target
+from segcam_lightning.cam.tokens import TokenLayout, as_layout
 
 __all__ = ["GRAD_MODES", "OUTPUT_KINDS", "CAMEngine", "CAMResult", "default_output_adapter"]
 
@@ -181,7 +183,17 @@ class CAMEngine:
         guided: also return guided backpropagation (``result.guided_backprop``) and guided CAMs
             (``result.guided_cams``); implied by ``method="guided_gradcam"``. Needs a gradient
             method and one extra backward pass to the input per class.
-        output_adapter: ``f(model_output) -> logits``; default :func:`default_output_adapter`.
+        output_adapter: ``f(model_output) -> logits``, or a name in
+            :data:`~segcam_lightning.cam.adapters.ADAPTERS` (``"mask2former"``,
+            ``"maskformer"``, ``"oneformer"``: semantic log-scores of a mask-classification
+            model; ``"sam"``: one mask of a promptable model); default
+            :func:`default_output_adapter`.
+        reshape: layer name -> how its output becomes ``[B, C, h, w]`` where the engine cannot
+            infer it (a token sequence ``[B, N, C]`` or a channels-last grid): a
+            :class:`~segcam_lightning.cam.tokens.TokenGrid`, ``"channels_last"``,
+            ``"channels_first"`` or a callable ``f(output) -> [B, C, h, w]`` that only
+            re-indexes (see :mod:`segcam_lightning.cam.tokens`). Layers not named are inferred
+            at each call's forward, and refused there when they cannot be.
         grad_mode: how per-class gradients are taken: ``"loop"`` (one ``autograd.grad`` per
             class, ``retain_graph`` between them), ``"batched"`` (one call with
             ``is_grads_batched=True``) or ``"auto"`` (batched for small inputs on a CUDA device,
@@ -208,8 +220,9 @@ class CAMEngine:
         *,
         readout: Readout | None = None,
         guided: bool = False,
-        output_adapter: Callable[[Any], Tensor] | None = None,
+        output_adapter: str | Callable[[Any], Tensor] | None = None,
         grad_mode: GradMode = "auto",
+        reshape: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -238,12 +251,8 @@ class CAMEngine:
                 f"Guided backpropagation needs a gradient method (e.g. 'gradcam'), but `method` "
                 f"is {self.method!r}, which is gradient-free; drop `guided=True`."
             )
-        if output_adapter is not None and not callable(output_adapter):
-            raise TypeError(
-                "Expected `output_adapter` to be a callable f(model_output) -> logits or None, "
-                f"but got {type(output_adapter).__name__}."
-            )
-        self.output_adapter = output_adapter or default_output_adapter
+        self.output_adapter = get_output_adapter(output_adapter)
+        self.reshape = _resolve_reshape(model, reshape)
         if grad_mode not in GRAD_MODES:
             raise ValueError(
                 f"Expected `grad_mode` to be one of {GRAD_MODES}, but got {grad_mode!r}."
@@ -338,7 +347,9 @@ class CAMEngine:
     def _capture(self, x: Tensor) -> tuple[_Capture, _Heads | None, _GuidedReLU | None, Tensor]:
         """One forward with the hooks on; the capture (its activations), the heads found, the
         guided-backprop hooks and the logits."""
-        capture = _Capture(self.layer_names, self._modules, self.method.needs_gradients, x.ndim)
+        capture = _Capture(
+            self.layer_names, self._modules, self.method.needs_gradients, x.shape, self.reshape
+        )
         guide = _GuidedReLU(unwrap_compiled(self.model)) if self.guided else None
         may_skip = may_take_head_path(self.method, self.grad_mode, self.guided)
         heads = _Heads(unwrap_compiled(self.model), capture, x.ndim) if may_skip else None
@@ -467,6 +478,23 @@ def _resolve_layers(
     if len(set(names)) != len(names):
         raise ValueError(f"Expected distinct layers, but `layers` repeats some: {names}.")
     return names, modules
+
+
+def _resolve_reshape(model: nn.Module, reshape: Mapping[str, Any] | None) -> dict[str, TokenLayout]:
+    """``reshape=`` with each layer's name resolved (a typo fails here) and each value a
+    :class:`~segcam_lightning.cam.tokens.TokenLayout`."""
+    if reshape is None:
+        return {}
+    if not isinstance(reshape, Mapping):
+        raise TypeError(
+            "Expected `reshape` to be a dict {layer name: TokenGrid(...) | 'channels_last' | "
+            f"callable}}, but got {type(reshape).__name__}."
+        )
+    by_identity = {id(m): n for n, m in unwrap_compiled(model).named_modules()}
+    return {
+        by_identity[id(find_layer(model, name))]: as_layout(value, name)
+        for name, value in reshape.items()
+    }
 
 
 def _check_images(images: Any) -> None:

@@ -12,12 +12,15 @@ Example:
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from segcam_lightning.cam.adapters import default_output_adapter, get_output_adapter
+from segcam_lightning.cam.tokens import ChannelsFirst, TokenLayout, infer_layout
 
 __all__ = [
     "LayerInfo",
@@ -38,38 +41,12 @@ _LIST_HINT = (
 )
 
 
-def default_output_adapter(output: Any) -> Tensor:
-    """Logits from a model's output: a tensor as is, a dict's ``"out"`` (or only) value, a
-    tuple's or list's first element.
-
-    Raises:
-        ValueError: for a dict without ``"out"`` and with several keys, or an empty sequence.
-        TypeError: for any other type.
-    """
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping):
-        if "out" in output:
-            return output["out"]
-        if len(output) == 1:
-            return next(iter(output.values()))
-        raise ValueError(
-            f"The model returned a dict with keys {list(output)} and no 'out' key; pass "
-            "`output_adapter=lambda out: out['<logits key>']` to the engine."
-        )
-    if isinstance(output, (tuple, list)):
-        if not output:
-            raise ValueError("The model returned an empty sequence; expected logits [B, K, H, W].")
-        return output[0]
-    raise TypeError(
-        f"The model returned {type(output).__name__}; expected logits [B, K, H, W] as a tensor, "
-        "a dict with an 'out' key or a tuple. Pass `output_adapter=` to extract them."
-    )
-
-
 class LayerInfo(NamedTuple):
     """A layer a CAM can hook: its name, module type and output shape ``[B, C, h, w]``
-    (``[B, C, d, h, w]`` in a 3-D model).
+    (``[B, C, d, h, w]`` in a 3-D model), or a token layer's output shape (``[B, N, C]``,
+    ``[B, h, w, C]``) with ``layout``, how the engine reads it as a grid (a
+    :class:`~segcam_lightning.cam.tokens.TokenGrid` or ``ChannelsLast``; ``None`` for a
+    channels-first output). :attr:`grid_shape` is the ``[B, C, *grid]`` a CAM is computed on.
 
     ``reaches_logits``: the logits depend on the layer's output (a layer on an auxiliary head's
     branch does not reach the logits the output adapter picks). ``sole_path``: every path from
@@ -82,6 +59,14 @@ class LayerInfo(NamedTuple):
     output_shape: tuple[int, ...]
     reaches_logits: bool = True
     sole_path: bool = True
+    layout: TokenLayout | None = None
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        """The shape ``[B, C, *grid]`` the layer's CAM is computed on."""
+        if self.layout is None:
+            return self.output_shape
+        return tuple(self.layout.to_grid(torch.empty(self.output_shape, device="meta")).shape)
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -141,10 +126,16 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 def candidate_layers(
     model: nn.Module,
     example_input: Tensor,
-    output_adapter: Callable[[Any], Tensor] | None = None,
+    output_adapter: str | Callable[[Any], Tensor] | None = None,
 ) -> list[LayerInfo]:
     """Layers whose output is a ``[B, C, h, w]`` tensor, in the order the forward runs them,
     each with whether it reaches the logits and whether it lies on every path to them.
+
+    Token layers are listed too where the engine infers their grid
+    (:func:`~segcam_lightning.cam.tokens.infer_layout`): a token sequence ``[B, N, C]`` or a
+    channels-last ``[B, h, w, C]`` whose grid matches the input's, with
+    :attr:`LayerInfo.layout` saying how it is read. Token layers whose grid cannot be proven
+    are not listed (``CAMEngine(reshape=)`` still takes them).
 
     For a 3-D model, given a volume ``[B, C_in, D, H, W]``, the layers whose output is a
     ``[B, C, d, h, w]`` tensor: a CAM layer's output has as many dimensions as the input.
@@ -158,7 +149,8 @@ def candidate_layers(
         example_input: a batch ``[B, C_in, H, W]`` (or ``[B, C_in, D, H, W]``) on the model's
             device.
         output_adapter: picks the logits from the model's output (default: a tensor, a dict's
-            ``"out"`` or only value, a tuple's first item).
+            ``"out"`` or only value, a tuple's first item), or a name in
+            :data:`~segcam_lightning.cam.adapters.ADAPTERS` (e.g. ``"mask2former"``).
 
     Returns:
         One :class:`LayerInfo` per layer that ran, with its first output's shape.
@@ -172,7 +164,7 @@ def candidate_layers(
 def default_layer_name(
     model: nn.Module,
     example_input: Tensor,
-    output_adapter: Callable[[Any], Tensor] | None = None,
+    output_adapter: str | Callable[[Any], Tensor] | None = None,
 ) -> str:
     """The layer a CAM explains when none is named: the output of the last block before the
     output head, on the path to the logits the adapter picks.
@@ -199,7 +191,7 @@ def default_layer_name(
 def layers_to_logits(
     model: nn.Module,
     example_input: Tensor,
-    output_adapter: Callable[[Any], Tensor] | None = None,
+    output_adapter: str | Callable[[Any], Tensor] | None = None,
 ) -> list[str]:
     """Layers before the output head that the logits depend on, in forward order, one name per
     output tensor (the innermost): those every path to the logits runs through, or where none
@@ -208,7 +200,7 @@ def layers_to_logits(
     for rule in (lambda info: info.sole_path, lambda info: info.reaches_logits):
         chosen: dict[int, str] = {}
         for layer in trace.layers:
-            if rule(layer.info) and layer.info.output_shape[1] != trace.num_outputs:
+            if rule(layer.info) and layer.info.grid_shape[1] != trace.num_outputs:
                 chosen.setdefault(id(layer.node), layer.info.name)
         if chosen:
             return list(chosen.values())
@@ -226,7 +218,7 @@ class _Trace(NamedTuple):
 
 
 def _trace(
-    model: nn.Module, example_input: Tensor, output_adapter: Callable[[Any], Tensor] | None
+    model: nn.Module, example_input: Tensor, output_adapter: str | Callable[[Any], Tensor] | None
 ) -> _Trace:
     """One forward with a hook on every named module, and the autograd graph of the logits
     read (never run backward) to tell which layers reach them and which every path crosses."""
@@ -238,9 +230,15 @@ def _trace(
     found: dict[str, tuple[LayerInfo, object]] = {}
 
     def record(name: str, module: nn.Module, output: object) -> None:
-        if name not in found and isinstance(output, Tensor) and output.ndim == example_input.ndim:
+        if name in found or not isinstance(output, Tensor) or output.ndim < 3:
+            return
+        if output.shape[0] != example_input.shape[0]:
+            return
+        layout = infer_layout(output.shape, example_input.shape[2:])
+        if layout is not None:
+            plain = isinstance(layout, ChannelsFirst)
             info = LayerInfo(name, type(module).__name__, tuple(output.shape))
-            found[name] = (info, output.grad_fn)
+            found[name] = (info._replace(layout=None if plain else layout), output.grad_fn)
 
     root = unwrap_compiled(model)
     handles = []
@@ -262,7 +260,7 @@ def _trace(
     finally:
         for handle in handles:
             handle.remove()
-    logits = (output_adapter or default_output_adapter)(output)
+    logits = get_output_adapter(output_adapter)(output)
     num_outputs = logits.shape[1] if isinstance(logits, Tensor) and logits.ndim > 1 else 0
     root_node = logits.grad_fn if isinstance(logits, Tensor) else None
     reached = _reachable(root_node, x)
