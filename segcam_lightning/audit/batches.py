@@ -187,6 +187,25 @@ def region_counts(predicted: Tensor, truth: Tensor | None, spatial: int) -> dict
     return {"predicted": pred_count, "truth": gt_count, "intersection": inter, "union": union}
 
 
+def confusion_counts(
+    predicted: Tensor, masks: Tensor, num_labels: int, ignore_index: int | None = None
+) -> Tensor:
+    """Pixels (voxels) of each (true label, predicted label) pair per image ``[B, n, n]``
+    (int64; row: the ground truth, column: the prediction) for labels ``[B, *S]`` in
+    ``0..n-1``; a pixel whose mask label is outside that range or ``ignore_index`` counts
+    nowhere."""
+    batch = masks.shape[0]
+    truth = masks.reshape(batch, -1).long()
+    guess = predicted.reshape(batch, -1).long().clamp(0, num_labels - 1)
+    valid = (truth >= 0) & (truth < num_labels)
+    if ignore_index is not None:
+        valid &= truth != ignore_index
+    pair = truth.clamp(0, num_labels - 1) * num_labels + guess
+    offset = torch.arange(batch, device=pair.device).view(-1, 1) * num_labels**2
+    counts = torch.bincount((pair + offset)[valid], minlength=batch * num_labels**2)
+    return counts.view(batch, num_labels, num_labels)
+
+
 def _count(regions: Tensor, spatial: int) -> Tensor:
     """Pixels (voxels) in each boolean map ``[..., *S]`` of ``spatial`` dimensions; int32 sums
     are ~3x faster than int64 ones."""
@@ -202,7 +221,9 @@ class ModelBatch:
     values: dict[str, np.ndarray]  # name -> [B, L, K] float32
     #: [B] bool: the image's logits are all finite (NaN or inf: the checkpoint is broken there).
     finite: np.ndarray | None = None
-    #: name -> [B, K] pixel counts (:func:`region_counts`); ``None`` without ground truth.
+    #: name -> [B, K] pixel counts (:func:`region_counts`) and, for multiclass and binary
+    #: outputs, ``"confusion"`` ``[B, n, n]`` (:func:`confusion_counts`, ``n`` labels);
+    #: ``None`` without ground truth.
     counts: dict[str, np.ndarray] | None = None
 
 
@@ -291,6 +312,9 @@ def explain_batch(
             num_outputs = result.logits.shape[1]
             predicted = class_regions(preds, list(classes), num_outputs, kind, spatial_dims=spatial)
             counts = region_counts(predicted, truth, spatial)
+            if masks is not None and kind != "multilabel":
+                labels = 2 if kind == "binary" else num_outputs
+                counts["confusion"] = confusion_counts(preds, masks, labels, readout.ignore_index)
             values = alignment_values(
                 result.cams, result.raw_max, predicted, truth, reference, counts
             )

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from segcam_lightning.audit.mistakes import Mistakes, describe_mistakes, explain_mistakes
 from segcam_lightning.audit.settings import PROG, CheckSettings
 from segcam_lightning.cam.methods import METHOD_NAMES
 from segcam_lightning.errors import UsageError
@@ -123,6 +124,7 @@ CHECK_KEYS = {
     "--sanity-check": "sanity_check",
     "--faithfulness": "faithfulness",
     "--objects-alone": "objects_alone",
+    "--explain-errors": "mistakes",
 }
 #: The objects-alone rule's thresholds: the defaults of
 #: :func:`~segcam_lightning.quality.functional.context_suspects` (the callback's too).
@@ -145,6 +147,7 @@ class QualityChecks:
         objects_alone: every checkpoint's rows, labelled with ``checkpoint``; empty without
             ``--objects-alone``.
         sanity_images, faithfulness_images, objects_alone_images: the images each check used.
+        mistakes: what ``--explain-errors`` found; ``None`` without it.
         seconds: wall time per check.
     """
 
@@ -154,6 +157,7 @@ class QualityChecks:
     sanity_images: int = 0
     faithfulness_images: int = 0
     objects_alone_images: int = 0
+    mistakes: Mistakes | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -163,6 +167,7 @@ def requested(checks: CheckSettings) -> list[str]:
         "--sanity-check": checks.sanity_check,
         "--faithfulness": checks.faithfulness,
         "--objects-alone": checks.objects_alone,
+        "--explain-errors": checks.explain_errors,
     }
     return [CHECK_KEYS[option] for option, on in asked.items() if on]
 
@@ -209,6 +214,11 @@ def check_quality_options(
         raise UsageError(
             "--objects-alone shows each class's ground-truth objects alone, but the data has no "
             "masks. Drop --objects-alone, or pass --data with a masks/ folder."
+        )
+    if checks.explain_errors and masks is None:
+        raise UsageError(
+            "--explain-errors explains where the prediction and the ground truth disagree, but "
+            "the data has no masks. Drop --explain-errors, or pass --data with a masks/ folder."
         )
     for model in plan.models:
         x = model.prepare_input(blank.to(plan.model_device))
@@ -388,6 +398,11 @@ def run_checks(
             x = model.prepare_input(images[:n].to(plan.model_device))
             done.objects_alone += _objects_alone(plan, model, x, masks[:n], batch_size)
         done.seconds["objects_alone"] = time.perf_counter() - start
+    if checks.explain_errors:
+        tallies = [t for r in results for t in r.tallies]
+        per_class = checks.explain_errors_images
+        done.mistakes = explain_mistakes(plan, tallies, per_class, batch_size, step)
+        done.seconds["mistakes"] = done.mistakes.seconds
     return done
 
 
@@ -549,6 +564,8 @@ def checks_summary(
             "rows": rows,
             "seconds": checks.seconds.get("objects_alone"),
         }
+    if settings.explain_errors and checks.mistakes is not None:
+        out["mistakes"] = checks.mistakes.to_dict()
     return out
 
 
@@ -613,4 +630,7 @@ def describe(summary: dict[str, Any]) -> list[str]:
                 else f"each of {judged} judged class(es) keeps its label alone."
             )
         )
+    mistakes = summary.get("mistakes")
+    if mistakes:
+        lines.append(describe_mistakes(mistakes))
     return lines

@@ -67,6 +67,9 @@ examples:
   # does each class keep its label when its objects are shown alone? (a shortcut test)
   explain.py --checkpoint last.ckpt --data synthetic --objects-alone
 
+  # where is the model wrong, and what made it choose the wrong class there?
+  explain.py --checkpoint last.ckpt --data synthetic --explain-errors
+
   # spread a large audit over 4 GPUs
   explain.py --checkpoint last.ckpt --data big/ --devices 4 --strategy ddp --batch-size 32
 
@@ -93,13 +96,16 @@ outputs (OUT = --out):
   OUT/metrics.csv                             one row per image x class x layer x checkpoint
   OUT/summary.json                            counts, means, skipped files, settings, timings;
                                               shortcut_suspects, sanity_check, faithfulness,
-                                              objects_alone
+                                              objects_alone, mistakes
   OUT/sanity.csv                              --sanity-check: one row per checkpoint x method x
                                               layer x class x randomisation (median |rho|,
                                               SSIM, energy inside, verdict)
   OUT/faithfulness.csv                        --faithfulness: one row per checkpoint x method x
                                               layer x class x curve (AUC of the map, random
                                               order and ground truth first, ratio, verdict)
+  OUT/mistakes.csv, OUT/mistakes/             --explain-errors: one row per error map shown
+                                              (class, image, pixels, energy inside the error);
+                                              panels image | GT | prediction | error maps
 
 metrics.csv stays one row per image; the checks' results are not per image, so they have files
 of their own, each a tidy table (pandas.read_csv). report.html marks a layer's energy inside
@@ -664,6 +670,25 @@ _OPTIONS = (
         metavar="N",
     ),
     _option(
+        _QUALITY,
+        "--explain-errors",
+        "the mistakes section: the confusion pairs (true class taken for another) ranked by "
+        "pixels, and for each class the images with the most false-positive plus "
+        "false-negative pixels, with the maps of what made the model choose the wrong class "
+        "(error-region targets, contrastive for multiclass outputs) next to the ground truth "
+        "and the prediction. Needs masks. In report.html, summary.json['mistakes'], "
+        "mistakes.csv and mistakes/. Two engine calls per image shown",
+        action="store_true",
+    ),
+    _option(
+        _QUALITY,
+        "--explain-errors-images",
+        "images per class the mistakes section explains, those with the most error pixels "
+        "(default 4)",
+        type=_positive_int,
+        metavar="N",
+    ),
+    _option(
         _OUTPUT,
         "--out",
         "output folder (default results/, as the original script), e.g. --out audits/epoch50",
@@ -813,6 +838,7 @@ def _check_check_options(args: argparse.Namespace) -> None:
         ("sanity_check", "sanity_"),
         ("faithfulness", "faithfulness_"),
         ("objects_alone", "objects_alone_"),
+        ("explain_errors", "explain_errors_"),
     ):
         given = [
             name

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,8 @@ margin:0 3px 0 10px}
 .good{color:#1a7f37}.bad{color:#b3261e}a{color:#0b57d0}
 p.partial{background:#fff4d6;border:1px solid #e0b000;padding:8px 12px;margin:8px 0 12px}
 div.views{display:inline-flex;flex-direction:column;gap:2px;vertical-align:top;margin:0 1px}
+img.p{height:var(--thumb);max-width:100%;image-rendering:pixelated;border:1px solid #ccc;
+display:block}figure.p{width:auto;margin:2px 6px 8px 0}
 """
 
 
@@ -83,6 +86,7 @@ def render_report(
         body.append(_drift_table(plan, means))
     body.append(_sanity_section(plan, summary))
     body.append(_faithfulness_section(plan, summary))
+    body.append(_mistakes_section(plan, summary))
     body.append(_image_sections(plan, rows, report_images, summary))
     body.append(_skipped_section(skipped))
     body.append(_settings_table(summary))
@@ -292,6 +296,7 @@ _CHECKS = {
     "sanity_check": ("--sanity-check", "Randomisation test (sanity check)", "sanity"),
     "faithfulness": ("--faithfulness", "Deletion and insertion (faithfulness)", "faithfulness"),
     "objects_alone": ("--objects-alone", "Objects alone (shortcut test)", "objects-alone"),
+    "mistakes": ("--explain-errors", "Mistakes", "mistakes"),
 }
 
 
@@ -483,6 +488,97 @@ def _objects_alone_section(plan: AuditPlan, summary: dict[str, Any]) -> str:
         "background and not judged. No map is involved.</p>"
         f"{headline}<table>{head}{body}</table>"
     )
+
+
+def _mistakes_section(plan: AuditPlan, summary: dict[str, Any]) -> str:
+    mistakes = summary.get("mistakes")
+    if mistakes is None:
+        return _pending(summary, "mistakes")
+    several = len(plan.models) > 1
+    what = (
+        "the chosen class's logit minus the true class's over the region (what made the model "
+        "prefer the wrong class)"
+        if mistakes["contrastive"]
+        else "the class's logit over the region"
+    )
+    parts = [
+        _heading("mistakes"),
+        "<p class='meta'>Where the prediction and the ground truth disagree. Per class, the "
+        f"{mistakes['images_per_class']} image(s) with the most false-positive plus "
+        "false-negative pixels; each panel: the image with the false positives outlined in "
+        "<b style='color:#ff2828'>red</b> and the false negatives in "
+        "<b style='color:#2878ff'>blue</b> | ground truth | prediction | the map of the false "
+        "positives | the map of the false negatives (each error region outlined in white). "
+        f"A map's score is {what}. E = share of the map's energy inside its error region. "
+        "Rows in mistakes.csv.</p>",
+    ]
+    for entry in mistakes["checkpoints"]:
+        if several:
+            parts.append(f"<h3>{_e(entry['checkpoint'])}</h3>")
+        parts.append(_pairs_table(entry))
+        parts.append(_errors_table(entry))
+        parts.append(_mistake_panels(plan, mistakes["rows"], entry["checkpoint"]))
+    return "".join(parts)
+
+
+def _pairs_table(entry: dict[str, Any]) -> str:
+    pairs = entry["pairs"][:10]
+    if not pairs:
+        return "<p>No confusion pair: no pixel of one class was predicted as another.</p>"
+    body = "".join(
+        f"<tr><td class='l'>{_e(p['true_name'])}</td><td class='l'>{_e(p['predicted_name'])}"
+        f"</td><td>{p['pixels']}</td><td>{_fmt(p['share_of_true'], 'pct')}</td></tr>"
+        for p in pairs
+    )
+    return (
+        f"<p class='meta'>Confusion pairs over {entry['images']} image(s), most pixels first "
+        "(share: of the true class's ground-truth pixels):</p><table><tr><th class='l'>true "
+        "class</th><th class='l'>predicted as</th><th>pixels</th><th>share</th></tr>"
+        f"{body}</table>"
+    )
+
+
+def _errors_table(entry: dict[str, Any]) -> str:
+    body = "".join(
+        f"<tr><td class='c'>{_e(c['class_name'])}</td><td>{c['false_positive_pixels']}</td>"
+        f"<td>{c['false_negative_pixels']}</td><td>{c['truth_pixels']}</td>"
+        f"<td>{c['images_with_errors']}</td></tr>"
+        for c in entry["classes"]
+    )
+    return (
+        "<table><tr><th class='l'>class</th><th>false positives (px)</th><th>false negatives "
+        f"(px)</th><th>ground truth (px)</th><th>images with errors</th></tr>{body}</table>"
+    )
+
+
+def _mistake_panels(plan: AuditPlan, rows: Sequence[dict[str, Any]], label: str) -> str:
+    panels: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["checkpoint"] == label:
+            panels.setdefault(row["panel"], []).append(row)
+    figures = []
+    for panel, shown in panels.items():
+        first = shown[0]
+        if first["error"] == "confusion":
+            title = f"{first['class_name']} taken for {first['other_class_name']}"
+        else:
+            title = first["class_name"]
+        energies = " · ".join(
+            f"{r['error'].replace('_', ' ')}: {r['pixels']} px, E {_fmt(r['energy_inside'])}"
+            for r in shown
+        )
+        layer = (
+            f" · {TIP_NAMES.get(first['layer'], first['layer'])}"
+            if len(plan.layout.layers) > 1
+            else ""
+        )
+        caption = f"<b>{_e(title)}</b> · {_e(first['image'])}{_e(layer)}<br>{_e(energies)}"
+        src = urllib.parse.quote(panel)
+        figures.append(
+            f"<figure class='p'><img class='p' src='{_e(src)}' alt='' loading='lazy'>"
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
+    return "".join(figures)
 
 
 def _word(verdict: str) -> str:

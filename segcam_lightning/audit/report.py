@@ -29,6 +29,7 @@ from segcam_lightning.audit.checks import (
 )
 from segcam_lightning.audit.checks import describe as describe_checks
 from segcam_lightning.audit.html import render_report
+from segcam_lightning.audit.mistakes import MISTAKE_COLUMNS, mistake_csv_rows
 from segcam_lightning.audit.paths import write_atomic
 from segcam_lightning.audit.resume import Elapsed, save_state
 from segcam_lightning.audit.settings import (
@@ -216,6 +217,11 @@ def _write_checks(
         rows = faithfulness_csv_rows(checks)
         write_csv(plan.layout.file("faithfulness.csv"), FAITHFULNESS_COLUMNS, rows)
         summary["outputs"]["faithfulness"] = "faithfulness.csv"
+    if asked.explain_errors and checks.mistakes is not None:
+        rows = mistake_csv_rows(checks.mistakes)
+        write_csv(plan.layout.file("mistakes.csv"), MISTAKE_COLUMNS, rows)
+        summary["outputs"]["mistakes"] = "mistakes.csv"
+        summary["outputs"]["mistake_panels"] = "mistakes/"
 
 
 def broken_checkpoints(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -30,8 +30,9 @@ from segcam_lightning.text import one_line
 if TYPE_CHECKING:
     from segcam_lightning.audit.plan import AuditPlan
 
-#: 3: the per-image pixel counts (``tallies``) are kept beside the rows.
-_FORMAT = 3
+#: 3: the per-image pixel counts (``tallies``) are kept beside the rows; 4: the tallies hold
+#: each image's confusion counts (``--explain-errors`` ranks the mistakes by them).
+_FORMAT = 4
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

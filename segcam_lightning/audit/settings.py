@@ -71,6 +71,8 @@ RESERVED_NAMES = (
     "cams",
     "report_files",
     "metrics.csv",
+    "mistakes",
+    "mistakes.csv",
     "sanity.csv",
     "faithfulness.csv",
     "summary.json",
@@ -285,6 +287,9 @@ class CheckSettings:
         faithfulness_steps: ``--faithfulness-steps``: points per curve minus one.
         objects_alone: ``--objects-alone``: the objects-alone test.
         objects_alone_images: ``--objects-alone-images``: the first N audited images used.
+        explain_errors: ``--explain-errors``: the mistakes section
+            (:mod:`~segcam_lightning.audit.mistakes`).
+        explain_errors_images: ``--explain-errors-images``: images per class it explains.
     """
 
     sanity_check: bool = False
@@ -297,6 +302,8 @@ class CheckSettings:
     faithfulness_steps: int = 16
     objects_alone: bool = False
     objects_alone_images: int = 64
+    explain_errors: bool = False
+    explain_errors_images: int = 4
 
 
 #: Each option's settings field, by the option's name (``--batch-size`` is ``batch_size``),

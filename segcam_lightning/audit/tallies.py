@@ -14,6 +14,8 @@ and :data:`~segcam_lightning.audit.settings.STATE_FILE` keeps it for ``--resume`
                 "intersection": [K ints],
                 "union": [K ints],
                 "energy": [[K floats], ...],  # energy inside per layer (NaN: class absent)
+                "confusion": [[n ints], ...],  # pixels per (true, predicted) label, n x n;
+                                               # multiclass and binary outputs only
             },
         },
     }
@@ -62,18 +64,20 @@ def image_tally(
         entry: dict[str, Any] = {"broken": bool(bad)}
         entry.update({name: [int(v) for v in count[name]] for name in COUNT_NAMES})  # type: ignore[index]
         entry["energy"] = [[float(v) for v in layer] for layer in share]
+        if "confusion" in count:  # type: ignore[operator]
+            entry["confusion"] = np.asarray(count["confusion"]).astype(int).tolist()  # type: ignore[index]
         checkpoints[label] = entry
     return {"index": int(index), "pixels": int(pixels), "checkpoints": checkpoints}
 
 
 def sound(tallies: Sequence[dict[str, Any]], label: str) -> list[dict[str, Any]]:
     """``label``'s entries of the images where its logits were finite, by dataset index, each
-    with the image's ``pixels``."""
+    with the image's ``pixels`` and ``index``."""
     entries = []
     for tally in sorted(tallies, key=lambda t: t["index"]):
         entry = tally["checkpoints"].get(label)
         if entry is not None and not entry["broken"]:
-            entries.append({**entry, "pixels": tally["pixels"]})
+            entries.append({**entry, "pixels": tally["pixels"], "index": tally["index"]})
     return entries
 
 
