@@ -17,7 +17,14 @@ from test_cam_references import (
 )
 
 from segcam_lightning.cam import CAMEngine, Readout
-from segcam_lightning.cam.targets import TARGETS, Confusion, FalseNegatives, FalsePositives
+from segcam_lightning.cam.targets import (
+    TARGETS,
+    BoundaryBand,
+    Confusion,
+    FalseNegatives,
+    FalsePositives,
+    band,
+)
 from segcam_lightning.models import UNet
 
 LAYERS = ["stem.2", "down.2", "body.2"]
@@ -159,3 +166,55 @@ def test_volume_false_negatives_equal_a_per_class_backward():
         else:
             assert ours.abs().max() == 0
     assert max(scales) > 0  # some map to compare: the test is not vacuous
+
+
+def naive_band(regions: torch.Tensor, radius: int) -> torch.Tensor:
+    """Pixel by pixel: in the band where some pixel of the grid within ``radius`` (chessboard)
+    differs in membership from it."""
+    out = torch.zeros_like(regions)
+    *lead, height, width = regions.shape
+    for index in torch.cartesian_prod(*(torch.arange(n) for n in lead)).tolist():
+        grid = regions[tuple(index)]
+        for i in range(height):
+            for j in range(width):
+                window = grid[
+                    max(0, i - radius) : i + radius + 1, max(0, j - radius) : j + radius + 1
+                ]
+                out[(*index, i, j)] = bool((window != grid[i, j]).any())
+    return out
+
+
+def test_the_band_is_every_pixel_near_a_change_of_class():
+    regions = torch.rand(2, 3, 12, 10, generator=torch.Generator().manual_seed(14)) > 0.7
+    regions[0, 0] = False  # an empty class: no edge, no band
+    regions[0, 1] = True  # a class everywhere: the grid's border is no edge either
+    for radius in (1, 2):
+        ours = band(regions, radius)
+        assert torch.equal(ours, naive_band(regions, radius))
+    assert not band(regions, 1)[0, :2].any()
+    volume = torch.zeros(1, 1, 7, 7, 7, dtype=torch.bool)
+    volume[0, 0, 2:5, 2:5, 2:5] = True
+    shell = band(volume, 1)[0, 0]
+    assert shell[3, 3, 3] == False and shell[1, 3, 3] and shell[2, 2, 2]  # noqa: E712
+    assert shell.sum() == 5**3 - 1  # a 5³ cube around the 3³ one, less its centre voxel
+
+
+@pytest.mark.parametrize("source", ["predicted", "gt"])
+def test_boundary_bands_equal_the_naive_loop(quarter, source):
+    model, images, labels, true, chosen = quarter
+    inside = torch.stack([(chosen if source == "predicted" else true) == k for k in range(3)], 1)
+    region = naive_band(inside, 1).double()
+    target = BoundaryBand(radius=1, source=source)
+    assert target.needs_masks == (source == "gt")
+    engine = CAMEngine(model, LAYERS, "gradcam", target=target, normalize="none")
+    result = engine(images, masks=labels if source == "gt" else None)
+
+    def score(logits: torch.Tensor, b: int, k: int) -> torch.Tensor:
+        return (logits[0, k] * region[b, k]).sum()
+
+    assert_equal_naive(result.cams, model, images, LAYERS, "gradcam", score, region)
+    assert isinstance(TARGETS["boundary"](), BoundaryBand)
+    with pytest.raises(ValueError, match="`radius` to be an int >= 1"):
+        BoundaryBand(radius=0)
+    with pytest.raises(ValueError, match="`source` to be 'predicted' or 'gt'"):
+        BoundaryBand(source="truth")

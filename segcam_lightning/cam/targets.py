@@ -15,6 +15,8 @@ so a target says how to reduce them to one score per class and image:
   (``"false_negative"``), :class:`Confusion` (``Confusion(true_class=k)``): the class logit, or
   with ``contrastive=True`` the chosen class's logit minus the true class's, over where the
   model is wrong about the class.
+- :class:`BoundaryBand` (``"boundary"``): the class logit over the pixels within ``radius`` of
+  the class's edge (of its prediction, or of its ground truth), both sides of it.
 - :class:`PixelTarget`, :class:`BoxTarget`: the class logit at one pixel or summed over a box.
 - any callable ``f(logits, masks) -> scores`` or ``-> (scores, present)``.
 
@@ -46,6 +48,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from segcam_lightning.cam import functional as FC
@@ -54,6 +57,7 @@ from segcam_lightning.cam.readout import SOFTMAX, Readout
 
 __all__ = [
     "TARGETS",
+    "BoundaryBand",
     "BoxTarget",
     "CallableTarget",
     "Confusion",
@@ -614,6 +618,59 @@ class Confusion(_MistakeTarget):
         return f"Confusion(true_class={self.true_class}, contrastive={self.contrastive})"
 
 
+class BoundaryBand(RegionTarget):
+    """Class logits summed over a band around each class's edge: the pixels within ``radius``
+    (chessboard distance, on the logits' grid) of the boundary between the class and the rest,
+    on both sides of it. Where a segmenter hesitates most; the image's own border is no edge.
+
+    ``band = dilate(R, r) & ~erode(R, r)`` with a ``(2r + 1)``-wide square (cube for volumes)
+    structuring element, ``R`` the class's region: the prediction
+    (:func:`~segcam_lightning.cam.functional.predicted_masks`, ``source="predicted"``, no masks
+    needed) or the ground truth (``source="gt"``, as ``gt_region`` reads it).
+
+    Args:
+        radius: the band's half-width in pixels of the logits' grid, ``>= 1``.
+        source: ``"predicted"`` (default) or ``"gt"``.
+    """
+
+    name = "boundary"
+
+    def __init__(self, radius: int = 2, source: str = "predicted") -> None:
+        if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1:
+            raise ValueError(f"Expected `radius` to be an int >= 1, but got {radius!r}.")
+        if source not in ("predicted", "gt"):
+            raise ValueError(f"Expected `source` to be 'predicted' or 'gt', but got {source!r}.")
+        self.radius, self.source = radius, source
+        self.needs_masks = source == "gt"
+
+    def region(self, logits: Tensor, masks: Tensor | None, readout: Readout = SOFTMAX) -> Tensor:
+        if self.source == "gt":
+            inside = GTRegion.region(self, logits, masks, readout).bool()  # type: ignore[arg-type]
+        else:
+            inside = LogitRegion.region(self, logits, masks, readout).bool()  # type: ignore[arg-type]
+        return band(inside, self.radius)
+
+    def __repr__(self) -> str:
+        return f"BoundaryBand(radius={self.radius}, source={self.source!r})"
+
+
+def band(regions: Tensor, radius: int) -> Tensor:
+    """The pixels within ``radius`` (chessboard distance) of the edge of boolean regions
+    ``[B, K, *S]`` (2-D or 3-D), on both sides: ``dilate(R) & ~erode(R)``; outside the grid
+    counts as neither inside nor outside, so the grid's border is no edge."""
+    pool = F.max_pool3d if regions.ndim == 5 else F.max_pool2d
+    shape = regions.shape
+    flat = regions.reshape(-1, 1, *shape[2:]).float()
+    size = 2 * radius + 1
+
+    def dilate(x: Tensor) -> Tensor:
+        return pool(x, size, stride=1, padding=radius)
+
+    grown = dilate(flat) > 0
+    shrunk = dilate(1.0 - flat) == 0  # no pixel outside R within the radius
+    return (grown & ~shrunk).reshape(shape)
+
+
 class _WindowTarget(RegionTarget):
     """A fixed window of the logits' grid, the same for every image, class and output kind.
 
@@ -807,6 +864,7 @@ TARGETS: dict[str, type[Target]] = {
     "gt_region": GTRegion,
     "false_positive": FalsePositives,
     "false_negative": FalseNegatives,
+    "boundary": BoundaryBand,
 }
 
 
