@@ -1,6 +1,7 @@
 """Sliding-window CAMs (segcam_lightning.cam.sliding): ``weights="whole"`` against the engine on
-the whole input, ``weights="patch"`` against a naive loop over windows, the stitched logits
-against MONAI's ``sliding_window_inference``, and the argument errors.
+the whole input and against its definition written with autograd through the blending (overlap,
+Gaussian weights, padding), ``weights="patch"`` against a naive loop over windows, the stitched
+logits against MONAI's ``sliding_window_inference``, and the argument errors.
 
 Everything runs small networks in float64 (the MONAI comparison in float32, as MONAI runs), so
 the references agree to rounding. Tolerances (eps64 = 2.2e-16, eps32 = 1.2e-7):
@@ -128,6 +129,71 @@ def test_whole_keeps_the_head_path_and_the_gradient_pass_apart():
     assert alone.classes == (2, 0)
     close(alone.cams[:, 0], paired.cams[:, 0])
     close(alone.cams, engine(x, classes=[2, 0]).cams)
+
+
+def naive_whole_maps(net, layer, x, roi, overlap, method):
+    """The definition of weights='whole' written out with autograd through the blending: every
+    window's activation a leaf, the stitched logits built from the windows' logits (padded with
+    zeros, as the input is), ``softmax_mean`` of the cropped stitched logits, its gradient at
+    every window's leaf; Grad-CAM pools ``sum_p sum_i g / N``, LayerCAM keeps ``ReLU(g)`` per
+    window; the windows' maps blended with the logits' weights. One image."""
+    size = x.shape[2:]
+    pads = [max(r - s, 0) for s, r in zip(size, roi, strict=True)]
+    padded = torch.nn.functional.pad(x, [p for d in reversed(pads) for p in (d // 2, d - d // 2)])
+    w = importance_map(roi, "gaussian", (0.125,)).double()
+    corners = list(
+        itertools.product(
+            *[naive_starts(s, r, overlap) for s, r in zip(padded.shape[2:], roi, strict=True)]
+        )
+    )
+    leaves = []
+    hook = dict(net.named_modules())[layer].register_forward_hook(
+        lambda m, i, o: leaves.append(o.detach().requires_grad_(True)) or leaves[-1]
+    )
+    stitched = count = 0
+    for corner in corners:
+        where = tuple(slice(c, c + r) for c, r in zip(corner, roi, strict=True))
+        around = [
+            p
+            for c, r, s in reversed(list(zip(corner, roi, padded.shape[2:], strict=True)))
+            for p in (c, s - c - r)
+        ]
+        with torch.enable_grad():
+            logits = net(padded[(Ellipsis, *where)])
+            stitched = stitched + torch.nn.functional.pad(logits * w, around)
+        count = count + torch.nn.functional.pad(w, around)
+    hook.remove()
+    crop = tuple(slice(d // 2, d // 2 + s) for d, s in zip(pads, size, strict=True))
+    stitched = (stitched / count)[(Ellipsis, *crop)]
+    scores = stitched.softmax(dim=1).flatten(2).mean(-1)[0]  # [K]
+    total = torch.zeros(K, *padded.shape[2:], dtype=x.dtype)
+    for k in range(K):
+        grads = torch.autograd.grad(scores[k], leaves, retain_graph=True)
+        alpha = sum(g.sum(dim=tuple(range(2, g.ndim))) for g in grads)
+        alpha = alpha / (len(grads) * grads[0][0, 0].numel())
+        for corner, a, g in zip(corners, leaves, grads, strict=True):
+            where = tuple(slice(c, c + r) for c, r in zip(corner, roi, strict=True))
+            weights = g.clamp(min=0) if method == "layercam" else alpha[..., None, None, None]
+            total[(k, *where)] += (weights * a).sum(dim=1)[0].clamp(min=0).detach() * w
+    return ((total / count)[(slice(None), *crop)], stitched.detach())
+
+
+@pytest.mark.parametrize("method", ["gradcam", "layercam"])
+def test_whole_equals_its_definition_with_overlap_and_padding(method):
+    """Overlapping Gaussian windows, a 3×3×3 receptive field and a dimension padded (5 < 6):
+    weights='whole' equals its definition written with autograd through the blending
+    (:func:`naive_whole_maps`), at ``mid`` (Grad-CAM: the head path) and ``low`` (the
+    gradient pass)."""
+    net = network(Local, 3)
+    torch.manual_seed(30)
+    x = torch.randn(1, 1, 9, 5, 8, dtype=torch.float64)
+    engine = CAMEngine(net, ["mid", "low"], method=method, normalize="none")
+    got = sliding_window_cams(engine, x, (6, 6, 4), overlap=0.5, mode="gaussian", weights="whole")
+    for index, layer in enumerate(["mid", "low"]):
+        expected, logits = naive_whole_maps(net, layer, x, (6, 6, 4), 0.5, method)
+        assert expected.amax() > 0
+        close(got.cams[0, index].double(), expected)
+        close(got.logits, logits)
 
 
 # --- weights="patch" equals a naive loop over windows --------------------------------------
