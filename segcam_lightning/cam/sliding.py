@@ -62,7 +62,7 @@ from segcam_lightning.cam.gradients import _at_least_float32, may_take_head_path
 from segcam_lightning.cam.layers import eval_mode, force_eager, preserve_rng, unwrap_compiled
 from segcam_lightning.cam.methods import GradCAM, HiResCAM, LayerCAM, XGradCAM
 
-__all__ = ["BLEND_MODES", "PADDING_MODES", "WEIGHTS", "sliding_window_cams"]
+__all__ = ["BLEND_MODES", "PADDING_MODES", "WEIGHTS", "importance_map", "sliding_window_cams"]
 
 WEIGHTS: tuple[str, ...] = ("patch", "whole")
 BLEND_MODES: tuple[str, ...] = ("constant", "gaussian")
