@@ -238,13 +238,15 @@ def _patch(grid: Sequence[int], size: Sequence[int]) -> int | None:
 
 def token_grids(shape: Sequence[int], size: Sequence[int]) -> list[TokenGrid]:
     """Every :class:`TokenGrid` a token sequence ``[B, N, C]`` may have for an input of spatial
-    ``size``: ``N = extra + prod(grid)`` with at most :data:`MAX_EXTRA_TOKENS` extra tokens, a
-    grid of at least two positions, and one integer patch size for all sides."""
+    ``size``: ``N = extra + prod(grid)`` with one integer patch size for all sides, a grid of at
+    least two positions and at most :data:`MAX_EXTRA_TOKENS` extra tokens, which are fewer than
+    a quarter of the grid's positions (a handful of queries, ``[B, 6, C]``, is no 2×2 grid with
+    two class tokens)."""
     found = []
     n, dims, volume = shape[1], len(size), math.prod(size)
     for extra in range(min(MAX_EXTRA_TOKENS, n - 2) + 1):
         cells = n - extra
-        if volume % cells:
+        if volume % cells or (extra and 4 * extra >= cells):
             continue
         p = round((volume // cells) ** (1 / dims))
         for q in (p - 1, p, p + 1):  # the root's rounding
