@@ -25,14 +25,16 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from compat_rows import PARITY_ATOL
+from compat_rows import PARITY_ATOL, UserModule, fit_with_callback, scenes
 from hooked import activation_and_gradient
 from torch import Tensor, nn
 
+from segcam_lightning.callbacks import GradCAMCallback
 from segcam_lightning.cam import CAMEngine, candidate_layers
 from segcam_lightning.cam.adapters import PromptedMask, get_output_adapter, query_semantic_logits
 from segcam_lightning.cam.layers import default_layer_name
 from segcam_lightning.cam.tokens import ChannelsLast, TokenGrid, infer_layout
+from segcam_lightning.errors import ConfigurationError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -341,6 +343,35 @@ def test_mask2former_stage_outputs_have_zero_gradcam_weights() -> None:
     assert raw[M2F_STAGE1] <= 1e-15 * raw[M2F_DEFAULT]
 
 
+#: row -> the layer the callback is given (Mask2Former: none, the default rule's), for
+#: :func:`test_the_callback_logs_cams_at_a_token_layer`.
+CALLBACK_LAYERS = {
+    "vit": "vit.layers.0",
+    "swin": "backbone.swin.encoder.layers.1.blocks.0.layernorm_after",
+    "segformer": "segformer.stages.1.layer_norm",
+    "mask2former": None,
+}
+
+
+@pytest.mark.parametrize("row", CALLBACK_LAYERS)
+def test_the_callback_logs_cams_at_a_token_layer(tmp_path, caplog, row: str) -> None:
+    """The callback in a tiny ``fit`` (compat_rows.fit_with_callback) at a token layer it is
+    given, or for Mask2Former at the default rule's layer with the adapter as a callable (the
+    callback does not take adapter names yet); one CAM image per class read back."""
+    build, (_, size, dims, channels), adapter, *_ = ROWS[row]
+    layer = CALLBACK_LAYERS[row]
+    logits = get_output_adapter(_adapter(adapter))
+    callback = GradCAMCallback(
+        layers=[layer] if layer else None,
+        output_adapter=logits if adapter == "mask2former" else None,
+    )
+    module = UserModule(build(), logits=logits)
+    data = scenes(4, size, NUM_CLASSES, channels, dims)
+    fit = fit_with_callback(tmp_path, module, data, callback, caplog)
+    shown = layer or M2F_DEFAULT
+    assert fit.image_tags == {f"cam/{shown}/class_{k}" for k in range(NUM_CLASSES)}
+
+
 # --- the output adapters ---------------------------------------------------------------------
 
 
@@ -452,6 +483,16 @@ def test_a_token_layer_whose_grid_cannot_be_inferred_is_refused_at_the_first_cal
     told = CAMEngine(model, ["mixer"], reshape={"mixer": grid})(x).cams
     by_hand = CAMEngine(model, ["mixer"], reshape={"mixer": tokens_to_grid(12, 4, 4)})(x).cams
     assert torch.equal(told, by_hand)
+
+
+def test_the_callback_refuses_it_at_setup(tmp_path, caplog) -> None:
+    """The callback's setup runs one engine call on a probe image: the refusal comes there,
+    before any training step, with the ``reshape=`` to pass."""
+    torch.manual_seed(0)
+    module = UserModule(ManyExtraTokens())
+    callback = GradCAMCallback(layers=["mixer"])
+    with pytest.raises(ConfigurationError, match=r"cannot prove its grid: .*reshape=\{'mixer'"):
+        fit_with_callback(tmp_path, module, scenes(4, 32, NUM_CLASSES), callback, caplog)
 
 
 def parity_with(model: nn.Module, x: Tensor, reshape: dict[str, Any], to_grid: Grid) -> float:
