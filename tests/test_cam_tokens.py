@@ -33,7 +33,7 @@ from segcam_lightning.callbacks import GradCAMCallback
 from segcam_lightning.cam import CAMEngine, candidate_layers
 from segcam_lightning.cam.adapters import PromptedMask, get_output_adapter, query_semantic_logits
 from segcam_lightning.cam.layers import default_layer_name
-from segcam_lightning.cam.tokens import ChannelsLast, TokenGrid, infer_layout
+from segcam_lightning.cam.tokens import ChannelsLast, TokenGrid, infer_layout, token_grids
 from segcam_lightning.errors import ConfigurationError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -540,3 +540,16 @@ def test_layout_inference() -> None:
     assert infer_layout((2, 6, 32), (64, 64)) is None  # 6 queries are no 2×2 grid + 2
     assert infer_layout((2, 1, 64), (32, 32)) is None  # one token: no grid to explain
     assert infer_layout((2, 100, 256), (512, 512)) is None  # Mask2Former's 100 queries
+
+
+def test_no_two_grids_fit_one_token_count() -> None:
+    """docs/engine.md's claim, for every 2-D input with even sides up to 96: a token count with
+    two grids would be some grid's positions plus at most 8 extra tokens, and none has two."""
+    for height in range(2, 97, 2):
+        for width in range(height, 97, 2):
+            for p in range(1, height + 1):
+                if height % p or width % p:
+                    continue
+                cells = (height // p) * (width // p)
+                for n in range(cells, cells + 9):
+                    assert len(token_grids((1, n, 8), (height, width))) <= 1, (height, width, n)

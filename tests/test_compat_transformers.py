@@ -2,8 +2,10 @@
 
 Tiny random-init models built from their own configs (no download): the callback with no
 arguments in a tiny ``fit``, the layer it chooses, Grad-CAM parity with a naive per-class loop in
-float64, and explain.py ``--config`` on a LightningCLI run. Mask2Former is not a row yet: its
-logits are per-query class scores and masks, which need the query adapter of a later issue.
+float64, and explain.py ``--config`` on a LightningCLI run. Mask2Former is not a row here: its
+output is per-query class scores and masks, read by ``output_adapter="mask2former"``, which
+the callback's and explain.py's arguments do not take yet; tests/test_cam_tokens.py measures it
+at its token layers.
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ ROWS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     # UperNet: the FPN bottleneck's output, never the auxiliary FCN head.
     "upernet_convnext": (upernet_convnext, "decode_head.fpn_bottleneck.activation"),
     "upernet_swin": (upernet_swin, "decode_head.fpn_bottleneck.activation"),
-    # DPT: the ViT's token layers ([B, N, D]) are not candidates; the head's conv block is.
+    # DPT: the ViT's token layers ([B, N, D]) are candidates too, but the head's conv block
+    # comes after them on every path.
     "dpt": (dpt, "head.head.2"),
 }
 

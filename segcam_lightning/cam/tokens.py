@@ -349,8 +349,8 @@ def _token_message(name: str, module: str, shape: Sequence[int], input_shape: Se
     else:
         why = (
             f"no grid of at least two positions with one integer patch size p (side·p = "
-            f"{'×'.join(map(str, size))}) and at most {MAX_EXTRA_TOKENS} extra tokens gives "
-            f"N = {shape[1]}"
+            f"{'×'.join(map(str, size))}) and at most {MAX_EXTRA_TOKENS} extra tokens, fewer "
+            f"than a quarter of its positions, gives N = {shape[1]}"
         )
     return (
         f"Layer {name!r} ({module}) returned a token sequence {list(shape)} for an input "
