@@ -138,8 +138,6 @@ class _Capture:
         self.input_shape = tuple(input_shape)
         self.reshape = dict(reshape or {})
         self.activations: list[Tensor] = []
-        #: Each layer's layout as resolved in the forward (``ChannelsFirst`` for plain layers).
-        self.layouts: list[TokenLayout | None] = [None] * len(names)
         self._slots: list[Tensor | None] = [None] * len(names)
         # What each layer handed downstream (weakly: downstream may free it), and its version
         # counter then.
@@ -163,7 +161,6 @@ class _Capture:
                 f"Layer {name!r} ran more than once in one forward (a module used in several "
                 "places), so its activation is ambiguous. Pick a layer that runs once."
             )
-        self.layouts[index] = layout
         plain = isinstance(layout, ChannelsFirst)
         if not self.track_grad:
             self._slots[index] = layout.to_grid(output.detach()).clone()

@@ -28,10 +28,14 @@ How a call works (docs/architecture.md explains the facts behind each step):
    score has exactly zero gradient at every hooked layer (a constant or saturated score) would
    get blank maps: the call warns instead of returning them silently.
 
+A token layer (``[B, N, C]`` tokens or a channels-last grid) is explained on its grid
+``[B, C, h, w]``: the capture hook keeps the grid and hands downstream a tensor rebuilt from it
+(:mod:`segcam_lightning.cam.tokens`; ``reshape=`` where the layout cannot be inferred).
+
 Images ``[B, C, H, W]`` and volumes ``[B, C, D, H, W]`` go through the same steps: the engine
-reads which from ``images.ndim``, expects the hooked layers and the logits to have as many
-dimensions as the input (``[B, C, d, h, w]``, ``[B, K, D, H, W]`` for volumes), averages
-weights over all ``d·h·w`` positions, upsamples trilinearly (``align_corners=False``) and
+reads which from ``images.ndim``, expects the hooked layers (their grids) and the logits to
+have as many dimensions as the input (``[B, C, d, h, w]``, ``[B, K, D, H, W]`` for volumes),
+averages weights over all ``d·h·w`` positions, upsamples trilinearly (``align_corners=False``) and
 normalises each map over all its voxels. Shapes below are written for images; a volume has
 ``D`` (``d``) before ``H, W`` (``h, w``).
 

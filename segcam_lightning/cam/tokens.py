@@ -40,6 +40,7 @@ __all__ = [
     "as_layout",
     "infer_layout",
     "resolve_layout",
+    "token_grids",
 ]
 
 #: The most leading extra tokens (class, distillation, register tokens) inference considers.
