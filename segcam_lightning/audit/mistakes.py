@@ -29,6 +29,7 @@ report's "Mistakes" section. The mistakes are the audit's images (not volumes) w
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -245,16 +246,11 @@ class _Explainer:
         }
 
     def _engine(self, target: Any) -> CAMEngine:
-        engine = self.model.engine
-        return CAMEngine(
-            engine.model,
-            engine.layer_names,
-            method=engine.method,
-            target=target,
-            normalize=engine.normalize,
-            readout=self.plan.readout,
-            output_adapter=engine.output_adapter,
-        )
+        """The checkpoint's engine with another target (its settings only: an engine keeps no
+        state between calls)."""
+        engine = copy.copy(self.model.engine)
+        engine.target = target
+        return engine
 
     def run(self, chosen: dict[int, list[int]], pairs: Sequence[dict[str, Any]]) -> None:
         wanted = sorted({i for indices in chosen.values() for i in indices})

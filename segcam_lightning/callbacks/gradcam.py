@@ -19,6 +19,7 @@ import math
 import re
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -37,6 +38,7 @@ from segcam_lightning.callbacks.display import (
     log_step,
     write_images,
 )
+from segcam_lightning.callbacks.errors import log_confusion, missed_engine
 from segcam_lightning.callbacks.probe import Probe, ProbeSpec, gather, shared_probe
 from segcam_lightning.callbacks.share import CAMStep, ModelReading, share_of
 from segcam_lightning.callbacks.worker import PictureWorker
@@ -136,6 +138,10 @@ class GradCAMCallback(Callback):
         strict: raise when the CAM step fails during training; by default the failure is
             reported once, with its traceback, and training goes on. Mistakes in the settings
             are reported at ``setup()`` either way.
+        errors: also log each class's missed-pixel maps (grids ``cam/[<tag>/]errors/<layer>/
+            <class>``: what made the model take the class for another) and the probe's
+            confusion shares ``cam_errors/[<tag>/]<true>_as_<predicted>``; needs the probe's
+            masks (:mod:`~segcam_lightning.callbacks.errors`). One more engine call per step.
 
     Example:
         >>> trainer = L.Trainer(callbacks=[GradCAMCallback(layers=["d4.conv.conv.5"])])
@@ -157,6 +163,7 @@ class GradCAMCallback(Callback):
         class_names: Sequence[str] | None = None,
         tag: str | None = None,
         strict: bool = False,
+        errors: bool = False,
         **moved: Any,
     ) -> None:
         super().__init__()
@@ -199,10 +206,12 @@ class GradCAMCallback(Callback):
         self.class_names = _checked_names(class_names)
         self.tag = tag
         self.strict = strict
+        self.errors = bool(errors)
         #: The probe (read at setup); CAMs ``[N, L, K, *S]`` of the last logged step, on the CPU.
         self.probe: Probe | None = None
         self.last_cams: Tensor | None = None
         self._engine: CAMEngine | None = None
+        self._missed: CAMEngine | None = None  # errors=True: each class's missed pixels
         self._layer_labels: list[str] = []
         self._names = ClassNames([], [])
         self._read = self.readout
@@ -234,11 +243,12 @@ class GradCAMCallback(Callback):
         network = _network(pl_module)
         self._display = self.display.display_fn(trainer.datamodule)
         self.probe = shared_probe(trainer, stage, self.probe_spec, "GradCAMCallback")
-        if get_target(self.target).needs_masks and self.probe.masks is None:
+        needs = "`errors=True`" if self.errors else f"`target={self.target!r}`"
+        if (self.errors or get_target(self.target).needs_masks) and self.probe.masks is None:
             raise ConfigurationError(
-                f"GradCAMCallback `target={self.target!r}` reads each class's ground truth, "
-                "but the probe batches hold no masks. Use target='softmax_mean' or "
-                "'logit_region', or pass `probe=ProbeSpec(batch_adapter=BatchAdapter(mask_key="
+                f"GradCAMCallback {needs} reads each class's ground truth, but the probe "
+                "batches hold no masks. Use target='softmax_mean' or 'logit_region' without "
+                "errors=True, or pass `probe=ProbeSpec(batch_adapter=BatchAdapter(mask_key="
                 "...))`."
             )
         # The network's own device: at setup Lightning may already report the accelerator as
@@ -273,6 +283,7 @@ class GradCAMCallback(Callback):
             output_adapter=self.output_adapter,
         )
         self._check_engine(example, self.probe.masks, logits.shape[1])
+        self._missed = missed_engine(self._engine, self._read) if self.errors else None
         self._names = _names(trainer, pl_module, self.class_names, self._num_outputs, self._read)
         share.readings[self] = ModelReading(self.readout, self.output_adapter, self.class_names)
         if not trainer.loggers:
@@ -304,23 +315,10 @@ class GradCAMCallback(Callback):
         self._read = self.readout.resolved(num_outputs)
         self._num_outputs = num_outputs
         self._channels = self.classes if self.classes is not None else list(range(num_outputs))
-        if masks is None:
-            if self.log_alignment:
-                rank_zero_warn(
-                    "GradCAMCallback: the probe batches hold no masks, so the grids show no"
-                    " ground truth and no alignment scalars are logged. Pass"
-                    " `probe=ProbeSpec(batch_adapter=BatchAdapter(mask_key=...))` if the masks"
-                    " are there."
-                )
-            return
-        try:
-            kind, spatial = self._read.kind, example.ndim - 2
-            class_regions(masks[:1], self._channels, num_outputs, kind, spatial_dims=spatial)
-        except (TypeError, ValueError) as error:
-            raise ConfigurationError(
-                f"GradCAMCallback: the probe's masks {list(masks.shape)} do not fit the model's "
-                f"{num_outputs} {self._read.kind} output(s): {error}"
-            ) from None
+        spatial = example.ndim - 2
+        _check_probe_masks(
+            masks, self._channels, num_outputs, self._read, self.log_alignment, spatial
+        )
 
     # ------------------------------------------------------------------ each validation end
 
@@ -361,17 +359,24 @@ class GradCAMCallback(Callback):
         local_masks = masks[shard].to(pl_module.device) if masks is not None else None
         with trainer.precision_plugin.forward_context():
             result = self._engine(local, classes=self._channels, masks=local_masks)
+            missed = self._missed(local, self._channels, local_masks) if self._missed else None
         if not self._finite_logits(trainer, result.logits):
             return
         preds = FC.resize_labels(self._read.predicted(result.logits.float()), images.shape[2:])
         cams = gather(trainer, result.cams, len(images)).cpu()
         preds = gather(trainer, preds, len(images)).cpu()
-        del result
+        if missed is not None:
+            missed_cams = gather(trainer, missed.cams, len(images)).cpu()
+        del result, missed
         self.last_cams = cams
         names = [self._names.channels[c] for c in self._channels]
         if self.log_alignment and masks is not None:
             tags = ["/".join(self._tagged(layer)) for layer in self._layer_labels]
             _log_alignment(pl_module, cams, masks, tags, self._channels, names, self._read)
+        if self._missed is not None and masks is not None:
+            log_confusion(
+                pl_module, masks, preds, self._read, self._names.labels, self._channels, self.tag
+            )
         self._publish(trainer, cams, masks, preds, names)
         if trainer.is_global_zero:
             labels = GridLabels(
@@ -385,6 +390,10 @@ class GradCAMCallback(Callback):
             )
             shown = self.display.show(self._display, images)
             drawn = draw_grids(trainer, self.display, shown, masks, preds, cams, labels)
+            if self._missed is not None:
+                layers = [(*t[:-1], "errors", t[-1]) for t in labels.layers]
+                labels = replace(labels, layers=layers)
+                drawn += draw_grids(trainer, self.display, shown, masks, preds, missed_cams, labels)
             step = log_step(trainer)
             write_images(trainer, drawn, step, tensorboard=False)  # in step order, here
             self._worker().submit(partial(write_images, trainer, drawn, step, tensorboard=True))
@@ -520,6 +529,34 @@ def _log_alignment(
             for name, value in zip(names, values.reshape(-1).tolist(), strict=True):
                 if not math.isnan(value):  # class absent from every probe image
                     pl_module.log(f"cam_alignment/{tag}/{name}/{kind}", value)
+
+
+def _check_probe_masks(
+    masks: Tensor | None,
+    channels: list[int],
+    num_outputs: int,
+    read: Readout,
+    warn: bool,
+    spatial: int,
+) -> None:
+    """Say (once, with ``warn``) what a probe without masks leaves out; refuse masks that do
+    not fit the model's outputs."""
+    if masks is None:
+        if warn:
+            rank_zero_warn(
+                "GradCAMCallback: the probe batches hold no masks, so the grids show no"
+                " ground truth and no alignment scalars are logged. Pass"
+                " `probe=ProbeSpec(batch_adapter=BatchAdapter(mask_key=...))` if the masks"
+                " are there."
+            )
+        return
+    try:
+        class_regions(masks[:1], channels, num_outputs, read.kind, spatial_dims=spatial)
+    except (TypeError, ValueError) as error:
+        raise ConfigurationError(
+            f"GradCAMCallback: the probe's masks {list(masks.shape)} do not fit the model's "
+            f"{num_outputs} {read.kind} output(s): {error}"
+        ) from None
 
 
 def _refuse_moved(moved: dict[str, Any]) -> None:
