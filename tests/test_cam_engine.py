@@ -768,8 +768,8 @@ def test_argument_errors(net: UNet) -> None:
         CAMEngine(net, [D4], method=3)  # type: ignore[arg-type]
     with pytest.raises(
         ValueError,
-        match=r"Expected `target` to be one of \['false_negative', 'false_positive', 'gt_region', "
-        r"'logit_margin', 'logit_region', 'softmax_mean'\].*got 'mean'",
+        match=r"Expected `target` to be one of \['boundary', 'false_negative', 'false_positive', "
+        r"'gt_region', 'logit_margin', 'logit_region', 'softmax_mean'\].*got 'mean'",
     ):
         CAMEngine(net, [D4], target="mean")
     with pytest.raises(TypeError, match=r"Expected `target` to be one of .* but got int"):
