@@ -122,7 +122,14 @@ rerun the same command with --resume to finish it.
 
 
 class _Help(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
-    """jsonargparse's help with the description and examples kept as written."""
+    """jsonargparse's help with the description and examples kept as written, and each
+    option's text as written: it says its default itself, and jsonargparse's own suffix would
+    print the parsing function (``type: <function _positive_int at 0x...>``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if isinstance(action, argparse._HelpAction):
+            return super()._get_help_string(action)
+        return action.help or ""
 
 
 class _Parser(ArgumentParser):
@@ -396,7 +403,7 @@ _OPTIONS = (
         "--normalize",
         "map scaling: minmax (each map to [0, 1], the original script's), global (one scale per "
         "image "
-        "and layer, so weak classes look weak) or none",
+        "and layer, so weak classes look weak) or none (default minmax)",
         default="minmax",
         choices=NORMALIZE_MODES,
     ),
@@ -487,7 +494,7 @@ _OPTIONS = (
         "channel order the model expects (auto: bgr for the original script's .pth and "
         "the U-Net's state dicts, since the original script fed cv2's BGR arrays; the training "
         "data's for Lightning "
-        "checkpoints; rgb for --model state dicts)",
+        "checkpoints; rgb for --model state dicts; default auto)",
         default="auto",
         choices=("auto", "rgb", "bgr"),
     ),
@@ -545,7 +552,7 @@ _OPTIONS = (
     _option(
         _RUN,
         "--device",
-        "where the model runs (auto: cuda if available)",
+        "where the model runs (default auto: cuda if available)",
         default="auto",
         choices=("auto", "cpu", "cuda"),
     ),
@@ -553,7 +560,7 @@ _OPTIONS = (
         _RUN,
         "--devices",
         "devices per node for a distributed audit through Lightning (e.g. --devices 4 "
-        "--strategy ddp); each image is processed and written once",
+        "--strategy ddp; default 1); each image is processed and written once",
         type=_positive_int,
         default=1,
         metavar="N",
@@ -569,7 +576,7 @@ _OPTIONS = (
     _option(
         _RUN,
         "--strategy",
-        "Lightning strategy for --devices > 1 (auto picks ddp)",
+        "Lightning strategy for --devices > 1 (default auto, which picks ddp)",
         default="auto",
         choices=("auto", "ddp"),
     ),
