@@ -536,3 +536,18 @@ def test_pipelined_writer_writes_what_the_batch_by_batch_writer_writes(
     assert len(files) == NUM_IMAGES * 2 * CLASSES + 2 * (2 + 1 + 2 * CLASSES)
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_help_shows_each_options_own_text_and_its_default(capsys):
+    """No parser internals in --help (jsonargparse would print '(type: <function ... at 0x..>,
+    default: null)'), and every option with a default says it."""
+    from segcam_lightning.audit.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "<function" not in text and "default: null" not in text
+    assert "--explain-errors" in text
+    for action in build_parser()._actions:
+        if action.default not in (None, False, "==SUPPRESS==") and action.help:
+            assert "default" in action.help.lower(), action.option_strings
