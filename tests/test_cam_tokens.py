@@ -312,7 +312,15 @@ def test_the_default_rule_treats_token_layers_like_any_other(row: str) -> None:
     path; the rule names its norm's tokens (before this issue, the convolution just before)."""
     build, (_, size, dims, channels), adapter, *_ = ROWS[row]
     expected = {"vit": "vit.layernorm", "mask2former": M2F_DEFAULT}[row]
-    assert default_layer_name(build(), images(1, size, dims, channels), adapter) == expected
+    example = images(1, size, dims, channels)
+    assert default_layer_name(build(), example, adapter) == expected
+    info = next(i for i in candidate_layers(build(), example, adapter) if i.name == expected)
+    grid = {"vit": (1, 16, 4, 4), "mask2former": (1, 8, 16, 16)}[row]
+    assert info.grid_shape == grid and info.output_shape == (
+        1,
+        grid[2] * grid[3] + (row == "vit"),
+        grid[1],
+    )
 
 
 def test_downstream_sees_the_original_output() -> None:
@@ -331,16 +339,23 @@ def test_mask2former_stage_outputs_have_zero_gradcam_weights() -> None:
     """Each Swin stage output enters Mask2Former's pixel decoder through a 1×1 convolution and
     a GroupNorm of one channel per group, whose backward removes every channel's spatial mean:
     Grad-CAM's weights there (the gradient's spatial mean) are zero in exact arithmetic, and the
-    maps are rounding noise, 1e-15 of the maps at the patch embedding or less."""
+    maps are rounding noise, 1e-15 of the maps at the patch embedding or less. HiResCAM, which
+    multiplies gradient and activation position by position, is not blank there."""
     model, x = mask2former().double(), images(2, 64).double()
-    raw = {
-        layer: CAMEngine(model, [layer], normalize="none", output_adapter="mask2former")(x)
-        .raw_max.max()
-        .item()
-        for layer in (M2F_DEFAULT, M2F_STAGE1)
-    }
+
+    def raw_max(layer: str, method: str) -> float:
+        engine = CAMEngine(
+            model, [layer], method=method, normalize="none", output_adapter="mask2former"
+        )
+        return engine(x).raw_max.max().item()
+
+    raw = {(layer, m): raw_max(layer, m) for layer in (M2F_DEFAULT, M2F_STAGE1) for m in METHODS}
     print(f"mask2former raw maxima: {raw}")
-    assert raw[M2F_STAGE1] <= 1e-15 * raw[M2F_DEFAULT]
+    assert raw[M2F_STAGE1, "gradcam"] <= 1e-15 * raw[M2F_DEFAULT, "gradcam"]
+    assert raw[M2F_STAGE1, "hirescam"] >= 1e-6 * raw[M2F_DEFAULT, "hirescam"]
+
+
+METHODS = ("gradcam", "hirescam")
 
 
 #: row -> the layer the callback is given (Mask2Former: none, the default rule's), for
