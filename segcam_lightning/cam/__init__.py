@@ -13,7 +13,12 @@ Images ``[B, C, H, W]`` and volumes ``[B, C, D, H, W]`` (3-D models) alike: maps
   :class:`Target` of your own, or any callable.
 - :class:`Readout` (``readout.py``): how the outputs are read (multi-class, binary,
   multi-label; the sigmoid threshold; the mask label that is no class).
-- :func:`find_layer`, :func:`candidate_layers` (``layers.py``).
+- :func:`find_layer`, :func:`candidate_layers` (``layers.py``); token layers (``[B, N, C]``,
+  channels-last grids) are read as their ``[B, C, h, w]`` grid, inferred or given as a
+  :class:`TokenGrid` (``tokens.py``); output adapters by name (``adapters.py``:
+  ``"mask2former"``, ``"sam"``, ...).
+- :func:`sliding_window_cams` (``sliding.py``): CAMs of inputs too big for one forward, over
+  MONAI-style sliding windows, stitched like the logits.
 - pure maths in the module :mod:`segcam_lightning.cam.functional` (``from segcam_lightning.cam
   import functional as FC``), among them ``FC.predicted_masks`` and ``FC.class_regions`` (what
   the model predicts, and ground truth as per-class regions, for each output kind).
@@ -45,7 +50,9 @@ from segcam_lightning.cam.methods import (
     get_method,
 )
 from segcam_lightning.cam.readout import Readout
+from segcam_lightning.cam.sliding import sliding_window_cams
 from segcam_lightning.cam.targets import TARGETS, BoxTarget, PixelTarget, Target, get_target
+from segcam_lightning.cam.tokens import TokenGrid
 
 __all__ = [
     "METHODS",
@@ -64,10 +71,12 @@ __all__ = [
     "Readout",
     "ScoreCAM",
     "Target",
+    "TokenGrid",
     "XGradCAM",
     "candidate_layers",
     "find_layer",
     "functional",
     "get_method",
     "get_target",
+    "sliding_window_cams",
 ]
