@@ -265,6 +265,12 @@ def test_patch_normalises_after_stitching_and_leaves_the_engine_alone():
     lo, hi = raw.amin(dim=(-2, -1), keepdim=True), raw.amax(dim=(-2, -1), keepdim=True)
     torch.testing.assert_close(got.cams.double(), (raw - lo) / (hi - lo), rtol=0, atol=1e-6)
     assert engine.normalize == "minmax" and net.training  # flags as they were
+    with torch.inference_mode():  # as the engine: inference tensors and mode are fine
+        again = sliding_window_cams(engine, x.clone(), (6, 6), overlap=0.5, mode="gaussian")
+        whole = sliding_window_cams(engine, x.clone(), (6, 6), overlap=0.5, weights="whole")
+    torch.testing.assert_close(again.cams, got.cams, rtol=0, atol=0)
+    assert whole.cams.shape == got.cams.shape and net.training
+    assert all(p.grad is None for p in net.parameters())
 
 
 # --- The stitched logits equal MONAI's sliding_window_inference ----------------------------

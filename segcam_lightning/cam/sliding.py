@@ -553,14 +553,10 @@ def _new_capture(
     engine: CAMEngine, layers: Sequence[int], track_grad: bool, xb: Tensor
 ) -> _Capture:
     """The engine's capture hooks for ``layers`` (indices in ``engine.layer_names``), built as
-    the engine builds its own (with the engine's ``reshape`` where it has one)."""
+    the engine builds its own (with the engine's ``reshape`` of token layers)."""
     names = [engine.layer_names[i] for i in layers]
     modules = [engine._modules[i] for i in layers]
-    reshape = getattr(engine, "reshape", None)
-    if reshape is None:  # an engine without token layouts takes the number of dimensions
-        return _Capture(names, modules, track_grad, xb.ndim)
-    layouts = {name: reshape[name] for name in names if name in reshape}
-    return _Capture(names, modules, track_grad, xb.shape, layouts)  # type: ignore[arg-type]
+    return _Capture(names, modules, track_grad, xb.shape, engine.reshape)
 
 
 def _forward_with_graph(
