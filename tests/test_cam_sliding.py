@@ -256,6 +256,22 @@ def test_patch_equals_a_naive_loop_over_windows(dims, size, roi, overlap, method
     assert engine.normalize == "none"
 
 
+def test_patch_blends_guided_backpropagation_like_the_maps():
+    net = network(Local, 2)
+    x = torch.randn(1, 1, 10, 9, dtype=torch.float64)
+    engine = CAMEngine(net, ["mid"], method="guided_gradcam")
+    got = sliding_window_cams(engine, x, (6, 6), overlap=0.5)
+    total = torch.zeros(K, 1, 10, 9, dtype=torch.float64)
+    count = torch.zeros(10, 9, dtype=torch.float64)
+    for top, left in itertools.product(naive_starts(10, 6, 0.5), naive_starts(9, 6, 0.5)):
+        where = (slice(top, top + 6), slice(left, left + 6))
+        total[(Ellipsis, *where)] += engine(x[(Ellipsis, *where)]).guided_backprop[0].double()
+        count[where] += 1
+    assert got.guided_backprop.shape == (1, K, 1, 10, 9)
+    close(got.guided_backprop[0].double(), total / count)
+    assert got.guided_cams.shape == (1, 1, K, 1, 10, 9)
+
+
 def test_patch_normalises_after_stitching_and_leaves_the_engine_alone():
     net = network(Local, 2).train()
     x = torch.randn(1, 1, 10, 10, dtype=torch.float64)
