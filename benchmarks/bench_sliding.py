@@ -116,7 +116,8 @@ def sliding_inference(net, x, roi, args):
     except ImportError:  # the same windows and blending, without the CAMs
         from segcam_lightning.cam.sliding import _Blend, _plan
 
-        plan = _plan(x, roi, args.overlap, "gaussian", args.sw_batch_size, "constant", 0.0, 0.125)
+        window = (roi, (args.overlap,) * 3, (0.125,) * 3)
+        plan = _plan(x, window, "gaussian", args.sw_batch_size)
         blend = None
         with torch.no_grad():
             for windows in plan.batches():

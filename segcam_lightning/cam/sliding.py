@@ -125,6 +125,9 @@ def sliding_window_cams(
     _check_images(x)
     wanted = _check_classes(classes)
     _check_choice("weights", weights, WEIGHTS)
+    window = _check_window_args(
+        tuple(x.shape[2:]), roi_size, overlap, mode, sw_batch_size, padding_mode, cval, sigma_scale
+    )
     if weights == "whole":
         _check_whole_method(engine)
     device = _model_device(engine.model, x)
@@ -135,7 +138,7 @@ def sliding_window_cams(
         stack.enter_context(force_eager())
         x = x.to(device).clone()
         masks = masks.to(device).clone() if isinstance(masks, Tensor) else masks
-        plan = _plan(x, roi_size, overlap, mode, sw_batch_size, padding_mode, cval, sigma_scale)
+        plan = _plan(x, window, mode, sw_batch_size, padding_mode, cval)
         if weights == "patch":
             return _patch_cams(engine, plan, wanted, masks)
         return _whole_cams(engine, plan, wanted, masks)
@@ -219,18 +222,19 @@ class _Plan:
         return F.pad(tensor, self.pad, value=value) if any(self.pad) else tensor
 
 
-def _plan(
-    x: Tensor,
+def _check_window_args(
+    size: tuple[int, ...],
     roi_size: Any,
     overlap: Any,
-    mode: str,
+    mode: Any,
     sw_batch_size: Any,
-    padding_mode: str,
+    padding_mode: Any,
     cval: Any,
     sigma_scale: Any,
-) -> _Plan:
-    n = x.ndim - 2
-    size = tuple(x.shape[2:])
+) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
+    """The windows' arguments checked before anything runs: ``(roi, overlaps, sigma_scales)``
+    per spatial dimension of an input of spatial ``size``."""
+    n = len(size)
     roi = _check_roi(roi_size, size)
     overlaps = _per_dim("overlap", overlap, n, lambda o: 0 <= o < 1, "in [0, 1)")
     _check_choice("mode", mode, BLEND_MODES)
@@ -243,6 +247,20 @@ def _plan(
         )
     if isinstance(cval, bool) or not isinstance(cval, (int, float)):
         raise TypeError(f"Expected `cval` to be a number, but got {type(cval).__name__}.")
+    return roi, overlaps, sigmas
+
+
+def _plan(
+    x: Tensor,
+    window: tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]],
+    mode: str,
+    sw_batch_size: int,
+    padding_mode: str = "constant",
+    cval: float = 0.0,
+) -> _Plan:
+    """The padded input, MONAI's windows and weights for checked arguments ``window``."""
+    roi, overlaps, sigmas = window
+    n, size = x.ndim - 2, tuple(x.shape[2:])
     pad: list[int] = []
     for d in reversed(range(n)):  # MONAI's pad_size: last dimension first, half before
         diff = max(roi[d] - size[d], 0)
