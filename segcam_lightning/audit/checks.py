@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from segcam_lightning.audit.mistakes import Mistakes, describe_mistakes, explain_mistakes
+from segcam_lightning.audit.modalities import Modalities, attribute_modalities, check_modalities
 from segcam_lightning.audit.settings import PROG, CheckSettings
 from segcam_lightning.cam.methods import METHOD_NAMES
 from segcam_lightning.errors import UsageError
@@ -125,6 +126,7 @@ CHECK_KEYS = {
     "--faithfulness": "faithfulness",
     "--objects-alone": "objects_alone",
     "--explain-errors": "mistakes",
+    "--modalities": "modalities",
 }
 #: The objects-alone rule's thresholds: the defaults of
 #: :func:`~segcam_lightning.quality.functional.context_suspects` (the callback's too).
@@ -148,6 +150,7 @@ class QualityChecks:
             ``--objects-alone``.
         sanity_images, faithfulness_images, objects_alone_images: the images each check used.
         mistakes: what ``--explain-errors`` found; ``None`` without it.
+        modalities: what ``--modalities`` measured; ``None`` without it.
         seconds: wall time per check.
     """
 
@@ -158,6 +161,7 @@ class QualityChecks:
     faithfulness_images: int = 0
     objects_alone_images: int = 0
     mistakes: Mistakes | None = None
+    modalities: Modalities | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -168,6 +172,7 @@ def requested(checks: CheckSettings) -> list[str]:
         "--faithfulness": checks.faithfulness,
         "--objects-alone": checks.objects_alone,
         "--explain-errors": checks.explain_errors,
+        "--modalities": checks.modalities is not None,
     }
     return [CHECK_KEYS[option] for option, on in asked.items() if on]
 
@@ -199,7 +204,12 @@ def check_quality_options(
     Raises:
         UsageError: one line: what was expected, what arrived, what to do.
     """
-    options = [o for o, key in CHECK_KEYS.items() if key in requested(checks)]
+    if checks.modalities is not None:
+        check_modalities(plan, checks.modalities)
+    # --modalities takes volumes too (a multi-sequence MRI stored as channels); the others not.
+    options = [
+        o for o, key in CHECK_KEYS.items() if key in requested(checks) and key != "modalities"
+    ]
     if not options:
         return
     given = " and ".join(options)
@@ -398,6 +408,11 @@ def run_checks(
             x = model.prepare_input(images[:n].to(plan.model_device))
             done.objects_alone += _objects_alone(plan, model, x, masks[:n], batch_size)
         done.seconds["objects_alone"] = time.perf_counter() - start
+    if checks.modalities is not None:
+        n = checks.modalities_images
+        attributed = attribute_modalities(plan, indices[:n], checks.modalities, batch_size, step)
+        done.modalities = attributed
+        done.seconds["modalities"] = attributed.seconds
     if checks.explain_errors:
         tallies = [t for r in results for t in r.tallies]
         per_class = checks.explain_errors_images
@@ -566,6 +581,8 @@ def checks_summary(
         }
     if settings.explain_errors and checks.mistakes is not None:
         out["mistakes"] = checks.mistakes.to_dict()
+    if checks.modalities is not None:
+        out["modalities"] = checks.modalities.to_dict()
     return out
 
 
@@ -633,4 +650,11 @@ def describe(summary: dict[str, Any]) -> list[str]:
     mistakes = summary.get("mistakes")
     if mistakes:
         lines.append(describe_mistakes(mistakes))
+    found = summary.get("modalities")
+    if found:
+        lines.append(
+            f"Modalities ({found['seconds']:.0f} s, {found['images']} image(s)): each class's "
+            f"evidence per input channel group ({', '.join(found['groups'])}) in report.html "
+            "and modalities.csv."
+        )
     return lines

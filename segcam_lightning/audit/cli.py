@@ -14,6 +14,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 
 from segcam_lightning.audit.checks import ALL_METHODS, CONTEXT_RULE
+from segcam_lightning.audit.modalities import parse_modalities
 from segcam_lightning.audit.pipeline import (
     SPLITS,
     PipelineDataset,
@@ -32,8 +33,13 @@ from segcam_lightning.audit.settings import (
     AuditError,
     AuditSettings,
 )
+from segcam_lightning.audit.windows import overlap_arg
 from segcam_lightning.cam import METHODS, TARGETS, candidate_layers
+from segcam_lightning.cam.adapters import ADAPTERS
 from segcam_lightning.cam.functional import NORMALIZE_MODES, OUTPUT_KINDS
+from segcam_lightning.cam.layers import LayerInfo
+from segcam_lightning.cam.sliding import BLEND_MODES, WEIGHTS
+from segcam_lightning.cam.tokens import layout_spec, parse_layout
 from segcam_lightning.data.colormap import validate_colormap
 from segcam_lightning.errors import UsageError
 from segcam_lightning.models.unet import BLOG_LAYERS
@@ -70,6 +76,10 @@ examples:
   # where is the model wrong, and what made it choose the wrong class there?
   explain.py --checkpoint last.ckpt --data synthetic --explain-errors
 
+  # which MRI sequence (input channel) drives each class of a 3-D model?
+  explain.py --checkpoint last.ckpt --data scans/ \
+      --modalities '{"T1": [0], "T1c": [1], "T2": [2], "FLAIR": [3]}'
+
   # spread a large audit over 4 GPUs
   explain.py --checkpoint last.ckpt --data big/ --devices 4 --strategy ddp --batch-size 32
 
@@ -96,7 +106,7 @@ outputs (OUT = --out):
   OUT/metrics.csv                             one row per image x class x layer x checkpoint
   OUT/summary.json                            counts, means, skipped files, settings, timings;
                                               shortcut_suspects, sanity_check, faithfulness,
-                                              objects_alone, mistakes
+                                              objects_alone, mistakes, modalities
   OUT/sanity.csv                              --sanity-check: one row per checkpoint x method x
                                               layer x class x randomisation (median |rho|,
                                               SSIM, energy inside, verdict)
@@ -106,6 +116,9 @@ outputs (OUT = --out):
   OUT/mistakes.csv, OUT/mistakes/             --explain-errors: one row per error map shown
                                               (class, image, pixels, energy inside the error);
                                               panels image | GT | prediction | error maps
+  OUT/modalities.csv                          --modalities: one row per checkpoint x class x
+                                              group (mean share, how often ranked first, the
+                                              occlusion check's)
 
 metrics.csv stays one row per image; the checks' results are not per image, so they have files
 of their own, each a tidy table (pandas.read_csv). report.html marks a layer's energy inside
@@ -228,6 +241,30 @@ def _int_arg(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, but got {text!r}") from None
+
+
+def _adapter_name(text: str) -> str:
+    """An ``--output-adapter`` name, as :data:`ADAPTERS` spells it."""
+    key = text.lower().replace("-", "").replace("_", "")
+    if key not in ADAPTERS:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(sorted(ADAPTERS))}, but got {text!r}"
+        )
+    return key
+
+
+def _reshape_item(text: str) -> str:
+    """A ``--reshape LAYER=SPEC`` item, its layout checked (:func:`parse_layout`)."""
+    layer, sep, spec = text.partition("=")
+    if not sep or not layer.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected LAYER=SPEC (e.g. encoder.layer.3=14x14+1), but got {text!r}"
+        )
+    try:
+        layout = parse_layout(spec)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+    return f"{layer.strip()}={layout_spec(layout)}"
 
 
 def _probability(text: str) -> float:
@@ -434,6 +471,28 @@ _OPTIONS = (
         metavar="K",
     ),
     _option(
+        _CAM,
+        "--output-adapter",
+        "how the logits are read from the model's output, by name: "
+        f"{', '.join(sorted(ADAPTERS))} (default: default, a tensor, a dict's 'out' or only "
+        "value, a tuple's first item); mask2former, maskformer and oneformer turn per-query "
+        "class scores and masks into per-class log-scores, sam keeps the best mask, e.g. "
+        "--output-adapter mask2former",
+        type=_adapter_name,
+        metavar="NAME",
+    ),
+    _option(
+        _CAM,
+        "--reshape",
+        "how a token layer's output becomes a grid where it cannot be inferred (default: "
+        "inferred): LAYER=HxW+E, a token sequence of E extra tokens then an HxW grid "
+        "(DxHxW+E for volumes), or LAYER=channels_last / channels_first; the layer must be "
+        "explained (--layers). E.g. --reshape encoder.layer.3=14x14+1 stage2=channels_last",
+        nargs="+",
+        type=_reshape_item,
+        metavar="LAYER=SPEC",
+    ),
+    _option(
         _META,
         "--num-classes",
         "expected class count; a checkpoint with another count is an error (--num-classes 3)",
@@ -487,6 +546,46 @@ _OPTIONS = (
         "volume (MONAI's NormalizeIntensity(channel_wise=True)), for networks trained on "
         "z-scored volumes",
         action="store_true",
+    ),
+    _option(
+        _META,
+        "--roi-size",
+        "explain each input through sliding windows of this size (the training patch size; "
+        "no checkpoint stores it, so this turns windows on), one side or one per dimension, "
+        "as MONAI's sliding_window_inference predicts: .npy volumes then keep their own size "
+        "(unless --size) and are read one per batch; synthetic3d volumes are rendered at "
+        "--size. The quality checks are refused with windows. E.g. --roi-size 96",
+        nargs="+",
+        type=_positive_int,
+        metavar="PX",
+    ),
+    _option(
+        _META,
+        "--overlap",
+        "with --roi-size: fraction of a window shared with the next, in [0, 1) (default 0.25)",
+        type=overlap_arg,
+        metavar="F",
+    ),
+    _option(
+        _META,
+        "--blend",
+        "with --roi-size: how overlapping windows are blended (default constant; gaussian "
+        "weighs window centres more)",
+        choices=BLEND_MODES,
+    ),
+    _option(
+        _META,
+        "--sw-batch-size",
+        "with --roi-size: windows per engine call (default 1)",
+        type=_positive_int,
+        metavar="N",
+    ),
+    _option(
+        _META,
+        "--window-weights",
+        "with --roi-size: patch (each window's own maps, blended; default) or whole (the maps "
+        "of the stitched score; gradcam, xgradcam, hirescam, layercam); docs/volumes.md",
+        choices=WEIGHTS,
     ),
     _option(
         _META,
@@ -696,6 +795,26 @@ _OPTIONS = (
         metavar="N",
     ),
     _option(
+        _QUALITY,
+        "--modalities",
+        "which input channels carry each class's evidence: groups of the network's input "
+        "channels as JSON, e.g. '{\"T1\": [0], \"FLAIR\": [3]}', or 'channels' for one group "
+        "per channel. Integrated gradients x input summed over the class's ground truth (its "
+        "prediction without masks), as shares per group, checked by occluding each group with "
+        "its mean. Images and volumes. In report.html, summary.json['modalities'] and "
+        "modalities.csv. Off by default: 16 forward and 16 x classes backward passes per "
+        "image, plus one forward per group",
+        type=parse_modalities,
+        metavar="GROUPS",
+    ),
+    _option(
+        _QUALITY,
+        "--modalities-images",
+        "the first N audited images --modalities uses (default 64)",
+        type=_positive_int,
+        metavar="N",
+    ),
+    _option(
         _OUTPUT,
         "--out",
         "output folder (default results/, as the original script), e.g. --out audits/epoch50",
@@ -754,7 +873,7 @@ def settings_from_args(args: Namespace) -> AuditSettings:
         if hasattr(args, name) and getattr(args, name) is not None
     }
     nargs = ("layers", "classes", "class_names", "image_mean", "image_std", "intensity_range")
-    nargs += ("sanity_methods",)
+    nargs += ("sanity_methods", "reshape", "roi_size")
     for name in nargs:
         values[name] = tuple(values[name]) if values.get(name) else None
     if values.get("colormap") is not None:
@@ -846,6 +965,7 @@ def _check_check_options(args: argparse.Namespace) -> None:
         ("faithfulness", "faithfulness_"),
         ("objects_alone", "objects_alone_"),
         ("explain_errors", "explain_errors_"),
+        ("modalities", "modalities_"),
     ):
         given = [
             name
@@ -860,6 +980,16 @@ def _check_check_options(args: argparse.Namespace) -> None:
                 f"{options} only {verb} with {option}, which was not given; add {option} to "
                 f"run the check, or drop {options}."
             )
+
+
+def _shape_column(info: LayerInfo) -> str:
+    """A layer's output shape, and for a token layer how it is read as a grid:
+    ``[1, 197, 768] as 14x14+1 -> [1, 768, 14, 14]``."""
+    shape = str(list(info.output_shape))
+    if info.layout is None:
+        return shape
+    spec = layout_spec(info.layout) or repr(info.layout)
+    return f"{shape} as {spec} -> {list(info.grid_shape)}"
 
 
 def list_layers(settings: AuditSettings) -> str:
@@ -880,11 +1010,15 @@ def list_layers(settings: AuditSettings) -> str:
         example = torch.zeros(1, loaded.in_channels, *size)
         if fed is not None:
             example = fed[0]["input"][None]
-        infos = candidate_layers(loaded.net, example)
+        adapter = settings.explain.output_adapter
+        try:
+            infos = candidate_layers(loaded.net, example, adapter)
+        except (TypeError, ValueError, AttributeError, KeyError) as error:
+            raise UsageError(f"--list-layers: {error}") from None
         width = max(len(i.name) for i in infos)
         type_width = max(len(i.type) for i in infos)
         prefix = loaded.layer_prefix
-        default = default_layers(loaded, size, settings.network)[0]
+        default = default_layers(loaded, size, settings.network, adapter)[0]
         lines = [
             f"{loaded.path} ({loaded.describe()}); output shapes for a "
             f"{'x'.join(str(n) for n in example.shape)} input:",
@@ -898,7 +1032,7 @@ def list_layers(settings: AuditSettings) -> str:
             )
             if not info.reaches_logits:
                 mark += "  (does not reach the logits)"
-            shape = list(info.output_shape)
+            shape = _shape_column(info)
             lines.append(f"  {info.name:<{width}}  {info.type:<{type_width}}  {shape}{mark}")
         if loaded.code is None:
             lines.append(f"Use them as e.g. --layers {' '.join(BLOG_LAYERS)}")

@@ -39,6 +39,8 @@ margin:0 3px 0 10px}
 .good{color:#1a7f37}.bad{color:#b3261e}a{color:#0b57d0}
 p.partial{background:#fff4d6;border:1px solid #e0b000;padding:8px 12px;margin:8px 0 12px}
 div.views{display:inline-flex;flex-direction:column;gap:2px;vertical-align:top;margin:0 1px}
+span.bar{display:inline-block;height:9px;background:#4a7bd0;vertical-align:0}
+span.bar.o{background:#c98a2b}td.bars{text-align:left;white-space:nowrap}
 img.p{height:var(--thumb);max-width:100%;image-rendering:pixelated;border:1px solid #ccc;
 display:block}figure.p{width:auto;margin:2px 6px 8px 0}
 """
@@ -86,6 +88,7 @@ def render_report(
         body.append(_drift_table(plan, means))
     body.append(_sanity_section(plan, summary))
     body.append(_faithfulness_section(plan, summary))
+    body.append(_modalities_section(plan, summary))
     body.append(_mistakes_section(plan, summary))
     body.append(_image_sections(plan, rows, report_images, summary))
     body.append(_skipped_section(skipped))
@@ -297,6 +300,11 @@ _CHECKS = {
     "faithfulness": ("--faithfulness", "Deletion and insertion (faithfulness)", "faithfulness"),
     "objects_alone": ("--objects-alone", "Objects alone (shortcut test)", "objects-alone"),
     "mistakes": ("--explain-errors", "Mistakes", "mistakes"),
+    "modalities": (
+        "--modalities",
+        "Modalities: which input channels carry each class",
+        "modalities",
+    ),
 }
 
 
@@ -488,6 +496,50 @@ def _objects_alone_section(plan: AuditPlan, summary: dict[str, Any]) -> str:
         "background and not judged. No map is involved.</p>"
         f"{headline}<table>{head}{body}</table>"
     )
+
+
+def _modalities_section(plan: AuditPlan, summary: dict[str, Any]) -> str:
+    found = summary.get("modalities")
+    if found is None:
+        return _pending(summary, "modalities")
+    groups = found["groups"]
+    parts = [
+        _heading("modalities"),
+        f"<p class='meta'>On the first {found['images']} audited image(s): each class's "
+        "evidence split over groups of input channels, by integrated gradients × input summed "
+        f"over the class's region ({_e(found['target'])}); the share is a group's positive "
+        "evidence over all groups' (blue bars), and the check occludes each group with its "
+        "mean and splits the score's drops the same way (orange bars). <i>first</i>: how often "
+        "the group carries the most; <i>agree</i>: how often the two rank the same group "
+        "first. Rows in modalities.csv.</p>",
+    ]
+    head = "<tr><th class='l'>class</th><th>images</th>" + "".join(
+        f"<th class='l'>{_e(g)}</th>" for g in groups
+    )
+    head += "<th>agree</th></tr>"
+    for entry in found["checkpoints"]:
+        if len(plan.models) > 1:
+            parts.append(f"<h3>{_e(entry['checkpoint'])}</h3>")
+        rows = "".join(_modality_row(c, len(groups)) for c in entry["classes"])
+        parts.append(f"<table>{head}{rows}</table>")
+    return "".join(parts)
+
+
+def _modality_row(c: dict[str, Any], groups: int) -> str:
+    cells = [f"<td class='c'>{_e(c['class_name'])}</td><td>{c['images']}</td>"]
+    for g in range(groups):
+        share, occluded = c["mean_share"][g], c["occlusion_mean_share"][g]
+        if c["images"] == 0:
+            cells.append("<td>—</td>")
+            continue
+        cells.append(
+            f"<td class='bars'><span class='bar' style='width:{60 * share:.0f}px'></span> "
+            f"{share:.2f} · first {_fmt(c['ranked_first'][g], 'pct')}<br>"
+            f"<span class='bar o' style='width:{60 * occluded:.0f}px'></span> {occluded:.2f} · "
+            f"first {_fmt(c['occlusion_ranked_first'][g], 'pct')}</td>"
+        )
+    cells.append(f"<td>{_fmt(c['agreement'], 'pct')}</td>")
+    return "<tr>" + "".join(cells) + "</tr>"
 
 
 def _mistakes_section(plan: AuditPlan, summary: dict[str, Any]) -> str:

@@ -30,6 +30,7 @@ from segcam_lightning.audit.checks import (
 from segcam_lightning.audit.checks import describe as describe_checks
 from segcam_lightning.audit.html import render_report
 from segcam_lightning.audit.mistakes import MISTAKE_COLUMNS, mistake_csv_rows
+from segcam_lightning.audit.modalities import MODALITY_COLUMNS
 from segcam_lightning.audit.paths import write_atomic
 from segcam_lightning.audit.resume import Elapsed, save_state
 from segcam_lightning.audit.settings import (
@@ -217,6 +218,10 @@ def _write_checks(
         rows = faithfulness_csv_rows(checks)
         write_csv(plan.layout.file("faithfulness.csv"), FAITHFULNESS_COLUMNS, rows)
         summary["outputs"]["faithfulness"] = "faithfulness.csv"
+    if checks.modalities is not None:
+        path = plan.layout.file("modalities.csv")
+        write_csv(path, MODALITY_COLUMNS, checks.modalities.csv_rows())
+        summary["outputs"]["modalities"] = "modalities.csv"
     if asked.explain_errors and checks.mistakes is not None:
         rows = mistake_csv_rows(checks.mistakes)
         write_csv(plan.layout.file("mistakes.csv"), MISTAKE_COLUMNS, rows)

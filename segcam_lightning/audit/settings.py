@@ -73,6 +73,7 @@ RESERVED_NAMES = (
     "metrics.csv",
     "mistakes",
     "mistakes.csv",
+    "modalities.csv",
     "sanity.csv",
     "faithfulness.csv",
     "summary.json",
@@ -213,6 +214,12 @@ class Explanation:
         target: ``--target``: the class score explained.
         normalize: ``--normalize``: how maps are scaled.
         classes: ``--classes``: the output channels explained; ``None`` for all.
+        output_adapter: ``--output-adapter``: a name in
+            :data:`~segcam_lightning.cam.adapters.ADAPTERS` that reads the logits from the
+            model's output (``"mask2former"``); ``None`` is the default adapter.
+        reshape: ``--reshape``: ``"LAYER=SPEC"`` items, how a token layer's output becomes a
+            grid (``SPEC`` as :func:`~segcam_lightning.cam.tokens.parse_layout` reads it:
+            ``"14x14+1"``, ``"channels_last"``); ``None`` infers every layout.
     """
 
     layers: tuple[str, ...] | None = None
@@ -220,6 +227,28 @@ class Explanation:
     target: str = "softmax_mean"
     normalize: str = "minmax"
     classes: tuple[int, ...] | None = None
+    output_adapter: str | None = None
+    reshape: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Sliding windows (:mod:`~segcam_lightning.audit.windows`): each input explained window by
+    window instead of whole; off without ``--roi-size``.
+
+    Attributes:
+        roi_size: ``--roi-size``: the window's side, one or one per spatial dimension.
+        overlap: ``--overlap``: fraction of a window shared with the next.
+        blend: ``--blend``: ``"constant"`` or ``"gaussian"``.
+        sw_batch_size: ``--sw-batch-size``: windows per engine call.
+        window_weights: ``--window-weights``: ``"patch"`` or ``"whole"``.
+    """
+
+    roi_size: tuple[int, ...] | None = None
+    overlap: float = 0.25
+    blend: str = "constant"
+    sw_batch_size: int = 1
+    window_weights: str = "patch"
 
 
 @dataclass(frozen=True)
@@ -290,6 +319,10 @@ class CheckSettings:
         explain_errors: ``--explain-errors``: the mistakes section
             (:mod:`~segcam_lightning.audit.mistakes`).
         explain_errors_images: ``--explain-errors-images``: images per class it explains.
+        modalities: ``--modalities``: the channel groups whose share of each class's evidence
+            is measured (:mod:`~segcam_lightning.audit.modalities`), or ``"channels"``;
+            ``None``: not measured.
+        modalities_images: ``--modalities-images``: the first N audited images used.
     """
 
     sanity_check: bool = False
@@ -304,6 +337,8 @@ class CheckSettings:
     objects_alone_images: int = 64
     explain_errors: bool = False
     explain_errors_images: int = 4
+    modalities: dict[str, list[int]] | str | None = None
+    modalities_images: int = 64
 
 
 #: Each option's settings field, by the option's name (``--batch-size`` is ``batch_size``),
@@ -321,6 +356,8 @@ OPTION_FIELDS: dict[str, tuple[str | None, str]] = {
     "output_kind": ("readout", "kind"),
     "threshold": ("readout", "threshold"),
     "classes": ("explain", "classes"),
+    "output_adapter": ("explain", "output_adapter"),
+    "reshape": ("explain", "reshape"),
     "limit": ("source", "limit"),
     "batch_size": ("source", "batch_size"),
     "num_workers": ("source", "num_workers"),
@@ -354,6 +391,11 @@ OPTION_FIELDS: dict[str, tuple[str | None, str]] = {
     "split": ("source", "split"),
     "cli": ("source", "cli"),
     "zscore": ("inputs", "zscore"),
+    "roi_size": ("windows", "roi_size"),
+    "overlap": ("windows", "overlap"),
+    "blend": ("windows", "blend"),
+    "sw_batch_size": ("windows", "sw_batch_size"),
+    "window_weights": ("windows", "window_weights"),
 }
 
 
@@ -378,6 +420,7 @@ class AuditSettings:
         labels: class names and colours (:class:`Labels`).
         run: devices, the output folder's handling, rendering (:class:`RunOptions`).
         checks: the quality checks (:class:`CheckSettings`).
+        windows: sliding windows (:class:`Windows`).
     """
 
     checkpoints: tuple[Path, ...]
@@ -390,6 +433,7 @@ class AuditSettings:
     labels: Labels = field(default_factory=Labels)
     run: RunOptions = field(default_factory=RunOptions)
     checks: CheckSettings = field(default_factory=CheckSettings)
+    windows: Windows = field(default_factory=Windows)
 
     @classmethod
     def from_options(cls, **options: Any) -> AuditSettings:
@@ -432,6 +476,7 @@ _GROUPS: dict[str, Callable[..., Any]] = {
     "labels": Labels,
     "run": RunOptions,
     "checks": CheckSettings,
+    "windows": Windows,
 }
 
 
