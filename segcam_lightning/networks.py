@@ -17,12 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from segcam_lightning.cam import find_layer
-from segcam_lightning.cam.layers import (
-    default_layer_name,
-    default_output_adapter,
-    eval_mode,
-    preserve_rng,
-)
+from segcam_lightning.cam.adapters import get_output_adapter
+from segcam_lightning.cam.layers import default_layer_name, eval_mode, preserve_rng
 
 __all__ = [
     "NETWORK_ATTRIBUTES",
@@ -212,7 +208,7 @@ def resolve_layer(module: nn.Module, name: str) -> nn.Module:
 
 
 def example_logits(
-    network: nn.Module, example: Tensor, adapter: Callable[[Any], Tensor] | None = None
+    network: nn.Module, example: Tensor, adapter: str | Callable[[Any], Tensor] | None = None
 ) -> Tensor:
     """The network's logits for an example batch: eval mode, no graph, flags and RNG kept.
 
@@ -226,7 +222,7 @@ def example_logits(
         preserve_rng(example.device),
     ):
         output = network(example.clone())
-    logits = (adapter or default_output_adapter)(output)
+    logits = get_output_adapter(adapter)(output)
     if not isinstance(logits, Tensor) or logits.ndim != example.ndim:
         got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(
@@ -238,7 +234,7 @@ def example_logits(
 
 
 def default_layer(
-    module: nn.Module, example: Tensor, adapter: Callable[[Any], Tensor] | None = None
+    module: nn.Module, example: Tensor, adapter: str | Callable[[Any], Tensor] | None = None
 ) -> str:
     """The layer a CAM explains when none is named, as :func:`resolve_layer` takes it.
 

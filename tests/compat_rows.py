@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from segcam_lightning.audit import main as explain
 from segcam_lightning.callbacks import GradCAMCallback
 from segcam_lightning.cam import CAMEngine
+from segcam_lightning.cam.adapters import ADAPTERS, get_output_adapter
 from segcam_lightning.cam.layers import default_output_adapter
 
 #: Parity tolerance on maps divided by the reference's maximum (the same division on both
@@ -98,13 +99,17 @@ class RowModule(UserModule):
         build: ``module.function`` of a builder taking no arguments (a row's, e.g.
             ``test_compat_monai.unet_2d``).
         output: the attribute of the model's output that holds the logits (``"logits"`` for a
-            Hugging Face output object); ``None`` for the default adapter.
+            Hugging Face output object), or an adapter name (``"mask2former"``, see
+            ``segcam_lightning.cam.adapters.ADAPTERS``); ``None`` for the default adapter.
     """
 
     def __init__(self, build: str, output: str | None = None) -> None:
         module_name, _, name = build.rpartition(".")
         model = getattr(importlib.import_module(module_name), name)()
-        logits = operator.attrgetter(output) if output else default_output_adapter
+        if output in ADAPTERS:
+            logits = get_output_adapter(output)
+        else:
+            logits = operator.attrgetter(output) if output else default_output_adapter
         super().__init__(model, logits)
         self.save_hyperparameters()
 
@@ -212,6 +217,7 @@ def audit_a_cli_run(
     builder: Callable[[], nn.Module],
     data: dict[str, int],
     output: str | None = None,
+    options: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Column (d): a LightningCLI run of the row, audited from its run folder.
 
@@ -227,6 +233,7 @@ def audit_a_cli_run(
             named to :class:`RowModule` by its import path.
         data: :class:`SceneData`'s arguments.
         output: :class:`RowModule`'s ``output``.
+        options: more explain.py options (``("--output-adapter", "mask2former")``).
 
     Returns:
         The audit's ``summary.json``.
@@ -261,6 +268,7 @@ def audit_a_cli_run(
         [
             *("--config", str(run / "config.yaml"), "--checkpoint", str(checkpoint)),
             *("--out", str(out), "--quiet", "--num-workers", "0", "--limit", "4"),
+            *options,
         ]
     )
     assert code == 0

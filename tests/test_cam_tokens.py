@@ -234,6 +234,8 @@ def mask2former_logits(out: Any) -> Tensor:
 M2F_STAGE1 = "model.pixel_level_module.encoder.hidden_states_norms.stage1"
 M2F_BLOCK = "model.pixel_level_module.encoder.swin.encoder.layers.1.blocks.0.mlp"
 M2F_DEFAULT = "model.pixel_level_module.encoder.swin.embeddings.norm"
+#: The default rule's layer with a query adapter: the per-pixel embedding the masks are read from.
+M2F_PIXEL = "model.pixel_level_module.decoder.mask_projection"
 
 #: row -> (builder, input (batch, size, spatial dims, channels), adapter, {layer: the naive
 #: loop's hand reshape}, the layout the engine infers for each layer).
@@ -305,11 +307,10 @@ def test_gradcam_at_token_layers_equals_a_naive_loop_in_float64(row: str) -> Non
     assert max(found.values()) <= PARITY_ATOL
 
 
-@pytest.mark.parametrize("row", ["vit", "mask2former"])
+@pytest.mark.parametrize("row", ["vit"])
 def test_the_default_rule_treats_token_layers_like_any_other(row: str) -> None:
     """ViT: the last layer on every path to the logits is the final LayerNorm's tokens.
-    Mask2Former: its logits read several scales, so only the patch embedding lies on every
-    path; the rule names its norm's tokens (before this issue, the convolution just before)."""
+    (Mask2Former's query adapter has a rule of its own: tests/test_tokens_product.py.)"""
     build, (_, size, dims, channels), adapter, *_ = ROWS[row]
     expected = {"vit": "vit.layernorm", "mask2former": M2F_DEFAULT}[row]
     example = images(1, size, dims, channels)
@@ -371,19 +372,19 @@ CALLBACK_LAYERS = {
 @pytest.mark.parametrize("row", CALLBACK_LAYERS)
 def test_the_callback_logs_cams_at_a_token_layer(tmp_path, caplog, row: str) -> None:
     """The callback in a tiny ``fit`` (compat_rows.fit_with_callback) at a token layer it is
-    given, or for Mask2Former at the default rule's layer with the adapter as a callable (the
-    callback does not take adapter names yet); one CAM image per class read back."""
+    given, or for Mask2Former at the default rule's layer with the adapter by its name; one
+    CAM image per class read back."""
     build, (_, size, dims, channels), adapter, *_ = ROWS[row]
     layer = CALLBACK_LAYERS[row]
     logits = get_output_adapter(_adapter(adapter))
     callback = GradCAMCallback(
         layers=[layer] if layer else None,
-        output_adapter=logits if adapter == "mask2former" else None,
+        output_adapter="mask2former" if adapter == "mask2former" else None,
     )
     module = UserModule(build(), logits=logits)
     data = scenes(4, size, NUM_CLASSES, channels, dims)
     fit = fit_with_callback(tmp_path, module, data, callback, caplog)
-    shown = layer or M2F_DEFAULT
+    shown = layer or M2F_PIXEL
     assert fit.image_tags == {f"cam/{shown}/class_{k}" for k in range(NUM_CLASSES)}
 
 
@@ -506,7 +507,7 @@ def test_the_callback_refuses_it_at_setup(tmp_path, caplog) -> None:
     torch.manual_seed(0)
     module = UserModule(ManyExtraTokens())
     callback = GradCAMCallback(layers=["mixer"])
-    with pytest.raises(ConfigurationError, match=r"cannot prove its grid: .*reshape=\{'mixer'"):
+    with pytest.raises(ConfigurationError, match=r"cannot prove its grid: .*layers=\{'mixer'"):
         fit_with_callback(tmp_path, module, scenes(4, 32, NUM_CLASSES), callback, caplog)
 
 

@@ -7,10 +7,10 @@ For the 3-D ``UNet``, also the alignment of the default layer's maps against the
 rule chose before (a PReLU inside a residual unit), on a briefly trained network.
 
 UNETR is a row (with ``einops``, which MONAI's transformer blocks import; the ``compat`` extra
-installs it): its ViT encoder's token layers are not candidates, and the default is the last
-convolutional decoder block. SwinUNETR is not: with five stages it needs 64³ inputs
-(InstanceNorm needs more than one voxel at 1/32), too slow for the suite on a CPU; measured
-once by hand, it picks ``decoder1.conv_block`` with parity 4.6e-8.
+installs it): its ViT encoder's token layers are candidates, and the default is the last
+convolutional decoder block after them. SwinUNETR is a row at 32³ with ``norm_name="batch"``
+(InstanceNorm needs more than one voxel at 1/32, which would take 64³): its Swin stages put out
+channels-last grids, and the default is again the last convolutional decoder block.
 """
 
 from __future__ import annotations
@@ -68,6 +68,18 @@ def unetr_3d() -> nn.Module:
     )
 
 
+def swin_unetr_3d() -> nn.Module:
+    return monai_nets.SwinUNETR(
+        in_channels=1,
+        out_channels=2,
+        feature_size=12,
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 1, 1),
+        spatial_dims=3,
+        norm_name="batch",
+    )
+
+
 class Row:
     """A row: the builder, the input (channels, size, spatial dims), classes, and the layer
     the default rule chooses."""
@@ -104,9 +116,13 @@ ROWS = {
     # UNETR: the last decoder block (after the up-convolution and the concatenated skip),
     # before the 1x1x1 output conv; the ViT's [B, N, D] token outputs are never candidates.
     "unetr_3d": Row(unetr_3d, 1, 16, 3, 2, "decoder2.conv_block"),
+    # SwinUNETR: the full-resolution decoder block (up-convolution, the concatenated skip of
+    # the input's own features, a residual conv block), before the 1x1x1 output conv; its
+    # Swin stages' channels-last [B, d, h, w, C] outputs come earlier on every path.
+    "swin_unetr_3d": Row(swin_unetr_3d, 1, 32, 3, 2, "decoder1.conv_block"),
 }
 #: UNETR's attention blocks import einops, which MONAI does not depend on.
-NEEDS_EINOPS = {"unetr_3d"}
+NEEDS_EINOPS = {"unetr_3d", "swin_unetr_3d"}
 
 
 def rows() -> list[object]:

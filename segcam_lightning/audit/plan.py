@@ -43,6 +43,7 @@ from segcam_lightning.audit.writer import default_render_threads
 from segcam_lightning.cam import CAMEngine, Readout, get_target
 from segcam_lightning.cam import find_layer as _find_layer
 from segcam_lightning.cam.layers import default_layer_name
+from segcam_lightning.cam.tokens import TokenLayout, parse_layout
 from segcam_lightning.data.colormap import BLOG_COLORMAP
 from segcam_lightning.data.datamodule import SYNTHETIC, SYNTHETIC3D
 from segcam_lightning.data.synthetic import SYNTHETIC_CLASS_NAMES
@@ -278,7 +279,7 @@ def prepare(settings: AuditSettings) -> AuditPlan:
         notes += _reader_notes(settings, loaded)
     layers = settings.explain.layers
     if not layers:
-        layers = default_layers(first, size, settings.network)
+        layers = default_layers(first, size, settings.network, settings.explain.output_adapter)
         notes.append(
             f"layer {layers[0]}: the default, the last block before the output head on the path "
             "to the logits (--layers to choose others; --list-layers lists them)"
@@ -560,12 +561,15 @@ def _resolve_names(
 
 
 def default_layers(
-    loaded: LoadedCheckpoint, size: tuple[int, ...], network: NetworkCode
+    loaded: LoadedCheckpoint,
+    size: tuple[int, ...],
+    network: NetworkCode,
+    adapter: str | None = None,
 ) -> tuple[str, ...]:
     """The layer explained without ``--layers``: the output of the last block before the
-    output head on the path to the logits (:func:`~segcam_lightning.cam.layers.default_layer_name`,
-    the callback's rule), e.g. ``d4.conv.conv.5`` in the blog U-Net; named without
-    :attr:`LoadedCheckpoint.layer_prefix`.
+    output head on the path to the logits ``adapter`` (``--output-adapter``) reads
+    (:func:`~segcam_lightning.cam.layers.default_layer_name`, the callback's rule), e.g.
+    ``d4.conv.conv.5`` in the blog U-Net; named without :attr:`LoadedCheckpoint.layer_prefix`.
 
     Raises:
         UsageError: when no layer qualifies.
@@ -575,8 +579,8 @@ def default_layers(
         return (DEFAULT_LAYER,)  # what the rule gives for the blog U-Net, without a forward
     example = torch.zeros(1, loaded.in_channels, *size, device=next(_devices(net)))
     try:
-        name = default_layer_name(net, example)
-    except (ValueError, RuntimeError) as error:
+        name = default_layer_name(net, example, adapter)
+    except (ValueError, RuntimeError, TypeError, AttributeError, KeyError) as error:
         raise UsageError(
             f"Could not choose a default layer in the {type(net).__name__} of {loaded.path} "
             f"({one_line(error)}). Pass --layers; `{list_layers_command(network, loaded.path)}` "
@@ -602,6 +606,7 @@ def _audit_model(
     net = loaded.net.to(device)
     resolved = [_layer_name(loaded, name, settings.network) for name in layer_names]
     explain = settings.explain
+    reshape = _reshape(loaded, explain.reshape, resolved, settings.network)
     try:
         engine = CAMEngine(
             net,
@@ -610,6 +615,8 @@ def _audit_model(
             explain.target,
             explain.normalize,
             readout=readout,
+            output_adapter=explain.output_adapter,
+            reshape=reshape,
         )
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
@@ -644,6 +651,34 @@ def _audit_model(
         mean=mean,
         std=std,
     )
+
+
+def _reshape(
+    loaded: LoadedCheckpoint,
+    items: Sequence[str] | None,
+    resolved: Sequence[tuple[str, str]],
+    network: NetworkCode,
+) -> dict[str, TokenLayout]:
+    """``--reshape LAYER=SPEC`` items as the engine's ``reshape=`` (layers named as the network
+    calls them).
+
+    Raises:
+        UsageError: for a layer that is not explained, or named twice.
+    """
+    layouts: dict[str, TokenLayout] = {}
+    explained = {hooked: shown for hooked, shown in resolved}
+    for item in items or ():
+        name, _, spec = item.partition("=")
+        hooked, _ = _layer_name(loaded, name, network)
+        if hooked not in explained:
+            raise UsageError(
+                f"--reshape {item}: {name} is not explained (the layers are "
+                f"{' '.join(explained.values())}); add it to --layers, or drop its --reshape."
+            )
+        if hooked in layouts:
+            raise UsageError(f"--reshape names {name} twice; give one layout per layer.")
+        layouts[hooked] = parse_layout(spec)
+    return layouts
 
 
 def _normalisation(

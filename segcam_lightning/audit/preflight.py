@@ -41,6 +41,7 @@ from segcam_lightning.audit.settings import (
     RunOptions,
     list_layers_command,
 )
+from segcam_lightning.cam.tokens import LayoutError, layout_spec, token_grids
 from segcam_lightning.errors import UsageError
 
 if TYPE_CHECKING:
@@ -144,6 +145,8 @@ def _dry_run(
     batch = _plan_blank(plan, side, plan.dataset.has_masks)
     try:
         result = explain_batch(plan.models, batch, plan.classes, plan.model_device)
+    except LayoutError as error:
+        raise UsageError(_layout_advice(plan, error)) from None
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         message = message.split(" Pick another")[0].split(" List the layers")[0]
@@ -219,6 +222,24 @@ def _check_memory(plan: AuditPlan, side: tuple[int, ...], batch_size: int) -> No
 
 def _shape(side: tuple[int, ...]) -> str:
     return "x".join(str(n) for n in side)
+
+
+def _layout_advice(plan: AuditPlan, error: LayoutError) -> str:
+    """The engine's refusal of a token layer's layout, with the ``--reshape`` to pass."""
+    model = plan.models[0]
+    names = dict(zip(model.engine.layer_names, model.layers, strict=True))
+    shown = names.get(error.layer, error.layer)
+    grids = token_grids(error.shape, error.size) if len(error.shape) == 3 else []
+    if grids:
+        fix = " or ".join(f"--reshape {shown}={layout_spec(g)}" for g in grids)
+    else:
+        sides, product = ("DxHxW+E", "D·H·W") if len(error.size) == 3 else ("HxW+E", "H·W")
+        n = error.shape[1] if len(error.shape) == 3 else "N"
+        fix = (
+            f"--reshape {shown}={sides} with E + {product} = {n} ({product} patch tokens after E "
+            f"extra tokens), or --reshape {shown}=channels_last"
+        )
+    return f"A dry run of the CAM engine failed, so nothing was written: {error.reason} Pass {fix}."
 
 
 def _activation_bytes(model: AuditModel, plan: AuditPlan, side: tuple[int, ...]) -> int:

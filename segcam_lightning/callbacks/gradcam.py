@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from segcam_lightning.callbacks._checks import check_callable, is_index
+from segcam_lightning.callbacks._checks import is_index, layout_advice, resolve_adapter
 from segcam_lightning.callbacks.display import (
     DisplaySpec,
     GridLabels,
@@ -45,6 +45,8 @@ from segcam_lightning.callbacks.worker import PictureWorker
 from segcam_lightning.cam import CAMEngine, Readout, get_method, get_target
 from segcam_lightning.cam import functional as FC
 from segcam_lightning.cam.functional import class_regions
+from segcam_lightning.cam.layers import unwrap_compiled
+from segcam_lightning.cam.tokens import LayoutError, TokenLayout, as_layout
 from segcam_lightning.errors import ConfigurationError, ConfigurationTypeError
 from segcam_lightning.metrics import CAMEnergyInside, PointingGame
 from segcam_lightning.networks import (
@@ -110,7 +112,11 @@ class GradCAMCallback(Callback):
     Args:
         layers: layer names to explain, as in ``model.named_modules()`` of the network
             (``"d4.conv.conv.5"``) or of the LightningModule (``"net.d4.conv.conv.5"``).
-            Default: the last block before the output head on every path to the logits.
+            Default: the last block before the output head on every path to the logits. A
+            mapping ``{name: layout}`` also says how a token layer's output becomes a grid
+            where the engine cannot infer it (``CAMEngine(reshape=)``): ``"14x14+1"`` (a
+            14×14 grid after 1 extra token), ``"channels_last"``, a ``TokenGrid``, a callable,
+            or ``None`` to infer it.
         method: CAM method name (see ``segcam_lightning.cam.METHODS``).
         target: how a class's score is read from the logits (see
             ``segcam_lightning.cam.TARGETS``); ``"softmax_mean"`` is the blog U-Net's (the mean
@@ -127,7 +133,8 @@ class GradCAMCallback(Callback):
             inside the class's ground truth) and ``.../pointing_game`` (the CAM's peak lies on
             the class).
         output_adapter: ``f(model_output) -> logits [B, K, H, W]`` for models returning dicts,
-            tuples or objects (default: a tensor, a dict's ``"out"``, a tuple's first item).
+            tuples or objects (default: a tensor, a dict's ``"out"``, a tuple's first item),
+            or a name in ``segcam_lightning.cam.adapters.ADAPTERS`` (``"mask2former"``).
         class_names: one name per output channel (binary: the foreground's, or the
             background's and the foreground's), for tags and legends. Default: the module's
             ``class_names``, else the datamodule's, else the network's Hugging Face
@@ -149,7 +156,7 @@ class GradCAMCallback(Callback):
 
     def __init__(
         self,
-        layers: Sequence[str] | None = None,
+        layers: Sequence[str] | Mapping[str, Any] | None = None,
         method: str = "gradcam",
         target: str = "softmax_mean",
         classes: Sequence[int] | None = None,
@@ -159,7 +166,7 @@ class GradCAMCallback(Callback):
         readout: Readout | None = None,
         every_n_epochs: int = 1,
         log_alignment: bool = True,
-        output_adapter: Callable[[Any], Tensor] | None = None,
+        output_adapter: str | Callable[[Any], Tensor] | None = None,
         class_names: Sequence[str] | None = None,
         tag: str | None = None,
         strict: bool = False,
@@ -168,28 +175,11 @@ class GradCAMCallback(Callback):
     ) -> None:
         super().__init__()
         _refuse_moved(moved)
-        self.layers = _checked_layers(layers)
+        self.layers, self.reshape = _checked_layers(layers)
         get_method(method)  # the engine's own checks, with its list of names
         get_target(target)
-        if classes is not None and (not classes or not all(is_index(c) for c in classes)):
-            raise ValueError(
-                f"Expected `classes` to be a non-empty list of class indices, but got {classes!r}."
-            )
-        for name, value, kind in (
-            ("probe", probe, ProbeSpec),
-            ("display", display, DisplaySpec),
-            ("readout", readout, Readout),
-        ):
-            if value is not None and not isinstance(value, kind):
-                raise TypeError(
-                    f"Expected `{name}` to be a {kind.__name__} or None, but got "
-                    f"{type(value).__name__}: e.g. `{name}={kind.__name__}()`."
-                )
-        if isinstance(every_n_epochs, bool) or not is_index(every_n_epochs) or every_n_epochs < 1:
-            raise ValueError(
-                f"Expected `every_n_epochs` to be at least 1, but got {every_n_epochs}."
-            )
-        check_callable("output_adapter", output_adapter)
+        _check_arguments(classes, probe, display, readout, every_n_epochs)
+        output_adapter = resolve_adapter("GradCAMCallback", output_adapter)
         if tag is not None and not (isinstance(tag, str) and _TAG.fullmatch(tag)):
             raise ValueError(
                 "Expected `tag` to be None or a short name of letters, digits, '_', '-' and '.' "
@@ -281,6 +271,7 @@ class GradCAMCallback(Callback):
             normalize=self.display.normalize,
             readout=self.readout,
             output_adapter=self.output_adapter,
+            reshape=_reshape_by_network_name(network, names, modules, self.reshape),
         )
         self._check_engine(example, self.probe.masks, logits.shape[1])
         self._missed = missed_engine(self._engine, self._read) if self.errors else None
@@ -306,6 +297,11 @@ class GradCAMCallback(Callback):
         first_mask = masks[:1].to(example.device) if masks is not None else None
         try:
             self._engine(example, classes=one_class, masks=first_mask)
+        except LayoutError as error:
+            label = self._layer_labels[self._engine.layer_names.index(error.layer)]
+            raise ConfigurationError(
+                f"GradCAMCallback could not compute CAMs at setup: {layout_advice(error, label)}"
+            ) from None
         except (TypeError, ValueError, RuntimeError) as error:
             # The engine's input checks are settings that cannot work; a RuntimeError may be a
             # bug in the network, so it keeps its type (and its traceback under train.py).
@@ -570,15 +566,64 @@ def _refuse_moved(moved: dict[str, Any]) -> None:
         raise TypeError(f"GradCAMCallback() got an unexpected keyword argument {name!r}.")
 
 
-def _checked_layers(layers: Sequence[str] | str | None) -> list[str] | None:
+def _checked_layers(
+    layers: Sequence[str] | Mapping[str, Any] | str | None,
+) -> tuple[list[str] | None, dict[str, TokenLayout]]:
+    """The layer names, and the layouts a mapping gives (``None`` values: inferred)."""
     if isinstance(layers, str):
         layers = [layers]
     if layers is not None and (not layers or not all(isinstance(n, str) for n in layers)):
         raise ValueError(
-            f"Expected `layers` to be a non-empty list of layer names, but got {layers!r}."
-            " Leave it unset to use the last layer before the output head."
+            f"Expected `layers` to be a non-empty list of layer names, or a mapping {{name: "
+            f"layout}} (e.g. {{'encoder.layer.3': '14x14+1'}}), but got {layers!r}. Leave it "
+            "unset to use the last layer before the output head."
         )
-    return list(layers) if layers is not None else None
+    if not isinstance(layers, Mapping):
+        return (list(layers) if layers is not None else None), {}
+    try:
+        reshape = {n: as_layout(v, n) for n, v in layers.items() if v is not None}
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"GradCAMCallback `layers`: {error}") from None
+    return list(layers), reshape
+
+
+def _reshape_by_network_name(
+    network: torch.nn.Module,
+    labels: Sequence[str],
+    modules: Sequence[torch.nn.Module],
+    given: Mapping[str, TokenLayout],
+) -> dict[str, TokenLayout]:
+    """The ``layers`` mapping's layouts keyed by the names the engine's network calls the
+    layers (the callback's may carry the LightningModule's ``net.`` prefix)."""
+    by_identity = {id(m): n for n, m in unwrap_compiled(network).named_modules()}
+    by_label = dict(zip(labels, modules, strict=True))
+    return {by_identity.get(id(by_label[k]), k): layout for k, layout in given.items()}
+
+
+def _check_arguments(
+    classes: Sequence[int] | None,
+    probe: ProbeSpec | None,
+    display: DisplaySpec | None,
+    readout: Readout | None,
+    every_n_epochs: int,
+) -> None:
+    """The constructor's checks of ``classes``, the settings groups and ``every_n_epochs``."""
+    if classes is not None and (not classes or not all(is_index(c) for c in classes)):
+        raise ValueError(
+            f"Expected `classes` to be a non-empty list of class indices, but got {classes!r}."
+        )
+    for name, value, kind in (
+        ("probe", probe, ProbeSpec),
+        ("display", display, DisplaySpec),
+        ("readout", readout, Readout),
+    ):
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(
+                f"Expected `{name}` to be a {kind.__name__} or None, but got "
+                f"{type(value).__name__}: e.g. `{name}={kind.__name__}()`."
+            )
+    if isinstance(every_n_epochs, bool) or not is_index(every_n_epochs) or every_n_epochs < 1:
+        raise ValueError(f"Expected `every_n_epochs` to be at least 1, but got {every_n_epochs}.")
 
 
 def _checked_names(class_names: Sequence[str] | None) -> list[str] | None:

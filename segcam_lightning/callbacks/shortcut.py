@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from segcam_lightning.callbacks._checks import check_callable, check_positive, check_share
+from segcam_lightning.callbacks._checks import check_positive, check_share, resolve_adapter
 from segcam_lightning.callbacks.probe import Probe, ProbeSpec, gather, shared_probe
 from segcam_lightning.callbacks.share import CAMStep, share_of
 from segcam_lightning.cam import Readout
@@ -77,7 +77,8 @@ class ShortcutMonitor(Callback):
             default settings, read once for both).
         readout: how the outputs are read; default: the first GradCAMCallback's, else
             ``Readout()``.
-        output_adapter: ``f(model_output) -> logits``; default: the first GradCAMCallback's.
+        output_adapter: ``f(model_output) -> logits`` or an adapter name (``"mask2former"``, see
+            ``segcam_lightning.cam.adapters.ADAPTERS``); default: the first GradCAMCallback's.
         strict: raise when the objects-alone test fails during training; by default the
             failure is reported once, with its traceback, and training goes on.
 
@@ -98,7 +99,7 @@ class ShortcutMonitor(Callback):
         every_n_epochs: int = 1,
         probe: ProbeSpec | None = None,
         readout: Readout | None = None,
-        output_adapter: Callable[[Any], Tensor] | None = None,
+        output_adapter: str | Callable[[Any], Tensor] | None = None,
         strict: bool = False,
     ) -> None:
         super().__init__()
@@ -113,7 +114,7 @@ class ShortcutMonitor(Callback):
         check_share("kept", kept)
         check_positive("patience", patience)
         check_positive("every_n_epochs", every_n_epochs)
-        check_callable("output_adapter", output_adapter)
+        output_adapter = resolve_adapter("ShortcutMonitor", output_adapter)
         if readout is not None and not isinstance(readout, Readout):
             raise TypeError(f"Expected `readout` to be a Readout or None, got {readout!r}.")
         self.maps = maps if isinstance(maps, bool) else list(maps)

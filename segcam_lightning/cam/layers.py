@@ -19,7 +19,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from segcam_lightning.cam.adapters import default_output_adapter, get_output_adapter
+from segcam_lightning.cam.adapters import (
+    default_output_adapter,
+    get_output_adapter,
+    query_semantic_logits,
+)
 from segcam_lightning.cam.tokens import ChannelsFirst, TokenLayout, infer_layout
 
 __all__ = [
@@ -175,6 +179,11 @@ def default_layer_name(
     from the logits'. Where several names give one tensor (a block and its last module), the
     innermost is named, as the original U-Net's ``d4.conv.conv.5``.
 
+    With a query adapter (``"mask2former"``, ``"maskformer"``, ``"oneformer"``), whose logits
+    read every scale through the queries, the per-pixel embedding each query's mask is read
+    from: the last layer reaching the logits on the mask logits' grid (Mask2Former's
+    ``model.pixel_level_module.decoder.mask_projection``; docs/engine.md).
+
     Raises:
         TypeError: when ``example_input`` is not a tensor.
         ValueError: when no layer qualifies, with how to list the layers.
@@ -197,6 +206,10 @@ def layers_to_logits(
     output tensor (the innermost): those every path to the logits runs through, or where none
     does, every layer that reaches them. :func:`default_layer_name` takes the last."""
     trace = _trace(model, example_input, output_adapter)
+    if get_output_adapter(output_adapter) is query_semantic_logits:
+        per_pixel = _per_pixel_embedding(trace)
+        if per_pixel:
+            return per_pixel
     for rule in (lambda info: info.sole_path, lambda info: info.reaches_logits):
         chosen: dict[int, str] = {}
         for layer in trace.layers:
@@ -207,6 +220,21 @@ def layers_to_logits(
     return []
 
 
+def _per_pixel_embedding(trace: _Trace) -> list[str]:
+    """A mask-classification model's (MaskFormer, Mask2Former, OneFormer) layers that reach
+    the logits on the mask logits' grid, in forward order, one name per tensor: the last is the
+    per-pixel embedding each query's mask is read from (Mask2Former's
+    ``pixel_level_module.decoder.mask_projection``). Only the patch embedding lies on every
+    path to their logits, which read several scales through the queries (docs/engine.md)."""
+    chosen: dict[int, str] = {}
+    for layer in trace.layers:
+        info = layer.info
+        grid = info.grid_shape
+        if info.reaches_logits and grid[2:] == trace.grid and grid[1] != trace.num_outputs:
+            chosen.setdefault(id(layer.node), info.name)
+    return list(chosen.values())
+
+
 class _Traced(NamedTuple):
     info: LayerInfo
     node: object  # the autograd node that made the output (identity tells tensors apart)
@@ -215,6 +243,7 @@ class _Traced(NamedTuple):
 class _Trace(NamedTuple):
     layers: list[_Traced]
     num_outputs: int
+    grid: tuple[int, ...] = ()  # the logits' spatial size
 
 
 def _trace(
@@ -262,6 +291,7 @@ def _trace(
             handle.remove()
     logits = get_output_adapter(output_adapter)(output)
     num_outputs = logits.shape[1] if isinstance(logits, Tensor) and logits.ndim > 1 else 0
+    grid = tuple(logits.shape[2:]) if isinstance(logits, Tensor) else ()
     root_node = logits.grad_fn if isinstance(logits, Tensor) else None
     reached = _reachable(root_node, x)
     layers = []
@@ -269,7 +299,7 @@ def _trace(
         reaches = node is not None and id(node) in reached.nodes
         sole = reaches and reached.input and not _reachable(root_node, x, blocked=node).input
         layers.append(_Traced(info._replace(reaches_logits=reaches, sole_path=sole), node))
-    return _Trace(layers, num_outputs)
+    return _Trace(layers, num_outputs, grid)
 
 
 class _Reach(NamedTuple):

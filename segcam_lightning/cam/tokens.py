@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,11 +35,14 @@ __all__ = [
     "MAX_EXTRA_TOKENS",
     "ChannelsFirst",
     "ChannelsLast",
+    "LayoutError",
     "ReindexLayout",
     "TokenGrid",
     "TokenLayout",
     "as_layout",
     "infer_layout",
+    "layout_spec",
+    "parse_layout",
     "resolve_layout",
     "token_grids",
 ]
@@ -206,7 +210,8 @@ _NAMED = {"channels_last": ChannelsLast, "channels_first": ChannelsFirst}
 
 def as_layout(value: Any, name: str) -> TokenLayout:
     """``reshape=``'s value for layer ``name`` as a layout: a :class:`TokenLayout`, one of
-    ``"channels_last"``, ``"channels_first"``, or a callable (a :class:`ReindexLayout`).
+    ``"channels_last"``, ``"channels_first"``, a grid ``"HxW+E"`` (:func:`parse_layout`), or a
+    callable (a :class:`ReindexLayout`).
 
     Raises:
         ValueError, TypeError: for anything else, saying what is accepted.
@@ -214,12 +219,14 @@ def as_layout(value: Any, name: str) -> TokenLayout:
     if isinstance(value, TokenLayout):
         return value
     if isinstance(value, str):
-        if value not in _NAMED:
+        try:
+            return parse_layout(value)
+        except ValueError:
             raise ValueError(
-                f"Expected reshape[{name!r}] to be one of {sorted(_NAMED)}, a TokenGrid or a "
-                f"callable, but got {value!r}."
-            )
-        return _NAMED[value]()
+                f"Expected reshape[{name!r}] to be one of {sorted(_NAMED)}, a grid 'HxW+E' (e.g. "
+                f"'14x14+1': H·W patch tokens after E extra tokens), a TokenGrid or a callable, "
+                f"but got {value!r}."
+            ) from None
     if callable(value):
         return ReindexLayout(value)
     raise TypeError(
@@ -227,6 +234,63 @@ def as_layout(value: Any, name: str) -> TokenLayout:
         f"'channels_last', 'channels_first' or a callable f(output) -> [B, C, h, w], but got "
         f"{type(value).__name__}."
     )
+
+
+_SPEC = re.compile(r"(\d+)x(\d+)(?:x(\d+))?(?:\+(\d+))?")
+
+
+def parse_layout(text: str) -> TokenLayout:
+    """A layout written as a short string, as explain.py's ``--reshape LAYER=SPEC`` and the
+    callback's ``layers={name: SPEC}`` take it: ``"channels_last"``, ``"channels_first"``,
+    ``"HxW"`` or ``"HxW+E"`` (a token grid of ``H·W`` patch tokens after ``E`` extra tokens),
+    ``"DxHxW+E"`` for volumes.
+
+    Example:
+        >>> parse_layout("14x14+1")
+        TokenGrid(height=14, width=14, extra=1)
+        >>> parse_layout("2x4x4")
+        TokenGrid(depth=2, height=4, width=4)
+
+    Raises:
+        ValueError: for anything else, with the accepted forms.
+    """
+    key = text.strip().lower().replace("-", "_") if isinstance(text, str) else None
+    if key in _NAMED:
+        return _NAMED[key]()
+    match = _SPEC.fullmatch(key.replace(" ", "")) if key is not None else None
+    if match is None:
+        raise ValueError(
+            f"Expected a layout 'HxW' or 'HxW+E' (a token grid after E extra tokens, e.g. "
+            f"'14x14+1'), 'DxHxW+E' for volumes, 'channels_last' or 'channels_first', but got "
+            f"{text!r}."
+        )
+    a, b, c, extra = match.groups()
+    sides = [int(a), int(b)] + ([int(c)] if c else [])
+    depth, height, width = [None, *sides] if len(sides) == 2 else sides
+    return TokenGrid(height=height, width=width, depth=depth, extra=int(extra or 0))
+
+
+def layout_spec(layout: TokenLayout) -> str | None:
+    """The short string :func:`parse_layout` reads back to ``layout`` (``"14x14+1"``,
+    ``"channels_last"``), or ``None`` for a callable's :class:`ReindexLayout`."""
+    if isinstance(layout, TokenGrid):
+        extra = f"+{layout.extra}" if layout.extra else ""
+        return "x".join(map(str, layout.grid)) + extra
+    named = {cls: name for name, cls in _NAMED.items()}
+    return named.get(type(layout))
+
+
+class LayoutError(ValueError):
+    """A hooked layer's output whose layout is refused (it cannot be inferred, or the given one
+    does not fit). Besides the message: ``layer`` (the name), ``shape`` (its output's),
+    ``size`` (the input's spatial size) and ``reason`` (the message without its advice), so a
+    caller can say what to pass in its own terms."""
+
+    def __init__(
+        self, message: str, layer: str, shape: Sequence[int], size: Sequence[int], reason: str
+    ) -> None:
+        super().__init__(message)
+        self.layer, self.shape, self.size, self.reason = layer, tuple(shape), tuple(size), reason
 
 
 def _patch(grid: Sequence[int], size: Sequence[int]) -> int | None:
@@ -299,16 +363,19 @@ def resolve_layout(
             why = given.mismatch(shape, dims)
             if why is None:
                 return given
-            raise ValueError(
+            reason = (
                 f"reshape[{name!r}] = {given!r} does not fit layer {name!r} ({module}), which "
-                f"returned {list(shape)} for an input {list(input_shape)}: {why}. "
-                f"{_suggestion(name, shape, size)}"
+                f"returned {list(shape)} for an input {list(input_shape)}: {why}."
             )
+            advice = _suggestion(name, shape, size)
+            raise LayoutError(f"{reason} {advice}", name, shape, size, reason)
         layout = infer_layout(shape, size)
         if layout is not None:
             return layout
         if len(shape) == 3:
-            raise ValueError(_token_message(name, module, shape, input_shape))
+            reason = _token_message(name, module, shape, input_shape)
+            advice = _suggestion(name, shape, size)
+            raise LayoutError(f"{reason} {advice}", name, shape, size, reason)
     got = list(shape) if shape is not None else type(output).__name__
     if dims == 3:
         expected = (
@@ -355,6 +422,5 @@ def _token_message(name: str, module: str, shape: Sequence[int], input_shape: Se
         )
     return (
         f"Layer {name!r} ({module}) returned a token sequence {list(shape)} for an input "
-        f"{list(input_shape)}, and the engine cannot prove its grid: {why}. "
-        f"{_suggestion(name, shape, size)}"
+        f"{list(input_shape)}, and the engine cannot prove its grid: {why}."
     )
