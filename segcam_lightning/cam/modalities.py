@@ -24,7 +24,7 @@ to the score's change along the path, ``sum_g A_kg ≈ S_k(x) - S_k(b)`` (all gr
 together). Why: a trained ReLU network's input gradient is *shattered*: on the planted data of
 :mod:`segcam_lightning.data.planted` it is large and sign-alternating at every pixel of every
 channel, its gradient × input sums to a small, noisy fraction of the score, and the class's own
-channel ranked first in only 52-98 % of the images per class; with 16 steps, 97-100 %
+channel ranked first in only 53-98 % of the images per class; with 16 steps, 98-100 %
 (docs/which-map.md, "Which input channel drives a class"). The cost is ``n`` forward passes
 and ``n·K`` backward passes.
 
