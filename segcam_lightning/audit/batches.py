@@ -21,6 +21,7 @@ from segcam_lightning.cam import CAMEngine, Readout
 from segcam_lightning.cam import functional as FC
 from segcam_lightning.cam.functional import class_regions
 from segcam_lightning.cam.readout import SOFTMAX
+from segcam_lightning.cam.windows import SlidingWindow, explain
 from segcam_lightning.loading import LoadedCheckpoint
 from segcam_lightning.metrics import (
     energy_inside_regions,
@@ -46,7 +47,8 @@ class AuditModel:
     ``layers``: the layer names as the outputs show them (the engine's may carry the
     LightningModule's network prefix). ``direct``: where the inputs come from when the user's
     own pipeline makes them (e.g. ``"--config run/config.yaml, split val"``): the data gives
-    the network's input itself, and :meth:`prepare_input` passes it through.
+    the network's input itself, and :meth:`prepare_input` passes it through. ``window``: the
+    sliding windows the engine runs through (``--roi-size``), ``None`` for whole inputs.
     """
 
     label: str
@@ -59,6 +61,7 @@ class AuditModel:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     direct: str | None = None
+    window: SlidingWindow | None = None
 
     @property
     def net(self) -> nn.Module:
@@ -307,7 +310,7 @@ def explain_batch(
         reference = None
         for model in models:
             fed = given if given is not None else model.prepare_input(x)
-            result = model.engine(fed, classes=list(classes), masks=masks)
+            result = explain(model.engine, model.window, fed, classes=list(classes), masks=masks)
             preds = FC.resize_labels(readout.predicted(result.logits), x.shape[2:])
             num_outputs = result.logits.shape[1]
             predicted = class_regions(preds, list(classes), num_outputs, kind, spatial_dims=spatial)

@@ -53,6 +53,8 @@ class DataSpec:
         channels: the channels a network of volumes takes (a volume must have them).
         intensity_range: ``--intensity-range`` for ``.npy`` volumes.
         zscore: ``--zscore`` for ``.npy`` volumes.
+        own_size: ``.npy`` volumes keep their own size instead of being resized to ``size``
+            (sliding windows without ``--size``); they are then read one per batch.
     """
 
     size: tuple[int, ...]
@@ -63,6 +65,7 @@ class DataSpec:
     channels: int = 1
     intensity_range: tuple[float, float] | None = None
     zscore: bool = False
+    own_size: bool = False
 
     @property
     def volumes(self) -> bool:
@@ -121,6 +124,8 @@ class AuditDataset(Dataset):
         sources: one name per item that maps it back to its file whatever its script: the path
             relative to ``--data`` (or ``synthetic:<index>``); ``paths`` by default.
         channels: a volume's channels (for the zeros of a skipped one).
+        own_size: items keep their own sizes (``size`` is only that of a skipped item's
+            zeros), so the loader reads one per batch.
     """
 
     def __init__(
@@ -132,8 +137,10 @@ class AuditDataset(Dataset):
         has_masks: bool,
         sources: Sequence[str] | None = None,
         channels: int = 1,
+        own_size: bool = False,
     ) -> None:
         self.read = read
+        self.own_size = own_size
         self.names = list(names)
         self.paths = list(paths)
         self.sources = list(sources) if sources is not None else list(paths)
@@ -316,7 +323,7 @@ def _volume_dataset(
     source = VolumeSource(
         tuple(files),
         tuple(masks) if masks is not None else None,
-        spec.size,  # type: ignore[arg-type]
+        None if spec.own_size else spec.size,  # type: ignore[arg-type]
         spec.channels,
         spec.num_labels,
         spec.intensity_range,
@@ -337,7 +344,10 @@ def _files_dataset(
     names = unique_components([p.stem for p in files], fallback="image")
     sources = [p.relative_to(root).as_posix() for p in files]
     paths = [str(p) for p in files]
-    return AuditDataset(read, names, paths, spec.size, has_masks, sources, spec.channels)
+    own_size = spec.own_size and spec.volumes
+    return AuditDataset(
+        read, names, paths, spec.size, has_masks, sources, spec.channels, own_size=own_size
+    )
 
 
 def _init_worker(_worker_id: int) -> None:
@@ -349,7 +359,8 @@ def _init_worker(_worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, source: DataSource, pin: bool) -> DataLoader:
-    """The audit's DataLoader: in order, ``--batch-size``, ``--num-workers``.
+    """The audit's DataLoader: in order, ``--batch-size`` (one item per batch for items of
+    their own sizes: volumes explained through sliding windows), ``--num-workers``.
 
     Iterate it inside :func:`~segcam_lightning.render.opencv_threads` ``(1)``: forked workers
     then inherit one OpenCV thread each. A worker forked after the render threads have used
@@ -359,7 +370,7 @@ def make_loader(dataset: Dataset, source: DataSource, pin: bool) -> DataLoader:
     workers = source.num_workers
     return DataLoader(
         dataset,
-        batch_size=source.batch_size,
+        batch_size=1 if getattr(dataset, "own_size", False) else source.batch_size,
         shuffle=False,
         num_workers=workers,
         pin_memory=pin,

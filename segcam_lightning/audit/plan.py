@@ -39,6 +39,7 @@ from segcam_lightning.audit.settings import (
     list_layers_command,
 )
 from segcam_lightning.audit.volumes import check_intensity_range
+from segcam_lightning.audit.windows import sliding_window, window_note
 from segcam_lightning.audit.writer import default_render_threads
 from segcam_lightning.cam import CAMEngine, Readout, get_target
 from segcam_lightning.cam import find_layer as _find_layer
@@ -272,6 +273,7 @@ def prepare(settings: AuditSettings) -> AuditPlan:
     kind = readout.kind
     classes = _resolve_classes(settings.explain.classes, num_outputs, kind)
     size = fed.size if fed is not None else resolve_size(settings.inputs.size, loaded)
+    window = sliding_window(settings, len(size))
     labels = unique_components(
         [c.path.stem for c in loaded], fallback="checkpoint", reserved=RESERVED_NAMES
     )
@@ -290,6 +292,9 @@ def prepare(settings: AuditSettings) -> AuditPlan:
         _audit_model(label, c, settings, model_device, readout, layers, direct)
         for label, c in zip(labels, loaded, strict=True)
     ]
+    if window is not None:  # every engine through --roi-size's windows
+        models = [replace(m, window=window) for m in models]
+        notes.append(window_note(window, settings, fed is not None))
     num_labels = 2 if kind == "binary" else num_outputs
     default_colormap = BINARY_COLORMAP if kind == "binary" else BLOG_COLORMAP
     data_colormap = settings.labels.colormap or first.colormap or default_colormap
@@ -373,6 +378,7 @@ def _read_data(
         channels=first.in_channels,
         intensity_range=settings.inputs.intensity_range,
         zscore=settings.inputs.zscore,
+        own_size=settings.windows.roi_size is not None and settings.inputs.size is None,
     )
     return build_dataset(settings.source.data or SYNTHETIC, spec)
 

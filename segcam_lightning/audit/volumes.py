@@ -11,7 +11,7 @@ minimum and maximum (a constant channel becomes 0); or, with ``zscore``, to mean
 deviation 1 per channel over the volume (MONAI's ``NormalizeIntensity(channel_wise=True)``).
 Then it is resized to the cube the network takes: trilinearly (``align_corners=False``), masks
 by nearest neighbour (``nearest-exact``), so labels are never blended; a volume already of that
-size is left as it is.
+size is left as it is. With sliding windows and no ``--size``, volumes keep their own size.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class VolumeSource:
     Args:
         images: the volume files.
         masks: one mask file per volume, or ``None``.
-        size: ``(D, H, W)`` every volume is resized to.
+        size: ``(D, H, W)`` every volume is resized to; ``None`` keeps each volume's own size
+            (sliding windows, :mod:`~segcam_lightning.audit.windows`).
         channels: the channels the network takes; a volume with others is refused.
         num_labels: mask labels run from 0 to ``num_labels - 1``.
         intensity_range: ``(lo, hi)`` mapped to [0, 1], or ``None`` for each volume's range.
@@ -77,7 +78,7 @@ class VolumeSource:
 
     images: tuple[Path, ...]
     masks: tuple[Path, ...] | None
-    size: tuple[int, int, int]
+    size: tuple[int, int, int] | None
     channels: int
     num_labels: int
     intensity_range: tuple[float, float] | None = None
@@ -94,6 +95,8 @@ class VolumeSource:
         mask = None
         if self.masks is not None:
             mask = read_mask(self.masks[index], volume.shape[1:], self.num_labels)
+        if self.size is None:
+            return volume, mask
         return resize_volume(volume, mask, self.size)
 
 

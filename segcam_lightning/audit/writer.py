@@ -3,11 +3,13 @@
 A volume's panel stacks three of the original script's panels, one per view (axial, coronal,
 sagittal: the slices through the class's CAM peak), 10 px white gaps between them; its maps are
 also saved as ``cams/<name>.npy``: float32 ``[L, K, D, H, W]`` (layers, classes), the engine's
-maps as they are.
+maps as they are (stitched, with sliding windows), and, when ``nibabel`` is installed, as
+``cams/<name>.nii.gz`` (:func:`nifti_bytes`).
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import time
@@ -321,6 +323,11 @@ class OutputWriter:
             path = self.layout.cams(m, name)
             write_atomic(path, buffer.getvalue())
             written[path] = buffer.getbuffer().nbytes
+            nifti = nifti_bytes(model.cams[b])
+            if nifti is not None:
+                path = path.with_name(f"{name}.nii.gz")
+                write_atomic(path, nifti)
+                written[path] = len(nifti)
             if in_report:
                 self._label_tiles(written, model.preds[b], centre, size, name, m)
             for layer in range(len(self.layer_names)):
@@ -391,6 +398,24 @@ def _volume_panel(
     gap = np.full((SEPARATOR, rows[0].shape[1], 3), 255, dtype=np.uint8)
     panel = np.concatenate([rows[0], gap, rows[1], gap, rows[2]], axis=0)
     return panel, np.stack(overlays)
+
+
+def nifti_bytes(cams: np.ndarray) -> bytes | None:
+    """A volume's maps ``[L, K, D, H, W]`` as a gzipped NIfTI-1 file, or ``None`` without
+    ``nibabel`` (optional: ``pip install nibabel``).
+
+    The data is float32 ``[D, H, W, L, K]``: the voxel axes i, j, k are the ``.npy``'s
+    ``D, H, W`` (as MONAI's ``LoadImage`` gives a NIfTI's axes), then layers and classes. The
+    affine is the identity (voxel units): the audit reads ``.npy`` volumes, which carry none.
+    """
+    try:
+        import nibabel
+    except ImportError:
+        return None
+    data = np.ascontiguousarray(np.moveaxis(cams, (0, 1), (3, 4)), dtype=np.float32)
+    image = nibabel.Nifti1Image(data, np.eye(4))
+    image.header.set_xyzt_units("mm")
+    return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
 
 
 def default_render_threads() -> int:
