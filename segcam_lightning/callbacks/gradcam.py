@@ -47,6 +47,7 @@ from segcam_lightning.cam import functional as FC
 from segcam_lightning.cam.functional import class_regions
 from segcam_lightning.cam.layers import unwrap_compiled
 from segcam_lightning.cam.tokens import LayoutError, TokenLayout, as_layout
+from segcam_lightning.cam.windows import explain
 from segcam_lightning.errors import ConfigurationError, ConfigurationTypeError
 from segcam_lightning.metrics import CAMEnergyInside, PointingGame
 from segcam_lightning.networks import (
@@ -296,7 +297,7 @@ class GradCAMCallback(Callback):
         one_class = self.classes[:1] if self.classes is not None else [0]
         first_mask = masks[:1].to(example.device) if masks is not None else None
         try:
-            self._engine(example, classes=one_class, masks=first_mask)
+            explain(self._engine, self.probe_spec.window, example, one_class, first_mask)
         except LayoutError as error:
             label = self._layer_labels[self._engine.layer_names.index(error.layer)]
             raise ConfigurationError(
@@ -354,7 +355,8 @@ class GradCAMCallback(Callback):
         local = trainer.precision_plugin.convert_input(images[shard].to(pl_module.device))
         local_masks = masks[shard].to(pl_module.device) if masks is not None else None
         with trainer.precision_plugin.forward_context():
-            result = self._engine(local, classes=self._channels, masks=local_masks)
+            window = self.probe_spec.window  # sliding windows, or the whole images
+            result = explain(self._engine, window, local, self._channels, local_masks)
             missed = self._missed(local, self._channels, local_masks) if self._missed else None
         if not self._finite_logits(trainer, result.logits):
             return

@@ -26,10 +26,11 @@ from torch.utils.data import IterableDataset, default_collate
 
 from segcam_lightning.callbacks._checks import check_callable, check_positive, is_index
 from segcam_lightning.callbacks.share import share_of
+from segcam_lightning.cam.windows import SlidingWindow
 from segcam_lightning.data.batch import BatchAdapter
 from segcam_lightning.errors import ConfigurationError
 
-__all__ = ["Probe", "ProbeSpec", "gather", "shared_probe"]
+__all__ = ["Probe", "ProbeSpec", "SlidingWindow", "gather", "shared_probe"]
 
 BatchAdapterLike = BatchAdapter | Callable[[Any], tuple[Tensor, Tensor | None]]
 
@@ -49,10 +50,17 @@ class ProbeSpec:
         batch_adapter: how images and masks are read from a batch: a
             :class:`~segcam_lightning.data.BatchAdapter` (dict keys, tuple positions, one-hot
             masks) or ``f(batch) -> (images, masks | None)``. Default: ``BatchAdapter()``.
+        window: explain the probe through sliding windows
+            (:class:`~segcam_lightning.cam.windows.SlidingWindow`, e.g.
+            ``SlidingWindow(roi_size=96, overlap=0.5, mode="gaussian")``): whole volumes larger
+            than the training patches, as ``sliding_window_inference`` predicts them; ``None``
+            runs the engine on the whole probe images. GradCAMCallback's maps use it; the
+            ShortcutMonitor's test runs on the whole images. Not part of the probe's identity
+            (callbacks whose specs differ only here share one probe).
 
     Example:
         >>> ProbeSpec(num_images=4, seed=1)
-        ProbeSpec(num_images=4, indices=None, seed=1, dataloader_idx=0, dataloader=None, batch_adapter=None)
+        ProbeSpec(num_images=4, indices=None, seed=1, dataloader_idx=0, dataloader=None, batch_adapter=None, window=None)
     """  # noqa: E501
 
     num_images: int = 8
@@ -61,8 +69,16 @@ class ProbeSpec:
     dataloader_idx: int = 0
     dataloader: Iterable[Any] | None = field(default=None, compare=False)
     batch_adapter: BatchAdapterLike | None = field(default=None, compare=False)
+    window: SlidingWindow | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.window, Mapping):  # e.g. YAML read without the type
+            object.__setattr__(self, "window", SlidingWindow(**self.window))
+        if self.window is not None and not isinstance(self.window, SlidingWindow):
+            raise TypeError(
+                "Expected `window` to be a segcam_lightning.cam.windows.SlidingWindow (e.g. "
+                f"SlidingWindow(roi_size=96)) or None, but got {type(self.window).__name__}."
+            )
         if self.indices is not None:
             indices = list(self.indices)
             if not indices or not all(is_index(i) for i in indices):
