@@ -257,6 +257,10 @@ def test_the_monitor_logs_each_class_share_per_group(tmp_path):
     assert monitor.last["shares"].shape == (2, 4, 4)
     some = next(t for t in expected if t.startswith("modalities/"))
     assert 0.0 <= events.Scalars(some)[-1].value <= 1.0
+    # Under trainer.validate() (inference mode) too, on the same probe.
+    monitor.last = {}
+    trainer.validate(model, datamodule=data, verbose=False)
+    assert monitor.last["occlusion"].shape == (2, 4, 4)
 
 
 def test_a_group_beyond_the_input_channels_fails_at_setup(tmp_path):
