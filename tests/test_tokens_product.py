@@ -71,15 +71,6 @@ def test_example_logits_takes_an_adapter_name() -> None:
     assert logits.shape == (1, NUM_CLASSES, 16, 16)
 
 
-def test_the_callback_logs_mask2former_by_adapter_name(tmp_path, caplog) -> None:
-    """No layer given: the default rule's per-pixel embedding, one CAM image per class."""
-    module = UserModule(mask2former(), logits=query_semantic_logits)
-    callback = GradCAMCallback(output_adapter="mask2former")
-    fit = fit_with_callback(tmp_path, module, scenes(4, 64, NUM_CLASSES), callback, caplog)
-    assert f"explaining layer {M2F_PIXEL!r}" in fit.log
-    assert fit.image_tags == {f"cam/{M2F_PIXEL}/class_{k}" for k in range(NUM_CLASSES)}
-
-
 # --- reshape through the callback's layers ---------------------------------------------------
 
 
