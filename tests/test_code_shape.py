@@ -71,6 +71,7 @@ def test_the_public_names_stay_few():
         "CAMResult",
         "DisplaySpec",
         "GradCAMCallback",
+        "ModalityMonitor",
         "ProbeSpec",
         "Readout",
         "SegmentationDataModule",
@@ -84,6 +85,7 @@ def test_the_public_names_stay_few():
     assert sorted(segcam_lightning.callbacks.__all__) == [
         "DisplaySpec",
         "GradCAMCallback",
+        "ModalityMonitor",
         "ProbeSpec",
         "ShortcutMonitor",
     ]

@@ -1,9 +1,12 @@
-"""Datasets: embedded synthetic plants, blog-format folders, the blog's split, augmentation."""
+"""Datasets: embedded synthetic plants, blog-format folders, the blog's split, augmentation;
+planted data for checking explanations (a cue confusion, classes in one channel each)."""
 
 from segcam_lightning.data.batch import BatchAdapter, split_batch
 from segcam_lightning.data.colormap import BLOG_COLORMAP, color_to_mask, mask_to_color
+from segcam_lightning.data.cue import CueConfusion
 from segcam_lightning.data.datamodule import SegmentationDataModule
 from segcam_lightning.data.folder import FolderSegmentation, pair_files
+from segcam_lightning.data.planted import PlantedDataModule, PlantedModalities, PlantedVolumes
 from segcam_lightning.data.split import split_indices
 from segcam_lightning.data.synthetic import (
     SYNTHETIC_CLASS_NAMES,
@@ -18,7 +21,11 @@ __all__ = [
     "SYNTHETIC3D_CLASS_NAMES",
     "SYNTHETIC_CLASS_NAMES",
     "BatchAdapter",
+    "CueConfusion",
     "FolderSegmentation",
+    "PlantedDataModule",
+    "PlantedModalities",
+    "PlantedVolumes",
     "RandomFlip",
     "SegmentationDataModule",
     "SyntheticSegmentation",
