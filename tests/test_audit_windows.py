@@ -3,6 +3,8 @@ stitched ``cams/<name>.npy`` equal to :func:`sliding_window_cams` on the same in
 beside them when nibabel is installed, and the window options refused before writing."""
 
 import gzip
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +139,13 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_the_readmes_volumes_example_runs():
+    """README's "Volumes (CT, MRI)" Python block (tests/test_readme.py runs only bash blocks)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## Volumes \(CT, MRI\).*?```python\n(.*?)```", text, re.S).group(1)
+    assert len(block.strip().splitlines()) == 5
+    namespace: dict = {}
+    exec(block, namespace)  # the README's own example
+    assert namespace["cams"].shape == (1, 1, 3, 64, 64, 48)
