@@ -212,12 +212,6 @@ def test_mask2former_gradcam_equals_a_naive_per_class_loop_in_float64() -> None:
     assert difference <= PARITY_ATOL
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="explain.py's loader (segcam_lightning/loading/checkpoints.py, _count_outputs) counts "
-    "the network's outputs with the default adapter, which refuses Mask2Former's output, "
-    "before --output-adapter is used",
-)
 def test_mask2former_explain_config_audits_a_lightningcli_run(tmp_path) -> None:
     """Column (d), with ``--output-adapter mask2former``."""
     data = {"size": M2F_SIZE, "num_classes": NUM_CLASSES}

@@ -234,6 +234,7 @@ def _load(
         "num_classes": network.num_classes,
         "in_channels": network.in_channels,
         "size": size or settings.inputs.size,
+        "output_adapter": settings.explain.output_adapter,
     }
     if code.option == "--module":
         return load_lightning_module(path, code.target, **options)
@@ -249,6 +250,7 @@ def _load_into(
         "trust": settings.network.trust_checkpoint,
         "num_classes": settings.network.num_classes,
         "size": size,
+        "output_adapter": settings.explain.output_adapter,
     }
     return load_module_weights(path, copy.deepcopy(pipeline.module), **options)
 

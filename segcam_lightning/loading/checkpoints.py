@@ -51,7 +51,7 @@ import pickletools
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal, NamedTuple, TypedDict, Unpack
@@ -60,7 +60,8 @@ import torch
 from torch import Tensor, nn
 
 from segcam_lightning import networks
-from segcam_lightning.cam.layers import default_output_adapter, eval_mode, preserve_rng
+from segcam_lightning.cam.adapters import get_output_adapter
+from segcam_lightning.cam.layers import eval_mode, preserve_rng
 from segcam_lightning.models import UNet
 from segcam_lightning.text import listing, path_problem
 
@@ -660,6 +661,9 @@ class CallerOptions(TypedDict, total=False):
             forward pass that counts the outputs; default the data module's ``image_size``,
             else :func:`default_size`.
         map_location: where tensors are loaded (default ``"cpu"``).
+        output_adapter: how the logits are read from the network's output (a name of
+            :data:`~segcam_lightning.cam.adapters.ADAPTERS` or a callable), for the forward pass
+            that counts the outputs; default a tensor, a dict's ``"out"``, a tuple's first item.
     """
 
     code: str | None
@@ -668,6 +672,7 @@ class CallerOptions(TypedDict, total=False):
     in_channels: int | None
     size: int | tuple[int, ...] | None
     map_location: str | torch.device
+    output_adapter: str | Callable[[Any], Tensor] | None
 
 
 def load_lightning_module(
@@ -1088,7 +1093,9 @@ def _caller_network(
         net=net,
         path=path,
         layout=origin.layout,
-        num_classes=_count_outputs(path, net, origin.code, channels, side, guessed),
+        num_classes=_count_outputs(
+            path, net, origin.code, channels, side, guessed, options.get("output_adapter")
+        ),
         in_channels=channels,
         class_names=origin.class_names,
         channel_order=data.channel_order if dims == 2 else None,  # volumes: their channels
@@ -1119,26 +1126,40 @@ def default_size(dims: int) -> tuple[int, ...]:
 
 
 def _count_outputs(
-    path: Path, net: nn.Module, code: str, channels: int, size: tuple[int, ...], guessed: bool
+    path: Path,
+    net: nn.Module,
+    code: str,
+    channels: int,
+    size: tuple[int, ...],
+    guessed: bool,
+    adapter: str | Callable[[Any], Tensor] | None = None,
 ) -> int:
-    """The output channels of one forward pass of zeros ``[1, channels, *size]``."""
+    """The output channels of one forward pass of zeros ``[1, channels, *size]``, read
+    through ``adapter``."""
     example = torch.zeros(1, channels, *size, device=_device_of(net))
     shape = "x".join(str(n) for n in example.shape)
+    read = get_output_adapter(adapter)
     try:
         with torch.no_grad(), eval_mode(net), preserve_rng(example.device):
-            logits = default_output_adapter(net(example))
+            output = net(example)
     except Exception as error:  # whatever the caller's network raises on this input
         fix = "--size (a size it accepts)" + (" or --in-channels" if guessed else "")
         raise CheckpointError(
             f"The {type(net).__name__} built by {code} with the weights of {path} failed on a "
             f"{shape} input of zeros: {_first_line(error)}. Pass {fix}."
         ) from None
+    try:
+        logits = read(output)
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        logits = error
     if not isinstance(logits, Tensor) or logits.ndim != example.ndim or logits.shape[0] != 1:
         expected = "[B, K, h, w]" if example.ndim == 4 else "[B, K, d, h, w]"
+        got = _first_line(logits) if isinstance(logits, Exception) else _shape(logits)
         raise CheckpointError(
-            f"The {type(net).__name__} built by {code} returned {_shape(logits)} for a {shape} "
-            f"input; expected segmentation logits {expected} (a tensor, a dict with an 'out' "
-            "key, or a tuple whose first element they are)."
+            f"The {type(net).__name__} built by {code} gave {got} for a {shape} input; expected "
+            f"segmentation logits {expected} (a tensor, a dict with an 'out' key, or a tuple "
+            "whose first element they are). A model with another output (transformers' "
+            "Mask2Former, SAM) needs --output-adapter (e.g. mask2former)."
         )
     return int(logits.shape[1])
 
