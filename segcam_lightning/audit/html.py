@@ -42,7 +42,7 @@ div.views{display:inline-flex;flex-direction:column;gap:2px;vertical-align:top;m
 span.bar{display:inline-block;height:9px;background:#4a7bd0;vertical-align:0}
 span.bar.o{background:#c98a2b}td.bars{text-align:left;white-space:nowrap}
 img.p{height:var(--thumb);max-width:100%;image-rendering:pixelated;border:1px solid #ccc;
-display:block}figure.p{width:auto;margin:2px 6px 8px 0}
+display:block}figure.p{width:auto;margin:2px 10px 8px 0}h4{margin:12px 0 4px;font-size:14px}
 """
 
 
@@ -604,33 +604,50 @@ def _errors_table(entry: dict[str, Any]) -> str:
 
 
 def _mistake_panels(plan: AuditPlan, rows: Sequence[dict[str, Any]], label: str) -> str:
+    """The checkpoint's panels under a heading per class (its largest mistakes), then the top
+    confusion pairs'."""
     panels: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if row["checkpoint"] == label:
             panels.setdefault(row["panel"], []).append(row)
-    figures = []
-    for panel, shown in panels.items():
+
+    def group(shown: list[dict[str, Any]]) -> tuple[int, int]:
         first = shown[0]
-        if first["error"] == "confusion":
-            title = f"{first['class_name']} taken for {first['other_class_name']}"
-        else:
-            title = first["class_name"]
-        energies = " · ".join(
-            f"{r['error'].replace('_', ' ')}: {r['pixels']} px, E {_fmt(r['energy_inside'])}"
-            for r in shown
+        return (first["error"] == "confusion", plan.classes.index(first["class"]))
+
+    parts, heading = [], None
+    for panel, shown in sorted(panels.items(), key=lambda item: group(item[1])):
+        first = shown[0]
+        title = (
+            "The top confusion pairs"
+            if first["error"] == "confusion"
+            else f"{first['class_name']}: its largest mistakes"
         )
-        layer = (
-            f" · {TIP_NAMES.get(first['layer'], first['layer'])}"
-            if len(plan.layout.layers) > 1
-            else ""
-        )
-        caption = f"<b>{_e(title)}</b> · {_e(first['image'])}{_e(layer)}<br>{_e(energies)}"
-        src = urllib.parse.quote(panel)
-        figures.append(
-            f"<figure class='p'><img class='p' src='{_e(src)}' alt='' loading='lazy'>"
-            f"<figcaption>{caption}</figcaption></figure>"
-        )
-    return "".join(figures)
+        if title != heading:
+            heading = title
+            parts.append(f"<h4>{_e(title)}</h4>")
+        parts.append(_mistake_figure(plan, panel, shown))
+    return "".join(parts)
+
+
+def _mistake_figure(plan: AuditPlan, panel: str, shown: Sequence[dict[str, Any]]) -> str:
+    first = shown[0]
+    if first["error"] == "confusion":
+        title = f"{first['class_name']} taken for {first['other_class_name']} · "
+    else:
+        title = ""
+    energies = " · ".join(
+        f"{r['error'].replace('_', ' ')}: {r['pixels']} px, E {_fmt(r['energy_inside'])}"
+        for r in shown
+    )
+    several = len(plan.layout.layers) > 1
+    layer = f" · {TIP_NAMES.get(first['layer'], first['layer'])}" if several else ""
+    caption = f"<b>{_e(title)}{_e(first['image'])}</b>{_e(layer)}<br>{_e(energies)}"
+    src = urllib.parse.quote(panel)
+    return (
+        f"<figure class='p'><img class='p' src='{_e(src)}' alt='' loading='lazy'>"
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
 
 
 def _word(verdict: str) -> str:
