@@ -17,6 +17,7 @@ from dataclasses import fields
 
 from segcam_lightning.audit.settings import AuditSettings, CheckSettings, Windows
 from segcam_lightning.cam.windows import SlidingWindow
+from segcam_lightning.data.datamodule import SYNTHETIC3D
 from segcam_lightning.errors import UsageError
 
 #: Methods ``--window-weights whole`` can pool over the windows (docs/volumes.md).
@@ -101,6 +102,8 @@ def window_note(window: SlidingWindow, settings: AuditSettings, piped: bool) -> 
     )
     if piped:
         inputs = "the data module's inputs as it gives them"
+    elif settings.source.data == SYNTHETIC3D:
+        inputs = f"synthetic volumes rendered at {settings.inputs.size or 'the training size'}"
     elif settings.inputs.size is None:
         inputs = "volumes from .npy files at their own size, one per batch (--size resizes them)"
     else:
