@@ -569,7 +569,7 @@ def _mistakes_section(plan: AuditPlan, summary: dict[str, Any]) -> str:
             parts.append(f"<h3>{_e(entry['checkpoint'])}</h3>")
         parts.append(_pairs_table(entry))
         parts.append(_errors_table(entry))
-        parts.append(_mistake_panels(plan, mistakes["rows"], entry["checkpoint"]))
+        parts.append(_mistake_panels(plan, mistakes["rows"], entry))
     return "".join(parts)
 
 
@@ -603,17 +603,23 @@ def _errors_table(entry: dict[str, Any]) -> str:
     )
 
 
-def _mistake_panels(plan: AuditPlan, rows: Sequence[dict[str, Any]], label: str) -> str:
-    """The checkpoint's panels under a heading per class (its largest mistakes), then the top
-    confusion pairs'."""
+def _mistake_panels(plan: AuditPlan, rows: Sequence[dict[str, Any]], entry: dict[str, Any]) -> str:
+    """The checkpoint's panels under a heading per class (its largest mistakes; the class with
+    the most error pixels first), then the top confusion pairs'."""
     panels: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        if row["checkpoint"] == label:
+        if row["checkpoint"] == entry["checkpoint"]:
             panels.setdefault(row["panel"], []).append(row)
+    errors = {
+        c["class"]: c["false_positive_pixels"] + c["false_negative_pixels"]
+        for c in entry["classes"]
+    }
 
-    def group(shown: list[dict[str, Any]]) -> tuple[int, int]:
+    def group(shown: list[dict[str, Any]]) -> tuple[int, int, int]:
         first = shown[0]
-        return (first["error"] == "confusion", plan.classes.index(first["class"]))
+        if first["error"] == "confusion":
+            return (1, 0, 0)
+        return (0, -errors.get(first["class"], 0), plan.classes.index(first["class"]))
 
     parts, heading = [], None
     for panel, shown in sorted(panels.items(), key=lambda item: group(item[1])):
