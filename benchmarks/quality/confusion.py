@@ -8,8 +8,13 @@ the same images at each layer:
 - the **confusion map**: ``Confusion(true_class=marked, contrastive=True)``, channel ``plain``:
   over the marked pixels predicted plain, plain's logit minus marked's — what made the model
   choose plain there;
+- its **reverse**: marked's logit minus plain's over the same pixels — what still spoke for
+  the right class there (a callable target);
 - the **class map**: ``gt_region`` of ``marked``: marked's logit over its ground truth — where
-  the class is.
+  the class is;
+
+each with Grad-CAM (one weight per channel: a map lights every pixel whose features favour the
+score, inside the region or not) and LayerCAM (each position weighted by its own gradient).
 
 For each it reports the share of the map's energy on the cue of the confused discs (the dots,
 dilated by 2 px for the maps' upsampling) and inside those discs, next to the cue's share of
@@ -46,6 +51,17 @@ from segcam_lightning.models import UNet
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = ("e4.conv.conv.5", "d4.conv.conv.5")
+METHODS = ("gradcam", "layercam")
+
+
+def _reverse(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Marked's logit minus plain's over the marked pixels the model predicts plain, as the
+    score of the ``marked`` channel (the others score 0)."""
+    region = ((masks == MARKED) & (logits.argmax(1) == PLAIN)).to(logits.dtype)
+    margin = (logits[:, MARKED] - logits[:, PLAIN]) * region
+    scores = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=logits.device)
+    scores[:, MARKED] = margin.flatten(1).sum(1)
+    return scores
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/confusion"))
+    parser.add_argument(
+        "--reuse", action="store_true", help="measure <out>/net.pt instead of training again"
+    )
     return parser.parse_args(argv)
 
 
@@ -117,31 +136,32 @@ def measure(net: UNet, args: argparse.Namespace) -> dict:
         [torch.from_numpy(cv2.dilate(c.numpy().astype(np.uint8), kernel) > 0) for c in cue[keep]]
     )
     cue_region &= discs
-    engines = {
-        "confusion (marked taken for plain, contrastive)": (
-            CAMEngine(net, list(LAYERS), target=Confusion(MARKED, contrastive=True)),
+    targets = {
+        "confusion: plain − marked over the confused pixels": (
+            Confusion(MARKED, contrastive=True),
             PLAIN,
         ),
-        "class map (gt_region of marked)": (
-            CAMEngine(net, list(LAYERS), target="gt_region"),
-            MARKED,
-        ),
+        "reverse: marked − plain over the confused pixels": (_reverse, MARKED),
+        "class map: gt_region of marked": ("gt_region", MARKED),
     }
     rows = []
-    for name, (engine, channel) in engines.items():
-        cams = engine(x, classes=[channel], masks=y).cams[:, :, 0]  # [N, L, H, W]
-        for layer_index, layer in enumerate(LAYERS):
-            maps = cams[:, layer_index]
-            on_cue, in_disc = shares(maps, cue_region), shares(maps, discs)
-            rows.append(
-                {
-                    "map": name,
-                    "layer": layer,
-                    "images": int(on_cue.isfinite().sum()),
-                    "energy_on_cue_median": float(on_cue.nanmedian()),
-                    "energy_in_confused_discs_median": float(in_disc.nanmedian()),
-                }
-            )
+    for name, (target, channel) in targets.items():
+        for method in METHODS:
+            engine = CAMEngine(net, list(LAYERS), method, target)
+            cams = engine(x, classes=[channel], masks=y).cams[:, :, 0]  # [N, L, H, W]
+            for layer_index, layer in enumerate(LAYERS):
+                maps = cams[:, layer_index]
+                on_cue, in_disc = shares(maps, cue_region), shares(maps, discs)
+                rows.append(
+                    {
+                        "map": name,
+                        "method": method,
+                        "layer": layer,
+                        "images": int(on_cue.isfinite().sum()),
+                        "energy_on_cue_median": float(on_cue.nanmedian()),
+                        "energy_in_confused_discs_median": float(in_disc.nanmedian()),
+                    }
+                )
     chance = cue_region.flatten(1).float().mean(1)
     return {
         "confusion_matrix": matrix.tolist(),
@@ -201,23 +221,32 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    net = train(args)
+    if args.reuse:
+        net = UNet(3, base_width=args.width)
+        net.load_state_dict(torch.load(args.out / "net.pt", weights_only=True))
+        net.eval()
+    else:
+        net = train(args)
+        torch.save(net.state_dict(), args.out / "net.pt")
     trained = time.perf_counter() - start
-    torch.save(net.state_dict(), args.out / "net.pt")
     result = measure(net, args)
     result.update(settings=vars(args) | {"out": str(args.out)}, train_seconds=trained)
     (args.out / "confusion.json").write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"trained {args.steps} steps in {trained:.0f} s; marked taken for plain: "
+        f"{'loaded' if args.reuse else 'trained'} {args.steps} steps in {trained:.0f} s; "
+        "marked taken for plain: "
         f"{result['marked_taken_for_plain']:.1%} of marked pixels; {result['images_confused']} "
         f"test image(s) with >= {args.min_pixels} such pixels; the cue's median share of an "
         f"image (chance): {result['cue_share_of_image_median']:.3f}\n"
     )
-    print("| map | layer | images | energy on the cue (median) | inside the confused discs |")
-    print("|---|---|---|---|---|")
+    print(
+        "| map | method | layer | images | energy on the cue (median) | inside the confused "
+        "discs (median) |"
+    )
+    print("|---|---|---|---|---|---|")
     for row in result["rows"]:
         print(
-            f"| {row['map']} | {row['layer']} | {row['images']} | "
+            f"| {row['map']} | {row['method']} | {row['layer']} | {row['images']} | "
             f"{row['energy_on_cue_median']:.3f} | {row['energy_in_confused_discs_median']:.3f} |"
         )
     write_folder(args.out / "data", args)
