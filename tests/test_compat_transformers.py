@@ -218,3 +218,24 @@ def test_mask2former_explain_config_audits_a_lightningcli_run(tmp_path) -> None:
     options = ("--output-adapter", "mask2former")
     summary = audit_a_cli_run(tmp_path, mask2former, data, "mask2former", options)
     assert_audited(summary, M2F_LAYER, NUM_CLASSES)
+
+
+def test_mask2former_quality_checks_and_mistakes_run_through_the_adapter(tmp_path) -> None:
+    """The audit's checks build their own engines and forwards: each reads Mask2Former's
+    output through --output-adapter (the randomisation test, deletion and insertion, the
+    objects-alone test, the mistakes and the modalities)."""
+    data = {"size": M2F_SIZE, "num_classes": NUM_CLASSES}
+    options = (
+        *("--output-adapter", "mask2former"),
+        *("--sanity-check", "--sanity-images", "2", "--sanity-seeds", "1"),
+        *("--faithfulness", "--faithfulness-images", "2", "--faithfulness-steps", "2"),
+        *("--objects-alone", "--objects-alone-images", "2"),
+        *("--explain-errors", "--explain-errors-images", "1"),
+        *("--modalities", "channels", "--modalities-images", "2"),
+    )
+    summary = audit_a_cli_run(tmp_path, mask2former, data, "mask2former", options)
+    assert_audited(summary, M2F_LAYER, NUM_CLASSES)
+    for key in ("sanity_check", "faithfulness", "objects_alone", "mistakes", "modalities"):
+        assert summary[key], key
+    assert summary["sanity_check"]["verdicts"]
+    assert len(summary["modalities"]["groups"]) == 3

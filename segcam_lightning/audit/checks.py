@@ -281,13 +281,24 @@ def _maps(
 ) -> dict[tuple[str, str], Tensor]:
     """:func:`~segcam_lightning.quality.method_maps` of one method at the audited layers, for
     the audited target and classes: ``[N, K, H, W]`` maps keyed ``(method label, layer)``."""
-    options = {"readout": plan.readout}
+    options = engine_options(plan, model)
     layers = list(model.engine.layer_names)
     target = plan.explanation.target
     maps, *_ = method_maps(
         model.net, layers, method, target, x, masks, plan.classes, batch_size, options
     )
     return maps
+
+
+def engine_options(plan: AuditPlan, model: AuditModel) -> dict[str, Any]:
+    """What the checks' engines take from the audit's: the readout, the output adapter and
+    the token layers' layouts."""
+    engine = model.engine
+    return {
+        "readout": plan.readout,
+        "output_adapter": engine.output_adapter,
+        "reshape": engine.reshape,
+    }
 
 
 def _deletion_insertion(
@@ -315,6 +326,7 @@ def _deletion_insertion(
         batch_size=batch_size,
         readout=plan.readout,
         labels=labels,
+        output_adapter=model.engine.output_adapter,
     )
 
 
@@ -334,6 +346,7 @@ def _objects_alone(
         readout=plan.readout,
         batch_size=batch_size,
         labels={"checkpoint": model.label},
+        output_adapter=model.engine.output_adapter,
     )
 
 
@@ -467,6 +480,8 @@ def _sanity(
         batch_size=batch_size,
         readout=plan.readout,
         progress=lambda line: step(f"{model.label}: {line}"),
+        output_adapter=model.engine.output_adapter,
+        reshape=model.engine.reshape,
     )
     shown = _shown(model)
     rows = [replace(r, layer=shown.get(r.layer, r.layer)) for r in report.rows]

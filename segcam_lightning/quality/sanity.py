@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -99,14 +99,15 @@ def reinit_variance_preserving(module: nn.Module, generator: torch.Generator) ->
     bias. BatchNorm/InstanceNorm: weight 1, bias 0, running mean 0, running variance 1 (the
     identity in eval mode; the trained statistics would rescale random features arbitrarily).
     GroupNorm/LayerNorm: weight 1, bias 0. Any other module with parameters of its own uses its
-    ``reset_parameters()`` under a seeded, forked RNG.
+    ``reset_parameters()`` under a seeded, forked RNG; one without (a transformer's position
+    bias table, class token, query embeddings, layer scale) gets each of its own parameters
+    drawn from ``N(0, s²)`` with ``s`` that tensor's trained standard deviation (its scale
+    kept, its values random; a single number is left as it is).
 
     Args:
         module: one module; its children are not visited.
         generator: CPU generator of the draws.
 
-    Raises:
-        TypeError: for a module with parameters of its own and no way to re-initialise them.
     """
     own = dict(module.named_parameters(recurse=False))
     if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
@@ -126,8 +127,14 @@ def reinit_variance_preserving(module: nn.Module, generator: torch.Generator) ->
                 module.running_var.fill_(1.0)
                 module.num_batches_tracked.zero_()
         return
-    if own:
+    if own and callable(getattr(module, "reset_parameters", None)):
         reinit_pytorch_default(module, generator)
+        return
+    for parameter in own.values():
+        if parameter.numel() < 2:  # a scalar (a temperature): no scale to keep, left as is
+            continue
+        scale = float(parameter.detach().float().std())
+        _normal(parameter, scale if math.isfinite(scale) else 0.0, generator)
 
 
 def reinit_pytorch_default(module: nn.Module, generator: torch.Generator) -> None:
@@ -487,6 +494,8 @@ def sanity_check(
     batch_size: int = 16,
     readout: Readout | None = None,
     progress: Callable[[str], None] | None = None,
+    output_adapter: str | Callable[[Any], Tensor] | None = None,
+    reshape: Mapping[str, Any] | None = None,
 ) -> SanityReport:
     """Model-parameter randomisation test of CAM methods, on a copy of the model.
 
@@ -520,6 +529,9 @@ def sanity_check(
         readout: how the engine reads the logits (default ``Readout()``); pixels of its
             ``ignore_index`` (label masks) are left out of the energy inside.
         progress: called with a line of text per randomised model (e.g. ``print``).
+        output_adapter, reshape: the engine's (a name such as ``"mask2former"`` or
+            ``f(model_output) -> logits``; token layers' layouts by layer name), for models
+            that need them.
 
     Returns:
         A :class:`SanityReport`.
@@ -528,7 +540,8 @@ def sanity_check(
     device = next(model.parameters()).device
     masks = masks.to(device) if masks is not None else None
     read = readout or Readout()
-    explain = _Explainer(model, list(layers), images.to(device), masks, batch_size, read)
+    options = {"readout": read, "output_adapter": output_adapter, "reshape": reshape}
+    explain = _Explainer(model, list(layers), images.to(device), masks, batch_size, options)
     limits = (rho_threshold, full_rho_threshold)
     rows = _rows(plan, explain, methods, targets, classes, class_names, limits, progress)
     return SanityReport(
@@ -622,13 +635,18 @@ class _Explainer:
     images: Tensor
     masks: Tensor | None
     batch_size: int
-    readout: Readout
+    #: the engine's options: ``readout``, ``output_adapter``, ``reshape``.
+    options: dict[str, Any]
+
+    @property
+    def readout(self) -> Readout:
+        return self.options["readout"]
 
     def maps(
         self, model: nn.Module, method: Any, target: str, classes: Sequence[int] | None
     ) -> tuple[dict[tuple[str, str], Tensor], Tensor, list[int], int, str]:
         """:func:`method_maps` of ``model`` (the trained one or a randomised copy)."""
-        options = {"readout": self.readout}
+        options = self.options
         return method_maps(
             model,
             self.layers,
