@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from segcam_lightning.callbacks._checks import check_callable, check_positive
+from segcam_lightning.callbacks._checks import check_positive, resolve_adapter
 from segcam_lightning.callbacks.probe import Probe, ProbeSpec, gather, shared_probe
 from segcam_lightning.callbacks.share import share_of
 from segcam_lightning.cam import Readout
@@ -73,7 +73,8 @@ class ModalityMonitor(Callback):
             settings, read once for both).
         readout: how the outputs are read; default: the first GradCAMCallback's, else
             ``Readout()``.
-        output_adapter: ``f(model_output) -> logits``; default: the first GradCAMCallback's.
+        output_adapter: ``f(model_output) -> logits`` or an adapter name (``"mask2former"``);
+            default: the first GradCAMCallback's.
         class_names: one name per output channel; default: as GradCAMCallback finds them.
         strict: raise when the attribution fails during training; by default the failure is
             reported once, with its traceback, and training goes on.
@@ -96,7 +97,7 @@ class ModalityMonitor(Callback):
         every_n_epochs: int = 1,
         probe: ProbeSpec | None = None,
         readout: Readout | None = None,
-        output_adapter: Callable[[Any], Tensor] | None = None,
+        output_adapter: str | Callable[[Any], Tensor] | None = None,
         class_names: Sequence[str] | None = None,
         strict: bool = False,
     ) -> None:
@@ -109,7 +110,7 @@ class ModalityMonitor(Callback):
         except (TypeError, ValueError) as error:
             raise ConfigurationError(f"ModalityMonitor: {error}") from None
         check_positive("every_n_epochs", every_n_epochs)
-        check_callable("output_adapter", output_adapter)
+        output_adapter = resolve_adapter("ModalityMonitor", output_adapter)
         if readout is not None and not isinstance(readout, Readout):
             raise TypeError(f"Expected `readout` to be a Readout or None, got {readout!r}.")
         if probe is not None and not isinstance(probe, ProbeSpec):

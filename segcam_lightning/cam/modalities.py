@@ -73,8 +73,8 @@ import torch
 from torch import Tensor, nn
 
 from segcam_lightning.cam import functional as FC
+from segcam_lightning.cam.adapters import get_output_adapter
 from segcam_lightning.cam.layers import (
-    default_output_adapter,
     eval_mode,
     force_eager,
     preserve_rng,
@@ -288,7 +288,8 @@ class ModalityAttribution:
             truth: pass ``masks``), ``"logit_margin"``, ``"softmax_mean"``, ...
         readout: how the logits are read (default ``Readout()``: one channel binary, more
             multiclass).
-        output_adapter: ``f(model_output) -> logits``; default a tensor, a dict's ``"out"``,
+        output_adapter: ``f(model_output) -> logits`` or an adapter name (``"mask2former"``,
+            :data:`~segcam_lightning.cam.adapters.ADAPTERS`); default a tensor, a dict's ``"out"``,
             a tuple's first item.
         baseline: ``"mean"`` (default: each image's own channel means, the occlusion check's
             fill) or ``"zero"``.
@@ -308,7 +309,7 @@ class ModalityAttribution:
         *,
         target: str | Target | Callable[..., Any] = "logit_region",
         readout: Readout | None = None,
-        output_adapter: Callable[[Any], Tensor] | None = None,
+        output_adapter: str | Callable[[Any], Tensor] | None = None,
         baseline: str = "mean",
         steps: int = DEFAULT_STEPS,
         occlusion: bool = True,
@@ -322,12 +323,10 @@ class ModalityAttribution:
         check_settings(baseline, steps)
         if readout is not None and not isinstance(readout, Readout):
             raise TypeError(f"Expected `readout` to be a Readout or None, but got {readout!r}.")
-        if output_adapter is not None and not callable(output_adapter):
-            raise TypeError("Expected `output_adapter` to be a callable f(output) -> logits.")
         self.model, self.modalities = model, modalities
         self.target = get_target(target)
         self.readout = readout or Readout()
-        self.output_adapter = output_adapter or default_output_adapter
+        self.output_adapter = get_output_adapter(output_adapter)
         self.baseline, self.steps, self.occlusion = baseline, steps, bool(occlusion)
 
     def __call__(
