@@ -3,6 +3,7 @@ stitched ``cams/<name>.npy`` equal to :func:`sliding_window_cams` on the same in
 beside them when nibabel is installed, and the window options refused before writing."""
 
 import gzip
+import json
 import re
 from pathlib import Path
 
@@ -82,6 +83,9 @@ def test_volumes_are_explained_at_their_own_size_through_windows(windowed, unet3
         expected = direct_cams(unet3d, volume, overlap=0.5, mode="gaussian")
         np.testing.assert_allclose(cams, expected, atol=ATOL)  # sides the U-Net cannot take whole
     assert (windowed / "report.html").is_file()
+    summary = json.loads((windowed / "summary.json").read_text())
+    fed = "volume, 1 channel, through 16 windows (overlap 0.5, gaussian, patch)"
+    assert summary["checkpoints"][0]["input"] == fed  # in the report, and what --resume matches
 
 
 def test_the_maps_are_written_as_nifti_when_nibabel_is_installed(windowed):

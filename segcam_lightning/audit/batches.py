@@ -75,8 +75,16 @@ class AuditModel:
     @property
     def input_description(self) -> str:
         """What the network is fed: ``"RGB"``, ``"BGR"`` or ``"gray"`` (a volume's channel
-        count), then its normalisation, e.g. ``"RGB, normalised: mean [0.485, 0.456, 0.406],
-        std [0.229, 0.224, 0.225]"``."""
+        count), then its normalisation and its sliding windows, e.g. ``"RGB, normalised: mean
+        [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]"``."""
+        windows = ""
+        if self.window is not None:  # also what a resumed run must match
+            w = self.window
+            roi = w.roi_size if isinstance(w.roi_size, int) else "x".join(map(str, w.roi_size))
+            windows = f", through {roi} windows (overlap {w.overlap:g}, {w.mode}, {w.weights})"
+        return self._fed() + windows
+
+    def _fed(self) -> str:
         if self.direct is not None:
             return f"as the data module gives it ({self.direct})"
         if self.volumes:
