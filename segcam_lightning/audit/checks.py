@@ -480,8 +480,10 @@ def _sanity(
         batch_size=batch_size,
         readout=plan.readout,
         progress=lambda line: step(f"{model.label}: {line}"),
-        output_adapter=model.engine.output_adapter,
-        reshape=model.engine.reshape,
+        engine_options={
+            "output_adapter": model.engine.output_adapter,
+            "reshape": model.engine.reshape,
+        },
     )
     shown = _shown(model)
     rows = [replace(r, layer=shown.get(r.layer, r.layer)) for r in report.rows]

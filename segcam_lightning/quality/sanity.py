@@ -101,8 +101,9 @@ def reinit_variance_preserving(module: nn.Module, generator: torch.Generator) ->
     GroupNorm/LayerNorm: weight 1, bias 0. Any other module with parameters of its own uses its
     ``reset_parameters()`` under a seeded, forked RNG; one without (a transformer's position
     bias table, class token, query embeddings, layer scale) gets each of its own parameters
-    drawn from ``N(0, s²)`` with ``s`` that tensor's trained standard deviation (its scale
-    kept, its values random; a single number is left as it is).
+    drawn from ``N(0, s²)`` with ``s`` that tensor's trained root mean square (its scale kept,
+    its values and signs random: a weight of ones stays at scale 1; a single number is left as
+    it is).
 
     Args:
         module: one module; its children are not visited.
@@ -133,7 +134,7 @@ def reinit_variance_preserving(module: nn.Module, generator: torch.Generator) ->
     for parameter in own.values():
         if parameter.numel() < 2:  # a scalar (a temperature): no scale to keep, left as is
             continue
-        scale = float(parameter.detach().float().std())
+        scale = float(parameter.detach().float().square().mean().sqrt())
         _normal(parameter, scale if math.isfinite(scale) else 0.0, generator)
 
 
@@ -494,8 +495,7 @@ def sanity_check(
     batch_size: int = 16,
     readout: Readout | None = None,
     progress: Callable[[str], None] | None = None,
-    output_adapter: str | Callable[[Any], Tensor] | None = None,
-    reshape: Mapping[str, Any] | None = None,
+    engine_options: Mapping[str, Any] | None = None,
 ) -> SanityReport:
     """Model-parameter randomisation test of CAM methods, on a copy of the model.
 
@@ -529,9 +529,8 @@ def sanity_check(
         readout: how the engine reads the logits (default ``Readout()``); pixels of its
             ``ignore_index`` (label masks) are left out of the energy inside.
         progress: called with a line of text per randomised model (e.g. ``print``).
-        output_adapter, reshape: the engine's (a name such as ``"mask2former"`` or
-            ``f(model_output) -> logits``; token layers' layouts by layer name), for models
-            that need them.
+        engine_options: more engine arguments for models that need them: ``output_adapter``
+            (e.g. ``"mask2former"``), ``reshape`` (token layers' layouts by layer name).
 
     Returns:
         A :class:`SanityReport`.
@@ -539,8 +538,7 @@ def sanity_check(
     plan = _cascade(model, images, layers, seeds, cascade, stages, initializer)
     device = next(model.parameters()).device
     masks = masks.to(device) if masks is not None else None
-    read = readout or Readout()
-    options = {"readout": read, "output_adapter": output_adapter, "reshape": reshape}
+    options = {**(engine_options or {}), "readout": readout or Readout()}
     explain = _Explainer(model, list(layers), images.to(device), masks, batch_size, options)
     limits = (rho_threshold, full_rho_threshold)
     rows = _rows(plan, explain, methods, targets, classes, class_names, limits, progress)
