@@ -529,8 +529,7 @@ def sanity_check(
         readout: how the engine reads the logits (default ``Readout()``); pixels of its
             ``ignore_index`` (label masks) are left out of the energy inside.
         progress: called with a line of text per randomised model (e.g. ``print``).
-        engine_options: more engine arguments for models that need them: ``output_adapter``
-            (e.g. ``"mask2former"``), ``reshape`` (token layers' layouts by layer name).
+        engine_options: more engine arguments: ``output_adapter``, ``reshape``.
 
     Returns:
         A :class:`SanityReport`.
