@@ -193,3 +193,31 @@ def test_a_resumed_run_ranks_the_same_mistakes(trained, tmp_path, monkeypatch, a
     assert resumed["checkpoints"][0]["pairs"] == whole["checkpoints"][0]["pairs"]
     with (out / "mistakes.csv").open(newline="") as a, (audited / "mistakes.csv").open() as b:
         assert list(csv.DictReader(a)) == list(csv.DictReader(b))
+
+
+def test_pixels_of_no_class_are_no_mistake():
+    """A 4×4 image whose top half is labelled 255 (no class) and which the model calls class 1
+    everywhere: the region counts hold 16 predicted pixels, but only the 8 labelled ones are
+    false positives (as the error targets and the confusion counts read them)."""
+    from segcam_lightning.audit.batches import confusion_counts, region_counts
+    from segcam_lightning.audit.mistakes import class_errors
+    from segcam_lightning.audit.tallies import image_tally, sound
+    from segcam_lightning.cam import Readout
+    from segcam_lightning.cam.targets import FalsePositives
+
+    masks = torch.zeros(1, 4, 4, dtype=torch.long)
+    masks[:, :2] = 255
+    preds = torch.ones(1, 4, 4, dtype=torch.long)
+    predicted = torch.stack([preds == k for k in range(3)], 1)
+    truth = torch.stack([masks == k for k in range(3)], 1)
+    counts = region_counts(predicted, truth, spatial=2)
+    counts["confusion"] = confusion_counts(preds, masks, 3, 255)
+    tally = image_tally(
+        0, 16, ["a"], [{k: v[0].numpy() for k, v in counts.items()}], [np.zeros((1, 3))], [False]
+    )
+    fp, fn = class_errors(sound([tally], "a"), 1, 1, 3)
+    assert fp.tolist() == [8] and fn.tolist() == [0]
+    logits = torch.zeros(1, 3, 4, 4)
+    logits[:, 1] = 1.0
+    region = FalsePositives().region(logits, masks, Readout("multiclass", ignore_index=255))
+    assert int(region[0, 1].sum()) == 8

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from segcam_lightning.audit.settings import JPEG_PARAMS
-from segcam_lightning.audit.tallies import sound
+from segcam_lightning.audit.tallies import confusion_matrix, sound
 from segcam_lightning.cam import CAMEngine
 from segcam_lightning.cam import functional as FC
 from segcam_lightning.cam.functional import class_regions
@@ -122,7 +122,7 @@ def ranked_pairs(entries: Sequence[dict[str, Any]], names: Sequence[str]) -> lis
     """The confusion pairs of ``entries`` (tallies' entries with ``"confusion"``), most pixels
     first: ``true_class``, ``predicted_class``, their names, ``pixels`` and ``share_of_true``
     (of the true class's ground-truth pixels)."""
-    total = _confusion_total(entries)
+    total = _confusion_total(entries, len(names))
     if total is None:
         return []
     truth = total.sum(axis=1)
@@ -141,14 +141,22 @@ def ranked_pairs(entries: Sequence[dict[str, Any]], names: Sequence[str]) -> lis
     return sorted(pairs, key=lambda pair: (-pair["pixels"], pair["true_class"]))
 
 
-def _confusion_total(entries: Sequence[dict[str, Any]]) -> np.ndarray | None:
-    matrices = [np.asarray(e["confusion"], dtype=np.int64) for e in entries if "confusion" in e]
+def _confusion_total(entries: Sequence[dict[str, Any]], num_labels: int) -> np.ndarray | None:
+    matrices = [confusion_matrix(e, num_labels) for e in entries if "confusion" in e]
     return np.sum(matrices, axis=0) if matrices else None
 
 
-def class_errors(entries: Sequence[dict[str, Any]], position: int) -> tuple[np.ndarray, ...]:
+def class_errors(
+    entries: Sequence[dict[str, Any]], position: int, label: int | None, num_labels: int
+) -> tuple[np.ndarray, ...]:
     """Per entry, the false-positive and false-negative pixels of the class at ``position``
-    in the plan's classes: ``(fp [N], fn [N])``."""
+    in the plan's classes: ``(fp [N], fn [N])``. With confusion counts (multiclass and binary;
+    ``label``: the class's mask label) from them, so pixels whose label is no class (an ignore
+    index) count as neither, as in the error maps; else (multi-label) from the region counts."""
+    if label is not None and entries and all("confusion" in e for e in entries):
+        matrices = np.stack([confusion_matrix(e, num_labels) for e in entries])
+        hits = matrices[:, label, label]
+        return matrices[:, :, label].sum(1) - hits, matrices[:, label, :].sum(1) - hits
     get = {k: np.asarray([e[k][position] for e in entries], np.int64) for k in _COUNTS}
     return get["predicted"] - get["intersection"], get["truth"] - get["intersection"]
 
@@ -156,12 +164,12 @@ def class_errors(entries: Sequence[dict[str, Any]], position: int) -> tuple[np.n
 _COUNTS = ("truth", "predicted", "intersection")
 
 
-def largest(entries: Sequence[dict[str, Any]], position: int, n: int) -> list[int]:
+def largest(entries: Sequence[dict[str, Any]], position: int, n: int, labels: _Labels) -> list[int]:
     """The dataset indices of the (at most) ``n`` images with the most false-positive plus
     false-negative pixels of the class at ``position``, most first (ties: dataset order)."""
     if not entries:
         return []
-    fp, fn = class_errors(entries, position)
+    fp, fn = class_errors(entries, position, labels.of(position), labels.count)
     errors = fp + fn
     order = sorted(range(len(entries)), key=lambda i: (-errors[i], entries[i]["index"]))
     return [entries[i]["index"] for i in order[:n] if errors[i] > 0]
@@ -192,13 +200,14 @@ def explain_mistakes(
         entries = sound(tallies, model.label)
         step(f"{model.label}: the largest mistakes of {len(entries)} image(s)")
         pairs = ranked_pairs(entries, names)
-        chosen = {k: largest(entries, k, per_class) for k in range(len(plan.classes))}
+        labels = _Labels(plan)
+        chosen = {k: largest(entries, k, per_class, labels) for k in range(len(plan.classes))}
         found.checkpoints.append(
             {
                 "checkpoint": model.label,
                 "images": len(entries),
                 "pairs": pairs[:PAIRS_LISTED],
-                "classes": _class_totals(plan, entries),
+                "classes": _class_totals(plan, entries, labels),
             }
         )
         by_index = {e["index"]: e for e in entries}
@@ -207,10 +216,16 @@ def explain_mistakes(
     return found
 
 
-def _class_totals(plan: AuditPlan, entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def _class_totals(
+    plan: AuditPlan, entries: Sequence[dict[str, Any]], labels: _Labels
+) -> list[dict[str, Any]]:
     totals = []
     for k, class_idx in enumerate(plan.classes):
-        fp, fn = class_errors(entries, k) if entries else (np.zeros(0), np.zeros(0))
+        fp, fn = (
+            class_errors(entries, k, labels.of(k), labels.count)
+            if entries
+            else (np.zeros(0), np.zeros(0))
+        )
         truth = sum(e["truth"][k] for e in entries)
         totals.append(
             {
@@ -223,6 +238,20 @@ def _class_totals(plan: AuditPlan, entries: Sequence[dict[str, Any]]) -> list[di
             }
         )
     return totals
+
+
+class _Labels:
+    """The mask labels the confusion counts are over: how many, and each explained class's
+    (multiclass: its channel; binary: the foreground, 1; multi-label: none, no counts)."""
+
+    def __init__(self, plan: AuditPlan) -> None:
+        self.kind, self.classes = plan.readout.kind, plan.classes
+        self.count = len(plan.label_names or plan.class_names)
+
+    def of(self, position: int) -> int | None:
+        if self.kind == "multilabel":
+            return None
+        return 1 if self.kind == "binary" else self.classes[position]
 
 
 class _Explainer:
@@ -271,12 +300,16 @@ class _Explainer:
                 self._pair_panel(pair)
 
     def _regions(self, batch: _Batch) -> tuple[Tensor, Tensor]:
-        """``(false positives, false negatives)`` ``[B, K, H, W]`` bool, as the main pass
-        counts them."""
+        """``(false positives, false negatives)`` ``[B, K, H, W]`` bool, as the error targets
+        read them: a pixel whose mask label is no class (an ignore index) is in neither."""
         plan, kind = self.plan, self.plan.readout.kind
         predicted = class_regions(batch.labels, plan.classes, batch.outputs, kind, spatial_dims=2)
         truth = ground_truth_regions(batch.masks, plan.classes, kind, spatial_dims=2)[0]
-        return predicted & ~truth, truth & ~predicted
+        labels = _Labels(plan).count if kind != "multilabel" else batch.outputs
+        valid = (batch.masks >= 0) & (batch.masks < labels)
+        if plan.readout.ignore_index is not None:
+            valid &= batch.masks != plan.readout.ignore_index
+        return predicted & ~truth & valid[:, None], truth & ~predicted
 
     def _class_panels(
         self,
@@ -306,7 +339,7 @@ class _Explainer:
         t, p = pair["true_class"], pair["predicted_class"]
         index = max(
             self.entries,
-            key=lambda i: (self.entries[i]["confusion"][t][p], -i),
+            key=lambda i: (self._matrix(i)[t, p], -i),
         )
         batch = _read(self.plan, self.model, [index])
         engine = self._engine(Confusion(true_class=t, contrastive=True))
@@ -321,6 +354,12 @@ class _Explainer:
             _write(path, hstack_with_separators([*common, overlay]))
             self._row(batch, 0, layer_name, "confusion", t, p, cam, region, path)
 
+    def _matrix(self, index: int) -> np.ndarray:
+        """Image ``index``'s confusion counts, dense."""
+        matrix = confusion_matrix(self.entries[index], _Labels(self.plan).count)
+        assert matrix is not None  # pairs (and _other's callers) exist only with counts
+        return matrix
+
     def _other(self, index: int, k: int, kind: str) -> int | None:
         """The class most often on the other side of image ``index``'s error of the class at
         ``k``: the true class of its false positives, the predicted one of its false
@@ -328,7 +367,7 @@ class _Explainer:
         entry = self.entries.get(index)
         if entry is None or "confusion" not in entry:
             return None
-        matrix = np.asarray(entry["confusion"], dtype=np.int64)
+        matrix = self._matrix(index)
         label = 1 if self.plan.readout.kind == "binary" else self.plan.classes[k]
         line = matrix[:, label].copy() if kind == "false_positive" else matrix[label].copy()
         line[label] = 0

@@ -14,8 +14,9 @@ and :data:`~segcam_lightning.audit.settings.STATE_FILE` keeps it for ``--resume`
                 "intersection": [K ints],
                 "union": [K ints],
                 "energy": [[K floats], ...],  # energy inside per layer (NaN: class absent)
-                "confusion": [[n ints], ...],  # pixels per (true, predicted) label, n x n;
-                                               # multiclass and binary outputs only
+                "confusion": [[t, p, pixels], ...],  # the non-zero (true label t,
+                                                     # predicted label p) pixel counts;
+                                                     # multiclass and binary outputs only
             },
         },
     }
@@ -65,9 +66,25 @@ def image_tally(
         entry.update({name: [int(v) for v in count[name]] for name in COUNT_NAMES})  # type: ignore[index]
         entry["energy"] = [[float(v) for v in layer] for layer in share]
         if "confusion" in count:  # type: ignore[operator]
-            entry["confusion"] = np.asarray(count["confusion"]).astype(int).tolist()  # type: ignore[index]
+            entry["confusion"] = sparse_pairs(np.asarray(count["confusion"]))  # type: ignore[index]
         checkpoints[label] = entry
     return {"index": int(index), "pixels": int(pixels), "checkpoints": checkpoints}
+
+
+def sparse_pairs(matrix: np.ndarray) -> list[list[int]]:
+    """The non-zero cells of a confusion matrix ``[n, n]`` as ``[t, p, pixels]`` rows (a tally
+    stays small for data with many classes: few pairs occur on one image)."""
+    return [[int(t), int(q), int(matrix[t, q])] for t, q in np.argwhere(matrix)]
+
+
+def confusion_matrix(entry: dict[str, Any], num_labels: int) -> np.ndarray | None:
+    """An entry's confusion counts as a dense ``[n, n]`` int64 matrix (``None`` without)."""
+    if "confusion" not in entry:
+        return None
+    matrix = np.zeros((num_labels, num_labels), np.int64)
+    for t, q, pixels in entry["confusion"]:
+        matrix[t, q] = pixels
+    return matrix
 
 
 def sound(tallies: Sequence[dict[str, Any]], label: str) -> list[dict[str, Any]]:

@@ -488,7 +488,10 @@ class _MistakeTarget(GTRegion):
         if masks.ndim == n + 1:  # labels: the ones that name a class count
             labels = FC.resize_labels(masks.to(truth.device), size)
             classes = 2 if readout.kind == "binary" else logits.shape[1]
-            valid = ((labels >= 0) & (labels < classes)).unsqueeze(1)
+            valid = (labels >= 0) & (labels < classes)
+            if readout.ignore_index is not None:  # an ignore label inside 0..K-1 too
+                valid &= labels != readout.ignore_index
+            valid = valid.unsqueeze(1)
         else:
             valid = torch.ones_like(truth[:, :1])
         return truth, predicted, valid
