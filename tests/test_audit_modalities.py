@@ -56,9 +56,13 @@ def test_the_audits_shares_are_the_attribution_of_the_same_inputs(trained, tmp_p
         assert entry["mean_share"] == pytest.approx(expected, abs=1e-6)
         occluded = result.occlusion[held, k].double().mean(0).tolist()
         assert entry["occlusion_mean_share"] == pytest.approx(occluded, abs=1e-6)
-        first = result.shares[held, k].argmax(-1)
-        assert entry["ranked_first"][1] == pytest.approx(float((first == 1).double().mean()))
-        assert math.isclose(sum(entry["ranked_first"]), 1.0)
+        shares = result.shares[held, k]
+        some = shares.sum(-1) > 0  # images without positive evidence rank no group first
+        assert entry["images_without_evidence"] == int((~some).sum())
+        if some.any():
+            first = shares[some].argmax(-1)
+            assert entry["ranked_first"][1] == pytest.approx(float((first == 1).double().mean()))
+            assert math.isclose(sum(entry["ranked_first"]), 1.0)
     columns, rows = read_csv(out / "modalities.csv")
     assert columns == MODALITY_COLUMNS
     assert len(rows) == len(classes) * 2
@@ -82,3 +86,16 @@ def test_modality_options_are_checked_before_writing(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err, err
         assert not out.exists()
+
+
+def test_an_image_without_positive_evidence_ranks_no_group_first():
+    from segcam_lightning.audit.modalities import _class_summary
+
+    class Plan:
+        classes, class_names = [0], ["a"]
+
+    shares = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    summary = _class_summary(Plan(), 0, torch.ones(4, dtype=torch.bool), shares, shares)
+    assert summary["mean_share"] == [0.0, 0.25]
+    assert summary["ranked_first"] == [0.0, 1.0] and summary["images_without_evidence"] == 3
+    assert summary["agreement"] == 1.0  # over the one image both checks rank

@@ -526,7 +526,9 @@ def _modalities_section(plan: AuditPlan, summary: dict[str, Any]) -> str:
 
 
 def _modality_row(c: dict[str, Any], groups: int) -> str:
-    cells = [f"<td class='c'>{_e(c['class_name'])}</td><td>{c['images']}</td>"]
+    none = c.get("images_without_evidence") or 0
+    shown = f"{c['images']}" + (f" ({none} without evidence)" if none else "")
+    cells = [f"<td class='c'>{_e(c['class_name'])}</td><td>{shown}</td>"]
     for g in range(groups):
         share, occluded = c["mean_share"][g], c["occlusion_mean_share"][g]
         if c["images"] == 0:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,8 @@ if TYPE_CHECKING:
     from segcam_lightning.audit.plan import AuditPlan
 
 #: Columns of ``modalities.csv``: ``mean_share`` (integrated gradients × input), ``ranked_first``
-#: (share of the class's images where the group carries the most), ``occlusion_mean_share``.
+#: (share of the class's images where the group carries the most, among the images with some
+#: positive evidence; ``images_without_evidence`` have none), ``occlusion_mean_share``.
 MODALITY_COLUMNS = (
     "checkpoint",
     "class",
@@ -45,6 +47,7 @@ MODALITY_COLUMNS = (
     "group",
     "channels",
     "images",
+    "images_without_evidence",
     "mean_share",
     "ranked_first",
     "occlusion_mean_share",
@@ -120,6 +123,7 @@ class Modalities:
                             "group": group,
                             "channels": " ".join(map(str, self.channels[g])),
                             "images": c["images"],
+                            "images_without_evidence": c["images_without_evidence"],
                             "mean_share": c["mean_share"][g],
                             "ranked_first": c["ranked_first"][g],
                             "occlusion_mean_share": c["occlusion_mean_share"][g],
@@ -137,6 +141,13 @@ def check_modalities(plan: AuditPlan, modalities: dict[str, list[int]] | str) ->
         UsageError: naming the network's input channels.
     """
     if modalities == EACH_CHANNEL:
+        channels = {model.loaded.in_channels for model in plan.models}
+        if len(channels) > 1:
+            raise UsageError(
+                "--modalities channels makes one group per input channel, but the checkpoints "
+                f"take {sorted(channels)} channels; audit them one at a time, or name the "
+                "groups (--modalities '{\"name\": [0], ...}') for the channels all of them take."
+            )
         return
     for model in plan.models:
         channels = model.loaded.in_channels
@@ -201,6 +212,7 @@ def _class_summary(
             "class": class_idx,
             "class_name": plan.class_names[class_idx],
             "images": 0,
+            "images_without_evidence": 0,
             "mean_share": nan,
             "ranked_first": nan,
             "occlusion_mean_share": nan,
@@ -208,20 +220,28 @@ def _class_summary(
             "agreement": float("nan"),
         }
     s, o = shares.cpu()[held].double(), occluded.cpu()[held].double()
+    # An image without positive evidence (shares all 0: the class's score is lower than at the
+    # baseline) ranks no group first.
+    some, o_some = s.sum(-1) > 0, o.sum(-1) > 0
     first, o_first = s.argmax(-1), o.argmax(-1)
+    both = some & o_some
     return {
         "class": class_idx,
         "class_name": plan.class_names[class_idx],
         "images": int(held.sum()),
+        "images_without_evidence": int((~some).sum()),
         "mean_share": s.mean(0).tolist(),
-        "ranked_first": _counts(first, groups),
+        "ranked_first": _counts(first[some], groups),
         "occlusion_mean_share": o.mean(0).tolist(),
-        "occlusion_ranked_first": _counts(o_first, groups),
-        "agreement": float((first == o_first).double().mean()),
+        "occlusion_ranked_first": _counts(o_first[o_some], groups),
+        "agreement": float((first == o_first)[both].double().mean()) if both.any() else math.nan,
     }
 
 
 def _counts(first: Tensor, groups: int) -> list[float]:
+    """How often each group ranks first, as shares of the images that rank one (NaN: none)."""
+    if not len(first):
+        return [math.nan] * groups
     return (torch.bincount(first, minlength=groups).double() / len(first)).tolist()
 
 
