@@ -89,3 +89,30 @@ def test_lightning_cli_fills_the_window_as_a_nested_mapping():
     )
     probe = parser.instantiate_classes(config).probe
     assert probe.window == SlidingWindow(roi_size=(16, 16, 8), mode="gaussian")
+
+
+def test_the_missed_pixel_maps_use_the_same_windows(tmp_path, monkeypatch):
+    """errors=True with a window: the errors grids' maps are the missed-pixel target's
+    sliding_window_cams on the probe, not a whole-volume pass."""
+    from segcam_lightning.cam.targets import FalseNegatives
+
+    drawn = []
+    draw_grids = gradcam.draw_grids
+
+    def keep(trainer, spec, shown, masks, preds, cams, labels):
+        drawn.append((labels.layers, cams.clone()))
+        return draw_grids(trainer, spec, shown, masks, preds, cams, labels)
+
+    monkeypatch.setattr(gradcam, "draw_grids", keep)
+    window = SlidingWindow(roi_size=16, overlap=0.5)
+    probe = ProbeSpec(num_images=2, window=window)
+    callback = GradCAMCallback(layers=[LAYER], probe=probe, strict=True, errors=True)
+    data, module = volumes_run()
+    fit(tmp_path, module, data, callback)
+    (layers, missed) = drawn[-1]
+    assert layers == [("errors", LAYER)]
+    engine = CAMEngine(module.net, [LAYER], target=FalseNegatives(contrastive=True))
+    images, masks = callback.probe.images, callback.probe.masks
+    expected = sliding_window_cams(engine, images, 16, overlap=0.5, masks=masks).cams
+    torch.testing.assert_close(missed, expected, atol=1e-5, rtol=0)
+    assert expected.amax() == 1  # some class is missed somewhere: maps to compare

@@ -357,7 +357,9 @@ class GradCAMCallback(Callback):
         with trainer.precision_plugin.forward_context():
             window = self.probe_spec.window  # sliding windows, or the whole images
             result = explain(self._engine, window, local, self._channels, local_masks)
-            missed = self._missed(local, self._channels, local_masks) if self._missed else None
+            missed = None
+            if self._missed is not None:  # the same windows as the class maps
+                missed = explain(self._missed, window, local, self._channels, local_masks)
         if not self._finite_logits(trainer, result.logits):
             return
         preds = FC.resize_labels(self._read.predicted(result.logits.float()), images.shape[2:])
