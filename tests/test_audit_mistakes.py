@@ -221,3 +221,17 @@ def test_pixels_of_no_class_are_no_mistake():
     logits[:, 1] = 1.0
     region = FalsePositives().region(logits, masks, Readout("multiclass", ignore_index=255))
     assert int(region[0, 1].sum()) == 8
+
+
+def test_a_method_that_ignores_the_target_is_refused(trained, tmp_path, capsys):
+    """Eigen-CAM gives every target the same map: its false-positive and false-negative maps
+    would be one map. Refused before writing, in the audit and in the callback."""
+    from segcam_lightning.callbacks import GradCAMCallback
+
+    out = tmp_path / "eigen"
+    assert explain(*_args(trained, "--method", "eigencam"), out=out) == 2
+    assert "gives every target the same map" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="gives every target the same map"):
+        GradCAMCallback(method="eigencam", errors=True)
+    GradCAMCallback(method="eigencam")  # without errors=True it is fine

@@ -41,7 +41,7 @@ from torch import Tensor
 from segcam_lightning.audit.mistakes import Mistakes, describe_mistakes, explain_mistakes
 from segcam_lightning.audit.modalities import Modalities, attribute_modalities, check_modalities
 from segcam_lightning.audit.settings import PROG, CheckSettings
-from segcam_lightning.cam.methods import METHOD_NAMES
+from segcam_lightning.cam.methods import METHOD_NAMES, get_method
 from segcam_lightning.errors import UsageError
 from segcam_lightning.quality import (
     DELETION_THRESHOLD,
@@ -220,16 +220,7 @@ def check_quality_options(
             "quality checks are not run on volumes here. Drop "
             f"{given} to audit the volumes."
         )
-    if checks.objects_alone and masks is None:
-        raise UsageError(
-            "--objects-alone shows each class's ground-truth objects alone, but the data has no "
-            "masks. Drop --objects-alone, or pass --data with a masks/ folder."
-        )
-    if checks.explain_errors and masks is None:
-        raise UsageError(
-            "--explain-errors explains where the prediction and the ground truth disagree, but "
-            "the data has no masks. Drop --explain-errors, or pass --data with a masks/ folder."
-        )
+    _check_needs(plan, checks, masks is not None)
     for model in plan.models:
         x = model.prepare_input(blank.to(plan.model_device))
         layers = list(model.engine.layer_names)
@@ -264,6 +255,26 @@ def check_quality_options(
                 f"{given} cannot run on {model.loaded.path}: a dry run on one blank image failed "
                 f"({_first_sentence(error)}), so nothing was written. Drop {given}{advice}."
             ) from None
+
+
+def _check_needs(plan: AuditPlan, checks: CheckSettings, has_masks: bool) -> None:
+    """Refuse a check without what it needs: masks, a method that reads the target."""
+    if checks.objects_alone and not has_masks:
+        raise UsageError(
+            "--objects-alone shows each class's ground-truth objects alone, but the data has no "
+            "masks. Drop --objects-alone, or pass --data with a masks/ folder."
+        )
+    if checks.explain_errors and not get_method(plan.explanation.method).reads_target:
+        raise UsageError(
+            f"--explain-errors explains the mistakes with error-region targets, but --method "
+            f"{plan.explanation.method} gives every target the same map; pick a method that "
+            "reads the target (e.g. --method gradcam or layercam)."
+        )
+    if checks.explain_errors and not has_masks:
+        raise UsageError(
+            "--explain-errors explains where the prediction and the ground truth disagree, but "
+            "the data has no masks. Drop --explain-errors, or pass --data with a masks/ folder."
+        )
 
 
 def _first_sentence(error: BaseException) -> str:

@@ -177,7 +177,12 @@ class GradCAMCallback(Callback):
         super().__init__()
         _refuse_moved(moved)
         self.layers, self.reshape = _checked_layers(layers)
-        get_method(method)  # the engine's own checks, with its list of names
+        if errors and not get_method(method).reads_target:  # also the engine's own checks
+            raise ValueError(
+                f"GradCAMCallback(errors=True) explains the mistakes with error-region targets, "
+                f"but method {method!r} gives every target the same map; pick a method that "
+                "reads the target (e.g. 'gradcam' or 'layercam')."
+            )
         get_target(target)
         _check_arguments(classes, probe, display, readout, every_n_epochs)
         output_adapter = resolve_adapter("GradCAMCallback", output_adapter)

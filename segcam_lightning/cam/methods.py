@@ -75,11 +75,14 @@ class _CAM:
         needs_gradients: gradient methods get ``(activations, gradients)`` per class; the others
             get ``(activations, rerun)`` once.
         guided: also compute guided backpropagation (see :class:`GuidedGradCAM`).
+        reads_target: the map depends on the target's score (Eigen-CAM's does not: every
+            target gives it the same map).
     """
 
     name: ClassVar[str] = "cam"
     needs_gradients: ClassVar[bool] = True
     guided: ClassVar[bool] = False
+    reads_target: ClassVar[bool] = True
 
     #: Weights are per element ``[..., C, *s]`` rather than per channel ``[..., C]``.
     elementwise: ClassVar[bool] = False
@@ -340,6 +343,7 @@ class EigenCAM(_CAM):
 
     name = "eigencam"
     needs_gradients = False
+    reads_target = False
 
     def __call__(self, activations: Tensor, rerun: Rerun) -> Tensor:
         """Maps ``[B, K_sel, *s]`` (the same for every class) from ``[B, C, *s]``."""
