@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from segcam_lightning.audit import tallies as tally
 from segcam_lightning.audit.checks import (
     FAITHFULNESS_COLUMNS,
@@ -42,7 +44,7 @@ from segcam_lightning.audit.settings import (
     Stop,
     jsonable,
 )
-from segcam_lightning.audit.writer import LocalResult
+from segcam_lightning.audit.writer import LocalResult, nifti_bytes
 from segcam_lightning.quality.functional import shortcut_suspects
 
 if TYPE_CHECKING:
@@ -510,4 +512,6 @@ def _outputs(plan: AuditPlan) -> dict[str, str]:
     if plan.volumes:
         several = len(plan.layout.models) > 1
         outputs["cams"] = ("<checkpoint>/" if several else "") + "cams/<name>.npy"
+        if nifti_bytes(np.zeros((1, 1, 1, 1, 1), np.float32)) is not None:
+            outputs["cams_nifti"] = ("<checkpoint>/" if several else "") + "cams/<name>.nii.gz"
     return outputs
