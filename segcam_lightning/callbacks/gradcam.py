@@ -177,7 +177,7 @@ class GradCAMCallback(Callback):
         super().__init__()
         _refuse_moved(moved)
         self.layers, self.reshape = _checked_layers(layers)
-        if errors and not get_method(method).reads_target:  # also the engine's own checks
+        if not get_method(method).reads_target and errors:  # the engine's checks first
             raise ValueError(
                 f"GradCAMCallback(errors=True) explains the mistakes with error-region targets, "
                 f"but method {method!r} gives every target the same map; pick a method that "
