@@ -27,7 +27,33 @@ SYNTHETIC = "synthetic"
 SYNTHETIC3D = "synthetic3d"
 
 
-class SegmentationDataModule(L.LightningDataModule):
+class SplitLoaders(L.LightningDataModule):
+    """A data module whose ``setup`` fills ``self.datasets`` (``"train"``, ``"val"``,
+    ``"test"``) and whose hyperparameters hold ``batch_size`` and ``num_workers``: the
+    loaders, the training one shuffled."""
+
+    datasets: dict[str, Dataset]
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+class SegmentationDataModule(SplitLoaders):
     """Train/val/test/predict loaders over synthetic data or a folder of images and masks.
 
     Args:
@@ -192,24 +218,6 @@ class SegmentationDataModule(L.LightningDataModule):
         if skipped:
             rank_zero_warn(skipped_message(skipped, n, Path(hp.data)))
         self.datasets = datasets
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test")

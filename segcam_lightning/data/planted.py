@@ -24,11 +24,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
+from segcam_lightning.data.datamodule import SplitLoaders
 from segcam_lightning.data.synthetic import SPLIT_OFFSETS, GeneratedDataset, Transform
 from segcam_lightning.data.transforms import RandomFlip
 from segcam_lightning.text import require_int
@@ -240,7 +239,7 @@ def _grid(size: int, dims: int) -> np.ndarray:
     return grid
 
 
-class PlantedDataModule(L.LightningDataModule):
+class PlantedDataModule(SplitLoaders):
     """Train/val/test loaders of the planted data (images or volumes).
 
     Args:
@@ -290,21 +289,3 @@ class PlantedDataModule(L.LightningDataModule):
             )
             for split, count in counts.items()
         }
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
