@@ -286,10 +286,12 @@ class _Explainer:
         for first in range(0, len(wanted), self.batch_size):
             indices = wanted[first : first + self.batch_size]
             batch = _read(self.plan, self.model, indices)
-            maps = {
-                kind: engine(batch.x, classes=self.plan.classes, masks=batch.masks).cams
+            results = {
+                kind: engine(batch.x, classes=self.plan.classes, masks=batch.masks)
                 for kind, engine in self.engines.items()
             }
+            batch.read_prediction(self.plan, results["false_positive"].logits)
+            maps = {kind: result.cams for kind, result in results.items()}
             regions = self._regions(batch)
             for b, index in enumerate(indices):
                 for k, shown in chosen.items():
@@ -343,7 +345,9 @@ class _Explainer:
         )
         batch = _read(self.plan, self.model, [index])
         engine = self._engine(Confusion(true_class=t, contrastive=True))
-        cams = engine(batch.x, classes=[p], masks=batch.masks).cams[0]
+        result = engine(batch.x, classes=[p], masks=batch.masks)
+        batch.read_prediction(self.plan, result.logits)
+        cams = result.cams[0]
         region = ((batch.masks[0] == t) & (batch.labels[0] == p)).cpu().numpy()
         picture = _outline(batch.pictures[0], region, FN_COLOR)
         common = [picture, batch.truth_tile(self.plan, 0), batch.prediction_tile(self.plan, 0)]
@@ -430,8 +434,16 @@ class _Batch:
     x: Tensor  # [N, C, H, W] the network's input
     masks: Tensor  # [N, H, W] int64 labels
     pictures: list[np.ndarray]  # RGB uint8 [H, W, 3]
-    labels: Tensor  # [N, H, W] predicted labels (multi-label: [N, K_all, H, W] masks)
-    outputs: int  # the network's output channels
+    #: [N, H, W] predicted labels (multi-label: [N, K_all, H, W] masks), and the network's
+    #: output channels: read from an engine call's logits (:meth:`read_prediction`).
+    labels: Tensor | None = None
+    outputs: int = 0
+
+    def read_prediction(self, plan: AuditPlan, logits: Tensor) -> None:
+        """What the checkpoint predicts, at the input's resolution, from its logits."""
+        size = tuple(self.x.shape[2:])
+        self.labels = FC.resize_labels(plan.readout.predicted(logits), size)
+        self.outputs = logits.shape[1]
 
     def truth_tile(self, plan: AuditPlan, b: int) -> np.ndarray:
         return colorize_mask(self.masks[b].cpu().numpy(), plan.colormap)
@@ -442,27 +454,20 @@ class _Batch:
 
 
 def _read(plan: AuditPlan, model: AuditModel, indices: Sequence[int]) -> _Batch:
-    """The dataset's ``indices`` as the main pass read them, and the checkpoint's prediction
-    at the input's resolution."""
+    """The dataset's ``indices`` as the main pass read them."""
     samples = [plan.dataset[i] for i in indices]
     images = torch.stack([s["image"] for s in samples])  # [N, 3, H, W] uint8
     if "input" in samples[0]:  # the user's pipeline gives the network's input
         x = torch.stack([s["input"] for s in samples]).float()
     else:
         x = model.prepare_input(images.float().div(255.0))
-    x = x.to(plan.model_device)
-    with torch.no_grad():
-        logits = model.engine.output_adapter(model.net(x))
-    labels = FC.resize_labels(plan.readout.predicted(logits), tuple(x.shape[2:]))
     return _Batch(
         indices=list(indices),
         names=[s["name"] for s in samples],
         sources=[s["source"] for s in samples],
-        x=x,
+        x=x.to(plan.model_device),
         masks=torch.stack([s["mask"] for s in samples]).to(plan.model_device),
         pictures=[np.ascontiguousarray(p.permute(1, 2, 0).numpy()) for p in images],
-        labels=labels,
-        outputs=logits.shape[1],
     )
 
 
