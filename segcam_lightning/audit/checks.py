@@ -35,9 +35,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor
 
+from segcam_lightning.audit.items import read_images
 from segcam_lightning.audit.mistakes import Mistakes, describe_mistakes, explain_mistakes
 from segcam_lightning.audit.modalities import Modalities, attribute_modalities, check_modalities
 from segcam_lightning.audit.settings import PROG, CheckSettings
@@ -395,7 +395,7 @@ def run_checks(
         checks.faithfulness_images if checks.faithfulness else 0,
         checks.objects_alone_images if checks.objects_alone else 0,
     )
-    images, masks = _images(plan, indices[:wanted])
+    images, masks = read_images(plan, indices[:wanted])
     done = QualityChecks()
 
     def step(line: str) -> None:
@@ -443,24 +443,6 @@ def run_checks(
         done.mistakes = explain_mistakes(plan, tallies, per_class, batch_size, step)
         done.seconds["mistakes"] = done.mistakes.seconds
     return done
-
-
-def _images(plan: AuditPlan, indices: Sequence[int]) -> tuple[Tensor, Tensor | None]:
-    """The images ``[N, 3, H, W]`` in [0, 1] (the network's own inputs where the user's
-    pipeline gives them) and masks ``[N, H, W]`` (``None`` without ground truth) of the
-    dataset's ``indices``, read as the main pass read them."""
-    samples = [plan.dataset[i] for i in indices]
-    samples = [s for s in samples if s["ok"]]
-    if not samples:
-        size = plan.size
-        empty = torch.zeros(0, 3, *size)
-        return empty, torch.zeros(0, *size, dtype=torch.int64) if plan.dataset.has_masks else None
-    if "input" in samples[0]:  # the user's pipeline: the network's inputs as they come
-        images = torch.stack([s["input"] for s in samples]).float()
-    else:
-        images = torch.stack([s["image"] for s in samples]).float().div_(255.0)
-    masks = torch.stack([s["mask"] for s in samples]) if plan.dataset.has_masks else None
-    return images, masks
 
 
 def _shown(model: AuditModel) -> dict[str, str]:

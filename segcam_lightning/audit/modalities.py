@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from segcam_lightning.audit.items import read_images
 from segcam_lightning.cam.modalities import ModalityAttribution, channel_groups
 from segcam_lightning.errors import UsageError
 
 if TYPE_CHECKING:
-    from segcam_lightning.audit.batches import AuditModel
     from segcam_lightning.audit.plan import AuditPlan
 
 #: Columns of ``modalities.csv``: ``mean_share`` (integrated gradients × input), ``ranked_first``
@@ -183,7 +183,9 @@ def attribute_modalities(
         )
         parts = []
         for first in range(0, len(indices), batch_size):
-            x, masks = _inputs(plan, model, indices[first : first + batch_size])
+            images, masks = read_images(plan, indices[first : first + batch_size])
+            x = model.prepare_input(images.to(plan.model_device))
+            masks = masks.to(plan.model_device) if masks is not None else None
             parts.append(attribution(x, masks=masks, classes=plan.classes))
         result = parts[0]
         found.groups, found.channels = list(result.groups), [list(c) for c in result.channels]
@@ -243,19 +245,3 @@ def _counts(first: Tensor, groups: int) -> list[float]:
     if not len(first):
         return [math.nan] * groups
     return (torch.bincount(first, minlength=groups).double() / len(first)).tolist()
-
-
-def _inputs(
-    plan: AuditPlan, model: AuditModel, indices: Sequence[int]
-) -> tuple[Tensor, Tensor | None]:
-    """The network's inputs for the dataset's ``indices`` as the main pass feeds them, and the
-    masks (``None`` without)."""
-    samples = [s for s in (plan.dataset[i] for i in indices) if s["ok"]]
-    if "input" in samples[0]:  # the user's pipeline gives the network's input
-        x = torch.stack([s["input"] for s in samples]).float()
-    else:
-        pictures = torch.stack([s["image"] for s in samples])
-        x = pictures.float().div(255.0) if pictures.dtype == torch.uint8 else pictures.float()
-        x = model.prepare_input(x)
-    masks = torch.stack([s["mask"] for s in samples]) if plan.dataset.has_masks else None
-    return x.to(plan.model_device), masks.to(plan.model_device) if masks is not None else None
