@@ -7,11 +7,13 @@ reaches the user, and Ctrl-C keeps every grid of the validations before it.
 import signal
 import threading
 
+import cv2
+import numpy as np
 import pytest
 from lightning.pytorch.callbacks import Callback
 from test_callback import make_run, read_events
 
-from segcam_lightning.callbacks import GradCAMCallback, ProbeSpec
+from segcam_lightning.callbacks import GradCAMCallback, ProbeSpec, display, gradcam
 from segcam_lightning.callbacks.worker import PictureWorker
 
 
@@ -34,6 +36,42 @@ def test_the_worker_changes_no_picture(tmp_path, monkeypatch):
         runs[name] = grids(read_events(trainer))
     assert len(runs["worker"]) == 3 * 2  # 3 classes at d4, 2 validations
     assert runs["worker"] == runs["inline"]
+
+
+def test_the_grids_in_tensorboard_are_the_drawn_pixels_as_add_image_wrote_them(
+    tmp_path, monkeypatch
+):
+    # The grids are PNG-encoded by the package (render.encode_png: faster settings than
+    # TensorBoard's PIL encoder), so both must decode to the very pixels drawn.
+    drawn = {}
+    write = gradcam.write_images
+
+    def keep(trainer, images, step, tensorboard):
+        drawn.update({(("cam", *tag), step): image for tag, image in images})
+        write(trainer, images, step, tensorboard)
+
+    monkeypatch.setattr(gradcam, "write_images", keep)
+    runs = {}
+    for name in ("package", "add_image"):
+        if name == "add_image":  # the writer's own add_image, as before the change
+            monkeypatch.setattr(
+                display,
+                "add_png",
+                lambda writer, tag, image, step: writer.add_image(
+                    tag, image, global_step=step, dataformats="HWC"
+                ),
+            )
+        callback = GradCAMCallback(strict=True, probe=ProbeSpec(num_images=3))
+        trainer, model, data = make_run(tmp_path / name, [callback], max_epochs=2)
+        trainer.fit(model, datamodule=data)
+        runs[name] = grids(read_events(trainer))
+    assert runs["package"].keys() == runs["add_image"].keys() and len(runs["package"]) == 6
+    for (tag, step), png in runs["package"].items():
+        rgb = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+        before = runs["add_image"][tag, step]
+        rgb_before = cv2.imdecode(np.frombuffer(before, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+        assert np.array_equal(rgb, drawn[tuple(tag.split("/")), step])
+        assert np.array_equal(rgb, rgb_before)  # the same grids in both runs
 
 
 def test_a_failure_in_the_worker_reaches_the_user(tmp_path, monkeypatch):
