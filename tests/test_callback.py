@@ -258,6 +258,53 @@ def test_the_monitor_shares_the_probe_and_runs_the_objects_alone_test(tmp_path, 
         ShortcutMonitor(maps="d4")
 
 
+def test_the_objects_alone_test_reads_the_cam_steps_logits_and_skips_the_background(
+    tmp_path, monkeypatch
+):
+    """With a GradCAMCallback on the same probe, before or after it in the list, the test takes
+    the CAM step's logits of the untouched images instead of a forward pass of its own, and
+    runs no pass for the background (soil: most of every image), whose share it never logs:
+    the shares are those of the monitor alone. When the CAM step fails, the test runs anyway."""
+    from segcam_lightning.callbacks import shortcut
+
+    untouched, tested = [], []
+    eager, alone = shortcut.eager_logits, shortcut.objects_alone
+
+    def counted_eager(*args, **kwargs):
+        untouched.append(1)
+        return eager(*args, **kwargs)
+
+    def recorded_alone(model, images, masks, classes, **kwargs):
+        tested.append(list(classes))
+        return alone(model, images, masks, classes, **kwargs)
+
+    monkeypatch.setattr(shortcut, "eager_logits", counted_eager)
+    monkeypatch.setattr(shortcut, "objects_alone", recorded_alone)
+    kept, passes = {}, {}
+    for name in ("alone", "before", "after", "failing"):
+        untouched.clear()
+        monitor = ShortcutMonitor(probe=ProbeSpec(num_images=4))
+        callback = GradCAMCallback(layers=[LAYERS[0]], probe=ProbeSpec(num_images=4))
+        callbacks = {"alone": [monitor], "after": [callback, monitor]}.get(name)
+        if name == "failing":
+            monkeypatch.setattr(GradCAMCallback, "log_cams", lambda *a: 1 / 0)
+        trainer, model, data = make_run(tmp_path / name, callbacks or [monitor, callback])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the failing step's warning
+            trainer.fit(model, datamodule=data)
+        kept[name], passes[name] = monitor.last_kept, len(untouched)
+        logged = {t for t in read_events(trainer).Tags()["scalars"] if "cam_context/" in t}
+        assert "cam_context/soil/kept_alone" not in logged
+    # One pass at setup (reading the model), then one per validation when alone.
+    assert passes == {"alone": 3, "before": 1, "after": 1, "failing": 3}
+    soil = CLASSES.index("soil")
+    assert tested and all(soil not in classes for classes in tested)
+    assert kept["alone"][:, soil].isnan().all() and not kept["alone"].isnan().all()
+    for name in ("before", "after", "failing"):
+        assert torch.equal(kept[name].isnan(), kept["alone"].isnan())
+        assert torch.equal(kept[name].nan_to_num(-1), kept["alone"].nan_to_num(-1))
+
+
 def test_a_callback_without_monitor_says_how_to_add_one(tmp_path, caplog):
     callback = GradCAMCallback(layers=[LAYERS[0]], strict=True, probe=ProbeSpec(num_images=2))
     trainer, model, data = make_run(tmp_path, [callback], max_epochs=2)

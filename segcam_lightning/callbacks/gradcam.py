@@ -325,8 +325,13 @@ class GradCAMCallback(Callback):
     # ------------------------------------------------------------------ each validation end
 
     @override
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._runs(trainer) and self.probe is not None:
+            share_of(trainer).step_coming(self.probe)  # a ShortcutMonitor may wait for it
+
+    @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.loggers or not self._due(trainer):
+        if not self._runs(trainer):
             return
         try:
             self.log_cams(trainer, pl_module)
@@ -334,6 +339,13 @@ class GradCAMCallback(Callback):
             if self.strict:
                 raise
             self._report_failure(trainer)
+        finally:
+            if self.probe is not None:
+                share_of(trainer).step_done(self.probe)
+
+    def _runs(self, trainer: L.Trainer) -> bool:
+        """Whether this validation ends with a CAM step."""
+        return not trainer.sanity_checking and bool(trainer.loggers) and self._due(trainer)
 
     def _report_failure(self, trainer: L.Trainer) -> None:
         """Warn once per run about a failed CAM step (the exception being handled)."""
@@ -367,6 +379,8 @@ class GradCAMCallback(Callback):
                 missed = explain(self._missed, window, local, self._channels, local_masks)
         if not self._finite_logits(trainer, result.logits):
             return
+        if window is None:  # the whole images' logits: the objects-alone test's first pass
+            share_of(trainer).probe_logits[id(self.probe)] = (self.output_adapter, result.logits)
         preds = FC.resize_labels(self._read.predicted(result.logits.float()), images.shape[2:])
         cams = gather(trainer, result.cams, len(images)).cpu()
         preds = gather(trainer, preds, len(images)).cpu()

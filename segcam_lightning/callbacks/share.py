@@ -82,6 +82,14 @@ class Share:
     tags: dict[Any, tuple[str | None, list[str], str]] = field(default_factory=dict)
     readings: dict[Any, ModelReading] = field(default_factory=dict)
     context_owner: Any = None
+    #: This validation's logits of a probe (by the probe's ``id``) from a GradCAMCallback's
+    #: CAM step: ``(output_adapter, this process's logits)``, which the objects-alone test
+    #: reads instead of a forward pass of its own.
+    probe_logits: dict[int, tuple[Any, Tensor]] = field(default_factory=dict)
+    #: Probes (by ``id``) whose CAM step of this validation is still to come, and the work
+    #: waiting for it (run by :meth:`step_done`).
+    pending: set[int] = field(default_factory=set)
+    waiting: dict[int, list[Callable[[], None]]] = field(default_factory=dict)
 
     def register_tags(self, owner: Any, tag: str | None, layers: list[str], what: str) -> None:
         """Record the layers ``owner`` (``what``: its method and target) logs under ``tag``;
@@ -101,6 +109,27 @@ class Share:
         """Hand a CAM step to every listener."""
         for listener in list(self.listeners.values()):
             listener(trainer, step)
+
+    def step_coming(self, probe: Any) -> None:
+        """A CAM step on ``probe`` will run at the end of this validation: its logits are not
+        read yet (called at the validation's start)."""
+        self.probe_logits.pop(id(probe), None)
+        self.pending.add(id(probe))
+
+    def after_step(self, probe: Any, work: Callable[[], None]) -> bool:
+        """Run ``work`` once this validation's CAM step on ``probe`` is done, when one is still
+        to come (``True``); ``False``: none is, run it now."""
+        if id(probe) not in self.pending:
+            return False
+        self.waiting.setdefault(id(probe), []).append(work)
+        return True
+
+    def step_done(self, probe: Any) -> None:
+        """The CAM step on ``probe`` is over (its logits in :attr:`probe_logits`, unless it
+        failed): run the work waiting for it."""
+        self.pending.discard(id(probe))
+        for work in self.waiting.pop(id(probe), []):
+            work()
 
     def reading(self) -> ModelReading | None:
         """The first registered GradCAMCallback's model reading, if any."""

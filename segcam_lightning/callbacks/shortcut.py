@@ -41,7 +41,7 @@ from segcam_lightning.cam.functional import class_regions
 from segcam_lightning.errors import ConfigurationError
 from segcam_lightning.metrics import cam_energy_inside, ground_truth_regions
 from segcam_lightning.networks import class_names_of, network_of
-from segcam_lightning.quality.context import eager_logits, objects_alone
+from segcam_lightning.quality.context import eager_logits, objects_alone, scored_classes
 from segcam_lightning.quality.functional import (
     context_suspects,
     judged_classes,
@@ -63,9 +63,10 @@ class ShortcutMonitor(Callback):
             explain, a list of layer names for those only, ``False`` not at all.
         objects_alone: run the objects-alone test at the end of validation and log
             ``cam_context/<class>/kept_alone``, the share of a class's segmented probe pixels
-            its objects keep alone. Costs one probe forward pass per class the probe holds;
-            a background (half of the counted images' area, or more) is neither logged nor
-            judged.
+            its objects keep alone. Costs one probe forward pass per class logged (a
+            background, half of its counted images' area or more, is neither logged nor
+            judged nor run), and one of the untouched images unless a GradCAMCallback on the
+            same probe computed its logits in the same validation.
         warn: warn about suspects; ``False`` still logs the objects-alone scalars.
         energy: a class is a map suspect below this share of its maps inside its ground truth...
         iou: ...while its IoU on the probe is at least this (both watches)...
@@ -199,8 +200,19 @@ class ShortcutMonitor(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._test is None or trainer.sanity_checking or not self._due(trainer):
             return
+        test = self._test
+        # A GradCAMCallback's CAM step on the same probe, still to come in this hook, runs
+        # the forward pass on the untouched images the test starts with: wait for it.
+        if not share_of(trainer).after_step(
+            test.probe, lambda: self._test_now(trainer, pl_module, test)
+        ):
+            self._test_now(trainer, pl_module, test)
+
+    def _test_now(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, test: _ObjectsAlone
+    ) -> None:
         try:
-            self.test_objects_alone(trainer, pl_module, self._test)
+            self.test_objects_alone(trainer, pl_module, test)
         except Exception:
             if self.strict:
                 raise
@@ -384,7 +396,12 @@ class _ObjectsAlone:
         self, trainer: L.Trainer, pl_module: L.LightningModule
     ) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
         """Each tested class's share kept alone ``[N, K]`` over the probe, with the statistics
-        the rule reads (counted ``[N, K]``, IoU ``[K]``, area ``[N, K]``), on every rank."""
+        the rule reads (counted ``[N, K]``, IoU ``[K]``, area ``[N, K]``), on every rank.
+
+        The untouched images' logits are this validation's CAM step's when a GradCAMCallback
+        computed them on this probe with the same output adapter. A class the rule leaves out
+        whatever it keeps (a background: half of its counted images' area or more; or counted
+        nowhere) gets no forward pass: its shares are NaN."""
         probe, masks = self.probe, self.probe.masks
         assert masks is not None
         empty = torch.zeros(0)
@@ -393,25 +410,35 @@ class _ObjectsAlone:
         shard = probe.shard(trainer)
         local = trainer.precision_plugin.convert_input(probe.images[shard].to(pl_module.device))
         local_masks = masks[shard].to(pl_module.device)
+        adapter, logits = share_of(trainer).probe_logits.get(id(probe), (None, None))
         with trainer.precision_plugin.forward_context():
-            logits = eager_logits(self.network, local, self.adapter, len(local))
-            kept = objects_alone(
-                self.network,
-                local,
-                local_masks,
-                self.channels,
-                readout=self.readout,
-                output_adapter=self.adapter,
-                batch_size=len(local),
-                logits=logits,
-                lockstep=trainer.world_size > 1,
+            if logits is None or adapter is not self.adapter:
+                logits = eager_logits(self.network, local, self.adapter, len(local))
+            scored = scored_classes(local_masks, logits, self.channels, self.readout)
+            scored = gather(trainer, scored, len(probe)).cpu()
+            preds = FC.resize_labels(self.readout.predicted(logits.float()), probe.images.shape[2:])
+            preds = gather(trainer, preds, len(probe)).cpu()
+            counted, iou, area = _statistics(
+                masks, preds, self.channels, self.readout, self.num_outputs
             )
-        preds = FC.resize_labels(self.readout.predicted(logits.float()), probe.images.shape[2:])
-        preds = gather(trainer, preds, len(probe)).cpu()
+            # What the monitor logs and judges: counted classes that are no background.
+            _, _, shown = judged_classes(area, counted & scored, area, min_images=1)
+            tested = [c for c, s in zip(self.channels, shown.tolist(), strict=True) if s]
+            kept = torch.full((len(local), len(self.channels)), float("nan"), device=logits.device)
+            if tested:
+                columns = [self.channels.index(c) for c in tested]
+                kept[:, columns] = objects_alone(
+                    self.network,
+                    local,
+                    local_masks,
+                    tested,
+                    readout=self.readout,
+                    output_adapter=self.adapter,
+                    batch_size=len(local),
+                    logits=logits,
+                    lockstep=trainer.world_size > 1,
+                )
         kept = gather(trainer, kept, len(probe)).cpu()
-        counted, iou, area = _statistics(
-            masks, preds, self.channels, self.readout, self.num_outputs
-        )
         return kept, counted, iou, area
 
 

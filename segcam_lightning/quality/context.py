@@ -30,7 +30,7 @@ from segcam_lightning.cam.readout import Readout
 from segcam_lightning.networks import example_logits
 from segcam_lightning.quality import functional as QF
 
-__all__ = ["ObjectsAloneRow", "objects_alone", "objects_alone_report"]
+__all__ = ["ObjectsAloneRow", "objects_alone", "objects_alone_report", "scored_classes"]
 
 
 def objects_alone(
@@ -227,6 +227,19 @@ def _objects_alone(
         share = QF.kept_share(before[index, k], after[:, k].flatten(1))
         kept[index, k] = torch.where(counted[index], share, float("nan"))
     return kept, regions
+
+
+def scored_classes(
+    masks: Tensor, logits: Tensor, classes: Sequence[int], readout: Readout | None = None
+) -> Tensor:
+    """bool ``[N, len(classes)]``: where :func:`objects_alone` scores each class (its ground
+    truth and the prediction from ``logits`` share a pixel); elsewhere its share is NaN."""
+    read = (readout or Readout()).resolved(logits.shape[1])
+    spatial = logits.ndim - 2
+    regions = _Regions(
+        masks, logits.float(), list(classes), read.kind, read.threshold, read.ignore_index, spatial
+    )
+    return (regions.truth & regions.predicted_before).flatten(2).any(-1)
 
 
 class _Regions:
