@@ -6,7 +6,7 @@ alternating the order over ``--repeats`` rounds, and prints the wall-time ratio 
 without) of each round and the median. Each fit starts from the same seed, so both do the same
 training work. It also times the callbacks' work on the training thread (every ``log_cams``
 call: CAMs, gather, scalars, the map watch, drawing the grids; every
-monitor's validation end: the objects-alone test) and prints it as a share of that fit: a
+objects-alone test of the monitor) and prints it as a share of that fit: a
 figure that does not move with the machine's run-to-run noise, which on a shared VM can exceed
 the callbacks' cost. The picture worker's time (encoding and writing the grids, beside training)
 is printed too.
@@ -21,6 +21,7 @@ import argparse
 import platform
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,8 +58,9 @@ def fit_seconds(
     for callback in cli.trainer.callbacks:
         if type(callback).__name__ == "GradCAMCallback":
             callback.log_cams = _timed(callback.log_cams, inside)
-        if type(callback).__name__ == "ShortcutMonitor":  # the objects-alone test
-            callback.on_validation_epoch_end = _timed(callback.on_validation_epoch_end, inside)
+        if type(callback).__name__ == "ShortcutMonitor":  # the objects-alone test, which
+            # runs in its own hook or, waiting for a GradCAMCallback's logits, in that one's
+            callback.test_objects_alone = _timed(callback.test_objects_alone, inside)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - start
@@ -66,14 +68,24 @@ def fit_seconds(
 
 
 def _timed(method, total: list[float]):
+    """``method``, adding its seconds to ``total`` unless another timed call encloses it (the
+    objects-alone test may run inside ``log_cams``, waiting for its logits)."""
+
     def timed(*args, **kwargs):
+        if getattr(_running, "depth", 0):
+            return method(*args, **kwargs)
+        _running.depth = 1
         start = time.perf_counter()
         try:
             return method(*args, **kwargs)
         finally:
+            _running.depth = 0
             total[0] += time.perf_counter() - start
 
     return timed
+
+
+_running = threading.local()  # whether a timed call runs on this thread
 
 
 def main() -> None:
@@ -107,7 +119,7 @@ def main() -> None:
                     )
             ratios.append(seconds[True] / seconds[False])
             print(f"round {round_}: ratio {ratios[-1]:.3f}")
-    print(f"median ratio (with / without): {statistics.median(ratios):.3f}  (goal <= 1.03)")
+    print(f"median ratio (with / without): {statistics.median(ratios):.3f}  (goal <= 1.02)")
     print(
         f"median time of the callbacks on the training thread: {statistics.median(shares):.1%} "
         "of the fit (goal <= 1%)"

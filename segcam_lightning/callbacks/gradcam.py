@@ -381,6 +381,9 @@ class GradCAMCallback(Callback):
             return
         if window is None:  # the whole images' logits: the objects-alone test's first pass
             share_of(trainer).probe_logits[id(self.probe)] = (self.output_adapter, result.logits)
+        # A ShortcutMonitor's objects-alone test waiting for these logits runs now, before the
+        # pictures go to the worker: its forward passes would stall beside the encoding.
+        share_of(trainer).step_done(self.probe)
         preds = FC.resize_labels(self._read.predicted(result.logits.float()), images.shape[2:])
         cams = gather(trainer, result.cams, len(images)).cpu()
         preds = gather(trainer, preds, len(images)).cpu()
