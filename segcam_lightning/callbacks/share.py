@@ -90,6 +90,9 @@ class Share:
     #: waiting for it (run by :meth:`step_done`).
     pending: set[int] = field(default_factory=set)
     waiting: dict[int, list[Callable[[], None]]] = field(default_factory=dict)
+    #: The last exception raised by waiting work: the GradCAMCallback running it lets it pass,
+    #: strict or not (it is not its failure).
+    waiting_error: Exception | None = None
 
     def register_tags(self, owner: Any, tag: str | None, layers: list[str], what: str) -> None:
         """Record the layers ``owner`` (``what``: its method and target) logs under ``tag``;
@@ -129,7 +132,11 @@ class Share:
         failed): run the work waiting for it."""
         self.pending.discard(id(probe))
         for work in self.waiting.pop(id(probe), []):
-            work()
+            try:
+                work()
+            except Exception as error:  # the waiting callback's own (strict) failure
+                self.waiting_error = error
+                raise
 
     def reading(self) -> ModelReading | None:
         """The first registered GradCAMCallback's model reading, if any."""
