@@ -297,6 +297,21 @@ def test_the_objects_alone_test_reads_the_cam_steps_logits_and_skips_the_backgro
         assert "cam_context/soil/kept_alone" not in logged
     # One pass at setup (reading the model), then one per validation when alone.
     assert passes == {"alone": 3, "before": 1, "after": 1, "failing": 3}
+    # A CAM step every other epoch: the validations between read no earlier step's logits.
+    monkeypatch.undo()
+    monkeypatch.setattr(shortcut, "eager_logits", counted_eager)
+    for name, every in (("alone3", None), ("every_other", 2)):
+        untouched.clear()
+        monitor = ShortcutMonitor(probe=ProbeSpec(num_images=4))
+        callbacks = [monitor]
+        if every:
+            probe = ProbeSpec(num_images=4)
+            callbacks.append(GradCAMCallback([LAYERS[0]], probe=probe, every_n_epochs=every))
+        trainer, model, data = make_run(tmp_path / name, callbacks, max_epochs=3)
+        trainer.fit(model, datamodule=data)
+        kept[name], passes[name] = monitor.last_kept, len(untouched)
+    assert passes["alone3"] == 4 and passes["every_other"] == 3  # the second epoch's came
+    assert torch.equal(kept["every_other"].nan_to_num(-1), kept["alone3"].nan_to_num(-1))
     soil = CLASSES.index("soil")
     assert tested and all(soil not in classes for classes in tested)
     assert kept["alone"][:, soil].isnan().all() and not kept["alone"].isnan().all()

@@ -326,8 +326,13 @@ class GradCAMCallback(Callback):
 
     @override
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._runs(trainer) and self.probe is not None:
-            share_of(trainer).step_coming(self.probe)  # a ShortcutMonitor may wait for it
+        if self.probe is not None:  # a ShortcutMonitor may wait for this validation's step
+            share_of(trainer).validation_starts(self.probe, self._runs(trainer))
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.probe is not None:  # read by this validation's objects-alone test, if any
+            share_of(trainer).probe_logits.pop(id(self.probe), None)
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -381,15 +386,16 @@ class GradCAMCallback(Callback):
             return
         if window is None:  # the whole images' logits: the objects-alone test's first pass
             share_of(trainer).probe_logits[id(self.probe)] = (self.output_adapter, result.logits)
-        # A ShortcutMonitor's objects-alone test waiting for these logits runs now, before the
-        # pictures go to the worker: its forward passes would stall beside the encoding.
-        share_of(trainer).step_done(self.probe)
         preds = FC.resize_labels(self._read.predicted(result.logits.float()), images.shape[2:])
         cams = gather(trainer, result.cams, len(images)).cpu()
         preds = gather(trainer, preds, len(images)).cpu()
         if missed is not None:
             missed_cams = gather(trainer, missed.cams, len(images)).cpu()
         del result, missed
+        # A ShortcutMonitor's objects-alone test waiting for the logits runs now, with the maps
+        # off the device and before the pictures go to the worker (its passes would stall
+        # beside the encoding).
+        share_of(trainer).step_done(self.probe)
         self.last_cams = cams
         names = [self._names.channels[c] for c in self._channels]
         if self.log_alignment and masks is not None:
@@ -399,7 +405,15 @@ class GradCAMCallback(Callback):
             log_confusion(
                 pl_module, masks, preds, self._read, self._names.labels, self._channels, self.tag
             )
-        self._publish(trainer, cams, masks, preds, names)
+        step = (self.tag, self._layer_labels, self.method, self.target, self._channels, names)
+        step += (self._read, self._num_outputs, cams, masks, preds)
+        if not share_of(trainer).publish(trainer, CAMStep(*step)) and not self._told:
+            self._told = True  # no listener: say once how to add one
+            rank_zero_info(
+                "GradCAMCallback: no ShortcutMonitor watches these maps; add `ShortcutMonitor()` "
+                "(segcam_lightning.callbacks) to the Trainer's callbacks for the shortcut "
+                "warnings (docs/callback.md)."
+            )
         if trainer.is_global_zero:
             labels = GridLabels(
                 [self._tagged(layer) for layer in self._layer_labels],
@@ -457,40 +471,6 @@ class GradCAMCallback(Callback):
         """Keep every grid logged before the exception (Ctrl-C included): write what is queued."""
         if self._pictures is not None:
             self._pictures.close()
-
-    def _publish(
-        self,
-        trainer: L.Trainer,
-        cams: Tensor,
-        masks: Tensor | None,
-        preds: Tensor,
-        names: list[str],
-    ) -> None:
-        """Hand the step to the Trainer's listeners; say once how to add one when none is."""
-        share = share_of(trainer)
-        if not share.listeners:
-            if not self._told:
-                self._told = True
-                rank_zero_info(
-                    "GradCAMCallback: no ShortcutMonitor watches these maps; add "
-                    "`ShortcutMonitor()` (segcam_lightning.callbacks) to the Trainer's callbacks "
-                    "for the shortcut warnings (docs/callback.md)."
-                )
-            return
-        step = CAMStep(
-            self.tag,
-            self._layer_labels,
-            self.method,
-            self.target,
-            self._channels,
-            names,
-            self._read,
-            self._num_outputs,
-            cams,
-            masks,
-            preds,
-        )
-        share.publish(trainer, step)
 
     def _finite_logits(self, trainer: L.Trainer, logits: Tensor) -> bool:
         """Whether the probe's logits are finite on every rank; warns once per run when they

@@ -108,16 +108,18 @@ class Share:
                 )
         self.tags[owner] = (tag, list(layers), what)
 
-    def publish(self, trainer: Any, step: CAMStep) -> None:
-        """Hand a CAM step to every listener."""
+    def publish(self, trainer: Any, step: CAMStep) -> bool:
+        """Hand a CAM step to every listener; ``False`` when there is none."""
         for listener in list(self.listeners.values()):
             listener(trainer, step)
+        return bool(self.listeners)
 
-    def step_coming(self, probe: Any) -> None:
-        """A CAM step on ``probe`` will run at the end of this validation: its logits are not
-        read yet (called at the validation's start)."""
+    def validation_starts(self, probe: Any, step_coming: bool) -> None:
+        """Forget an earlier validation's logits of ``probe``; with ``step_coming``, a CAM step
+        on it runs at the end of this one (work may wait for it)."""
         self.probe_logits.pop(id(probe), None)
-        self.pending.add(id(probe))
+        if step_coming:
+            self.pending.add(id(probe))
 
     def after_step(self, probe: Any, work: Callable[[], None]) -> bool:
         """Run ``work`` once this validation's CAM step on ``probe`` is done, when one is still
@@ -131,6 +133,7 @@ class Share:
         """The CAM step on ``probe`` is over (its logits in :attr:`probe_logits`, unless it
         failed): run the work waiting for it."""
         self.pending.discard(id(probe))
+        self.waiting_error = None
         for work in self.waiting.pop(id(probe), []):
             try:
                 work()

@@ -129,8 +129,9 @@ class ShortcutMonitor(Callback):
         self.streak: dict[tuple[str, str, str], int] = {}
         self.warned: set[tuple[str, str, str]] = set()
         self.probe: Probe | None = None
-        #: The last objects-alone test's shares kept ``[N, K]`` (NaN: not counted) for the
-        #: classes in ``tested``, on the CPU (every rank has them).
+        #: The last objects-alone test's shares kept ``[N, K]`` for the classes in ``tested``,
+        #: on the CPU (every rank has them); NaN where not counted, and for a class not run (a
+        #: background, or a class counted in no probe image).
         self.last_kept: Tensor | None = None
         self.tested: list[int] = []
         self._test: _ObjectsAlone | None = None
