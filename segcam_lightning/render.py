@@ -157,8 +157,8 @@ def to_uint8_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
 
 #: PNG settings for pictures written at every validation (the callback's grids): zlib level 1
 #: with run-length matching after the "up" filter. On the default run's grids this encodes
-#: 5.4x faster than TensorBoard's own PNG writer (PIL at level 6) for 5 % more bytes, and, PNG
-#: being lossless, the same pixels (benchmarks/RESULTS.md, "Callback overhead").
+#: 4.3x faster than TensorBoard's own PNG writer (PIL) for 4 % more bytes, and, PNG being
+#: lossless, the same pixels (``python benchmarks/bench_encoding.py``, benchmarks/RESULTS.md).
 PNG_FAST = [
     cv2.IMWRITE_PNG_COMPRESSION,
     1,

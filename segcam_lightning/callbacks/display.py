@@ -215,7 +215,7 @@ def write_image(
 def add_png(writer: object, tag: str, image: np.ndarray, step: int) -> None:
     """What ``SummaryWriter.add_image(tag, image, step, dataformats="HWC")`` writes for an RGB
     uint8 image, encoded with :func:`~segcam_lightning.render.encode_png` (the same pixels,
-    5x faster than its PIL encoder; a writer other than PyTorch's, or another kind of image,
+    4x faster than its PIL encoder; a writer other than PyTorch's, or another kind of image,
     gets ``add_image``)."""
     rgb = image.ndim == 3 and image.shape[-1] == 3 and image.dtype == np.uint8
     if not (isinstance(writer, SummaryWriter) and rgb):
