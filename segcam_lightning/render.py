@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from functools import lru_cache
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cv2
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from segcam_lightning.data.colormap import BLOG_COLORMAP, mask_to_color
+from segcam_lightning.overlays import Painter, colormap_table, label_colors, uint8_images
 
 SEPARATOR = 10  # the blog's white gap between panel tiles, in pixels
 
@@ -183,22 +184,11 @@ def encode_png(rgb: np.ndarray) -> bytes:
     return encoded.tobytes()
 
 
-@lru_cache(maxsize=32)
-def _rgb_lut(colormap: int) -> np.ndarray:
-    """OpenCV's colour map ``colormap`` as a ``[256, 1, 3]`` RGB table for ``applyColorMap``.
-
-    ``applyColorMap`` with a built-in map id rebuilds its table on every call, which costs more
-    than colouring a 128² map with a table, so the table is built once.
-    """
-    ramp = np.arange(256, dtype=np.uint8).reshape(256, 1)
-    return np.ascontiguousarray(cv2.applyColorMap(ramp, colormap)[:, :, ::-1])
-
-
 def _apply_colormap(scaled: np.ndarray, colormap: int | np.ndarray) -> np.ndarray:
     """``cv2.applyColorMap`` in RGB; ``colormap``: a built-in id or a ``[256, 1, 3]`` BGR table."""
     if isinstance(colormap, np.ndarray):
         return cv2.cvtColor(cv2.applyColorMap(scaled, colormap), cv2.COLOR_BGR2RGB)
-    return cv2.applyColorMap(scaled, _rgb_lut(int(colormap)))
+    return cv2.applyColorMap(scaled, colormap_table(int(colormap)))
 
 
 def colorize_cam(
@@ -283,13 +273,26 @@ def blog_panels(
     heat = _apply_colormap(scaled, colormap)
     tiled = np.ascontiguousarray(np.broadcast_to(image, (n, h, w, 3))).reshape(n * h, w, 3)
     overlays = cv2.addWeighted(tiled, alpha, heat, 1.0 - alpha, 0).reshape(n, h, w, 3)
+    return panel_layout(image, overlays, binary_masks, gap), overlays
+
+
+def panel_layout(
+    image: np.ndarray,
+    overlays: np.ndarray,
+    binary_masks: np.ndarray | None = None,
+    gap: int = SEPARATOR,
+) -> np.ndarray:
+    """The blog's panels from composed overlays (:func:`blog_panels` without the blending):
+    ``image`` RGB uint8 ``[H, W, 3]``, ``overlays`` ``[N, H, W, 3]``, ``binary_masks``
+    ``[N, H, W]`` or ``None``; returns ``[N, H, W_panel, 3]``."""
+    n, h, w = overlays.shape[:3]
     tiles = 2 if binary_masks is None else 3
     panels = np.full((n, h, tiles * w + (tiles - 1) * gap, 3), 255, dtype=np.uint8)
     panels[:, :, :w] = image
     panels[:, :, w + gap : 2 * w + gap] = overlays
     if binary_masks is not None:
         panels[:, :, 2 * (w + gap) :] = (binary_masks.astype(bool) * np.uint8(255))[..., None]
-    return panels, overlays
+    return panels
 
 
 def _title_bar(text: str, width: int, height: int) -> np.ndarray:
@@ -352,31 +355,86 @@ def cam_grid(
             f"Expected one class name per CAM channel ({cams.shape[1]}), but got"
             f" {len(class_names)}: {list(class_names)}."
         )
+    tiles = grid_tiles(images, cams, colormap, masks, preds, Painter(alpha, cam_colormap))
+    return tiled_grid(tiles, class_names, colormap, gap, legend, notes, row_notes, cam_colormap)
+
+
+@dataclass(frozen=True)
+class GridTiles:
+    """The pictures of a grid's rows, RGB uint8 on the CPU: ``images`` ``[B, H, W, 3]``,
+    ``overlays`` ``[B, *M, H, W, 3]`` (one per map), ``masks`` and ``preds`` ``[B, H, W, 3]``
+    painted with the label colours, or ``None`` (column left out)."""
+
+    images: np.ndarray
+    overlays: np.ndarray
+    masks: np.ndarray | None = None
+    preds: np.ndarray | None = None
+
+    def maps(self, *at: int | slice) -> GridTiles:
+        """The same rows with the overlays ``overlays[:, *at]`` (one layer's, one class's)."""
+        return replace(self, overlays=self.overlays[(slice(None), *at)])
+
+
+def grid_tiles(
+    images: torch.Tensor,
+    cams: torch.Tensor,
+    colormap: Sequence[Sequence[int]],
+    masks: torch.Tensor | None,
+    preds: torch.Tensor | None,
+    painter: Painter,
+) -> GridTiles:
+    """A grid's pictures composed on the maps' device (:mod:`segcam_lightning.overlays`), then
+    copied to the CPU once: ``images`` ``[B, 3, H, W]`` in [0, 1], ``cams`` ``[B, *M, H, W]``
+    in [0, 1], ``masks``/``preds`` labels ``[B, H, W]`` (each with a colour in
+    ``colormap``)."""
+    device = cams.device
+    shown = uint8_images(images.to(device))
+    painted = [
+        label_colors(t.to(device), colormap) if t is not None else None for t in (masks, preds)
+    ]
+    parts = [shown, painter.overlays(shown, cams), *[p for p in painted if p is not None]]
+    host = iter([p.cpu().numpy() for p in parts])
+    return GridTiles(
+        next(host),
+        next(host),
+        *[next(host) if p is not None else None for p in painted],
+    )
+
+
+def tiled_grid(
+    tiles: GridTiles,
+    class_names: Sequence[str],
+    colormap: Sequence[Sequence[int]],
+    gap: int = 4,
+    legend: Sequence[str] | None = None,
+    notes: Sequence[Sequence[str]] | None = None,
+    row_notes: Sequence[str] | None = None,
+    cam_colormap: int = cv2.COLORMAP_JET,
+) -> np.ndarray:
+    """:func:`cam_grid` from its composed pictures (``tiles.overlays`` ``[B, K, H, W, 3]``, one
+    per class in ``class_names``): the titles, the notes, the footer and the layout, on the
+    CPU."""
     titles = ["input"]
-    if masks is not None:
+    if tiles.masks is not None:
         titles.append("ground truth")
-    if preds is not None:
+    if tiles.preds is not None:
         titles.append("prediction")
     titles += [f"CAM {name}" for name in class_names]
-    width = images.shape[-1]
+    width = tiles.images.shape[2]
     bar_height = max(16, min(32, width // 6))
     rows = [hstack_with_separators([_title_bar(t, width, bar_height) for t in titles], gap)]
-    for b in range(images.shape[0]):
-        image = to_uint8_image(images[b])
+    for b, image in enumerate(tiles.images):
         shown = image.copy() if row_notes is not None and row_notes[b] else image
         if shown is not image:
             _note(shown, row_notes[b], bar_height)  # type: ignore[index]
-        tiles = [shown]
-        if masks is not None:
-            tiles.append(colorize_mask(masks[b], colormap))
-        if preds is not None:
-            tiles.append(colorize_mask(preds[b], colormap))
-        for k in range(cams.shape[1]):
-            tile = overlay_cam(image, cams[b, k], alpha, cam_colormap)
+        row = [shown, *[t[b] for t in (tiles.masks, tiles.preds) if t is not None]]
+        for k in range(len(class_names)):
+            tile = tiles.overlays[b, k]
             if notes is not None and notes[b][k]:
+                tile = tile.copy()
                 _note(tile, notes[b][k], bar_height)
-            tiles.append(tile)
-        rows.append(hstack_with_separators(tiles, gap))
+            row.append(tile)
+        rows.append(hstack_with_separators(row, gap))
     total_width = rows[0].shape[1]
     footer = _footer(total_width, width, bar_height, colormap, legend, cam_colormap)
     spacer = np.full((gap, total_width, 3), 255, dtype=np.uint8)

@@ -90,7 +90,18 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 #: The package's layers, bottom up: a module imports its own layer's and lower layers' only.
 LAYERS = (
     ("", "cam"),  # the engine (and the package's lazy top level)
-    ("errors", "text", "paths", "metrics", "networks", "models", "losses", "data", "render"),
+    (
+        "errors",
+        "text",
+        "paths",
+        "metrics",
+        "networks",
+        "models",
+        "losses",
+        "data",
+        "render",
+        "overlays",
+    ),
     ("quality",),
     ("module", "callbacks", "loading"),
     ("cli", "audit"),

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,12 @@ from segcam_lightning.metrics import (
     ground_truth_regions,
     pointing_hits_regions,
 )
+from segcam_lightning.overlays import Painter
 
 # cv2.cvtColor(..., COLOR_RGB2GRAY)'s weights of R, G and B.
+#: The panels' overlays: the blog's ``addWeighted(image, 0.4, JET(cam), 0.6)``, composed on the
+#: maps' device (the render threads only lay the panels out and encode them).
+PAINTER = Painter(0.4, cv2.COLORMAP_JET)
 _LUMA = (0.299, 0.587, 0.114)
 
 
@@ -236,6 +241,9 @@ class ModelBatch:
     #: outputs, ``"confusion"`` ``[B, n, n]`` (:func:`confusion_counts`, ``n`` labels);
     #: ``None`` without ground truth.
     counts: dict[str, np.ndarray] | None = None
+    #: Images (not volumes): each map blended over its image as the panels show it, RGB uint8
+    #: ``[B, L, K, H, W, 3]``, composed on the maps' device (:data:`PAINTER`).
+    overlays: np.ndarray | None = None
 
 
 @dataclass
@@ -268,6 +276,7 @@ class BatchResult:
                     {k: v[rows] for k, v in m.values.items()},
                     m.finite[rows] if m.finite is not None else None,
                     {k: v[rows] for k, v in m.counts.items()} if m.counts is not None else None,
+                    m.overlays[rows] if m.overlays is not None else None,
                 )
                 for m in self.models
             ],
@@ -308,6 +317,7 @@ def explain_batch(
     if masks is not None:
         truth = ground_truth_regions(masks, list(classes), kind, spatial_dims=spatial)[0]
     results: list[ModelBatch] = []
+    shown = _display(images)
     if keep:
         x = images.to(device, non_blocking=True).float()
         if images.dtype == torch.uint8:
@@ -330,6 +340,7 @@ def explain_batch(
                 result.cams, result.raw_max, predicted, truth, reference, counts
             )
             reference = result.cams if reference is None else reference
+            overlays = PAINTER.overlays(shown, result.cams) if spatial == 2 else None
             results.append(
                 ModelBatch(
                     cams=result.cams.cpu().numpy(),
@@ -341,13 +352,14 @@ def explain_batch(
                         if truth is not None
                         else None
                     ),
+                    overlays=overlays.cpu().numpy() if overlays is not None else None,
                 )
             )
     return BatchResult(
         indices=[indices[i] for i in keep],
         names=[batch["name"][i] for i in keep],
         sources=[batch["source"][i] for i in keep],
-        images=_display(images).cpu().numpy(),
+        images=shown.cpu().numpy(),
         masks=masks.cpu().numpy() if masks is not None else None,
         models=results,
         skipped=skipped,

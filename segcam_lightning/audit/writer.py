@@ -33,6 +33,7 @@ from segcam_lightning.render import (
     VIEWS,
     blog_panels,
     colorize_mask,
+    panel_layout,
     peak_voxel,
     volume_slices,
 )
@@ -292,7 +293,8 @@ class OutputWriter:
                 pred = colorize_mask(model.preds[b], self.colormap)
                 _imwrite(written, self.layout.prediction_tile(name, m), pred)
             for layer in range(len(self.layer_names)):
-                panels, overlays = blog_panels(image, model.cams[b, layer], regions)
+                overlays = model.overlays[b, layer]  # type: ignore[index]
+                panels = panel_layout(image, overlays, regions)
                 for k, class_idx in enumerate(self.classes):
                     path = self.layout.panel(m, layer, class_idx, name)
                     _imwrite(written, path, panels[k], JPEG_PARAMS)

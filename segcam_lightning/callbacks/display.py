@@ -23,13 +23,15 @@ from torch.utils.tensorboard import SummaryWriter
 from segcam_lightning.callbacks._checks import check_callable, check_choice, check_share
 from segcam_lightning.cam import functional as FC
 from segcam_lightning.cam.functional import NORMALIZE_MODES, class_regions
+from segcam_lightning.overlays import Painter
 from segcam_lightning.paths import safe_component, safe_join
 from segcam_lightning.render import (
-    cam_grid,
     class_palette,
     data_attribute,
     display_images,
     encode_png,
+    grid_tiles,
+    tiled_grid,
     volume_grid,
 )
 
@@ -131,10 +133,14 @@ def draw_grids(
     labels: GridLabels,
 ) -> list[tuple[tuple[str, ...], np.ndarray]]:
     """One grid per layer and class, with its tag: input, ground truth, prediction and the
-    overlay, a row per probe image (three slices through the map's peak for volumes)."""
+    overlay, a row per probe image (three slices through the map's peak for volumes). Images'
+    overlays are composed on the maps' device (:func:`~segcam_lightning.render.grid_tiles`),
+    then copied to the CPU once for all layers and classes."""
     spatial, kind, k_out = shown.ndim - 2, labels.kind, labels.num_outputs
+    device = cams.device
+    masks = masks.to(device) if masks is not None else None
     truth = FC.label_map(masks, kind, spatial) if masks is not None else None
-    predicted = FC.label_map(preds, kind, spatial)
+    predicted = FC.label_map(preds.to(device), kind, spatial)
     num_labels = 2 if kind == "binary" else k_out
     palette = class_palette(getattr(trainer.datamodule, "colormap", None), num_labels)
     colormap = [*palette[:num_labels], IGNORED_COLOR]
@@ -142,22 +148,40 @@ def draw_grids(
     for label_map in (truth, predicted):
         if label_map is not None:
             label_map[(label_map < 0) | (label_map >= num_labels)] = num_labels
-    absent = ~_held(preds, labels.channels, kind, k_out, spatial)
+    absent = ~_held(preds.to(device), labels.channels, kind, k_out, spatial)
     if masks is not None:
         absent &= ~_held(masks, labels.channels, kind, k_out, spatial)
-    options = {"masks": truth, "preds": predicted, "alpha": spec.alpha, "legend": legend}
-    options["cam_colormap"] = COLORMAPS[spec.colormap.lower()]
+    cam_colormap = COLORMAPS[spec.colormap.lower()]
+    options = {"legend": legend, "cam_colormap": cam_colormap}
+    tiles = None
+    if spatial == 2:  # [B, L, K, H, W, 3] overlays: one composition, one copy
+        tiles = grid_tiles(
+            shown, cams, colormap, truth, predicted, Painter(spec.alpha, cam_colormap)
+        )
     grids = []
     for i, layer in enumerate(labels.layers):
         for k, name in enumerate(labels.names):
             notes = [["absent" if gone else ""] for gone in absent[:, k].tolist()]
-            if spatial == 3:
-                grid = volume_grid(shown, cams[:, i, k], name, colormap, notes=notes, **options)
+            if tiles is not None:
+                grid = tiled_grid(
+                    tiles.maps(i, slice(k, k + 1)), [name], colormap, notes=notes, **options
+                )
             else:
-                maps = cams[:, i, k : k + 1]
-                grid = cam_grid(shown, maps, [name], colormap, notes=notes, **options)
+                volumes = (shown, cams[:, i, k].cpu(), name, colormap)
+                grid = volume_grid(
+                    *volumes,
+                    masks=_cpu(truth),
+                    preds=_cpu(predicted),
+                    alpha=spec.alpha,
+                    notes=notes,
+                    **options,
+                )
             grids.append(((*layer, name), grid))
     return grids
+
+
+def _cpu(tensor: Tensor | None) -> Tensor | None:
+    return tensor.cpu() if tensor is not None else None
 
 
 def write_images(

@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -387,11 +388,15 @@ class GradCAMCallback(Callback):
         if window is None:  # the whole images' logits: the objects-alone test's first pass
             share_of(trainer).probe_logits[id(self.probe)] = (self.output_adapter, result.logits)
         preds = FC.resize_labels(self._read.predicted(result.logits.float()), images.shape[2:])
-        cams = gather(trainer, result.cams, len(images)).cpu()
-        preds = gather(trainer, preds, len(images)).cpu()
-        if missed is not None:
-            missed_cams = gather(trainer, missed.cams, len(images)).cpu()
+        cams = gather(trainer, result.cams, len(images))
+        preds = gather(trainer, preds, len(images))
+        missed_cams = gather(trainer, missed.cams, len(images)) if missed is not None else None
         del result, missed
+        # The grids' overlays are composed where the maps are (the GPU when there is one); the
+        # picture worker encodes them.
+        drawn = _draw(self, trainer, masks, preds, cams, missed_cams)
+        cams, preds = cams.cpu(), preds.cpu()
+        del missed_cams
         # A ShortcutMonitor's objects-alone test waiting for the logits runs now, with the maps
         # off the device and before the pictures go to the worker (its passes would stall
         # beside the encoding).
@@ -415,21 +420,6 @@ class GradCAMCallback(Callback):
                 "warnings (docs/callback.md)."
             )
         if trainer.is_global_zero:
-            labels = GridLabels(
-                [self._tagged(layer) for layer in self._layer_labels],
-                self._channels,
-                names,
-                self._names.labels,
-                self._read.kind,
-                self._num_outputs,
-                self._read.ignore_index,
-            )
-            shown = self.display.show(self._display, images)
-            drawn = draw_grids(trainer, self.display, shown, masks, preds, cams, labels)
-            if self._missed is not None:
-                layers = [(*t[:-1], "errors", t[-1]) for t in labels.layers]
-                labels = replace(labels, layers=layers)
-                drawn += draw_grids(trainer, self.display, shown, masks, preds, missed_cams, labels)
             step = log_step(trainer)
             write_images(trainer, drawn, step, tensorboard=False)  # in step order, here
             self._worker().submit(partial(write_images, trainer, drawn, step, tensorboard=True))
@@ -507,6 +497,37 @@ class GradCAMCallback(Callback):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _draw(
+    callback: GradCAMCallback,
+    trainer: L.Trainer,
+    masks: Tensor | None,
+    preds: Tensor,
+    cams: Tensor,
+    missed_cams: Tensor | None,
+) -> list[tuple[tuple[str, ...], np.ndarray]]:
+    """Global rank 0's grids of the class maps (and the missed-pixel maps), composed on
+    the maps' device; nothing on other ranks."""
+    if not trainer.is_global_zero or callback.probe is None:
+        return []
+    names = [callback._names.channels[c] for c in callback._channels]
+    labels = GridLabels(
+        [callback._tagged(layer) for layer in callback._layer_labels],
+        callback._channels,
+        names,
+        callback._names.labels,
+        callback._read.kind,
+        callback._num_outputs,
+        callback._read.ignore_index,
+    )
+    shown = callback.display.show(callback._display, callback.probe.images)
+    drawn = draw_grids(trainer, callback.display, shown, masks, preds, cams, labels)
+    if missed_cams is not None:
+        layers = [(*t[:-1], "errors", t[-1]) for t in labels.layers]
+        labels = replace(labels, layers=layers)
+        drawn += draw_grids(trainer, callback.display, shown, masks, preds, missed_cams, labels)
+    return drawn
 
 
 def _log_alignment(
