@@ -30,6 +30,7 @@ step engine 90 "$py" benchmarks/bench_engine.py --device cuda --widths 32 64 --b
   --size 256 --repeats 5
 step scaling 90 "$py" benchmarks/bench_engine.py --device cuda --scaling --widths 32 \
   --batch 4 --repeats 5
+step drawing 30 "$py" benchmarks/bench_drawing.py --device cuda
 step explain 50 "$py" benchmarks/bench_explain.py --device cuda --size 256 --width 64 \
   --num 256 --batch-size 16 --repeats 2
 step callback 200 "$py" benchmarks/bench_callback.py --repeats 2

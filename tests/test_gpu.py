@@ -106,3 +106,18 @@ def test_auto_batched_gradients_on_cuda_equal_the_loop():
     loop = CAMEngine(net, LAYERS, grad_mode="loop")(images)
     # float64 on both sides: the batched and the derived-class loop differ by rounding only.
     torch.testing.assert_close(auto.cams, loop.cams, atol=1e-6, rtol=0)
+
+
+def test_overlays_composed_on_cuda_equal_the_cpu():
+    # The same gathers on the GPU: OpenCV's pixels (tests/test_overlays.py checks the CPU).
+    from segcam_lightning.overlays import Painter, label_colors, uint8_images
+
+    torch.manual_seed(0)
+    images, cams = uint8_images(torch.rand(4, 3, 64, 48)), torch.rand(4, 2, 3, 64, 48)
+    labels = torch.randint(0, 3, (4, 64, 48))
+    painter = Painter(0.4)
+    on_cuda = painter.overlays(images.cuda(), cams.cuda())
+    assert on_cuda.device.type == "cuda"
+    assert torch.equal(on_cuda.cpu(), painter.overlays(images, cams))
+    colours = [[0, 0, 0], [0, 0, 128], [0, 128, 0]]
+    assert torch.equal(label_colors(labels.cuda(), colours).cpu(), label_colors(labels, colours))
