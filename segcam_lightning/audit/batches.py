@@ -31,10 +31,10 @@ from segcam_lightning.metrics import (
 )
 from segcam_lightning.overlays import Painter
 
-# cv2.cvtColor(..., COLOR_RGB2GRAY)'s weights of R, G and B.
 #: The panels' overlays: the blog's ``addWeighted(image, 0.4, JET(cam), 0.6)``, composed on the
 #: maps' device (the render threads only lay the panels out and encode them).
 PAINTER = Painter(0.4, cv2.COLORMAP_JET)
+# cv2.cvtColor(..., COLOR_RGB2GRAY)'s weights of R, G and B.
 _LUMA = (0.299, 0.587, 0.114)
 
 
