@@ -113,11 +113,6 @@ class Painter:
             self._tables[device] = (blend, torch.from_numpy(colours).to(device))
         return self._tables[device]
 
-    def heatmaps(self, cams: Tensor) -> Tensor:
-        """Maps ``[..., H, W]`` in [0, 1] through the colour map: RGB uint8 ``[..., H, W, 3]``."""
-        _, colours = self.tables(cams.device)
-        return colours[scaled_maps(cams).long()].to(torch.uint8)
-
     def overlays(self, images: Tensor, cams: Tensor) -> Tensor:
         """Each map blended over its image: ``images`` RGB uint8 ``[B, H, W, 3]``, ``cams``
         ``[B, *M, H, W]`` in [0, 1]; returns uint8 ``[B, *M, H, W, 3]`` on the maps' device."""

@@ -1,8 +1,9 @@
 """Overlays, the blog's panels and labelled grids of CAMs: uint8 RGB images out, OpenCV inside.
 
-Everything here takes CPU arrays/tensors and returns ``uint8`` arrays ``[H, W, 3]`` in RGB order
-(what TensorBoard and PNG writers expect after ``cv2.cvtColor``). Colour maps are OpenCV's
-(``cv2.COLORMAP_*``); the blog's overlay is ``addWeighted(image, 0.4, JET(cam), 0.6)``.
+Everything here takes CPU arrays/tensors (:func:`grid_tiles` also the maps' device, where
+:mod:`segcam_lightning.overlays` composes them) and returns ``uint8`` arrays ``[H, W, 3]`` in
+RGB order (what TensorBoard and PNG writers expect after ``cv2.cvtColor``). Colour maps are
+OpenCV's (``cv2.COLORMAP_*``); the blog's overlay is ``addWeighted(image, 0.4, JET(cam), 0.6)``.
 """
 
 from __future__ import annotations
@@ -389,16 +390,14 @@ def grid_tiles(
     ``colormap``)."""
     device = cams.device
     shown = uint8_images(images.to(device))
-    painted = [
-        label_colors(t.to(device), colormap) if t is not None else None for t in (masks, preds)
-    ]
-    parts = [shown, painter.overlays(shown, cams), *[p for p in painted if p is not None]]
-    host = iter([p.cpu().numpy() for p in parts])
-    return GridTiles(
-        next(host),
-        next(host),
-        *[next(host) if p is not None else None for p in painted],
-    )
+
+    def painted(labels: torch.Tensor | None) -> np.ndarray | None:
+        return (
+            label_colors(labels.to(device), colormap).cpu().numpy() if labels is not None else None
+        )
+
+    overlays = painter.overlays(shown, cams).cpu().numpy()
+    return GridTiles(shown.cpu().numpy(), overlays, painted(masks), painted(preds))
 
 
 def tiled_grid(

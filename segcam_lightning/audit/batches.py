@@ -325,6 +325,7 @@ def explain_batch(
         # The user's pipeline gives the network's input itself; the audit's own data gives
         # pictures that each checkpoint's input is made from.
         given = batch["input"][keep].to(device, non_blocking=True) if "input" in batch else None
+        pictures = shown.to(device) if spatial == 2 else None  # the panels' images
         reference = None
         for model in models:
             fed = given if given is not None else model.prepare_input(x)
@@ -340,7 +341,6 @@ def explain_batch(
                 result.cams, result.raw_max, predicted, truth, reference, counts
             )
             reference = result.cams if reference is None else reference
-            overlays = PAINTER.overlays(shown, result.cams) if spatial == 2 else None
             results.append(
                 ModelBatch(
                     cams=result.cams.cpu().numpy(),
@@ -352,7 +352,7 @@ def explain_batch(
                         if truth is not None
                         else None
                     ),
-                    overlays=overlays.cpu().numpy() if overlays is not None else None,
+                    overlays=_overlays(pictures, result.cams),
                 )
             )
     return BatchResult(
@@ -366,6 +366,12 @@ def explain_batch(
         truth=truth.cpu().numpy() if truth is not None else None,
         volumes=spatial == 3,
     )
+
+
+def _overlays(pictures: Tensor | None, cams: Tensor) -> np.ndarray | None:
+    """The panels' overlays ``[B, L, K, H, W, 3]`` on the CPU, composed where ``cams`` are
+    (``pictures``: the images ``[B, H, W, 3]`` there); ``None`` for volumes."""
+    return None if pictures is None else PAINTER.overlays(pictures, cams).cpu().numpy()
 
 
 def _skipped(batch: dict[str, Any], ok: Tensor, indices: Sequence[int]) -> list[dict[str, Any]]:

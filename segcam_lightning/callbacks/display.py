@@ -139,8 +139,9 @@ def draw_grids(
     spatial, kind, k_out = shown.ndim - 2, labels.kind, labels.num_outputs
     device = cams.device
     masks = masks.to(device) if masks is not None else None
+    preds = preds.to(device)
     truth = FC.label_map(masks, kind, spatial) if masks is not None else None
-    predicted = FC.label_map(preds.to(device), kind, spatial)
+    predicted = FC.label_map(preds, kind, spatial)
     num_labels = 2 if kind == "binary" else k_out
     palette = class_palette(getattr(trainer.datamodule, "colormap", None), num_labels)
     colormap = [*palette[:num_labels], IGNORED_COLOR]
@@ -148,7 +149,7 @@ def draw_grids(
     for label_map in (truth, predicted):
         if label_map is not None:
             label_map[(label_map < 0) | (label_map >= num_labels)] = num_labels
-    absent = ~_held(preds.to(device), labels.channels, kind, k_out, spatial)
+    absent = ~_held(preds, labels.channels, kind, k_out, spatial)
     if masks is not None:
         absent &= ~_held(masks, labels.channels, kind, k_out, spatial)
     cam_colormap = COLORMAPS[spec.colormap.lower()]

@@ -394,7 +394,8 @@ class GradCAMCallback(Callback):
         del result, missed
         # The grids' overlays are composed where the maps are (the GPU when there is one); the
         # picture worker encodes them.
-        drawn = _draw(self, trainer, masks, preds, cams, missed_cams)
+        names = [self._names.channels[c] for c in self._channels]
+        drawn = _draw(self, trainer, names, masks, preds, cams, missed_cams)
         cams, preds = cams.cpu(), preds.cpu()
         del missed_cams
         # A ShortcutMonitor's objects-alone test waiting for the logits runs now, with the maps
@@ -402,7 +403,6 @@ class GradCAMCallback(Callback):
         # beside the encoding).
         share_of(trainer).step_done(self.probe)
         self.last_cams = cams
-        names = [self._names.channels[c] for c in self._channels]
         if self.log_alignment and masks is not None:
             tags = ["/".join(self._tagged(layer)) for layer in self._layer_labels]
             _log_alignment(pl_module, cams, masks, tags, self._channels, names, self._read)
@@ -502,16 +502,16 @@ class GradCAMCallback(Callback):
 def _draw(
     callback: GradCAMCallback,
     trainer: L.Trainer,
+    names: list[str],
     masks: Tensor | None,
     preds: Tensor,
     cams: Tensor,
     missed_cams: Tensor | None,
 ) -> list[tuple[tuple[str, ...], np.ndarray]]:
     """Global rank 0's grids of the class maps (and the missed-pixel maps), composed on
-    the maps' device; nothing on other ranks."""
+    the maps' device; nothing on other ranks. ``names``: the explained channels' names."""
     if not trainer.is_global_zero or callback.probe is None:
         return []
-    names = [callback._names.channels[c] for c in callback._channels]
     labels = GridLabels(
         [callback._tagged(layer) for layer in callback._layer_labels],
         callback._channels,
